@@ -1,0 +1,111 @@
+"""One pluggy hook per plugin kind.
+
+Every hook is called once, when the :class:`~pchmr.core.registry.Registry` loads, with no
+arguments, and returns a mapping ``{name: factory}``. The registry merges the mappings of
+all plugins (built-in and third-party alike, all discovered through the ``pchmr``
+entry-point group) and refuses two plugins offering the same name for one kind.
+
+Names are lower-case, may contain ``-``, and are what users type: ``--backbone fastmetro``.
+A factory is cheap to hold; the expensive work (building a model, reading data) happens when
+the core calls it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Mapping
+
+import pluggy
+
+if TYPE_CHECKING:  # the contracts, for readers and type checkers
+    from pchmr.core.backbone import BackboneFactory
+    from pchmr.core.data import DatasetFactory
+    from pchmr.core.partition import Partitioner
+    from pchmr.core.strategy import PrivacyFactory, StrategyFactory
+
+PROJECT = "pchmr"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = ["PROJECT", "hookspec", "hookimpl", "KINDS"]
+
+
+@hookspec
+def pchmr_backbones() -> Mapping[str, "BackboneFactory"]:
+    """Offer HMR backbones.
+
+    A factory ``(body_model: BodyModel, options: BackboneOptions) -> Backbone`` returns an
+    ``nn.Module`` whose forward maps images (B, 3, H, W), normalised crops with
+    H = W = ``options.input_size``, to :class:`~pchmr.core.backbone.HMROutput`:
+
+    * joints   (B, J, 3)   metres, camera-frame axes, J = ``body_model.num_joints``
+    * vertices [(B, V_l, 3) per pyramid level, coarse first]  metres
+    * camera   (B, 3)      weak perspective (s, tx, ty) onto crop coordinates [-1, 1]
+    """
+
+
+@hookspec
+def pchmr_body_models() -> Mapping[str, Callable[..., object]]:
+    """Offer body models.
+
+    A factory ``(spec: BodyModelSpec) -> BodyModel`` returns a
+    :class:`~pchmr.core.bodymodel.BodyModel`: faces, a differentiable forward in metres
+    (y up), the evaluation joint set and the cached mesh pyramid.
+    """
+
+
+@hookspec
+def pchmr_datasets() -> Mapping[str, "DatasetFactory"]:
+    """Offer datasets.
+
+    A factory ``(spec: DatasetSpec, body_model: BodyModel) -> HMRData`` prepares the data once
+    (cached under ``spec.cache_dir``) and returns train/test splits of Samples in the schema of
+    :mod:`pchmr.core.sample` plus the ``meta`` labels of the train split.
+    """
+
+
+@hookspec
+def pchmr_partitioners() -> Mapping[str, "Partitioner"]:
+    """Offer client partitioners.
+
+    A partitioner ``(labels, num_clients, seed, options) -> Partition`` splits training-sample
+    indices into ``num_clients`` disjoint, non-empty client sets, deterministically from ``seed``
+    (see :mod:`pchmr.core.partition`).
+    """
+
+
+@hookspec
+def pchmr_strategies() -> Mapping[str, "StrategyFactory"]:
+    """Offer federated aggregation strategies.
+
+    A factory ``(config: StrategyConfig) -> StrategyParts`` returns the Flower server strategy
+    and whatever the client side must add (loss terms, client mods); see
+    :mod:`pchmr.core.strategy`.
+    """
+
+
+@hookspec
+def pchmr_privacy() -> Mapping[str, "PrivacyFactory"]:
+    """Offer privacy mechanisms (secure aggregation, differential privacy).
+
+    A factory ``(parts: StrategyParts, config: StrategyConfig) -> StrategyParts`` wraps an
+    aggregation strategy it is compatible with, and raises
+    :class:`~pchmr.core.strategy.IncompatibleError` with the reason otherwise.
+    """
+
+
+@hookspec
+def pchmr_annotators() -> Mapping[str, Callable[..., object]]:
+    """Offer annotators: ``(body_model, options) -> Annotator`` fitting the body model to
+    keypoint (and depth) observations of local images and returning pseudo-labelled Samples."""
+
+
+#: plugin kind → hook name; the registry and ``pchmr plugins`` iterate over it.
+KINDS: dict[str, str] = {
+    "backbone": "pchmr_backbones",
+    "body_model": "pchmr_body_models",
+    "dataset": "pchmr_datasets",
+    "partitioner": "pchmr_partitioners",
+    "strategy": "pchmr_strategies",
+    "privacy": "pchmr_privacy",
+    "annotator": "pchmr_annotators",
+}
