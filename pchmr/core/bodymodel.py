@@ -110,6 +110,7 @@ class BodyModel(nn.Module, abc.ABC):
     * ``faces``: (F, 3) int64 buffer of the full mesh;
     * ``joint_names``: the evaluation joint set (J names), whose 3D positions
       :meth:`joints_from_vertices` regresses linearly from the full mesh;
+    * ``joint_regressor``: the (J, V) float32 buffer of that linear map (rows sum to 1);
     * ``root_joints``: indices into ``joint_names`` whose mean is the root used for
       root alignment (e.g. both hips → mid-hip);
     * ``flip_permutation``: for each joint, the index of its left/right mirror.
@@ -119,6 +120,7 @@ class BodyModel(nn.Module, abc.ABC):
     """
 
     name: str
+    joint_regressor: Tensor
     joint_names: tuple[str, ...]
     root_joints: tuple[int, ...]
     flip_permutation: tuple[int, ...]
@@ -126,7 +128,7 @@ class BodyModel(nn.Module, abc.ABC):
 
     @property
     def num_vertices(self) -> int:
-        return int(self.faces.max().item()) + 1 if self.faces.numel() else 0
+        return int(self.joint_regressor.shape[1])
 
     @property
     def num_joints(self) -> int:
@@ -136,9 +138,10 @@ class BodyModel(nn.Module, abc.ABC):
     def forward(self, **params: Tensor) -> BodyOutput:
         """Differentiable forward from the named parameters (each (B, *param_shapes[name]))."""
 
-    @abc.abstractmethod
     def joints_from_vertices(self, vertices: Tensor) -> Tensor:
         """(B, V, 3) full-mesh vertices → (B, J, 3) evaluation joints, linear in the vertices."""
+        regressor = self.joint_regressor.to(vertices.dtype)
+        return torch.einsum("jv,bvc->bjc", regressor, vertices)
 
     @abc.abstractmethod
     def pyramid(self) -> MeshPyramid:

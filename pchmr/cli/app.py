@@ -1,0 +1,197 @@
+"""The ``pchmr`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="pchmr: federated, privacy-constrained 3D human mesh recovery.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+#: kind → the CLI option that selects it (for messages)
+_METRIC_LABELS = {"mpjpe_mm": "MPJPE (mm)", "pa_mpjpe_mm": "PA-MPJPE (mm)", "mpvpe_mm": "MPVPE (mm)", "pck": "PCK@150mm"}
+
+
+def _fail(message: str, code: int = 2) -> "typer.Exit":
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` pairs → dict, values parsed as int/float/bool when they look like one."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise _fail(f"{flag} expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _coerce(value.strip())
+    return out
+
+
+def _coerce(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+@app.command()
+def run(
+    backbone: Optional[str] = typer.Option(None, help="HMR backbone plugin (default fastmetro)."),
+    variant: Optional[str] = typer.Option(None, help="Backbone size: S, M or L."),
+    encoder: Optional[str] = typer.Option(None, help="CNN feature encoder of the backbone."),
+    input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
+    body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
+    partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
+    partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
+    strategy: Optional[str] = typer.Option(None, help="Aggregation strategy plugin (default fedavg)."),
+    strategy_option: list[str] = typer.Option([], "--strategy-option", help="Strategy option key=value (repeatable)."),
+    clients: Optional[int] = typer.Option(None, help="Number of clients N."),
+    per_round: Optional[int] = typer.Option(None, help="Clients sampled per round k (k <= N)."),
+    rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
+    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
+    batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
+    num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
+    num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
+    eval_every: Optional[int] = typer.Option(None, help="Evaluate the global model every N rounds."),
+    seed: Optional[int] = typer.Option(None, help="Seed of partitions, sampling and initialisation."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-<setting>)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+) -> None:
+    """Run one experiment and write its run directory."""
+    from pchmr.core.config import ConfigError, RunConfig, load_config_file
+    from pchmr.core.registry import PluginError
+    from pchmr.core.run import execute, resume_config
+
+    try:
+        if resume is not None:
+            cfg = resume_config(resume)
+            run_dir: Path | None = resume
+        else:
+            values: dict[str, Any] = load_config_file(config) if config else {}
+            flags = {
+                "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
+                "body_model": body_model, "partitioner": partitioner, "strategy": strategy,
+                "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
+                "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
+                "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
+            }
+            values.update({k: v for k, v in flags.items() if v is not None})
+            if dataset is not None:
+                name, _, path = dataset.partition(":")
+                values["dataset"], values["dataset_path"] = name, path or None
+            if partition_option:
+                values["partition_options"] = _parse_options(partition_option, "--partition-option")
+            if strategy_option:
+                values["strategy_options"] = _parse_options(strategy_option, "--strategy-option")
+            cfg = RunConfig.from_dict(values)
+            run_dir = None
+        _run_with_progress(cfg, run_dir, resume is not None, execute)
+    except (ConfigError, PluginError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: Any) -> None:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    progress = Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console, transient=False,
+    )
+    task = progress.add_task("rounds", total=cfg.rounds, status="starting")
+
+    def on_round(report: Any) -> None:
+        status = f"{report.seconds:5.1f} s"
+        if report.metrics:
+            status += "  " + "  ".join(
+                f"{_METRIC_LABELS[k].split(' ')[0]} {report.metrics[k]:.1f}" for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
+            )
+        progress.update(task, completed=report.server_round, status=status)
+
+    def on_status(message: str) -> None:
+        console.print(f"[dim]{message}[/]")
+
+    with progress:
+        result = execute(cfg, run_dir=run_dir, resume=resume, on_round=on_round, on_status=on_status)
+    _print_final(result.final, result.run_dir.path, result.seconds)
+
+
+def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
+    proto = final["protocol"]
+    table = Table(
+        title=f"Global model after round {final['round']}",
+        caption=(
+            f"protocol: {proto['dataset']} test · joints {proto['joint_set']} · {proto['alignment']} aligned · "
+            f"body model {proto['body_model']} · {proto['ground_truth']} GT · PCK at 150 mm"
+        ),
+    )
+    table.add_column("metric")
+    table.add_column("round 0", justify="right")
+    table.add_column("final", justify="right")
+    table.add_column("mean-pose baseline", justify="right")
+    baseline = {"mpjpe_mm": final.get("mean_pose_mpjpe_mm"), "pa_mpjpe_mm": final.get("mean_pose_pa_mpjpe_mm")}
+    for key, label in _METRIC_LABELS.items():
+        fmt = "{:.3f}" if key == "pck" else "{:.1f}"
+        base = baseline.get(key)
+        table.add_row(label, fmt.format(final["round0"][key]), fmt.format(final[key]), "—" if base is None else fmt.format(base))
+    console.print(table)
+    console.print(f"run directory: {path}  ({seconds:.0f} s)")
+
+
+@app.command()
+def plugins() -> None:
+    """List every registered plugin by kind, with the distribution that provides it."""
+    from pchmr.core.hookspecs import KINDS
+    from pchmr.core.registry import PluginError, get_registry
+
+    try:
+        registry = get_registry()
+    except PluginError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title="pchmr plugins")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("provided by")
+    table.add_column("entry point")
+    for kind in KINDS:
+        infos = registry.infos(kind)
+        if not infos:
+            table.add_row(kind.replace("_", " "), "[dim](none)[/]", "", "")
+        for info in infos:
+            table.add_row(kind.replace("_", " "), info.name, info.provider, info.entry_point)
+    console.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted; resume with `pchmr run --resume RUN_DIR`")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""``RunConfig``: every option of one experiment, validated up front and saved with the run.
+
+Bad values are refused here, before any data is prepared or any model is built, with a
+:class:`ConfigError` naming the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ConfigError", "RunConfig", "load_config_file", "ENGINES", "MODES"]
+
+ENGINES = ("simulation",)
+MODES = ("federated",)
+
+
+class ConfigError(ValueError):
+    """An option has a value pchmr cannot run with."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment. Defaults are the embedded default run (synthetic data, FastMETRO-S,
+    FedAvg over 10 IID clients, 64 px crops on a CPU)."""
+
+    # what to train
+    backbone: str = "fastmetro"
+    variant: str = "S"
+    encoder: str = "small"
+    input_size: int = 64
+    body_model: str = "anny"
+    dataset: str = "synthetic"
+    dataset_path: str | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+    # how to federate
+    mode: str = "federated"
+    partitioner: str = "iid"
+    partition_options: Mapping[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    clients: int = 10
+    per_round: int = 5
+    rounds: int = 8
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    eval_every: int = 1
+    engine: str = "simulation"
+    # bookkeeping
+    seed: int = 0
+    out: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _positive_int("clients", self.clients)
+        _positive_int("per-round", self.per_round)
+        _positive_int("rounds", self.rounds)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("eval-every", self.eval_every)
+        _positive_int("input-size", self.input_size)
+        if self.per_round > self.clients:
+            raise ConfigError(
+                f"--per-round {self.per_round} is more than --clients {self.clients}: "
+                "at most every client can be sampled in a round"
+            )
+        if self.input_size < 32 or self.input_size % 32 != 0:
+            raise ConfigError(f"--input-size must be a multiple of 32 and >= 32 (64 or 224 usual), got {self.input_size}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        for name in ("num_train", "num_test"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name.replace("_", "-"), value)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["partition_options"] = dict(self.partition_options)
+        out["strategy_options"] = dict(self.strategy_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**normalised)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a flat dict (keys as in :class:`RunConfig`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of options")
+    return data

@@ -1,0 +1,233 @@
+"""``HMRModule``: the one training loop of pchmr (a LightningModule with the backbone injected).
+
+Centralized training, naive single-device training, a federated client's local epochs and
+on-device personalization all fit this module with a Lightning ``Trainer``; only the data and
+the extra loss terms (e.g. FedProx's proximal term) differ.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pchmr.core.backbone import Backbone, HMROutput
+from pchmr.core.bodymodel import BodyModel, MeshPyramid
+from pchmr.core.losses import LossWeights, level_weights_for, project_weak_perspective, weighted_l1
+from pchmr.core.metrics import MPJPE, MPVPE, PAMPJPE, PCK
+
+__all__ = ["HMRModule", "LossTerm", "OptimConfig", "make_trainer", "evaluate", "quiet_lightning"]
+
+#: ``term(module, batch, output) -> scalar`` added to the loss (already weighted by its owner).
+LossTerm = Callable[["HMRModule", Mapping[str, Tensor], HMROutput], Tensor]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW as FastMETRO trains; ``lr`` per the PCHMR paper's Table 7 (1e-3 for FastMETRO-S)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.3  # FastMETRO clips gradients at 0.3
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay!r}")
+
+
+class HMRModule(pl.LightningModule):
+    """Trains and evaluates a :class:`~pchmr.core.backbone.Backbone` on Sample batches.
+
+    Only the backbone's parameters (and BatchNorm statistics) are state; the body model is used
+    for its joint regressor and pyramid, which are kept as non-persistent buffers, so
+    ``state_dict()`` is exactly what federated clients exchange.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        body_model: BodyModel,
+        loss_weights: LossWeights | None = None,
+        optim: OptimConfig | None = None,
+        loss_terms: Sequence[LossTerm] = (),
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.loss_weights = loss_weights or LossWeights()
+        self.optim = optim or OptimConfig()
+        self.loss_terms = list(loss_terms)
+        self.root_joints = tuple(body_model.root_joints)
+        self.pyramid: MeshPyramid = body_model.pyramid()
+        self.register_buffer("joint_regressor", _regressor_matrix(body_model), persistent=False)
+        level_weights_for(self.pyramid.levels, self.loss_weights.vertex_levels)
+        self.val_metrics = nn.ModuleDict(
+            {"mpjpe_mm": MPJPE(), "pa_mpjpe_mm": PAMPJPE(), "mpvpe_mm": MPVPE(), "pck": PCK()}
+        )
+        self.automatic_optimization = True
+
+    # -- model ---------------------------------------------------------------------------
+    def forward(self, images: Tensor) -> HMROutput:
+        return self.backbone(images)
+
+    def regress_joints(self, vertices: Tensor) -> Tensor:
+        return torch.einsum("jv,bvc->bjc", self.joint_regressor, vertices)
+
+    def _root(self, joints: Tensor) -> Tensor:
+        return joints[:, list(self.root_joints)].mean(dim=1, keepdim=True)
+
+    # -- losses --------------------------------------------------------------------------
+    def compute_losses(self, batch: Mapping[str, Tensor], out: HMROutput) -> dict[str, Tensor]:
+        """Unweighted terms and the weighted ``loss``; see :mod:`pchmr.core.losses`."""
+        w = self.loss_weights
+        gt_joints, joint_valid = batch["joints_3d"][..., :3], batch["joints_3d"][..., 3]
+        has_mesh = batch["has_vertices"].to(gt_joints.dtype)
+
+        pred_joints = out.joints - self._root(out.joints)
+        full = out.vertices[-1]
+        reg_joints = self.regress_joints(full)
+        mesh_root = self._root(reg_joints)
+        reg_joints = reg_joints - mesh_root
+
+        terms: dict[str, Tensor] = {
+            "joints_3d": weighted_l1(pred_joints, gt_joints, joint_valid),
+            "reg_joints_3d": weighted_l1(reg_joints, gt_joints, joint_valid),
+        }
+        gt_full = batch["vertices"]
+        vertex_loss = full.new_zeros(())
+        for level, level_weight in enumerate(w.vertex_levels):
+            gt_level = gt_full if level == self.pyramid.levels - 1 else self.pyramid.downsample(gt_full, level)
+            pred_level = out.vertices[level] - mesh_root
+            mask = has_mesh[:, None].expand(-1, gt_level.shape[1])
+            vertex_loss = vertex_loss + level_weight * weighted_l1(pred_level, gt_level, mask)
+        terms["vertices"] = vertex_loss
+        kp = batch["keypoints_2d"]
+        terms["joints_2d"] = weighted_l1(project_weak_perspective(pred_joints, out.camera), kp[..., :2], kp[..., 2])
+
+        loss = (
+            w.joints_3d * terms["joints_3d"]
+            + w.reg_joints_3d * terms["reg_joints_3d"]
+            + w.vertices * terms["vertices"]
+            + w.joints_2d * terms["joints_2d"]
+        )
+        for name, value in self.backbone.extra_losses(out, batch).items():
+            terms[name] = value
+            loss = loss + w.extra.get(name, 1.0) * value
+        for term in self.loss_terms:
+            loss = loss + term(self, batch, out)
+        terms["loss"] = loss
+        return terms
+
+    # -- Lightning hooks -----------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self(batch["image"])
+        terms = self.compute_losses(batch, out)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"training loss became {terms['loss'].item()} at batch {batch_idx}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+                + "; lower the learning rate or check the data for NaN"
+            )
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=len(batch["image"]))
+        return terms["loss"]
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.update_metrics(batch, self(batch["image"]))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": m.compute() for k, m in self.val_metrics.items()})
+        for m in self.val_metrics.values():
+            m.reset()
+
+    def update_metrics(self, batch: Mapping[str, Tensor], out: HMROutput) -> None:
+        """Evaluation protocol: joints regressed from the predicted full mesh, both sides root-aligned
+        at the body model's root (mid-hip); vertices aligned at the same root."""
+        pred_full = out.vertices[-1]
+        pred_joints = self.regress_joints(pred_full)
+        root = self._root(pred_joints)
+        pred_joints, pred_full = pred_joints - root, pred_full - root
+        gt_joints, valid = batch["joints_3d"][..., :3], batch["joints_3d"][..., 3]
+        self.val_metrics["mpjpe_mm"].update(pred_joints, gt_joints, valid)
+        self.val_metrics["pa_mpjpe_mm"].update(pred_joints, gt_joints, valid)
+        self.val_metrics["pck"].update(pred_joints, gt_joints, valid)
+        has_mesh = batch["has_vertices"] > 0
+        if has_mesh.any():
+            self.val_metrics["mpvpe_mm"].update(pred_full[has_mesh], batch["vertices"][has_mesh])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad],
+            lr=self.optim.lr,
+            weight_decay=self.optim.weight_decay,
+        )
+
+
+def _regressor_matrix(body_model: BodyModel) -> Tensor:
+    """(J, V) float32 joint regressor of the body model (its ``joint_regressor`` buffer)."""
+    regressor = getattr(body_model, "joint_regressor", None)
+    if not isinstance(regressor, Tensor) or regressor.shape != (body_model.num_joints, body_model.num_vertices):
+        raise TypeError(
+            f"body model '{body_model.name}' must expose joint_regressor as a "
+            f"({body_model.num_joints}, {body_model.num_vertices}) tensor"
+        )
+    return regressor.detach().to(torch.float32).clone()
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-fit banner lines (GPU available, TPU, ...)."""
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def make_trainer(
+    *,
+    max_epochs: int = 1,
+    max_steps: int = -1,
+    grad_clip: float | None = None,
+    quiet: bool = True,
+    callbacks: Iterable[pl.Callback] = (),
+    **kwargs: object,
+) -> pl.Trainer:
+    """A CPU Trainer; ``quiet`` (federated clients) turns logging, checkpoints, progress and summary off."""
+    if quiet:
+        quiet_lightning()
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        gradient_clip_val=grad_clip,
+        logger=False if quiet else kwargs.pop("logger", True),
+        enable_checkpointing=not quiet and bool(kwargs.pop("enable_checkpointing", False)),
+        enable_progress_bar=not quiet,
+        enable_model_summary=not quiet,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def evaluate(module: HMRModule, loader: DataLoader) -> dict[str, float]:
+    """Run the evaluation protocol of :meth:`HMRModule.update_metrics` over ``loader``."""
+    was_training = module.training
+    module.eval()
+    for m in module.val_metrics.values():
+        m.reset()
+    for batch in loader:
+        module.update_metrics(batch, module(batch["image"]))
+    result = {k: float(m.compute()) for k, m in module.val_metrics.items()}
+    for m in module.val_metrics.values():
+        m.reset()
+    module.train(was_training)
+    return result

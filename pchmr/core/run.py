@@ -1,0 +1,112 @@
+"""One experiment end to end: validate, prepare, partition, federate, write the run directory.
+
+Everything that can be refused is refused before any data is prepared: unknown plugin names,
+bad option values, a partition that cannot be made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from pchmr.core.config import ConfigError, RunConfig
+from pchmr.core.experiment import build_components, describe_plugins, mean_pose_baselines
+from pchmr.core.federation import FederatedServer, RoundReport, build_strategy, run_simulation
+from pchmr.core.partition import Partition, load_partition, save_partition
+from pchmr.core.registry import get_registry
+from pchmr.core.rundir import RunDir
+
+__all__ = ["RunResult", "check_plugins", "default_run_dir", "execute", "resume_config"]
+
+log = logging.getLogger("pchmr.run")
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    final: dict[str, Any]
+    seconds: float
+
+
+def check_plugins(config: RunConfig) -> None:
+    """Raise :class:`~pchmr.core.registry.UnknownPluginError` for any unknown plugin name."""
+    registry = get_registry()
+    for kind, name in (
+        ("backbone", config.backbone),
+        ("body_model", config.body_model),
+        ("dataset", config.dataset),
+        ("partitioner", config.partitioner),
+        ("strategy", config.strategy),
+    ):
+        registry.info(kind, name)
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{config.backbone}{config.variant.lower()}-{config.strategy}-{config.partitioner}-s{config.seed}"
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    return RunConfig.from_dict(RunDir(run_dir).read_config()["run"])
+
+
+def make_partition(config: RunConfig, labels: Any) -> Partition:
+    partitioner = get_registry().get("partitioner", config.partitioner)
+    return partitioner(labels, config.clients, config.seed, dict(config.partition_options))
+
+
+def execute(
+    config: RunConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    on_round: Callable[[RoundReport], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run (or resume) one experiment; returns the run directory and ``final.json``'s content."""
+    status = on_status or (lambda message: None)
+    check_plugins(config)
+    strategy = build_strategy(config)  # validates strategy options before any heavy work
+    if run_dir is None:
+        run_dir = Path(config.out) if config.out else default_run_dir(config)
+    rd = RunDir(run_dir)
+    if not resume and rd.path.exists() and any(rd.path.iterdir()):
+        raise ConfigError(f"run directory {rd.path} already exists and is not empty; pass --resume to continue it or choose another --out")
+    rd.create()
+    handler = rd.attach_log()
+    started = time.perf_counter()
+    try:
+        status("loading the body model and preparing the data (cached after the first run)")
+        components = build_components(config)
+        if resume and rd.partition.exists():
+            partition = load_partition(rd.partition)
+        else:
+            partition = make_partition(config, components.data.labels)
+            save_partition(partition, rd.partition)
+        if not resume or not rd.config.exists():
+            rd.write_json(
+                rd.config,
+                {
+                    "run": config.to_dict(),
+                    "plugins": describe_plugins(config),
+                    "strategy": dict(strategy.describe),
+                    "loss_weights": components.make_module().loss_weights.as_dict(),
+                    "protocol": components.protocol().as_dict(),
+                    "body_model": components.body_model.describe(),
+                    "data": dict(components.data.protocol),
+                },
+            )
+        baselines = mean_pose_baselines(components.data.train, components.data.test)
+        server = FederatedServer(rd, components, strategy, on_round=on_round, baselines=baselines)
+        status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
+        run_simulation(server)
+    finally:
+        for name in ("pchmr", "flwr"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+    final = json.loads(rd.final.read_text())
+    return RunResult(rd, final, time.perf_counter() - started)

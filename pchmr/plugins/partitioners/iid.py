@@ -1,0 +1,27 @@
+"""``iid``: a uniformly random split of the training samples into near-equal clients."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.partition import Partition, PartitionError
+
+
+def iid(labels: Mapping[str, np.ndarray], num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+    """Shuffle the indices with ``seed`` and deal them into ``num_clients`` sizes differing by at most one."""
+    if options:
+        raise PartitionError(f"the iid partitioner takes no options, got {sorted(options)}")
+    n = len(next(iter(labels.values()))) if labels else 0
+    if num_clients > n:
+        raise PartitionError(f"cannot split {n} training samples into {num_clients} non-empty clients")
+    order = np.random.default_rng(seed).permutation(n)
+    clients = tuple(np.sort(chunk).astype(np.int64) for chunk in np.array_split(order, num_clients))
+    return Partition(clients, "iid", {"seed": seed, "num_clients": num_clients, "num_samples": n})
+
+
+@hookimpl
+def pchmr_partitioners() -> dict[str, object]:
+    return {"iid": iid}

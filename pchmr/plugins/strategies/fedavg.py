@@ -1,0 +1,21 @@
+"""``fedavg``: Flower's own FedAvg (McMahan et al. 2017), weights by client sample counts."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import FedAvg
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+
+
+def fedavg(config: StrategyConfig) -> StrategyParts:
+    """Server: ``flwr.serverapp.strategy.FedAvg``; the client adds nothing to its loss."""
+    if config.options:
+        raise ValueError(f"fedavg takes no strategy options, got {sorted(config.options)}")
+    server = FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples")
+    return StrategyParts(name="fedavg", server=server, describe={"server": "flwr.serverapp.strategy.FedAvg"})
+
+
+@hookimpl
+def pchmr_strategies() -> dict[str, object]:
+    return {"fedavg": fedavg}
