@@ -1,0 +1,217 @@
+"""FastMETRO (Cho et al., ECCV 2022): encoder–decoder transformers over CNN features.
+
+Pipeline for a batch of B crops (see the module docstring of
+:mod:`pchmr.plugins.backbones.transformer` for the layer layout)::
+
+    encoder CNN (B, C, h, w) ─1×1 conv→ (B, h·w, 512) image tokens + 2D sine positions
+    transformer 1 (d=512, MLP 2048):  encoder over [camera token, image tokens],
+                                      decoder over [J joint tokens, V_0 vertex tokens]
+    linear 512→128 for the camera token, the image tokens and the joint/vertex tokens
+    transformer 2 (d=128, MLP 512):   same structure
+    heads: Linear(128, 3) per joint/vertex token → xyz (metres);
+           Linear(128, 3) on the camera token → weak perspective (s, tx, ty)
+    coarse (V_0) ─learnable Linear(V_0, V_1) over the vertex axis→ middle (V_1)
+           ─fixed pyramid.up[1:] (sparse)→ ... → full mesh
+
+S/M/L have 1/2/3 encoder and decoder layers in each transformer. In the decoder's
+self-attention a vertex token attends to every joint token and to the vertex tokens adjacent
+to it on the coarse mesh (``pyramid.adjacency``, diagonal included); joint tokens attend to
+everything, as in the original mask.
+
+Two deliberate departures from the reference code, neither changing the parameter count:
+
+* the camera scale is ``softplus(raw + offset)``: always positive, and at initialisation
+  (camera head weights scaled down) about :data:`INIT_CAMERA_SCALE`, which maps a 1.7 m body
+  onto ±0.9 of the crop;
+* the learnable coarse→middle layer starts as the pyramid's fixed ``up[0]`` (bias 0), so the
+  untrained model already outputs consistent meshes on every level.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pchmr.core.backbone import Backbone, BackboneFactory, BackboneOptions, HMROutput, check_images
+from pchmr.core.bodymodel import BodyModel, MeshPyramid, _sparse_bmm
+from pchmr.core.hookspecs import hookimpl
+from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
+from pchmr.plugins.backbones.transformer import EncoderDecoder, sine_position_encoding
+
+__all__ = ["FastMETRO", "VARIANT_LAYERS", "make_fastmetro", "query_attention_mask", "pchmr_backbones"]
+
+#: Encoder and decoder layers per transformer for each variant.
+VARIANT_LAYERS: Mapping[str, int] = {"S": 1, "M": 2, "L": 3}
+#: Width and MLP width of the first and second transformer.
+MODEL_DIM_1, FFN_DIM_1 = 512, 2048
+MODEL_DIM_2, FFN_DIM_2 = 128, 512
+NUM_HEADS = 8
+DEFAULT_DROPOUT = 0.1
+
+#: Half the height of an adult body (metres) and the half-extent of the crop it should fill.
+BODY_HALF_HEIGHT_M = 0.85
+CROP_HALF_EXTENT = 0.9
+#: Camera scale of the untrained model: a 1.7 m body spans ±0.9 in crop coordinates.
+INIT_CAMERA_SCALE = CROP_HALF_EXTENT / BODY_HALF_HEIGHT_M
+#: Factor on the camera head's initial weights, so the initial camera is close to (s0, 0, 0).
+CAMERA_HEAD_INIT_GAIN = 0.01
+#: Minimum number of pyramid levels: coarse (tokens), middle (learned upsampling), full.
+MIN_PYRAMID_LEVELS = 3
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
+def query_attention_mask(num_joints: int, adjacency: Tensor) -> Tensor:
+    """(J+V, J+V) bool mask, ``True`` = may attend, for the decoder's joint+vertex tokens.
+
+    Joint rows attend to every token; vertex rows attend to every joint and to the vertices
+    adjacent to them in ``adjacency`` (V, V) bool (its diagonal should be set).
+    """
+    v = adjacency.shape[0]
+    allowed = torch.ones(num_joints + v, num_joints + v, dtype=torch.bool)
+    allowed[num_joints:, num_joints:] = adjacency.to(torch.bool)
+    return allowed
+
+
+class FastMETRO(Backbone):
+    """FastMETRO on any mesh pyramid with at least three levels.
+
+    ``forward(images (B, 3, S, S))`` → :class:`HMROutput` with joints (B, J, 3), vertices
+    ((B, V_0, 3), (B, V_1, 3), ..., (B, V_full, 3)) in metres and camera (B, 3) = (s, tx, ty), s > 0.
+    """
+
+    def __init__(
+        self,
+        pyramid: MeshPyramid,
+        num_joints: int,
+        encoder: FeatureEncoder,
+        input_size: int,
+        num_layers: int,
+        dropout: float = DEFAULT_DROPOUT,
+    ) -> None:
+        super().__init__()
+        if pyramid.levels < MIN_PYRAMID_LEVELS:
+            raise ValueError(
+                f"FastMETRO needs a mesh pyramid with at least {MIN_PYRAMID_LEVELS} levels "
+                f"(coarse, middle, full), got {pyramid.levels}: {pyramid.num_vertices}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.input_size = input_size
+        self.num_joints = num_joints
+        self.num_vertex_tokens = pyramid.num_vertices[0]
+        self.encoder = encoder
+        self.conv_1x1 = nn.Conv2d(encoder.out_channels, MODEL_DIM_1, kernel_size=1)
+        # learned tokens, N(0, 1) like nn.Embedding
+        self.camera_token = nn.Parameter(torch.randn(1, MODEL_DIM_1))
+        self.joint_tokens = nn.Parameter(torch.randn(num_joints, MODEL_DIM_1))
+        self.vertex_tokens = nn.Parameter(torch.randn(self.num_vertex_tokens, MODEL_DIM_1))
+        self.transformer_1 = EncoderDecoder(MODEL_DIM_1, NUM_HEADS, FFN_DIM_1, num_layers, num_layers, dropout)
+        self.transformer_2 = EncoderDecoder(MODEL_DIM_2, NUM_HEADS, FFN_DIM_2, num_layers, num_layers, dropout)
+        self.reduce_camera = nn.Linear(MODEL_DIM_1, MODEL_DIM_2)
+        self.reduce_image = nn.Linear(MODEL_DIM_1, MODEL_DIM_2)
+        self.reduce_queries = nn.Linear(MODEL_DIM_1, MODEL_DIM_2)
+        self.xyz_head = nn.Linear(MODEL_DIM_2, 3)
+        self.camera_head = nn.Linear(MODEL_DIM_2, 3)
+        with torch.no_grad():
+            self.camera_head.weight.mul_(CAMERA_HEAD_INIT_GAIN)
+            self.camera_head.bias.zero_()
+        self.camera_scale_offset = _inverse_softplus(INIT_CAMERA_SCALE)
+        self.coarse_to_middle = nn.Linear(pyramid.num_vertices[0], pyramid.num_vertices[1])
+        with torch.no_grad():
+            self.coarse_to_middle.weight.copy_(pyramid.up[0].to_dense())
+            self.coarse_to_middle.bias.zero_()
+        # topology-derived constants: not parameters, not in the state dict
+        self.register_buffer("query_allowed", query_attention_mask(num_joints, pyramid.adjacency), persistent=False)
+        self.fixed_up_levels = pyramid.levels - 2
+        for level in range(1, pyramid.levels - 1):
+            self.register_buffer(f"up_{level}", pyramid.up[level].coalesce(), persistent=False)
+
+    def _image_tokens(self, images: Tensor) -> tuple[Tensor, int, int]:
+        """(B, 3, S, S) → ((B, h·w, 512) tokens, h, w)."""
+        features = self.conv_1x1(self.encoder(images))
+        h, w = features.shape[-2:]
+        return features.flatten(2).transpose(1, 2), h, w
+
+    def _camera(self, camera_features: Tensor) -> Tensor:
+        """(B, 128) → (B, 3) = (s > 0, tx, ty)."""
+        raw = self.camera_head(camera_features)
+        scale = F.softplus(raw[:, :1] + self.camera_scale_offset)
+        return torch.cat((scale, raw[:, 1:]), dim=1)
+
+    def _upsample(self, coarse: Tensor) -> tuple[Tensor, ...]:
+        """(B, V_0, 3) → every level, coarse first."""
+        levels = [coarse, self.coarse_to_middle(coarse.transpose(1, 2)).transpose(1, 2)]
+        for level in range(1, 1 + self.fixed_up_levels):
+            levels.append(_sparse_bmm(getattr(self, f"up_{level}"), levels[-1]))
+        return tuple(levels)
+
+    def forward(self, images: Tensor) -> HMROutput:
+        check_images(images, self.input_size)
+        batch = images.shape[0]
+        image_tokens, h, w = self._image_tokens(images)
+        pos_1 = sine_position_encoding(h, w, MODEL_DIM_1, images.device).to(image_tokens.dtype)
+        pos_2 = sine_position_encoding(h, w, MODEL_DIM_2, images.device).to(image_tokens.dtype)
+        camera = self.camera_token.expand(batch, -1, -1)
+        queries = torch.cat((self.joint_tokens, self.vertex_tokens), dim=0).expand(batch, -1, -1)
+
+        camera_1, image_1, queries_1 = self.transformer_1(camera, image_tokens, queries, pos_1, self.query_allowed)
+        camera_2, _, queries_2 = self.transformer_2(
+            self.reduce_camera(camera_1),
+            self.reduce_image(image_1),
+            self.reduce_queries(queries_1),
+            pos_2,
+            self.query_allowed,
+        )
+        xyz = self.xyz_head(queries_2)
+        joints, coarse = xyz[:, : self.num_joints], xyz[:, self.num_joints :]
+        return HMROutput(joints=joints, vertices=self._upsample(coarse), camera=self._camera(camera_2[:, 0]))
+
+
+def _variant_layers(variant: str) -> int:
+    key = variant.upper()
+    if key not in VARIANT_LAYERS:
+        raise ValueError(f"unknown FastMETRO variant {variant!r}; choose one of {sorted(VARIANT_LAYERS)}")
+    return VARIANT_LAYERS[key]
+
+
+def _extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
+    value = extra.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}") from exc
+
+
+def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO:
+    """Build FastMETRO-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
+
+    ``options.extra`` may hold ``dropout`` (float, default 0.1) and ``encoder_norm``
+    (``"batch"`` or ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`).
+    """
+    layers = _variant_layers(options.variant)
+    dropout = _extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
+    norm = str(options.extra.get("encoder_norm", "batch"))
+    encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
+    return FastMETRO(
+        body_model.pyramid(),
+        num_joints=body_model.num_joints,
+        encoder=encoder,
+        input_size=options.input_size,
+        num_layers=layers,
+        dropout=dropout,
+    )
+
+
+@hookimpl
+def pchmr_backbones() -> Mapping[str, BackboneFactory]:
+    """Offer ``fastmetro`` (variants S/M/L via ``BackboneOptions.variant``)."""
+    return {"fastmetro": make_fastmetro}
