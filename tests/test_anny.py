@@ -191,3 +191,4 @@ def test_factory_is_registered_and_reuses_the_built_anny():
     first, second = factory(BodyModelSpec()), factory(BodyModelSpec())
     assert isinstance(first, AnnyBodyModel) and first.name == "anny"
     assert first.anny is second.anny
+    assert first.state_dict() == {} and list(first.parameters()) == []  # nothing to federate

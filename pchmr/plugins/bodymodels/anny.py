@@ -82,6 +82,8 @@ _BONE_PREFIX_TO_PART = (
     ("head", "head"), ("eye", "head"), ("root", "hips"),
 )  # fmt: skip
 
+#: Squared angle (rad²) below which Rodrigues' coefficients use their Taylor expansions.
+SMALL_ANGLE2 = 1e-8
 DEFAULT_PYRAMID_CACHE = Path("~/.cache/pchmr/pyramids")
 _ANNY_CACHE_SIZE = 2
 
@@ -147,12 +149,18 @@ def build_joint_regressor(coco_weights: Tensor, coco_labels: list[str]) -> Tenso
 
 
 def axis_angle_to_matrix(rotvec: Tensor) -> Tensor:
-    """(..., 3) axis-angle (radians) → (..., 3, 3) rotation; smooth everywhere (matrix
-    exponential of the skew matrix), so gradients at the zero pose are finite."""
+    """(..., 3) axis-angle (radians) → (..., 3, 3) rotation by Rodrigues' formula, with Taylor
+    coefficients near zero so that gradients at the zero pose are finite."""
     x, y, z = rotvec.unbind(-1)
     zero = torch.zeros_like(x)
     skew = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(*rotvec.shape[:-1], 3, 3)
-    return torch.linalg.matrix_exp(skew)
+    theta2 = (rotvec * rotvec).sum(dim=-1)
+    small = theta2 < SMALL_ANGLE2
+    theta = torch.sqrt(torch.where(small, torch.ones_like(theta2), theta2))
+    a = torch.where(small, 1.0 - theta2 / 6.0, torch.sin(theta) / theta)[..., None, None]
+    b = torch.where(small, 0.5 - theta2 / 24.0, (1.0 - torch.cos(theta)) / (theta * theta))[..., None, None]
+    eye = torch.eye(3, dtype=rotvec.dtype, device=rotvec.device)
+    return eye + a * skew + b * (skew @ skew)
 
 
 def flip_pose(pose: np.ndarray, bone_labels: tuple[str, ...]) -> np.ndarray:
@@ -349,13 +357,18 @@ def sample_action_pose(
 
 
 class AnnyBodyModel(BodyModel):
-    """Anny as a pchmr :class:`~pchmr.core.bodymodel.BodyModel` (see the module docstring)."""
+    """Anny as a pchmr :class:`~pchmr.core.bodymodel.BodyModel` (see the module docstring).
+
+    The wrapped Anny module is shared by every instance of the process and is deliberately not
+    a submodule: it stays on its own device and dtype (CPU, float32), adds nothing to
+    ``state_dict()``, and ``forward`` moves inputs to it and results back to the pose's device.
+    """
 
     def __init__(self, anny_model: torch.nn.Module, pyramid_cache_dir: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         self.name = "anny"
         self.shape_param = "phenotype"
-        self.anny = anny_model
+        self._anny_ref = (anny_model,)  # a tuple hides it from nn.Module's registration
         self.bone_labels: tuple[str, ...] = tuple(anny_model.bone_labels)
         if len(self.bone_labels) != NUM_BONES:
             raise ValueError(f"expected Anny's default rig with {NUM_BONES} bones, got {len(self.bone_labels)}")
@@ -372,7 +385,6 @@ class AnnyBodyModel(BodyModel):
         self.register_buffer("faces", faces.clone(), persistent=False)
         weights, labels = _coco_regressor(anny_model)
         self.register_buffer("joint_regressor", build_joint_regressor(weights, labels), persistent=False)
-        self.register_buffer("anny_to_body", torch.tensor(ANNY_TO_BODY, dtype=torch.float32), persistent=False)
         self._rest_vertices: np.ndarray | None = None
 
     # ----------------------------------------------------------------- forward and joints
@@ -398,16 +410,22 @@ class AnnyBodyModel(BodyModel):
                 f"'phenotype' must be ({batch}, {len(PHENOTYPE_NAMES)}) {PHENOTYPE_NAMES}, got {tuple(phenotype.shape)}"
             )
 
-        dtype = self.anny.template_vertices.dtype
-        conv = self.anny_to_body.to(dtype)
+        anny = self.anny
+        dtype, device = anny.template_vertices.dtype, anny.template_vertices.device
+        conv = torch.as_tensor(ANNY_TO_BODY, dtype=dtype, device=device)
         # A rotation R in body axes acts on Anny vectors as C^T R C: its axis is C^T w.
-        rotvec = pose.to(dtype) @ conv
-        delta = torch.zeros(batch, NUM_BONES, 4, 4, dtype=dtype, device=pose.device)
+        rotvec = pose.to(device=device, dtype=dtype) @ conv
+        delta = torch.zeros(batch, NUM_BONES, 4, 4, dtype=dtype, device=device)
         delta[..., :3, :3] = axis_angle_to_matrix(rotvec)
         delta[..., 3, 3] = 1.0
-        out = self.anny(pose_parameters=delta, phenotype_kwargs=phenotype.to(dtype))
-        vertices = (out["vertices"] @ conv.T).to(torch.float32)
+        out = anny(pose_parameters=delta, phenotype_kwargs=phenotype.to(device=device, dtype=dtype))
+        vertices = (out["vertices"] @ conv.T).to(device=pose.device, dtype=torch.float32)
         return BodyOutput(vertices=vertices, joints=self.joints_from_vertices(vertices))
+
+    @property
+    def anny(self) -> torch.nn.Module:
+        """The wrapped (shared, unregistered) ``anny.Anny`` module."""
+        return self._anny_ref[0]
 
     def joints_from_vertices(self, vertices: Tensor) -> Tensor:
         """(B, V, 3) → (B, 14, 3), one fixed linear combination of the vertices per joint."""

@@ -30,6 +30,7 @@ complete, then always read back with ``np.load(mmap_mode="r")``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 #: Bump when anything changes what a cache holds; old caches are then ignored.
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 DEFAULT_NUM_TRAIN = 2000
 DEFAULT_NUM_TEST = 200
 NUM_SUBJECTS = 24
@@ -423,7 +424,7 @@ def prepare(spec: DatasetSpec, body_model: BodyModel, num_train: int, num_test: 
         subject_shapes = body.sample_shape(NUM_SUBJECTS, split_generator(spec.seed, "subjects"))
         colors = face_colors(body, body_model.faces.cpu().numpy())
         counts = {"train": num_train, "test": num_test}
-        with Progress(transient=True) as progress:
+        with Progress(transient=True) as progress, _single_torch_thread():
             task = progress.add_task(f"rendering synthetic data ({spec.image_size}px)", total=num_train + num_test)
             for split in SPLITS:
                 (tmp / split).mkdir()
@@ -442,6 +443,19 @@ def prepare(spec: DatasetSpec, body_model: BodyModel, num_train: int, num_test: 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _single_torch_thread() -> Iterator[None]:
+    """Run the batched body-model forwards on one intra-op thread (restored afterwards): the
+    small per-batch ops gain little from threads and lose several-fold when other processes
+    share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def split_generator(seed: int, name: str) -> np.random.Generator:
