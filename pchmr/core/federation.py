@@ -30,7 +30,7 @@ import torch
 
 from pchmr.core.config import RunConfig
 from pchmr.core.experiment import Components, build_components, derive_seed, make_loader
-from pchmr.core.hmr import HMRModule, evaluate, make_trainer
+from pchmr.core.hmr import HMRModule, evaluate, make_trainer, quiet_lightning
 from pchmr.core.partition import Partition, load_partition
 from pchmr.core.registry import get_registry
 from pchmr.core.rundir import RunDir
@@ -87,10 +87,17 @@ def _client_runtime(run_dir: str) -> _ClientRuntime:
     """Built once per process (Ray actor or SuperNode) from the run directory's files."""
     with _RUNTIME_LOCK:
         if run_dir not in _RUNTIMES:
+            quiet_lightning()
             rd = RunDir(run_dir)
             config = RunConfig.from_dict(rd.read_config()["run"])
             components = build_components(config)
-            strategy = build_strategy(config)
+            flwr_logger = logging.getLogger("flwr")
+            level = flwr_logger.level
+            flwr_logger.setLevel(logging.ERROR)  # the server half's construction warnings are not the client's
+            try:
+                strategy = build_strategy(config)
+            finally:
+                flwr_logger.setLevel(level)
             module = components.make_module(loss_terms=strategy.loss_terms)
             _RUNTIMES[run_dir] = _ClientRuntime(components, load_partition(rd.partition), strategy, module)
         return _RUNTIMES[run_dir]
@@ -341,18 +348,32 @@ def make_server_app(server: FederatedServer) -> Any:
     return app
 
 
-def run_simulation(server: FederatedServer, num_cpus: int | None = None) -> None:
-    """Run the federation on Flower's Simulation Engine (Ray) on this machine."""
+def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Run the federation on Flower's Simulation Engine (Ray) on this machine.
+
+    One client trains at a time with every core (local training is the round's work; running
+    k clients side by side on a 2-core machine only splits the same cores). Flower's and Ray's
+    console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
+    """
     import os
 
     from flwr.simulation import run_simulation as flwr_run_simulation
+    from flwr.supercore.logger import console_handler
 
     cpus = num_cpus or os.cpu_count() or 1
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "log_to_driver": verbose,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+        },
     }
+    if not verbose:
+        console_handler.setLevel(logging.ERROR)
+    logging.getLogger("flwr").setLevel(logging.INFO)
     flwr_run_simulation(
         server_app=make_server_app(server),
         client_app=client_app,

@@ -12,9 +12,10 @@ Config keys follow Flower's kebab-case (``"proximal-mu"``, ``"server-learning-ra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
 
-from pchmr.core.hmr import LossTerm
+if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning
+    from pchmr.core.hmr import LossTerm
 
 __all__ = [
     "IncompatibleError",
@@ -58,7 +59,7 @@ class StrategyParts:
 
     name: str
     server: Any
-    loss_terms: Sequence[LossTerm] = ()
+    loss_terms: Sequence["LossTerm"] = ()
     client_mods: Sequence[Any] = ()
     train_config: Mapping[str, Any] = field(default_factory=dict)
     requires_individual_updates: bool = False
