@@ -282,8 +282,10 @@ class FederatedServer:
             elapsed += round_seconds
             evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
             metrics = self._record(server_round, state, elapsed, round_seconds, sent, received, sampled) if evaluate_now else None
+            strategy_state = self.strategy.get_state() if self.strategy.get_state else None
             self.rd.save_checkpoint(
-                {"round": server_round, "state": state, "elapsed": elapsed, "sent": sent, "received": received}
+                {"round": server_round, "state": state, "elapsed": elapsed, "sent": sent, "received": received,
+                 "strategy_state": strategy_state}
             )
             self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
         torch.save(state, self.rd.model)
@@ -296,6 +298,10 @@ class FederatedServer:
             return 0, {k: v.detach().clone() for k, v in self.module.state_dict().items()}, 0.0, 0, 0
         done = int(ckpt["round"])
         self.rd.truncate_rounds(done)
+        if ckpt.get("strategy_state") is not None:
+            if self.strategy.set_state is None:
+                raise RuntimeError(f"the checkpoint holds state of strategy '{self.strategy.name}', which cannot restore it")
+            self.strategy.set_state(ckpt["strategy_state"])
         log.info("resuming after round %d", done)
         return done + 1, ckpt["state"], float(ckpt["elapsed"]), int(ckpt["sent"]), int(ckpt["received"])
 

@@ -12,7 +12,7 @@ Config keys follow Flower's kebab-case (``"proximal-mu"``, ``"server-learning-ra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning
     from pchmr.core.hmr import LossTerm
@@ -54,7 +54,10 @@ class StrategyParts:
     * ``train_config``: values put in every round's train ``ConfigRecord``;
     * ``requires_individual_updates``: True when aggregation compares single clients' updates
       (secure aggregation must then refuse it);
-    * ``describe``: JSON-able description written into the run's config.
+    * ``describe``: JSON-able description written into the run's config;
+    * ``get_state`` / ``set_state``: the server strategy's state between rounds (e.g. FedOpt's
+      moments) as a dict of tensors/numbers, saved in every round's checkpoint and restored on
+      resume. Stateless strategies leave them ``None``.
     """
 
     name: str
@@ -64,6 +67,8 @@ class StrategyParts:
     train_config: Mapping[str, Any] = field(default_factory=dict)
     requires_individual_updates: bool = False
     describe: Mapping[str, Any] = field(default_factory=dict)
+    get_state: Callable[[], Mapping[str, Any]] | None = None
+    set_state: Callable[[Mapping[str, Any]], None] | None = None
 
 
 @runtime_checkable
