@@ -7,8 +7,16 @@ from pchmr.core.partition import PartitionError, load_partition, save_partition
 from pchmr.plugins.partitioners.iid import iid
 
 
+class FakeData:
+    """The part of HMRData a label partitioner reads."""
+
+    def __init__(self, labels):
+        self.labels = labels
+        self.train = range(len(next(iter(labels.values()))))
+
+
 def labels(n):
-    return {"source": np.array([("a", "b")[i % 2] for i in range(n)]), "subject": np.array([str(i % 7) for i in range(n)])}
+    return FakeData({"source": np.array([("a", "b")[i % 2] for i in range(n)]), "subject": np.array([str(i % 7) for i in range(n)])})
 
 
 def test_iid_covers_every_sample_once_in_near_equal_clients():

@@ -1,8 +1,9 @@
 """The partitioner contract and the on-disk ``partition.json``.
 
-A partitioner splits the training split's sample indices into client sets. It sees only the
-``meta`` labels (never images), must be deterministic in ``seed``, and returns disjoint,
-non-empty clients covering a subset of the samples (usually all of them).
+A partitioner splits the training split's sample indices into client sets. Most read only the
+``meta`` labels (``data.labels``); feature-based ones (``cnn-cluster``) may read the training
+images (``data.train``). It must be deterministic in ``seed`` and return disjoint, non-empty
+clients covering a subset of the samples (usually all of them).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pchmr.core.data import HMRData
 
 __all__ = ["Partition", "Partitioner", "PartitionError", "save_partition", "load_partition"]
 
@@ -60,16 +64,16 @@ class Partition:
 
 @runtime_checkable
 class Partitioner(Protocol):
-    """``partitioner(labels, num_clients, seed, options) -> Partition``.
+    """``partitioner(data, num_clients, seed, options) -> Partition``.
 
-    ``labels`` maps each ``meta`` key to a (N,) array of string labels of the training split;
-    ``options`` holds partitioner-specific values (e.g. ``alpha``, ``label``). Raise
-    :class:`PartitionError` naming the option and the valid range for impossible requests.
+    ``data`` is the dataset's :class:`~pchmr.core.data.HMRData`: ``data.labels`` maps each
+    ``meta`` key to a (N,) array of string labels of the training split, ``data.train`` holds
+    its Samples. ``options`` holds partitioner-specific values (e.g. ``alpha``, ``label``).
+    Raise :class:`PartitionError` naming the option and the valid range for impossible
+    requests — before any training starts.
     """
 
-    def __call__(
-        self, labels: Mapping[str, np.ndarray], num_clients: int, seed: int, options: Mapping[str, object]
-    ) -> Partition: ...
+    def __call__(self, data: "HMRData", num_clients: int, seed: int, options: Mapping[str, object]) -> Partition: ...
 
 
 def save_partition(partition: Partition, path: Path) -> None:

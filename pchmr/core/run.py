@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pchmr.core.config import ConfigError, RunConfig
+from pchmr.core.data import HMRData
 from pchmr.core.experiment import build_components, describe_plugins, mean_pose_baselines
 from pchmr.core.federation import FederatedServer, RoundReport, build_strategy, run_simulation
 from pchmr.core.partition import Partition, load_partition, save_partition
@@ -55,9 +56,9 @@ def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(RunDir(run_dir).read_config()["run"])
 
 
-def make_partition(config: RunConfig, labels: Any) -> Partition:
+def make_partition(config: RunConfig, data: HMRData) -> Partition:
     partitioner = get_registry().get("partitioner", config.partitioner)
-    return partitioner(labels, config.clients, config.seed, dict(config.partition_options))
+    return partitioner(data, config.clients, config.seed, dict(config.partition_options))
 
 
 def execute(
@@ -85,7 +86,7 @@ def execute(
         if resume and rd.partition.exists():
             partition = load_partition(rd.partition)
         else:
-            partition = make_partition(config, components.data.labels)
+            partition = make_partition(config, components.data)
             save_partition(partition, rd.partition)
         if not resume or not rd.config.exists():
             rd.write_json(

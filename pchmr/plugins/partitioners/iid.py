@@ -6,15 +6,16 @@ from typing import Mapping
 
 import numpy as np
 
+from pchmr.core.data import HMRData
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.partition import Partition, PartitionError
 
 
-def iid(labels: Mapping[str, np.ndarray], num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+def iid(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Shuffle the indices with ``seed`` and deal them into ``num_clients`` sizes differing by at most one."""
     if options:
         raise PartitionError(f"the iid partitioner takes no options, got {sorted(options)}")
-    n = len(next(iter(labels.values()))) if labels else 0
+    n = len(data.train)  # type: ignore[arg-type]
     if num_clients > n:
         raise PartitionError(f"cannot split {n} training samples into {num_clients} non-empty clients")
     order = np.random.default_rng(seed).permutation(n)
