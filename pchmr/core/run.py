@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from pchmr.core.config import ConfigError, RunConfig
 from pchmr.core.data import HMRData
-from pchmr.core.experiment import build_components, describe_plugins, mean_pose_baselines
+from pchmr.core.experiment import build_components, default_cache_dir, describe_plugins, mean_pose_baselines
 from pchmr.core.federation import FederatedServer, RoundReport, build_strategy, run_simulation
 from pchmr.core.partition import Partition, load_partition, save_partition
 from pchmr.core.registry import get_registry
@@ -71,6 +71,8 @@ def execute(
     """Run (or resume) one experiment; returns the run directory and ``final.json``'s content."""
     status = on_status or (lambda message: None)
     check_plugins(config)
+    if config.cache_dir is None:  # clients in other processes must read the very same cache
+        config = config.replace(cache_dir=str(default_cache_dir().resolve()))
     strategy = build_strategy(config)  # validates strategy options before any heavy work
     if run_dir is None:
         run_dir = Path(config.out) if config.out else default_run_dir(config)
