@@ -1,1 +1,287 @@
-"""Placeholder until its plugin lands: offers nothing yet."""
+"""``fedopt``: adaptive server optimisers (Reddi et al., ICLR 2021) — Flower's FedAdam/FedYogi/FedAdagrad.
+
+The server treats the weighted client average minus the global model as a pseudo-gradient
+Δ_t = Σ_k p_k w_k − w_t (p_k ∝ the client's ``num-examples``) and takes one optimiser step:
+
+* m_t = β₁ m_{t−1} + (1 − β₁) Δ_t                       (Adagrad: β₁ = 0, so m_t = Δ_t)
+* v_t = v_{t−1} + Δ_t²                                  (adagrad)
+  v_t = β₂ v_{t−1} + (1 − β₂) Δ_t²                      (adam)
+  v_t = v_{t−1} − (1 − β₂) Δ_t² sign(v_{t−1} − Δ_t²)    (yogi)
+* w_{t+1} = w_t + η_t m_t / (√v_t + τ), element-wise, with m_0 = v_0 = 0.
+
+η_t = η except for ``adam``, where Flower multiplies η by Adam's bias correction
+√(1 − β₂^{t+1}) / (1 − β₁^{t+1}) (t = server round, from 1) — Reddi et al.'s Algorithm 2 has no bias
+correction. All of this is Flower's code; this module validates options, carries m_t and v_t
+across checkpoints, and casts the aggregate back to the model's float dtypes (Flower's FedAdam
+returns float64 for a float32 model). Clients train with pchmr's own optimiser and ``--lr``; Flower's client
+learning rate ``eta_l`` is not used.
+
+Options (``--strategy-option key=value``), defaults are Flower's for the chosen optimiser:
+
+=======================  ===================================  =====================
+``server-opt``           ``adam`` | ``yogi`` | ``adagrad``    ``adam``
+``server-learning-rate`` η > 0                                adam 0.1, yogi 0.01, adagrad 0.1
+``beta-1``               β₁ in [0, 1) (adam, yogi)            0.9
+``beta-2``               β₂ in [0, 1) (adam, yogi)            0.99
+``tau``                  τ > 0                                0.001
+=======================  ===================================  =====================
+
+The option helpers below (:func:`reject_unknown_options`, :func:`float_option`,
+:func:`choice_option`) and the server-optimiser pieces (:func:`read_server_optimizer`,
+:func:`make_server_optimizer`, :func:`server_optimizer_hooks`)
+are reused by :mod:`pchmr.plugins.strategies.fedgh`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+
+__all__ = [
+    "SERVER_OPTIMIZERS",
+    "ServerOptimizer",
+    "choice_option",
+    "fedopt",
+    "float_option",
+    "load_server_optimizer_state",
+    "make_server_optimizer",
+    "read_server_optimizer",
+    "reject_unknown_options",
+    "server_optimizer_hooks",
+    "server_optimizer_state",
+]
+
+#: ``server-opt`` values → Flower's strategy classes.
+SERVER_OPTIMIZERS: Mapping[str, type[FedOpt]] = {"adam": FedAdam, "yogi": FedYogi, "adagrad": FedAdagrad}
+#: pchmr option name → Flower constructor argument.
+_FLOWER_ARGUMENT = {"server-learning-rate": "eta", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"}
+#: Options of the server optimiser, in the order ``describe`` lists them.
+SERVER_OPTIMIZER_OPTIONS = ("server-opt", "server-learning-rate", "beta-1", "beta-2", "tau")
+DEFAULT_SERVER_OPT = "adam"
+#: Sample-count key clients put in their MetricRecord (pchmr's runtime and Flower agree on it).
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+# --------------------------------------------------------------------------------------
+# option helpers
+# --------------------------------------------------------------------------------------
+def reject_unknown_options(strategy: str, options: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Raise ValueError naming every option ``strategy`` does not take, and the ones it does."""
+    allowed = tuple(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{strategy} does not take the strategy option(s) {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(allowed) or 'none'}"
+        )
+
+
+def float_option(
+    strategy: str, options: Mapping[str, Any], key: str, default: float, *,
+    low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True,
+) -> float:
+    """``options[key]`` (or ``default``) as a finite float in the range [low, high] (open ends as flagged)."""
+    value = options.get(key, default)
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    hi_text = "∞" if math.isinf(high) else f"{high:g}"
+    range_text = f"{lo}{low:g}, {hi_text}{hi}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{strategy} option '{key}' must be a number in {range_text}, got {value!r}")
+    number = float(value)
+    below = number <= low if low_open else number < low
+    above = number >= high if high_open else number > high
+    if not math.isfinite(number) or below or above:
+        raise ValueError(f"{strategy} option '{key}' must be a number in {range_text}, got {value!r}")
+    return number
+
+
+def choice_option(strategy: str, options: Mapping[str, Any], key: str, default: str, choices: Iterable[str]) -> str:
+    """``options[key]`` (or ``default``), which must be one of ``choices``."""
+    choices = tuple(choices)
+    value = options.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{strategy} option '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# the server optimiser
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerOptimizer:
+    """A validated server-optimiser choice; ``beta_1``/``beta_2`` are None for adagrad."""
+
+    name: str
+    eta: float
+    tau: float
+    beta_1: float | None = None
+    beta_2: float | None = None
+
+    @property
+    def flower_class(self) -> type[FedOpt]:
+        return SERVER_OPTIMIZERS[self.name]
+
+    def flower_kwargs(self) -> dict[str, float]:
+        kwargs = {"eta": self.eta, "tau": self.tau}
+        if self.beta_1 is not None:
+            kwargs["beta_1"] = self.beta_1
+        if self.beta_2 is not None:
+            kwargs["beta_2"] = self.beta_2
+        return kwargs
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"server-opt": self.name, "server-learning-rate": self.eta}
+        if self.beta_1 is not None:
+            out["beta-1"] = self.beta_1
+        if self.beta_2 is not None:
+            out["beta-2"] = self.beta_2
+        out["tau"] = self.tau
+        return out
+
+
+def flower_default(cls: type[FedOpt], option: str) -> float:
+    """The default Flower's ``cls`` uses for a pchmr option (read from its signature)."""
+    parameter = inspect.signature(cls.__init__).parameters[_FLOWER_ARGUMENT[option]]
+    return float(parameter.default)
+
+
+def read_server_optimizer(strategy: str, options: Mapping[str, Any], name: str) -> ServerOptimizer:
+    """Validate ``server-learning-rate``, ``beta-1``, ``beta-2`` and ``tau`` for optimiser ``name``.
+
+    Missing options take the Flower class's defaults; ``beta-*`` given for adagrad is an error.
+    """
+    name = choice_option(strategy, {"server-opt": name}, "server-opt", DEFAULT_SERVER_OPT, SERVER_OPTIMIZERS)
+    cls = SERVER_OPTIMIZERS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    eta = float_option(strategy, options, "server-learning-rate", flower_default(cls, "server-learning-rate"),
+                       low=0.0, low_open=True)
+    tau = float_option(strategy, options, "tau", flower_default(cls, "tau"), low=0.0, low_open=True)
+    betas: dict[str, float | None] = {}
+    for key in ("beta-1", "beta-2"):
+        if _FLOWER_ARGUMENT[key] in accepted:
+            betas[key] = float_option(strategy, options, key, flower_default(cls, key), low=0.0, high=1.0)
+        elif key in options:
+            raise ValueError(f"{strategy} option '{key}' applies to server-opt adam and yogi, not {name}")
+        else:
+            betas[key] = None
+    return ServerOptimizer(name=name, eta=eta, tau=tau, beta_1=betas["beta-1"], beta_2=betas["beta-2"])
+
+
+@functools.cache
+def keep_float_dtypes(cls: type[FedOpt]) -> type[FedOpt]:
+    """A subclass of ``cls`` whose aggregate keeps the global model's floating-point dtypes.
+
+    Flower's FedAdam scales its step by a numpy float64 (the bias correction), which turns a float32
+    model into float64 (twice the bytes sent to clients and checkpointed). The step is computed as
+    Flower does, then float entries are cast back; m_t and v_t are untouched.
+    """
+
+    def aggregate_train(self: Any, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
+        arrays, metrics = cls.aggregate_train(self, server_round, replies)
+        if arrays is None or self.current_arrays is None:
+            return arrays, metrics
+        cast = {}
+        for key, array in arrays.items():
+            value, like = array.numpy(), self.current_arrays.get(key)
+            if like is not None and np.issubdtype(like.dtype, np.floating) and value.dtype != like.dtype:
+                value = value.astype(like.dtype)
+            cast[key] = Array(np.asarray(value, order="C"))
+        return ArrayRecord(cast), metrics
+
+    return type(cls.__name__, (cls,), {
+        "aggregate_train": aggregate_train, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": f"{cls.__name__} whose aggregate keeps the global model's float dtypes.",
+    })
+
+
+def make_server_optimizer(optimizer: ServerOptimizer, cls: type[FedOpt] | None = None, **kwargs: Any) -> FedOpt:
+    """Flower's strategy for ``optimizer`` (or ``cls``, a subclass of it), training every offered node,
+    its aggregate in the model's float dtypes (:func:`keep_float_dtypes`)."""
+    cls = cls or optimizer.flower_class
+    if not issubclass(cls, optimizer.flower_class):
+        raise TypeError(f"{cls.__name__} is not a subclass of {optimizer.flower_class.__name__}")
+    return keep_float_dtypes(cls)(
+        **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, **optimizer.flower_kwargs(), **kwargs
+    )
+
+
+def _arrays_to_torch(arrays: Mapping[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in (arrays or {}).items()}
+
+
+def _torch_to_arrays(tensors: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+    out = {k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.array(v, copy=True))
+           for k, v in tensors.items()}
+    return out or None
+
+
+def server_optimizer_state(server: FedOpt) -> dict[str, Any]:
+    """FedOpt's state between rounds: the moments m_t and v_t (torch tensors; empty before round 1).
+
+    ``current_arrays`` is not state: ``configure_train`` sets it from the global model every round.
+    """
+    return {"m_t": _arrays_to_torch(server.m_t), "v_t": _arrays_to_torch(server.v_t)}
+
+
+def load_server_optimizer_state(server: FedOpt, state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`server_optimizer_state`."""
+    missing = {"m_t", "v_t"} - set(state)
+    if missing:
+        raise ValueError(f"server optimiser state lacks {sorted(missing)}; expected keys m_t and v_t, got {sorted(state)}")
+    server.m_t = _torch_to_arrays(state["m_t"])
+    server.v_t = _torch_to_arrays(state["v_t"])
+
+
+# --------------------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------------------
+def server_optimizer_hooks(
+    server: FedOpt, optimizer: ServerOptimizer, strategy: str
+) -> tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]]:
+    """``(get_state, set_state)`` for :class:`~pchmr.core.strategy.StrategyParts`: m_t, v_t and the
+    optimiser's name (a checkpoint of another server optimiser is refused)."""
+
+    def get_state() -> dict[str, Any]:
+        return {"server-opt": optimizer.name, **server_optimizer_state(server)}
+
+    def set_state(state: Mapping[str, Any]) -> None:
+        saved = state.get("server-opt")
+        if saved != optimizer.name:
+            raise ValueError(f"the saved {strategy} state is for server-opt {saved!r}, this run uses {optimizer.name!r}")
+        load_server_optimizer_state(server, state)
+
+    return get_state, set_state
+
+
+def fedopt(config: StrategyConfig) -> StrategyParts:
+    """Server: Flower's FedAdam, FedYogi or FedAdagrad (option ``server-opt``); the client adds nothing."""
+    options = config.options
+    reject_unknown_options("fedopt", options, SERVER_OPTIMIZER_OPTIONS)
+    name = choice_option("fedopt", options, "server-opt", DEFAULT_SERVER_OPT, SERVER_OPTIMIZERS)
+    optimizer = read_server_optimizer("fedopt", options, name)
+    server = make_server_optimizer(optimizer)
+    get_state, set_state = server_optimizer_hooks(server, optimizer, "fedopt")
+    return StrategyParts(
+        name="fedopt",
+        server=server,
+        describe={"server": f"flwr.serverapp.strategy.{optimizer.flower_class.__name__}", **optimizer.describe()},
+        get_state=get_state,
+        set_state=set_state,
+    )
+
+
+@hookimpl
+def pchmr_strategies() -> dict[str, object]:
+    return {"fedopt": fedopt}

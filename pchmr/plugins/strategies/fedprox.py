@@ -1,1 +1,117 @@
-"""Placeholder until its plugin lands: offers nothing yet."""
+"""``fedprox``: FedProx (Li et al., MLSys 2020) — Flower's FedProx server plus a proximal loss term.
+
+Server: ``flwr.serverapp.strategy.FedProx``, which aggregates exactly like FedAvg (weights ∝
+``num-examples``) and puts μ into every round's train config under ``"proximal-mu"``.
+
+Client: :func:`proximal_term`, a :data:`~pchmr.core.hmr.LossTerm` added to the local loss::
+
+    μ/2 · Σ_i ‖w_i − w_i^global‖²      over the module's trainable parameters w_i
+
+μ is read from ``module.round_config["proximal-mu"]`` and w^global from ``module.global_state``,
+both set by the runtime before each local fit (:func:`pchmr.core.federation.local_fit`). Its
+gradient is μ(w − w^global), so one SGD step of size lr moves a parameter by −lr·μ(w − w^global) on
+top of the data gradient; μ = 0 gives FedAvg exactly.
+
+Option: ``proximal-mu`` (μ ≥ 0, default 0.01).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import torch
+from flwr.serverapp.strategy import FedProx
+from torch import Tensor, nn
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+
+if TYPE_CHECKING:
+    from pchmr.core.backbone import HMROutput
+
+__all__ = ["PROXIMAL_MU_KEY", "DEFAULT_PROXIMAL_MU", "fedprox", "proximal_penalty", "proximal_term"]
+
+#: Flower's train-config key for μ.
+PROXIMAL_MU_KEY = "proximal-mu"
+DEFAULT_PROXIMAL_MU = 0.01
+
+
+def read_proximal_mu(options: Mapping[str, Any]) -> float:
+    """The ``proximal-mu`` option as a finite float ≥ 0 (ValueError naming the option and range otherwise)."""
+    value = options.get(PROXIMAL_MU_KEY, DEFAULT_PROXIMAL_MU)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"fedprox option '{PROXIMAL_MU_KEY}' must be a number in [0, ∞), got {value!r}")
+    return float(value)
+
+
+def proximal_penalty(
+    parameters: Iterable[tuple[str, nn.Parameter]], global_state: Mapping[str, Tensor], mu: float
+) -> Tensor:
+    """μ/2 · Σ ‖w − w_global‖² (scalar) over the trainable ``(name, parameter)`` pairs.
+
+    ``global_state`` maps the same names to the round's global values (any device/dtype; moved to
+    the parameter's). μ = 0 returns an exact zero without building a graph.
+    """
+    trainable = [(name, p) for name, p in parameters if p.requires_grad]
+    if not trainable:
+        return torch.zeros(())
+    first = trainable[0][1]
+    if mu == 0.0:
+        return first.new_zeros(())
+    missing = [name for name, _ in trainable if name not in global_state]
+    if missing:
+        raise KeyError(
+            f"the global state has no entry for trainable parameter(s) {missing[:3]}"
+            f"{' …' if len(missing) > 3 else ''}; it must be the state dict the round started from"
+        )
+    total = first.new_zeros(())
+    for name, p in trainable:
+        total = total + (p - global_state[name].to(device=p.device, dtype=p.dtype)).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def proximal_term(module: nn.Module, batch: Mapping[str, Tensor], output: "HMROutput") -> Tensor:
+    """The FedProx :data:`~pchmr.core.hmr.LossTerm`: ``μ/2 · Σ‖w − w_global‖²`` for ``module``.
+
+    Reads ``module.round_config["proximal-mu"]`` and ``module.global_state`` (set by the runtime
+    before each local fit); ``batch`` and ``output`` are not used.
+    """
+    round_config = getattr(module, "round_config", None)
+    global_state = getattr(module, "global_state", None)
+    if round_config is None or global_state is None:
+        raise RuntimeError(
+            "the FedProx proximal term needs module.round_config and module.global_state, which the "
+            "federated runtime sets before each local fit; it cannot be used outside a federated round"
+        )
+    if PROXIMAL_MU_KEY not in round_config:
+        raise KeyError(
+            f"the round's train config has no '{PROXIMAL_MU_KEY}' (keys: {sorted(round_config)}); "
+            "the server half must be Flower's FedProx"
+        )
+    return proximal_penalty(module.named_parameters(), global_state, float(round_config[PROXIMAL_MU_KEY]))
+
+
+def fedprox(config: StrategyConfig) -> StrategyParts:
+    """Server: ``flwr.serverapp.strategy.FedProx``; client: :func:`proximal_term` in the local loss."""
+    unknown = sorted(set(config.options) - {PROXIMAL_MU_KEY})
+    if unknown:
+        raise ValueError(f"fedprox does not take the strategy option(s) {', '.join(map(repr, unknown))}; "
+                         f"it takes: {PROXIMAL_MU_KEY}")
+    mu = read_proximal_mu(config.options)
+    server = FedProx(**flower_sampling_kwargs(), weighted_by_key="num-examples", proximal_mu=mu)
+    return StrategyParts(
+        name="fedprox",
+        server=server,
+        loss_terms=(proximal_term,),
+        describe={
+            "server": "flwr.serverapp.strategy.FedProx",
+            PROXIMAL_MU_KEY: mu,
+            "client": "loss += proximal-mu/2 * sum ||w - w_global||^2 over trainable parameters",
+        },
+    )
+
+
+@hookimpl
+def pchmr_strategies() -> dict[str, object]:
+    return {"fedprox": fedprox}

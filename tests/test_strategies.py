@@ -1,0 +1,317 @@
+"""Built-in aggregation strategies: the contract suite, FedProx's proximal term, FedOpt's server step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pchmr.core.strategy import StrategyConfig, StrategyParts
+from pchmr.plugins.strategies.fedavg import fedavg
+from pchmr.plugins.strategies.fedgh import fedgh
+from pchmr.plugins.strategies.fedopt import fedopt
+from pchmr.plugins.strategies.fedprox import DEFAULT_PROXIMAL_MU, fedprox, proximal_penalty, proximal_term
+from pchmr.testing.strategies import (
+    StrategyContract,
+    check_simulation_rounds,
+    run_in_flower_simulation,
+    run_round,
+)
+
+
+def make(factory: Any, **options: Any) -> StrategyParts:
+    return factory(StrategyConfig(num_clients=4, per_round=2, num_rounds=2, seed=0, options=options))
+
+
+# --------------------------------------------------------------------------------------
+# the contract suite, once per built-in strategy (the Flower simulation runs once, below)
+# --------------------------------------------------------------------------------------
+class BuiltinContract(StrategyContract):
+    @pytest.fixture
+    def flower_simulation(self) -> bool:
+        return False
+
+
+class TestFedAvgContract(BuiltinContract):
+    @pytest.fixture
+    def strategy_factory(self) -> Any:
+        return fedavg
+
+
+class TestFedProxContract(BuiltinContract):
+    @pytest.fixture
+    def strategy_factory(self) -> Any:
+        return fedprox
+
+
+class TestFedOptContract(BuiltinContract):
+    @pytest.fixture
+    def strategy_factory(self) -> Any:
+        return fedopt
+
+    @pytest.fixture(params=["adam", "yogi", "adagrad"])
+    def strategy_options(self, request: pytest.FixtureRequest) -> Mapping[str, Any]:
+        return {"server-opt": request.param}
+
+    @pytest.fixture
+    def averages_updates(self) -> bool:
+        return False
+
+
+class TestFedGHContract(BuiltinContract):
+    @pytest.fixture
+    def strategy_factory(self) -> Any:
+        return fedgh
+
+    @pytest.fixture(
+        params=[{}, {"granularity": "layer"}, {"weighting": "uniform"}, {"server-opt": "yogi"}],
+        ids=["default", "layer", "uniform", "yogi"],
+    )
+    def strategy_options(self, request: pytest.FixtureRequest) -> Mapping[str, Any]:
+        return request.param
+
+    @pytest.fixture
+    def weights_by_examples(self, strategy_options: Mapping[str, Any]) -> bool:
+        return strategy_options.get("weighting", "examples") == "examples"
+
+    @pytest.fixture
+    def averages_updates(self, strategy_options: Mapping[str, Any]) -> bool:
+        return strategy_options.get("server-opt", "none") == "none"
+
+
+BUILTIN_SIMULATED = {
+    "fedavg": (fedavg, {}, True),
+    "fedprox": (fedprox, {}, True),
+    "fedopt-adam": (fedopt, {"server-opt": "adam"}, False),
+    "fedopt-yogi": (fedopt, {"server-opt": "yogi"}, False),
+    "fedopt-adagrad": (fedopt, {"server-opt": "adagrad"}, False),
+    "fedgh": (fedgh, {}, True),
+    "fedgh-adam": (fedgh, {"server-opt": "adam"}, False),
+}
+
+
+def test_builtin_strategies_run_in_one_flower_simulation() -> None:
+    factories = {name: (lambda f=factory, o=options: make(f, **o)) for name, (factory, options, _) in BUILTIN_SIMULATED.items()}
+    results = run_in_flower_simulation(factories)
+    for name, (_, _, averages) in BUILTIN_SIMULATED.items():
+        check_simulation_rounds(name, results[name], averages)
+    # FedAvg by hand: client p adds 0.1 (p + 1) with 10 (p + 1) examples → + 0.1 · 14/6 per round
+    fedavg_rounds = results["fedavg"]
+    for rnd in fedavg_rounds:
+        expected = rnd.global_arrays["encoder.bias"].astype(np.float64) + 0.1 * (1 * 1 + 2 * 2 + 3 * 3) / 6
+        np.testing.assert_allclose(rnd.aggregate["encoder.bias"], expected, rtol=1e-6)
+    # the runtime's client deltas all point the same way: FedGH finds no conflict and equals FedAvg
+    for gh, avg in zip(results["fedgh"], fedavg_rounds):
+        assert gh.metrics["fedgh-conflict-fraction"] == 0.0
+        np.testing.assert_allclose(gh.aggregate["encoder.weight"], avg.aggregate["encoder.weight"], rtol=1e-6)
+
+
+def test_builtin_strategies_register_through_entry_points() -> None:
+    from pchmr.core.registry import get_registry
+
+    registry = get_registry()
+    for name, factory in {"fedavg": fedavg, "fedprox": fedprox, "fedopt": fedopt, "fedgh": fedgh}.items():
+        assert registry.get("strategy", name) is factory
+
+
+# --------------------------------------------------------------------------------------
+# fedprox
+# --------------------------------------------------------------------------------------
+class TinyModule(nn.Module):
+    """A stand-in for HMRModule: one trainable vector, one frozen one, and the runtime's attributes."""
+
+    def __init__(self, weight: list[float], mu: float, global_weight: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(weight, dtype=torch.float64))
+        self.frozen = nn.Parameter(torch.tensor([5.0], dtype=torch.float64), requires_grad=False)
+        self.round_config = {"proximal-mu": mu, "local-epochs": 1}
+        self.global_state = {"weight": torch.tensor(global_weight, dtype=torch.float64), "frozen": torch.tensor([0.0])}
+
+
+def sgd_step(module: TinyModule, data_loss: Any, lr: float, with_term: bool) -> torch.Tensor:
+    module.zero_grad()
+    loss = data_loss(module.weight)
+    if with_term:
+        loss = loss + proximal_term(module, {}, None)
+    loss.backward()
+    with torch.no_grad():
+        module.weight -= lr * module.weight.grad
+    return module.weight.detach().clone()
+
+
+def test_proximal_term_at_mu_zero_is_exactly_zero_and_changes_no_step() -> None:
+    def data_loss(w: torch.Tensor) -> torch.Tensor:
+        return (w**2).sum() + w[0]
+
+    plain, proximal = TinyModule([1.0, 2.0], 0.0, [0.0, 4.0]), TinyModule([1.0, 2.0], 0.0, [0.0, 4.0])
+    assert proximal_term(proximal, {}, None).item() == 0.0
+    torch.testing.assert_close(sgd_step(proximal, data_loss, 0.1, True), sgd_step(plain, data_loss, 0.1, False), rtol=0, atol=0)
+
+
+def test_proximal_term_pulls_toward_the_global_weights_by_the_hand_computed_step() -> None:
+    # Prepare: w = (1, 2), w_global = (0, 4), mu = 0.5, no data loss
+    module = TinyModule([1.0, 2.0], 0.5, [0.0, 4.0])
+    # term = mu/2 (1² + 2²) = 1.25 (the frozen parameter, 5 away from its global value, is not counted)
+    assert proximal_term(module, {}, None).item() == pytest.approx(1.25)
+    # Execute: one SGD step, lr 0.1: w ← w − lr · mu (w − w_global) = (1 − 0.05, 2 + 0.1)
+    updated = sgd_step(module, lambda w: w.sum() * 0.0, 0.1, True)
+    # Assert
+    torch.testing.assert_close(updated, torch.tensor([0.95, 2.1], dtype=torch.float64))
+
+
+def test_proximal_penalty_requires_every_trainable_parameter_in_the_global_state() -> None:
+    with pytest.raises(KeyError, match="no entry for trainable parameter.*'weight'"):
+        proximal_penalty([("weight", nn.Parameter(torch.ones(2)))], {}, 0.1)
+
+
+def test_proximal_term_outside_a_federated_round_names_what_is_missing() -> None:
+    module = nn.Linear(2, 1)
+    with pytest.raises(RuntimeError, match="round_config and module.global_state"):
+        proximal_term(module, {}, None)
+    module.round_config, module.global_state = {"local-epochs": 1}, dict(module.state_dict())
+    with pytest.raises(KeyError, match="no 'proximal-mu'"):
+        proximal_term(module, {}, None)
+
+
+def test_fedprox_server_sends_mu_and_the_client_gets_the_term() -> None:
+    parts = make(fedprox, **{"proximal-mu": 0.25})
+    assert parts.loss_terms == (proximal_term,)
+    assert parts.describe["proximal-mu"] == 0.25
+    assert make(fedprox).server.proximal_mu == DEFAULT_PROXIMAL_MU
+    from flwr.app import ConfigRecord
+
+    from pchmr.testing.strategies import FakeGrid, _record, contract_arrays, task_identity
+
+    with task_identity():
+        messages = list(parts.server.configure_train(1, _record(contract_arrays()), ConfigRecord({}), FakeGrid([1, 2])))
+    assert [m.content["config"]["proximal-mu"] for m in messages] == [0.25, 0.25]
+
+
+def test_fedprox_with_mu_zero_aggregates_like_fedavg() -> None:
+    updates = [({"w": np.array([1.0, -1.0])}, 1.0), ({"w": np.array([3.0, 5.0])}, 3.0)]
+    start = {"w": np.array([0.5, 0.5])}
+    prox, _ = run_round(make(fedprox, **{"proximal-mu": 0.0}), 1, start, updates)
+    avg, _ = run_round(make(fedavg), 1, start, updates)
+    np.testing.assert_array_equal(prox["w"], avg["w"])
+    np.testing.assert_allclose(prox["w"], [0.5 + 2.5, 0.5 + 3.5])  # (1·1 + 3·3)/4, (1·(−1) + 3·5)/4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"proximal-mu": -0.1}, r"'proximal-mu' must be a number in \[0, ∞\), got -0.1"),
+        ({"proximal-mu": "big"}, r"'proximal-mu' must be a number in \[0, ∞\), got 'big'"),
+        ({"proximal-mu": math.inf}, r"'proximal-mu' must be a number"),
+        ({"proximal-mu": True}, r"'proximal-mu' must be a number"),
+        ({"mu": 0.1}, r"fedprox does not take the strategy option\(s\) 'mu'; it takes: proximal-mu"),
+    ],
+)
+def test_fedprox_rejects_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(fedprox, **options)
+
+
+# --------------------------------------------------------------------------------------
+# fedopt: the server step by hand (Reddi et al. 2021, Algorithm 2; Flower's bias-corrected Adam)
+# --------------------------------------------------------------------------------------
+# Two rounds, two clients, a 2-parameter float64 model w0 = (1, −2).
+# Round 1: client 0 sends w + (0.5, 0.1) with 1 example, client 1 w + (−0.1, 0.3) with 3:
+#          Δ1 = (1·(0.5, 0.1) + 3·(−0.1, 0.3))/4 = (0.05, 0.25).
+# Round 2: both clients with 2 examples send w + (0.2, −0.4) and w + (0.2, 0.0): Δ2 = (0.2, −0.2).
+W0 = np.array([1.0, -2.0])
+ROUND_UPDATES = [
+    [({"w": np.array([0.5, 0.1])}, 1.0), ({"w": np.array([-0.1, 0.3])}, 3.0)],
+    [({"w": np.array([0.2, -0.4])}, 2.0), ({"w": np.array([0.2, 0.0])}, 2.0)],
+]
+DELTAS = [np.array([0.05, 0.25]), np.array([0.2, -0.2])]
+ETA, BETA1, BETA2, TAU = 0.5, 0.9, 0.99, 0.01
+
+
+def run_two_rounds(parts: StrategyParts) -> list[np.ndarray]:
+    w, out = {"w": W0.copy()}, []
+    for server_round, updates in enumerate(ROUND_UPDATES, start=1):
+        w, _ = run_round(parts, server_round, w, updates)
+        out.append(w["w"])
+    return out
+
+
+def test_fedadagrad_server_step_equals_the_hand_computation() -> None:
+    parts = make(fedopt, **{"server-opt": "adagrad", "server-learning-rate": ETA, "tau": TAU})
+    # m_t = Δ_t; v1 = Δ1² = (0.0025, 0.0625); w1 = w0 + 0.5 Δ1 / (|Δ1| + 0.01)
+    #   = (1 + 0.5·0.05/0.06, −2 + 0.5·0.25/0.26) = (1.4166667, −1.5192308)
+    # v2 = v1 + Δ2² = (0.0425, 0.1025); w2 = w1 + 0.5 (0.2/(√0.0425 + 0.01), −0.2/(√0.1025 + 0.01))
+    #   = (1.4166667 + 0.4626304, −1.5192308 − 0.3028869) = (1.8792970, −1.8221177)
+    w1, w2 = run_two_rounds(parts)
+    np.testing.assert_allclose(w1, [1.4166667, -1.5192308], atol=1e-7)
+    np.testing.assert_allclose(w2, [1.8792970, -1.8221177], atol=1e-7)
+
+
+def test_fedadam_server_step_equals_the_hand_computation() -> None:
+    parts = make(fedopt, **{"server-opt": "adam", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU})
+    w, m, v, expected = W0.copy(), np.zeros(2), np.zeros(2), []
+    for t, delta in enumerate(DELTAS, start=1):
+        m = BETA1 * m + (1 - BETA1) * delta
+        v = BETA2 * v + (1 - BETA2) * delta**2
+        eta_t = ETA * math.sqrt(1 - BETA2 ** (t + 1)) / (1 - BETA1 ** (t + 1))  # Flower's bias correction
+        w = w + eta_t * m / (np.sqrt(v) + TAU)
+        expected.append(w)
+    # round 1 in numbers: m1 = (0.005, 0.025), √v1 = (0.005, 0.025), eta_1 = 0.5·√0.0199/0.19 = 0.3712299
+    np.testing.assert_allclose(expected[0], W0 + 0.3712299 * np.array([0.005 / 0.015, 0.025 / 0.035]), atol=1e-7)
+    for actual, hand in zip(run_two_rounds(parts), expected):
+        np.testing.assert_allclose(actual, hand, rtol=1e-12)
+
+
+def test_fedyogi_server_step_equals_the_hand_computation() -> None:
+    parts = make(fedopt, **{"server-opt": "yogi", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU})
+    w, m, v, expected = W0.copy(), np.zeros(2), np.zeros(2), []
+    for delta in DELTAS:
+        m = BETA1 * m + (1 - BETA1) * delta
+        v = v - (1 - BETA2) * delta**2 * np.sign(v - delta**2)
+        w = w + ETA * m / (np.sqrt(v) + TAU)
+        expected.append(w)
+    # round 1 in numbers: v0 = 0 so v1 = 0.01 Δ1² and w1 = w0 + 0.5 (0.005/0.015, 0.025/0.035)
+    np.testing.assert_allclose(expected[0], [1 + 0.5 / 3, -2 + 0.5 * 5 / 7], atol=1e-12)
+    for actual, hand in zip(run_two_rounds(parts), expected):
+        np.testing.assert_allclose(actual, hand, rtol=1e-12)
+
+
+def test_fedopt_defaults_are_flowers() -> None:
+    assert make(fedopt).describe == {
+        "server": "flwr.serverapp.strategy.FedAdam", "server-opt": "adam", "server-learning-rate": 0.1,
+        "beta-1": 0.9, "beta-2": 0.99, "tau": 0.001,
+    }
+    assert make(fedopt, **{"server-opt": "yogi"}).server.eta == 0.01
+    assert make(fedopt, **{"server-opt": "adagrad"}).describe == {
+        "server": "flwr.serverapp.strategy.FedAdagrad", "server-opt": "adagrad", "server-learning-rate": 0.1, "tau": 0.001,
+    }
+
+
+def test_fedopt_state_holds_the_moments_and_refuses_another_optimiser() -> None:
+    parts = make(fedopt, **{"server-opt": "adam"})
+    assert parts.get_state() == {"server-opt": "adam", "m_t": {}, "v_t": {}}
+    run_round(parts, 1, {"w": W0.copy()}, ROUND_UPDATES[0])
+    state = parts.get_state()
+    torch.testing.assert_close(state["m_t"]["w"], torch.from_numpy(0.1 * DELTAS[0]))
+    with pytest.raises(ValueError, match="state is for server-opt 'adam', this run uses 'yogi'"):
+        make(fedopt, **{"server-opt": "yogi"}).set_state(state)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"server-opt": "sgd"}, r"fedopt option 'server-opt' must be one of adam, yogi, adagrad; got 'sgd'"),
+        ({"beta-1": 1.0}, r"fedopt option 'beta-1' must be a number in \[0, 1\), got 1.0"),
+        ({"beta-2": -0.5}, r"fedopt option 'beta-2' must be a number in \[0, 1\)"),
+        ({"server-learning-rate": 0}, r"'server-learning-rate' must be a number in \(0, ∞\), got 0"),
+        ({"tau": "x"}, r"'tau' must be a number in \(0, ∞\)"),
+        ({"server-opt": "adagrad", "beta-1": 0.5}, r"'beta-1' applies to server-opt adam and yogi, not adagrad"),
+        ({"server-learning-rate-local": 0.1}, r"does not take the strategy option\(s\) 'server-learning-rate-local'"),
+    ],
+)
+def test_fedopt_rejects_bad_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make(fedopt, **options)
