@@ -1,1 +1,159 @@
-"""Placeholder until its plugin lands: offers nothing yet."""
+"""``lda``: Dirichlet label skew over any ``meta`` label (``--partitioner lda``).
+
+For every value ``k`` of the label (sorted), the samples of class ``k`` are shuffled and cut
+into ``num_clients`` consecutive runs whose lengths follow proportions ``p_k ~ Dir(alpha·1)``
+drawn over the clients: the per-class construction popularised by Yurochkin et al. 2019 and
+Hsu et al. 2019 ("latent Dirichlet allocation" partitions). Small ``alpha`` gives each client
+few classes *and* a long tail of client sizes (a client's size is the sum of its shares of every
+class); ``alpha`` → ∞ tends to an IID split into equal clients.
+
+If a draw leaves some client with fewer than ``min-size`` samples the proportions are drawn
+again (the same seeded stream continues, so the result stays deterministic), at most
+:data:`MAX_DRAWS` times; then :class:`PartitionError` says how far the best draw was and what to
+change. Very small ``alpha`` with many clients and few classes cannot be met (e.g. α = 0.1 over
+100 clients and 4 sources leaves about a third of the clients empty in every draw).
+
+Options (kebab-case): ``alpha`` (> 0, default :data:`DEFAULT_ALPHA`), ``label`` (a key of
+``data.labels``, default ``"source"``), ``min-size`` (≥ 1, default :data:`DEFAULT_MIN_SIZE`).
+
+Why not flwr-datasets' ``DirichletPartitioner``: it partitions a Hugging Face ``datasets.Dataset``
+(pulling in ``datasets`` and ``pyarrow``) while pchmr partitions a (N,) array of labels; it
+rebalances by default (``self_balancing``, which flattens the size long tail we want to study),
+does not shuffle a class before cutting it, retries a fixed 10 times with warnings and raises a
+bare ``ValueError``. The construction itself is a dozen lines, written here on numpy.
+
+This module also holds the option parsing shared by pchmr's partitioners
+(:func:`check_option_keys`, :func:`label_option`, :func:`number_option`, :func:`check_num_clients`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from pchmr.core.data import HMRData
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.partition import Partition, PartitionError
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_LABEL",
+    "DEFAULT_MIN_SIZE",
+    "MAX_DRAWS",
+    "check_num_clients",
+    "check_option_keys",
+    "dirichlet_split",
+    "label_option",
+    "lda",
+    "number_option",
+    "pchmr_partitioners",
+]
+
+DEFAULT_ALPHA = 0.5
+DEFAULT_LABEL = "source"
+DEFAULT_MIN_SIZE = 2
+#: Dirichlet draws tried before giving up on ``min-size``.
+MAX_DRAWS = 1000
+OPTIONS = ("alpha", "label", "min-size")
+
+
+# ------------------------------------------------------------------ option parsing (shared)
+def check_option_keys(method: str, options: Mapping[str, object], allowed: tuple[str, ...]) -> None:
+    """Refuse option keys ``method`` does not know, listing the ones it does."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) if allowed else "none"
+        raise PartitionError(f"the {method} partitioner has no option {unknown}; its options are: {known}")
+
+
+def label_option(method: str, data: HMRData, options: Mapping[str, object], default: str) -> tuple[str, np.ndarray]:
+    """``(key, labels)`` of the ``label`` option (default ``default``): a (N,) str array of the train split."""
+    key = options.get("label", default)
+    if not isinstance(key, str) or key not in data.labels:
+        available = ", ".join(sorted(data.labels)) or "none"
+        raise PartitionError(f"{method}: no label {key!r} in this dataset; label= must be one of: {available}")
+    values = np.asarray(data.labels[key]).astype(str)
+    return key, values
+
+
+def number_option(
+    method: str, options: Mapping[str, object], key: str, default: float, *, integer: bool, minimum: float, strict: bool
+) -> float | int:
+    """A numeric option: int or float (numeric strings accepted), ``> minimum`` if ``strict`` else ``>= minimum``."""
+    raw = options.get(key, default)
+    kind = "an integer" if integer else "a number"
+    relation = ">" if strict else ">="
+    try:
+        if isinstance(raw, bool):
+            raise TypeError
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PartitionError(f"{method}: {key}={raw!r} is not {kind}; expected {kind} {relation} {minimum:g}") from None
+    if not np.isfinite(value) or (integer and not value.is_integer()):
+        raise PartitionError(f"{method}: {key}={raw!r} is not {kind}; expected {kind} {relation} {minimum:g}")
+    if (value <= minimum) if strict else (value < minimum):
+        raise PartitionError(f"{method}: {key}={raw!r} is out of range; expected {kind} {relation} {minimum:g}")
+    return int(value) if integer else value
+
+
+def check_num_clients(method: str, num_clients: int, num_samples: int) -> None:
+    """Refuse fewer than one client or more clients than training samples."""
+    if not isinstance(num_clients, (int, np.integer)) or isinstance(num_clients, bool) or num_clients < 1:
+        raise PartitionError(f"{method}: --clients must be an integer >= 1, got {num_clients!r}")
+    if num_clients > num_samples:
+        raise PartitionError(
+            f"{method}: cannot split {num_samples} training samples into {num_clients} non-empty clients"
+        )
+
+
+# ----------------------------------------------------------------------------- the split
+def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """One Dirichlet draw: ``num_clients`` sorted int64 index arrays (some possibly empty).
+
+    ``labels`` (N,); for each distinct value (sorted), its indices are shuffled with ``rng`` and
+    cut at ``round(cumsum(p) · n_k)`` for ``p ~ Dir(alpha)`` over the clients.
+    """
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for value in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == value))
+        shares = rng.dirichlet(np.full(num_clients, float(alpha)))
+        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+        for client, chunk in enumerate(np.split(members, cuts)):
+            parts[client].append(chunk)
+    return [np.sort(np.concatenate(chunks)).astype(np.int64) for chunks in parts]
+
+
+def lda(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+    """Dirichlet(alpha) skew of ``label`` over ``num_clients`` clients of at least ``min-size`` samples."""
+    check_option_keys("lda", options, OPTIONS)
+    alpha = float(number_option("lda", options, "alpha", DEFAULT_ALPHA, integer=False, minimum=0.0, strict=True))
+    min_size = int(number_option("lda", options, "min-size", DEFAULT_MIN_SIZE, integer=True, minimum=1, strict=False))
+    key, labels = label_option("lda", data, options, DEFAULT_LABEL)
+    n = len(labels)
+    check_num_clients("lda", num_clients, n)
+    if min_size * num_clients > n:
+        raise PartitionError(
+            f"lda: min-size={min_size} × {num_clients} clients needs {min_size * num_clients} samples, "
+            f"the training split has {n}; lower min-size or --clients"
+        )
+    rng = np.random.default_rng(seed)
+    fewest_short = num_clients
+    for draw in range(1, MAX_DRAWS + 1):
+        clients = dirichlet_split(labels, num_clients, alpha, rng)
+        short = sum(len(c) < min_size for c in clients)
+        if short == 0:
+            params = {"seed": seed, "num_clients": num_clients, "num_samples": n, "label": key, "alpha": alpha,
+                      "min_size": min_size, "draws": draw, "classes": sorted(set(labels.tolist()))}  # fmt: skip
+            return Partition(tuple(clients), "lda", params)
+        fewest_short = min(fewest_short, short)
+    raise PartitionError(
+        f"lda: no Dirichlet draw with alpha={alpha:g} gave all {num_clients} clients at least min-size={min_size} "
+        f"samples in {MAX_DRAWS} draws (best draw: {fewest_short} clients short) from {n} samples of "
+        f"{len(set(labels.tolist()))} '{key}' classes; raise alpha, lower --clients or min-size"
+    )
+
+
+@hookimpl
+def pchmr_partitioners() -> dict[str, object]:
+    return {"lda": lda}

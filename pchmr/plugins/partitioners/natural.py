@@ -1,1 +1,44 @@
-"""Placeholder until its plugin lands: offers nothing yet."""
+"""``natural``: one client per distinct value of a ``meta`` label (``--partitioner natural``).
+
+The federated analogue of "one site, one dataset": with the default ``label=scene`` each client
+holds every sample of one background scene. Client ``c`` holds the ``c``-th value in sorted
+order (recorded in ``params["values"]``), so ``--clients`` must equal the number of values.
+The split uses no randomness; ``seed`` is recorded only.
+
+Options: ``label`` (a key of ``data.labels``, default :data:`DEFAULT_LABEL`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from pchmr.core.data import HMRData
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.partition import Partition, PartitionError
+from pchmr.plugins.partitioners.lda import check_option_keys, label_option
+
+__all__ = ["DEFAULT_LABEL", "natural", "pchmr_partitioners"]
+
+DEFAULT_LABEL = "scene"
+OPTIONS = ("label",)
+
+
+def natural(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+    """Client ``c`` = the samples whose ``label`` is the ``c``-th distinct value (sorted)."""
+    check_option_keys("natural", options, OPTIONS)
+    key, labels = label_option("natural", data, options, DEFAULT_LABEL)
+    values = sorted(set(labels.tolist()))
+    if num_clients != len(values):
+        raise PartitionError(
+            f"natural partition by '{key}' has {len(values)} values; --clients must be {len(values)}, got {num_clients}"
+        )
+    clients = tuple(np.flatnonzero(labels == value).astype(np.int64) for value in values)
+    params = {"seed": seed, "num_clients": num_clients, "num_samples": len(labels), "label": key, "values": values}
+    return Partition(clients, "natural", params)
+
+
+@hookimpl
+def pchmr_partitioners() -> dict[str, object]:
+    return {"natural": natural}
