@@ -67,9 +67,10 @@ def pchmr_datasets() -> Mapping[str, "DatasetFactory"]:
 def pchmr_partitioners() -> Mapping[str, "Partitioner"]:
     """Offer client partitioners.
 
-    A partitioner ``(labels, num_clients, seed, options) -> Partition`` splits training-sample
-    indices into ``num_clients`` disjoint, non-empty client sets, deterministically from ``seed``
-    (see :mod:`pchmr.core.partition`).
+    A partitioner ``(data: HMRData, num_clients, seed, options) -> Partition`` splits
+    training-sample indices into ``num_clients`` disjoint, non-empty client sets, deterministically
+    from ``seed``, reading ``data.labels`` (and ``data.train`` for feature-based partitioners);
+    see :mod:`pchmr.core.partition`.
     """
 
 
