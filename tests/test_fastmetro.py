@@ -23,7 +23,7 @@ from pchmr.plugins.backbones.fastmetro import (
     pchmr_backbones,
     query_attention_mask,
 )
-from pchmr.plugins.backbones.transformer import sine_position_encoding
+from pchmr.plugins.backbones.transformer import MultiHeadAttention, fast_dropout, sine_position_encoding
 from pchmr.testing.toys import ToyBodyModel, toy_batch
 
 SIZE = 64
@@ -127,12 +127,15 @@ class _StubEncoder(FeatureEncoder):
 
 def _random_pyramid(sizes: tuple[int, ...]) -> MeshPyramid:
     g = torch.Generator().manual_seed(0)
+
+    def one_hot_rows(rows: int, cols: int) -> torch.Tensor:
+        index = torch.stack([torch.arange(rows), torch.randint(0, cols, (rows,), generator=g)])
+        return torch.sparse_coo_tensor(index, torch.ones(rows), (rows, cols), check_invariants=True)
+
     ups, downs = [], []
     for coarse, fine in zip(sizes[:-1], sizes[1:]):
-        cols = torch.randint(0, coarse, (fine,), generator=g)
-        ups.append(torch.sparse_coo_tensor(torch.stack([torch.arange(fine), cols]), torch.ones(fine), (fine, coarse), check_invariants=True))
-        cols = torch.randint(0, fine, (coarse,), generator=g)
-        downs.append(torch.sparse_coo_tensor(torch.stack([torch.arange(coarse), cols]), torch.ones(coarse), (coarse, fine), check_invariants=True))
+        ups.append(one_hot_rows(fine, coarse))
+        downs.append(one_hot_rows(coarse, fine))
     adjacency = torch.eye(sizes[0], dtype=torch.bool)
     faces = tuple(torch.zeros(0, 3, dtype=torch.int64) for _ in sizes)
     return MeshPyramid(sizes, tuple(downs), tuple(ups), adjacency, faces)
@@ -395,3 +398,72 @@ def test_toy_batch_holds_valid_samples(body: ToyBodyModel) -> None:
     assert (batch["joints_3d"][:, head, 1] < batch["joints_3d"][:, ankle, 1]).all()  # camera y is down
     again = toy_batch(body, 3, SIZE, torch.Generator().manual_seed(0))
     assert torch.equal(again["vertices"], batch["vertices"])
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_fast_dropout_drops_a_fraction_p_and_rescales_the_rest() -> None:
+    torch.manual_seed(0)
+    x = torch.full((1000, 1001), 2.0, requires_grad=True)  # odd element count on purpose
+    y = fast_dropout(x, 0.25)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(0.25, abs=0.002)  # binomial sd ≈ 0.0004
+    assert torch.equal(y.unique(), torch.tensor([0.0, 2.0 / 0.75]))
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / 0.75)  # gradient flows through kept elements only
+    assert fast_dropout(x, 0.25, training=False) is x
+    assert fast_dropout(x, 0.0) is x
+    torch.manual_seed(5)
+    a = fast_dropout(x, 0.5)
+    torch.manual_seed(5)
+    assert torch.equal(a, fast_dropout(x, 0.5))  # reproducible from torch's seed
+
+
+def test_attention_dropout_keeps_masked_pairs_at_zero_weight() -> None:
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 2, dropout=0.5).train()
+    allowed = torch.tensor([[True, False], [True, True]])
+    x = torch.randn(4, 2, 16)
+    moved = x.clone()
+    moved[:, 1] += torch.randn(16)
+    torch.manual_seed(1)
+    a = attention(x, x, x, allowed)
+    torch.manual_seed(1)
+    b = attention(moved, moved, moved, allowed)
+    # query 0 may not attend to token 1, so moving token 1 changes nothing for query 0
+    assert torch.allclose(a[:, 0], b[:, 0], atol=1e-6)
+    assert not torch.allclose(a[:, 1], b[:, 1])
+
+
+def test_sine_position_encoding_matches_hand_values() -> None:
+    # 1×2 grid, dim 4: frequencies are 1, so channels = sin/cos of 2π·row and of π·col, 2π·col
+    pos = sine_position_encoding(1, 2, 4)
+    expected = torch.tensor([[0.0, 1.0, 0.0, -1.0], [0.0, 1.0, 0.0, 1.0]])
+    assert torch.allclose(pos, expected, atol=1e-4)
+    assert sine_position_encoding(8, 8, 512).shape == (64, 512)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_encoding(2, 2, 6)
+
+
+def test_state_dict_round_trip_holds_only_learned_state(body: ToyBodyModel, model_s: FastMETRO) -> None:
+    model_s.eval()
+    state = model_s.state_dict()
+    assert not any(k.startswith(("query_allowed", "up_")) for k in state)  # topology is rebuilt, not sent
+    assert all(not v.is_sparse for v in state.values())
+    fresh = make_fastmetro(body, BackboneOptions(variant="S")).eval()
+    fresh.load_state_dict(state)
+    images = _images(2)
+    with torch.no_grad():
+        assert torch.equal(fresh(images).vertices[-1], model_s(images).vertices[-1])
+
+
+def test_training_attention_path_equals_the_fused_kernel_without_drops() -> None:
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 4, dropout=1e-9)  # rounds to 0 of 2^16 levels: nothing dropped
+    allowed = torch.rand(5, 7) < 0.5
+    allowed[:, 0] = True
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    written_out = attention.train()(q, kv, kv, allowed)
+    fused = attention.eval()(q, kv, kv, allowed)
+    assert torch.allclose(written_out, fused, atol=1e-5)

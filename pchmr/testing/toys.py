@@ -117,7 +117,10 @@ def _up_matrix(coarse: list[tuple[int, int, int]], fine: list[tuple[int, int, in
             q[down_axis] = (abs(p[down_axis]) - 1) // 2 * (1 if p[down_axis] > 0 else -1)
             rows.append(row), cols.append(where[tuple(q)]), vals.append(0.5)
     return torch.sparse_coo_tensor(
-        torch.tensor([rows, cols]), torch.tensor(vals, dtype=torch.float32), (len(fine), len(coarse)), check_invariants=True
+        torch.tensor([rows, cols]),
+        torch.tensor(vals, dtype=torch.float32),
+        (len(fine), len(coarse)),
+        check_invariants=True,
     ).coalesce()
 
 
@@ -126,7 +129,10 @@ def _down_matrix(coarse: list[tuple[int, int, int]], fine: list[tuple[int, int, 
     where = {p: i for i, p in enumerate(fine)}
     cols = [where[tuple(c * factor for c in p)] for p in coarse]
     return torch.sparse_coo_tensor(
-        torch.tensor([list(range(len(coarse))), cols]), torch.ones(len(coarse)), (len(coarse), len(fine)), check_invariants=True
+        torch.tensor([list(range(len(coarse))), cols]),
+        torch.ones(len(coarse)),
+        (len(coarse), len(fine)),
+        check_invariants=True,
     ).coalesce()
 
 

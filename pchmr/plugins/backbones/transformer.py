@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "Dropout",
     "MultiHeadAttention",
     "EncoderLayer",
     "DecoderLayer",
     "EncoderDecoder",
+    "fast_dropout",
     "sine_position_encoding",
 ]
 
@@ -39,6 +41,53 @@ SINE_TEMPERATURE = 10000.0
 SINE_SCALE = 2.0 * math.pi
 #: Guards the normalisation of grid coordinates.
 SINE_EPS = 1e-6
+#: :func:`fast_dropout` draws one 16-bit integer per element: p is rounded to a multiple of 2⁻¹⁶.
+DROPOUT_LEVELS = 1 << 16
+_INT16_MIN = -(1 << 15)
+_INT64_MIN = -(1 << 63)
+
+
+def _keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
+    """CPU bool mask of ``shape``, each element True with probability 1 - p (p rounded to a
+    multiple of 2⁻¹⁶), and the inverted-dropout scale 1 / (1 - p)."""
+    drop_levels = min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(_INT64_MIN, None)
+    uniform16 = words.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
+    return uniform16 >= _INT16_MIN + drop_levels, DROPOUT_LEVELS / (DROPOUT_LEVELS - drop_levels)
+
+
+def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+
+    On the CPU, torch's dropout draws one Mersenne-Twister number per element through
+    ``bernoulli_``, which costs about as much as the matrix products of a transformer layer.
+    Here the keep-mask comes from 64-bit random words split into four 16-bit integers (about
+    10× less CPU time), so p is rounded to the nearest multiple of 2⁻¹⁶ (0.1 → 0.100006).
+    Other devices use :func:`torch.nn.functional.dropout`.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    keep, scale = _keep_mask(x.shape, p)  # bool: 1 byte per element kept for backward
+    return x * keep * scale
+
+
+class Dropout(nn.Module):
+    """:func:`fast_dropout` as a module (active in training mode only)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must lie in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device | None = None) -> Tensor:
@@ -93,10 +142,34 @@ class MultiHeadAttention(nn.Module):
         q = self._split(self.q_proj(query))
         k = self._split(self.k_proj(key))
         v = self._split(self.v_proj(value))
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)
+        if self.training and self.dropout > 0.0:
+            out = self._attend_with_dropout(q, k, v, allowed)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _attend_with_dropout(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None) -> Tensor:
+        """softmax(q·kᵀ/√d + mask) with dropout on the weights, then · v; (B, H, N, d) in and out.
+
+        Written out because the fused kernel has no dropout; the mask bias and the 1/√d scale
+        ride on one ``baddbmm``, and the dropout scale is applied to the (smaller) output.
+        """
+        if q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.dropout)
+        b, h, n, d = q.shape
+        q3 = q.reshape(b * h, n, d)
+        k3t = k.reshape(b * h, -1, d).transpose(1, 2)
+        scale = d**-0.5
+        if allowed is None:
+            scores = torch.bmm(q3, k3t).mul_(scale)
+        else:
+            bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
+            scores = torch.baddbmm(bias, q3, k3t, alpha=scale)
+        weights = scores.softmax(dim=-1)
+        keep, keep_scale = _keep_mask(weights.shape, self.dropout)
+        out = torch.bmm(weights * keep, v.reshape(b * h, -1, d)) * keep_scale
+        return out.view(b, h, n, d)
 
 
 class FeedForward(nn.Module):
@@ -106,7 +179,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(dim, hidden_dim)
         self.linear2 = nn.Linear(hidden_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(F.relu(self.linear1(x))))
@@ -128,8 +201,8 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, allowed: Tensor | None = None) -> Tensor:
         h = self.norm1(x)
@@ -154,9 +227,9 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
     def forward(
         self, tgt: Tensor, memory: Tensor, memory_pos: Tensor | None = None, allowed: Tensor | None = None
