@@ -11,7 +11,15 @@ import pytest
 from pchmr.core.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.strategies.fedavg import fedavg
 from pchmr.plugins.strategies.fedgh import fedgh, harmonize, pcgrad_coefficients, projection_orders
-from pchmr.testing.strategies import FakeGrid, _delta, _record, contract_arrays, make_reply, run_round, task_identity
+from pchmr.testing.strategies import (
+    FakeGrid,
+    array_record,
+    contract_arrays,
+    contract_delta,
+    make_reply,
+    run_round,
+    task_identity,
+)
 
 
 def make(seed: int = 0, **options: Any) -> StrategyParts:
@@ -28,7 +36,7 @@ ORIGIN = {"w": np.zeros(2)}
 
 def test_equals_fedavg_when_no_pair_conflicts() -> None:
     # Prepare: three deltas with only positive entries (every pairwise dot product > 0)
-    updates = [(_delta(40 + k, aligned=True, count_step=k + 1), 2.0 + 3 * k) for k in range(3)]
+    updates = [(contract_delta(40 + k, aligned=True, count_step=k + 1), 2.0 + 3 * k) for k in range(3)]
     # Execute
     gh_parts = make()
     gh, metrics = run_round(gh_parts, 1, contract_arrays(), updates)
@@ -162,7 +170,7 @@ def test_reply_arrival_order_does_not_matter() -> None:
     for reverse in (False, True):
         parts = make(seed=1)
         with task_identity():
-            messages = list(parts.server.configure_train(1, _record(ORIGIN), ConfigRecord({}), FakeGrid([1, 2, 3])))
+            messages = list(parts.server.configure_train(1, array_record(ORIGIN), ConfigRecord({}), FakeGrid([1, 2, 3])))
         messages.sort(key=lambda m: m.metadata.dst_node_id)
         deltas = [(1.0, 0.0), (-1.0, 1.0), (-1.0, -2.0)]
         replies = [make_reply(m, {"w": np.array(d)}, 1.0, pid) for pid, (m, d) in enumerate(zip(messages, deltas))]

@@ -18,6 +18,8 @@ from pchmr.plugins.strategies.fedprox import DEFAULT_PROXIMAL_MU, fedprox, proxi
 from pchmr.testing.strategies import (
     StrategyContract,
     check_simulation_rounds,
+    contract_arrays,
+    contract_delta,
     run_in_flower_simulation,
     run_round,
 )
@@ -184,10 +186,10 @@ def test_fedprox_server_sends_mu_and_the_client_gets_the_term() -> None:
     assert make(fedprox).server.proximal_mu == DEFAULT_PROXIMAL_MU
     from flwr.app import ConfigRecord
 
-    from pchmr.testing.strategies import FakeGrid, _record, contract_arrays, task_identity
+    from pchmr.testing.strategies import FakeGrid, array_record, task_identity
 
     with task_identity():
-        messages = list(parts.server.configure_train(1, _record(contract_arrays()), ConfigRecord({}), FakeGrid([1, 2])))
+        messages = list(parts.server.configure_train(1, array_record(contract_arrays()), ConfigRecord({}), FakeGrid([1, 2])))
     assert [m.content["config"]["proximal-mu"] for m in messages] == [0.25, 0.25]
 
 
@@ -298,6 +300,15 @@ def test_fedopt_state_holds_the_moments_and_refuses_another_optimiser() -> None:
     torch.testing.assert_close(state["m_t"]["w"], torch.from_numpy(0.1 * DELTAS[0]))
     with pytest.raises(ValueError, match="state is for server-opt 'adam', this run uses 'yogi'"):
         make(fedopt, **{"server-opt": "yogi"}).set_state(state)
+
+
+@pytest.mark.parametrize(("factory", "options"), [(fedopt, {"server-opt": "adam"}), (fedgh, {"server-opt": "adam"})])
+def test_server_optimizers_keep_float32_and_average_integer_counters(factory: Any, options: dict[str, Any]) -> None:
+    # counter 7; clients add 1 (1 example) and 5 (3 examples) → FedAvg's 7 + (1·1 + 3·5)/4 = 11
+    updates = [(contract_delta(1, aligned=True, count_step=1), 1.0), (contract_delta(2, aligned=True, count_step=5), 3.0)]
+    aggregate, _ = run_round(make(factory, **options), 1, contract_arrays(), updates)
+    assert float(aggregate["bn.num_batches_tracked"]) == pytest.approx(11.0)
+    assert {aggregate[k].dtype for k in ("encoder.weight", "encoder.bias", "head.weight")} == {np.dtype(np.float32)}
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -43,7 +44,10 @@ __all__ = [
     "StrategyContract",
     "FakeGrid",
     "SimulationRound",
+    "array_record",
+    "check_simulation_rounds",
     "contract_arrays",
+    "contract_delta",
     "make_reply",
     "run_in_flower_simulation",
     "run_round",
@@ -60,6 +64,7 @@ RTOL, ATOL = 1e-5, 1e-6
 #: Per-round change a simulated client makes: float entries += (partition id + 1) × this.
 SIMULATED_CLIENT_STEP = 0.1
 _SIMULATION_TIMEOUT_S = 300.0
+_NODE_POLL_S = 0.1
 
 Arrays = dict[str, np.ndarray]
 #: One client's update in a unit check: (delta from the global arrays, num-examples).
@@ -109,7 +114,7 @@ def _is_float(value: np.ndarray) -> bool:
     return bool(np.issubdtype(np.asarray(value).dtype, np.floating))
 
 
-def _delta(seed: int, aligned: bool, count_step: int = 1) -> Arrays:
+def contract_delta(seed: int, aligned: bool, count_step: int = 1) -> Arrays:
     """A client delta for :func:`contract_arrays`: all positive (``aligned``) or of mixed signs."""
     rng = np.random.default_rng(seed)
     out: Arrays = {}
@@ -126,7 +131,7 @@ def _apply(global_arrays: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarr
     return {key: (np.asarray(value) + delta[key]).astype(np.asarray(value).dtype) for key, value in global_arrays.items()}
 
 
-def _record(arrays: Mapping[str, np.ndarray]) -> Any:
+def array_record(arrays: Mapping[str, np.ndarray]) -> Any:
     from flwr.app import Array, ArrayRecord
 
     return ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in arrays.items()})
@@ -141,7 +146,7 @@ def make_reply(instruction: Any, arrays: Mapping[str, np.ndarray], num_examples:
     from flwr.app import Message, MetricRecord, RecordDict
 
     metrics = MetricRecord({NUM_EXAMPLES_KEY: float(num_examples), PARTITION_KEY: float(partition_id)})
-    return Message(RecordDict({"arrays": _record(arrays), "metrics": metrics}), reply_to=instruction)
+    return Message(RecordDict({"arrays": array_record(arrays), "metrics": metrics}), reply_to=instruction)
 
 
 def run_round(
@@ -155,7 +160,7 @@ def run_round(
     node_ids = [101 + k for k in range(len(updates))]
     with task_identity():
         messages = list(
-            parts.server.configure_train(server_round, _record(global_arrays), ConfigRecord(dict(parts.train_config)),
+            parts.server.configure_train(server_round, array_record(global_arrays), ConfigRecord(dict(parts.train_config)),
                                          FakeGrid(node_ids))
         )
     offered = sorted(m.metadata.dst_node_id for m in messages)
@@ -214,7 +219,7 @@ def _echo_train(msg: Any, context: Any) -> Any:
     step = SIMULATED_CLIENT_STEP * (pid + 1)
     out = {k: (v + step).astype(v.dtype) if _is_float(v) else v + 1 for k, v in arrays.items()}
     metrics = MetricRecord({NUM_EXAMPLES_KEY: float(10 * (pid + 1)), PARTITION_KEY: float(pid)})
-    return Message(RecordDict({"arrays": _record(out), "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"arrays": array_record(out), "metrics": metrics}), reply_to=msg)
 
 
 def _echo_client_app() -> Any:
@@ -231,7 +236,7 @@ def _drive(parts: StrategyParts, grid: Any, rounds: int) -> list[SimulationRound
     arrays = contract_arrays()
     history = []
     for server_round in range(1, rounds + 1):
-        messages = list(parts.server.configure_train(server_round, _record(arrays), ConfigRecord(dict(parts.train_config)), grid))
+        messages = list(parts.server.configure_train(server_round, array_record(arrays), ConfigRecord(dict(parts.train_config)), grid))
         replies = list(grid.send_and_receive(messages, timeout=_SIMULATION_TIMEOUT_S))
         failed = [r for r in replies if r.has_error()]
         if failed:
@@ -245,6 +250,15 @@ def _drive(parts: StrategyParts, grid: Any, rounds: int) -> list[SimulationRound
                                        new_arrays, dict(metrics or {})))
         arrays = new_arrays
     return history
+
+
+def _wait_for_nodes(grid: Any, nodes: int) -> None:
+    """Block until ``nodes`` SuperNodes are connected (they register while the ServerApp starts)."""
+    deadline = time.monotonic() + _SIMULATION_TIMEOUT_S
+    while len(list(grid.get_node_ids())) < nodes:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {nodes} simulated nodes connected")
+        time.sleep(_NODE_POLL_S)
 
 
 def run_in_flower_simulation(
@@ -262,6 +276,11 @@ def run_in_flower_simulation(
 
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
+        try:
+            _wait_for_nodes(grid, nodes)
+        except BaseException as exc:
+            errors.append(("(start-up)", exc))
+            return
         for name, make_parts in factories.items():
             try:
                 results[name] = _drive(make_parts(), grid, rounds)
@@ -354,7 +373,7 @@ class StrategyContract:
         parts = make_parts()
         arrays = contract_arrays()
         with task_identity():
-            messages = list(parts.server.configure_train(1, _record(arrays), ConfigRecord(dict(parts.train_config)),
+            messages = list(parts.server.configure_train(1, array_record(arrays), ConfigRecord(dict(parts.train_config)),
                                                          FakeGrid([5, 6, 7])))
         assert sorted(m.metadata.dst_node_id for m in messages) == [5, 6, 7]
         for message in messages:
@@ -365,7 +384,7 @@ class StrategyContract:
                 assert config.get(key) == value, f"train_config '{key}' did not reach the clients"
 
     def test_aggregate_keeps_entries_shapes_and_float_dtypes(self, make_parts: Callable[[], StrategyParts]) -> None:
-        updates = [(_delta(10 + k, aligned=False), 5.0 + k) for k in range(CONTRACT_NODES)]
+        updates = [(contract_delta(10 + k, aligned=False), 5.0 + k) for k in range(CONTRACT_NODES)]
         aggregate, _ = run_round(make_parts(), 1, contract_arrays(), updates)
         for key, value in contract_arrays().items():
             assert key in aggregate, f"the aggregate lost '{key}'"
@@ -378,7 +397,7 @@ class StrategyContract:
         self, make_parts: Callable[[], StrategyParts], averages_updates: bool
     ) -> None:
         """Averaging strategies: the common update. Others: what one client alone would give."""
-        delta = _delta(1, aligned=True)
+        delta = contract_delta(1, aligned=True)
         global_arrays = contract_arrays()
         aggregate, _ = run_round(make_parts(), 1, global_arrays, [(delta, 1.0), (delta, 2.0), (delta, 5.0)])
         if averages_updates:
@@ -394,7 +413,7 @@ class StrategyContract:
         if not weights_by_examples:
             pytest.skip("the strategy does not weight clients by num-examples")
         global_arrays = contract_arrays()
-        d1, d2 = _delta(2, aligned=True, count_step=1), _delta(3, aligned=True, count_step=5)
+        d1, d2 = contract_delta(2, aligned=True, count_step=1), contract_delta(3, aligned=True, count_step=5)
         weighted, _ = run_round(make_parts(), 1, global_arrays, [(d1, 1.0), (d2, 3.0)])
         duplicated, _ = run_round(make_parts(), 1, global_arrays, [(d1, 1.0), (d2, 1.0), (d2, 2.0)])
         _assert_arrays_close(weighted, duplicated, "3 examples on one client vs the same update on 1 + 2")
@@ -406,8 +425,8 @@ class StrategyContract:
     def test_state_round_trip_gives_identical_next_round(self, make_parts: Callable[[], StrategyParts]) -> None:
         """A strategy restored from get_state() (through torch.save) aggregates round 2 exactly as
         the uninterrupted one; a strategy without state must need none."""
-        first = [(_delta(20 + k, aligned=False), 3.0 + 2 * k) for k in range(CONTRACT_NODES)]
-        second = [(_delta(30 + k, aligned=False), 4.0 + k) for k in range(CONTRACT_NODES)]
+        first = [(contract_delta(20 + k, aligned=False), 3.0 + 2 * k) for k in range(CONTRACT_NODES)]
+        second = [(contract_delta(30 + k, aligned=False), 4.0 + k) for k in range(CONTRACT_NODES)]
         running = make_parts()
         after_one, _ = run_round(running, 1, contract_arrays(), first)
         resumed = make_parts()

@@ -69,6 +69,9 @@ from pchmr.plugins.strategies.fedopt import (
 
 __all__ = [
     "FedGH",
+    "FedGHAdagrad",
+    "FedGHAdam",
+    "FedGHYogi",
     "Harmonization",
     "RoundStats",
     "fedgh",

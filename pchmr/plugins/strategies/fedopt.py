@@ -12,9 +12,11 @@ The server treats the weighted client average minus the global model as a pseudo
 η_t = η except for ``adam``, where Flower multiplies η by Adam's bias correction
 √(1 − β₂^{t+1}) / (1 − β₁^{t+1}) (t = server round, from 1) — Reddi et al.'s Algorithm 2 has no bias
 correction. All of this is Flower's code; this module validates options, carries m_t and v_t
-across checkpoints, and casts the aggregate back to the model's float dtypes (Flower's FedAdam
-returns float64 for a float32 model). Clients train with pchmr's own optimiser and ``--lr``; Flower's client
-learning rate ``eta_l`` is not used.
+across checkpoints, casts the aggregate back to the model's float dtypes (Flower's FedAdam
+returns float64 for a float32 model) and gives integer entries (BatchNorm's
+``num_batches_tracked``) the clients' weighted average instead of an optimiser step (see
+:func:`adapt_server_optimizer`). Clients train with pchmr's own optimiser and ``--lr``; Flower's
+client learning rate ``eta_l`` is not used.
 
 Options (``--strategy-option key=value``), defaults are Flower's for the chosen optimiser:
 
@@ -28,8 +30,7 @@ Options (``--strategy-option key=value``), defaults are Flower's for the chosen 
 
 The option helpers below (:func:`reject_unknown_options`, :func:`float_option`,
 :func:`choice_option`) and the server-optimiser pieces (:func:`read_server_optimizer`,
-:func:`make_server_optimizer`, :func:`server_optimizer_hooks`)
-are reused by :mod:`pchmr.plugins.strategies.fedgh`.
+:func:`make_server_optimizer`, :func:`server_optimizer_hooks`) are reused by :mod:`pchmr.plugins.strategies.fedgh`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
+from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
@@ -52,6 +54,7 @@ from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_k
 __all__ = [
     "SERVER_OPTIMIZERS",
     "ServerOptimizer",
+    "adapt_server_optimizer",
     "choice_option",
     "fedopt",
     "float_option",
@@ -180,39 +183,57 @@ def read_server_optimizer(strategy: str, options: Mapping[str, Any], name: str) 
 
 
 @functools.cache
-def keep_float_dtypes(cls: type[FedOpt]) -> type[FedOpt]:
-    """A subclass of ``cls`` whose aggregate keeps the global model's floating-point dtypes.
+def adapt_server_optimizer(cls: type[FedOpt]) -> type[FedOpt]:
+    """A subclass of ``cls`` (a Flower FedOpt) whose optimiser step is Flower's, with two output fixes:
 
-    Flower's FedAdam scales its step by a numpy float64 (the bias correction), which turns a float32
-    model into float64 (twice the bytes sent to clients and checkpointed). The step is computed as
-    Flower does, then float entries are cast back; m_t and v_t are untouched.
+    * floating-point entries keep the global model's dtype: Flower's FedAdam scales its step by a
+      numpy float64 (the bias correction), which would turn a float32 model into float64 (twice the
+      bytes sent to clients and checkpointed);
+    * other entries (counters such as BatchNorm's ``num_batches_tracked``) take the clients'
+      weighted average, as in FedAvg, instead of an optimiser step meant for parameters.
+
+    m_t and v_t are Flower's (they also hold the counters' entries, unused).
     """
 
+    def _compute_deltat_and_mt(self: Any, aggregated_arrayrecord: ArrayRecord) -> Any:
+        self.client_average = aggregated_arrayrecord  # the average Flower steps from
+        return cls._compute_deltat_and_mt(self, aggregated_arrayrecord)
+
     def aggregate_train(self: Any, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
+        self.client_average = None
         arrays, metrics = cls.aggregate_train(self, server_round, replies)
-        if arrays is None or self.current_arrays is None:
+        average, self.client_average = self.client_average, None
+        if arrays is None:
             return arrays, metrics
-        cast = {}
+        if average is None:
+            raise AggregationError(
+                reason=f"{cls.__name__}.aggregate_train did not go through _compute_deltat_and_mt; "
+                "pchmr.plugins.strategies.fedopt.adapt_server_optimizer needs updating for this Flower version"
+            )
+        out = {}
         for key, array in arrays.items():
-            value, like = array.numpy(), self.current_arrays.get(key)
-            if like is not None and np.issubdtype(like.dtype, np.floating) and value.dtype != like.dtype:
-                value = value.astype(like.dtype)
-            cast[key] = Array(np.asarray(value, order="C"))
-        return ArrayRecord(cast), metrics
+            like = self.current_arrays[key]
+            if not np.issubdtype(like.dtype, np.floating):
+                out[key] = average[key]
+                continue
+            value = array.numpy()
+            out[key] = Array(np.asarray(value if value.dtype == like.dtype else value.astype(like.dtype), order="C"))
+        return ArrayRecord(out), metrics
 
     return type(cls.__name__, (cls,), {
-        "aggregate_train": aggregate_train, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        "__doc__": f"{cls.__name__} whose aggregate keeps the global model's float dtypes.",
+        "aggregate_train": aggregate_train, "_compute_deltat_and_mt": _compute_deltat_and_mt,
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        "__doc__": f"{cls.__name__} keeping the model's float dtypes and averaging its integer entries.",
     })
 
 
 def make_server_optimizer(optimizer: ServerOptimizer, cls: type[FedOpt] | None = None, **kwargs: Any) -> FedOpt:
     """Flower's strategy for ``optimizer`` (or ``cls``, a subclass of it), training every offered node,
-    its aggregate in the model's float dtypes (:func:`keep_float_dtypes`)."""
+    adapted by :func:`adapt_server_optimizer`."""
     cls = cls or optimizer.flower_class
     if not issubclass(cls, optimizer.flower_class):
         raise TypeError(f"{cls.__name__} is not a subclass of {optimizer.flower_class.__name__}")
-    return keep_float_dtypes(cls)(
+    return adapt_server_optimizer(cls)(
         **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, **optimizer.flower_kwargs(), **kwargs
     )
 
