@@ -271,7 +271,7 @@ class FederatedServer:
                 reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed[:3])
                 raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reasons}")
             replies.sort(key=lambda r: float(r.content["metrics"]["partition-id"]))
-            new_arrays, _ = self.strategy.server.aggregate_train(server_round, replies)
+            new_arrays, train_metrics = self.strategy.server.aggregate_train(server_round, replies)
             if new_arrays is None:
                 raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
             arrays = new_arrays
@@ -281,7 +281,12 @@ class FederatedServer:
             round_seconds = time.perf_counter() - t0
             elapsed += round_seconds
             evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
-            metrics = self._record(server_round, state, elapsed, round_seconds, sent, received, sampled) if evaluate_now else None
+            extra = _round_extras(train_metrics)
+            metrics = (
+                self._record(server_round, state, elapsed, round_seconds, sent, received, sampled, extra)
+                if evaluate_now
+                else None
+            )
             strategy_state = self.strategy.get_state() if self.strategy.get_state else None
             self.rd.save_checkpoint(
                 {"round": server_round, "state": state, "elapsed": elapsed, "sent": sent, "received": received,
@@ -307,7 +312,7 @@ class FederatedServer:
 
     def _record(
         self, server_round: int, state: Mapping[str, torch.Tensor], elapsed: float, round_seconds: float,
-        sent: int, received: int, sampled: list[int],
+        sent: int, received: int, sampled: list[int], extra: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
         metrics = self.evaluate(state)
         record = {
@@ -318,6 +323,7 @@ class FederatedServer:
             "bytes_sent": sent,
             "bytes_received": received,
             "clients": sampled,
+            **dict(extra or {}),
         }
         self.rd.append_round(record)
         if server_round == 0:
@@ -339,6 +345,15 @@ class FederatedServer:
             "pck_threshold_mm": 150,
         }
         self.rd.write_json(self.rd.final, final)
+
+
+def _round_extras(train_metrics: Any) -> dict[str, float]:
+    """The clients' aggregated training metrics and the strategy's own (e.g. FedGH's conflict
+    rate), as flat ``train_*`` / strategy-named keys for rounds.jsonl."""
+    if train_metrics is None:
+        return {}
+    skip = ("num-examples", "partition-id")
+    return {key.replace("-", "_"): value for key, value in dict(train_metrics).items() if key not in skip}
 
 
 def make_server_app(server: FederatedServer) -> Any:
