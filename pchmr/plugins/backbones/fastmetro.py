@@ -131,7 +131,8 @@ class FastMETRO(Backbone):
         self.register_buffer("query_allowed", query_attention_mask(num_joints, pyramid.adjacency), persistent=False)
         self.fixed_up_levels = pyramid.levels - 2
         for level in range(1, pyramid.levels - 1):
-            self.register_buffer(f"up_{level}", pyramid.up[level].coalesce(), persistent=False)
+            up = pyramid.up[level]
+            self.register_buffer(f"up_{level}", up.coalesce() if up.is_sparse else up, persistent=False)
 
     def _image_tokens(self, images: Tensor) -> tuple[Tensor, int, int]:
         """(B, 3, S, S) → ((B, h·w, 512) tokens, h, w)."""
