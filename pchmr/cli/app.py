@@ -63,6 +63,9 @@ def run(
     dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
     partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
     partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
+    mode: Optional[str] = typer.Option(None, help="federated (default), or a baseline: centralized, naive."),
+    epochs: Optional[int] = typer.Option(None, help="Baselines: training epochs."),
+    fraction: Optional[float] = typer.Option(None, help="Naive baseline: share of the training data (0.05, 0.10, 0.20)."),
     strategy: Optional[str] = typer.Option(None, help="Aggregation strategy plugin (default fedavg)."),
     strategy_option: list[str] = typer.Option([], "--strategy-option", help="Strategy option key=value (repeatable)."),
     clients: Optional[int] = typer.Option(None, help="Number of clients N."),
@@ -96,6 +99,7 @@ def run(
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
+                "mode": mode, "epochs": epochs, "fraction": fraction,
             }
             values.update({k: v for k, v in flags.items() if v is not None})
             if dataset is not None:
@@ -120,7 +124,9 @@ def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: An
         TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"), console=console, transient=False,
     )
-    task = progress.add_task("rounds", total=cfg.rounds, status="starting")
+    unit, total = ("round", cfg.rounds) if cfg.mode == "federated" else ("epoch", cfg.epochs)
+    progress.columns[0].text_format = f"[bold]{unit}"  # type: ignore[attr-defined]
+    task = progress.add_task("rounds", total=total, status="starting")
 
     def on_round(report: Any) -> None:
         status = f"{report.seconds:5.1f} s"
@@ -141,14 +147,14 @@ def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: An
 def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
     proto = final["protocol"]
     table = Table(
-        title=f"Global model after round {final['round']}",
+        title=f"Global model after {final.get('unit', 'round')} {final['round']}",
         caption=(
             f"protocol: {proto['dataset']} test · joints {proto['joint_set']} · {proto['alignment']} aligned · "
             f"body model {proto['body_model']} · {proto['ground_truth']} GT · PCK at 150 mm"
         ),
     )
     table.add_column("metric")
-    table.add_column("round 0", justify="right")
+    table.add_column(f"{final.get('unit', 'round')} 0", justify="right")
     table.add_column("final", justify="right")
     table.add_column("mean-pose baseline", justify="right")
     baseline = {"mpjpe_mm": final.get("mean_pose_mpjpe_mm"), "pa_mpjpe_mm": final.get("mean_pose_pa_mpjpe_mm")}

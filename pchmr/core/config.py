@@ -17,7 +17,7 @@ from typing import Any, Mapping
 __all__ = ["ConfigError", "RunConfig", "load_config_file", "ENGINES", "MODES"]
 
 ENGINES = ("simulation",)
-MODES = ("federated",)
+MODES = ("federated", "centralized", "naive")
 
 
 class ConfigError(ValueError):
@@ -40,7 +40,9 @@ class RunConfig:
     num_train: int | None = None
     num_test: int | None = None
     # how to federate
-    mode: str = "federated"
+    mode: str = "federated"  # or a baseline: "centralized", "naive" (see pchmr.core.baselines)
+    epochs: int = 5  # baselines: training epochs
+    fraction: float = 0.1  # naive baseline: share of the training data on the single device
     partitioner: str = "iid"
     partition_options: Mapping[str, Any] = field(default_factory=dict)
     strategy: str = "fedavg"
@@ -86,7 +88,10 @@ class RunConfig:
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
         if self.mode not in MODES:
-            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        _positive_int("epochs", self.epochs)
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"--fraction must lie in (0, 1] (e.g. 0.05, 0.10, 0.20), got {self.fraction!r}")
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             if value is not None:

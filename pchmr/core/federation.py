@@ -331,20 +331,7 @@ class FederatedServer:
         return metrics
 
     def _finish(self, state: Mapping[str, torch.Tensor]) -> None:
-        rounds = self.rd.read_rounds()
-        last = rounds[-1]
-        final = {
-            "round": last["round"],
-            **{k: last[k] for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck")},
-            "round0": {k: rounds[0][k] for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck")},
-            **self.baselines,
-            "wall_seconds": last["wall_seconds"],
-            "bytes_sent": last["bytes_sent"],
-            "bytes_received": last["bytes_received"],
-            "protocol": self.components.protocol().as_dict(),
-            "pck_threshold_mm": 150,
-        }
-        self.rd.write_json(self.rd.final, final)
+        self.rd.summarize(self.baselines, self.components.protocol().as_dict())
 
 
 def _round_extras(train_metrics: Any) -> dict[str, float]:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from pchmr.core.baselines import baseline_partition, run_baseline
 from pchmr.core.config import ConfigError, RunConfig
 from pchmr.core.data import HMRData
 from pchmr.core.experiment import build_components, default_cache_dir, describe_plugins, mean_pose_baselines
@@ -88,7 +89,11 @@ def execute(
         if resume and rd.partition.exists():
             partition = load_partition(rd.partition)
         else:
-            partition = make_partition(config, components.data)
+            partition = (
+                make_partition(config, components.data)
+                if config.mode == "federated"
+                else baseline_partition(config.mode, len(components.data.train), config.fraction, config.seed)
+            )
             save_partition(partition, rd.partition)
         if not resume or not rd.config.exists():
             rd.write_json(
@@ -104,9 +109,14 @@ def execute(
                 },
             )
         baselines = mean_pose_baselines(components.data.train, components.data.test)
-        server = FederatedServer(rd, components, strategy, on_round=on_round, baselines=baselines)
-        status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
-        run_simulation(server)
+        if config.mode == "federated":
+            server = FederatedServer(rd, components, strategy, on_round=on_round, baselines=baselines)
+            status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
+            run_simulation(server)
+        else:
+            size = partition.sizes()[0]
+            status(f"{config.mode} baseline: one trainer on {size} samples, {config.epochs} epochs")
+            run_baseline(rd, components, partition, on_round, baselines)
     finally:
         for name in ("pchmr", "flwr"):
             logging.getLogger(name).removeHandler(handler)

@@ -18,11 +18,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "METRIC_KEYS"]
+
+#: The metrics of every evaluated round (see :mod:`pchmr.core.metrics`).
+METRIC_KEYS = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck")
 
 
 class RunDir:
@@ -51,6 +54,11 @@ class RunDir:
         return self.path / "checkpoints" / "last.pt"
 
     @property
+    def lightning_checkpoint(self) -> Path:
+        """The baselines' Lightning checkpoint (weights, optimizer state, epoch)."""
+        return self.path / "checkpoints" / "last.ckpt"
+
+    @property
     def model(self) -> Path:
         return self.path / "model.pt"
 
@@ -67,6 +75,29 @@ class RunDir:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
         tmp.replace(path)
+
+    def read_json(self, path: Path) -> dict[str, Any]:
+        return json.loads(path.read_text())
+
+    def summarize(self, extra: Mapping[str, Any], protocol: Mapping[str, Any]) -> dict[str, Any]:
+        """final.json: the last evaluated round, round 0, ``extra`` (e.g. the mean-pose baselines)
+        and the protocol; written to disk and returned."""
+        rounds = self.read_rounds()
+        last = rounds[-1]
+        final = {
+            "round": last["round"],
+            "unit": last.get("unit", "round"),
+            **{k: last[k] for k in METRIC_KEYS},
+            "round0": {k: rounds[0][k] for k in METRIC_KEYS},
+            **dict(extra),
+            "wall_seconds": last["wall_seconds"],
+            "bytes_sent": last["bytes_sent"],
+            "bytes_received": last["bytes_received"],
+            "protocol": dict(protocol),
+            "pck_threshold_mm": 150,
+        }
+        self.write_json(self.final, final)
+        return final
 
     def append_round(self, record: Mapping[str, Any]) -> None:
         with self.rounds.open("a") as fh:
@@ -118,9 +149,6 @@ class RunDir:
             logging.getLogger(name).addHandler(handler)
         logging.getLogger("pchmr").setLevel(logging.INFO)
         return handler
-
-    def iter_runs(self) -> Iterator[Path]:  # pragma: no cover - convenience
-        yield self.path
 
 
 def _json_default(value: Any) -> Any:
