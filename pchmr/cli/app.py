@@ -191,6 +191,9 @@ def plugins() -> None:
 
 
 def main() -> None:
+    from pchmr.core.perf import tune_allocator
+
+    tune_allocator()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
         app()

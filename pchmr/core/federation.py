@@ -32,6 +32,7 @@ from pchmr.core.config import RunConfig
 from pchmr.core.experiment import Components, build_components, derive_seed, make_loader
 from pchmr.core.hmr import HMRModule, evaluate, make_trainer, quiet_lightning
 from pchmr.core.partition import Partition, load_partition
+from pchmr.core.perf import tune_allocator
 from pchmr.core.registry import get_registry
 from pchmr.core.rundir import RunDir
 from pchmr.core.strategy import StrategyConfig, StrategyParts
@@ -368,6 +369,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     from flwr.simulation import run_simulation as flwr_run_simulation
     from flwr.supercore.logger import console_handler
 
+    tune_allocator()  # before Ray starts its workers, which inherit the environment
     cpus = num_cpus or os.cpu_count() or 1
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
