@@ -1,0 +1,1 @@
+"""Placeholder until its plugin lands: offers nothing yet."""
