@@ -1,0 +1,533 @@
+"""Result tables of several run directories, grouped the way the PCHMR paper groups them.
+
+* :func:`load_run` reads one run directory (``config.json``, ``rounds.jsonl``, ``final.json``;
+  see :mod:`pchmr.core.rundir`) into a :class:`RunSummary`.
+* :func:`setting_label` names a run's setting: ``"Centralized"``, ``"Naive 5 %"``,
+  ``"FedAvg 10/10 IID"``, ``"FedProx μ=0.01 100/10 LDA α=0.5"``.
+* :func:`build_report` groups runs into :class:`ResultTable` s: one table per evaluation protocol
+  (numbers of different protocols never share a column), rows chosen by ``group_by``
+  (:data:`GROUP_BY`), one column per model (backbone + variant). A cell holds
+  "MPJPE / PA-MPJPE / MPVPE" in mm with one decimal; runs sharing a cell (seeds) give
+  mean ± sample std and their count n.
+* Renderers, each a pure function of a :class:`Report`: :func:`to_rich`, :func:`to_markdown`,
+  :func:`to_csv`, :func:`to_latex` (booktabs).
+
+The numbers are the final evaluated round of each run (``final.json``). A run without
+``final.json`` (killed, or still running) is refused unless ``include_unfinished`` is set; it then
+contributes its last evaluated round and its cell is marked with :data:`UNFINISHED_MARK`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from pchmr.core.config import RunConfig
+
+__all__ = [
+    "GROUP_BY",
+    "TABLE_METRICS",
+    "UNFINISHED_MARK",
+    "Cell",
+    "Report",
+    "ReportError",
+    "ResultTable",
+    "RunSummary",
+    "Stat",
+    "build_report",
+    "find_runs",
+    "load_run",
+    "model_label",
+    "protocol_label",
+    "setting_label",
+    "to_csv",
+    "to_latex",
+    "to_markdown",
+    "to_rich",
+]
+
+#: The metrics of a table cell, in order ("MPJPE / PA-MPJPE / MPVPE", mm).
+TABLE_METRICS = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
+METRIC_TITLES = {"mpjpe_mm": "MPJPE", "pa_mpjpe_mm": "PA-MPJPE", "mpvpe_mm": "MPVPE"}
+CELL_TITLE = " / ".join(METRIC_TITLES[m] for m in TABLE_METRICS) + " (mm)"
+#: Appended to a cell holding at least one unfinished run.
+UNFINISHED_MARK = "*"
+MISSING = "—"
+DECIMALS = 1
+PROTOCOL_KEYS = ("dataset", "joint_set", "alignment", "body_model", "ground_truth")
+#: RunConfig fields that may differ between runs sharing a cell (they are repetitions).
+REPEAT_FIELDS = ("seed", "out", "cache_dir", "dataset_path")
+
+STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedopt": "FedOpt", "fedgh": "FedGH"}
+PARTITION_NAMES = {"iid": "IID", "lda": "LDA", "cnn-cluster": "CNN Cluster", "by-source": "By source",
+                   "natural": "Natural"}  # fmt: skip
+BACKBONE_NAMES = {"fastmetro": "FastMETRO", "tore": "TORE"}
+#: Options shown with a Greek letter; a missing one is shown with its plugin's default
+#: (pchmr.plugins.strategies.fedprox.DEFAULT_PROXIMAL_MU, pchmr.plugins.partitioners.lda.DEFAULT_ALPHA).
+STRATEGY_SYMBOLS = {"fedprox": ("proximal-mu", "μ", 0.01)}
+PARTITION_SYMBOLS = {"lda": ("alpha", "α", 0.5)}
+#: Options never worth a place in a label.
+LABEL_SKIP = {"seed", "weights", "batch-size", "label"}
+
+#: group-by → (row header, title)
+GROUP_BY = {
+    "setting-model": "Setting",
+    "clients-model": "Clients N/k",
+    "strategy-partition": "Partition · Strategy",
+}
+MODE_RANK = {"centralized": 0, "naive": 1, "federated": 2}
+#: Row order of strategies (the paper's FedAvg, FedOpt, FedProx; others after, by name).
+STRATEGY_RANK = {"fedavg": 0, "fedopt": 1, "fedprox": 2, "fedgh": 3}
+
+
+class ReportError(ValueError):
+    """A path is not a usable run directory, or a report option has a bad value."""
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSummary:
+    """One run directory. ``final`` is ``final.json`` (for an unfinished run: its last evaluated
+    round, with ``finished`` False); ``rounds`` the records of ``rounds.jsonl``."""
+
+    path: Path
+    config: RunConfig
+    final: Mapping[str, Any]
+    rounds: tuple[Mapping[str, Any], ...]
+    protocol: Mapping[str, Any]
+    finished: bool = True
+
+    @property
+    def unit(self) -> str:
+        """``"round"`` (federated) or ``"epoch"`` (baselines)."""
+        return str(self.final.get("unit") or (self.rounds[-1].get("unit") if self.rounds else None) or
+                   ("round" if self.config.mode == "federated" else "epoch"))  # fmt: skip
+
+    def metric(self, key: str) -> float | None:
+        value = self.final.get(key)
+        return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _read_json(path: Path, run: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{run}: {path.name} is not valid JSON ({exc})") from exc
+
+
+def _read_rounds(path: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill: the rest is dropped (as RunDir does)
+            break
+    return out
+
+
+def _run_config(data: Mapping[str, Any], run: Path) -> RunConfig:
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    try:
+        return RunConfig.from_dict({k: v for k, v in data.items() if k in known})
+    except (ValueError, TypeError) as exc:
+        raise ReportError(f"{run}: config.json holds a run config pchmr cannot read: {exc}") from exc
+
+
+def load_run(path: str | Path, include_unfinished: bool = False) -> RunSummary:
+    """Read one run directory; :class:`ReportError` naming ``path`` if it is not a finished run
+    (or, with ``include_unfinished``, has no evaluated round at all)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} does not exist or is not a directory (expected a pchmr run directory)")
+    config_path, final_path = path / "config.json", path / "final.json"
+    if not config_path.is_file():
+        raise ReportError(f"{path} is not a pchmr run directory: config.json is missing")
+    raw = _read_json(config_path, path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
+        raise ReportError(f"{path}: config.json has no 'run' table (expected the file `pchmr run` writes)")
+    config = _run_config(raw["run"], path)
+    rounds = tuple(_read_rounds(path / "rounds.jsonl"))
+    if final_path.is_file():
+        final = _read_json(final_path, path)
+        finished = True
+    elif include_unfinished:
+        if not rounds:
+            raise ReportError(f"{path} is an unfinished run with no evaluated round in rounds.jsonl: nothing to report")
+        final = dict(rounds[-1])
+        finished = False
+    else:
+        done = f"last evaluated {rounds[-1].get('unit', 'round')} {rounds[-1].get('round')}" if rounds else "no round"
+        raise ReportError(
+            f"{path} is an unfinished run (final.json is missing; {done}); "
+            "finish it with `pchmr run --resume` or pass --include-unfinished"
+        )
+    protocol = final.get("protocol") or raw.get("protocol") or {}
+    return RunSummary(path, config, final, rounds, dict(protocol), finished)
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """``path`` itself if it holds ``config.json``, else its immediate subdirectories that do
+    (so ``pchmr report runs/`` works); :class:`ReportError` if neither."""
+    path = Path(path)
+    if not path.exists():
+        raise ReportError(f"{path} does not exist (expected a pchmr run directory)")
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a directory (expected a pchmr run directory)")
+    if (path / "config.json").is_file():
+        return [path]
+    children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    if not children:
+        raise ReportError(f"{path} is not a pchmr run directory: config.json is missing (and no subdirectory has one)")
+    return children
+
+
+# --------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _options_label(options: Mapping[str, Any], symbols: tuple[str, str, float] | None) -> list[str]:
+    parts = []
+    rest = dict(options)
+    if symbols is not None:
+        key, symbol, default = symbols
+        value = rest.pop(key, rest.pop(key.replace("-", "_"), default))
+        parts.append(f"{symbol}={_fmt(value)}")
+    parts += [f"{k}={_fmt(v)}" for k, v in sorted(rest.items()) if k not in LABEL_SKIP]
+    return parts
+
+
+def strategy_label(cfg: RunConfig) -> str:
+    """``"FedAvg"``, ``"FedProx μ=0.01"``, ``"FedOpt server-opt=yogi"``."""
+    name = STRATEGY_NAMES.get(cfg.strategy, cfg.strategy)
+    return " ".join([name, *_options_label(cfg.strategy_options, STRATEGY_SYMBOLS.get(cfg.strategy))])
+
+
+def partition_label(cfg: RunConfig) -> str:
+    """``"IID"``, ``"LDA α=0.5"``, ``"CNN Cluster clusters=10"``."""
+    name = PARTITION_NAMES.get(cfg.partitioner, cfg.partitioner)
+    return " ".join([name, *_options_label(cfg.partition_options, PARTITION_SYMBOLS.get(cfg.partitioner))])
+
+
+def baseline_label(cfg: RunConfig) -> str:
+    if cfg.mode == "centralized":
+        return "Centralized"
+    if cfg.mode == "naive":
+        return f"Naive {cfg.fraction * 100:g} %"
+    raise ReportError(f"run mode '{cfg.mode}' is not a baseline (expected centralized or naive)")
+
+
+def setting_label(cfg: RunConfig) -> str:
+    """The setting of a run as the paper names it: ``"Centralized"``, ``"Naive 5 %"``,
+    ``"FedAvg 10/10 IID"``, ``"FedProx μ=0.01 100/10 LDA α=0.5"``; more than one local epoch
+    adds ``" E=2"``."""
+    if cfg.mode != "federated":
+        return baseline_label(cfg)
+    label = f"{strategy_label(cfg)} {cfg.clients}/{cfg.per_round} {partition_label(cfg)}"
+    return label + (f" E={cfg.local_epochs}" if cfg.local_epochs != 1 else "")
+
+
+def model_label(cfg: RunConfig) -> str:
+    """``"FastMETRO-S"``, ``"TORE-M"``."""
+    return f"{BACKBONE_NAMES.get(cfg.backbone, cfg.backbone)}-{cfg.variant}"
+
+
+def protocol_label(protocol: Mapping[str, Any]) -> str:
+    """One line, as :meth:`pchmr.core.metrics.Protocol.label` writes it (unknown keys appended)."""
+    if not protocol:
+        return "unknown protocol (no protocol recorded)"
+    p = {k: protocol.get(k, "?") for k in PROTOCOL_KEYS}
+    text = (f"{p['dataset']} · {p['joint_set']} · {p['alignment']} aligned · {p['body_model']} · "
+            f"{p['ground_truth']} GT")  # fmt: skip
+    extra = [f"{k}={v}" for k, v in sorted(protocol.items()) if k not in PROTOCOL_KEYS]
+    return " · ".join([text, *extra])
+
+
+def _protocol_key(protocol: Mapping[str, Any]) -> str:
+    return json.dumps(dict(protocol), sort_keys=True, default=str)
+
+
+def _row_key(group_by: str) -> Callable[[RunConfig], str]:
+    def clients(cfg: RunConfig) -> str:
+        return f"{cfg.clients}/{cfg.per_round}" if cfg.mode == "federated" else baseline_label(cfg)
+
+    def strategy_partition(cfg: RunConfig) -> str:
+        return f"{partition_label(cfg)} · {strategy_label(cfg)}" if cfg.mode == "federated" else baseline_label(cfg)
+
+    return {"setting-model": setting_label, "clients-model": clients, "strategy-partition": strategy_partition}[group_by]
+
+
+def _sort_key(group_by: str) -> Callable[[RunSummary], tuple]:
+    def key(run: RunSummary) -> tuple:
+        c = run.config
+        options = (json.dumps(dict(c.partition_options), sort_keys=True, default=str),
+                   json.dumps(dict(c.strategy_options), sort_keys=True, default=str))  # fmt: skip
+        strategy = (STRATEGY_RANK.get(c.strategy, len(STRATEGY_RANK)), c.strategy, options[1])
+        partition = (c.partitioner, options[0])
+        clients = (c.clients, c.per_round)
+        federated = {"strategy-partition": (*partition, *strategy, *clients),
+                     "clients-model": (*clients, *strategy, *partition)}.get(group_by, (*strategy, *clients, *partition))
+        return (MODE_RANK.get(c.mode, 9), c.fraction if c.mode == "naive" else 0, *federated, c.local_epochs)  # fmt: skip
+
+    return key
+
+
+# --------------------------------------------------------------------------------------
+# grouping
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof 1; None for n = 1) of n values, mm."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> "Stat":
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return cls(None, None, 0)
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        return cls(mean, std, len(vals))
+
+    def text(self) -> str:
+        if self.mean is None:
+            return MISSING
+        out = f"{self.mean:.{DECIMALS}f}"
+        return out if self.std is None else f"{out} ± {self.std:.{DECIMALS}f}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The runs of one (row, model) cell and their statistics per :data:`TABLE_METRICS`."""
+
+    runs: tuple[RunSummary, ...]
+    stats: Mapping[str, Stat]
+
+    @classmethod
+    def of(cls, runs: Sequence[RunSummary]) -> "Cell":
+        return cls(tuple(runs), {m: Stat.of([r.metric(m) for r in runs]) for m in TABLE_METRICS})
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def unfinished(self) -> bool:
+        return any(not r.finished for r in self.runs)
+
+    def text(self) -> str:
+        """``"59.3 / 41.5 / 70.2"``; several runs: ``"59.3 ± 0.4 / 41.5 ± 0.2 / 70.2 ± 0.3 (n=3)"``;
+        :data:`UNFINISHED_MARK` appended when a run is unfinished."""
+        body = " / ".join(self.stats[m].text() for m in TABLE_METRICS)
+        if self.n > 1:
+            body += f" (n={self.n})"
+        return body + (UNFINISHED_MARK if self.unfinished else "")
+
+
+@dataclass(frozen=True)
+class ResultTable:
+    """Runs of one protocol: ``rows`` × ``columns`` (models); ``cells[(row, column)]``."""
+
+    protocol: Mapping[str, Any]
+    row_header: str
+    rows: tuple[str, ...]
+    columns: tuple[str, ...]
+    cells: Mapping[tuple[str, str], Cell]
+
+    @property
+    def protocol_label(self) -> str:
+        return protocol_label(self.protocol)
+
+    def cell_text(self, row: str, column: str) -> str:
+        cell = self.cells.get((row, column))
+        return cell.text() if cell is not None else MISSING
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a renderer needs: the tables (one per protocol) and warnings to print with them."""
+
+    group_by: str
+    tables: tuple[ResultTable, ...]
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return any(c.unfinished for t in self.tables for c in t.cells.values())
+
+
+def _differing_fields(runs: Sequence[RunSummary]) -> list[str]:
+    dicts = [{k: v for k, v in r.config.to_dict().items() if k not in REPEAT_FIELDS} for r in runs]
+    return sorted(k for k in dicts[0] if any(json.dumps(d.get(k), sort_keys=True, default=str) !=
+                                             json.dumps(dicts[0].get(k), sort_keys=True, default=str) for d in dicts))  # fmt: skip
+
+
+def _cell_warnings(row: str, column: str, runs: Sequence[RunSummary]) -> list[str]:
+    out = []
+    differing = _differing_fields(runs)
+    if differing:
+        out.append(f"cell '{row}' × {column} averages runs that differ in {', '.join(differing)} (not only the seed)")
+    seeds = [r.config.seed for r in runs]
+    if len(set(seeds)) < len(seeds):
+        dup = sorted({s for s in seeds if seeds.count(s) > 1})
+        out.append(f"cell '{row}' × {column} holds several runs with the same seed {dup}: "
+                   + ", ".join(str(r.path) for r in runs))  # fmt: skip
+    return out
+
+
+def build_report(runs: Sequence[RunSummary], group_by: str = "setting-model") -> Report:
+    """Group ``runs`` into one :class:`ResultTable` per protocol (rows by ``group_by``, columns by
+    model); warnings say when protocols were split or a cell mixes more than seeds."""
+    if group_by not in GROUP_BY:
+        raise ReportError(f"unknown group-by '{group_by}'; choose one of: {', '.join(GROUP_BY)}")
+    if not runs:
+        raise ReportError("no runs to report")
+    row_of, sort_key = _row_key(group_by), _sort_key(group_by)
+    by_protocol: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        by_protocol.setdefault(_protocol_key(run.protocol), []).append(run)
+    warnings: list[str] = []
+    if len(by_protocol) > 1:
+        labels = "; ".join(protocol_label(group[0].protocol) for group in by_protocol.values())
+        warnings.append(f"runs use {len(by_protocol)} different evaluation protocols and are shown in separate "
+                        f"tables, never in one column: {labels}")  # fmt: skip
+    tables = []
+    for group in by_protocol.values():
+        ordered = sorted(group, key=sort_key)
+        rows = tuple(dict.fromkeys(row_of(r.config) for r in ordered))
+        columns = tuple(sorted({model_label(r.config) for r in ordered},
+                               key=lambda m: (m.split("-")[0], "SML".find(m[-1]) if m[-1] in "SML" else 9, m)))  # fmt: skip
+        members: dict[tuple[str, str], list[RunSummary]] = {}
+        for r in ordered:
+            members.setdefault((row_of(r.config), model_label(r.config)), []).append(r)
+        for (row, column), cell_runs in members.items():
+            warnings += _cell_warnings(row, column, cell_runs)
+        cells = {key: Cell.of(value) for key, value in members.items()}
+        tables.append(ResultTable(dict(group[0].protocol), GROUP_BY[group_by], rows, columns, cells))
+    return Report(group_by, tuple(tables), tuple(warnings))
+
+
+# --------------------------------------------------------------------------------------
+# renderers
+# --------------------------------------------------------------------------------------
+def _footnotes(report: Report) -> list[str]:
+    notes = [f"cells: {CELL_TITLE}, final evaluated round; mean ± sample std over runs (seeds) when n > 1"]
+    if report.has_unfinished:
+        notes.append(f"{UNFINISHED_MARK} includes an unfinished run (no final.json): its last evaluated round")
+    return notes
+
+
+def to_rich(report: Report) -> list[Any]:
+    """rich renderables: one :class:`rich.table.Table` per protocol, then warnings and notes."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[Any] = []
+    for table in report.tables:
+        t = Table(title=f"protocol: {table.protocol_label}", caption=CELL_TITLE, title_justify="left")
+        t.add_column(table.row_header, style="bold")
+        for column in table.columns:
+            t.add_column(column, justify="right")
+        for row in table.rows:
+            t.add_row(row, *(table.cell_text(row, c) for c in table.columns))
+        out.append(t)
+    out += [Text(f"warning: {w}", style="yellow") for w in report.warnings]
+    out += [Text(n, style="dim") for n in _footnotes(report)[1:]]
+    return out
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(report: Report) -> str:
+    """One Markdown table per protocol, each under a ``**Protocol:** ...`` line; warnings as quotes."""
+    lines: list[str] = []
+    for table in report.tables:
+        lines += [f"**Protocol:** {_md_escape(table.protocol_label)}", ""]
+        lines.append("| " + " | ".join(_md_escape(h) for h in (table.row_header, *table.columns)) + " |")
+        lines.append("|---" + "|---:" * len(table.columns) + "|")
+        for row in table.rows:
+            lines.append("| " + " | ".join(_md_escape(c) for c in (row, *(table.cell_text(row, col)
+                                                                         for col in table.columns))) + " |")  # fmt: skip
+        lines.append("")
+    lines += [f"> **Warning:** {_md_escape(w)}" for w in report.warnings]
+    if report.warnings:
+        lines.append("")
+    lines += [f"_{n}_" for n in _footnotes(report)]
+    return "\n".join(lines) + "\n"
+
+
+CSV_HEADER = ("protocol", "row", "model", "n", "unfinished", "cell",
+              *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")), "runs")  # fmt: skip
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def to_csv(report: Report) -> str:
+    """Long format, one line per non-empty cell: protocol, row, model, n, unfinished, the cell
+    text, mean and std (mm, 3 decimals) of each metric, and the run directories (``;``-joined)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    for table in report.tables:
+        for row in table.rows:
+            for column in table.columns:
+                cell = table.cells.get((row, column))
+                if cell is None:
+                    continue
+                stats = [_num(x) for m in TABLE_METRICS for x in (cell.stats[m].mean, cell.stats[m].std)]
+                writer.writerow([table.protocol_label, row, column, cell.n, int(cell.unfinished), cell.text(), *stats,
+                                 ";".join(str(r.path) for r in cell.runs)])  # fmt: skip
+    return buf.getvalue()
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "μ": r"$\mu$", "α": r"$\alpha$", "·": r"$\cdot$", "—": "---"}  # fmt: skip
+
+
+def latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def to_latex(report: Report) -> str:
+    """One booktabs ``table`` per protocol, the protocol in the caption; needs ``\\usepackage{booktabs}``."""
+    blocks: list[str] = []
+    for table in report.tables:
+        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(table.columns) + "}",
+                 r"\toprule",
+                 " & ".join(latex_escape(h) for h in (table.row_header, *table.columns)) + r" \\",
+                 r"\midrule"]  # fmt: skip
+        for row in table.rows:
+            cells = (row, *(table.cell_text(row, c) for c in table.columns))
+            lines.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}"]
+        caption = f"{CELL_TITLE}. Protocol: {table.protocol_label}."
+        if report.has_unfinished:
+            caption += f" {UNFINISHED_MARK}: includes an unfinished run."
+        lines += [r"\caption{" + latex_escape(caption) + "}", r"\end{table}"]
+        blocks.append("\n".join(lines))
+    out = "\n\n".join(blocks) + "\n"
+    if report.warnings:
+        out = "".join(f"% warning: {w}\n" for w in report.warnings) + out
+    return out
