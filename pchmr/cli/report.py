@@ -60,12 +60,14 @@ def _load(paths: list[Path], include_unfinished: bool) -> list[RunSummary]:
 
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories (or directories holding run directories)."),
-    group_by: str = typer.Option(
-        "setting-model", "--group-by", help=f"Table rows × model columns: {', '.join(GROUP_BY)}."
+    group_by: str = typer.Option("setting-model", "--group-by", help=f"Rows × model columns: {', '.join(GROUP_BY)}."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for report.md/.csv/.tex and convergence.png."),
+    formats: str = typer.Option(
+        "md,csv,tex,png", "--formats", help=f"Files to write with --out: {', '.join(FORMATS)}."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory to write report.md/.csv/.tex and convergence.png into."),
-    formats: str = typer.Option("md,csv,tex,png", "--formats", help=f"Comma-separated files to write with --out: {', '.join(FORMATS)}."),
-    metric: str = typer.Option("pa_mpjpe_mm", "--metric", help=f"Metric of the convergence plot: {', '.join(CONVERGENCE_METRICS)}."),
+    metric: str = typer.Option(
+        "pa_mpjpe_mm", "--metric", help=f"Metric of the convergence plot: {', '.join(CONVERGENCE_METRICS)}."
+    ),
     include_unfinished: bool = typer.Option(
         False, "--include-unfinished", help="Report runs without final.json at their last evaluated round (marked *)."
     ),

@@ -67,14 +67,16 @@ def curve_label(run: RunSummary, with_model: bool, with_seed: bool) -> str:
 
 
 def _mean_pose(runs: Sequence[RunSummary], metric: str) -> float | None:
-    values = [r.final.get(f"mean_pose_{metric}") for r in runs]
-    if not values or any(v is None for v in values):
+    values = [v for v in (r.final.get(f"mean_pose_{metric}") for r in runs) if v is not None]  # unfinished: none
+    if not values:
         return None
     first = float(values[0])
     return first if all(abs(float(v) - first) <= BASELINE_TOLERANCE for v in values) else None
 
 
-def _draw_panel(ax: "Axes", runs: Sequence[RunSummary], metric: str, unit: str, with_model: bool, protocol: str) -> None:
+def _draw_panel(
+    ax: "Axes", runs: Sequence[RunSummary], metric: str, unit: str, with_model: bool, protocol: str
+) -> None:
     title, xlabel = UNITS.get(unit, (f"Runs in {unit}s", unit))
     bases = [setting_label(r.config) + (model_label(r.config) if with_model else "") for r in runs]
     for run, base in zip(runs, bases):

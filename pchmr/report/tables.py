@@ -84,6 +84,7 @@ GROUP_BY = {
 MODE_RANK = {"centralized": 0, "naive": 1, "federated": 2}
 #: Row order of strategies (the paper's FedAvg, FedOpt, FedProx; others after, by name).
 STRATEGY_RANK = {"fedavg": 0, "fedopt": 1, "fedprox": 2, "fedgh": 3}
+VARIANT_RANK = {"S": 0, "M": 1, "L": 2}
 
 
 class ReportError(ValueError):
@@ -258,7 +259,7 @@ def protocol_label(protocol: Mapping[str, Any]) -> str:
 
 
 def _protocol_key(protocol: Mapping[str, Any]) -> str:
-    return json.dumps(dict(protocol), sort_keys=True, default=str)
+    return _canonical(dict(protocol))
 
 
 def _row_key(group_by: str) -> Callable[[RunConfig], str]:
@@ -268,20 +269,24 @@ def _row_key(group_by: str) -> Callable[[RunConfig], str]:
     def strategy_partition(cfg: RunConfig) -> str:
         return f"{partition_label(cfg)} · {strategy_label(cfg)}" if cfg.mode == "federated" else baseline_label(cfg)
 
-    return {"setting-model": setting_label, "clients-model": clients, "strategy-partition": strategy_partition}[group_by]
+    rows = {"setting-model": setting_label, "clients-model": clients, "strategy-partition": strategy_partition}
+    return rows[group_by]
 
 
 def _sort_key(group_by: str) -> Callable[[RunSummary], tuple]:
     def key(run: RunSummary) -> tuple:
         c = run.config
-        options = (json.dumps(dict(c.partition_options), sort_keys=True, default=str),
-                   json.dumps(dict(c.strategy_options), sort_keys=True, default=str))  # fmt: skip
-        strategy = (STRATEGY_RANK.get(c.strategy, len(STRATEGY_RANK)), c.strategy, options[1])
-        partition = (c.partitioner, options[0])
+        strategy = (STRATEGY_RANK.get(c.strategy, len(STRATEGY_RANK)), c.strategy, _canonical(c.strategy_options))
+        partition = (c.partitioner, _canonical(c.partition_options))
         clients = (c.clients, c.per_round)
-        federated = {"strategy-partition": (*partition, *strategy, *clients),
-                     "clients-model": (*clients, *strategy, *partition)}.get(group_by, (*strategy, *clients, *partition))
-        return (MODE_RANK.get(c.mode, 9), c.fraction if c.mode == "naive" else 0, *federated, c.local_epochs)  # fmt: skip
+        if group_by == "strategy-partition":
+            federated = (*partition, *strategy, *clients)
+        elif group_by == "clients-model":
+            federated = (*clients, *strategy, *partition)
+        else:
+            federated = (*strategy, *clients, *partition)
+        naive_fraction = c.fraction if c.mode == "naive" else 0.0
+        return (MODE_RANK.get(c.mode, len(MODE_RANK)), naive_fraction, *federated, c.local_epochs)
 
     return key
 
@@ -373,10 +378,20 @@ class Report:
         return any(c.unfinished for t in self.tables for c in t.cells.values())
 
 
+def _canonical(value: Any) -> str:
+    """A comparable, sortable text of a JSON-like value."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _differing_fields(runs: Sequence[RunSummary]) -> list[str]:
-    dicts = [{k: v for k, v in r.config.to_dict().items() if k not in REPEAT_FIELDS} for r in runs]
-    return sorted(k for k in dicts[0] if any(json.dumps(d.get(k), sort_keys=True, default=str) !=
-                                             json.dumps(dicts[0].get(k), sort_keys=True, default=str) for d in dicts))  # fmt: skip
+    """RunConfig fields (besides :data:`REPEAT_FIELDS`) whose values are not all equal over ``runs``."""
+    dicts = [r.config.to_dict() for r in runs]
+    return sorted(k for k in dicts[0] if k not in REPEAT_FIELDS and len({_canonical(d[k]) for d in dicts}) > 1)
+
+
+def _column_key(cfg: RunConfig) -> tuple:
+    """Models ordered by backbone name, then S < M < L (other variants after, by name)."""
+    return (cfg.backbone, VARIANT_RANK.get(cfg.variant, len(VARIANT_RANK)), cfg.variant)
 
 
 def _cell_warnings(row: str, column: str, runs: Sequence[RunSummary]) -> list[str]:
@@ -412,8 +427,8 @@ def build_report(runs: Sequence[RunSummary], group_by: str = "setting-model") ->
     for group in by_protocol.values():
         ordered = sorted(group, key=sort_key)
         rows = tuple(dict.fromkeys(row_of(r.config) for r in ordered))
-        columns = tuple(sorted({model_label(r.config) for r in ordered},
-                               key=lambda m: (m.split("-")[0], "SML".find(m[-1]) if m[-1] in "SML" else 9, m)))  # fmt: skip
+        by_column = sorted(ordered, key=lambda r: _column_key(r.config))
+        columns = tuple(dict.fromkeys(model_label(r.config) for r in by_column))
         members: dict[tuple[str, str], list[RunSummary]] = {}
         for r in ordered:
             members.setdefault((row_of(r.config), model_label(r.config)), []).append(r)
@@ -465,8 +480,8 @@ def to_markdown(report: Report) -> str:
         lines.append("| " + " | ".join(_md_escape(h) for h in (table.row_header, *table.columns)) + " |")
         lines.append("|---" + "|---:" * len(table.columns) + "|")
         for row in table.rows:
-            lines.append("| " + " | ".join(_md_escape(c) for c in (row, *(table.cell_text(row, col)
-                                                                         for col in table.columns))) + " |")  # fmt: skip
+            cells = (row, *(table.cell_text(row, column) for column in table.columns))
+            lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
         lines.append("")
     lines += [f"> **Warning:** {_md_escape(w)}" for w in report.warnings]
     if report.warnings:
