@@ -538,7 +538,7 @@ def to_latex(report: Report) -> str:
             lines.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
         caption = f"{CELL_TITLE}. Protocol: {table.protocol_label}."
-        if report.has_unfinished:
+        if any(cell.unfinished for cell in table.cells.values()):
             caption += f" {UNFINISHED_MARK}: includes an unfinished run."
         lines += [r"\caption{" + latex_escape(caption) + "}", r"\end{table}"]
         blocks.append("\n".join(lines))
