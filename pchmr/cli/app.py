@@ -190,6 +190,11 @@ def plugins() -> None:
     console.print(table)
 
 
+from pchmr.cli.report import report as _report  # noqa: E402  (registered below, after the app exists)
+
+app.command(name="report")(_report)
+
+
 def main() -> None:
     from pchmr.core.perf import tune_allocator
 
