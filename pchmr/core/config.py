@@ -48,10 +48,10 @@ class RunConfig:
     strategy: str = "fedavg"
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
     clients: int = 10
-    per_round: int = 5
-    rounds: int = 8
+    per_round: int = 2
+    rounds: int = 4
     local_epochs: int = 1
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
     eval_every: int = 1
