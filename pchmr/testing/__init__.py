@@ -1,1 +1,56 @@
-"""pchmr."""
+"""Contract suites and test doubles that built-in and third-party plugins run.
+
+Public API (imported lazily, so that ``import pchmr.testing.strategies`` in a simulated Flower
+client does not pay for torch):
+
+* suites: :class:`BackboneContract` (:mod:`.backbones`), :class:`StrategyContract`
+  (:mod:`.strategies`);
+* doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
+* fake licence-restricted files: :func:`write_fake_smpl`, :func:`write_fake_h36m_regressor`,
+  :func:`write_fake_graphcmr_downsampling` (:mod:`.fake_smpl`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "BackboneContract",
+    "StrategyContract",
+    "ToyBodyModel",
+    "toy_batch",
+    "write_fake_graphcmr_downsampling",
+    "write_fake_h36m_regressor",
+    "write_fake_smpl",
+]
+
+#: Public name → the submodule defining it.
+_HOMES = {
+    "BackboneContract": "backbones",
+    "StrategyContract": "strategies",
+    "ToyBodyModel": "toys",
+    "toy_batch": "toys",
+    "write_fake_graphcmr_downsampling": "fake_smpl",
+    "write_fake_h36m_regressor": "fake_smpl",
+    "write_fake_smpl": "fake_smpl",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from pchmr.testing.backbones import BackboneContract
+    from pchmr.testing.fake_smpl import write_fake_graphcmr_downsampling, write_fake_h36m_regressor, write_fake_smpl
+    from pchmr.testing.strategies import StrategyContract
+    from pchmr.testing.toys import ToyBodyModel, toy_batch
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'pchmr.testing' has no attribute {name!r}; it offers {', '.join(__all__)}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
