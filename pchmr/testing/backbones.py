@@ -27,7 +27,15 @@ instead of a fresh instance). Other fixtures to override:
   ``params_without_grad`` (names of trainable parameters allowed to get no gradient);
 * ``known_gaps`` — ``{check name: reason}``: those checks run as ``xfail`` with the reason.
 
-Every check is a test method, so ``pytest -k test_state_dict_round_trip`` runs one. Checks that
+Checks (test methods, so ``pytest -k test_state_dict_round_trip`` runs one): the backbone is
+built for ``input_size``; outputs are an HMROutput of float32 tensors; joints (B, J, 3); one
+vertex tensor (B, V_l, 3) per pyramid level; camera (B, 3); untrained outputs finite and within
+``max_extent_m`` of the root; camera scale > 0; HMRModule's training loss (with the backbone's
+extra losses, finite scalars) reaches every trainable parameter; eval passes are deterministic;
+a state dict saved and loaded into a fresh instance reproduces the outputs; in eval, sample i
+alone equals sample i in the batch (atol 1e-4); wrong image size, wrong channel count and
+unbatched images raise InputError naming the expected ``(B, 3, S, S)``; NaN images raise
+InputError mentioning NaN. Checks that
 only read eval-mode outputs share one forward pass per backbone instance (:func:`eval_outputs`).
 Keep ``body_model`` and ``backbone`` class-scoped (the defaults; pytest wants class-scoped
 fixtures written as classmethods, as above) so heavy models are built once per class and
