@@ -19,7 +19,7 @@ def test_unknown_backbone_lists_the_registered_ones(tmp_path):
     result = run_cli("run", "--backbone", "nosuch", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert result.returncode != 0
     assert "no backbone named 'nosuch'" in result.stderr
-    assert "fastmetro (pchmr" in result.stderr
+    assert "registered: fastmetro" in result.stderr and "(pchmr 0.1.0)" in result.stderr
     assert not (tmp_path / "r").exists(), "nothing may be written for a refused run"
 
 

@@ -60,6 +60,7 @@ def run(
     encoder: Optional[str] = typer.Option(None, help="CNN feature encoder of the backbone."),
     input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
     body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
+    smpl_dir: Optional[Path] = typer.Option(None, help="Folder with your own SMPL model files (for --body-model smpl)."),
     dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
     partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
     partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
@@ -100,6 +101,7 @@ def run(
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
                 "mode": mode, "epochs": epochs, "fraction": fraction,
+                "smpl_dir": str(smpl_dir) if smpl_dir else None,
             }
             values.update({k: v for k, v in flags.items() if v is not None})
             if dataset is not None:

@@ -80,4 +80,4 @@ def check_images(images: Tensor, input_size: int, channels: int = 3) -> None:
             "build the backbone with --input-size to match the data"
         )
     if not torch.isfinite(images).all():
-        raise InputError("images contain NaN or infinite values")
+        raise InputError(f"images {expected} contain NaN or infinite values; check the data preparation")

@@ -35,6 +35,7 @@ class RunConfig:
     encoder: str = "small"
     input_size: int = 64
     body_model: str = "anny"
+    smpl_dir: str | None = None  # the user's own SMPL files (licence-restricted, never shipped)
     dataset: str = "synthetic"
     dataset_path: str | None = None
     num_train: int | None = None

@@ -82,7 +82,7 @@ def build_components(config: RunConfig) -> Components:
     """Body model, then the dataset (prepared once, cached) — all through the registry."""
     registry = get_registry()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    body_model = _body_model(config.body_model, str(cache))
+    body_model = _body_model(config.body_model, str(cache), config.smpl_dir)
     data_factory = registry.get("dataset", config.dataset)
     spec = DatasetSpec(
         image_size=config.input_size,
@@ -97,9 +97,9 @@ def build_components(config: RunConfig) -> Components:
 
 
 @functools.lru_cache(maxsize=4)
-def _body_model(name: str, cache_dir: str) -> BodyModel:
+def _body_model(name: str, cache_dir: str, model_dir: str | None) -> BodyModel:
     factory = get_registry().get("body_model", name)
-    return factory(BodyModelSpec(cache_dir=cache_dir))
+    return factory(BodyModelSpec(cache_dir=cache_dir, model_dir=model_dir))
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
