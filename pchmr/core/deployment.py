@@ -31,7 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Callable
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from pchmr.core.federation import PARTITION_KEY, RUN_DIR_KEY, FederatedServer, build_strategy, make_client_app
 from pchmr.core.rundir import RunDir
@@ -39,6 +42,7 @@ from pchmr.core.rundir import RunDir
 __all__ = [
     "DeploymentError",
     "LocalDeployment",
+    "NodeLocalRunDir",
     "build_server",
     "client_app",
     "deployment_env",
@@ -144,7 +148,6 @@ def prepare_run_dir(config: Any, run_dir: str | os.PathLike[str]) -> RunDir:
 
 
 def _make_server_app() -> Any:
-    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
@@ -168,28 +171,23 @@ def _make_server_app() -> Any:
     return app
 
 
-def _make_client_app() -> Any:
-    """:func:`make_client_app`, but a SuperNode's ``node_config`` ``pchmr-run-dir`` (its local
-    copy of the run directory) takes precedence over the run config's."""
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
+class NodeLocalRunDir(ClientApp):  # type: ignore[misc]
+    """A ClientApp that lets a SuperNode's ``node_config`` ``pchmr-run-dir`` (its local copy of
+    the run directory) take precedence over the run config's, then calls ``inner``."""
 
-    class _NodeLocalRunDir(ClientApp):  # type: ignore[misc]
-        def __init__(self, inner: ClientApp) -> None:
-            super().__init__()
-            self._inner = inner
+    def __init__(self, inner: Callable[[Message, Context], Message]) -> None:
+        super().__init__()
+        self._inner = inner
 
-        def __call__(self, message: Message, context: Context) -> Message:
-            local = context.node_config.get(RUN_DIR_KEY)
-            if local:
-                context.run_config[RUN_DIR_KEY] = str(local)
-            return self._inner(message, context)
-
-    return _NodeLocalRunDir(make_client_app())
+    def __call__(self, message: Message, context: Context) -> Message:
+        local = context.node_config.get(RUN_DIR_KEY)
+        if local:
+            context.run_config[RUN_DIR_KEY] = str(local)
+        return self._inner(message, context)
 
 
 server_app = _make_server_app()
-client_app = _make_client_app()
+client_app = NodeLocalRunDir(make_client_app())
 
 
 # --------------------------------------------------------------------------------------
