@@ -51,12 +51,13 @@ def deployed_run(tmp_path_factory, pchmr_cache):
     with deployment:
         pids = [p.popen.pid for p in deployment.processes]
         address = deployment.address
-        final = run_deployment(run_dir, address, timeout=RUN_TIMEOUT_SECONDS)
-    return rd, final, pids, address, time.perf_counter() - started
+        reports = []
+        final = run_deployment(run_dir, address, timeout=RUN_TIMEOUT_SECONDS, on_round=reports.append)
+    return rd, final, pids, address, reports, time.perf_counter() - started
 
 
 def test_one_round_on_superlink_and_two_supernodes(deployed_run):
-    rd, final, _, address, _ = deployed_run
+    rd, final, _, address, reports, _ = deployed_run
     assert address.startswith("127.0.0.1:")
     rounds = rd.read_rounds()
     assert [r["round"] for r in rounds] == [0, 1]
@@ -65,10 +66,12 @@ def test_one_round_on_superlink_and_two_supernodes(deployed_run):
     assert rd.final.exists() and final["round"] == 1
     assert {"mean_pose_mpjpe_mm", "mean_pose_pa_mpjpe_mm"} <= set(final)
     assert load_partition(rd.partition).num_clients == 2
+    assert [(r.server_round, r.num_rounds, r.sampled) for r in reports] == [(0, 1, []), (1, 1, [0, 1])]
+    assert reports[1].metrics["mpjpe_mm"] == rounds[1]["mpjpe_mm"]
 
 
 def test_every_started_process_is_stopped(deployed_run):
-    _, _, pids, _, _ = deployed_run
+    _, _, pids, _, _, _ = deployed_run
     assert len(pids) == 3  # one SuperLink, two SuperNodes
     for pid in pids:
         # neither it nor its children (SuperExec, ServerApp, ClientApp processes) in its group

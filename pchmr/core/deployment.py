@@ -13,7 +13,13 @@ the SuperLink starts when ``flwr run`` submits the app:
 * :class:`LocalDeployment` starts a SuperLink and N SuperNodes on loopback (for tests and
   the demo) and stops all of them on exit;
 * :func:`run_deployment` writes a tiny Flower app directory and a private ``FLWR_HOME``,
-  runs ``flwr run APP pchmr --stream`` and returns when ``final.json`` exists.
+  runs ``flwr run APP pchmr --stream`` and returns when ``final.json`` exists;
+* :func:`federate_on_deployment` is the two combined (or a remote SuperLink): what
+  ``pchmr.core.run.execute`` calls for ``engine == "deployment"``.
+
+A SuperNode starts a fresh ClientApp process for every message, so each client pays the
+imports and the model/data construction once per round (tens of seconds on a small CPU) on
+top of its local training; the Simulation Engine keeps them in its Ray actors.
 
 Runtime dependency installation (``uv sync``) is always disabled: pchmr and its torch are
 already installed wherever the apps run.
@@ -36,8 +42,15 @@ from typing import IO, Any, Callable
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pchmr.core.federation import PARTITION_KEY, RUN_DIR_KEY, FederatedServer, build_strategy, make_client_app
-from pchmr.core.rundir import RunDir
+from pchmr.core.federation import (
+    PARTITION_KEY,
+    RUN_DIR_KEY,
+    FederatedServer,
+    RoundReport,
+    build_strategy,
+    make_client_app,
+)
+from pchmr.core.rundir import METRIC_KEYS, RunDir
 
 __all__ = [
     "DeploymentError",
@@ -46,6 +59,7 @@ __all__ = [
     "build_server",
     "client_app",
     "deployment_env",
+    "federate_on_deployment",
     "run_deployment",
     "prepare_run_dir",
     "server_app",
@@ -406,6 +420,30 @@ def write_flwr_home(flwr_home: Path, connection_address: str, insecure: bool = T
     return path
 
 
+class _RoundRelay:
+    """Turns new lines of ``rounds.jsonl`` into :class:`RoundReport` calls (the CLI's progress)."""
+
+    def __init__(self, rd: RunDir, on_round: Callable[[RoundReport], None] | None) -> None:
+        self.rd = rd
+        self.on_round = on_round
+        self.seen = -1
+        self.num_rounds = int(rd.read_config().get("run", {}).get("rounds", 0))
+
+    def poll(self) -> None:
+        if self.on_round is None or not self.rd.rounds.exists():
+            return
+        try:
+            records = self.rd.read_rounds()
+        except ValueError:  # a line being written right now
+            return
+        for record in records:
+            if int(record["round"]) > self.seen:
+                self.seen = int(record["round"])
+                metrics = {k: float(record[k]) for k in METRIC_KEYS if k in record}
+                self.on_round(RoundReport(self.seen, self.num_rounds, metrics, float(record.get("round_seconds", 0.0)),
+                                          list(record.get("clients", []))))
+
+
 def run_deployment(
     run_dir: str | os.PathLike[str],
     connection_address: str,
@@ -413,15 +451,17 @@ def run_deployment(
     timeout: float = 3600.0,
     insecure: bool = True,
     root_certificates: Path | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
 ) -> dict[str, Any]:
     """Submit the prepared run directory to a SuperLink and wait for the run to finish.
 
-    Returns ``final.json``'s content. Raises :class:`DeploymentError` with the tail of
-    ``deployment/flwr-run.log`` when ``flwr run`` fails, or when the run ends (or
-    ``timeout`` seconds pass) without a ``final.json``.
+    Returns ``final.json``'s content. ``on_round`` is called for every round that appears in
+    ``rounds.jsonl`` (evaluated rounds only). Raises :class:`DeploymentError` with the tail of
+    ``deployment/flwr-run.log`` when ``flwr run`` fails, or when the run ends (or ``timeout``
+    seconds pass) without a ``final.json``.
     """
     rd = RunDir(run_dir)
-    rd.read_config()  # refuses a directory that was never prepared
+    relay = _RoundRelay(rd, on_round)  # also refuses a directory that was never prepared
     work = rd.path / DEPLOY_SUBDIR
     work.mkdir(parents=True, exist_ok=True)
     app = write_app_dir(Path(app_dir) if app_dir is not None else work / "app", rd.path)
@@ -435,9 +475,11 @@ def run_deployment(
     deadline = time.monotonic() + timeout
     try:
         while proc.alive() and not rd.final.exists():
+            relay.poll()
             if time.monotonic() > deadline:
                 raise DeploymentError(f"the run did not finish within {timeout:.0f} s:\n{tail(log_path)}")
             time.sleep(POLL_SECONDS)
+        relay.poll()
         if not rd.final.exists():
             raise DeploymentError(
                 f"`flwr run` exited (code {proc.popen.returncode}) without writing {rd.final}:\n{tail(log_path)}\n"
@@ -446,3 +488,27 @@ def run_deployment(
     finally:
         _stop_all([proc])  # --stream follows the logs until the run ends; stop it once final.json is there
     return rd.read_json(rd.final)
+
+
+def federate_on_deployment(
+    run_dir: str | os.PathLike[str],
+    num_clients: int,
+    superlink: str | None = None,
+    root_certificates: Path | None = None,
+    on_round: Callable[[RoundReport], None] | None = None,
+    timeout: float = 7 * 24 * 3600.0,
+) -> dict[str, Any]:
+    """``pchmr run --engine deployment``: federate a prepared run directory on the Deployment Engine.
+
+    Without ``superlink``, start a SuperLink and ``num_clients`` SuperNodes on loopback
+    (:class:`LocalDeployment`, logs in ``RUN/deployment/``) for the run and stop them after;
+    with ``superlink`` (``host:port`` of a running SuperLink whose SuperNodes are started on
+    the devices), submit to it — over TLS verified with ``root_certificates`` when given,
+    insecure otherwise. Returns ``final.json``'s content.
+    """
+    rd = RunDir(run_dir)
+    if superlink is not None:
+        return run_deployment(rd.path, superlink, timeout=timeout, insecure=root_certificates is None,
+                              root_certificates=root_certificates, on_round=on_round)
+    with LocalDeployment(num_nodes=num_clients, log_dir=rd.path / DEPLOY_SUBDIR) as link:
+        return run_deployment(rd.path, link.address, timeout=timeout, on_round=on_round)
