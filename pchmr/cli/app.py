@@ -79,6 +79,9 @@ def run(
     num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate the global model every N rounds."),
     seed: Optional[int] = typer.Option(None, help="Seed of partitions, sampling and initialisation."),
+    engine: Optional[str] = typer.Option(None, help="Flower engine: simulation (Ray, default) or deployment."),
+    superlink: Optional[str] = typer.Option(None, help="Deployment: HOST:PORT of a running SuperLink (default: start one on loopback)."),
+    root_certificates: Optional[Path] = typer.Option(None, help="Deployment: CA certificate for TLS to the SuperLink."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-<setting>)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
@@ -102,6 +105,8 @@ def run(
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
                 "mode": mode, "epochs": epochs, "fraction": fraction,
                 "smpl_dir": str(smpl_dir) if smpl_dir else None,
+                "engine": engine, "superlink": superlink,
+                "root_certificates": str(root_certificates) if root_certificates else None,
             }
             values.update({k: v for k, v in flags.items() if v is not None})
             if dataset is not None:

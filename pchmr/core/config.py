@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 __all__ = ["ConfigError", "RunConfig", "load_config_file", "ENGINES", "MODES"]
 
-ENGINES = ("simulation",)
+ENGINES = ("simulation", "deployment")
 MODES = ("federated", "centralized", "naive")
 
 
@@ -56,7 +56,9 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     eval_every: int = 1
-    engine: str = "simulation"
+    engine: str = "simulation"  # or "deployment": Flower's SuperLink + SuperNodes (pchmr.core.deployment)
+    superlink: str | None = None  # deployment: HOST:PORT of a running SuperLink (none: start one on loopback)
+    root_certificates: str | None = None  # deployment: CA certificate for TLS to the SuperLink
     # bookkeeping
     seed: int = 0
     out: str | None = None

@@ -109,7 +109,16 @@ def execute(
                 },
             )
         baselines = mean_pose_baselines(components.data.train, components.data.test)
-        if config.mode == "federated":
+        if config.mode == "federated" and config.engine == "deployment":
+            from pchmr.core.deployment import federate_on_deployment
+
+            status(f"federating {config.clients} clients on Flower's Deployment Engine")
+            federate_on_deployment(
+                rd.path.resolve(), config.clients, superlink=config.superlink,
+                root_certificates=Path(config.root_certificates) if config.root_certificates else None,
+                on_round=on_round,
+            )
+        elif config.mode == "federated":
             server = FederatedServer(rd, components, strategy, on_round=on_round, baselines=baselines)
             status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
             run_simulation(server)
