@@ -201,7 +201,7 @@ def test_unfinished_run_needs_the_flag_and_is_marked(tmp_path):
     assert not run.finished
     assert run.protocol == PROTOCOL  # from config.json
     (table,) = build_report([run]).tables
-    assert table.cell_text("FedAvg 10/5 IID", "FastMETRO-S") == "60.0 / 40.0 / 70.0*"
+    assert table.cell_text("FedAvg 10/2 IID", "FastMETRO-S") == "60.0 / 40.0 / 70.0*"
     assert "unfinished" in to_markdown(build_report([run]))
 
 
@@ -253,10 +253,10 @@ def test_command_writes_every_format(tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(_app(), ["report", str(a), str(tmp_path / "runs"), "--out", str(out)])
     assert result.exit_code == 0, _all_output(result)
-    assert "FedAvg 10/5 IID" in result.output
+    assert "FedAvg 10/2 IID" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["convergence.png", "report.csv", "report.md", "report.tex"]
     # `a` given twice (itself and inside runs/) counts once
-    assert "| FedAvg 10/5 IID | 60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) |" in (out / "report.md").read_text()
+    assert "| FedAvg 10/2 IID | 60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) |" in (out / "report.md").read_text()
     assert (out / "convergence.png").stat().st_size > 10_000
 
 

@@ -223,6 +223,9 @@ def _port_open(host: str, port: int) -> bool:
 def deployment_env(flwr_home: Path | None = None) -> dict[str, str]:
     """The environment of every Flower process started here: no ``uv sync``, private FLWR_HOME."""
     env = dict(os.environ)
+    # Flower's processes start further console scripts (flower-superexec, flwr-serverapp, ...) by name:
+    # put this interpreter's bin directory first, so an un-activated venv finds its own.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env[_NO_UV_SYNC] = "1"
     env["PYTHONUNBUFFERED"] = "1"
     if flwr_home is not None:
