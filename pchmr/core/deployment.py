@@ -133,9 +133,9 @@ def prepare_run_dir(config: Any, run_dir: str | os.PathLike[str]) -> RunDir:
     ``config`` is a federated :class:`~pchmr.core.config.RunConfig`; its ``cache_dir`` is
     resolved to an absolute path so the Flower processes read the same prepared data.
     """
-    from pchmr.core.experiment import build_components, default_cache_dir, describe_plugins
+    from pchmr.core.experiment import build_components, default_cache_dir
     from pchmr.core.partition import save_partition
-    from pchmr.core.run import check_plugins, make_partition
+    from pchmr.core.run import check_plugins, make_partition, write_run_config
 
     if config.mode != "federated":
         raise ValueError(f"the Deployment Engine runs federated experiments only, got mode '{config.mode}'")
@@ -146,18 +146,7 @@ def prepare_run_dir(config: Any, run_dir: str | os.PathLike[str]) -> RunDir:
     rd = RunDir(run_dir).create()
     components = build_components(config)
     save_partition(make_partition(config, components.data), rd.partition)
-    rd.write_json(
-        rd.config,
-        {
-            "run": config.to_dict(),
-            "plugins": describe_plugins(config),
-            "strategy": dict(strategy.describe),
-            "loss_weights": components.make_module().loss_weights.as_dict(),
-            "protocol": components.protocol().as_dict(),
-            "body_model": components.body_model.describe(),
-            "data": dict(components.data.protocol),
-        },
-    )
+    write_run_config(rd, config, components, strategy)
     return rd
 
 

@@ -17,11 +17,12 @@ from typing import Any, Callable
 from pchmr.core.baselines import baseline_partition, run_baseline
 from pchmr.core.config import ConfigError, RunConfig
 from pchmr.core.data import HMRData
-from pchmr.core.experiment import build_components, default_cache_dir, describe_plugins, mean_pose_baselines
+from pchmr.core.experiment import Components, build_components, default_cache_dir, describe_plugins, mean_pose_baselines
 from pchmr.core.federation import FederatedServer, RoundReport, build_strategy, run_simulation
 from pchmr.core.partition import Partition, load_partition, save_partition
 from pchmr.core.registry import get_registry
 from pchmr.core.rundir import RunDir
+from pchmr.core.strategy import StrategyParts
 
 __all__ = ["RunResult", "check_plugins", "default_run_dir", "execute", "resume_config"]
 
@@ -55,6 +56,22 @@ def default_run_dir(config: RunConfig) -> Path:
 
 def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(RunDir(run_dir).read_config()["run"])
+
+
+def write_run_config(rd: RunDir, config: RunConfig, components: Components, strategy: StrategyParts) -> None:
+    """config.json: the resolved options plus what was built from them (providers, loss weights, protocol)."""
+    rd.write_json(
+        rd.config,
+        {
+            "run": config.to_dict(),
+            "plugins": describe_plugins(config),
+            "strategy": dict(strategy.describe),
+            "loss_weights": components.make_module().loss_weights.as_dict(),
+            "protocol": components.protocol().as_dict(),
+            "body_model": components.body_model.describe(),
+            "data": dict(components.data.protocol),
+        },
+    )
 
 
 def make_partition(config: RunConfig, data: HMRData) -> Partition:
@@ -96,18 +113,7 @@ def execute(
             )
             save_partition(partition, rd.partition)
         if not resume or not rd.config.exists():
-            rd.write_json(
-                rd.config,
-                {
-                    "run": config.to_dict(),
-                    "plugins": describe_plugins(config),
-                    "strategy": dict(strategy.describe),
-                    "loss_weights": components.make_module().loss_weights.as_dict(),
-                    "protocol": components.protocol().as_dict(),
-                    "body_model": components.body_model.describe(),
-                    "data": dict(components.data.protocol),
-                },
-            )
+            write_run_config(rd, config, components, strategy)
         baselines = mean_pose_baselines(components.data.train, components.data.test)
         if config.mode == "federated" and config.engine == "deployment":
             from pchmr.core.deployment import federate_on_deployment
