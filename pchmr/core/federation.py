@@ -370,6 +370,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     from flwr.supercore.logger import console_handler
 
     tune_allocator()  # before Ray starts its workers, which inherit the environment
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: keep Ray's notice quiet
     cpus = num_cpus or os.cpu_count() or 1
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
