@@ -10,7 +10,8 @@ All terms are L1 (as FastMETRO trains), computed on root-aligned quantities:
                      (crop coordinates), weighted by keypoint confidence.
 
 The default weights follow FastMETRO's training script (joints 1000, vertices 100 with level
-weights 0.25/0.25/0.5, 2D 100).
+weights coarse 0.25 / middle 0.50 / full 0.25, 2D 100). FastMETRO's edge (500) and normal (10)
+terms on the middle mesh are in :mod:`pchmr.core.mesh_losses` and not yet part of this loss.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class LossWeights:
     joints_3d: float = 1000.0
     reg_joints_3d: float = 1000.0
     vertices: float = 100.0
-    vertex_levels: tuple[float, ...] = (0.25, 0.25, 0.5)
+    vertex_levels: tuple[float, ...] = (0.25, 0.5, 0.25)
     joints_2d: float = 100.0
     extra: Mapping[str, float] = field(default_factory=dict)
 
