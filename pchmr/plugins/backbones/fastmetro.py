@@ -175,14 +175,15 @@ class FastMETRO(Backbone):
         return HMROutput(joints=joints, vertices=self._upsample(coarse), camera=self._camera(camera_2[:, 0]))
 
 
-def _variant_layers(variant: str) -> int:
+def variant_layers(variant: str, family: str = "FastMETRO") -> int:
+    """Layers per transformer of variant S/M/L (any case); shared by FastMETRO and TORE."""
     key = variant.upper()
     if key not in VARIANT_LAYERS:
-        raise ValueError(f"unknown FastMETRO variant {variant!r}; choose one of {sorted(VARIANT_LAYERS)}")
+        raise ValueError(f"unknown {family} variant {variant!r}; choose one of {sorted(VARIANT_LAYERS)}")
     return VARIANT_LAYERS[key]
 
 
-def _extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
+def extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
     value = extra.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"backbone option {key!r} must be a number, got {value!r}")
@@ -198,8 +199,8 @@ def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO
     ``options.extra`` may hold ``dropout`` (float, default 0.1) and ``encoder_norm``
     (``"batch"`` or ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`).
     """
-    layers = _variant_layers(options.variant)
-    dropout = _extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
+    layers = variant_layers(options.variant)
+    dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
     return FastMETRO(

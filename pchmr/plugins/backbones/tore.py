@@ -64,6 +64,8 @@ from pchmr.core.hookspecs import hookimpl
 from pchmr.core.losses import project_weak_perspective
 from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
 from pchmr.plugins.backbones.fastmetro import (
+    extra_float,
+    variant_layers,
     CAMERA_HEAD_INIT_GAIN,
     DEFAULT_DROPOUT,
     FFN_DIM_1,
@@ -72,7 +74,6 @@ from pchmr.plugins.backbones.fastmetro import (
     MODEL_DIM_1,
     MODEL_DIM_2,
     NUM_HEADS,
-    VARIANT_LAYERS,
 )
 from pchmr.plugins.backbones.transformer import EncoderDecoder, sine_position_encoding
 
@@ -342,23 +343,6 @@ def token_pruning_loss(output: HMROutput, batch: Mapping[str, Tensor], height: i
 # ------------------------------------------------------------------------------- factory
 
 
-def _variant_layers(variant: str) -> int:
-    key = variant.upper()
-    if key not in VARIANT_LAYERS:
-        raise ValueError(f"unknown TORE variant {variant!r}; choose one of {sorted(VARIANT_LAYERS)}")
-    return VARIANT_LAYERS[key]
-
-
-def _extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
-    value = extra.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}") from exc
-
-
 def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
     """Build TORE-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
@@ -366,9 +350,9 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
     (default 0.1) and ``encoder_norm`` (``"batch"`` or ``"group"``, see
     :mod:`pchmr.plugins.backbones.encoders`).
     """
-    layers = _variant_layers(options.variant)
-    keep_ratio = _extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
-    dropout = _extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
+    layers = variant_layers(options.variant, family="TORE")
+    keep_ratio = extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
+    dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
     return TORE(
