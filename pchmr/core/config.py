@@ -48,6 +48,8 @@ class RunConfig:
     partition_options: Mapping[str, Any] = field(default_factory=dict)
     strategy: str = "fedavg"
     strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    privacy: str | None = None  # a privacy plugin wrapping the strategy ("dp", "secagg"); none: plain
+    privacy_options: Mapping[str, Any] = field(default_factory=dict)
     clients: int = 10
     per_round: int = 2
     rounds: int = 4
@@ -95,6 +97,20 @@ class RunConfig:
         _positive_int("epochs", self.epochs)
         if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
             raise ConfigError(f"--fraction must lie in (0, 1] (e.g. 0.05, 0.10, 0.20), got {self.fraction!r}")
+        if self.privacy is not None and (not isinstance(self.privacy, str) or not self.privacy):
+            raise ConfigError(f"--privacy must name a privacy plugin (e.g. dp, secagg), got {self.privacy!r}")
+        if not isinstance(self.privacy_options, Mapping):
+            raise ConfigError(f"privacy options must be a table of key = value, got {self.privacy_options!r}")
+        if self.privacy_options and self.privacy is None:
+            raise ConfigError(
+                f"privacy options {sorted(self.privacy_options)} were given without --privacy; "
+                "name the privacy plugin they are for"
+            )
+        if self.privacy is not None and self.mode != "federated":
+            raise ConfigError(
+                f"--privacy {self.privacy} protects federated training; --mode {self.mode} trains on one "
+                "device and has no updates to protect"
+            )
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             if value is not None:
@@ -107,6 +123,7 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["partition_options"] = dict(self.partition_options)
         out["strategy_options"] = dict(self.strategy_options)
+        out["privacy_options"] = dict(self.privacy_options)
         return out
 
     @classmethod
