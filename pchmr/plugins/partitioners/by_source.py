@@ -19,7 +19,7 @@ import numpy as np
 from pchmr.core.data import HMRData
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.partition import Partition, PartitionError
-from pchmr.plugins.partitioners.lda import check_num_clients, check_option_keys, label_option
+from pchmr.plugins.partitioners._options import check_num_clients, check_option_keys, label_option
 
 __all__ = ["DEFAULT_LABEL", "allocate_clients", "by_source", "pchmr_partitioners"]
 

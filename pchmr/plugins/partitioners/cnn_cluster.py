@@ -31,7 +31,7 @@ import torch
 from pchmr.core.data import HMRData
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.partition import Partition, PartitionError
-from pchmr.plugins.partitioners.lda import check_num_clients, check_option_keys, number_option
+from pchmr.plugins.partitioners._options import check_num_clients, check_option_keys, number_option
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
