@@ -13,6 +13,13 @@ Round r on the server:
 A client is a Flower node whose ``node_config`` carries ``partition-id`` (the Simulation
 Engine sets it; a SuperNode gets it from ``--node-config``). The server learns which node
 holds which partition with one ``query`` message per node at start-up.
+
+Privacy hooks (see :class:`~pchmr.core.strategy.StrategyParts`): ``before_round`` runs before
+step 1 (a :class:`~pchmr.core.strategy.PrivacyBudgetExhausted` stops the run cleanly, with
+``"stopped"`` in final.json); a ``round_protocol`` replaces step 2; ``round_metrics`` are merged
+into the round's record. On the client, one mod chains the strategy's ``client_mods`` around
+every handler, train messages carrying ``pchmr-stage`` go to the strategy's ``client_handlers``,
+and :func:`train_locally` applies the ``update_transforms`` after local training.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,20 +42,38 @@ from pchmr.core.partition import Partition, load_partition
 from pchmr.core.perf import tune_allocator
 from pchmr.core.registry import get_registry
 from pchmr.core.rundir import RunDir
-from pchmr.core.strategy import StrategyConfig, StrategyParts
+from pchmr.core.strategy import STAGE_KEY, PrivacyBudgetExhausted, StrategyConfig, StrategyParts, UpdateInfo
 
-__all__ = ["FederatedServer", "make_client_app", "make_server_app", "run_simulation", "build_strategy"]
+__all__ = [
+    "ClientRuntime",
+    "FederatedServer",
+    "build_strategy",
+    "failure_message",
+    "make_client_app",
+    "make_server_app",
+    "message_stage",
+    "ordered_replies",
+    "run_simulation",
+    "train_locally",
+]
 
 log = logging.getLogger("pchmr.federation")
 
 PARTITION_KEY = "partition-id"
 RUN_DIR_KEY = "pchmr-run-dir"
 _EVAL_BATCH = 64
+#: seconds a round's send_and_receive may wait for the slowest client
+ROUND_TIMEOUT = 24 * 3600.0
 
 
 def build_strategy(config: RunConfig) -> StrategyParts:
+    """The run's strategy, wrapped by its privacy plugin when ``config.privacy`` names one.
+
+    Raises the plugin's :class:`~pchmr.core.strategy.IncompatibleError` (a ValueError) when the
+    privacy mechanism cannot wrap the strategy, so a run is refused before any heavy work.
+    """
     factory = get_registry().get("strategy", config.strategy)
-    return factory(
+    parts = factory(
         StrategyConfig(
             num_clients=config.clients,
             per_round=config.per_round,
@@ -56,6 +81,19 @@ def build_strategy(config: RunConfig) -> StrategyParts:
             seed=config.seed,
             options=dict(config.strategy_options),
         )
+    )
+    if config.privacy is None:
+        return parts
+    privacy = get_registry().get("privacy", config.privacy)
+    return privacy(
+        parts,
+        StrategyConfig(
+            num_clients=config.clients,
+            per_round=config.per_round,
+            num_rounds=config.rounds,
+            seed=config.seed,
+            options=dict(config.privacy_options),
+        ),
     )
 
 
@@ -73,18 +111,23 @@ def state_nbytes(state: Mapping[str, torch.Tensor]) -> int:
 # client side
 # --------------------------------------------------------------------------------------
 @dataclass
-class _ClientRuntime:
+class ClientRuntime:
+    """A client process's state, built once from the run directory: the run's components, the
+    partition, the (privacy-wrapped) strategy and the HMRModule local training reuses."""
+
     components: Components
     partition: Partition
     strategy: StrategyParts
     module: HMRModule
 
 
-_RUNTIMES: dict[str, _ClientRuntime] = {}
+_ClientRuntime = ClientRuntime  # the former private name
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
 _RUNTIME_LOCK = threading.Lock()
 
 
-def _client_runtime(run_dir: str) -> _ClientRuntime:
+def _client_runtime(run_dir: str) -> ClientRuntime:
     """Built once per process (Ray actor or SuperNode) from the run directory's files."""
     with _RUNTIME_LOCK:
         if run_dir not in _RUNTIMES:
@@ -100,12 +143,12 @@ def _client_runtime(run_dir: str) -> _ClientRuntime:
             finally:
                 flwr_logger.setLevel(level)
             module = components.make_module(loss_terms=strategy.loss_terms)
-            _RUNTIMES[run_dir] = _ClientRuntime(components, load_partition(rd.partition), strategy, module)
+            _RUNTIMES[run_dir] = ClientRuntime(components, load_partition(rd.partition), strategy, module)
         return _RUNTIMES[run_dir]
 
 
 def local_fit(
-    runtime: _ClientRuntime, state: Mapping[str, torch.Tensor], partition_id: int, server_round: int,
+    runtime: ClientRuntime, state: Mapping[str, torch.Tensor], partition_id: int, server_round: int,
     config: Mapping[str, Any],
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """E local epochs of HMRModule on this client's data, starting from ``state``."""
@@ -129,8 +172,50 @@ def local_fit(
     return new_state, metrics
 
 
+def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Local training for a train message (content ``"arrays"``: the global model, ``"config"``:
+    the round's train config with ``server-round``), then the strategy's update transforms.
+
+    Returns the new state dict (what the client would send) and its metrics
+    (``num-examples``, ``train-loss``, ``fit-seconds``, ``partition-id``). Round protocols call
+    this from their client handlers.
+    """
+    pid = int(context.node_config[PARTITION_KEY])
+    config = dict(msg.content["config"])
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    server_round = int(config["server-round"])
+    new_state, metrics = local_fit(runtime, global_state, pid, server_round, config)
+    cfg = runtime.components.config
+    info = UpdateInfo(
+        server_round=server_round, partition_id=pid, num_examples=int(metrics["num-examples"]),
+        num_clients=cfg.clients, per_round=cfg.per_round, config=config,
+    )
+    for transform in runtime.strategy.update_transforms:
+        new_state = transform(new_state, global_state, info)
+    metrics["partition-id"] = float(pid)
+    return new_state, metrics
+
+
+def message_stage(msg: Any) -> str | None:
+    """The ``pchmr-stage`` value of the first ConfigRecord of ``msg`` that has one, else None."""
+    for record in msg.content.config_records.values():
+        if STAGE_KEY in record:
+            return str(record[STAGE_KEY])
+    return None
+
+
+def _chain(mods: Sequence[Callable[..., Any]], call_next: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``call_next`` wrapped by ``mods`` so that ``mods[0]`` runs first (outermost)."""
+    handler = call_next
+    for mod in reversed(list(mods)):
+        handler = (lambda m, nxt: lambda msg, ctx: m(msg, ctx, nxt))(mod, handler)
+    return handler
+
+
 def make_client_app(run_dir: str | Path | None = None) -> Any:
-    """The ClientApp: ``query`` answers the node's partition id, ``train`` runs :func:`local_fit`.
+    """The ClientApp: ``query`` answers the node's partition id, ``train`` runs :func:`train_locally`
+    (or the strategy's client handler named by the message's ``pchmr-stage``). Every message goes
+    through the strategy's ``client_mods`` (one mod of this app looks them up in the client runtime).
 
     ``run_dir`` is baked in for the Simulation Engine; on the Deployment Engine it comes from
     the run config key ``pchmr-run-dir``.
@@ -138,11 +223,16 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    app = ClientApp()
     fixed_dir = None if run_dir is None else str(run_dir)
 
     def _dir(context: Context) -> str:
         return fixed_dir or str(context.run_config[RUN_DIR_KEY])
+
+    def strategy_mods(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        mods = _client_runtime(_dir(context)).strategy.client_mods
+        return _chain(mods, call_next)(msg, context) if mods else call_next(msg, context)
+
+    app = ClientApp(mods=[strategy_mods])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -152,11 +242,16 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         runtime = _client_runtime(_dir(context))
-        pid = int(context.node_config[PARTITION_KEY])
-        config = dict(msg.content["config"])
-        state = msg.content["arrays"].to_torch_state_dict()
-        new_state, metrics = local_fit(runtime, state, pid, int(config["server-round"]), config)
-        metrics["partition-id"] = float(pid)
+        stage = message_stage(msg)
+        if stage is not None:
+            handler = runtime.strategy.client_handlers.get(stage)
+            if handler is None:
+                raise KeyError(
+                    f"a message asks for client stage '{stage}', but strategy '{runtime.strategy.name}' "
+                    f"has handlers only for {sorted(runtime.strategy.client_handlers)}"
+                )
+            return handler(msg, context, runtime)
+        new_state, metrics = train_locally(runtime, msg, context)
         content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)
 
@@ -167,17 +262,49 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
 # server side
 # --------------------------------------------------------------------------------------
 class _SubsetGrid:
-    """A view of a Flower Grid that shows a strategy only the round's sampled nodes."""
+    """A view of a Flower Grid that shows a strategy only the round's sampled nodes.
 
-    def __init__(self, grid: Any, node_ids: Iterable[int]) -> None:
+    ``partition_of`` maps node id → partition id (every sampled node must be in it).
+    """
+
+    def __init__(self, grid: Any, node_ids: Iterable[int], partition_of: Mapping[int, int] | None = None) -> None:
         self._grid = grid
         self._nodes = list(node_ids)
+        self._partition_of = dict(partition_of or {})
 
     def get_node_ids(self) -> list[int]:
         return list(self._nodes)
 
+    def partition_id(self, node_id: int) -> int:
+        if node_id not in self._partition_of:
+            raise KeyError(f"node {node_id} is not one of this round's sampled nodes {self._nodes}")
+        return self._partition_of[node_id]
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def failure_message(server_round: int, failed: Sequence[Any], total: int, stage: str = "train") -> str:
+    """``round r: f of n clients failed (stage): node …: reason; …`` for replies with errors."""
+    reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed[:3])
+    return f"round {server_round}: {len(failed)} of {total} clients failed ({stage}): {reasons}"
+
+
+def ordered_replies(
+    replies: Iterable[Any], grid: Any, server_round: int, stage: str = "train", allow_failures: bool = False
+) -> list[Any]:
+    """The successful replies sorted by their node's partition id (reproducible sums).
+
+    ``grid`` is the round's view (it maps nodes to partitions). A reply with an error raises
+    RuntimeError naming the round, stage and reasons, unless ``allow_failures`` (protocols that
+    tolerate dropouts then see only the successful replies).
+    """
+    replies = list(replies)
+    failed = [r for r in replies if r.has_error()]
+    if failed and not allow_failures:
+        raise RuntimeError(failure_message(server_round, failed, len(replies), stage))
+    ok = [r for r in replies if not r.has_error()]
+    return sorted(ok, key=lambda r: grid.partition_id(r.metadata.src_node_id))
 
 
 @dataclass
@@ -255,34 +382,39 @@ class FederatedServer:
         start_round, state, elapsed, sent, received = self._restore()
         node_of = self._discover(grid)
         arrays = ArrayRecord(state)
-        model_bytes = state_nbytes(state)
         if start_round == 0:
             self._record(0, state, elapsed, 0.0, sent, received, [])
             start_round = 1
+        stopped: str | None = None
         for server_round in range(start_round, cfg.rounds + 1):
+            if self.strategy.before_round is not None:
+                try:
+                    self.strategy.before_round(server_round)
+                except PrivacyBudgetExhausted as exc:
+                    stopped = exc.message
+                    log.warning("stopping before round %d: %s", server_round, stopped)
+                    break
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, server_round, cfg.clients, cfg.per_round)
             random.seed(derive_seed(cfg.seed, server_round, 7))
             train_config = ConfigRecord({"local-epochs": cfg.local_epochs, **dict(self.strategy.train_config)})
-            view = _SubsetGrid(grid, [node_of[p] for p in sampled])
-            messages = list(self.strategy.server.configure_train(server_round, arrays, train_config, view))
-            replies = list(grid.send_and_receive(messages, timeout=24 * 3600))
-            failed = [r for r in replies if r.has_error()]
-            if failed:
-                reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed[:3])
-                raise RuntimeError(f"round {server_round}: {len(failed)} of {len(replies)} clients failed: {reasons}")
-            replies.sort(key=lambda r: float(r.content["metrics"]["partition-id"]))
-            new_arrays, train_metrics = self.strategy.server.aggregate_train(server_round, replies)
-            if new_arrays is None:
-                raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
-            arrays = new_arrays
-            sent += model_bytes * len(messages)
-            received += sum(state_nbytes(r.content["arrays"].to_torch_state_dict()) for r in replies)
+            view = _SubsetGrid(grid, [node_of[p] for p in sampled], {node_of[p]: p for p in sampled})
+            if self.strategy.round_protocol is not None:
+                train_config["server-round"] = server_round
+                result = self.strategy.round_protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
+                arrays = result.arrays
+                sent += int(result.bytes_sent)
+                received += int(result.bytes_received)
+                extra = {key.replace("-", "_"): float(value) for key, value in result.metrics.items()}
+            else:
+                arrays, extra, round_sent, round_received = self._train_round(view, server_round, arrays, train_config)
+                sent += round_sent
+                received += round_received
             state = arrays.to_torch_state_dict()
             round_seconds = time.perf_counter() - t0
             elapsed += round_seconds
             evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
-            extra = _round_extras(train_metrics)
+            extra.update(self._round_metrics(server_round))
             metrics = (
                 self._record(server_round, state, elapsed, round_seconds, sent, received, sampled, extra)
                 if evaluate_now
@@ -294,8 +426,39 @@ class FederatedServer:
                  "strategy_state": strategy_state}
             )
             self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
+        if stopped is not None:
+            self._record_stop(state, elapsed, sent, received)
         torch.save(state, self.rd.model)
-        self._finish(state)
+        self._finish(state, stopped)
+
+    def _train_round(
+        self, view: _SubsetGrid, server_round: int, arrays: Any, train_config: Any
+    ) -> tuple[Any, dict[str, float], int, int]:
+        """configure_train → send_and_receive → aggregate_train; returns the new global arrays,
+        the round's extra metrics and the bytes sent/received."""
+        messages = list(self.strategy.server.configure_train(server_round, arrays, train_config, view))
+        replies = ordered_replies(view.send_and_receive(messages, timeout=ROUND_TIMEOUT), view, server_round)
+        new_arrays, train_metrics = self.strategy.server.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
+        sent = state_nbytes(arrays.to_torch_state_dict()) * len(messages)
+        received = sum(state_nbytes(r.content["arrays"].to_torch_state_dict()) for r in replies)
+        return new_arrays, _round_extras(train_metrics), sent, received
+
+    def _round_metrics(self, server_round: int) -> dict[str, float]:
+        if self.strategy.round_metrics is None:
+            return {}
+        return {key.replace("-", "_"): float(value) for key, value in self.strategy.round_metrics(server_round).items()}
+
+    def _record_stop(self, state: Mapping[str, torch.Tensor], elapsed: float, sent: int, received: int) -> None:
+        """Before a clean stop: make sure the last completed round is evaluated in rounds.jsonl."""
+        rounds = self.rd.read_rounds()
+        done = self.rd.load_checkpoint()
+        completed = int(done["round"]) if done is not None else 0
+        if rounds and rounds[-1]["round"] == completed:
+            return
+        sampled = sample_clients(self.config.seed, completed, self.config.clients, self.config.per_round) if completed else []
+        self._record(completed, state, elapsed, 0.0, sent, received, sampled, self._round_metrics(completed) if completed else None)
 
     def _restore(self) -> tuple[int, dict[str, torch.Tensor], float, int, int]:
         ckpt = self.rd.load_checkpoint()
@@ -331,8 +494,10 @@ class FederatedServer:
             self.on_round(RoundReport(0, self.config.rounds, metrics, 0.0, []))
         return metrics
 
-    def _finish(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.rd.summarize(self.baselines, self.components.protocol().as_dict())
+    def _finish(self, state: Mapping[str, torch.Tensor], stopped: str | None = None) -> None:
+        final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
+        if stopped is not None:
+            self.rd.write_json(self.rd.final, {**final, "stopped": stopped})
 
 
 def _round_extras(train_metrics: Any) -> dict[str, float]:

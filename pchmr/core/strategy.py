@@ -7,6 +7,12 @@ from the run seed, and offers the strategy only those nodes; a strategy therefor
 ``min_*_nodes`` of 1 — :func:`flower_sampling_kwargs` returns exactly that.
 
 Config keys follow Flower's kebab-case (``"proximal-mu"``, ``"server-learning-rate"``).
+
+Privacy mechanisms (``pchmr_privacy`` plugins) wrap a :class:`StrategyParts` and use the runtime
+hooks it carries: a :class:`RoundProtocol` that replaces the whole train round on the server,
+client mods and named client handlers (messages whose ConfigRecord holds :data:`STAGE_KEY`),
+update transforms applied on the client after local training, and per-round callbacks
+(``before_round`` may raise :class:`PrivacyBudgetExhausted` to stop the run cleanly).
 """
 
 from __future__ import annotations
@@ -14,11 +20,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning
+if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning (and Flower)
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+    from torch import Tensor
+
+    from pchmr.core.federation import ClientRuntime
     from pchmr.core.hmr import LossTerm
 
 __all__ = [
     "IncompatibleError",
+    "PrivacyBudgetExhausted",
+    "RoundProtocol",
+    "RoundResult",
+    "UpdateInfo",
+    "UpdateTransform",
+    "ClientHandler",
+    "STAGE_KEY",
     "StrategyConfig",
     "StrategyParts",
     "StrategyFactory",
@@ -27,8 +44,78 @@ __all__ = [
 ]
 
 
+#: ConfigRecord key naming the client handler a protocol message is for (see ``client_handlers``).
+STAGE_KEY = "pchmr-stage"
+
+
 class IncompatibleError(ValueError):
     """A privacy mechanism cannot wrap this strategy (the message says why)."""
+
+
+class PrivacyBudgetExhausted(Exception):
+    """Raised by ``StrategyParts.before_round``: the next round would exceed the privacy budget.
+
+    The runtime stops cleanly: it keeps the last global model, writes ``final.json`` with
+    ``"stopped": <message>`` and the run exits with code 0.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass
+class RoundResult:
+    """What a :class:`RoundProtocol` returns for one round.
+
+    ``arrays``: the new global model; ``metrics``: flat numbers merged into the round's
+    ``rounds.jsonl`` record (``-`` becomes ``_`` in keys); ``bytes_sent`` / ``bytes_received``:
+    what the server sent to / received from clients in this round (counted by the protocol).
+    """
+
+    arrays: "ArrayRecord"
+    metrics: dict[str, float]
+    bytes_sent: int
+    bytes_received: int
+
+
+@runtime_checkable
+class RoundProtocol(Protocol):
+    """Replaces configure_train → send_and_receive → aggregate_train for every round.
+
+    ``grid`` is the runtime's view of the Flower grid holding only the round's sampled nodes
+    (``grid.get_node_ids()``; ``grid.partition_id(node_id)`` maps a node to its partition);
+    ``arrays`` is the current global model, ``train_config`` the round's train config (already
+    holding ``server-round``, ``local-epochs`` and the strategy's ``train_config``), ``timeout``
+    the seconds a send_and_receive may wait. Reply checking and ordering:
+    :func:`pchmr.core.federation.ordered_replies`; local training inside a client handler:
+    :func:`pchmr.core.federation.train_locally`.
+    """
+
+    def run_round(
+        self, grid: Any, server_round: int, arrays: "ArrayRecord", train_config: "ConfigRecord", timeout: float
+    ) -> RoundResult: ...
+
+
+@dataclass(frozen=True)
+class UpdateInfo:
+    """What an update transform knows about the client update it transforms."""
+
+    server_round: int
+    partition_id: int
+    num_examples: int
+    num_clients: int  # N, the federation's size
+    per_round: int  # k, clients sampled per round
+    config: Mapping[str, Any]  # the round's train config as the client received it
+
+
+#: ``transform(new_state, global_state, info) -> new_state'`` applied on the client after local
+#: training (e.g. clip the update ``new - global`` and add noise).
+UpdateTransform = Callable[[dict[str, "Tensor"], dict[str, "Tensor"], UpdateInfo], dict[str, "Tensor"]]
+
+#: ``handler(msg, context, runtime) -> reply`` for protocol messages whose ConfigRecord has
+#: ``STAGE_KEY`` set to the handler's key.
+ClientHandler = Callable[["Message", "Context", "ClientRuntime"], "Message"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +144,24 @@ class StrategyParts:
     * ``describe``: JSON-able description written into the run's config;
     * ``get_state`` / ``set_state``: the server strategy's state between rounds (e.g. FedOpt's
       moments) as a dict of tensors/numbers, saved in every round's checkpoint and restored on
-      resume. Stateless strategies leave them ``None``.
+      resume. Stateless strategies leave them ``None``. A privacy wrapper composes its own state
+      with the wrapped strategy's (e.g. ``{"inner": inner_state, "accountant": steps}``).
+
+    Runtime hooks (defaults keep plain federated training):
+
+    * ``round_protocol``: a :class:`RoundProtocol` run *instead of* configure_train →
+      send_and_receive → aggregate_train (e.g. secure aggregation);
+    * ``client_mods``: Flower client mods ``(msg, context, call_next) -> Message`` chained, in
+      order, around the client's handlers for every message type (query, train, protocol stages);
+    * ``client_handlers``: ``{stage: handler}``; a train message whose ConfigRecord holds
+      ``STAGE_KEY == stage`` goes to ``handler(msg, context, runtime)`` instead of local training;
+    * ``update_transforms``: applied in order on the client after local training to
+      ``(new_state, global_state, info)`` (client-side clipping/noise, composable with secure
+      aggregation since it happens before anything leaves the client);
+    * ``before_round(server_round)``: called before each round; may raise
+      :class:`PrivacyBudgetExhausted` to stop the run cleanly;
+    * ``round_metrics(server_round)``: numbers merged into that round's ``rounds.jsonl`` record
+      (e.g. ``epsilon``, ``delta``), called after the round.
     """
 
     name: str
@@ -69,6 +173,11 @@ class StrategyParts:
     describe: Mapping[str, Any] = field(default_factory=dict)
     get_state: Callable[[], Mapping[str, Any]] | None = None
     set_state: Callable[[Mapping[str, Any]], None] | None = None
+    round_protocol: RoundProtocol | None = None
+    client_handlers: Mapping[str, ClientHandler] = field(default_factory=dict)
+    update_transforms: Sequence[UpdateTransform] = ()
+    before_round: Callable[[int], None] | None = None
+    round_metrics: Callable[[int], Mapping[str, float]] | None = None
 
 
 @runtime_checkable
