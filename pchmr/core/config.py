@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "RunConfig", "load_config_file", "ENGINES", "MODES"]
+__all__ = ["ConfigError", "RunConfig", "apply_scale", "load_config_file", "ENGINES", "MODES"]
 
 ENGINES = ("simulation", "deployment")
 MODES = ("federated", "centralized", "naive")
@@ -141,8 +141,13 @@ def _positive_int(name: str, value: Any) -> None:
         raise ConfigError(f"--{name} must be a whole number >= 1, got {value!r}")
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or JSON config file into a flat dict (keys as in :class:`RunConfig`)."""
+def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a flat dict (keys as in :class:`RunConfig`).
+
+    A file may hold named scales, tables of overrides under ``scale`` (TOML ``[scale.smoke]``):
+    they are dropped unless ``scale`` names one, whose values then replace the file's (a table
+    such as ``partition_options`` is merged key by key). See :func:`apply_scale`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -156,4 +161,27 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of options")
-    return data
+    return apply_scale(data, scale, str(path))
+
+
+def apply_scale(data: Mapping[str, Any], scale: str | None, source: str = "the config") -> dict[str, Any]:
+    """``data`` without its ``scale`` table, overridden by ``data["scale"][scale]`` when ``scale`` is given.
+
+    Example: ``{"rounds": 2000, "scale": {"smoke": {"rounds": 3}}}`` with ``scale="smoke"`` gives
+    ``{"rounds": 3}``; with ``scale=None`` it gives ``{"rounds": 2000}``.
+    """
+    out = {k: v for k, v in data.items() if k != "scale"}
+    scales = data.get("scale", {})
+    if not isinstance(scales, Mapping) or not all(isinstance(v, Mapping) for v in scales.values()):
+        raise ConfigError(f"{source}: 'scale' must be a table of named override tables, e.g. [scale.smoke]")
+    if scale is None:
+        return out
+    if scale not in scales:
+        known = ", ".join(sorted(scales)) or "none"
+        raise ConfigError(f"{source} has no scale '{scale}'; its scales are: {known}")
+    for key, value in scales[scale].items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
