@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -277,18 +279,23 @@ def test_gradients_reach_every_trainable_parameter_and_the_pruning_loss_trains_t
     assert missing == []
 
 
-def test_hmr_module_adds_the_pruning_term(body: ToyBodyModel, model_s: TORE) -> None:
+def test_hmr_module_adds_the_pruning_term_with_tores_weight_and_warm_up(body: ToyBodyModel, model_s: TORE) -> None:
     module = HMRModule(model_s, body)
     batch = toy_batch(body, 2, SIZE, torch.Generator().manual_seed(1))
     model_s.eval()
     with torch.no_grad():
         terms = module.compute_losses(batch, module(batch["image"]))
     assert terms[PRUNING_LOSS] > 0
-    without = terms["loss"] - terms[PRUNING_LOSS]  # default weight 1.0
     expected = (
         1000 * terms["joints_3d"] + 1000 * terms["reg_joints_3d"] + 100 * terms["vertices"] + 100 * terms["joints_2d"]
+        + 500 * terms["edge"] + 10 * terms["normal"]
     )
-    assert torch.allclose(without, expected, rtol=1e-5)
+    # epoch 0 of training: 1e-3 * 16 * M, ramped by sigmoid(0 - 3)
+    weight = 1e-3 * 16 * model_s.num_kept / (1 + math.exp(3))
+    assert torch.allclose(terms["loss"], expected + weight * terms[PRUNING_LOSS], rtol=1e-5)
+    module.round_config = {"server-round": 3, "local-epochs": 2}  # a federated client at epoch (3 - 1) * 2 = 4
+    assert module.training_epoch == 4
+    assert model_s.extra_loss_schedule(4)[PRUNING_LOSS] == pytest.approx(1 / (1 + math.exp(-1)))
 
 
 def test_vertices_depend_on_the_image_only_through_camera_and_joint_features(model_s: TORE) -> None:

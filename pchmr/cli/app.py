@@ -75,6 +75,10 @@ def run(
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
+    loss_weight: list[str] = typer.Option(
+        [], "--loss-weight", help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, "
+        "joints_2d, edge, normal, mesh_level, or a backbone term such as token_pruning."
+    ),
     num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
     num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate the global model every N rounds."),
@@ -116,6 +120,8 @@ def run(
                 values["partition_options"] = _parse_options(partition_option, "--partition-option")
             if strategy_option:
                 values["strategy_options"] = _parse_options(strategy_option, "--strategy-option")
+            if loss_weight:
+                values["loss_weights"] = _parse_options(loss_weight, "--loss-weight")
             cfg = RunConfig.from_dict(values)
             run_dir = None
         _run_with_progress(cfg, run_dir, resume is not None, execute)

@@ -57,6 +57,17 @@ class Backbone(nn.Module):
         """Backbone-specific loss terms (e.g. TORE's token-pruning loss), unweighted scalars."""
         return {}
 
+    def extra_loss_weights(self, epoch: int) -> dict[str, float]:
+        """The weight of each :meth:`extra_losses` term at training epoch ``epoch`` (0-based,
+        counted over the model's whole training: a federated client in round r with E local
+        epochs is at ``(r - 1) * E + e``). A term missing here weighs 1.0; a user's
+        ``LossWeights.extra[name]`` replaces the base weight (the schedule still applies)."""
+        return {}
+
+    def extra_loss_schedule(self, epoch: int) -> dict[str, float]:
+        """Multipliers of the extra terms at ``epoch`` (a warm-up, say); missing terms: 1.0."""
+        return {}
+
 
 @runtime_checkable
 class BackboneFactory(Protocol):

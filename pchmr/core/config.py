@@ -57,6 +57,7 @@ class RunConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    loss_weights: Mapping[str, Any] = field(default_factory=dict)  # overrides of pchmr.core.losses.LossWeights
     eval_every: int = 1
     engine: str = "simulation"  # or "deployment": Flower's SuperLink + SuperNodes (pchmr.core.deployment)
     superlink: str | None = None  # deployment: HOST:PORT of a running SuperLink (none: start one on loopback)
@@ -111,6 +112,7 @@ class RunConfig:
                 f"--privacy {self.privacy} protects federated training; --mode {self.mode} trains on one "
                 "device and has no updates to protect"
             )
+        _check_loss_weights(self.loss_weights)
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             if value is not None:
@@ -123,6 +125,7 @@ class RunConfig:
         out = dataclasses.asdict(self)
         out["partition_options"] = dict(self.partition_options)
         out["strategy_options"] = dict(self.strategy_options)
+        out["loss_weights"] = dict(self.loss_weights)
         out["privacy_options"] = dict(self.privacy_options)
         return out
 
@@ -134,6 +137,15 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**normalised)
+
+
+def _check_loss_weights(weights: Mapping[str, Any]) -> None:
+    from pchmr.core.losses import LossWeights  # imports torch: only when weights are validated
+
+    try:
+        LossWeights.from_overrides(weights)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--loss-weight: {exc} (a term name from pchmr.core.losses, e.g. edge=500)") from exc
 
 
 def _positive_int(name: str, value: Any) -> None:

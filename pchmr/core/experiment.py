@@ -59,7 +59,7 @@ class Components:
         return HMRModule(
             backbone,
             self.body_model,
-            loss_weights=LossWeights(),
+            loss_weights=LossWeights.from_overrides(cfg.loss_weights),
             optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
             loss_terms=loss_terms,
         )

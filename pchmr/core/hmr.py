@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from pchmr.core.backbone import Backbone, HMROutput
 from pchmr.core.bodymodel import BodyModel, MeshPyramid
 from pchmr.core.losses import LossWeights, level_weights_for, project_weak_perspective, weighted_l1
+from pchmr.core.mesh_losses import edge_length_loss, normal_loss
 from pchmr.core.metrics import MPJPE, MPVPE, PAMPJPE, PCK
 
 __all__ = ["HMRModule", "LossTerm", "OptimConfig", "make_trainer", "evaluate", "quiet_lightning"]
@@ -69,6 +70,22 @@ class HMRModule(pl.LightningModule):
         self.pyramid: MeshPyramid = body_model.pyramid()
         self.register_buffer("joint_regressor", _regressor_matrix(body_model), persistent=False)
         level_weights_for(self.pyramid.levels, self.loss_weights.vertex_levels)
+        levels = self.pyramid.levels
+        if not -levels <= self.loss_weights.mesh_level < levels:
+            raise ValueError(
+                f"mesh_level {self.loss_weights.mesh_level} is not a level of the {levels}-level mesh pyramid"
+            )
+        self.mesh_level = self.loss_weights.mesh_level % levels
+        known_terms = set(backbone.extra_loss_weights(0))
+        unknown = sorted(set(self.loss_weights.extra) - known_terms)
+        if unknown:
+            raise ValueError(
+                f"loss weights {unknown} name no loss term; this backbone adds {sorted(known_terms) or 'no terms'} to "
+                "joints_3d, reg_joints_3d, vertices, joints_2d, edge, normal"
+            )
+        self.register_buffer("mesh_faces", self.pyramid.faces[self.mesh_level].clone(), persistent=False)
+        self.global_state: Mapping[str, Tensor] | None = None  # the round's global weights (proximal terms)
+        self.round_config: dict[str, object] = {}  # the round's train config (federated clients)
         self.val_metrics = nn.ModuleDict(
             {"mpjpe_mm": MPJPE(), "pa_mpjpe_mm": PAMPJPE(), "mpvpe_mm": MPVPE(), "pck": PCK()}
         )
@@ -111,6 +128,11 @@ class HMRModule(pl.LightningModule):
         terms["vertices"] = vertex_loss
         kp = batch["keypoints_2d"]
         terms["joints_2d"] = weighted_l1(project_weak_perspective(pred_joints, out.camera), kp[..., :2], kp[..., 2])
+        if w.edge > 0 or w.normal > 0:
+            level = self.mesh_level
+            gt_mesh = gt_full if level == self.pyramid.levels - 1 else self.pyramid.downsample(gt_full, level)
+            terms["edge"] = edge_length_loss(out.vertices[level], gt_mesh, self.mesh_faces, has_mesh)
+            terms["normal"] = normal_loss(out.vertices[level], gt_mesh, self.mesh_faces, has_mesh)
 
         loss = (
             w.joints_3d * terms["joints_3d"]
@@ -118,13 +140,28 @@ class HMRModule(pl.LightningModule):
             + w.vertices * terms["vertices"]
             + w.joints_2d * terms["joints_2d"]
         )
+        if "edge" in terms:
+            loss = loss + w.edge * terms["edge"] + w.normal * terms["normal"]
+        epoch = self.training_epoch
+        base = self.backbone.extra_loss_weights(epoch)
+        ramp = self.backbone.extra_loss_schedule(epoch)
         for name, value in self.backbone.extra_losses(out, batch).items():
             terms[name] = value
-            loss = loss + w.extra.get(name, 1.0) * value
+            loss = loss + w.extra.get(name, base.get(name, 1.0)) * ramp.get(name, 1.0) * value
         for term in self.loss_terms:
             loss = loss + term(self, batch, out)
         terms["loss"] = loss
         return terms
+
+    @property
+    def training_epoch(self) -> int:
+        """0-based epoch over the model's whole training: a federated client in round r with E
+        local epochs is at ``(r - 1) * E`` + its local epoch (loss schedules depend on it)."""
+        local = int(self.trainer.current_epoch) if self._trainer is not None else 0
+        server_round = self.round_config.get("server-round")
+        if server_round is None:
+            return local
+        return (int(server_round) - 1) * int(self.round_config.get("local-epochs", 1)) + local  # type: ignore[arg-type]
 
     # -- Lightning hooks -----------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:

@@ -98,6 +98,13 @@ SELECTOR_DIM = 128
 MODEL_DIM_3, FFN_DIM_3 = 128, 512
 #: Name of the pruning loss in :meth:`TORE.extra_losses` (its weight: ``LossWeights.extra``).
 PRUNING_LOSS = "token_pruning"
+#: TORE's script weights its *summed* pruning loss (B · M normalised maps) by 1e-3; ours is the
+#: mean over samples and kept tokens, so the equivalent weight is 1e-3 · B · M at TORE's batch.
+TORE_PRUNING_WEIGHT = 1e-3
+#: The per-GPU batch that weight was tuned at (FastMETRO's and TORE's default, 16: inferred).
+TORE_REFERENCE_BATCH = 16
+#: ... and ramped in by ``sigmoid(epoch - TORE_PRUNING_RAMP_EPOCH)``.
+TORE_PRUNING_RAMP_EPOCH = 3
 #: Guards ``int(cells · ratio)`` against 0.29 · 100 = 28.999…
 KEEP_EPS = 1e-9
 #: A weak-perspective fit needs this much spread (m², weighted) in the GT joints.
@@ -258,6 +265,14 @@ class TORE(Backbone):
     def extra_losses(self, output: HMROutput, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{"token_pruning": selector mass outside the GT body}``, unweighted; see :func:`token_pruning_loss`."""
         return {PRUNING_LOSS: token_pruning_loss(output, batch, self.grid, self.grid)}
+
+    def extra_loss_weights(self, epoch: int) -> dict[str, float]:
+        """The pruning loss's base weight, 1e-3 · 16 · M (see :data:`TORE_PRUNING_WEIGHT`)."""
+        return {PRUNING_LOSS: TORE_PRUNING_WEIGHT * TORE_REFERENCE_BATCH * self.num_kept}
+
+    def extra_loss_schedule(self, epoch: int) -> dict[str, float]:
+        """TORE's warm-up of the pruning loss: ``sigmoid(epoch - 3)``."""
+        return {PRUNING_LOSS: 1.0 / (1.0 + math.exp(TORE_PRUNING_RAMP_EPOCH - epoch))}
 
 
 # ------------------------------------------------------------------------------- pruning loss
