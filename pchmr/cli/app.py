@@ -69,6 +69,8 @@ def run(
     fraction: Optional[float] = typer.Option(None, help="Naive baseline: share of the training data (0.05, 0.10, 0.20)."),
     strategy: Optional[str] = typer.Option(None, help="Aggregation strategy plugin (default fedavg)."),
     strategy_option: list[str] = typer.Option([], "--strategy-option", help="Strategy option key=value (repeatable)."),
+    privacy: Optional[str] = typer.Option(None, help="Privacy plugin wrapping the strategy (e.g. dp, secagg)."),
+    privacy_option: list[str] = typer.Option([], "--privacy-option", help="Privacy option key=value (repeatable)."),
     clients: Optional[int] = typer.Option(None, help="Number of clients N."),
     per_round: Optional[int] = typer.Option(None, help="Clients sampled per round k (k <= N)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
@@ -103,7 +105,7 @@ def run(
             values: dict[str, Any] = load_config_file(config) if config else {}
             flags = {
                 "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
-                "body_model": body_model, "partitioner": partitioner, "strategy": strategy,
+                "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
@@ -120,6 +122,8 @@ def run(
                 values["partition_options"] = _parse_options(partition_option, "--partition-option")
             if strategy_option:
                 values["strategy_options"] = _parse_options(strategy_option, "--strategy-option")
+            if privacy_option:
+                values["privacy_options"] = _parse_options(privacy_option, "--privacy-option")
             if loss_weight:
                 values["loss_weights"] = _parse_options(loss_weight, "--loss-weight")
             cfg = RunConfig.from_dict(values)
@@ -176,6 +180,8 @@ def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
         base = baseline.get(key)
         table.add_row(label, fmt.format(final["round0"][key]), fmt.format(final[key]), "—" if base is None else fmt.format(base))
     console.print(table)
+    if final.get("stopped"):
+        console.print(f"[bold yellow]stopped early:[/] {final['stopped']}", highlight=False, soft_wrap=True)
     console.print(f"run directory: {path}  ({seconds:.0f} s)")
 
 
