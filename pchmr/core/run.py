@@ -47,6 +47,8 @@ def check_plugins(config: RunConfig) -> None:
         ("strategy", config.strategy),
     ):
         registry.info(kind, name)
+    if config.privacy is not None:
+        registry.info("privacy", config.privacy)
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -91,7 +93,7 @@ def execute(
     check_plugins(config)
     if config.cache_dir is None:  # clients in other processes must read the very same cache
         config = config.replace(cache_dir=str(default_cache_dir().resolve()))
-    strategy = build_strategy(config)  # validates strategy options before any heavy work
+    strategy = build_strategy(config)  # validates strategy and privacy options (and their compatibility) before any heavy work
     if run_dir is None:
         run_dir = Path(config.out) if config.out else default_run_dir(config)
     rd = RunDir(run_dir)
