@@ -42,6 +42,14 @@ def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
     return out
 
 
+def _with_server_opt(options: dict[str, Any], server_opt: str) -> dict[str, Any]:
+    """``--server-opt X`` is ``--strategy-option server-opt=X``; both with different values is an error."""
+    given = options.get("server-opt")
+    if given is not None and given != server_opt:
+        raise _fail(f"--server-opt {server_opt} contradicts --strategy-option server-opt={given}; give one of them")
+    return {**options, "server-opt": server_opt}
+
+
 def _coerce(value: str) -> Any:
     for cast in (int, float):
         try:
@@ -69,6 +77,7 @@ def run(
     fraction: Optional[float] = typer.Option(None, help="Naive baseline: share of the training data (0.05, 0.10, 0.20)."),
     strategy: Optional[str] = typer.Option(None, help="Aggregation strategy plugin (default fedavg)."),
     strategy_option: list[str] = typer.Option([], "--strategy-option", help="Strategy option key=value (repeatable)."),
+    server_opt: Optional[str] = typer.Option(None, "--server-opt", help="fedopt/fedgh server optimiser: adam, yogi or adagrad (alias of --strategy-option server-opt=...)."),
     privacy: Optional[str] = typer.Option(None, help="Privacy plugin wrapping the strategy (e.g. dp, secagg)."),
     privacy_option: list[str] = typer.Option([], "--privacy-option", help="Privacy option key=value (repeatable)."),
     clients: Optional[int] = typer.Option(None, help="Number of clients N."),
@@ -122,6 +131,8 @@ def run(
                 values["partition_options"] = _parse_options(partition_option, "--partition-option")
             if strategy_option:
                 values["strategy_options"] = _parse_options(strategy_option, "--strategy-option")
+            if server_opt is not None:
+                values["strategy_options"] = _with_server_opt(values.get("strategy_options", {}), server_opt)
             if privacy_option:
                 values["privacy_options"] = _parse_options(privacy_option, "--privacy-option")
             if loss_weight:
