@@ -83,7 +83,8 @@ def build_components(config: RunConfig) -> Components:
     registry = get_registry()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     body_model = _body_model(config.body_model, str(cache), config.smpl_dir)
-    data_factory = registry.get("dataset", config.dataset)
+    dataset_plugin, dataset_options = dataset_resolution(config.dataset)
+    data_factory = registry.get("dataset", dataset_plugin)
     spec = DatasetSpec(
         image_size=config.input_size,
         seed=config.seed,
@@ -91,9 +92,18 @@ def build_components(config: RunConfig) -> Components:
         path=config.dataset_path,
         num_train=config.num_train,
         num_test=config.num_test,
+        options=dataset_options,
     )
     data = data_factory(spec, body_model)
     return Components(config=config, body_model=body_model, data=data)
+
+
+def dataset_resolution(name: str) -> tuple[str, dict[str, object]]:
+    """``--dataset`` name → (plugin name, DatasetSpec options): ``a,b,c`` is the ``mixed``
+    plugin with ``options["datasets"] = "a,b,c"`` (each member's samples keep ``source`` = its name)."""
+    if "," in name:
+        return "mixed", {"datasets": name}
+    return name, {}
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +156,7 @@ def describe_plugins(config: RunConfig) -> dict[str, Any]:
     chosen = {
         "backbone": config.backbone,
         "body_model": config.body_model,
-        "dataset": config.dataset,
+        "dataset": dataset_resolution(config.dataset)[0],
         "partitioner": config.partitioner,
         "strategy": config.strategy,
     }
