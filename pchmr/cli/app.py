@@ -223,6 +223,7 @@ def plugins() -> None:
 from pchmr.cli.report import report as _report  # noqa: E402  (registered below, after the app exists)
 
 app.command(name="report")(_report)
+app.add_typer(__import__("pchmr.cli.data", fromlist=["data_app"]).data_app, name="data")
 
 
 def main() -> None:

@@ -1,0 +1,105 @@
+"""``pchmr data prepare`` and ``pchmr data check ROOT``: the real datasets' files and stores.
+
+Registered on the app in :mod:`pchmr.cli.app` with ``app.add_typer(data_app, name="data")``.
+
+* ``prepare --dataset NAME[:PATH]`` crops and caches a dataset for a crop size and body model
+  (what ``pchmr run`` would do first), with a progress bar; an interrupted preparation resumes
+  where it stopped. ``--verify`` re-checks every stored chunk against its checksum.
+* ``check ROOT`` lists, per named dataset and layout, the expected files under ROOT, whether each
+  is present and where it is obtained. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["data_app"]
+
+BAD_INPUT = 2
+data_app = typer.Typer(no_args_is_help=True, help="Prepare and check real datasets (SPIN npz, METRO TSV, 3DPW, COCO).")
+_console = Console()
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    return typer.Exit(BAD_INPUT)
+
+
+@data_app.command()
+def prepare(
+    dataset: str = typer.Option(..., help="Dataset, NAME:PATH (spin-npz:FILE.npz, h36m:ROOT, h36m,coco:ROOT …)."),
+    input_size: int = typer.Option(64, help="Square crop side in pixels (the backbone's input)."),
+    body_model: str = typer.Option("anny", help="Body model whose joint set (and SMPL mesh) the store holds."),
+    smpl_dir: Optional[Path] = typer.Option(None, help="Folder with your own SMPL files (for --body-model smpl)."),
+    seed: int = typer.Option(0, help="Seed of single-file train/test splits and of --num-train/--num-test choices."),
+    num_train: Optional[int] = typer.Option(None, help="Keep at most this many training samples."),
+    num_test: Optional[int] = typer.Option(None, help="Keep at most this many test samples."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Cache folder (default $PCHMR_CACHE_DIR or ~/.cache/pchmr)."),
+    verify: bool = typer.Option(False, help="Re-check every stored chunk against its SHA-256 afterwards."),
+) -> None:
+    """Crop and cache a dataset once (resumes an interrupted preparation)."""
+    from pchmr.core.config import ConfigError, RunConfig
+    from pchmr.core.experiment import build_components
+    from pchmr.core.registry import PluginError
+    from pchmr.core.store import PreparedStore, StoreError
+
+    name, _, path = dataset.partition(":")
+    try:
+        config = RunConfig(dataset=name, dataset_path=path or None, input_size=input_size, body_model=body_model,
+                           smpl_dir=str(smpl_dir) if smpl_dir else None, seed=seed, num_train=num_train,
+                           num_test=num_test, cache_dir=str(cache_dir) if cache_dir else None)  # fmt: skip
+        data = build_components(config).data
+        stores = [v for k, v in data.extra.items() if k.endswith("_store")]
+        if verify:
+            for directory in stores:
+                PreparedStore(directory).verify()
+    except (ConfigError, PluginError, FileNotFoundError, StoreError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"prepared {data.protocol.get('dataset', name)}")
+    table.add_column("split")
+    table.add_column("samples", justify="right")
+    table.add_column("store")
+    table.add_row("train", str(len(data.train)), str(data.extra.get("train_store", "(members)")))  # type: ignore[arg-type]
+    table.add_row("test", str(len(data.test)), str(data.extra.get("test_store", "(members)")))  # type: ignore[arg-type]
+    _console.print(table)
+    if verify:
+        _console.print(f"verified {len(stores)} store(s): every chunk matches its checksum")
+
+
+@data_app.command()
+def check(
+    root: Path = typer.Argument(..., help="The data root holding the datasets (dataset_extras/, 3DPW/, coco/ …)."),
+    dataset: list[str] = typer.Option([], "--dataset", help="Only these named datasets (repeatable)."),
+) -> None:
+    """List the expected files per dataset under ROOT: present, missing, and where to obtain them."""
+    from pchmr.plugins.datasets.mixed import check_root
+    from pchmr.plugins.datasets.prepared import DatasetFormatError
+
+    if not root.is_dir():
+        raise _fail(f"{root}: not a folder; give the folder that holds (or will hold) the datasets")
+    try:
+        rows = check_root(root, dataset or None)
+    except DatasetFormatError as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"datasets under {root}")
+    for column in ("dataset", "format", "file", "status"):
+        table.add_column(column)
+    usable: dict[str, list[str]] = {}
+    for row in rows:
+        status = "[green]present[/]" if row.present else "[red]missing[/]"
+        rel = row.path.relative_to(root) if row.path.is_relative_to(root) else row.path
+        table.add_row(row.dataset, row.format, f"{row.role}: {rel}", status)
+        if row.present and row.role == "train":
+            usable.setdefault(row.dataset, []).append(row.format)
+    _console.print(table)
+    _console.print("[bold]where to obtain each layout[/] (nothing is downloaded):")
+    for key in dict.fromkeys((r.dataset, r.format, r.obtain) for r in rows):
+        _console.print(f"  {key[0]} ({key[1]}): {key[2]}", highlight=False)
+    ready = ", ".join(f"{k} ({'/'.join(v)})" for k, v in usable.items()) or "none"
+    _console.print(f"usable now: {ready}")
