@@ -1,0 +1,134 @@
+"""``coco``: COCO person keypoints (2D only) from the official JSON annotations.
+
+Layout under ROOT: ``annotations/person_keypoints_<split>.json`` and ``<split>/<file_name>``
+(``train2014``/``val2014`` or ``train2017``/``val2017``). The JSON's ``images`` give ``id`` and
+``file_name``; each of its ``annotations`` with ``category_id`` 1 and ``iscrowd`` 0 and at
+least ``min_keypoints`` labelled keypoints (default :data:`MIN_KEYPOINTS`) becomes one sample:
+``keypoints`` (51 numbers: x, y, v per COCO-17 joint; v = 0 unlabelled, 1 occluded,
+2 visible → confidence 1 when v > 0), box from ``bbox`` [x, y, w, h] as SPIN crops COCO
+(centre of the box, side 1.2 · max(w, h)). There are no 3D labels: joints have validity 0
+and ``has_vertices`` is 0; ``source`` is ``coco``; subject/scene/action are ``unknown``.
+
+Location: ``--dataset coco-json:ROOT`` (the ``coco`` folder; ``--dataset coco:DATA_ROOT`` finds it as ``DATA_ROOT/coco``) (train ``train2014`` and test ``val2014``, or the 2017
+names when only those exist) or ``coco-json:root=ROOT,train=train2017,test=val2017[,min_keypoints=K]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pchmr.core.bodymodel import BodyModel
+from pchmr.core.data import DatasetSpec, HMRData
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.joints import COCO_17, remap
+from pchmr.plugins.datasets.prepared import (
+    Annotations,
+    DatasetFormatError,
+    FolderImages,
+    limit,
+    make_hmr_data,
+    parse_path_spec,
+    prepare_split,
+    progress_bar,
+)
+
+__all__ = ["MIN_KEYPOINTS", "load_coco", "make_coco", "pchmr_datasets"]
+
+MIN_KEYPOINTS = 6
+BOX_FACTOR = 1.2
+PERSON_CATEGORY = 1
+PATH_KEYS = ("root", "train", "test", "min_keypoints", "protocol")
+SPLIT_NAMES = (("train2014", "val2014"), ("train2017", "val2017"))
+
+
+def annotation_file(root: Path, split: str) -> Path:
+    return root / "annotations" / f"person_keypoints_{split}.json"
+
+
+def load_coco(root: str | Path, split: str, joint_names: tuple[str, ...], min_keypoints: int = MIN_KEYPOINTS) -> tuple[Annotations, Path]:
+    """The person samples of one COCO split and the JSON read."""
+    root = Path(root)
+    path = annotation_file(root, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: COCO keypoint annotations do not exist (expected ROOT/annotations/person_keypoints_{split}.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not valid JSON (truncated?): {exc}") from exc
+    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
+        raise DatasetFormatError(f"{path}: expected a COCO JSON object with 'images' and 'annotations'")
+    files = {}
+    for image in doc["images"]:
+        if "id" not in image or "file_name" not in image:
+            raise DatasetFormatError(f"{path}: an entry of 'images' lacks 'id' or 'file_name': {image!r}")
+        files[image["id"]] = f"{split}/{image['file_name']}"
+    names, boxes, points = [], [], []
+    for k, ann in enumerate(doc["annotations"]):
+        if ann.get("category_id", PERSON_CATEGORY) != PERSON_CATEGORY or ann.get("iscrowd", 0):
+            continue
+        for key in ("image_id", "keypoints", "bbox"):
+            if key not in ann:
+                raise DatasetFormatError(f"{path}: annotation {k} (id {ann.get('id')}) lacks '{key}'")
+        kp = np.asarray(ann["keypoints"], dtype=np.float64)
+        if kp.shape != (51,):
+            raise DatasetFormatError(f"{path}: annotation {k} 'keypoints' must hold 51 numbers (17 × x, y, v), got {kp.size}")
+        kp = kp.reshape(17, 3)
+        if int((kp[:, 2] > 0).sum()) < min_keypoints:
+            continue
+        if ann["image_id"] not in files:
+            raise DatasetFormatError(f"{path}: annotation {k} refers to image_id {ann['image_id']} not in 'images'")
+        box = np.asarray(ann["bbox"], dtype=np.float64)
+        if box.shape != (4,) or not (box[2:] > 0).all():
+            raise DatasetFormatError(f"{path}: annotation {k} 'bbox' must be [x, y, w, h] with w, h > 0, got {ann['bbox']}")
+        names.append(files[ann["image_id"]])
+        boxes.append(box)
+        points.append(kp)
+    n = len(names)
+    if n == 0:
+        raise DatasetFormatError(f"{path}: no person annotation with at least {min_keypoints} labelled keypoints")
+    boxes_a, kp_a = np.stack(boxes), np.stack(points)
+    kp_a[..., 2] = (kp_a[..., 2] > 0).astype(np.float64)
+    order = np.argsort(np.array(names), kind="stable")  # samples of one image together: decoded once
+    labels = {key: np.full(n, "unknown") for key in ("subject", "scene", "action")}
+    labels["source"] = np.full(n, "coco")
+    ann_all = Annotations(
+        image=np.array(names), center=boxes_a[:, :2] + boxes_a[:, 2:] / 2.0,
+        scale=BOX_FACTOR * boxes_a[:, 2:].max(axis=1) / 200.0, keypoints=remap(kp_a, COCO_17, joint_names),
+        joints=np.zeros((n, len(joint_names), 4)), labels=labels, origin=str(path),
+    )  # fmt: skip
+    return ann_all.take(order), path
+
+
+def make_coco(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
+    """The factory registered as ``coco-json`` (see the module docstring)."""
+    where = parse_path_spec(spec.path, "coco-json", PATH_KEYS)
+    where.update({k: str(v) for k, v in spec.options.items()})
+    root = Path(where.get("root", where.get("main", ""))).expanduser()
+    defaults = next((pair for pair in SPLIT_NAMES if annotation_file(root, pair[0]).is_file()), SPLIT_NAMES[0])
+    try:
+        min_kp = int(where.get("min_keypoints", MIN_KEYPOINTS))
+    except ValueError:
+        raise DatasetFormatError(f"coco-json: min_keypoints must be an integer, got {where['min_keypoints']!r}") from None
+    counts = {"train": spec.num_train, "test": spec.num_test}
+    stores, used = {}, {}
+    for split, default in zip(("train", "test"), defaults):
+        name = where.get(split, default)
+        ann, path = load_coco(root, name, body_model.joint_names, min_kp)
+        chosen = ann.take(limit(np.arange(len(ann)), counts[split], spec.seed))
+        images = FolderImages(root, listed_in=str(path))
+        images.check_exist(chosen.image.tolist())
+        with progress_bar(f"preparing coco {name} ({spec.image_size}px)") as update:
+            stores[split] = prepare_split(chosen, images, spec=spec, body_model=body_model, name=f"coco-{split}",
+                                          sources=[path], protocol=where.get("protocol", "metro"), progress=update)  # fmt: skip
+        used[split] = name
+    return make_hmr_data(f"coco-json:{used['test']}", stores["train"], stores["test"], body_model,
+                         where.get("protocol", "metro"), {"note": "2D keypoints only"})  # fmt: skip
+
+
+@hookimpl
+def pchmr_datasets() -> Mapping[str, Any]:
+    return {"coco-json": make_coco}

@@ -1,0 +1,261 @@
+"""``metro-tsv``: METRO / FastMETRO's TSV datasets (what FastMETRO and TORE train on).
+
+One split is a YAML file naming four TSVs in its folder (METRO's ``datasets/<name>/*.yaml``,
+e.g. ``human3.6m/train.smpl.p1.yaml``, ``3dpw/test_has_gender.yaml``, ``up3d/trainval.yaml``,
+``coco_smpl/train.yaml``, ``muco/train.yaml``):
+
+* ``img``: ``<key>\\t<base64 JPEG>`` per row;
+* ``label``: ``<key>\\t<JSON list>`` whose first dict has ``center`` [x, y] px, ``scale`` (box/200 px),
+  ``2d_joints`` (24 × [x, y, vis], J24, pixels), ``3d_joints`` (24 × [x, y, z, conf], J24,
+  **metres**, camera frame), ``has_2d_joints``, ``has_3d_joints``, ``pose`` (72), ``betas`` (10),
+  ``has_smpl`` and optionally ``gender``;
+* ``hw``: ``<key>\\t[{"height": H, "width": W}]`` (read for checks only);
+* ``linelist``: the row numbers that form the split, one per line.
+
+Each TSV may have a ``<name>.lineidx`` beside it (byte offset of every row, METRO's
+``tsv_writer`` writes them); without it the offsets are found by one scan of the file.
+
+Location: ``--dataset metro-tsv:SPLIT.yaml`` (seeded 80/20 split) or
+``metro-tsv:train=A.yaml,test=B.yaml[,source=NAME][,protocol=metro|spin]``. ``source`` defaults
+to the folder name (``human3.6m`` → ``h36m``, ``coco_smpl`` → ``coco``, ``up3d``, ``3dpw``,
+``muco``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from pchmr.core.bodymodel import BodyModel
+from pchmr.core.data import DatasetSpec, HMRData
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.joints import J24, remap
+from pchmr.plugins.datasets.prepared import (
+    Annotations,
+    DatasetFormatError,
+    decode_image,
+    gender_names,
+    limit,
+    make_hmr_data,
+    parse_path_spec,
+    prepare_split,
+    progress_bar,
+    split_indices,
+)
+from pchmr.plugins.datasets.spin_npz import MAX_METRES, labels_from_imgnames
+
+__all__ = ["TSVFile", "TSVImages", "load_metro_split", "make_metro_tsv", "pchmr_datasets"]
+
+PATH_KEYS = ("train", "test", "source", "protocol")
+YAML_KEYS = ("img", "label")
+LABEL_KEYS = ("center", "scale", "2d_joints", "3d_joints")
+_FOLDER_SOURCES = {"human3.6m": "h36m", "h36m": "h36m", "coco_smpl": "coco", "coco": "coco", "up3d": "up3d",
+                   "3dpw": "3dpw", "muco": "muco", "mpii": "mpii", "mpi_inf_3dhp": "mpi-inf-3dhp"}  # fmt: skip
+
+
+class TSVFile:
+    """Random access to the rows of a TSV by row number (through ``.lineidx`` offsets)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: TSV file does not exist")
+        self.size = self.path.stat().st_size
+        lineidx = self.path.with_suffix(".lineidx")
+        if lineidx.is_file():
+            try:
+                self.offsets = [int(line) for line in lineidx.read_text().split()]
+            except ValueError as exc:
+                raise DatasetFormatError(f"{lineidx}: expected one integer byte offset per line ({exc})") from exc
+            bad = [o for o in self.offsets if not 0 <= o < self.size]
+            if bad:
+                raise DatasetFormatError(
+                    f"{self.path}: is {self.size} bytes but {lineidx.name} points to offset {bad[0]}; "
+                    "the TSV is truncated (or the .lineidx belongs to another file)"
+                )
+        else:
+            self.offsets = self._scan()
+        self._stream: Any = None
+
+    def _scan(self) -> list[int]:
+        offsets, pos = [], 0
+        with self.path.open("rb") as stream:
+            for line in stream:
+                offsets.append(pos)
+                pos += len(line)
+        return offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def row(self, index: int) -> list[str]:
+        """The tab-separated columns of row ``index`` (stripped)."""
+        if not 0 <= index < len(self.offsets):
+            raise DatasetFormatError(f"{self.path}: row {index} requested but the file has {len(self.offsets)} rows")
+        if self._stream is None:
+            self._stream = self.path.open("rb")
+        self._stream.seek(self.offsets[index])
+        line = self._stream.readline()
+        if not line.endswith(b"\n") and self._stream.tell() < self.size:
+            raise DatasetFormatError(f"{self.path}: row {index} is cut short")
+        columns = line.decode("utf-8").rstrip("\n").split("\t")
+        if len(columns) < 2:
+            raise DatasetFormatError(f"{self.path}: row {index} has no tab; expected '<key>\\t<value>'")
+        return [c.strip() for c in columns]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_stream"] = None
+        return state
+
+
+@dataclass
+class TSVImages:
+    """Base64 JPEGs of an ``img`` TSV; a reference is the row number as a string."""
+
+    tsv: TSVFile
+    files: Sequence[Path] = field(default_factory=tuple)
+
+    def read(self, reference: str) -> np.ndarray:
+        row = int(reference)
+        value = self.tsv.row(row)[-1]
+        try:
+            data = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise DatasetFormatError(f"{self.tsv.path}: row {row} is not base64 ({exc}); expected a base64 JPEG") from exc
+        return decode_image(data, f"{self.tsv.path} row {row}")
+
+
+def _yaml_files(path: Path) -> dict[str, Path]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: METRO dataset YAML does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DatasetFormatError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(doc, dict) or any(k not in doc for k in YAML_KEYS):
+        raise DatasetFormatError(f"{path}: expected a mapping with keys img, label (and hw, linelist); got {doc!r}")
+    if doc.get("composite"):
+        raise DatasetFormatError(f"{path}: composite TSV datasets are not supported; list the parts as separate splits")
+    out = {}
+    for key in ("img", "label", "hw", "linelist"):
+        if doc.get(key):
+            candidate = Path(str(doc[key]))
+            out[key] = candidate if candidate.is_absolute() else path.parent / candidate
+    return out
+
+
+def _row_label(tsv: TSVFile, row: int) -> tuple[str, dict[str, Any]]:
+    key, value = tsv.row(row)[:2]
+    try:
+        labels = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{tsv.path}: row {row} is not JSON ({exc})") from exc
+    if not isinstance(labels, list) or not labels or not isinstance(labels[0], dict):
+        raise DatasetFormatError(f"{tsv.path}: row {row} must hold a JSON list of label dicts, got {value[:60]!r}")
+    missing = [k for k in LABEL_KEYS if k not in labels[0]]
+    if missing:
+        raise DatasetFormatError(f"{tsv.path}: row {row} (key {key}) lacks {missing}; METRO labels have {list(LABEL_KEYS)}")
+    return key, labels[0]
+
+
+def _array(label: Mapping[str, Any], key: str, shape: tuple[int, ...], tsv: TSVFile, row: int) -> np.ndarray:
+    value = np.asarray(label[key], dtype=np.float64)
+    if value.ndim == len(shape) + 1 and value.shape[0] == 1:  # METRO's occasional extra person axis
+        value = value[0]
+    if value.shape != shape:
+        raise DatasetFormatError(f"{tsv.path}: row {row} '{key}' must have shape {shape}, got {value.shape}")
+    return value
+
+
+def load_metro_split(yaml_path: str | Path, joint_names: tuple[str, ...], source: str | None = None) -> tuple[Annotations, TSVImages, list[Path]]:
+    """Read one METRO split: its annotations (joints mapped to ``joint_names``), its image TSV
+    and the files to checksum."""
+    yaml_path = Path(yaml_path)
+    files = _yaml_files(yaml_path)
+    labels, images = TSVFile(files["label"]), TSVFile(files["img"])
+    if "linelist" in files:
+        try:
+            rows = [int(line.split("\t")[0]) for line in files["linelist"].read_text().split("\n") if line.strip()]
+        except (FileNotFoundError, ValueError) as exc:
+            raise DatasetFormatError(f"{files['linelist']}: expected one row number per line ({exc})") from exc
+    else:
+        rows = list(range(len(labels)))
+    if len(images) != len(labels):
+        raise DatasetFormatError(
+            f"{files['img']} has {len(images)} rows but {files['label']} has {len(labels)}; they must be row-aligned"
+        )
+    n = len(rows)
+    keys, center, scale = [], np.zeros((n, 2)), np.zeros(n)
+    j2d, j3d = np.zeros((n, 24, 3)), np.zeros((n, 24, 4))
+    pose, betas, has_smpl, gender = np.zeros((n, 72)), np.zeros((n, 10)), np.zeros(n, bool), []
+    for i, row in enumerate(rows):
+        key, label = _row_label(labels, row)
+        image_key = images.row(row)[0]
+        if image_key != key:
+            raise DatasetFormatError(f"{files['img']} row {row} has key {image_key!r} but {files['label']} has {key!r}")
+        keys.append(key)
+        center[i] = _array(label, "center", (2,), labels, row)
+        scale[i] = float(label["scale"])
+        j2d[i] = _array(label, "2d_joints", (24, 3), labels, row) * (1.0 if label.get("has_2d_joints", 1) else 0.0)
+        j3d[i] = _array(label, "3d_joints", (24, 4), labels, row) * (1.0 if label.get("has_3d_joints", 1) else 0.0)
+        if label.get("has_smpl", 0):
+            pose[i], betas[i], has_smpl[i] = _array(label, "pose", (72,), labels, row), _array(label, "betas", (10,), labels, row), True
+        gender.append(str(label.get("gender", "neutral")))
+    if not (scale > 0).all():
+        raise DatasetFormatError(f"{files['label']}: 'scale' must be > 0, row {rows[int(np.argmin(scale))]} is not")
+    valid = j3d[..., 3] > 0
+    if valid.any() and np.abs(j3d[..., :3][valid]).max() > MAX_METRES:
+        raise DatasetFormatError(f"{files['label']}: '3d_joints' exceed {MAX_METRES:.0f}; expected metres")
+    joints = remap(j3d, J24, joint_names)
+    joints[..., 3] = (joints[..., 3] > 0).astype(np.float64)
+    keypoints = remap(j2d, J24, joint_names)
+    keypoints[..., 2] = np.clip(keypoints[..., 2], 0.0, 1.0)
+    folder = yaml_path.parent.name.lower()
+    src = source or _FOLDER_SOURCES.get(folder, folder)
+    ann = Annotations(
+        image=np.array([str(r) for r in rows]), center=center, scale=scale, keypoints=keypoints, joints=joints,
+        labels=labels_from_imgnames(np.array(keys), src), pose=pose, betas=betas, has_smpl=has_smpl,
+        gender=gender_names(np.array(gender)), origin=str(yaml_path),
+    )  # fmt: skip
+    return ann, TSVImages(images, files=(files["img"],)), [files["label"], files["img"]]
+
+
+def make_metro_tsv(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
+    """The factory registered as ``metro-tsv`` (see the module docstring)."""
+    where = {**parse_path_spec(spec.path, "metro-tsv", PATH_KEYS), **{k: str(v) for k, v in spec.options.items()}}
+    protocol = where.get("protocol", "metro")
+    if "main" in where:
+        path = Path(where["main"]).expanduser()
+        ann, images, sources = load_metro_split(path, body_model.joint_names, where.get("source"))
+        train_idx, test_idx = split_indices(len(ann), spec.seed)
+        splits = {"train": (path, ann, images, sources, train_idx), "test": (path, ann, images, sources, test_idx)}
+    else:
+        if "train" not in where or "test" not in where:
+            raise DatasetFormatError(f"metro-tsv: give train=YAML and test=YAML (or one YAML), got {spec.path!r}")
+        splits = {}
+        for split in ("train", "test"):
+            path = Path(where[split]).expanduser()
+            ann, images, sources = load_metro_split(path, body_model.joint_names, where.get("source"))
+            splits[split] = (path, ann, images, sources, np.arange(len(ann)))
+    counts = {"train": spec.num_train, "test": spec.num_test}
+    stores = {}
+    for split, (path, ann, images, sources, index) in splits.items():
+        chosen = ann.take(limit(index, counts[split], spec.seed))
+        with progress_bar(f"preparing metro-tsv {path.name} ({split}, {spec.image_size}px)") as update:
+            stores[split] = prepare_split(chosen, images, spec=spec, body_model=body_model, name=f"metro-tsv-{split}",
+                                          sources=sources, protocol=protocol, progress=update)  # fmt: skip
+    name = f"metro-tsv:{splits['test'][0].parent.name}/{splits['test'][0].name}"
+    return make_hmr_data(name, stores["train"], stores["test"], body_model, protocol, {})
+
+
+@hookimpl
+def pchmr_datasets() -> Mapping[str, Any]:
+    return {"metro-tsv": make_metro_tsv}

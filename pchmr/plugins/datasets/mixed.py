@@ -1,0 +1,217 @@
+"""Named datasets under one data root, the manifest of their files, and mixed training sets.
+
+``--dataset h36m:ROOT`` finds Human3.6M under ROOT in the first layout of :data:`CATALOG` whose
+files are there (SPIN ``.npz`` files, METRO TSVs or the raw release) and loads it with that
+format's plugin, ``source`` set to the name. ``--dataset h36m,up3d,coco,mpii,mpi-inf-3dhp:ROOT``
+(``mixed``) concatenates the members' training sets — each sample keeps its member's
+``source`` label, so ``--partitioner by-source`` and ``lda --partition-option label=source``
+reproduce the PCHMR paper's mixed and LDA settings — and evaluates on the members' test
+splits that carry 3D joints. :func:`check_root` is ``pchmr data check``: per dataset and
+layout, which files are present, which are missing and where each is obtained. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import ConcatDataset
+
+from pchmr.core.bodymodel import BodyModel
+from pchmr.core.data import DatasetSpec, HMRData
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.registry import get_registry
+from pchmr.plugins.datasets.prepared import DatasetFormatError
+
+__all__ = ["CATALOG", "Layout", "check_root", "find_layout", "make_mixed", "make_named", "pchmr_datasets"]
+
+SPIN_URL = "SPIN's fetch_data.sh / datasets/preprocess (github.com/nkolot/SPIN), images from the dataset's own site"
+METRO_URL = "METRO's download_tsv.sh (github.com/microsoft/MeshTransformer, docs/DOWNLOAD.md)"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way a dataset can lie under the data root: its format plugin and files (relative)."""
+
+    format: str
+    train: str
+    test: str | None
+    images: str | None
+    obtain: str
+
+    def files(self) -> list[str]:
+        return [f for f in (self.train, self.test) if f]
+
+
+#: name → layouts in order of preference. Paths are relative to the data root.
+CATALOG: Mapping[str, tuple[Layout, ...]] = {
+    "h36m": (
+        Layout("spin-npz", "dataset_extras/h36m_train.npz", "dataset_extras/h36m_valid_protocol2.npz", "h36m",
+               f"{SPIN_URL}; Human3.6M images: http://vision.imar.ro/human3.6m (licence)"),
+        Layout("metro-tsv", "human3.6m/train.smpl.p1.yaml", "human3.6m/valid.protocol2.yaml", None, METRO_URL),
+    ),
+    "3dpw": (
+        Layout("3dpw-pkl", "3DPW/sequenceFiles/train", "3DPW/sequenceFiles/test", "3DPW",
+               "https://virtualhumans.mpi-inf.mpg.de/3DPW (sequenceFiles.zip, imageFiles.zip)"),
+        Layout("metro-tsv", "3dpw/train.yaml", "3dpw/test_has_gender.yaml", None, METRO_URL),
+    ),
+    "mpi-inf-3dhp": (
+        Layout("spin-npz", "dataset_extras/mpi_inf_3dhp_train.npz", "dataset_extras/mpi_inf_3dhp_valid.npz",
+               "mpi_inf_3dhp", f"{SPIN_URL}; images: https://vcai.mpi-inf.mpg.de/3dhp-dataset"),
+    ),
+    "coco": (
+        Layout("coco-json", "coco/annotations/person_keypoints_train2014.json",
+               "coco/annotations/person_keypoints_val2014.json", "coco", "https://cocodataset.org (2014 train/val)"),
+        Layout("spin-npz", "dataset_extras/coco_2014_train.npz", None, "coco", SPIN_URL),
+        Layout("metro-tsv", "coco_smpl/train.yaml", None, None, METRO_URL),
+    ),
+    "mpii": (
+        Layout("spin-npz", "dataset_extras/mpii_train.npz", None, "mpii",
+               f"{SPIN_URL}; images: http://human-pose.mpi-inf.mpg.de"),
+    ),
+    "lsp": (
+        Layout("spin-npz", "dataset_extras/lsp_dataset_train.npz", "dataset_extras/lsp_dataset_test.npz",
+               "lsp_dataset", f"{SPIN_URL}; images: http://sam.johnson.io/research/lsp.html"),
+    ),
+    "lspet": (
+        Layout("spin-npz", "dataset_extras/hr-lspet_train.npz", None, "hr-lspet",
+               f"{SPIN_URL}; images: http://sam.johnson.io/research/lspet.html"),
+    ),
+    "up3d": (
+        Layout("metro-tsv", "up3d/trainval.yaml", "up3d/test.yaml", None, METRO_URL),
+    ),
+    "muco": (
+        Layout("metro-tsv", "muco/train.yaml", None, None, METRO_URL),
+    ),
+}  # fmt: skip
+
+
+def _exists(root: Path, relative: str) -> bool:
+    p = root / relative
+    return p.is_file() or (p.is_dir() and any(p.glob("*.pkl")))
+
+
+def find_layout(name: str, root: str | Path) -> Layout:
+    """The first layout of ``name`` whose training file exists under ``root``."""
+    if name not in CATALOG:
+        raise DatasetFormatError(f"no named dataset {name!r}; known: {', '.join(CATALOG)}")
+    root = Path(root).expanduser()
+    for layout in CATALOG[name]:
+        if _exists(root, layout.train):
+            return layout
+    expected = "; ".join(f"{layout.format}: {root / layout.train}" for layout in CATALOG[name])
+    raise FileNotFoundError(f"{name}: no known layout under {root}; expected one of {expected} (`pchmr data check {root}`)")
+
+
+def _member_spec(spec: DatasetSpec, name: str, layout: Layout, root: Path) -> DatasetSpec:
+    """The location and options the layout's format plugin reads."""
+    options = {k: v for k, v in spec.options.items() if k != "datasets"}
+    if layout.format == "3dpw-pkl":
+        path = f"root={root / (layout.images or '')},train={Path(layout.train).name}"
+        path += f",test={Path(layout.test).name}" if layout.test else ""
+        return dataclasses.replace(spec, path=path, options=options)
+    if layout.format == "coco-json":
+        split = lambda rel: Path(rel).stem.removeprefix("person_keypoints_")  # noqa: E731
+        path = f"root={root / Path(layout.train).parent.parent},train={split(layout.train)}"
+        path += f",test={split(layout.test)}" if layout.test else ""
+        return dataclasses.replace(spec, path=path, options=options)
+    options["source"] = name
+    if layout.images:
+        options["images"] = str(root / layout.images)
+    if layout.test and _exists(root, layout.test):
+        path = f"train={root / layout.train},test={root / layout.test}"
+    else:  # a train-only release: a seeded 80/20 split of its one file
+        path = str(root / layout.train)
+    return dataclasses.replace(spec, path=path, options=options)
+
+
+def make_named(name: str) -> Any:
+    """The factory of named dataset ``name``: ``--dataset NAME:ROOT``."""
+
+    def factory(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
+        if not spec.path:
+            raise DatasetFormatError(f"dataset '{name}' needs the data root: --dataset {name}:ROOT")
+        root = Path(spec.path).expanduser()
+        layout = find_layout(name, root)
+        data = get_registry().get("dataset", layout.format)(_member_spec(spec, name, layout, root), body_model)
+        data.extra = {**data.extra, "layout": dataclasses.asdict(layout)}  # type: ignore[misc]
+        return data
+
+    factory.__doc__ = f"Named dataset '{name}' under a data root (layouts: {[lay.format for lay in CATALOG[name]]})."
+    return factory
+
+
+def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
+    """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
+    members = [m.strip() for m in str(spec.options.get("datasets", "")).split(",") if m.strip()]
+    if len(members) < 2 or len(set(members)) != len(members):
+        raise DatasetFormatError(f"a mixed dataset needs two or more distinct names, got {members}")
+    registry = get_registry()
+    per_train = None if spec.num_train is None else max(1, spec.num_train // len(members))
+    per_test = None if spec.num_test is None else max(1, spec.num_test // len(members))
+    parts: list[tuple[str, HMRData]] = []
+    for name in members:
+        member_spec = dataclasses.replace(spec, num_train=per_train, num_test=per_test,
+                                          options={k: v for k, v in spec.options.items() if k != "datasets"})  # fmt: skip
+        data = registry.get("dataset", name)(member_spec, body_model)
+        data.labels = {**data.labels, "source": np.full(len(data.train), name)}  # type: ignore[misc]
+        parts.append((name, data))
+    train = ConcatDataset([d.train for _, d in parts])
+    with_3d = [(n, d) for n, d in parts if d.protocol.get("test_has_3d_joints")]
+    tests = with_3d or parts
+    test = ConcatDataset([d.test for _, d in tests])
+    labels = {key: np.concatenate([np.asarray(d.labels[key]).astype(str) for _, d in parts])
+              for key in parts[0][1].labels}  # fmt: skip
+    sizes = np.array([len(d.train) for _, d in parts], dtype=np.float64)
+    means = np.stack([np.asarray(d.train_mean_joints) for _, d in parts])
+    protocol_name = str(parts[0][1].protocol.get("protocol", "metro"))
+    protocol = {
+        "dataset": f"mixed({'+'.join(members)}) test {'+'.join(n for n, _ in tests)} [{protocol_name} protocol]",
+        "gt": "real", "protocol": protocol_name, "members": {n: dict(d.protocol) for n, d in parts},
+        "num_train": len(train), "num_test": len(test),
+    }  # fmt: skip
+    return HMRData(train=train, test=test, labels=labels, protocol=protocol,
+                   train_mean_joints=(means * sizes[:, None, None]).sum(0) / sizes.sum(),
+                   extra={"members": members})  # fmt: skip
+
+
+# --------------------------------------------------------------------------------- check
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    dataset: str
+    format: str
+    role: str
+    path: Path
+    present: bool
+    obtain: str
+
+
+def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[FileStatus]:
+    """Every expected file of every layout of ``names`` (default: all) under ``root``."""
+    root = Path(root).expanduser()
+    out = []
+    for name in names or list(CATALOG):
+        if name not in CATALOG:
+            raise DatasetFormatError(f"no named dataset {name!r}; known: {', '.join(CATALOG)}")
+        for layout in CATALOG[name]:
+            roles = [("train", layout.train), ("test", layout.test)]
+            if layout.images:
+                roles.append(("images", layout.images))
+            for role, rel in roles:
+                if rel is None:
+                    continue
+                path = root / rel
+                present = path.is_dir() if role == "images" else _exists(root, rel)
+                out.append(FileStatus(name, layout.format, role, path, present, layout.obtain))
+    return out
+
+
+@hookimpl
+def pchmr_datasets() -> Mapping[str, Any]:
+    return {"mixed": make_mixed, **{name: make_named(name) for name in CATALOG}}
