@@ -1,0 +1,1 @@
+"""Privacy plugins: secure aggregation and differential privacy."""
