@@ -170,7 +170,7 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     means = np.stack([np.asarray(d.train_mean_joints) for _, d in parts])
     protocol_name = str(parts[0][1].protocol.get("protocol", "metro"))
     protocol = {
-        "dataset": f"mixed({'+'.join(members)}) test {'+'.join(n for n, _ in tests)} [{protocol_name} protocol]",
+        "dataset": f"mixed({'+'.join(members)}) test {'+'.join(n for n, _ in tests)}, {protocol_name} protocol",
         "gt": "real", "protocol": protocol_name, "members": {n: dict(d.protocol) for n, d in parts},
         "num_train": len(train), "num_test": len(test),
     }  # fmt: skip

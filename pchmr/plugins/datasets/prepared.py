@@ -364,7 +364,7 @@ def make_hmr_data(
     has_3d = bool((test.arrays["joints_3d"][..., 3] > 0).any())
     proto = get_protocol(protocol)
     description = {
-        "dataset": f"{name} [{proto.name} protocol]", "gt": "real", "protocol": proto.name,
+        "dataset": f"{name}, {proto.name} protocol", "gt": "real", "protocol": proto.name,
         "protocol_details": proto.describe(), "num_train": len(train), "num_test": len(test),
         "test_has_3d_joints": has_3d, "body_model": body_model.name,
         "test_has_vertices": bool((test.arrays["has_vertices"] > 0).any()),
