@@ -90,6 +90,9 @@ class HMRModule(pl.LightningModule):
             {"mpjpe_mm": MPJPE(), "pa_mpjpe_mm": PAMPJPE(), "mpvpe_mm": MPVPE(), "pck": PCK()}
         )
         self.automatic_optimization = True
+        #: replaces training_step when set: ``hook(module, batch, batch_idx) -> loss`` (a privacy
+        #: plugin's DP-SGD step returns a surrogate whose gradient is the privatised gradient)
+        self.training_step_hook: Callable[["HMRModule", Mapping[str, Tensor], int], Tensor] | None = None
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> HMROutput:
@@ -165,6 +168,8 @@ class HMRModule(pl.LightningModule):
 
     # -- Lightning hooks -----------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        if self.training_step_hook is not None:
+            return self.training_step_hook(self, batch, batch_idx)
         out = self(batch["image"])
         terms = self.compute_losses(batch, out)
         if not torch.isfinite(terms["loss"]):
