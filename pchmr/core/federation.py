@@ -143,6 +143,8 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
             finally:
                 flwr_logger.setLevel(level)
             module = components.make_module(loss_terms=strategy.loss_terms)
+            if strategy.prepare_module is not None:
+                strategy.prepare_module(module)
             _RUNTIMES[run_dir] = ClientRuntime(components, load_partition(rd.partition), strategy, module)
         return _RUNTIMES[run_dir]
 
@@ -336,6 +338,8 @@ class FederatedServer:
         self.on_round = on_round or (lambda report: None)
         self.baselines = dict(baselines or {})
         self.module = components.make_module()
+        if strategy.prepare_module is not None:  # refuses an incompatible model before any round
+            strategy.prepare_module(self.module)
         self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False)
         self.error: BaseException | None = None
 

@@ -162,6 +162,10 @@ class StrategyParts:
       :class:`PrivacyBudgetExhausted` to stop the run cleanly;
     * ``round_metrics(server_round)``: numbers merged into that round's ``rounds.jsonl`` record
       (e.g. ``epsilon``, ``delta``), called after the round.
+    * ``prepare_module(module)``: called once on every HMRModule the runtime builds (the server's
+      evaluation module and each client's training module), before any round; may raise
+      :class:`IncompatibleError` (e.g. DP-SGD with BatchNorm) or install
+      ``module.training_step_hook``.
     """
 
     name: str
@@ -178,6 +182,7 @@ class StrategyParts:
     update_transforms: Sequence[UpdateTransform] = ()
     before_round: Callable[[int], None] | None = None
     round_metrics: Callable[[int], Mapping[str, float]] | None = None
+    prepare_module: Callable[[Any], None] | None = None
 
 
 @runtime_checkable
