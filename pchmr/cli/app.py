@@ -99,6 +99,7 @@ def run(
     root_certificates: Optional[Path] = typer.Option(None, help="Deployment: CA certificate for TLS to the SuperLink."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-<setting>)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's [scale.NAME] overrides (e.g. smoke)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
 ) -> None:
     """Run one experiment and write its run directory."""
@@ -111,7 +112,9 @@ def run(
             cfg = resume_config(resume)
             run_dir: Path | None = resume
         else:
-            values: dict[str, Any] = load_config_file(config) if config else {}
+            if scale is not None and config is None:
+                raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
+            values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
             flags = {
                 "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
                 "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
@@ -223,6 +226,7 @@ def plugins() -> None:
 from pchmr.cli.report import report as _report  # noqa: E402  (registered below, after the app exists)
 
 app.command(name="report")(_report)
+app.command(name="partition")(__import__("pchmr.cli.partition", fromlist=["partition"]).partition)
 app.add_typer(__import__("pchmr.cli.data", fromlist=["data_app"]).data_app, name="data")
 
 

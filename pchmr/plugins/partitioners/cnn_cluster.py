@@ -11,8 +11,8 @@ Encoders: by default pchmr's ``small`` encoder with a fixed random initialisatio
 partition seed and He-normal convolutions (random CNN features still separate brightness, layout
 and texture; on the synthetic data they cluster only weakly by source or scene); with
 ``weights=PATH`` a local ImageNet ResNet-50 file in torchvision's layout (``encoder`` then
-defaults to ``resnet50``; its sha256 is recorded). Nothing is cached: the plot helpers call
-:func:`cluster_features` again.
+defaults to ``resnet50``; its sha256 is recorded). Nothing is cached: :func:`cluster_partition`
+returns the features with the partition (``pchmr partition`` plots them).
 
 Options: ``clusters`` (int ≥ ``num_clients``, default ``num_clients``), ``weights`` (path),
 ``encoder`` (``small`` or ``resnet50``), ``batch-size`` (default :data:`DEFAULT_BATCH_SIZE`).
@@ -38,6 +38,7 @@ __all__ = [
     "ClusterResult",
     "assign_clusters",
     "cluster_features",
+    "cluster_partition",
     "cnn_cluster",
     "encode_images",
     "pchmr_partitioners",
@@ -171,6 +172,13 @@ def _options(options: Mapping[str, object], num_clients: int) -> tuple[int, str,
 
 def cnn_cluster(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Cluster CNN features into ``clusters`` groups and hand whole clusters to clients."""
+    return cluster_partition(data, num_clients, seed, options)[0]
+
+
+def cluster_partition(
+    data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]
+) -> tuple[Partition, ClusterResult]:
+    """:func:`cnn_cluster` and the features it clustered (for plots, without encoding twice)."""
     n = len(data.train)  # type: ignore[arg-type]
     check_num_clients("cnn-cluster", num_clients, n)
     clusters, encoder, weights, batch_size = _options(options, num_clients)
@@ -192,7 +200,7 @@ def cnn_cluster(data: HMRData, num_clients: int, seed: int, options: Mapping[str
               "feature_dim": int(result.features.shape[1]), "kmeans_init": KMEANS_INIT,
               "cluster_sizes": np.bincount(result.cluster_ids, minlength=clusters).tolist(),
               "cluster_to_client": client_of.tolist()}  # fmt: skip
-    return Partition(parts, "cnn-cluster", params)
+    return Partition(parts, "cnn-cluster", params), result
 
 
 @hookimpl

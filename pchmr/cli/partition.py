@@ -1,0 +1,219 @@
+"""``pchmr partition``: make, save and plot a client partition without training.
+
+Registered on the app in :mod:`pchmr.cli.app` with ``app.command(name="partition")(partition)``.
+The data are prepared exactly as ``pchmr run`` prepares them (same options, same config files
+and ``--scale``), the partitioner runs with the run's seed, and the command writes into ``--out``:
+
+* ``partition.json`` — the very file ``pchmr run`` would write (same seed → same bytes);
+* ``partition-<label>-histogram.png`` — per-client stacked label counts;
+* ``partition-sizes.png`` — the sorted client sizes (long tail) with their Gini coefficient;
+* ``partition-embedding.png`` — ``cnn-cluster`` only: a 2-D PCA of the pooled CNN features the
+  partition clustered, coloured by cluster;
+* ``summary.json`` — sizes, Gini and the mean per-client label entropy of every label.
+
+Baseline configs (``mode = "centralized"`` / ``"naive"``) give their single 'client'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pchmr.core.partition import Partition, PartitionError
+
+__all__ = ["partition", "partition_summary", "plot_label_key"]
+
+#: Exit code for bad input (as click uses for usage errors).
+BAD_INPUT = 2
+SUMMARY_FILE = "summary.json"
+PARTITION_FILE = "partition.json"
+EMBEDDING_FILE = "partition-embedding.png"
+#: Histogram label when the partition names none: the paper's pseudo-label, else the first one.
+PREFERRED_LABEL = "source"
+
+_console = Console()
+_err_console = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    _err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
+    return typer.Exit(BAD_INPUT)
+
+
+def _coerce(value: str) -> Any:
+    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"`` → True, anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"{flag} expects key=value, got '{item}'")
+        out[key.strip()] = _coerce(value.strip())
+    return out
+
+
+def plot_label_key(partition: Partition, labels: Mapping[str, np.ndarray], requested: str | None) -> str:
+    """The label the histogram shows: ``requested``, else the partition's own ``label`` parameter,
+    else ``source``, else the first label; :class:`PartitionError` for an unknown ``requested``."""
+    if not labels:
+        raise PartitionError("the dataset has no meta labels to plot")
+    if requested is not None:
+        if requested not in labels:
+            raise PartitionError(f"--label {requested!r} is not a label of this dataset; "
+                                 f"choose one of: {', '.join(sorted(labels))}")  # fmt: skip
+        return requested
+    own = partition.params.get("label")
+    if isinstance(own, str) and own in labels:
+        return own
+    return PREFERRED_LABEL if PREFERRED_LABEL in labels else sorted(labels)[0]
+
+
+def partition_summary(partition: Partition, labels: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Sizes, their Gini coefficient and the mean per-client label entropy (bits) of every label."""
+    from pchmr.report.partition_plots import gini, label_entropy
+
+    sizes = partition.sizes()
+    return {
+        "method": partition.method,
+        "params": dict(partition.params),
+        "num_clients": partition.num_clients,
+        "num_samples": int(sizes.sum()),
+        "sizes": sizes.tolist(),
+        "gini": round(gini(sizes), 6),
+        "entropy_bits": {key: round(label_entropy(partition, labels, key), 6) for key in sorted(labels)},
+        "max_entropy_bits": {key: round(float(np.log2(len(set(np.asarray(labels[key]).tolist())))), 6)
+                             for key in sorted(labels)},  # fmt: skip
+    }
+
+
+def _config(values: dict[str, Any]) -> Any:
+    from pchmr.core.config import RunConfig
+
+    return RunConfig.from_dict(values)
+
+
+def _fit_per_round(values: dict[str, Any]) -> dict[str, Any]:
+    """Clients per round do not matter to a partition: lower the default to ``clients`` rather
+    than refuse ``--clients 1`` for exceeding it."""
+    from pchmr.core.config import RunConfig
+
+    defaults = RunConfig()
+    n, k = values.get("clients", defaults.clients), values.get("per_round", defaults.per_round)
+    if isinstance(n, int) and isinstance(k, int) and k > n >= 1:
+        return {**values, "per_round": n}
+    return values
+
+
+def _load_values(config: Optional[Path], scale: Optional[str], flags: dict[str, Any]) -> dict[str, Any]:
+    from pchmr.core.config import ConfigError, load_config_file
+
+    if scale is not None and config is None:
+        raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
+    values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return values
+
+
+def _make(cfg: Any) -> tuple[Partition, Any, Any]:
+    """Prepare the data as ``pchmr run`` does and partition them: ``(partition, data, clusters)``,
+    ``clusters`` the :class:`~pchmr.plugins.partitioners.cnn_cluster.ClusterResult` of a
+    ``cnn-cluster`` partition (None otherwise)."""
+    from pchmr.core.baselines import baseline_partition
+    from pchmr.core.experiment import build_components
+    from pchmr.core.registry import get_registry
+    from pchmr.core.run import check_plugins
+
+    check_plugins(cfg)
+    data = build_components(cfg).data
+    if cfg.mode != "federated":
+        return baseline_partition(cfg.mode, len(data.train), cfg.fraction, cfg.seed), data, None
+    options = dict(cfg.partition_options)
+    if cfg.partitioner == "cnn-cluster":  # the same function the registry holds, with its features
+        from pchmr.plugins.partitioners.cnn_cluster import cluster_partition
+
+        part, clusters = cluster_partition(data, cfg.clients, cfg.seed, options)
+        return part, data, clusters
+    partitioner = get_registry().get("partitioner", cfg.partitioner)
+    return partitioner(data, cfg.clients, cfg.seed, options), data, None
+
+
+def _print_summary(summary: Mapping[str, Any], written: list[Path]) -> None:
+    sizes = np.asarray(summary["sizes"])
+    table = Table(title=f"{summary['method']} partition: {summary['num_clients']} clients, "
+                        f"{summary['num_samples']} samples", title_justify="left")  # fmt: skip
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("client sizes min / median / max", f"{sizes.min()} / {np.median(sizes):g} / {sizes.max()}")
+    table.add_row("Gini of client sizes", f"{summary['gini']:.3f}")
+    for key, value in summary["entropy_bits"].items():
+        table.add_row(f"mean entropy of '{key}' (bits)", f"{value:.3f} of {summary['max_entropy_bits'][key]:.3f}")
+    _console.print(table)
+    for path in written:
+        _console.print(f"wrote {path}", highlight=False)
+
+
+def partition(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON run config; flags override it."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's [scale.NAME] overrides."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
+    partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
+    partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
+    clients: Optional[int] = typer.Option(None, help="Number of clients N."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the data and the partition (as in pchmr run)."),
+    num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
+    num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
+    input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
+    body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Label of the histogram (default: the partition's own)."),
+    out: Path = typer.Option(Path("partition"), "--out", help="Directory for partition.json, the PNGs and summary.json."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
+) -> None:
+    """Make a client partition exactly as `pchmr run` would, save partition.json and plot it (no training)."""
+    from pchmr.core.config import ConfigError
+    from pchmr.core.partition import save_partition
+    from pchmr.core.registry import PluginError
+    from pchmr.report.partition_plots import plot_embedding, plot_partition
+
+    flags: dict[str, Any] = {"partitioner": partitioner, "clients": clients, "seed": seed, "num_train": num_train,
+                             "num_test": num_test, "input_size": input_size, "body_model": body_model}  # fmt: skip
+    try:
+        values = _load_values(config, scale, flags)
+        if dataset is not None:
+            name, _, path = dataset.partition(":")
+            values["dataset"], values["dataset_path"] = name, path or None
+        if partition_option:
+            values["partition_options"] = _parse_options(partition_option, "--partition-option")
+        cfg = _config(_fit_per_round(values))
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} exists and is not a directory")
+        part, data, clusters = _make(cfg)
+        key = plot_label_key(part, data.labels, label)
+        summary = partition_summary(part, data.labels)
+    except (ConfigError, PluginError, PartitionError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    save_partition(part, out / PARTITION_FILE)
+    written = [out / PARTITION_FILE]
+    if plots:
+        written += plot_partition(part, data.labels, key, out)
+        if clusters is not None:
+            written.append(plot_embedding(clusters.features, clusters.cluster_ids, out / EMBEDDING_FILE))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    written.append(out / SUMMARY_FILE)
+    _print_summary(summary, written)
