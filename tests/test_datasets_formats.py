@@ -1,0 +1,183 @@
+"""metro-tsv, 3dpw-pkl and coco-json: generated files in the exact layouts load into Samples whose
+keypoints, joints, frames and labels match values computed here; bad files fail clearly."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from pchmr.core.data import DatasetSpec
+from pchmr.core.joints import LSP_14
+from pchmr.core.sample import validate_sample
+from pchmr.plugins.datasets.coco import load_coco, make_coco
+from pchmr.plugins.datasets.metro_tsv import make_metro_tsv
+from pchmr.plugins.datasets.prepared import DatasetFormatError
+from pchmr.plugins.datasets.pw3d import load_sequence, make_3dpw
+from pchmr.testing.fake_datasets import write_3dpw_sequence, write_coco_keypoints, write_metro_tsv
+from tests.test_datasets_spin import StubBody
+
+SIZE = 32
+HIPS = [LSP_14.index("left_hip"), LSP_14.index("right_hip")]
+
+
+def spec(path, root, **kw):
+    return DatasetSpec(image_size=SIZE, seed=0, cache_dir=root / "cache", path=str(path), **kw)
+
+
+def check_sample_against_scene(sample, scene, k):
+    expected_kp = (scene.keypoints_px[k] - scene.center[k]) / (100.0 * scene.scale[k])
+    np.testing.assert_allclose(sample["keypoints_2d"][:, :2].numpy(), expected_kp, atol=1e-4)
+    root = scene.joints_cam[k][HIPS].mean(0)
+    np.testing.assert_allclose(sample["joints_3d"][:, :3].numpy(), scene.joints_cam[k] - root, atol=1e-5)
+    assert (sample["joints_3d"][:, 3] == 1).all()
+
+
+# --------------------------------------------------------------------------------- METRO TSV
+
+
+@pytest.fixture(scope="module")
+def metro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("metro") / "human3.6m"
+    train = write_metro_tsv(root, "train", 6, seed=3)
+    test = write_metro_tsv(root, "valid", 3, seed=4)
+    data = make_metro_tsv(spec(f"train={train.files['yaml']},test={test.files['yaml']}", root), StubBody())
+    return train, test, data, root
+
+
+def test_metro_rows_become_samples_in_crop_coordinates_and_metres(metro):
+    train, test, data, _ = metro
+    assert len(data.train) == 6 and len(data.test) == 3
+    for scene, split in ((train, data.train), (test, data.test)):
+        for i in range(len(split)):
+            sample = split[i]
+            validate_sample(sample, num_joints=14, num_vertices=5, image_size=SIZE)
+            k = int(split.store.arrays["image_ref"][i])  # the TSV row
+            check_sample_against_scene(sample, scene, k)
+    assert set(data.labels["source"]) == {"h36m"} and set(data.labels["subject"]) == {"S1", "S2"}
+
+
+def test_metro_truncated_tsv_names_the_file(tmp_path):
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    img = scene.files["img"]
+    img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    with pytest.raises(DatasetFormatError, match=r"trainval\.img\.tsv: is \d+ bytes but .*lineidx.* truncated"):
+        make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+
+
+def test_metro_label_without_a_key_or_with_a_bad_shape(tmp_path):
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    label = scene.files["label"]
+    label.write_text(label.read_text().replace('"center"', '"centre"', 1))
+    with pytest.raises(DatasetFormatError, match=r"trainval\.label\.tsv: row 0 .*lacks \['center'\]"):
+        make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    rows = [line.split("\t") for line in scene.files["label"].read_text().splitlines()]
+    labels = json.loads(rows[1][1])
+    labels[0]["3d_joints"] = [[0.0, 0.0, 0.0]]
+    rows[1][1] = json.dumps(labels)
+    scene.files["label"].write_text("".join("\t".join(r) + "\n" for r in rows))
+    (scene.files["label"].with_suffix(".lineidx")).unlink()  # offsets are rescanned
+    with pytest.raises(DatasetFormatError, match=r"row 1 '3d_joints' must have shape \(24, 4\)"):
+        make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+
+
+# --------------------------------------------------------------------------------- 3DPW
+
+
+@pytest.fixture(scope="module")
+def pw3d(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pw3d") / "3DPW"
+    train = write_3dpw_sequence(root, "downtown_walking_00", "train", num_frames=4, seed=5)
+    test = write_3dpw_sequence(root, "courtyard_basketball_00", "test", num_frames=6, seed=6)
+    return train, test, root
+
+
+def test_3dpw_joints_are_moved_into_the_camera_and_invalid_frames_dropped(pw3d):
+    _, test, root = pw3d
+    data = make_3dpw(spec(root, root), StubBody())
+    assert len(data.test) == int(test.extra["valid"].sum()) == 11
+    written = [k for k in range(len(test.imgname)) if test.extra["valid"][k]]
+    for i, k in enumerate(written):  # samples keep the file's person-by-person order
+        sample = data.test[i]
+        validate_sample(sample, num_joints=14, num_vertices=5, image_size=SIZE)
+        root_cam = test.joints_cam[k][HIPS].mean(0)
+        np.testing.assert_allclose(sample["joints_3d"][:, :3].numpy(), test.joints_cam[k] - root_cam, atol=1e-5)
+    assert set(data.labels["scene"]) == {"downtown"} and set(data.labels["action"]) == {"walking"}
+    assert sorted(set(data.labels["subject"])) == ["downtown_walking_00/person0", "downtown_walking_00/person1"]
+
+
+def test_3dpw_global_orientation_is_rotated_into_the_camera_frame(pw3d):
+    _, test, _ = pw3d
+    ann = load_sequence(test.files["pkl"], LSP_14)
+    valid = test.extra["valid"]
+    got = Rotation.from_rotvec(ann.pose[:, :3]).as_matrix()
+    want = Rotation.from_rotvec(test.extra["orient_cam"][valid]).as_matrix()
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_allclose(ann.pose[:, 3:], test.extra["poses"][valid, 3:])
+    assert list(ann.gender[:2]) == ["male", "male"] and ann.gender[-1] == "female"
+    assert ann.image[1] == "imageFiles/courtyard_basketball_00/image_00002.jpg"  # img_frame_ids (0, 2, 4 …)
+
+
+def test_3dpw_missing_key_and_truncated_pickle(pw3d, tmp_path):
+    import pickle
+
+    _, test, _ = pw3d
+    data = pickle.loads(test.files["pkl"].read_bytes(), encoding="latin1")
+    del data["cam_poses"]
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps(data, protocol=2))
+    with pytest.raises(DatasetFormatError, match=r"bad\.pkl: missing key\(s\) \['cam_poses'\]"):
+        load_sequence(bad, LSP_14)
+    bad.write_bytes(test.files["pkl"].read_bytes()[:300])
+    with pytest.raises(DatasetFormatError, match=r"bad\.pkl: not a readable 3DPW pickle"):
+        load_sequence(bad, LSP_14)
+
+
+# --------------------------------------------------------------------------------- COCO
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco") / "coco"
+    train = write_coco_keypoints(root, "train2014", num_images=3, seed=7)
+    test = write_coco_keypoints(root, "val2014", num_images=2, seed=8)
+    return train, test, root
+
+
+def test_coco_people_are_2d_only_samples_with_spin_boxes(coco, monkeypatch):
+    train, _, root = coco
+    import pchmr.plugins.datasets.prepared as prepared
+
+    decoded = []
+    original = prepared.decode_image
+    monkeypatch.setattr(prepared, "decode_image", lambda *a, **k: decoded.append(a[1]) or original(*a, **k))
+    data = make_coco(spec(root, root), StubBody())
+    assert len(data.train) == 6 and len(data.test) == 4  # the crowd annotation is skipped
+    assert len(decoded) == 3 + 2, "two people per image: each image decoded once"
+    refs = list(data.train.store.arrays["image_ref"])
+    for i in range(len(data.train)):
+        sample = data.train[i]
+        validate_sample(sample, num_joints=14, num_vertices=5, image_size=SIZE)
+        k = [j for j, name in enumerate(train.imgname) if name == refs[i]][i % 2]
+        expected = (train.keypoints_px[k] - train.center[k]) / (100.0 * train.scale[k])
+        kp = sample["keypoints_2d"].numpy()
+        seen = kp[:, 2] > 0
+        np.testing.assert_allclose(kp[seen, :2], expected[seen], atol=0.01)  # JSON keeps 2 decimals
+        assert kp[LSP_14.index("neck"), 2] == 0 and kp[LSP_14.index("head"), 2] == 0
+        assert (sample["joints_3d"][:, 3] == 0).all() and float(sample["has_vertices"]) == 0
+    assert (data.train[1]["keypoints_2d"][LSP_14.index("right_ankle"), 2] == 0)  # v = 0 → missing
+    assert set(data.labels["source"]) == {"coco"} and data.protocol["test_has_3d_joints"] is False
+
+
+def test_coco_truncated_json_and_bad_keypoints(coco, tmp_path):
+    _, _, root = coco
+    path = root / "annotations" / "person_keypoints_train2014.json"
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "person_keypoints_x.json").write_text(path.read_text()[:500])
+    with pytest.raises(DatasetFormatError, match=r"person_keypoints_x\.json: not valid JSON \(truncated\?\)"):
+        load_coco(tmp_path, "x", LSP_14)
+    text = path.read_text().replace('"keypoints": [', '"keypoints": [1, ', 1)
+    (tmp_path / "annotations" / "person_keypoints_y.json").write_text(text)
+    with pytest.raises(DatasetFormatError, match=r"annotation 0 'keypoints' must hold 51 numbers"):
+        load_coco(tmp_path, "y", LSP_14)
