@@ -1,0 +1,574 @@
+"""``dp``: differential privacy for federated HMR training, with RDP accounting.
+
+Two levels (``--privacy-option level=client|example``):
+
+* **client level** (default), DP-FedAvg with the fixed-weight estimator (McMahan et al., ICLR
+  2018): each sampled client's update Δ_i = w_i − w_global (every floating tensor of the state,
+  parameters and BatchNorm statistics alike) is clipped to L2 norm C; the new global model is
+  ``w_global + (Σ_i clip(Δ_i) + N(0, (z·C)² I)) / k`` with k the clients sampled per round — a
+  uniform average whose sensitivity to adding/removing one client is C/k. Two placements:
+
+  - ``placement=server``: the server clips every reply and adds the noise (trusted server);
+  - ``placement=client``: each client clips its own update and adds N(0, (z·C)²/k) before
+    sending, so the sum of the k replies carries N(0, (z·C)²); composes with secure aggregation
+    (the server only ever sees noised updates, or only their sum).
+
+  In both placements the aggregation is the inner strategy's (FedAvg, FedProx, FedOpt …) run on
+  the privatised updates with equal weights; FedOpt's server optimizer is post-processing.
+
+* **example level** (the PCHMR paper's setting), DP-SGD inside each client's local training
+  (Abadi et al. 2016): every example's gradient is clipped to C, the batch sum gets N(0, (z·C)²)
+  and is divided by the batch size. Own per-example clipping (a loop of single-example
+  backward passes: exact for any model, including the transformers' attention); BatchNorm mixes
+  examples and is refused.
+
+Accounting: :mod:`pchmr.core.accounting` (RDP of the sampled Gaussian). Client level: one step
+per round at q = k/N (``sampling-credit=false``: q = 1). Example level: per client, its local
+steps at q = B/n_i in the rounds it took part in (no credit for client sampling); ε is the
+maximum over clients. ε and δ go into every evaluated round's record; ``target-epsilon`` stops
+the run before a round that would exceed it.
+
+Integer tensors (BatchNorm's step counters) are not part of the released update: the global
+model's values are kept. Client training metrics (loss, example counts) are not released either:
+replies carry only ``num-examples = 1`` (equal weights) and the partition id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from pchmr.core.accounting import RDPAccountant
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.strategy import (
+    IncompatibleError,
+    PrivacyBudgetExhausted,
+    StrategyConfig,
+    StrategyParts,
+    UpdateInfo,
+)
+
+__all__ = [
+    "DPOptions",
+    "DPSGDStep",
+    "ServerSideDP",
+    "clip_update",
+    "default_delta",
+    "dp",
+    "dp_fedavg_aggregate",
+    "dp_overhead",
+    "parse_options",
+    "privatize_update",
+]
+
+PLACEMENTS = ("server", "client")
+LEVELS = ("client", "example")
+DEFAULT_CLIP = 1.0
+DEFAULT_NOISE_MULTIPLIER = 1.0
+#: δ is at most this (and below 1/N^1.1 for N protected units): the customary 1e-5
+MAX_DEFAULT_DELTA = 1e-5
+DELTA_EXPONENT = 1.1
+_EPS = 1e-12
+OPTION_KEYS = ("placement", "level", "clip", "noise-multiplier", "delta", "target-epsilon", "sampling-credit")
+
+
+# --------------------------------------------------------------------------------------
+# options
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DPOptions:
+    placement: str = "server"
+    level: str = "client"
+    clip: float = DEFAULT_CLIP
+    noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER
+    delta: float = MAX_DEFAULT_DELTA
+    target_epsilon: float | None = None
+    sampling_credit: bool = True
+
+
+def default_delta(units: int) -> float:
+    """min(1e-5, 1/units^1.1): below 1/units (a δ ≥ 1/units allows releasing one unit's data
+    outright), and no larger than the customary 1e-5 when there are few units."""
+    return min(MAX_DEFAULT_DELTA, 1.0 / units**DELTA_EXPONENT)
+
+
+def _number(options: Mapping[str, Any], key: str, default: float, low: float, low_open: bool) -> float:
+    value = options.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"dp option '{key}' must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def parse_options(options: Mapping[str, Any], config: StrategyConfig) -> DPOptions:
+    """Validated :class:`DPOptions` (ValueError naming the option and what is allowed)."""
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"dp does not take the option(s) {', '.join(map(repr, unknown))}; it takes: {', '.join(OPTION_KEYS)}")
+    level = str(options.get("level", "client"))
+    if level not in LEVELS:
+        raise ValueError(f"dp option 'level' must be one of {', '.join(LEVELS)}, got {level!r}")
+    if level == "example" and "placement" in options:
+        raise ValueError("dp option 'placement' applies to level=client; example-level DP-SGD adds its noise in local training")
+    placement = str(options.get("placement", "server"))
+    if placement not in PLACEMENTS:
+        raise ValueError(f"dp option 'placement' must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    delta = _number(options, "delta", default_delta(config.num_clients), 0.0, True)
+    if delta >= 1.0:
+        raise ValueError(f"dp option 'delta' must lie in (0, 1), got {delta!r}")
+    target = options.get("target-epsilon")
+    credit = options.get("sampling-credit", True)
+    if not isinstance(credit, bool):
+        raise ValueError(f"dp option 'sampling-credit' must be true or false, got {credit!r}")
+    return DPOptions(
+        placement=placement,
+        level=level,
+        clip=_number(options, "clip", DEFAULT_CLIP, 0.0, True),
+        noise_multiplier=_number(options, "noise-multiplier", DEFAULT_NOISE_MULTIPLIER, 0.0, True),
+        delta=delta,
+        target_epsilon=None if target is None else _number(options, "target-epsilon", 0.0, 0.0, True),
+        sampling_credit=credit,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# client-level mechanism (pure tensor functions)
+# --------------------------------------------------------------------------------------
+def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def clip_update(
+    new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float
+) -> tuple[dict[str, Tensor], float]:
+    """The update Δ = new − global over the floating tensors, scaled to L2 norm ≤ ``clip``
+    (float64), and Δ's norm before clipping."""
+    missing = sorted(set(global_state) - set(new_state))
+    if missing:
+        raise KeyError(f"the client state lacks {missing[:3]} of the global model's entries")
+    delta = {k: new_state[k].double() - global_state[k].double() for k in _float_keys(global_state)}
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+    scale = min(1.0, clip / (norm + _EPS))
+    return {k: d * scale for k, d in delta.items()}, norm
+
+
+def privatize_update(
+    new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float, noise_std: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """``global + clip(new − global) + N(0, noise_std²)`` on floating tensors; integer tensors
+    keep the global values. Shapes and dtypes as ``global_state``."""
+    clipped, _ = clip_update(new_state, global_state, clip)
+    out: dict[str, Tensor] = {}
+    for key, g in global_state.items():
+        if key not in clipped:
+            out[key] = g.clone()
+            continue
+        noise = torch.randn(g.shape, dtype=torch.float64, generator=generator) * noise_std if noise_std > 0 else 0.0
+        out[key] = (g.double() + clipped[key] + noise).to(g.dtype)
+    return out
+
+
+def dp_fedavg_aggregate(
+    global_state: Mapping[str, Tensor], client_states: Iterable[Mapping[str, Tensor]], clip: float,
+    noise_multiplier: float, generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The fixed-weight DP-FedAvg estimator in one place: ``global + (Σ clip(Δ_i) + N(0,(zC)²))/k``."""
+    states = list(client_states)
+    k = len(states)
+    if k == 0:
+        raise ValueError("DP-FedAvg needs at least one client update")
+    total = {key: torch.zeros(v.shape, dtype=torch.float64) for key, v in global_state.items() if v.is_floating_point()}
+    for state in states:
+        clipped, _ = clip_update(state, global_state, clip)
+        for key in total:
+            total[key] += clipped[key]
+    out = {}
+    for key, g in global_state.items():
+        if key not in total:
+            out[key] = g.clone()
+            continue
+        noise = torch.randn(g.shape, dtype=torch.float64, generator=generator) * (noise_multiplier * clip)
+        out[key] = (g.double() + (total[key] + noise) / k).to(g.dtype)
+    return out
+
+
+def _secure_generator() -> torch.Generator:
+    """A generator seeded from the OS's CSPRNG: noise must not be reproducible from the run seed."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+# --------------------------------------------------------------------------------------
+# server side
+# --------------------------------------------------------------------------------------
+class ServerSideDP:
+    """Wraps a Flower Message-API strategy: privatises (server placement) or only equalises
+    (client placement, example level) the replies, then lets the inner strategy aggregate them.
+
+    Flower's ``DifferentialPrivacyServerSideFixedClipping`` is not used: it clips and noises
+    every array, integer BatchNorm counters included, aggregates with the inner strategy's
+    num-examples weights (noise calibrated for equal weights) and draws noise from NumPy's
+    global generator; here the weights are equal, integer buffers keep the global values and the
+    noise comes from a CSPRNG-seeded generator.
+    """
+
+    def __init__(self, inner: Any, options: DPOptions, per_round: int, on_replies: Callable[[list[Any]], None]) -> None:
+        self.inner = inner
+        self.options = options
+        self.per_round = per_round
+        self.on_replies = on_replies
+        self._global: dict[str, Tensor] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the inner strategy's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        self._global = arrays.to_torch_state_dict()
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
+        from flwr.app import ArrayRecord, MetricRecord
+
+        replies = list(replies)
+        if self._global is None:
+            raise RuntimeError("aggregate_train before configure_train: the round's global model is unknown")
+        if len(replies) != self.per_round:
+            raise RuntimeError(
+                f"round {server_round}: DP-FedAvg's noise is calibrated for {self.per_round} updates, got {len(replies)}"
+            )
+        self.on_replies(replies)
+        generator = _secure_generator()
+        std = self.options.noise_multiplier * self.options.clip / math.sqrt(self.per_round)
+        for reply in replies:
+            if self.options.level == "client" and self.options.placement == "server":
+                state = reply.content["arrays"].to_torch_state_dict()
+                reply.content["arrays"] = ArrayRecord(privatize_update(state, self._global, self.options.clip, std, generator))
+            pid = reply.content["metrics"].get("partition-id", -1.0)
+            reply.content["metrics"] = MetricRecord({"num-examples": 1.0, "partition-id": float(pid)})
+        arrays, _ = self.inner.aggregate_train(server_round, replies)
+        return arrays, None
+
+
+def release_metrics_mod(extra: Callable[[], Mapping[str, float]] | None = None) -> Callable[..., Any]:
+    """A client mod: a train reply's metrics become ``num-examples = 1`` (equal weights), the
+    partition id and ``extra()`` (e.g. DP-SGD's step count) — the training loss and the local
+    example count are not released."""
+
+    def mod(msg: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
+        from flwr.app import MetricRecord
+
+        reply = call_next(msg, context)
+        if msg.metadata.message_type.startswith("train") and not reply.has_error() and "metrics" in reply.content:
+            pid = reply.content["metrics"].get("partition-id", -1.0)
+            released = {"num-examples": 1.0, "partition-id": float(pid), **dict(extra() if extra else {})}
+            reply.content["metrics"] = MetricRecord(released)
+        return reply
+
+    return mod
+
+
+def client_update_transform(options: DPOptions) -> Callable[..., dict[str, Tensor]]:
+    """Client placement: clip the update to C and add N(0, (z·C)²/k) before it leaves the client."""
+
+    def transform(new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo) -> dict[str, Tensor]:
+        std = options.noise_multiplier * options.clip / math.sqrt(info.per_round)
+        return privatize_update(new_state, global_state, options.clip, std, _secure_generator())
+
+    return transform
+
+
+# --------------------------------------------------------------------------------------
+# example level: DP-SGD
+# --------------------------------------------------------------------------------------
+@dataclass
+class _StepCount:
+    steps: int = 0
+    batch_size: int = 0
+    examples: int = 0
+
+
+class DPSGDStep:
+    """``HMRModule.training_step_hook``: per-example clipped, noised gradient (Abadi et al. 2016).
+
+    For a batch of B examples: g_i = ∇ loss(x_i) clipped to L2 norm C over all trainable
+    parameters; ĝ = (Σ g_i + N(0, (z·C)² I)) / B. Returns the surrogate ``Σ_p ⟨p, ĝ_p⟩`` whose
+    gradient is exactly ĝ, so Lightning's own backward and optimizer step apply it.
+    """
+
+    def __init__(self, clip: float, noise_multiplier: float, counter: _StepCount | None = None) -> None:
+        self.clip = clip
+        self.noise_multiplier = noise_multiplier
+        self.counter = counter or _StepCount()
+
+    def privatized_gradient(self, module: nn.Module, batch: Mapping[str, Tensor]) -> tuple[list[Tensor], Tensor]:
+        params = [p for p in module.parameters() if p.requires_grad]
+        size = len(batch["image"])
+        total = [torch.zeros_like(p) for p in params]
+        loss_sum = torch.zeros(())
+        for i in range(size):
+            sample = {k: v[i : i + 1] for k, v in batch.items()}
+            loss = module.compute_losses(sample, module(sample["image"]))["loss"]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))
+            scale = torch.clamp(self.clip / (norm + _EPS), max=1.0)
+            for acc, g in zip(total, grads):
+                if g is not None:
+                    acc.add_(g * scale)
+            loss_sum += loss.detach()
+        generator = _secure_generator()
+        noisy = [(acc + torch.randn(acc.shape, generator=generator) * (self.noise_multiplier * self.clip)) / size for acc in total]
+        return noisy, loss_sum / size
+
+    def __call__(self, module: Any, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        gradient, loss = self.privatized_gradient(module, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DP-SGD: training loss became {loss.item()} at batch {batch_idx}; lower the learning rate")
+        module.log("train/loss", loss, batch_size=len(batch["image"]))
+        self.counter.steps += 1
+        self.counter.batch_size = max(self.counter.batch_size, len(batch["image"]))
+        params = [p for p in module.parameters() if p.requires_grad]
+        return sum(((p * g.detach()).sum() for p, g in zip(params, gradient)), torch.zeros(()))
+
+
+def check_per_example_safe(module: nn.Module) -> None:
+    """IncompatibleError if a layer mixes examples of a batch (BatchNorm)."""
+    bad = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bad:
+        raise IncompatibleError(
+            f"example-level DP (DP-SGD) needs per-example gradients, but the model has {len(bad)} BatchNorm "
+            f"layer(s) (first: {bad[0]}), which mix the examples of a batch; use an encoder with GroupNorm "
+            "(backbone option encoder_norm=group) or client-level DP (--privacy-option level=client)"
+        )
+
+
+def _prepare_dp_sgd(options: DPOptions, counter: _StepCount) -> Callable[[Any], None]:
+    def prepare(module: Any) -> None:
+        check_per_example_safe(module)
+        module.training_step_hook = DPSGDStep(options.clip, options.noise_multiplier, counter)
+        module.optim = dataclasses.replace(module.optim, grad_clip=None)  # the per-example clip replaces it
+
+    return prepare
+
+
+# --------------------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------------------
+class _Budget:
+    """The run's accountant(s), the target check and the per-round ε record."""
+
+    def __init__(self, options: DPOptions, config: StrategyConfig) -> None:
+        self.options = options
+        self.config = config
+        self.client = RDPAccountant()  # client level
+        self.examples: dict[int, RDPAccountant] = {}  # example level, per partition id
+        self.q = config.per_round / config.num_clients if options.sampling_credit else 1.0
+
+    def spent(self) -> float:
+        if self.options.level == "client":
+            return self.client.epsilon(self.options.delta)
+        return max((acc.epsilon(self.options.delta) for acc in self.examples.values()), default=0.0)
+
+    def before_round(self, server_round: int) -> None:
+        target = self.options.target_epsilon
+        if self.options.level == "client":
+            if target is not None:
+                after = self.client.epsilon_after(self.q, self.options.noise_multiplier, 1, self.options.delta)
+                if after > target:
+                    raise PrivacyBudgetExhausted(
+                        f"privacy budget: round {server_round} would raise ε to {after:.4f} > target-epsilon {target:g} "
+                        f"(δ={self.options.delta:.3g}); stopped after {server_round - 1} round(s) at ε={self.spent():.4f}"
+                    )
+            self.client.step(self.q, self.options.noise_multiplier)
+        elif target is not None and self.spent() > target:
+            raise PrivacyBudgetExhausted(
+                f"privacy budget: example-level ε={self.spent():.4f} exceeds target-epsilon {target:g} "
+                f"(δ={self.options.delta:.3g}) after {server_round - 1} round(s)"
+            )
+
+    def on_replies(self, replies: list[Any]) -> None:
+        if self.options.level != "example":
+            return
+        for reply in replies:
+            metrics = reply.content["metrics"]
+            pid = int(metrics["partition-id"])
+            q = float(metrics["dp-sample-rate"])
+            self.examples.setdefault(pid, RDPAccountant()).step(q, self.options.noise_multiplier, int(metrics["dp-steps"]))
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        return {"epsilon": self.spent(), "delta": self.options.delta}
+
+    def state(self) -> dict[str, Any]:
+        return {"client": self.client.state_dict(), "examples": {str(p): a.state_dict() for p, a in self.examples.items()}}
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        self.client.load_state_dict(state["client"])
+        self.examples = {}
+        for pid, acc_state in state.get("examples", {}).items():
+            self.examples[int(pid)] = RDPAccountant()
+            self.examples[int(pid)].load_state_dict(acc_state)
+
+
+def _refuse(parts: StrategyParts, options: DPOptions) -> None:
+    if parts.requires_individual_updates:
+        raise IncompatibleError(
+            f"dp cannot wrap '{parts.name}': it aggregates by comparing individual client updates, while "
+            "DP-FedAvg's guarantee covers only functions of the clipped, noised sum"
+        )
+    if parts.round_protocol is not None and options.level == "client" and options.placement == "server":
+        raise IncompatibleError(
+            f"dp placement=server clips each client's update on the server, which '{parts.name}''s round protocol "
+            "(e.g. secure aggregation) never shows it; use --privacy-option placement=client"
+        )
+    if parts.round_protocol is not None and options.level == "example":
+        raise IncompatibleError(
+            f"example-level dp accounts each client's DP-SGD steps from its reply, which '{parts.name}''s round "
+            "protocol hides; use level=client"
+        )
+
+
+def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
+    """Wrap ``parts`` with differential privacy (see the module docstring for the options)."""
+    options = parse_options(config.options, config)
+    _refuse(parts, options)
+    budget = _Budget(options, config)
+    counter = _StepCount()
+
+    def step_metrics() -> dict[str, float]:
+        out = {"dp-steps": float(counter.steps), "dp-sample-rate": min(1.0, counter.batch_size / max(counter.examples, 1))}
+        counter.steps = 0
+        return out
+
+    mods = list(parts.client_mods)
+    transforms = list(parts.update_transforms)
+    prepare = parts.prepare_module
+    if options.level == "example":
+        dp_prepare = _prepare_dp_sgd(options, counter)
+        inner_prepare = parts.prepare_module
+
+        def prepare(module: Any) -> None:
+            if inner_prepare is not None:
+                inner_prepare(module)
+            dp_prepare(module)
+
+        transforms.insert(0, _count_examples(counter))
+        mods.append(release_metrics_mod(step_metrics))
+    else:
+        mods.append(release_metrics_mod())
+        if options.placement == "client":
+            transforms.append(client_update_transform(options))
+
+    inner_get, inner_set = parts.get_state, parts.set_state
+
+    def get_state() -> dict[str, Any]:
+        return {"inner": inner_get() if inner_get else None, "accountant": budget.state()}
+
+    def set_state(state: Mapping[str, Any]) -> None:
+        if state.get("inner") is not None:
+            if inner_set is None:
+                raise RuntimeError(f"the checkpoint holds state of '{parts.name}', which cannot restore it")
+            inner_set(state["inner"])
+        budget.load(state["accountant"])
+
+    server = ServerSideDP(parts.server, options, config.per_round, budget.on_replies)
+    describe = {
+        "privacy": "dp",
+        "inner": dict(parts.describe),
+        "level": options.level,
+        "placement": options.placement if options.level == "client" else "local DP-SGD",
+        "clip": options.clip,
+        "noise-multiplier": options.noise_multiplier,
+        "delta": options.delta,
+        "target-epsilon": options.target_epsilon,
+        "sample-rate": budget.q if options.level == "client" else "B/n_i per client",
+        "estimator": "fixed-weight: (sum of clipped updates + N(0,(zC)^2)) / k" if options.level == "client"
+        else "DP-SGD: (sum of clipped per-example gradients + N(0,(zC)^2)) / B",
+    }
+    return dataclasses.replace(
+        parts,
+        name=f"dp({parts.name})",
+        server=server,
+        client_mods=tuple(mods),
+        update_transforms=tuple(transforms),
+        describe=describe,
+        get_state=get_state,
+        set_state=set_state,
+        before_round=_chain_before(parts.before_round, budget.before_round),
+        round_metrics=_merge_metrics(parts.round_metrics, budget.round_metrics),
+        prepare_module=prepare,
+    )
+
+
+def _count_examples(counter: _StepCount) -> Callable[..., dict[str, Tensor]]:
+    """An identity update transform that records the client's example count for the accountant."""
+
+    def transform(new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo) -> dict[str, Tensor]:
+        counter.examples = info.num_examples
+        return new_state
+
+    return transform
+
+
+def _chain_before(first: Callable[[int], None] | None, second: Callable[[int], None]) -> Callable[[int], None]:
+    def before(server_round: int) -> None:
+        if first is not None:
+            first(server_round)
+        second(server_round)
+
+    return before
+
+
+def _merge_metrics(
+    first: Callable[[int], Mapping[str, float]] | None, second: Callable[[int], Mapping[str, float]]
+) -> Callable[[int], Mapping[str, float]]:
+    def merged(server_round: int) -> Mapping[str, float]:
+        return {**dict(first(server_round) if first else {}), **dict(second(server_round))}
+
+    return merged
+
+
+# --------------------------------------------------------------------------------------
+# benchmark helper
+# --------------------------------------------------------------------------------------
+def dp_overhead(num_params: int, per_round: int = 10, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Seconds of the server's aggregation work per round, plain FedAvg (uniform mean) vs DP-FedAvg
+    (clip every update + Gaussian noise), for ``per_round`` updates of ``num_params`` float32
+    values (one tensor); best of ``repeats``. Client placement moves the same clip+noise work to
+    each client (one update each). Returns ``plain_s``, ``dp_s``, ``dp_minus_plain_s``."""
+    generator = torch.Generator().manual_seed(seed)
+    global_state = {"w": torch.randn(num_params, generator=generator)}
+    states = [{"w": global_state["w"] + 0.01 * torch.randn(num_params, generator=generator)} for _ in range(per_round)]
+
+    def plain() -> None:
+        mean = sum(s["w"].double() for s in states) / per_round
+        mean.float()
+
+    def private() -> None:
+        dp_fedavg_aggregate(global_state, states, clip=1.0, noise_multiplier=1.0, generator=generator)
+
+    def best(fn: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    plain_s, dp_s = best(plain), best(private)
+    return {"plain_s": plain_s, "dp_s": dp_s, "dp_minus_plain_s": dp_s - plain_s}
+
+
+@hookimpl
+def pchmr_privacy() -> dict[str, object]:
+    return {"dp": dp}
+
