@@ -7,6 +7,7 @@ records every reply the server receives. The Simulation-Engine runs at the end a
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 
@@ -290,3 +291,57 @@ def test_flower_survives_a_client_dropping_out_after_sharing_keys():
 def test_flower_halts_when_too_few_clients_remain():
     with pytest.raises(RuntimeError, match="secure aggregation \\(SecAgg\\+\\) halted"):
         run_flower_round(3, drop={0: "share_keys", 1: "share_keys"})
+
+
+# --------------------------------------------------------------------------------------
+# the crypten backend (two real party processes, started once for this module)
+# --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def crypten_parts():
+    if importlib.util.find_spec("crypten") is None:
+        pytest.skip("crypten is not installed (scripts/install.sh installs crypten==0.4.1)")
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
+    wrapped = secagg(parts, StrategyConfig(5, 5, 1, 0, {"backend": "crypten", "parties": 2}))
+    wrapped.round_protocol.start()
+    yield wrapped
+    wrapped.round_protocol.close()
+
+
+def run_crypten_round(wrapped: StrategyParts, num_clients: int, drop: dict[int, str] | None = None, server_round: int = 1):
+    trainer = FakeTrainer(num_clients, seed=server_round)
+    handler = next(iter(wrapped.client_handlers.values()))
+    handler.train = trainer
+    grid = InProcessGrid({p: handler for p in range(num_clients)}, drop)
+    arrays = global_arrays()
+    config = ConfigRecord({"server-round": server_round, "local-epochs": 1})
+    return trainer, grid, arrays, wrapped.round_protocol.run_round(grid, server_round, arrays, config, 120.0)
+
+
+def _crypten_tolerance(codec: FixedPointCodec, trainer: FakeTrainer, expected: np.ndarray) -> float:
+    """Fixed-point rounding + CrypTen's float32 plaintext of the weighted sum + float32 output."""
+    largest_update = max(float(np.abs(u).max()) for u in trainer.updates.values())
+    return codec.tolerance + 2.0**-23 * largest_update + 2 * np.finfo(np.float32).eps * float(np.abs(expected).max())
+
+
+def test_crypten_secure_round_equals_fedavg_and_reveals_no_update(crypten_parts):
+    trainer, grid, arrays, result = run_crypten_round(crypten_parts, 4)
+    codec = read_settings({"backend": "crypten"}, 5).codec(5)
+    expected = plain_fedavg(arrays, trainer, [0, 1, 2, 3])
+    got = {k: v.numpy() for k, v in result.arrays.items()}
+    assert np.max(np.abs(got["weight"] - expected["weight"])) <= _crypten_tolerance(codec, trainer, expected["weight"])
+    assert float(got["count"]) == pytest.approx(float(expected["count"]), abs=1e-5)
+    n = np.array([5, 8, 11, 14]); loss = 1.0 + 0.25 * np.arange(4)
+    assert result.metrics["train-loss"] == pytest.approx(float((n * loss).sum() / n.sum()), abs=1e-5)
+    assert result.metrics["secagg-clients"] == 4 and result.metrics["secagg-party-bytes"] >= 4 * NUM_VALUES * 8
+    assert assert_nothing_reveals_an_update(grid, trainer, arrays, codec) == 4
+
+
+def test_crypten_leaves_out_a_client_that_fails(crypten_parts):
+    trainer, grid, arrays, result = run_crypten_round(crypten_parts, 4, drop={1: "train"}, server_round=2)
+    codec = read_settings({"backend": "crypten"}, 5).codec(5)
+    expected = plain_fedavg(arrays, trainer, [0, 2, 3])
+    got = result.arrays["weight"].numpy()
+    assert np.max(np.abs(got - expected["weight"])) <= _crypten_tolerance(codec, trainer, expected["weight"])
+    assert result.metrics["secagg-dropped"] == 1
+    assert assert_nothing_reveals_an_update(grid, trainer, arrays, codec) == 3
