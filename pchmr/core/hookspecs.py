@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the contracts, for readers and type checkers
     from pchmr.core.data import DatasetFactory
     from pchmr.core.partition import Partitioner
     from pchmr.core.strategy import PrivacyFactory, StrategyFactory
+    from pchmr.core.annotate import AnnotatorFactory, DepthSource, KeypointSource
 
 PROJECT = "pchmr"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -95,9 +96,44 @@ def pchmr_privacy() -> Mapping[str, "PrivacyFactory"]:
 
 
 @hookspec
-def pchmr_annotators() -> Mapping[str, Callable[..., object]]:
-    """Offer annotators: ``(body_model, options) -> Annotator`` fitting the body model to
-    keypoint (and depth) observations of local images and returning pseudo-labelled Samples."""
+def pchmr_annotators() -> Mapping[str, "AnnotatorFactory"]:
+    """Offer annotators (see :mod:`pchmr.core.annotate`).
+
+    A factory ``(body_model: BodyModel, options: Mapping[str, object]) -> Annotator`` refuses
+    unknown option keys, naming the known ones. ``Annotator.fit(batch: ObservationBatch)``
+    fits the body model to B images at once and returns a ``FitResult``:
+
+    * input  keypoints (B, J, 3) crop coordinates [-1, 1] + confidence; intrinsics (B, 3)
+      (f, cx, cy) in crop units; depth, depth_valid (B, J), known up to the batch's
+      ``depth_invariance`` (``metric``, ``scale`` or ``affine``);
+    * output vertices (B, V, 3), joints (B, J, 3) metres, camera frame (x right, y down,
+      z forward), root-relative; translation (B, 3) metres; losses {name: (B,)} per image.
+
+    Images an annotator cannot use are the pipeline's business (records with the error), so
+    ``fit`` only sees valid observations.
+    """
+
+
+@hookspec
+def pchmr_keypoint_sources() -> Mapping[str, Callable[..., "KeypointSource"]]:
+    """Offer 2D keypoint sources: ``factory(**options) -> KeypointSource``.
+
+    ``source(item: AnnotationItem, joint_names) -> KeypointObservation``: (J, 3) keypoints in
+    the body model's evaluation joint order, **image pixels** (continuous coordinates) and a
+    confidence in [0, 1]; intrinsics (focal, u0, v0) in pixels or None. Raises
+    ``NoPersonError`` / ``KeypointLayoutError`` / ``CountMismatchError`` naming the image.
+    """
+
+
+@hookspec
+def pchmr_depth_sources() -> Mapping[str, Callable[..., "DepthSource"]]:
+    """Offer per-keypoint depth sources: ``factory(**options) -> DepthSource``.
+
+    ``source(item: AnnotationItem, keypoints (J, 3) pixels) -> DepthObservation``: (J,) depth
+    per keypoint (positive), (J,) validity in {0, 1}, and the invariance the values are known
+    up to (``metric``, ``scale``, ``affine``). Raises ``DepthError`` naming the image when too
+    many keypoints lack a finite positive depth.
+    """
 
 
 #: plugin kind → hook name; the registry and ``pchmr plugins`` iterate over it.
@@ -109,4 +145,6 @@ KINDS: dict[str, str] = {
     "strategy": "pchmr_strategies",
     "privacy": "pchmr_privacy",
     "annotator": "pchmr_annotators",
+    "keypoint_source": "pchmr_keypoint_sources",
+    "depth_source": "pchmr_depth_sources",
 }
