@@ -233,8 +233,12 @@ class ServerSideDP:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
-    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+    def set_global(self, arrays: Any) -> None:
+        """The round's global model (an ArrayRecord), against which updates are clipped."""
         self._global = arrays.to_torch_state_dict()
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
+        self.set_global(arrays)
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:

@@ -1,0 +1,216 @@
+"""The ``dp`` privacy plugin: the mechanism's numbers by hand and by statistics, the refusals,
+and one real federated run that records ε per round and stops at the target."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pchmr.core.accounting import epsilon
+from pchmr.core.strategy import IncompatibleError, PrivacyBudgetExhausted, StrategyConfig, StrategyParts
+from pchmr.plugins.privacy.dp import (
+    DPOptions,
+    DPSGDStep,
+    ServerSideDP,
+    check_per_example_safe,
+    clip_update,
+    default_delta,
+    dp,
+    dp_fedavg_aggregate,
+    dp_overhead,
+    parse_options,
+    privatize_update,
+)
+
+CONFIG = StrategyConfig(num_clients=100, per_round=10, num_rounds=5, seed=0)
+
+
+def _fedavg_parts() -> StrategyParts:
+    from pchmr.plugins.strategies.fedavg import fedavg
+
+    return fedavg(StrategyConfig(num_clients=100, per_round=10, num_rounds=5, seed=0))
+
+
+# -- the mechanism -------------------------------------------------------------------------
+def test_clipping_is_exact_and_keeps_direction():
+    zero = {"w": torch.zeros(2), "steps": torch.tensor(7)}
+    clipped, norm = clip_update({"w": torch.tensor([3.0, 4.0]), "steps": torch.tensor(9)}, zero, clip=1.0)
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(clipped["w"], torch.tensor([0.6, 0.8], dtype=torch.float64))
+    assert "steps" not in clipped, "integer tensors are not part of the update"
+    small, norm = clip_update({"w": torch.tensor([0.3, 0.4]), "steps": torch.tensor(9)}, zero, clip=1.0)
+    assert norm == pytest.approx(0.5)
+    torch.testing.assert_close(small["w"], torch.tensor([0.3, 0.4], dtype=torch.float64))
+    private = privatize_update({"w": torch.tensor([3.0, 4.0]), "steps": torch.tensor(9)}, zero, 1.0, noise_std=0.0)
+    torch.testing.assert_close(private["w"], torch.tensor([0.6, 0.8]))
+    assert private["steps"].item() == 7 and private["w"].dtype == torch.float32
+
+
+def test_aggregate_is_the_fixed_weight_estimator_without_noise():
+    g = {"w": torch.tensor([1.0, 1.0])}
+    states = [{"w": torch.tensor([4.0, 5.0])}, {"w": torch.tensor([1.1, 1.0])}]  # Δ = (3,4) → (0.6,0.8); (0.1,0)
+    out = dp_fedavg_aggregate(g, states, clip=1.0, noise_multiplier=0.0)
+    torch.testing.assert_close(out["w"], torch.tensor([1.0 + 0.35, 1.0 + 0.4]))
+
+
+@pytest.mark.parametrize("z,clip,k", [(1.0, 1.0, 10), (0.7, 2.5, 4)])
+def test_noise_std_over_many_draws_is_z_c_over_k(z, clip, k):
+    # updates of zero: the aggregate minus the global model is pure noise, std z·C/k per coordinate;
+    # 200k draws estimate a std to ±0.16 % (one standard error), so 1 % is ~6 standard errors
+    n = 200_000
+    g = {"w": torch.zeros(n)}
+    gen = torch.Generator().manual_seed(1)
+    server = dp_fedavg_aggregate(g, [g] * k, clip=clip, noise_multiplier=z, generator=gen)["w"].double()
+    assert server.std().item() == pytest.approx(z * clip / k, rel=0.01)
+    assert abs(server.mean().item()) < 5 * z * clip / k / math.sqrt(n)
+    # client placement: each client adds z·C/sqrt(k); the uniform mean of k replies has z·C/k
+    per_client = [privatize_update(g, g, clip, z * clip / math.sqrt(k), gen)["w"].double() for _ in range(k)]
+    assert (sum(per_client) / k).std().item() == pytest.approx(z * clip / k, rel=0.01)
+
+
+def test_server_side_wrapper_clips_weights_equally_and_hides_client_metrics(monkeypatch):
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # Flower messages outside a run need these
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+    options = DPOptions(placement="server", clip=1.0, noise_multiplier=1e-9)
+    seen = []
+    server = ServerSideDP(_fedavg_parts().server, options, per_round=2, on_replies=seen.append)
+    global_state = {"w": torch.zeros(2)}
+
+    server.set_global(ArrayRecord(global_state))
+
+    def reply(w, examples, pid):
+        return Message(
+            RecordDict({"arrays": ArrayRecord({"w": torch.tensor(w)}),
+                        "metrics": MetricRecord({"num-examples": examples, "train-loss": 3.0, "partition-id": pid})}),
+            dst_node_id=0, message_type="train",
+        )
+
+    arrays, metrics = server.aggregate_train(1, [reply([3.0, 4.0], 100.0, 0.0), reply([0.1, 0.0], 1.0, 1.0)])
+    # clipped (0.6, 0.8) and (0.1, 0): the EQUAL-weight mean, although the clients hold 100 and 1 examples
+    torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([0.35, 0.4]), atol=1e-6, rtol=0)
+    assert metrics is None
+    assert all(dict(r.content["metrics"]) == {"num-examples": 1.0, "partition-id": float(i)} for i, r in enumerate(seen[0]))
+    with pytest.raises(RuntimeError, match="calibrated for 2 updates, got 1"):
+        server.aggregate_train(2, [reply([0.0, 0.0], 1.0, 0.0)])
+
+
+def test_dp_sgd_clips_each_example_and_the_surrogate_carries_the_gradient():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1, bias=False)
+
+        def forward(self, images):
+            return self.lin(images)
+
+        def compute_losses(self, batch, out):
+            return {"loss": out.sum()}
+
+        def log(self, *args, **kwargs):
+            pass
+
+    module = Tiny()
+    batch = {"image": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # per-example gradients = the inputs
+    step = DPSGDStep(clip=1.0, noise_multiplier=0.0)
+    gradient, _ = step.privatized_gradient(module, batch)
+    torch.testing.assert_close(gradient[0], torch.tensor([[0.45, 0.6]]))  # ((0.6,0.8) + (0.3,0.4)) / 2
+    module.zero_grad()
+    step(module, batch, 0).backward()
+    torch.testing.assert_close(module.lin.weight.grad, torch.tensor([[0.45, 0.6]]))
+    assert step.counter.steps == 1
+    noisy = DPSGDStep(clip=1.0, noise_multiplier=2.0)
+    draws = torch.stack([noisy.privatized_gradient(module, batch)[0][0] for _ in range(400)])
+    assert draws.std().item() == pytest.approx(2.0 * 1.0 / 2, rel=0.1)  # z·C/B
+
+
+# -- options, refusals, budget -------------------------------------------------------------
+def test_options_and_default_delta():
+    assert default_delta(10) == 1e-5 and default_delta(10**6) == pytest.approx(10 ** (-6.6))
+    opts = parse_options({"clip": 0.5, "noise-multiplier": 2, "target-epsilon": 3, "placement": "client"}, CONFIG)
+    assert (opts.clip, opts.noise_multiplier, opts.target_epsilon, opts.placement, opts.delta) == (0.5, 2.0, 3.0, "client", 1e-5)
+    for bad, match in [
+        ({"clip": 0}, "'clip' must be a number > 0"),
+        ({"placement": "edge"}, "'placement' must be one of server, client"),
+        ({"level": "example", "placement": "client"}, "applies to level=client"),
+        ({"delta": 1.5}, "'delta' must lie in"),
+        ({"noise": 1.0}, "does not take the option"),
+        ({"sampling-credit": "yes"}, "true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_options(bad, CONFIG)
+
+
+def test_incompatible_combinations_are_refused():
+    from pchmr.plugins.strategies.fedgh import fedgh
+
+    with pytest.raises(IncompatibleError, match="comparing individual client updates"):
+        dp(fedgh(CONFIG), CONFIG)
+    protocol_parts = StrategyParts(name="secagg(fedavg)", server=None, round_protocol=object())
+    with pytest.raises(IncompatibleError, match="use --privacy-option placement=client"):
+        dp(protocol_parts, CONFIG)
+    assert dp(protocol_parts, StrategyConfig(100, 10, 5, 0, {"placement": "client"})).round_protocol is not None
+    with pytest.raises(IncompatibleError, match="BatchNorm layer"):
+        check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    parts = dp(_fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"level": "example"}))
+    with pytest.raises(IncompatibleError, match="BatchNorm"):
+        parts.prepare_module(nn.Sequential(nn.BatchNorm1d(3)))
+
+
+def test_budget_steps_once_per_round_stops_at_target_and_survives_resume():
+    cfg = StrategyConfig(100, 10, 50, 0, {"noise-multiplier": 1.1, "target-epsilon": 2.0})
+    parts = dp(_fedavg_parts(), cfg)
+    rounds = 0
+    with pytest.raises(PrivacyBudgetExhausted, match=r"would raise ε to .* > target-epsilon 2"):
+        for r in range(1, 51):
+            parts.before_round(r)
+            rounds = r
+    assert epsilon(0.1, 1.1, rounds, 1e-5) <= 2.0 < epsilon(0.1, 1.1, rounds + 1, 1e-5)
+    assert parts.round_metrics(rounds) == {"epsilon": pytest.approx(epsilon(0.1, 1.1, rounds, 1e-5), rel=1e-9), "delta": 1e-5}
+    resumed = dp(_fedavg_parts(), cfg)
+    resumed.set_state(parts.get_state())
+    assert resumed.round_metrics(rounds)["epsilon"] == parts.round_metrics(rounds)["epsilon"]
+    with pytest.raises(PrivacyBudgetExhausted):
+        resumed.before_round(rounds + 1)
+
+
+def test_dp_overhead_reports_both_timings():
+    out = dp_overhead(10_000, per_round=3, repeats=1)
+    assert out["plain_s"] > 0 and out["dp_s"] > 0 and set(out) == {"plain_s", "dp_s", "dp_minus_plain_s"}
+
+
+# -- a real run through the CLI ---------------------------------------------------------------
+def test_cli_run_with_dp_records_epsilon_and_stops_at_target(tmp_path, pchmr_cache):
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    out = tmp_path / "run"
+    args = [
+        "run", "--num-train", "48", "--num-test", "16", "--clients", "4", "--per-round", "2", "--rounds", "3",
+        "--batch-size", "16", "--seed", "3", "--out", str(out), "--privacy", "dp",
+        "--privacy-option", "placement=client", "--privacy-option", "clip=0.05",
+        "--privacy-option", "noise-multiplier=0.5", "--privacy-option", "target-epsilon=15",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "stopped early" in result.output and "target-epsilon 15" in result.output
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:  # q = 2/4, z = 0.5, δ = min(1e-5, 4^-1.1)
+        assert r["epsilon"] == pytest.approx(epsilon(0.5, 0.5, r["round"], 1e-5), rel=1e-9) and r["delta"] == 1e-5
+        assert "train_train_loss" not in r and "train_loss" not in r, "client losses are not released"
+    final = json.loads((out / "final.json").read_text())
+    assert final["round"] == 2 and "ε to 17.7" in final["stopped"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["strategy"]["privacy"] == "dp" and config["strategy"]["placement"] == "client"
+    assert final["mpjpe_mm"] != final["round0"]["mpjpe_mm"]
