@@ -1,0 +1,270 @@
+"""``pchmr annotate`` and ``pchmr personalize``: label local images on the device, then fine-tune
+the global model on those pseudo-labels (docs/annotation.md)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["annotate", "personalize", "resolve_local_data"]
+
+console = Console()
+err_console = Console(stderr=True)
+DEFAULT_CROP = 64
+SYNTHETIC_DATA_KEYS = ("seed", "split", "num_train", "num_test", "limit", "subject", "scene", "action", "source")
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _options(items: list[str], flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise _fail(f"{flag} expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _coerce(value.strip())
+    return out
+
+
+def _coerce(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:
+    from pchmr.core.bodymodel import BodyModelSpec
+    from pchmr.core.registry import get_registry
+
+    factory = get_registry().get("body_model", name)
+    return factory(BodyModelSpec(cache_dir=str(cache_dir), model_dir=str(smpl_dir) if smpl_dir else None))
+
+
+def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_dir: Path) -> tuple[Any, list[int]]:
+    """The synthetic split named by ``options`` and the indices kept by its label filters."""
+    from pchmr.core.data import DatasetSpec
+    from pchmr.core.registry import get_registry
+
+    unknown = sorted(set(options) - set(SYNTHETIC_DATA_KEYS))
+    if unknown:
+        raise _fail(f"--data-option does not know {unknown}; known: {list(SYNTHETIC_DATA_KEYS)}")
+    spec = DatasetSpec(image_size=crop, seed=int(options.get("seed", 0)), cache_dir=cache_dir / "datasets",
+                       num_train=options.get("num_train"), num_test=options.get("num_test"))  # fmt: skip
+    data = get_registry().get("dataset", "synthetic")(spec, body_model)
+    split_name = str(options.get("split", "test"))
+    if split_name not in ("train", "test"):
+        raise _fail(f"--data-option split must be train or test, got {split_name!r}")
+    split = data.train if split_name == "train" else data.test
+    keep = np.ones(len(split), dtype=bool)
+    for key in ("subject", "scene", "action", "source"):
+        if key in options:
+            keep &= split.labels[key] == str(options[key])
+    indices = np.nonzero(keep)[0].tolist()[: int(options["limit"])] if "limit" in options else np.nonzero(keep)[0].tolist()
+    if not indices:
+        raise _fail(f"no synthetic {split_name} image matches {options}")
+    return split, indices
+
+
+def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir: Optional[Path], depth_dir: Optional[Path],
+                   options: dict[str, Any], keypoint_options: dict[str, Any], depth_options: dict[str, Any],
+                   data_options: dict[str, Any], body_model_name: str, smpl_dir: Optional[Path], crop: int,
+                   batch_size: int, cache_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """Annotate an image folder or the synthetic dataset into ``out``; returns the summary."""
+    from pchmr.core.registry import get_registry
+    from pchmr.plugins.annotators.pipeline import annotate_items, items_from_dataset, items_from_folder, write_pseudo_labels
+
+    registry = get_registry()
+    body_model = _body_model(body_model_name, cache_dir, smpl_dir)
+    annotator = registry.get("annotator", annotator_name)(body_model, {**options})
+    uses_depth = annotator_name != "smplifyx"
+    ground_truth: dict[str, np.ndarray] | None = None
+    if Path(target).is_dir():
+        if keypoints_dir is None:
+            raise _fail(f"annotating the image folder {target} needs --keypoints DIR (per-image JSON keypoints)")
+        kp_source = registry.get("keypoint_source", "files")(keypoints_dir, **keypoint_options)
+        dep_source = registry.get("depth_source", "files")(depth_dir, **depth_options) if uses_depth and depth_dir else None
+        if uses_depth and dep_source is None:
+            raise _fail(f"the {annotator_name} annotator needs --depth DIR (per-image depth maps)")
+        items, early = items_from_folder(target, kp_source.stems())
+        full_image, meta = False, None
+    elif target == "synthetic":
+        split, indices = _synthetic_split(body_model, data_options, crop, cache_dir)
+        kp_source = registry.get("keypoint_source", "synthetic")(**keypoint_options)
+        dep_source = registry.get("depth_source", "synthetic")(**depth_options) if uses_depth else None
+        items, early, full_image = items_from_dataset(split, indices), [], True
+
+        def meta(item: Any) -> dict[str, str]:
+            return {k: str(split.labels[k][item.index]) for k in split.labels}
+
+        ground_truth = {"joints_3d": np.asarray(split.array("joints_3d")[indices]),
+                        "vertices": np.asarray(split.array("vertices")[indices])}  # fmt: skip
+    else:
+        raise _fail(f"{target!r} is neither an image folder nor a dataset; use a folder or 'synthetic'")
+    start = time.perf_counter()
+    result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
+                            full_image=full_image, batch_size=batch_size, meta=meta)  # fmt: skip
+    result.records[:0] = early
+    if ground_truth is not None:
+        kept = [i for i, item in enumerate(items) if item.image_id in set(result.image_ids)]
+        ground_truth = {k: v[kept] for k, v in ground_truth.items()}
+    info = {"annotator": annotator.describe(), "target": target, "body_model": body_model.name, "crop_size": crop,
+            "keypoint_options": keypoint_options, "depth_options": depth_options, "data_options": data_options,
+            "seconds": time.perf_counter() - start}  # fmt: skip
+    write_pseudo_labels(out, result, info, ground_truth)
+    summary = {"annotated": len(result.image_ids), "failed": Counter(r.error for r in result.records if r.status != "ok"),
+               "seconds": info["seconds"]}  # fmt: skip
+    if ground_truth is not None and result.image_ids:
+        summary["accuracy"] = accuracy(np.stack(result.joints), np.stack(result.vertices), ground_truth)
+    return summary
+
+
+def accuracy(joints: np.ndarray, vertices: np.ndarray, gt: dict[str, np.ndarray]) -> dict[str, float]:
+    """MPVPE / MPJPE / PA-MPJPE (mm) of root-relative camera-frame fits against ground truth."""
+    from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe
+
+    pj, pv = torch.from_numpy(joints).double(), torch.from_numpy(vertices).double()
+    gj, gv = torch.from_numpy(gt["joints_3d"][..., :3]).double(), torch.from_numpy(gt["vertices"]).double()
+    return {"mpvpe_mm": float(mpvpe(pv, gv).mean()), "mpjpe_mm": float(mpjpe(pj, gj).mean()),
+            "pa_mpjpe_mm": float(pa_mpjpe(pj, gj).mean())}  # fmt: skip
+
+
+def annotate(
+    target: str = typer.Argument(..., help="An image folder, or 'synthetic' (the synthetic dataset, see --data-option)."),
+    annotator: str = typer.Option("deposer", help="Annotator plugin: deposer or smplifyx."),
+    out: Path = typer.Option(..., help="Output directory for the pseudo-labels and per-image records."),
+    keypoints: Optional[Path] = typer.Option(None, help="Folder of per-image keypoint JSON files (image folders)."),
+    depth: Optional[Path] = typer.Option(None, help="Folder of per-image depth maps .npy/.png (image folders)."),
+    option: list[str] = typer.Option([], "--option", help="Annotator option key=value (repeatable)."),
+    keypoint_option: list[str] = typer.Option([], "--keypoint-option", help="Keypoint source option key=value."),
+    depth_option: list[str] = typer.Option([], "--depth-option", help="Depth source option key=value."),
+    data_option: list[str] = typer.Option([], "--data-option", help="Synthetic data: seed, split, limit, label filters."),
+    body_model: str = typer.Option("anny", help="Body model plugin."),
+    smpl_dir: Optional[Path] = typer.Option(None, help="Your SMPL files (for --body-model smpl)."),
+    crop_size: int = typer.Option(DEFAULT_CROP, help="Square crop side in pixels of the written Samples."),
+    batch_size: int = typer.Option(64, help="Images fitted together."),
+) -> None:
+    """Fit a body model to local images: pseudo-labelled Samples plus one record per image."""
+    from pchmr.core.experiment import default_cache_dir
+
+    try:
+        summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth,
+                                 options=_options(option, "--option"),
+                                 keypoint_options=_options(keypoint_option, "--keypoint-option"),
+                                 depth_options=_options(depth_option, "--depth-option"),
+                                 data_options=_options(data_option, "--data-option"), body_model_name=body_model,
+                                 smpl_dir=smpl_dir, crop=crop_size, batch_size=batch_size, cache_dir=default_cache_dir())  # fmt: skip
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    failed = ", ".join(f"{k}: {v}" for k, v in summary["failed"].items()) or "none"
+    console.print(f"annotated {summary['annotated']} images in {summary['seconds']:.1f} s; failed: {failed} → {out}")
+    if "accuracy" in summary:
+        acc = summary["accuracy"]
+        console.print("against ground truth: " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items()))
+
+
+# ------------------------------------------------------------------------ personalize
+def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
+    """RUN_DIR or RUN_DIR/model.pt → (config.json, model.pt)."""
+    run_dir = path if path.is_dir() else path.parent
+    model = path if path.is_file() else run_dir / "model.pt"
+    config = run_dir / "config.json"
+    if not model.is_file() or not config.is_file():
+        raise FileNotFoundError(f"{path} is not a pchmr run: it needs config.json and model.pt (from `pchmr run --out`)")
+    return config, model
+
+
+def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
+    """The global HMRModule of a run directory, weights loaded, and its Components."""
+    from pchmr.core.config import RunConfig
+    from pchmr.core.experiment import build_components
+
+    config_path, model_path = resolve_checkpoint(checkpoint)
+    stored = json.loads(config_path.read_text())
+    cfg = RunConfig.from_dict(stored.get("run", stored))
+    components = build_components(cfg)
+    module = components.make_module()
+    module.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return module, components
+
+
+def resolve_local_data(data: Path) -> Path:
+    if (data / "labels.npz").is_file():
+        return data
+    raise FileNotFoundError(f"{data} holds no pseudo-labels (labels.npz); annotate it first with `pchmr annotate ... --out {data}`")
+
+
+def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, batch_size: int, seed: int,
+              train_share: float = 0.8) -> dict[str, Any]:  # fmt: skip
+    """Split the pseudo-labels 80/20 (seeded), evaluate the global model on the 20 %, fine-tune it
+    on the 80 % for ``epochs`` with the same HMRModule, evaluate again. Metrics against the
+    pseudo-labels, and against real ground truth when the labels directory has it."""
+    from pchmr.core.experiment import make_loader
+    from pchmr.core.hmr import OptimConfig, evaluate, make_trainer
+    from pchmr.plugins.annotators.pipeline import PseudoLabelSet
+
+    module, _ = load_global_module(checkpoint)
+    full = PseudoLabelSet(labels_dir)
+    n = len(full)
+    if n < 5:
+        raise ValueError(f"{labels_dir} has {n} annotated images; personalization needs at least 5 (80/20 split)")
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(train_share * n))
+    train_idx, test_idx = sorted(order[:cut].tolist()), sorted(order[cut:].tolist())
+    has_gt = "gt_joints_3d" in full.arrays
+    sets = {"pseudo": PseudoLabelSet(labels_dir, test_idx)}
+    if has_gt:
+        sets["real"] = PseudoLabelSet(labels_dir, test_idx, ground_truth=True)
+    loaders = {k: make_loader(v, 64, shuffle=False) for k, v in sets.items()}
+    before = {k: evaluate(module, loader) for k, loader in loaders.items()}
+    module.optim = OptimConfig(lr=lr, weight_decay=module.optim.weight_decay, grad_clip=module.optim.grad_clip)
+    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True)
+    trainer.fit(module, train_dataloaders=make_loader(PseudoLabelSet(labels_dir, train_idx), batch_size, True, seed))
+    after = {k: evaluate(module, loader) for k, loader in loaders.items()}
+    return {"train": len(train_idx), "test": len(test_idx), "before": before, "after": after, "module": module}
+
+
+def personalize(
+    checkpoint: Path = typer.Option(..., help="Global model: a run directory (config.json + model.pt) or its model.pt."),
+    data: Path = typer.Option(..., help="Local pseudo-labels (a `pchmr annotate --out` directory)."),
+    out: Optional[Path] = typer.Option(None, help="Write personalized.pt and personalize.json here."),
+    epochs: int = typer.Option(2, help="Fine-tuning epochs (the paper: 2)."),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (the paper's appendix: 1e-4)."),
+    batch_size: int = typer.Option(16, help="Fine-tuning batch size."),
+    seed: int = typer.Option(0, help="Seed of the 80/20 split and the shuffling."),
+) -> None:
+    """Fine-tune the global model on local pseudo-labels; report before/after on the held-out 20 %."""
+    try:
+        result = fine_tune(checkpoint, resolve_local_data(data), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"personalization: {result['train']} train / {result['test']} held-out images, {epochs} epochs")
+    for column in ("against", "metric", "before", "after", "change"):
+        table.add_column(column)
+    for target, metrics in result["before"].items():
+        for key, value in metrics.items():
+            after = result["after"][target][key]
+            table.add_row("pseudo-GT" if target == "pseudo" else "real GT", key, f"{value:.1f}" if key != "pck" else f"{value:.3f}",
+                          f"{after:.1f}" if key != "pck" else f"{after:.3f}", f"{after - value:+.2f}")  # fmt: skip
+    console.print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(result["module"].state_dict(), out / "personalized.pt")
+        summary = {k: v for k, v in result.items() if k != "module"}
+        (out / "personalize.json").write_text(json.dumps({**summary, "epochs": epochs, "lr": lr}, indent=1) + "\n")
