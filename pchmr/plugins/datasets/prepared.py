@@ -280,7 +280,7 @@ def prepare_split(
     arrays = {
         "keypoints_2d": keypoints, "joints_3d": joints,
         "has_vertices": (has_smpl if meshes is not None else np.zeros(n, bool)).astype(np.float32),
-        "center": annotations.center.astype(np.float32), "scale": annotations.scale.astype(np.float32),
+        "center": annotations.center.astype(np.float64), "scale": annotations.scale.astype(np.float64),
         "image_ref": _labels_array(annotations.image),
         **{f"label_{k}": _labels_array(annotations.labels[k]) for k in META_KEYS},
     }  # fmt: skip
