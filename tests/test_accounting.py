@@ -112,3 +112,30 @@ def test_accountant_composes_merges_and_restores():
 def test_bad_inputs_are_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# -- pchmr privacy budget ----------------------------------------------------------------------
+def _budget(*args: str):
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    return CliRunner().invoke(app, ["privacy", "budget", *args])
+
+
+def test_cli_budget_prints_epsilon_and_the_noise_for_a_target():
+    out = _budget("--sample-rate", "0.01", "--noise-multiplier", "1.0", "--rounds", "1000", "--delta", "1e-5")
+    assert out.exit_code == 0, out.output
+    assert out.output.startswith(f"epsilon = {epsilon(0.01, 1.0, 1000, 1e-5):.4f} at delta = 1e-05 after 1000 round(s)")
+    assert "epsilon = 2.1014" in out.output  # Opacus's RDPAccountant gives 2.1014 for this setting
+    out = _budget("--sample-rate", "0.1", "--target-epsilon", "3", "--rounds", "100")
+    assert out.exit_code == 0, out.output
+    z = float(out.output.split("noise multiplier = ")[1].split()[0])
+    assert epsilon(0.1, z, 100, 1e-5) <= 3.0 < epsilon(0.1, z - 0.001, 100, 1e-5)
+
+
+def test_cli_budget_refuses_bad_input():
+    both = _budget("--sample-rate", "0.1", "--rounds", "5", "--noise-multiplier", "1", "--target-epsilon", "2")
+    assert both.exit_code == 2 and "exactly one of --noise-multiplier" in both.output
+    bad_q = _budget("--sample-rate", "1.5", "--rounds", "5", "--noise-multiplier", "1")
+    assert bad_q.exit_code == 2 and "sample rate q must lie in [0, 1], got 1.5" in bad_q.output

@@ -228,6 +228,7 @@ from pchmr.cli.report import report as _report  # noqa: E402  (registered below,
 app.command(name="report")(_report)
 app.command(name="partition")(__import__("pchmr.cli.partition", fromlist=["partition"]).partition)
 app.add_typer(__import__("pchmr.cli.data", fromlist=["data_app"]).data_app, name="data")
+app.add_typer(__import__("pchmr.cli.privacy", fromlist=["privacy_app"]).privacy_app, name="privacy")
 app.command(name="annotate")(__import__("pchmr.cli.annotate", fromlist=["annotate"]).annotate)
 app.command(name="personalize")(__import__("pchmr.cli.annotate", fromlist=["personalize"]).personalize)
 

@@ -1,0 +1,57 @@
+"""``pchmr privacy budget``: plan a differential-privacy budget before training.
+
+ε of T rounds of the sampled Gaussian mechanism (sample rate q, noise multiplier z) at δ, from
+:mod:`pchmr.core.accounting`; or, given ``--target-epsilon`` instead of ``--noise-multiplier``,
+the smallest z that keeps ε at or below the target (bisection).
+
+Client-level DP-FedAvg: q = k/N (clients per round / clients), one step per round. Example-level
+DP-SGD: q = B/n (batch / a client's examples) and ``--steps-per-round`` = local steps per round.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from pchmr.core.accounting import DEFAULT_ORDERS, epsilon_from_rdp, noise_multiplier_for_epsilon, rdp_curve
+
+privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: plan an (ε, δ) budget.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@privacy_app.command()
+def budget(
+    sample_rate: float = typer.Option(..., "--sample-rate", help="q: clients per round / clients (k/N), or B/n for DP-SGD."),
+    rounds: int = typer.Option(..., "--rounds", help="T: federated rounds."),
+    delta: float = typer.Option(1e-5, "--delta", help="δ (below 1/N for N protected units)."),
+    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="z: noise std / clip norm; prints ε."),
+    target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="ε to reach; prints the z needed."),
+    steps_per_round: int = typer.Option(1, "--steps-per-round", help="Mechanism steps per round (DP-SGD: local steps)."),
+) -> None:
+    """Print ε after T rounds, or the noise multiplier a target ε needs."""
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise _fail("give exactly one of --noise-multiplier (prints ε) and --target-epsilon (prints the noise multiplier)")
+    if rounds < 1 or steps_per_round < 1:
+        raise _fail(f"--rounds and --steps-per-round must be >= 1, got {rounds} and {steps_per_round}")
+    steps = rounds * steps_per_round
+    try:
+        if noise_multiplier is not None:
+            eps, order = epsilon_from_rdp(DEFAULT_ORDERS, rdp_curve(sample_rate, noise_multiplier, steps), delta)
+            typer.echo(
+                f"epsilon = {eps:.4f} at delta = {delta:g} after {rounds} round(s) "
+                f"(q = {sample_rate:g}, z = {noise_multiplier:g}, {steps} step(s); best Renyi order {order:g})"
+            )
+        else:
+            z = noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)  # type: ignore[arg-type]
+            eps, _ = epsilon_from_rdp(DEFAULT_ORDERS, rdp_curve(sample_rate, z, steps), delta)
+            typer.echo(
+                f"noise multiplier = {z:.4f} keeps epsilon <= {target_epsilon:g} at delta = {delta:g} after {rounds} "
+                f"round(s) (q = {sample_rate:g}, {steps} step(s); epsilon = {eps:.4f})"
+            )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
