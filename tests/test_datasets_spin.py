@@ -238,3 +238,29 @@ def test_pchmr_run_trains_and_evaluates_on_a_generated_spin_file(tmp_path, pchmr
 
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert np.isfinite(final["mpjpe_mm"]) and final["protocol"]["dataset"].startswith("spin-npz:h36m_train.npz")
+
+
+def test_spin_protocol_poses_gendered_meshes(tmp_path):
+    from pchmr.core.bodymodel import BodyModelSpec
+    from pchmr.plugins.bodymodels.smpl import make_smpl
+    from pchmr.testing.fake_smpl import write_fake_smpl
+
+    folder = tmp_path / "smpl"
+    for seed, gender in enumerate(("neutral", "male", "female")):
+        write_fake_smpl(folder, gender, seed=seed)  # different shape fields per gender
+    bodies = {g: make_smpl(BodyModelSpec(model_dir=str(folder), extra={"gender": g})) for g in ("neutral", "male", "female")}
+    scene = write_spin_npz(tmp_path / "3dpw_test.npz", 4, with_smpl=True, with_3d=False, gender=True)
+    location = f"train={scene.files['npz']},test={scene.files['npz']},protocol=spin"
+    data = make_spin_npz(DatasetSpec(32, 0, tmp_path / "cache", location), bodies["neutral"])
+    assert data.protocol["protocol"] == "spin" and "spin protocol" in data.protocol["dataset"]
+    pose, betas = scene.extra["pose"], scene.extra["shape"]
+    for i, code in enumerate(scene.extra["gender"]):
+        body = bodies["male" if code == "m" else "female"]
+        with torch.no_grad():
+            out = body(global_orient=torch.tensor(pose[i : i + 1, :3], dtype=torch.float32),
+                       body_pose=torch.tensor(pose[i : i + 1, 3:], dtype=torch.float32),
+                       betas=torch.tensor(betas[i : i + 1], dtype=torch.float32))
+        expected = out.vertices[0] - out.joints[0, [3, 2]].mean(0)
+        torch.testing.assert_close(data.test[i]["vertices"], expected, atol=1e-5, rtol=0)
+    neutral = make_spin_npz(DatasetSpec(32, 0, tmp_path / "cache", location.replace("protocol=spin", "protocol=metro")), bodies["neutral"])
+    assert not torch.allclose(neutral.test[0]["vertices"], data.test[0]["vertices"], atol=1e-4)
