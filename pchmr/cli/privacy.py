@@ -10,11 +10,15 @@ DP-SGD: q = B/n (batch / a client's examples) and ``--steps-per-round`` = local 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import typer
 
 from pchmr.core.accounting import DEFAULT_ORDERS, epsilon_from_rdp, noise_multiplier_for_epsilon, rdp_curve
+
+#: the noise multiplier is printed with 4 decimals
+PRINT_SCALE = 1e4
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: plan an (ε, δ) budget.")
 
@@ -47,7 +51,8 @@ def budget(
                 f"(q = {sample_rate:g}, z = {noise_multiplier:g}, {steps} step(s); best Renyi order {order:g})"
             )
         else:
-            z = noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)  # type: ignore[arg-type]
+            found = noise_multiplier_for_epsilon(target_epsilon, sample_rate, steps, delta)  # type: ignore[arg-type]
+            z = math.ceil(found * PRINT_SCALE) / PRINT_SCALE  # rounded up: the printed z still meets the target
             eps, _ = epsilon_from_rdp(DEFAULT_ORDERS, rdp_curve(sample_rate, z, steps), delta)
             typer.echo(
                 f"noise multiplier = {z:.4f} keeps epsilon <= {target_epsilon:g} at delta = {delta:g} after {rounds} "
