@@ -147,7 +147,8 @@ def plain_fedavg(arrays: ArrayRecord, trainer: FakeTrainer, partitions: list[int
     return {k: v.numpy() for k, v in result.items()}
 
 
-def run_flower_round(num_clients: int = 4, drop: dict[int, str] | None = None, options: dict | None = None):
+def run_flower_round(num_clients: int = 4, drop: dict[int, str] | None = None, options: dict | None = None,
+                     extra_config: dict | None = None):
     trainer = FakeTrainer(num_clients)
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(num_clients, num_clients, 1, 0, options or {}))
@@ -155,7 +156,7 @@ def run_flower_round(num_clients: int = 4, drop: dict[int, str] | None = None, o
     handler.train = trainer
     grid = InProcessGrid({p: handler for p in range(num_clients)}, drop)
     arrays = global_arrays()
-    config = ConfigRecord({"server-round": 1, "local-epochs": 1})
+    config = ConfigRecord({"server-round": 1, "local-epochs": 1, **(extra_config or {})})
     result = wrapped.round_protocol.run_round(grid, 1, arrays, config, 60.0)
     return trainer, grid, arrays, result, wrapped
 
@@ -286,6 +287,15 @@ def test_flower_survives_a_client_dropping_out_after_sharing_keys():
     assert result.metrics["secagg-clients"] == 4 and result.metrics["secagg-dropped"] == 1
     assert 2 not in trainer.new_states  # the dropped client never trained
     assert assert_nothing_reveals_an_update(grid, trainer, arrays, codec) == 4
+
+
+def test_uniform_weighting_averages_without_weights_and_shares_no_metrics():
+    trainer, _, arrays, result, _ = run_flower_round(3, extra_config={"secagg-weighting": "uniform"})
+    codec = read_settings({}, 3).codec(3)
+    mean_update = np.mean([trainer.updates[p] for p in range(3)], axis=0).reshape(-1)
+    got = result.arrays["weight"].numpy().reshape(-1) - arrays["weight"].numpy().reshape(-1)
+    assert np.max(np.abs(got - mean_update)) <= codec.tolerance + 4 * np.finfo(np.float32).eps * 4
+    assert "train-loss" not in result.metrics
 
 
 def test_flower_halts_when_too_few_clients_remain():

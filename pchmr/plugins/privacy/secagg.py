@@ -57,7 +57,9 @@ __all__ = [
     "Layout",
     "SecAggSettings",
     "SecureAggregate",
+    "WEIGHTING_KEY",
     "aggregate_with_strategy",
+    "client_weight",
     "decode_sum",
     "encode_update",
     "mask_stream",
@@ -83,6 +85,11 @@ METRIC_SCALE = 2**24
 _RING_LIMIT = 2**62
 NUM_EXAMPLES_KEY = "num-examples"
 PARTITION_KEY = "partition-id"
+#: Train-config key: ``examples`` (default) weights each client by its sample count;
+#: ``uniform`` gives every client weight 1 and shares no training metrics (for a wrapper such as
+#: client-placement DP, whose noise calibration assumes an unweighted sum).
+WEIGHTING_KEY = "secagg-weighting"
+WEIGHTINGS = ("examples", "uniform")
 MASK_INFO = b"pchmr-secagg/v1/"
 
 
@@ -384,6 +391,16 @@ def aggregate_with_strategy(server: Any, server_round: int, template: Any, globa
     out = {key: float(value) for key, value in dict(train_metrics or {}).items() if key not in (NUM_EXAMPLES_KEY, PARTITION_KEY)}
     out.update({"secagg-clients": float(aggregate.num_clients), "secagg-clipped": float(aggregate.clipped)})
     return new_arrays, out
+
+
+def client_weight(train_config: Mapping[str, Any], metrics: Mapping[str, float]) -> tuple[int, dict[str, float]]:
+    """(weight n, metrics to share) of a client under the round's ``secagg-weighting``."""
+    weighting = str(train_config.get(WEIGHTING_KEY, "examples"))
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"train config '{WEIGHTING_KEY}' must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if weighting == "uniform":
+        return 1, {}
+    return int(metrics[NUM_EXAMPLES_KEY]), dict(metrics)
 
 
 def payload_bytes(content: Any) -> int:

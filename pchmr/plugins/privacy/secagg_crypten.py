@@ -54,6 +54,7 @@ from pchmr.plugins.privacy.secagg import (
     SecAggSettings,
     aggregate_with_strategy,
     check_layout,
+    client_weight,
     decode_sum,
     encode_update,
     layout_to_config,
@@ -282,7 +283,8 @@ class CrypTenClient:
         server_round = int(msg.content["config"]["server-round"])
         new_state, metrics = self.train(runtime, msg, context)
         global_state = msg.content["arrays"].to_torch_state_dict()
-        layout, vector = encode_update(self.codec, global_state, new_state, int(metrics["num-examples"]), metrics)
+        weight, shared = client_weight(msg.content["config"], metrics)
+        layout, vector = encode_update(self.codec, global_state, new_state, weight, shared)
         ephemeral = X25519PrivateKey.generate()
         for party, key in enumerate(party_keys):
             pad = mask_stream(_agree(ephemeral, key), _pad_label(server_round), vector.size)

@@ -81,6 +81,7 @@ from pchmr.plugins.privacy.secagg import (
     SecAggSettings,
     aggregate_with_strategy,
     check_layout,
+    client_weight,
     decode_sum,
     encode_update,
     layout_to_config,
@@ -384,7 +385,8 @@ class SecAggPlusClient:
         elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
             new_state, metrics = self.train(runtime, msg, context)
             global_state = msg.content["arrays"].to_torch_state_dict()
-            result = masked_update(state, configs, global_state, new_state, metrics)
+            weight, shared = client_weight(msg.content["config"], metrics)
+            result = masked_update(state, configs, global_state, new_state, weight, shared)
         else:
             result = _unmask(state, configs)
         records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
@@ -403,10 +405,12 @@ def _client_codec(state: SecAggPlusState) -> FixedPointCodec:
 
 
 def masked_update(
-    state: SecAggPlusState, configs: ConfigRecord, global_state: Any, new_state: Any, metrics: dict[str, float]
+    state: SecAggPlusState, configs: ConfigRecord, global_state: Any, new_state: Any, weight: int,
+    metrics: dict[str, float],
 ) -> dict[str, Any]:
     """pchmr's collect stage on the client: store the neighbours' key shares (as Flower does),
-    encode the update, add the self mask and the pairwise masks (+ towards smaller node ids)."""
+    encode the update with ``weight`` (and ``metrics``), add the self mask and the pairwise
+    masks (+ towards smaller node ids)."""
     ciphertexts = cast(list, configs[Key.CIPHERTEXT_LIST])
     sources = cast(list, configs[Key.SOURCE_LIST])
     if len(ciphertexts) + 1 < state.threshold:
@@ -418,7 +422,7 @@ def masked_update(
             raise ValueError(f"node {state.nid}: a key share labelled {src}->{state.nid} decrypts as {actual_src}->{dst}")
         state.rd_seed_share_dict[src] = seed_share
         state.sk1_share_dict[src] = sk1_share
-    layout, vector = encode_update(_client_codec(state), global_state, new_state, int(metrics["num-examples"]), metrics)
+    layout, vector = encode_update(_client_codec(state), global_state, new_state, weight, metrics)
     np.add(vector, mask_stream(state.rd_seed, SELF_LABEL, vector.size), out=vector)
     sk1 = bytes_to_private_key(state.sk1)
     for src in sources:
