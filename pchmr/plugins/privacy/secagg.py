@@ -441,7 +441,7 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
     else:
         from pchmr.plugins.privacy.secagg_crypten import STAGE, CrypTenClient, CrypTenProtocol
 
-        protocol = CrypTenProtocol(parts.server, settings, codec)
+        protocol = CrypTenProtocol(parts.server, settings, codec, num_rounds=config.num_rounds)
         handlers = {STAGE: CrypTenClient(codec)}
     return StrategyParts(
         name=f"{parts.name}+secagg",

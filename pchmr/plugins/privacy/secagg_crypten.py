@@ -196,10 +196,11 @@ class PartyPool:
 class CrypTenProtocol:
     """The server half (a :class:`~pchmr.core.strategy.RoundProtocol`) around the Flower strategy ``server``."""
 
-    def __init__(self, server: Any, settings: SecAggSettings, codec: FixedPointCodec) -> None:
+    def __init__(self, server: Any, settings: SecAggSettings, codec: FixedPointCodec, num_rounds: int | None = None) -> None:
         self.server = server
         self.settings = settings
         self.codec = codec
+        self.num_rounds = num_rounds  # the parties stop after this round (None: at exit)
         self.pool: PartyPool | None = None
 
     def start(self) -> PartyPool:
@@ -215,6 +216,16 @@ class CrypTenProtocol:
             self.pool = None
 
     def run_round(self, grid: Any, server_round: int, arrays: Any, train_config: Any, timeout: float) -> RoundResult:
+        try:
+            return self._run_round(grid, server_round, arrays, train_config, timeout)
+        except BaseException:
+            self.close()  # a failed round ends the run: do not leave the parties behind
+            raise
+        finally:
+            if self.num_rounds is not None and server_round >= self.num_rounds:
+                self.close()
+
+    def _run_round(self, grid: Any, server_round: int, arrays: Any, train_config: Any, timeout: float) -> RoundResult:
         pool = self.start()
         wait = self.settings.timeout if self.settings.timeout is not None else timeout
         messages = list(self.server.configure_train(server_round, arrays, train_config, grid))
