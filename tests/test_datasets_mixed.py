@@ -1,6 +1,5 @@
 """Named datasets under a data root, mixed training sets with a source per sample, `pchmr data`."""
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 

@@ -16,7 +16,7 @@ from pchmr.core.joints import LSP_14
 from pchmr.core.sample import denormalize_image, validate_sample
 from pchmr.plugins.datasets.prepared import DatasetFormatError, crop_image
 from pchmr.plugins.datasets.spin_npz import make_spin_npz
-from pchmr.testing.fake_datasets import MARKER_COLORS, draw_people, write_spin_npz
+from pchmr.testing.fake_datasets import MARKER_COLORS, write_spin_npz
 
 SIZE = 64
 
