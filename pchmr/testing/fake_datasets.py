@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 #: LSP-14 stick figure, metres, camera axes (x right, y down), root (mid-hip) at the origin; the
-#: person faces the camera, so their right side is at -x... as seen: image left is the person's right.
+#: person faces the camera, so their right side is at -x (the image's left).
 FIGURE_M = np.array([
     [-0.12, 0.85, 0.02], [-0.11, 0.45, 0.0], [-0.10, 0.0, 0.0], [0.10, 0.0, 0.0], [0.11, 0.45, 0.0],
     [0.12, 0.85, 0.02], [-0.30, -0.05, -0.05], [-0.25, -0.25, 0.0], [-0.20, -0.50, 0.0], [0.20, -0.50, 0.0],
