@@ -247,6 +247,10 @@ def test_options_are_validated_with_clear_messages():
         read_settings({"quantization-range": 2**40, "max-weight": 2**20}, 10)
     with pytest.raises(ValueError, match="'clipping-range' must be > 0"):
         read_settings({"clipping-range": 0.0}, 4)
+    with pytest.raises(ValueError, match="'reconstruction-threshold' \\(5\\) must be less than 'num-shares' \\(5\\)"):
+        read_settings({"num-shares": 5, "reconstruction-threshold": 5}, 6)
+    with pytest.raises(ValueError, match="'num-shares' as a count must be >= 3"):
+        read_settings({"num-shares": 2}, 6)
 
 
 def test_strategies_comparing_individual_updates_are_refused():

@@ -149,13 +149,13 @@ def _number(options: Mapping[str, Any], key: str, default: Any, *, integer: bool
     return int(value) if integer else value
 
 
-def _share_count(options: Mapping[str, Any], key: str, default: float) -> int | float:
-    """Flower's convention: an int ≥ 2 counts, a float in (0, 1] is a fraction."""
+def _share_count(options: Mapping[str, Any], key: str, default: float, minimum: int) -> int | float:
+    """Flower's convention: an int ≥ ``minimum`` counts, a float in (0, 1] is a fraction."""
     value = _number(options, key, default)
     if isinstance(value, float) and not 0.0 < value <= 1.0:
         raise ValueError(f"secagg option '{key}' as a fraction must lie in (0, 1], got {value!r}")
-    if isinstance(value, int) and value < 2:
-        raise ValueError(f"secagg option '{key}' as a count must be >= 2 (or a fraction in (0, 1]), got {value!r}")
+    if isinstance(value, int) and value < minimum:
+        raise ValueError(f"secagg option '{key}' as a count must be >= {minimum} (or a fraction in (0, 1]), got {value!r}")
     return value
 
 
@@ -193,11 +193,14 @@ def read_settings(options: Mapping[str, Any], per_round: int) -> SecAggSettings:
             raise ValueError(f"secagg option 'timeout' must be > 0 seconds, got {timeout!r}")
     settings = SecAggSettings(
         backend=backend,
-        num_shares=_share_count(options, "num-shares", DEFAULT_NUM_SHARES),
-        reconstruction_threshold=_share_count(options, "reconstruction-threshold", DEFAULT_THRESHOLD),
+        num_shares=_share_count(options, "num-shares", DEFAULT_NUM_SHARES, minimum=3),
+        reconstruction_threshold=_share_count(options, "reconstruction-threshold", DEFAULT_THRESHOLD, minimum=2),
         clipping_range=clipping, quantization_range=quantization, max_weight=max_weight,
         timeout=timeout, parties=parties, precision_bits=precision,
     )
+    counts = settings.num_shares, settings.reconstruction_threshold
+    if all(isinstance(c, int) for c in counts) and counts[1] >= counts[0]:
+        raise ValueError(f"secagg option 'reconstruction-threshold' ({counts[1]}) must be less than 'num-shares' ({counts[0]})")
     settings.codec(per_round)  # overflow check
     return settings
 
@@ -311,9 +314,9 @@ def encode_update(
         entries.append((name, tuple(int(s) for s in g_array.shape), is_float))
         if is_float:
             delta = w.astype(np.float64) - g.astype(np.float64)
-            over = np.abs(delta) > codec.float_clip
-            clipped += int(np.count_nonzero(over))
-            if clipped:
+            over = int(np.count_nonzero(np.abs(delta) > codec.float_clip))
+            if over:
+                clipped += over
                 np.clip(delta, -codec.float_clip, codec.float_clip, out=delta)
             q = np.rint(delta * codec.float_scale).astype(np.int64)
         else:
