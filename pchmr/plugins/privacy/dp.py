@@ -302,6 +302,17 @@ class _StepCount:
     examples: int = 0
 
 
+def _example(batch: Any, i: int) -> Any:
+    """Example ``i`` of a collated batch as a batch of one (tensors sliced, lists indexed, dicts recursed)."""
+    if isinstance(batch, Tensor):
+        return batch[i : i + 1]
+    if isinstance(batch, Mapping):
+        return {k: _example(v, i) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [batch[i]]
+    return batch
+
+
 class DPSGDStep:
     """``HMRModule.training_step_hook``: per-example clipped, noised gradient (Abadi et al. 2016).
 
@@ -321,7 +332,7 @@ class DPSGDStep:
         total = [torch.zeros_like(p) for p in params]
         loss_sum = torch.zeros(())
         for i in range(size):
-            sample = {k: v[i : i + 1] for k, v in batch.items()}
+            sample = _example(batch, i)
             loss = module.compute_losses(sample, module(sample["image"]))["loss"]
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             norm = torch.sqrt(sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(())))
