@@ -293,6 +293,17 @@ def test_flower_survives_a_client_dropping_out_after_sharing_keys():
     assert assert_nothing_reveals_an_update(grid, trainer, arrays, codec) == 4
 
 
+def test_flower_survives_a_client_dropping_out_before_sharing_keys():
+    """Flower's own unmask stage halts here (it asks for shares of every sampled client)."""
+    trainer, _, arrays, result, _ = run_flower_round(5, drop={3: "share_keys"})
+    codec = read_settings({}, 5).codec(5)
+    expected = plain_fedavg(arrays, trainer, [0, 1, 2, 4])
+    got = result.arrays["weight"].numpy()
+    tolerance = codec.tolerance + 2 * np.finfo(np.float32).eps * max(np.abs(expected["weight"]).max(), 1.0)
+    assert np.max(np.abs(got - expected["weight"])) <= tolerance
+    assert result.metrics["secagg-dropped"] == 1
+
+
 def test_uniform_weighting_averages_without_weights_and_shares_no_metrics():
     trainer, _, arrays, result, _ = run_flower_round(3, extra_config={"secagg-weighting": "uniform"})
     codec = read_settings({}, 3).codec(3)
