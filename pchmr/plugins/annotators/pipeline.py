@@ -103,8 +103,8 @@ def _crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -
     from PIL import Image
 
     left, top, side = box
-    pil = Image.fromarray(image)
-    return np.asarray(pil.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side)))
+    pil = Image.fromarray(image)  # EXTENT fills the part of the box outside the image with black
+    return np.asarray(pil.transform((size, size), Image.EXTENT, (left, top, left + side, top + side), Image.BILINEAR))
 
 
 def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: KeypointSource, depth: DepthSource | None,
