@@ -67,10 +67,11 @@ def test_same_seed_gives_identical_file_and_covers_every_sample_once(tmp_path, p
 
 
 @pytest.mark.parametrize("partitioner, clients", [(lda, 10), (by_source, 7)], ids=["lda", "by-source"])
-def test_other_seed_gives_other_clients(partitioner, clients):
+def test_other_seed_gives_other_clients_and_another_file(tmp_path, partitioner, clients):
     data = mixed_labels(400)
     a, b = partitioner(data, clients, 1, {}), partitioner(data, clients, 2, {})
     assert any(not np.array_equal(x, y) for x, y in zip(a.clients, b.clients))
+    assert file_bytes(a, tmp_path / "a.json") != file_bytes(b, tmp_path / "b.json")
 
 
 def test_natural_ignores_the_seed_except_in_params():
