@@ -119,7 +119,7 @@ def test_dp_sgd_clips_each_example_and_the_surrogate_carries_the_gradient():
             pass
 
     module = Tiny()
-    batch = {"image": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # per-example gradients = the inputs
+    batch = {"image": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "meta": {"subject": ["a", "b"]}}  # gradients = inputs
     step = DPSGDStep(clip=1.0, noise_multiplier=0.0)
     gradient, _ = step.privatized_gradient(module, batch)
     torch.testing.assert_close(gradient[0], torch.tensor([[0.45, 0.6]]))  # ((0.6,0.8) + (0.3,0.4)) / 2
