@@ -157,7 +157,9 @@ def test_incompatible_combinations_are_refused():
     protocol_parts = StrategyParts(name="secagg(fedavg)", server=None, round_protocol=object())
     with pytest.raises(IncompatibleError, match="use --privacy-option placement=client"):
         dp(protocol_parts, CONFIG)
-    assert dp(protocol_parts, StrategyConfig(100, 10, 5, 0, {"placement": "client"})).round_protocol is not None
+    wrapped = dp(protocol_parts, StrategyConfig(100, 10, 5, 0, {"placement": "client"}))
+    assert wrapped.round_protocol is protocol_parts.round_protocol
+    assert wrapped.train_config["secagg-weighting"] == "uniform", "the protocol must sum the noised updates unweighted"
     with pytest.raises(IncompatibleError, match="BatchNorm layer"):
         check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))

@@ -76,6 +76,9 @@ DEFAULT_NOISE_MULTIPLIER = 1.0
 MAX_DEFAULT_DELTA = 1e-5
 DELTA_EXPONENT = 1.1
 _EPS = 1e-12
+#: train-config key a round protocol (secure aggregation) reads for its client weights; "uniform"
+#: makes the revealed sum unweighted, as the noise calibration z·C/k requires
+PROTOCOL_WEIGHTING_KEY = "secagg-weighting"
 OPTION_KEYS = ("placement", "level", "clip", "noise-multiplier", "delta", "target-epsilon", "sampling-credit")
 
 
@@ -482,6 +485,9 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         mods.append(release_metrics_mod())
         if options.placement == "client":
             transforms.append(client_update_transform(options))
+    train_config = dict(parts.train_config)
+    if parts.round_protocol is not None:  # the protocol must sum the k noised updates unweighted
+        train_config[PROTOCOL_WEIGHTING_KEY] = "uniform"
 
     inner_get, inner_set = parts.get_state, parts.set_state
 
@@ -515,6 +521,7 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         server=server,
         client_mods=tuple(mods),
         update_transforms=tuple(transforms),
+        train_config=train_config,
         describe=describe,
         get_state=get_state,
         set_state=set_state,
