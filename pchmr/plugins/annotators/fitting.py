@@ -262,7 +262,7 @@ class Fitter:
         self.spheres = _sphere_setup(names)
         self.flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
         with torch.no_grad():
-            rest = self._body_frame(torch.zeros(1, fit_body.articulation_dim), torch.zeros(1, fit_body.shape_dim))[1][0]
+            rest = self._body_joints(torch.zeros(1, fit_body.articulation_dim), torch.zeros(1, fit_body.shape_dim))[0]
         self.rest_joints = rest
         shoulders_hips = rest[[names.index(n) for n in TORSO]]
         self.torso_m = config.default_torso_m or float(
@@ -274,6 +274,11 @@ class Fitter:
         out = self.body.forward(articulation, shape)
         root = self.body.body_model.root(out.joints)
         return out.vertices - root, out.joints - root
+
+    def _body_joints(self, articulation: Tensor, shape: Tensor) -> Tensor:
+        """(B, J, 3) root-centred body-frame joints (the adapter's fast path)."""
+        joints = self.body.joints(articulation, shape)
+        return joints - self.body.body_model.root(joints)
 
     def _rotation(self, orient: Tensor) -> Tensor:
         from pchmr.plugins.bodymodels.anny import axis_angle_to_matrix
@@ -307,8 +312,7 @@ class Fitter:
 
     def energies(self, state: _State, batch: ObservationBatch, stage: StageWeights) -> dict[str, Tensor]:
         """Per-image (B,) weighted terms and ``total`` for the full stages."""
-        _, body_joints = self._body_frame(state.articulation, state.shape)
-        cam_joints = self._to_camera(body_joints, state)
+        cam_joints = self._to_camera(self._body_joints(state.articulation, state.shape), state)
         terms = {
             "data": self._data(cam_joints, batch),
             "pose": stage.pose * self.body.pose_prior(state.articulation),
@@ -394,7 +398,7 @@ class Fitter:
         n = len(batch)
         with torch.no_grad():
             poses = self.initial_poses()
-            _, pose_joints = self._body_frame(poses, torch.zeros(len(poses), self.body.shape_dim))
+            pose_joints = self._body_joints(poses, torch.zeros(len(poses), self.body.shape_dim))
             depth0, xy0 = self.initial_camera(batch)
         state = self._fit_camera(batch, pose_joints, poses, depth0, xy0)
         for stage in self.config.stages:
