@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from pchmr.core.bodymodel import BodyModel, BodyOutput
 from pchmr.plugins.annotators.priors import (
-    GaussianMixturePrior,
     JointLimitPrior,
     anny_limits,
     fit_anny_gmm,
@@ -248,10 +247,6 @@ def _smpl(body_model: Any, pose_prior: str, prior_file: str | None) -> FitBody:
 
 def _l2(x: Tensor) -> Tensor:
     return (x**2).sum(-1)
-
-
-def prior_dim(prior: Any) -> int | None:
-    return prior.dim if isinstance(prior, GaussianMixturePrior) else None
 
 
 def describe_fit_body(fit_body: FitBody) -> Mapping[str, object]:

@@ -28,7 +28,6 @@ from pchmr.core.annotate import (
     AnnotationItem,
     AnnotationRecord,
     Annotator,
-    CountMismatchError,
     DepthSource,
     KeypointSource,
     Observation,
@@ -241,11 +240,3 @@ class PseudoLabelSet(Dataset):
             "index": torch.tensor(k, dtype=torch.int64),
             "meta": meta,
         }
-
-
-def check_counts(items: Sequence[AnnotationItem], stems: set[str]) -> list[str]:
-    """Image ids without a keypoint file (reported as :class:`CountMismatchError` by the source)."""
-    return sorted({i.image_id for i in items} - stems)
-
-
-__all__ += ["CountMismatchError", "check_counts"]
