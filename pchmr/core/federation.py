@@ -64,6 +64,8 @@ RUN_DIR_KEY = "pchmr-run-dir"
 _EVAL_BATCH = 64
 #: seconds a round's send_and_receive may wait for the slowest client
 ROUND_TIMEOUT = 24 * 3600.0
+#: partitions whose nodes confirm the Simulation Engine's node order (FederatedServer._discover)
+DISCOVERY_PROBES = 16
 
 
 def build_strategy(config: RunConfig) -> StrategyParts:
@@ -323,6 +325,9 @@ class RoundReport:
 class FederatedServer:
     """Drives the rounds; writes rounds.jsonl, checkpoints and final.json into the run directory."""
 
+    #: read the Simulation Engine's node order instead of asking every node (see :meth:`_discover`)
+    fast_discovery: bool = True
+
     def __init__(
         self,
         run_dir: RunDir,
@@ -349,11 +354,38 @@ class FederatedServer:
         return evaluate(self.module, self.test_loader)
 
     def _discover(self, grid: Any) -> dict[int, int]:
-        """partition id → node id, asking every node once."""
+        """partition id → node id.
+
+        Asking all N nodes costs O(N²) on the Simulation Engine: Flower's in-memory LinkState
+        scans every stored message for every node on each delivery sweep (measured in
+        benchmarks/federation.py). That engine registers node i with ``partition-id`` i and
+        lists its nodes in registration order, so this order is used once the nodes of a seeded
+        sample of :data:`DISCOVERY_PROBES` partitions confirm it. Anywhere else (the Deployment
+        Engine), with ``fast_discovery`` off, or on any mismatch, every node is asked once.
+        """
+        node_ids = list(grid.get_node_ids())
+        ordered = _registration_order(grid, node_ids) if self.fast_discovery else None
+        if ordered is not None and len(ordered) == self.config.clients:
+            rng = np.random.default_rng(derive_seed(self.config.seed, 0xD15C))
+            probes = [int(i) for i in rng.choice(len(ordered), size=min(DISCOVERY_PROBES, len(ordered)), replace=False)]
+            answers = self._query_partitions(grid, [ordered[i] for i in probes])
+            if all(answers.get(i) == ordered[i] for i in probes):
+                return dict(enumerate(ordered))
+            log.warning("the engine's node order does not match the nodes' partition ids; asking every node")
+        mapping = self._query_partitions(grid, node_ids)
+        missing = sorted(set(range(self.config.clients)) - set(mapping))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} of {self.config.clients} client partitions have no node (first: {missing[:5]}); "
+                f"{len(node_ids)} nodes are connected"
+            )
+        return mapping
+
+    def _query_partitions(self, grid: Any, node_ids: Sequence[int]) -> dict[int, int]:
+        """partition id → node id as reported by one ``query`` message to each of ``node_ids``."""
         from flwr.app import ConfigRecord, Message, RecordDict
         from flwr.common import MessageType
 
-        node_ids = list(grid.get_node_ids())
         messages = [
             Message(RecordDict({"info": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in node_ids
@@ -363,12 +395,6 @@ class FederatedServer:
             if reply.has_error():
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reply.error.reason}")
             mapping[int(reply.content["info"][PARTITION_KEY])] = reply.metadata.src_node_id
-        missing = sorted(set(range(self.config.clients)) - set(mapping))
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} of {self.config.clients} client partitions have no node (first: {missing[:5]}); "
-                f"{len(node_ids)} nodes are connected"
-            )
         return mapping
 
     # -- the loop ------------------------------------------------------------------------
@@ -502,6 +528,16 @@ class FederatedServer:
         final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
         if stopped is not None:
             self.rd.write_json(self.rd.final, {**final, "stopped": stopped})
+
+
+def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:
+    """The node ids in registration order when ``grid`` is Flower's in-memory grid (the
+    Simulation Engine, whose LinkState keeps its nodes in a dict by registration), else None."""
+    get_node_info = getattr(getattr(grid, "state", None), "get_node_info", None)
+    if get_node_info is None:
+        return None
+    ordered = [int(info.node_id) for info in get_node_info()]
+    return ordered if sorted(ordered) == sorted(int(n) for n in node_ids) else None
 
 
 def _round_extras(train_metrics: Any) -> dict[str, float]:
