@@ -129,7 +129,7 @@ class Trainee:
 
 def hmr_trainee(name: str, model: Backbone, body_model: BodyModel, batch: Mapping[str, Tensor]) -> Trainee:
     module = HMRModule(model, body_model, loss_weights=LOSS)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = module.configure_optimizers()  # the same (fused) AdamW as training
 
     def step() -> None:
         module.train()
@@ -267,7 +267,7 @@ def head_loss(model: Backbone, batch: Mapping[str, object]) -> Tensor:
 
 
 def head_trainee(name: str, model: Backbone, feeder: FeatureFeeder, batch: Mapping[str, object]) -> Trainee:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
 
     def step() -> None:
         model.train()

@@ -90,8 +90,8 @@ def run(
         [], "--loss-weight", help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, "
         "joints_2d, edge, normal, mesh_level, or a backbone term such as token_pruning."
     ),
-    num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
-    num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
+    num_train: Optional[int] = typer.Option(None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."),
+    num_test: Optional[int] = typer.Option(None, help="Test samples to use (all when unset; synthetic renders 200)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate the global model every N rounds."),
     seed: Optional[int] = typer.Option(None, help="Seed of partitions, sampling and initialisation."),
     engine: Optional[str] = typer.Option(None, help="Flower engine: simulation (Ray, default) or deployment."),

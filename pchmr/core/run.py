@@ -17,7 +17,14 @@ from typing import Any, Callable
 from pchmr.core.baselines import baseline_partition, run_baseline
 from pchmr.core.config import ConfigError, RunConfig
 from pchmr.core.data import HMRData
-from pchmr.core.experiment import Components, build_components, default_cache_dir, describe_plugins, mean_pose_baselines
+from pchmr.core.experiment import (
+    Components,
+    build_components,
+    dataset_resolution,
+    default_cache_dir,
+    describe_plugins,
+    mean_pose_baselines,
+)
 from pchmr.core.federation import FederatedServer, RoundReport, build_strategy, run_simulation
 from pchmr.core.partition import Partition, load_partition, save_partition
 from pchmr.core.registry import get_registry
@@ -42,7 +49,7 @@ def check_plugins(config: RunConfig) -> None:
     for kind, name in (
         ("backbone", config.backbone),
         ("body_model", config.body_model),
-        ("dataset", config.dataset),
+        ("dataset", dataset_resolution(config.dataset)[0]),
         ("partitioner", config.partitioner),
         ("strategy", config.strategy),
     ):
