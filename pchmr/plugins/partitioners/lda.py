@@ -11,7 +11,7 @@ If a draw leaves some client with fewer than ``min-size`` samples the proportion
 again (the same seeded stream continues, so the result stays deterministic), at most
 :data:`MAX_DRAWS` times; then :class:`PartitionError` says how far the best draw was and what to
 change. Very small ``alpha`` with many clients and few classes cannot be met (e.g. α = 0.1 over
-100 clients and 4 sources leaves about a third of the clients empty in every draw).
+100 clients and 4 sources of 2000 samples: the best of 1000 draws leaves 15 clients short).
 
 Options (kebab-case): ``alpha`` (> 0, default :data:`DEFAULT_ALPHA`), ``label`` (a key of
 ``data.labels``, default ``"source"``), ``min-size`` (≥ 1, default :data:`DEFAULT_MIN_SIZE`).
