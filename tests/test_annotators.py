@@ -187,3 +187,17 @@ def test_synthetic_sources_corrupt_ground_truth_deterministically():
     depth = SyntheticDepthSource(noise_m=0.0, missing=0.0)(item, clean.keypoints)
     assert depth.invariance == "scale"
     assert np.allclose(depth.depth, depth.depth[0]) and not np.isclose(depth.depth[0], 4.0)  # unknown scale
+
+
+def test_cli_annotate_refuses_an_unknown_target_and_a_folder_without_keypoints(tmp_path):
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["annotate", "no-such-thing", "--annotator", "smplifyx", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "neither an image folder nor a dataset" in result.output
+    result = runner.invoke(app, ["annotate", str(tmp_path), "--annotator", "smplifyx", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "--keypoints" in result.output

@@ -7,13 +7,14 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["annotate", "personalize", "resolve_local_data"]
 
@@ -59,6 +60,8 @@ def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:
 
 def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_dir: Path) -> tuple[Any, list[int]]:
     """The synthetic split named by ``options`` and the indices kept by its label filters."""
+    import numpy as np
+
     from pchmr.core.data import DatasetSpec
     from pchmr.core.registry import get_registry
 
@@ -87,24 +90,28 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
                    data_options: dict[str, Any], body_model_name: str, smpl_dir: Optional[Path], crop: int,
                    batch_size: int, cache_dir: Path) -> dict[str, Any]:  # fmt: skip
     """Annotate an image folder or the synthetic dataset into ``out``; returns the summary."""
+    import numpy as np
+
     from pchmr.core.registry import get_registry
     from pchmr.plugins.annotators.pipeline import annotate_items, items_from_dataset, items_from_folder, write_pseudo_labels
 
+    if not Path(target).is_dir() and target != "synthetic":
+        raise _fail(f"{target!r} is neither an image folder nor a dataset; use a folder or 'synthetic'")
+    if Path(target).is_dir() and keypoints_dir is None:
+        raise _fail(f"annotating the image folder {target} needs --keypoints DIR (per-image JSON keypoints)")
     registry = get_registry()
     body_model = _body_model(body_model_name, cache_dir, smpl_dir)
     annotator = registry.get("annotator", annotator_name)(body_model, {**options})
     uses_depth = annotator_name != "smplifyx"
-    ground_truth: dict[str, np.ndarray] | None = None
+    ground_truth: "dict[str, np.ndarray] | None" = None
     if Path(target).is_dir():
-        if keypoints_dir is None:
-            raise _fail(f"annotating the image folder {target} needs --keypoints DIR (per-image JSON keypoints)")
         kp_source = registry.get("keypoint_source", "files")(keypoints_dir, **keypoint_options)
         dep_source = registry.get("depth_source", "files")(depth_dir, **depth_options) if uses_depth and depth_dir else None
         if uses_depth and dep_source is None:
             raise _fail(f"the {annotator_name} annotator needs --depth DIR (per-image depth maps)")
         items, early = items_from_folder(target, kp_source.stems())
         full_image, meta = False, None
-    elif target == "synthetic":
+    else:
         split, indices = _synthetic_split(body_model, data_options, crop, cache_dir)
         kp_source = registry.get("keypoint_source", "synthetic")(**keypoint_options)
         dep_source = registry.get("depth_source", "synthetic")(**depth_options) if uses_depth else None
@@ -115,8 +122,6 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
 
         ground_truth = {"joints_3d": np.asarray(split.array("joints_3d")[indices]),
                         "vertices": np.asarray(split.array("vertices")[indices])}  # fmt: skip
-    else:
-        raise _fail(f"{target!r} is neither an image folder nor a dataset; use a folder or 'synthetic'")
     start = time.perf_counter()
     result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
                             full_image=full_image, batch_size=batch_size, meta=meta)  # fmt: skip
@@ -135,8 +140,10 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
     return summary
 
 
-def accuracy(joints: np.ndarray, vertices: np.ndarray, gt: dict[str, np.ndarray]) -> dict[str, float]:
+def accuracy(joints: "np.ndarray", vertices: "np.ndarray", gt: "dict[str, np.ndarray]") -> dict[str, float]:
     """MPVPE / MPJPE / PA-MPJPE (mm) of root-relative camera-frame fits against ground truth."""
+    import torch
+
     from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe
 
     pj, pv = torch.from_numpy(joints).double(), torch.from_numpy(vertices).double()
@@ -192,6 +199,8 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
 def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
     """The global HMRModule of a run directory, weights loaded, and its Components."""
+    import torch
+
     from pchmr.core.config import RunConfig
     from pchmr.core.experiment import build_components
 
@@ -215,6 +224,8 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
     """Split the pseudo-labels 80/20 (seeded), evaluate the global model on the 20 %, fine-tune it
     on the 80 % for ``epochs`` with the same HMRModule, evaluate again. Metrics against the
     pseudo-labels, and against real ground truth when the labels directory has it."""
+    import numpy as np
+
     from pchmr.core.experiment import make_loader
     from pchmr.core.hmr import OptimConfig, evaluate, make_trainer
     from pchmr.plugins.annotators.pipeline import PseudoLabelSet
@@ -250,6 +261,8 @@ def personalize(
     seed: int = typer.Option(0, help="Seed of the 80/20 split and the shuffling."),
 ) -> None:
     """Fine-tune the global model on local pseudo-labels; report before/after on the held-out 20 %."""
+    import torch
+
     try:
         result = fine_tune(checkpoint, resolve_local_data(data), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     except (ValueError, FileNotFoundError) as exc:
