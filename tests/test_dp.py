@@ -216,3 +216,61 @@ def test_cli_run_with_dp_records_epsilon_and_stops_at_target(tmp_path, pchmr_cac
     config = json.loads((out / "config.json").read_text())
     assert config["strategy"]["privacy"] == "dp" and config["strategy"]["placement"] == "client"
     assert final["mpjpe_mm"] != final["round0"]["mpjpe_mm"]
+
+
+# -- example level (DP-SGD) end to end: a GroupNorm FastMETRO through a test-only backbone plugin --
+GN_PLUGIN = '''
+"""Test-only backbone: FastMETRO with a GroupNorm encoder (RunConfig has no backbone options)."""
+import dataclasses
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.plugins.backbones.fastmetro import make_fastmetro
+
+
+def fastmetro_gn(body_model, options):
+    return make_fastmetro(body_model, dataclasses.replace(options, extra={**options.extra, "encoder_norm": "group"}))
+
+
+@hookimpl
+def pchmr_backbones():
+    return {"fastmetro-gn": fastmetro_gn}
+'''
+
+
+@pytest.fixture()
+def groupnorm_backbone(tmp_path, monkeypatch):
+    import os
+
+    from pchmr.core.registry import get_registry
+
+    (tmp_path / "pchmr_gn_plugin.py").write_text(GN_PLUGIN)
+    info = tmp_path / "pchmr_gn-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pchmr-gn\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[pchmr]\nfastmetro-gn = pchmr_gn_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    existing = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + (os.pathsep + existing if existing else ""))  # Ray's workers
+    get_registry(reload=True)
+    yield
+    monkeypatch.undo()
+    get_registry(reload=True)
+
+
+def test_example_level_dp_sgd_run_accounts_each_clients_steps(groupnorm_backbone, tmp_path, pchmr_cache):
+    from pchmr.core.config import ConfigError, RunConfig
+    from pchmr.core.partition import load_partition
+    from pchmr.core.run import execute
+
+    base = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=1, batch_size=4, seed=3)
+    options = {"level": "example", "clip": 1.0, "noise-multiplier": 1.0}
+    with pytest.raises((IncompatibleError, ConfigError), match="BatchNorm"):  # the default encoder: refused up front
+        execute(RunConfig(**base, privacy="dp", privacy_options=options, out=str(tmp_path / "bn")))
+    result = execute(RunConfig(**base, backbone="fastmetro-gn", privacy="dp", privacy_options=options, out=str(tmp_path / "gn")))
+    rounds = result.run_dir.read_rounds()
+    sizes = load_partition(result.run_dir.partition).sizes()
+    # per sampled client: ceil(n_i / B) DP-SGD steps at q = B / n_i; ε is the worst client's
+    expected = max(epsilon(min(1.0, 4 / sizes[c]), 1.0, math.ceil(sizes[c] / 4), 1e-5) for c in rounds[1]["clients"])
+    assert rounds[1]["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert json.loads(result.run_dir.config.read_text())["strategy"]["level"] == "example"
+    assert result.final["mpjpe_mm"] != result.final["round0"]["mpjpe_mm"]
