@@ -106,13 +106,33 @@ def bone_part(label: str) -> str:
 
 def _quiet_warp() -> None:
     """Anny skins with NVIDIA Warp, which greets on stdout at init unless its log level is
-    raised; keep stdout for pchmr's own output."""
+    raised, and whose native library prints a "could not load the CUDA driver" notice on stderr
+    on every machine without a GPU. Initialise Warp here, with its log level raised and the
+    process's stderr (file descriptor 2, which the native code writes to) parked on /dev/null
+    for the duration of ``warp.init()`` only; errors still raise as exceptions."""
     try:
         import warp
     except ImportError:  # anny falls back to torch skinning
         return
     if warp.config.log_level <= warp.LOG_INFO:
         warp.config.log_level = warp.LOG_WARNING
+    if _warp_initialised(warp):
+        return
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                warp.init()
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _warp_initialised(warp: object) -> bool:
+    context = getattr(getattr(warp, "_src", None), "context", None)
+    return getattr(context, "runtime", None) is not None
 
 
 @functools.lru_cache(maxsize=_ANNY_CACHE_SIZE)
