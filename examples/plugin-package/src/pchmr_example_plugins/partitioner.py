@@ -1,0 +1,80 @@
+"""``round-robin``: shuffle the training samples with the seed, then deal them to the clients in turn.
+
+Sample ``order[k]`` goes to client ``k mod num_clients``, so client sizes differ by at most one
+and client 0 is never smaller than the last one. With ``stratify=<label>`` (a key of
+``data.labels``, e.g. ``source``) the order is the label's values in sorted order, each value's
+samples shuffled, one after the other: dealing then gives every client the same share of every
+value, up to one sample (a stratified IID split).
+
+Only pchmr's public API is used: :class:`~pchmr.core.partition.Partition` and
+:class:`~pchmr.core.partition.PartitionError` from :mod:`pchmr.core.partition`, and
+:func:`~pchmr.core.hookspecs.hookimpl`. No torch import: a partitioner reads labels only.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+
+from pchmr.core.hookspecs import hookimpl
+from pchmr.core.partition import Partition, PartitionError
+
+if TYPE_CHECKING:  # pchmr.core.data imports torch; the partitioner itself does not need it
+    from pchmr.core.data import HMRData
+
+__all__ = ["NAME", "OPTIONS", "deal_order", "pchmr_partitioners", "round_robin"]
+
+NAME = "round-robin"
+#: Option keys this partitioner understands.
+OPTIONS = ("stratify",)
+
+
+def deal_order(order: np.ndarray, num_clients: int) -> tuple[np.ndarray, ...]:
+    """Client ``c`` gets ``order[c], order[c + num_clients], ...``, returned sorted as int64."""
+    return tuple(np.sort(order[client::num_clients]).astype(np.int64) for client in range(num_clients))
+
+
+def _check_request(num_clients: object, num_samples: int, options: Mapping[str, object]) -> None:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise PartitionError(f"{NAME}: unknown options {unknown}; its options are: {', '.join(OPTIONS)}")
+    if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+        raise PartitionError(f"{NAME}: the number of clients must be an integer >= 1, got {num_clients!r}")
+    if num_clients > num_samples:
+        raise PartitionError(
+            f"{NAME}: cannot deal {num_samples} training samples to {num_clients} clients without an empty one; "
+            f"use at most {num_samples} clients"
+        )
+
+
+def _shuffled_order(labels: Mapping[str, np.ndarray], num_samples: int, stratify: object, rng: np.random.Generator) -> np.ndarray:
+    """(N,) permutation of the sample indices: plain, or grouped by the ``stratify`` label's values."""
+    if stratify is None:
+        return rng.permutation(num_samples)
+    if not isinstance(stratify, str) or stratify not in labels:
+        available = ", ".join(sorted(labels)) or "none"
+        raise PartitionError(f"{NAME}: no label {stratify!r} to stratify by; stratify= must be one of: {available}")
+    values = np.asarray(labels[stratify]).astype(str)
+    return np.concatenate([rng.permutation(np.flatnonzero(values == value)) for value in sorted(set(values.tolist()))])
+
+
+def round_robin(data: "HMRData", num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+    """Deal a seeded shuffle of the training samples to ``num_clients`` clients in turn.
+
+    Only ``len(data.train)`` and ``data.labels`` are read;
+    ``options`` may hold ``stratify`` (a label key). Raises :class:`PartitionError` (a
+    ``ValueError``) for unknown options, an unknown label, or a client count outside [1, N].
+    """
+    num_samples = len(data.train)  # type: ignore[arg-type]
+    _check_request(num_clients, num_samples, options)
+    stratify = options.get("stratify")
+    order = _shuffled_order(data.labels, num_samples, stratify, np.random.default_rng(seed))
+    params = {"seed": seed, "num_clients": int(num_clients), "num_samples": num_samples, "stratify": stratify}
+    return Partition(deal_order(order, int(num_clients)), NAME, params)
+
+
+@hookimpl
+def pchmr_partitioners() -> dict[str, object]:
+    """Offer ``round-robin``."""
+    return {NAME: round_robin}
