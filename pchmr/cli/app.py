@@ -66,6 +66,10 @@ def run(
     backbone: Optional[str] = typer.Option(None, help="HMR backbone plugin (default fastmetro)."),
     variant: Optional[str] = typer.Option(None, help="Backbone size: S, M or L."),
     encoder: Optional[str] = typer.Option(None, help="CNN feature encoder of the backbone."),
+    encoder_weights: Optional[str] = typer.Option(
+        None, help="CNN initialisation: 'public' (pretrained once on a public synthetic split, cached) or a weights "
+        "file in torchvision's layout (e.g. ImageNet ResNet-50); unset: from scratch."
+    ),
     input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
     body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
     smpl_dir: Optional[Path] = typer.Option(None, help="Folder with your own SMPL model files (for --body-model smpl)."),
@@ -117,6 +121,7 @@ def run(
             values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
             flags = {
                 "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
+                "encoder_weights": encoder_weights,
                 "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,

@@ -33,6 +33,7 @@ class RunConfig:
     backbone: str = "fastmetro"
     variant: str = "S"
     encoder: str = "small"
+    encoder_weights: str | None = None  # None: from scratch; "public": pretrained on public data (pchmr.core.pretrain); or a file
     input_size: int = 64
     body_model: str = "anny"
     smpl_dir: str | None = None  # the user's own SMPL files (licence-restricted, never shipped)
@@ -113,6 +114,11 @@ class RunConfig:
                 "device and has no updates to protect"
             )
         _check_loss_weights(self.loss_weights)
+        if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
+            raise ConfigError(
+                f"--encoder-weights must be 'public' or an existing weights file, got '{self.encoder_weights}' "
+                "(no such file)"
+            )
         for name in ("num_train", "num_test"):
             value = getattr(self, name)
             if value is not None:

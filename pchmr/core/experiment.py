@@ -26,6 +26,7 @@ from pchmr.core.hmr import HMRModule, LossTerm, OptimConfig
 from pchmr.core.losses import LossWeights
 from pchmr.core.metrics import Protocol, mpjpe, pa_mpjpe, procrustes_align
 from pchmr.core.partition import Partition
+from pchmr.core.pretrain import PUBLIC, pretrained_encoder
 from pchmr.core.registry import get_registry
 
 __all__ = ["Components", "default_cache_dir", "build_components", "derive_seed", "make_loader", "mean_pose_baselines"]
@@ -47,12 +48,15 @@ class Components:
     config: RunConfig
     body_model: BodyModel
     data: HMRData
+    encoder_weights: str | None = None  # the resolved file of --encoder-weights
 
     def make_module(self, loss_terms: Sequence[LossTerm] = (), init_seed: int | None = None) -> HMRModule:
         """A fresh HMRModule; weights initialised from ``init_seed`` (default: the run seed)."""
         cfg = self.config
         factory = get_registry().get("backbone", cfg.backbone)
-        options = BackboneOptions(variant=cfg.variant, encoder=cfg.encoder, input_size=cfg.input_size)
+        options = BackboneOptions(
+            variant=cfg.variant, encoder=cfg.encoder, input_size=cfg.input_size, encoder_weights=self.encoder_weights
+        )
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(cfg.seed if init_seed is None else init_seed, 1))
             backbone = factory(self.body_model, options)
@@ -95,7 +99,10 @@ def build_components(config: RunConfig) -> Components:
         options=dataset_options,
     )
     data = data_factory(spec, body_model)
-    return Components(config=config, body_model=body_model, data=data)
+    weights = config.encoder_weights
+    if weights == PUBLIC:
+        weights = str(pretrained_encoder(config.backbone, config.encoder, config.input_size, body_model, cache))
+    return Components(config=config, body_model=body_model, data=data, encoder_weights=weights)
 
 
 def dataset_resolution(name: str) -> tuple[str, dict[str, object]]:
