@@ -47,8 +47,8 @@ def pip_install_target(source: Path, target: Path) -> None:
 
 
 def subprocess_env(site: Path) -> dict[str, str]:
-    """The current environment with ``site`` as the only PYTHONPATH entry (``PCHMR_CACHE_DIR`` is
-    passed on when set, so the Anny mesh pyramid is not rebuilt)."""
+    """The current environment with ``site`` as the only PYTHONPATH entry and no plugin switches
+    (``PCHMR_ONLY_PLUGINS`` / ``PCHMR_DISABLE_PLUGINS``) that would hide the example's plugins."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("PCHMR_") or key == "PCHMR_CACHE_DIR"}
     env.update(PYTHONPATH=str(site), COLUMNS=TABLE_COLUMNS, PYTHONDONTWRITEBYTECODE="1")
     return env

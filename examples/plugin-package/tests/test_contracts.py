@@ -5,12 +5,12 @@ Run after installing the package (its plugins are found through the ``pchmr`` en
     pip install -e examples/plugin-package
     pytest examples/plugin-package
 
-Set ``PCHMR_CACHE_DIR`` to reuse pchmr's cache (the Anny mesh pyramid takes ~90 s to build once).
+Anny's mesh pyramid is read from pchmr's default cache (``~/.cache/pchmr/pyramids``, where
+``make_anny()`` and pchmr's own Anny tests keep it); building it the first time takes ~90 s.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Mapping
 
 import numpy as np
@@ -72,8 +72,7 @@ class TestExampleCNNOnAnny(BackboneContract):
     @pytest.fixture(scope="class")
     @classmethod
     def body_model(cls) -> BodyModel:
-        spec = BodyModelSpec(cache_dir=os.environ.get("PCHMR_CACHE_DIR"))
-        return get_registry().get("body_model", "anny")(spec)
+        return get_registry().get("body_model", "anny")(BodyModelSpec())
 
     @pytest.fixture(scope="class")
     @classmethod
