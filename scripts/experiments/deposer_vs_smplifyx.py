@@ -80,16 +80,17 @@ def table(path: Path) -> None:
     if base is None:
         return
     print("\nOn the same images as each row (smplifyx baseline restricted to them):")
-    print("| depth noise | n | smplifyx MPJPE | deposer MPJPE | Δ | smplifyx PA | deposer PA | Δ |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| depth | n | smplifyx MPVPE | deposer MPVPE | Δ | smplifyx MPJPE | deposer MPJPE | Δ | smplifyx PA | deposer PA | Δ |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     where = {i: k for k, i in enumerate(base["index"])}
     for r in rows:
         if r["annotator"] != "deposer" or r["options"]:
             continue
         pick = [where[i] for i in r["index"] if i in where]
-        b = {k: float(np.mean(np.asarray(base["per_image"][k])[pick])) for k in ("mpjpe_mm", "pa_mpjpe_mm")}
-        print(f"| {r['depth']} | {len(pick)} | {b['mpjpe_mm']:.1f} | {r['mpjpe_mm']:.1f} | {r['mpjpe_mm'] - b['mpjpe_mm']:+.1f} | "
-              f"{b['pa_mpjpe_mm']:.1f} | {r['pa_mpjpe_mm']:.1f} | {r['pa_mpjpe_mm'] - b['pa_mpjpe_mm']:+.1f} |")
+        keys = ("mpvpe_mm", "mpjpe_mm", "pa_mpjpe_mm")
+        b = {k: float(np.mean(np.asarray(base["per_image"][k])[pick])) for k in keys}
+        cells = " | ".join(f"{b[k]:.1f} | {r[k]:.1f} | {r[k] - b[k]:+.1f}" for k in keys)
+        print(f"| {r['depth']} | {len(pick)} | {cells} |")
 
 
 if __name__ == "__main__":
