@@ -66,6 +66,9 @@ def run(
     backbone: Optional[str] = typer.Option(None, help="HMR backbone plugin (default fastmetro)."),
     variant: Optional[str] = typer.Option(None, help="Backbone size: S, M or L."),
     encoder: Optional[str] = typer.Option(None, help="CNN feature encoder of the backbone."),
+    backbone_option: list[str] = typer.Option(
+        [], "--backbone-option", help="Backbone option key=value (repeatable), e.g. encoder_norm=group, keep_ratio=0.5."
+    ),
     encoder_weights: Optional[str] = typer.Option(
         None, help="CNN initialisation: 'public' (pretrained once on a public synthetic split, cached) or a weights "
         "file in torchvision's layout (e.g. ImageNet ResNet-50); unset: from scratch."
@@ -143,6 +146,8 @@ def run(
                 values["strategy_options"] = _with_server_opt(values.get("strategy_options", {}), server_opt)
             if privacy_option:
                 values["privacy_options"] = _parse_options(privacy_option, "--privacy-option")
+            if backbone_option:
+                values["backbone_options"] = _parse_options(backbone_option, "--backbone-option")
             if loss_weight:
                 values["loss_weights"] = _parse_options(loss_weight, "--loss-weight")
             cfg = RunConfig.from_dict(values)

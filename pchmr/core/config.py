@@ -33,6 +33,7 @@ class RunConfig:
     backbone: str = "fastmetro"
     variant: str = "S"
     encoder: str = "small"
+    backbone_options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific (BackboneOptions.extra)
     encoder_weights: str | None = None  # None: from scratch; "public": pretrained on public data (pchmr.core.pretrain); or a file
     input_size: int = 64
     body_model: str = "anny"
@@ -132,6 +133,7 @@ class RunConfig:
         out["partition_options"] = dict(self.partition_options)
         out["strategy_options"] = dict(self.strategy_options)
         out["loss_weights"] = dict(self.loss_weights)
+        out["backbone_options"] = dict(self.backbone_options)
         out["privacy_options"] = dict(self.privacy_options)
         return out
 

@@ -55,7 +55,8 @@ class Components:
         cfg = self.config
         factory = get_registry().get("backbone", cfg.backbone)
         options = BackboneOptions(
-            variant=cfg.variant, encoder=cfg.encoder, input_size=cfg.input_size, encoder_weights=self.encoder_weights
+            variant=cfg.variant, encoder=cfg.encoder, input_size=cfg.input_size, encoder_weights=self.encoder_weights,
+            extra=dict(cfg.backbone_options),
         )
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(cfg.seed if init_seed is None else init_seed, 1))

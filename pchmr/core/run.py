@@ -67,6 +67,18 @@ def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(RunDir(run_dir).read_config()["run"])
 
 
+def _effective_loss_weights(components: Components) -> dict[str, Any]:
+    """The weights the run trains with: LossWeights plus the backbone's own terms (their base
+    weight, the user's override winning, and the epoch-0 factor of their schedule)."""
+    module = components.make_module()
+    weights = module.loss_weights.as_dict()
+    base = module.backbone.extra_loss_weights(0)
+    ramp = module.backbone.extra_loss_schedule(0)
+    weights["extra"] = {name: module.loss_weights.extra.get(name, value) for name, value in base.items()}
+    weights["extra_schedule_at_epoch_0"] = {name: ramp.get(name, 1.0) for name in base}
+    return weights
+
+
 def write_run_config(rd: RunDir, config: RunConfig, components: Components, strategy: StrategyParts) -> None:
     """config.json: the resolved options plus what was built from them (providers, loss weights, protocol)."""
     rd.write_json(
@@ -75,7 +87,7 @@ def write_run_config(rd: RunDir, config: RunConfig, components: Components, stra
             "run": config.to_dict(),
             "plugins": describe_plugins(config),
             "strategy": dict(strategy.describe),
-            "loss_weights": components.make_module().loss_weights.as_dict(),
+            "loss_weights": _effective_loss_weights(components),
             "protocol": components.protocol().as_dict(),
             "body_model": components.body_model.describe(),
             "data": dict(components.data.protocol),

@@ -4,7 +4,8 @@ Public API (imported lazily, so that ``import pchmr.testing.strategies`` in a si
 client does not pay for torch):
 
 * suites: :class:`BackboneContract` (:mod:`.backbones`), :class:`StrategyContract`
-  (:mod:`.strategies`);
+  (:mod:`.strategies`), :class:`PartitionerContract` and its small :func:`contract_data`
+  (:mod:`.partitioners`);
 * doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
 * fake licence-restricted files: :func:`write_fake_smpl`, :func:`write_fake_h36m_regressor`,
   :func:`write_fake_graphcmr_downsampling` (:mod:`.fake_smpl`).
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "BackboneContract",
+    "PartitionerContract",
     "StrategyContract",
+    "contract_data",
     "ToyBodyModel",
     "toy_batch",
     "write_fake_graphcmr_downsampling",
@@ -29,6 +32,8 @@ __all__ = [
 _HOMES = {
     "BackboneContract": "backbones",
     "StrategyContract": "strategies",
+    "PartitionerContract": "partitioners",
+    "contract_data": "partitioners",
     "ToyBodyModel": "toys",
     "toy_batch": "toys",
     "write_fake_graphcmr_downsampling": "fake_smpl",
@@ -39,6 +44,7 @@ _HOMES = {
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pchmr.testing.backbones import BackboneContract
     from pchmr.testing.fake_smpl import write_fake_graphcmr_downsampling, write_fake_h36m_regressor, write_fake_smpl
+    from pchmr.testing.partitioners import PartitionerContract, contract_data
     from pchmr.testing.strategies import StrategyContract
     from pchmr.testing.toys import ToyBodyModel, toy_batch
 

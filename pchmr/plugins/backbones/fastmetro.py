@@ -183,6 +183,13 @@ def variant_layers(variant: str, family: str = "FastMETRO") -> int:
     return VARIANT_LAYERS[key]
 
 
+def check_extra_keys(extra: Mapping[str, object], known: tuple[str, ...], family: str) -> None:
+    """Refuse backbone options ``family`` does not know (a typo must not be silently ignored)."""
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {family} backbone options {unknown}; {family} takes {list(known)}")
+
+
 def extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
     value = extra.get(key, default)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -200,6 +207,7 @@ def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO
     (``"batch"`` or ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`).
     """
     layers = variant_layers(options.variant)
+    check_extra_keys(options.extra, ("dropout", "encoder_norm"), "FastMETRO")
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)

@@ -64,6 +64,7 @@ from pchmr.core.hookspecs import hookimpl
 from pchmr.core.losses import project_weak_perspective
 from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
 from pchmr.plugins.backbones.fastmetro import (
+    check_extra_keys,
     extra_float,
     variant_layers,
     CAMERA_HEAD_INIT_GAIN,
@@ -366,6 +367,7 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
     :mod:`pchmr.plugins.backbones.encoders`).
     """
     layers = variant_layers(options.variant, family="TORE")
+    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm"), "TORE")
     keep_ratio = extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
