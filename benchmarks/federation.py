@@ -219,7 +219,13 @@ def measure(setting: Setting, pool: int, seed: int, work: Path) -> dict[str, Any
     ]
     # Ray starts its workers 15 niceness levels below the driver's: on a shared machine the clients'
     # training would then get less CPU than the server. Same niceness for both.
-    env = {**os.environ, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+    # On a machine shared with other jobs, Ray's default OOM threshold (95 % of the machine's memory,
+    # counting everyone's processes) kills the client actor; 98 % lets the benchmark through.
+    env = {
+        **os.environ,
+        "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
+        "RAY_memory_usage_threshold": os.environ.get("RAY_memory_usage_threshold", "0.98"),
+    }
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         peak = 0
