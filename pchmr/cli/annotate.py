@@ -198,19 +198,23 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
 
 
 def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
-    """The global HMRModule of a run directory, weights loaded, and its Components."""
+    """The global HMRModule of a run directory, weights loaded, and its body model.
+
+    Only the body model and the backbone are rebuilt (from ``config.json``'s RunConfig through
+    the registry): the device does not need the training data, and the run's ``cache_dir`` is
+    the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid."""
     import torch
 
     from pchmr.core.config import RunConfig
-    from pchmr.core.experiment import build_components
+    from pchmr.core.experiment import Components, default_cache_dir
 
     config_path, model_path = resolve_checkpoint(checkpoint)
     stored = json.loads(config_path.read_text())
     cfg = RunConfig.from_dict(stored.get("run", stored))
-    components = build_components(cfg)
-    module = components.make_module()
+    body_model = _body_model(cfg.body_model, default_cache_dir(), Path(cfg.smpl_dir) if cfg.smpl_dir else None)
+    module = Components(config=cfg, body_model=body_model, data=None).make_module()  # type: ignore[arg-type]
     module.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    return module, components
+    return module, body_model
 
 
 def resolve_local_data(data: Path) -> Path:
