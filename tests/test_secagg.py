@@ -236,6 +236,21 @@ def test_fixed_point_sum_decodes_to_the_weighted_average():
     assert agg.metrics == {"train-loss": pytest.approx((1 * 2.0 + 3 * 4.0) / 4)}  # partition-id is never shared
 
 
+def test_an_integer_buffer_stored_as_float_is_averaged_exactly_not_clipped():
+    """Flower's FedAvg turns int64 buffers (num_batches_tracked) into float64 in the global model;
+    clients still return int64: such entries are exact integers relative to rint(global)."""
+    codec = read_settings({}, 2).codec(2)
+    g = {"steps": torch.tensor(21.0, dtype=torch.float64)}
+    total, layout = None, None
+    for steps, n in ((32, 1), (53, 3)):
+        layout, vec = encode_update(codec, g, {"steps": torch.tensor(steps)}, n, {})
+        total = vec if total is None else total + vec
+    agg = decode_sum(layout, total, codec, 2)
+    assert layout.entries[0][2] is False and agg.clipped == 0  # updates of 11 and 32 exceed the ±8 clip
+    assert agg.integer_entries == {"steps"}
+    assert 21.0 + agg.deltas["steps"] == pytest.approx((1 * 32 + 3 * 53) / 4, abs=1e-12)
+
+
 def test_options_are_validated_with_clear_messages():
     with pytest.raises(ValueError, match="backend' must be one of flower, crypten"):
         read_settings({"backend": "paillier"}, 4)

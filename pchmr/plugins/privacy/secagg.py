@@ -235,6 +235,9 @@ class Layout:
     """Where each state entry and metric sits in the shared vector (public structure, no values).
 
     ``entries``: (name, shape, is_float) in state-dict order; ``metrics``: metric names (sorted).
+    An entry is floating-point when both the global and the client's value are; otherwise (e.g.
+    BatchNorm's ``num_batches_tracked``, an int64 buffer that Flower's FedAvg turns into float64 in
+    the global model) it is an integer entry, encoded exactly relative to ``rint(global)``.
     The trailer after the entries is [n, clipped, then (n·m, n·finite) per metric].
     """
 
@@ -310,7 +313,7 @@ def encode_update(
         if g_array.shape != w_array.shape:
             raise ValueError(f"state entry '{name}' has shape {w_array.shape} in the update and {g_array.shape} in the global model")
         g, w = g_array.reshape(-1), w_array.reshape(-1)
-        is_float = bool(np.issubdtype(g.dtype, np.floating))
+        is_float = bool(np.issubdtype(g.dtype, np.floating) and np.issubdtype(w.dtype, np.floating))
         entries.append((name, tuple(int(s) for s in g_array.shape), is_float))
         if is_float:
             delta = w.astype(np.float64) - g.astype(np.float64)
@@ -320,7 +323,7 @@ def encode_update(
                 np.clip(delta, -codec.float_clip, codec.float_clip, out=delta)
             q = np.rint(delta * codec.float_scale).astype(np.int64)
         else:
-            q = (w.astype(np.int64) - g.astype(np.int64)) * codec.int_scale
+            q = (np.rint(w).astype(np.int64) - np.rint(g).astype(np.int64)) * codec.int_scale
         parts.append(q * n)
     names = sorted(k for k in metrics if k not in (NUM_EXAMPLES_KEY, PARTITION_KEY))
     trailer = [n * codec.int_scale, clipped * codec.int_scale]
@@ -342,6 +345,7 @@ class SecureAggregate:
     clipped: int  # values clipped to the clipping range, over all clients
     metrics: dict[str, float]  # n-weighted average of every metric (NaN when no client had a finite value)
     num_clients: int
+    integer_entries: frozenset[str] = frozenset()  # entries averaged as integers: new = rint(global) + delta
 
 
 def decode_sum(layout: Layout, values: np.ndarray, scales: FixedPointCodec, num_clients: int) -> SecureAggregate:
@@ -367,7 +371,8 @@ def decode_sum(layout: Layout, values: np.ndarray, scales: FixedPointCodec, num_
     for index, key in enumerate(layout.metrics):
         weighted, weight = trailer[2 + 2 * index], trailer[3 + 2 * index] / scales.int_scale
         metrics[key] = float(weighted / scales.metric_scale / weight) if weight > 0 else float("nan")
-    return SecureAggregate(deltas, total_n, int(round(trailer[1] / scales.int_scale)), metrics, num_clients)
+    integers = frozenset(name for name, _, is_float in layout.entries if not is_float)
+    return SecureAggregate(deltas, total_n, int(round(trailer[1] / scales.int_scale)), metrics, num_clients, integers)
 
 
 def aggregate_with_strategy(server: Any, server_round: int, template: Any, global_arrays: Any, aggregate: SecureAggregate) -> tuple[Any, dict[str, float]]:
@@ -382,7 +387,8 @@ def aggregate_with_strategy(server: Any, server_round: int, template: Any, globa
     averaged = {}
     for name, array in global_arrays.items():
         base = array.numpy()
-        new = base.astype(np.float64) + aggregate.deltas[name]
+        start = base.astype(np.float64)
+        new = (np.rint(start) if name in aggregate.integer_entries else start) + aggregate.deltas[name]
         if np.issubdtype(base.dtype, np.floating):
             new = new.astype(base.dtype)
         averaged[name] = Array(np.array(new, order="C"))  # (ascontiguousarray would make a 0-d entry 1-d)
@@ -471,14 +477,19 @@ def pchmr_privacy() -> dict[str, object]:
 
 def layout_to_config(layout: Layout) -> dict[str, Any]:
     """The layout as ConfigRecord values (sent by clients beside their vector)."""
-    return {"layout-names": [name for name, _, _ in layout.entries], "layout-metrics": list(layout.metrics)}
+    return {"layout-names": [name for name, _, _ in layout.entries], "layout-metrics": list(layout.metrics),
+            "layout-kinds": "".join("f" if is_float else "i" for _, _, is_float in layout.entries)}
 
 
-def check_layout(layout: Layout, names: Sequence[str], metrics: Sequence[str], node_id: int) -> Layout:
-    """The server's layout with the metrics a client reported; ValueError when the entries differ."""
-    if list(names) != [name for name, _, _ in layout.entries]:
+def check_layout(layout: Layout, record: Mapping[str, Any], node_id: int) -> Layout:
+    """The server's layout with the entry kinds and metrics a client reported (``record``: its
+    ConfigRecord from :func:`layout_to_config`); ValueError when the entries differ."""
+    names = list(record["layout-names"])
+    kinds = str(record.get("layout-kinds", ""))
+    if names != [name for name, _, _ in layout.entries] or len(kinds) != len(names) or set(kinds) - {"f", "i"}:
         raise ValueError(f"node {node_id} encoded other state entries than the global model's")
-    return Layout(layout.entries, tuple(metrics))
+    entries = tuple((name, shape, kind == "f") for (name, shape, _), kind in zip(layout.entries, kinds))
+    return Layout(entries, tuple(record.get("layout-metrics", [])))
 
 
 def server_layout(global_arrays: Any) -> Layout:

@@ -247,10 +247,9 @@ class CrypTenProtocol:
         uploads = []
         for index, reply in enumerate(ok):
             record = reply.content.config_records[RECORD]
-            reported = check_layout(layout, list(record["layout-names"]), list(record.get("layout-metrics", [])),
-                                    reply.metadata.src_node_id)
+            reported = check_layout(server_layout(arrays), record, reply.metadata.src_node_id)
             if index and reported != layout:
-                raise ValueError(f"node {reply.metadata.src_node_id} reported other training metrics than the other clients")
+                raise ValueError(f"node {reply.metadata.src_node_id} reported other entry kinds or training metrics than the other clients")
             layout = reported
             share = np.frombuffer(record["share"], dtype=np.uint64)
             if share.size != layout.size:

@@ -178,7 +178,8 @@ class _RoundState(WorkflowState):
 
     train_content: dict[int, RecordDict] = field(default_factory=dict)
     share_active: set[int] = field(default_factory=set)
-    layout: Layout | None = None
+    server_layout: Layout | None = None  # from the global model (entries only)
+    layout: Layout | None = None  # as the clients reported it (entry kinds, metrics)
     total: np.ndarray | None = None
     result: Any = None
 
@@ -206,7 +207,7 @@ class SecAggPlusProtocol(SecAggPlusWorkflow):
         wire = _ProtocolGrid(grid)
         context = _RoundContext.for_round(server_round)
         state = _RoundState(train_content={m.metadata.dst_node_id: m.content for m in messages})
-        state.layout = server_layout(arrays)
+        state.server_layout = server_layout(arrays)
         for step in (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage):
             if not step(wire, context, state):
                 reasons = "; ".join(str(f) for f in state.failures[:3]) or "too few clients left for the reconstruction threshold"
@@ -282,10 +283,9 @@ class SecAggPlusProtocol(SecAggPlusWorkflow):
                 continue
             nid = reply.metadata.src_node_id
             record = reply.content.config_records[RECORD_KEY_CONFIGS]
-            layout = check_layout(cast(Layout, state.layout), cast(list, record["layout-names"]),
-                                  cast(list, record.get("layout-metrics", [])), nid)
+            layout = check_layout(cast(Layout, state.server_layout), record, nid)
             if total is not None and layout != state.layout:
-                raise ValueError(f"node {nid} reported other training metrics than the other clients: {layout.metrics}")
+                raise ValueError(f"node {nid} reported other entry kinds or training metrics than the other clients: {layout.metrics}")
             state.layout = layout
             vector = np.frombuffer(cast(list, record[Key.MASKED_PARAMETERS])[0], dtype=np.uint64)
             if vector.size != layout.size:
