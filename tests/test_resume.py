@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pchmr.core import federation
 from pchmr.core.federation import DISCOVERY_PROBES, PARTITION_KEY, FederatedServer
 from pchmr.testing.strategies import task_identity
 
@@ -301,7 +302,16 @@ def test_discovery_asks_every_node_when_the_order_is_wrong_or_unknown():
     assert len(grid.asked) == len(NODES)
 
 
-def test_discovery_names_partitions_without_a_node():
+def test_discovery_waits_for_nodes_that_connect_late(monkeypatch):
+    monkeypatch.setattr(federation.time, "sleep", lambda seconds: None)
+    grid = _Grid({n: i for i, n in enumerate(NODES)}, listed=NODES)
+    seen = iter([NODES[:10], NODES[:30]])  # the engine is still registering nodes
+    grid.get_node_ids = lambda: set(next(seen, NODES))
+    assert FederatedServer._discover(_server(40), grid) == dict(enumerate(NODES))
+
+
+def test_discovery_names_partitions_without_a_node(monkeypatch):
+    monkeypatch.setattr(federation, "NODE_WAIT_SECONDS", 0.05)
     grid = _Grid({n: i for i, n in enumerate(NODES[:39])}, listed=None)
     with pytest.raises(RuntimeError, match=r"1 of 40 client partitions have no node \(first: \[39\]\); 39 nodes"):
         FederatedServer._discover(_server(40), grid)

@@ -66,6 +66,8 @@ _EVAL_BATCH = 64
 ROUND_TIMEOUT = 24 * 3600.0
 #: partitions whose nodes confirm the Simulation Engine's node order (FederatedServer._discover)
 DISCOVERY_PROBES = 16
+#: seconds discovery waits for all N nodes to be connected
+NODE_WAIT_SECONDS = 600.0
 
 
 def build_strategy(config: RunConfig) -> StrategyParts:
@@ -363,7 +365,7 @@ class FederatedServer:
         sample of :data:`DISCOVERY_PROBES` partitions confirm it. Anywhere else (the Deployment
         Engine), with ``fast_discovery`` off, or on any mismatch, every node is asked once.
         """
-        node_ids = list(grid.get_node_ids())
+        node_ids = _wait_for_nodes(grid, self.config.clients)
         ordered = _registration_order(grid, node_ids) if self.fast_discovery else None
         if ordered is not None and len(ordered) == self.config.clients:
             rng = np.random.default_rng(derive_seed(self.config.seed, 0xD15C))
@@ -528,6 +530,18 @@ class FederatedServer:
         final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
         if stopped is not None:
             self.rd.write_json(self.rd.final, {**final, "stopped": stopped})
+
+
+def _wait_for_nodes(grid: Any, expected: int) -> list[int]:
+    """The grid's node ids once ``expected`` nodes are connected (or :data:`NODE_WAIT_SECONDS` passed):
+    the Simulation Engine registers its nodes while the ServerApp already runs (about a quarter of
+    10,000 were there at the first look), and SuperNodes connect when they are ready."""
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+        node_ids = list(grid.get_node_ids())
+    return node_ids
 
 
 def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:
