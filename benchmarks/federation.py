@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "--query-discovery-sizes", default="1000",
         help="N values of one-round rows that ask every node for its partition (the pre-fast-path discovery)",
     )
+    parser.add_argument("--no-overhead-row", action="store_true", help="skip row (a)")
     parser.add_argument("--pool", type=int, default=DEFAULT_POOL, help="synthetic training samples rendered (cached)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "federation.json")
@@ -334,24 +335,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sizes = [int(n) for n in args.sizes.split(",") if n]
-    settings = [Setting("overhead-N10", 10, args.per_round, args.fit_samples, args.rounds)]
+    settings = [] if args.no_overhead_row else [Setting("overhead-N10", 10, args.per_round, args.fit_samples, args.rounds)]
     settings += [Setting(f"scale-N{n}", n, args.per_round, args.scale_samples, args.rounds) for n in sizes]
     settings += [
         Setting(f"query-N{n}", n, args.per_round, args.scale_samples, 1, fast_discovery=False)
         for n in (int(v) for v in args.query_discovery_sizes.split(",") if v)
     ]
     load_before = os.getloadavg()
-    results = []
+    results: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="pchmr-bench-fed-") as tmp:
         for setting in settings:
             print(f"running {setting.label}: N={setting.clients}, k={setting.per_round}, "
                   f"{setting.samples} samples/client, {setting.rounds} rounds", flush=True)
             started = time.perf_counter()
-            results.append(measure(setting, args.pool, args.seed, Path(tmp)))
+            try:
+                results.append(measure(setting, args.pool, args.seed, Path(tmp)))
+            except RuntimeError as exc:  # report the others; the failure is printed and kept in the JSON
+                print(f"  FAILED: {str(exc)[-800:]}", flush=True)
+                failures.append({"label": setting.label, "error": str(exc)[-4000:]})
+                continue
             print(f"  done in {time.perf_counter() - started:.0f} s", flush=True)
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
     report = {
         "results": results,
+        "failures": failures,
         "summary": {r["label"]: summarise(r) for r in results},
         "load_before": load_before,
         "load_after": os.getloadavg(),
