@@ -42,3 +42,13 @@ def test_backbone_options_reach_the_plugin_and_typos_are_refused(pchmr_cache):
     typo = build_components(RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4))
     with pytest.raises(ValueError, match=r"unknown TORE backbone options \['keep_ration'\]"):
         typo.make_module()
+
+
+def test_a_run_refused_during_set_up_leaves_no_directory(tmp_path, pchmr_cache):
+    out = tmp_path / "refused"
+    cfg = RunConfig(
+        backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4, clients=2, out=str(out)
+    )
+    with pytest.raises(ValueError, match="keep_ration"):
+        execute(cfg)
+    assert not out.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -118,9 +119,11 @@ def execute(
     rd = RunDir(run_dir)
     if not resume and rd.path.exists() and any(rd.path.iterdir()):
         raise ConfigError(f"run directory {rd.path} already exists and is not empty; pass --resume to continue it or choose another --out")
+    created = not rd.path.exists()
     rd.create()
     handler = rd.attach_log()
     started = time.perf_counter()
+    set_up = False
     try:
         status("loading the body model and preparing the data (cached after the first run)")
         components = build_components(config)
@@ -136,6 +139,7 @@ def execute(
         if not resume or not rd.config.exists():
             write_run_config(rd, config, components, strategy)
         baselines = mean_pose_baselines(components.data.train, components.data.test)
+        set_up = True
         if config.mode == "federated" and config.engine == "deployment":
             from pchmr.core.deployment import federate_on_deployment
 
@@ -157,5 +161,9 @@ def execute(
         for name in ("pchmr", "flwr"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        if not set_up and created and not resume:
+            # refused before anything ran (bad data, partition or model options): leave no half-made
+            # directory behind, so the same --out works once the input is fixed
+            shutil.rmtree(rd.path, ignore_errors=True)
     final = json.loads(rd.final.read_text())
     return RunResult(rd, final, time.perf_counter() - started)
