@@ -52,3 +52,21 @@ def test_a_run_refused_during_set_up_leaves_no_directory(tmp_path, pchmr_cache):
     with pytest.raises(ValueError, match="keep_ration"):
         execute(cfg)
     assert not out.exists()
+
+
+def test_init_from_starts_a_run_from_a_trained_model_and_refuses_another_architecture(tmp_path, pchmr_cache):
+    import torch
+
+    from pchmr.core.experiment import build_components
+
+    source = build_components(RunConfig(num_train=8, num_test=4)).make_module(init_seed=123)
+    run_dir = tmp_path / "pretrained"
+    run_dir.mkdir()
+    torch.save(source.state_dict(), run_dir / "model.pt")
+    module = build_components(RunConfig(num_train=8, num_test=4, init_from=str(run_dir))).make_module()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in source.state_dict().items())
+    other = build_components(RunConfig(backbone="tore", num_train=8, num_test=4, init_from=str(run_dir)))
+    with pytest.raises(ValueError, match="not a model of this backbone|does not fit this model"):
+        other.make_module()
+    with pytest.raises(Exception, match="--init-from must be a run directory"):
+        RunConfig(init_from=str(tmp_path / "nothing"))

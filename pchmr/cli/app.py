@@ -69,6 +69,9 @@ def run(
     backbone_option: list[str] = typer.Option(
         [], "--backbone-option", help="Backbone option key=value (repeatable), e.g. encoder_norm=group, keep_ratio=0.5."
     ),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Start from a trained model: a run directory (its model.pt) or a model file (fine-tuning)."
+    ),
     encoder_weights: Optional[str] = typer.Option(
         None, help="CNN initialisation: 'public' (pretrained once on a public synthetic split, cached) or a weights "
         "file in torchvision's layout (e.g. ImageNet ResNet-50); unset: from scratch."
@@ -124,7 +127,7 @@ def run(
             values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
             flags = {
                 "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
-                "encoder_weights": encoder_weights,
+                "encoder_weights": encoder_weights, "init_from": str(init_from) if init_from else None,
                 "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,

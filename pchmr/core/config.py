@@ -34,6 +34,7 @@ class RunConfig:
     variant: str = "S"
     encoder: str = "small"
     backbone_options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific (BackboneOptions.extra)
+    init_from: str | None = None  # start from a trained model: a run directory or its model.pt
     encoder_weights: str | None = None  # None: from scratch; "public": pretrained on public data (pchmr.core.pretrain); or a file
     input_size: int = 64
     body_model: str = "anny"
@@ -115,6 +116,12 @@ class RunConfig:
                 "device and has no updates to protect"
             )
         _check_loss_weights(self.loss_weights)
+        if self.init_from is not None and not (
+            Path(self.init_from).is_file() or (Path(self.init_from) / "model.pt").is_file()
+        ):
+            raise ConfigError(
+                f"--init-from must be a run directory holding model.pt or a model file, got '{self.init_from}'"
+            )
         if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
             raise ConfigError(
                 f"--encoder-weights must be 'public' or an existing weights file, got '{self.encoder_weights}' "

@@ -61,13 +61,16 @@ class Components:
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(cfg.seed if init_seed is None else init_seed, 1))
             backbone = factory(self.body_model, options)
-        return HMRModule(
+        module = HMRModule(
             backbone,
             self.body_model,
             loss_weights=LossWeights.from_overrides(cfg.loss_weights),
             optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
             loss_terms=loss_terms,
         )
+        if cfg.init_from is not None:
+            load_model_weights(module, cfg.init_from)
+        return module
 
     def protocol(self) -> Protocol:
         proto = self.data.protocol
@@ -81,6 +84,28 @@ class Components:
 
     def client_dataset(self, partition: Partition, client: int) -> Dataset:
         return Subset(self.data.train, partition.clients[client].tolist())
+
+
+def load_model_weights(module: HMRModule, source: str | Path) -> None:
+    """Load a trained HMRModule state (a run directory's ``model.pt``, or the file itself) into
+    ``module``; a state of another backbone, variant or body model is refused by name."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no trained model at {path} (expected a run directory with model.pt, or the file)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{path} does not fit this model (another variant or body model?): {exc}") from exc
+    mismatched = list(result.missing_keys) + list(result.unexpected_keys)
+    if mismatched:
+        raise ValueError(
+            f"{path} is not a model of this backbone/body model: {len(result.missing_keys)} missing and "
+            f"{len(result.unexpected_keys)} unexpected keys (first: {mismatched[:3]}); use the same --backbone, "
+            "--variant, --encoder and --body-model as the run that made it"
+        )
 
 
 def build_components(config: RunConfig) -> Components:
