@@ -442,7 +442,8 @@ class FederatedServer:
                 arrays, extra, round_sent, round_received = self._train_round(view, server_round, arrays, train_config)
                 sent += round_sent
                 received += round_received
-            state = arrays.to_torch_state_dict()
+            state = self._module_dtypes(arrays.to_torch_state_dict())
+            arrays = ArrayRecord(state)
             round_seconds = time.perf_counter() - t0
             elapsed += round_seconds
             evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
@@ -491,6 +492,12 @@ class FederatedServer:
             return
         sampled = sample_clients(self.config.seed, completed, self.config.clients, self.config.per_round) if completed else []
         self._record(completed, state, elapsed, 0.0, sent, received, sampled, self._round_metrics(completed) if completed else None)
+
+    def _module_dtypes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flower's averaging turns integer buffers (BatchNorm's ``num_batches_tracked``) into
+        float64; give every entry back the dtype the model holds it in."""
+        reference = self.module.state_dict()
+        return {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
 
     def _restore(self) -> tuple[int, dict[str, torch.Tensor], float, int, int]:
         ckpt = self.rd.load_checkpoint()
