@@ -40,11 +40,8 @@ BUILTIN_CASES: dict[str, tuple[dict, dict]] = {
 }
 #: Partitioners whose client sets are fixed by the labels; the seed is only recorded.
 SEED_FREE = {"natural"}
-#: Checks a built-in fails today, with the reason (run as xfail; see the final report).
-KNOWN_GAPS: dict[str, dict[str, str]] = {
-    "iid": {"test_rejects_zero_clients": "iid does not check --clients >= 1: numpy's array_split raises "
-            "'number sections must be larger than 0.', which names no client count"},  # fmt: skip
-}
+#: Checks a built-in fails today, with the reason (run as xfail until fixed).
+KNOWN_GAPS: dict[str, dict[str, str]] = {}  # partitioner → {check: reason} for gaps to fix
 
 
 def test_every_registered_builtin_partitioner_has_a_case() -> None:

@@ -9,6 +9,7 @@ import numpy as np
 from pchmr.core.data import HMRData
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.partition import Partition, PartitionError
+from pchmr.plugins.partitioners._options import check_num_clients
 
 
 def iid(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
@@ -16,8 +17,7 @@ def iid(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object
     if options:
         raise PartitionError(f"the iid partitioner takes no options, got {sorted(options)}")
     n = len(data.train)  # type: ignore[arg-type]
-    if num_clients > n:
-        raise PartitionError(f"cannot split {n} training samples into {num_clients} non-empty clients")
+    check_num_clients("iid", num_clients, n)
     order = np.random.default_rng(seed).permutation(n)
     clients = tuple(np.sort(chunk).astype(np.int64) for chunk in np.array_split(order, num_clients))
     return Partition(clients, "iid", {"seed": seed, "num_clients": num_clients, "num_samples": n})
