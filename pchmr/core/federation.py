@@ -597,6 +597,9 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
 
     tune_allocator()  # before Ray starts its workers, which inherit the environment
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: keep Ray's notice quiet
+    # Ray runs its workers 15 niceness levels below the driver; here the workers are the clients,
+    # whose local training is the round's work
+    os.environ.setdefault("RAY_worker_niceness", "0")
     cpus = num_cpus or os.cpu_count() or 1
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
