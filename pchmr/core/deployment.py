@@ -268,7 +268,36 @@ def _stop_all(processes: list[_Process], grace: float = STOP_GRACE_SECONDS) -> N
             proc.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             log.error("%s (pid %d) did not exit after SIGKILL", proc.name, proc.popen.pid)
+        if not _group_gone(proc.popen.pid, grace):  # killed grandchildren take a moment to die
+            log.error("processes of %s's group %d outlived SIGKILL", proc.name, proc.popen.pid)
         proc.log_file.close()
+
+
+def _group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
+    """Wait until no running (non-zombie) process is left in process group ``pgid`` (Linux /proc;
+    elsewhere there is nothing to read and the group counts as gone)."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = False
+        for entry in proc_root.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive = True
+                break
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll)
 
 
 def _signal_group(proc: _Process, sig: int) -> None:
