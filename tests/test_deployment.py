@@ -14,6 +14,7 @@ from pchmr.core.deployment import (
     LocalDeployment,
     NodeLocalRunDir,
     client_app,
+    live_in_group,
     prepare_run_dir,
     run_deployment,
     write_app_dir,
@@ -26,20 +27,7 @@ CONFIG = dict(num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_
 RUN_TIMEOUT_SECONDS = 300.0  # a bound for a loaded machine; ~60-150 s measured
 
 
-def _live_in_group(pgid: int) -> list[int]:
-    """Pids of the running (not zombie) processes in process group ``pgid``, from /proc."""
-    live = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            live.append(int(entry.name))
-    return live
+_live_in_group = live_in_group  # the /proc reader LocalDeployment's stop also waits on
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pchmr.cli._options import coerce_value as _coerce
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -37,17 +39,6 @@ def _options(items: list[str], flag: str) -> dict[str, Any]:
         key, value = item.split("=", 1)
         out[key.strip()] = _coerce(value.strip())
     return out
-
-
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
 
 
 def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pchmr.cli._options import coerce_value as _coerce
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -48,17 +50,6 @@ def _with_server_opt(options: dict[str, Any], server_opt: str) -> dict[str, Any]
     if given is not None and given != server_opt:
         raise _fail(f"--server-opt {server_opt} contradicts --strategy-option server-opt={given}; give one of them")
     return {**options, "server-opt": server_opt}
-
-
-def _coerce(value: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
 
 
 @app.command()

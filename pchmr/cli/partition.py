@@ -25,6 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pchmr.cli._options import coerce_value as _coerce
 from pchmr.core.partition import Partition, PartitionError
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
@@ -44,18 +45,6 @@ _err_console = Console(stderr=True)
 def _fail(message: str) -> typer.Exit:
     _err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(BAD_INPUT)
-
-
-def _coerce(value: str) -> Any:
-    """``"3"`` → 3, ``"0.5"`` → 0.5, ``"true"`` → True, anything else stays a string."""
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
 
 
 def _parse_options(items: list[str], flag: str) -> dict[str, Any]:

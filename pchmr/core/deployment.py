@@ -273,31 +273,34 @@ def _stop_all(processes: list[_Process], grace: float = STOP_GRACE_SECONDS) -> N
         proc.log_file.close()
 
 
-def _group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
-    """Wait until no running (non-zombie) process is left in process group ``pgid`` (Linux /proc;
-    elsewhere there is nothing to read and the group counts as gone)."""
+def live_in_group(pgid: int) -> list[int]:
+    """Pids of the running (not zombie) processes in process group ``pgid``, from Linux's /proc
+    (empty where there is no /proc)."""
     proc_root = Path("/proc")
     if not proc_root.is_dir():
-        return True
+        return []
+    live = []
+    for entry in proc_root.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            live.append(int(entry.name))
+    return live
+
+
+def _group_gone(pgid: int, timeout: float, poll: float = 0.05) -> bool:
+    """Wait until no running process is left in process group ``pgid``."""
     deadline = time.monotonic() + timeout
-    while True:
-        alive = False
-        for entry in proc_root.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive = True
-                break
-        if not alive:
-            return True
+    while live_in_group(pgid):
         if time.monotonic() > deadline:
             return False
         time.sleep(poll)
+    return True
 
 
 def _signal_group(proc: _Process, sig: int) -> None:

@@ -77,15 +77,22 @@ def build_strategy(config: RunConfig) -> StrategyParts:
     privacy mechanism cannot wrap the strategy, so a run is refused before any heavy work.
     """
     factory = get_registry().get("strategy", config.strategy)
-    parts = factory(
-        StrategyConfig(
-            num_clients=config.clients,
-            per_round=config.per_round,
-            num_rounds=config.rounds,
-            seed=config.seed,
-            options=dict(config.strategy_options),
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    # Flower warns that fraction_evaluate=0 skips federated evaluation: pchmr evaluates on the server
+    flwr_logger.setLevel(logging.ERROR)
+    try:
+        parts = factory(
+            StrategyConfig(
+                num_clients=config.clients,
+                per_round=config.per_round,
+                num_rounds=config.rounds,
+                seed=config.seed,
+                options=dict(config.strategy_options),
+            )
         )
-    )
+    finally:
+        flwr_logger.setLevel(level)
     if config.privacy is None:
         return parts
     privacy = get_registry().get("privacy", config.privacy)
