@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["coerce_value"]
+__all__ = ["coerce_value", "parse_options"]
 
 
 def coerce_value(value: str) -> Any:
@@ -18,3 +18,15 @@ def coerce_value(value: str) -> Any:
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     return value
+
+
+def parse_options(items: list[str], flag: str, fail: Callable[[str], BaseException]) -> dict[str, Any]:
+    """Repeated ``key=value`` flags → dict (values through :func:`coerce_value`); a malformed
+    item raises ``fail(message)``, the calling command's own error exit."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise fail(f"{flag} expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        out[key.strip()] = coerce_value(value.strip())
+    return out

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pchmr.cli._options import coerce_value as _coerce
+from pchmr.cli._options import parse_options
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,13 +32,8 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _options(items: list[str], flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise _fail(f"{flag} expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _coerce(value.strip())
-    return out
+    """``key=value`` pairs → dict, values parsed as int/float/bool when they look like one."""
+    return parse_options(items, flag, _fail)
 
 
 def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pchmr.cli._options import coerce_value as _coerce
+from pchmr.cli._options import parse_options
 
 app = typer.Typer(
     add_completion=False,
@@ -35,13 +35,7 @@ def _fail(message: str, code: int = 2) -> "typer.Exit":
 
 def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
     """``key=value`` pairs → dict, values parsed as int/float/bool when they look like one."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise _fail(f"{flag} expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _coerce(value.strip())
-    return out
+    return parse_options(items, flag, _fail)
 
 
 def _with_server_opt(options: dict[str, Any], server_opt: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pchmr.cli._options import coerce_value as _coerce
+from pchmr.cli._options import parse_options
 from pchmr.core.partition import Partition, PartitionError
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
@@ -48,13 +48,8 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise _fail(f"{flag} expects key=value, got '{item}'")
-        out[key.strip()] = _coerce(value.strip())
-    return out
+    """``key=value`` pairs → dict, values parsed as int/float/bool when they look like one."""
+    return parse_options(items, flag, _fail)
 
 
 def plot_label_key(partition: Partition, labels: Mapping[str, np.ndarray], requested: str | None) -> str:
