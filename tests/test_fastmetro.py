@@ -436,6 +436,34 @@ def test_attention_dropout_keeps_masked_pairs_at_zero_weight() -> None:
     assert not torch.allclose(a[:, 1], b[:, 1])
 
 
+def test_attention_dropout_matches_plain_softmax_masked_fill_in_values_and_gradients() -> None:
+    """The fused softmax-dropout of the CPU attention path equals the written-out autograd graph
+    (softmax, zero the dropped weights, · v, scale by 1/(1-p)) given the same draws."""
+    torch.manual_seed(0)
+    attention = MultiHeadAttention(16, 2, dropout=0.3).train()
+    allowed = torch.rand(5, 5) < 0.6
+    allowed |= torch.eye(5, dtype=torch.bool)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(7)
+    fused = attention(x, x, x, allowed)
+    (grad_fused,) = torch.autograd.grad(fused.square().sum(), x)
+
+    from pchmr.plugins.backbones import transformer as tr
+
+    q, k, v = (attention._split(proj(x)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+    scores = q @ k.transpose(-1, -2) / 8**0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.manual_seed(7)
+    drop = tr._drop_mask((3 * 2, 5, 5), 0.3).view(3, 2, 5, 5)
+    weights = scores.softmax(-1).masked_fill(drop, 0.0)
+    out = (weights @ v) * tr._drop_threshold(0.3)[1]
+    reference = attention.out_proj(out.transpose(1, 2).reshape(3, 5, 16))
+    (grad_reference,) = torch.autograd.grad(reference.square().sum(), x)
+    assert 0 < drop.float().mean().item() < 1
+    assert torch.allclose(fused, reference, atol=1e-5)
+    assert torch.allclose(grad_fused, grad_reference, atol=1e-4)
+
+
 def test_sine_position_encoding_matches_hand_values() -> None:
     # 1×2 grid, dim 4: frequencies are 1, so channels = sin/cos of 2π·row and of π·col, 2π·col
     pos = sine_position_encoding(1, 2, 4)

@@ -47,14 +47,25 @@ _INT16_MIN = -(1 << 15)
 _INT64_MIN = -(1 << 63)
 
 
-def _keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
-    """CPU bool mask of ``shape``, each element True with probability 1 - p (p rounded to a
-    multiple of 2⁻¹⁶), and the inverted-dropout scale 1 / (1 - p)."""
-    drop_levels = min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+def _uniform16(shape: torch.Size) -> Tensor:
+    """CPU int16 tensor of ``shape``, uniform on [-2¹⁵, 2¹⁵): four draws per 64-bit random word."""
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(_INT64_MIN, None)
-    uniform16 = words.view(torch.int16)[:n].view(shape)  # uniform on [-2^15, 2^15)
-    return uniform16 >= _INT16_MIN + drop_levels, DROPOUT_LEVELS / (DROPOUT_LEVELS - drop_levels)
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def _drop_threshold(p: float) -> tuple[int, float]:
+    """(t, scale): an element is dropped when its 16-bit draw is < t, i.e. with probability p
+    rounded to a multiple of 2⁻¹⁶; scale = 1 / (1 - that probability)."""
+    drop_levels = min(round(p * DROPOUT_LEVELS), DROPOUT_LEVELS - 1)
+    return _INT16_MIN + drop_levels, DROPOUT_LEVELS / (DROPOUT_LEVELS - drop_levels)
+
+
+def _drop_mask(shape: torch.Size, p: float) -> Tensor:
+    """CPU bool mask of ``shape``, each element True (drop) with probability p (rounded as in
+    :func:`_drop_threshold`)."""
+    threshold, _ = _drop_threshold(p)
+    return _uniform16(shape) < threshold
 
 
 def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
@@ -62,16 +73,20 @@ def fast_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 
     On the CPU, torch's dropout draws one Mersenne-Twister number per element through
     ``bernoulli_``, which costs about as much as the matrix products of a transformer layer.
-    Here the keep-mask comes from 64-bit random words split into four 16-bit integers (about
-    10× less CPU time), so p is rounded to the nearest multiple of 2⁻¹⁶ (0.1 → 0.100006).
-    Other devices use :func:`torch.nn.functional.dropout`.
+    Here the draws come from 64-bit random words split into four 16-bit integers (about 10×
+    less CPU time), so p is rounded to the nearest multiple of 2⁻¹⁶ (0.1 → 0.100006). The
+    draws become a mask already in ``x``'s dtype holding 0 or 1/(1-p), so the forward and the
+    backward pass are one multiplication each (a bool mask would be converted to float on
+    both passes). Other devices use :func:`torch.nn.functional.dropout`.
     """
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, training=True)
-    keep, scale = _keep_mask(x.shape, p)  # bool: 1 byte per element kept for backward
-    return x * keep * scale
+    threshold, scale = _drop_threshold(p)
+    keep_scale = torch.tensor(scale, dtype=x.dtype)
+    mask = torch.where(_uniform16(x.shape) >= threshold, keep_scale, torch.zeros((), dtype=x.dtype))
+    return x * mask
 
 
 class Dropout(nn.Module):
@@ -166,10 +181,31 @@ class MultiHeadAttention(nn.Module):
         else:
             bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill_(~allowed, float("-inf"))
             scores = torch.baddbmm(bias, q3, k3t, alpha=scale)
-        weights = scores.softmax(dim=-1)
-        keep, keep_scale = _keep_mask(weights.shape, self.dropout)
-        out = torch.bmm(weights * keep, v.reshape(b * h, -1, d)) * keep_scale
+        dropped = _SoftmaxDropout.apply(scores, _drop_mask(scores.shape, self.dropout))
+        # the 1/(1-p) scale goes on the output, which is smaller than the weights here
+        out = torch.bmm(dropped, v.reshape(b * h, -1, d)).mul_(_drop_threshold(self.dropout)[1])
         return out.view(b, h, n, d)
+
+
+class _SoftmaxDropout(torch.autograd.Function):
+    """``softmax(scores, -1)`` with the entries where ``drop`` is True set to zero (unscaled).
+
+    One function so that the pair costs one pass over the weights each way besides the softmax
+    itself: autograd's ``masked_fill`` would clone the weights forward and the gradient backward.
+    Saves the softmax output (for its backward) and the 1-byte mask.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, drop: Tensor) -> Tensor:  # type: ignore[override]
+        weights = scores.softmax(dim=-1)
+        ctx.save_for_backward(weights, drop)
+        return torch.where(drop, 0.0, weights)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        weights, drop = ctx.saved_tensors
+        grad_weights = torch.where(drop, 0.0, grad)
+        return torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype), None
 
 
 class FeedForward(nn.Module):
