@@ -16,6 +16,14 @@ RIGHT_TRIANGLE = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0
 SQUARE = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]])
 
 
+def test_unique_edges_matches_a_set_of_sorted_pairs_on_a_random_mesh() -> None:
+    g = torch.Generator().manual_seed(0)
+    faces = torch.randint(0, 300, (2000, 3), generator=g)
+    expected = sorted({tuple(sorted((int(f[a]), int(f[b])))) for f in faces for a, b in ((0, 1), (1, 2), (2, 0))})
+    assert unique_edges(faces).tolist() == [list(e) for e in expected]
+    assert unique_edges(faces[:0]).shape == (0, 2)
+
+
 def test_unique_edges_count_a_shared_edge_once() -> None:
     edges = unique_edges(QUAD)
     assert edges.tolist() == [[0, 1], [0, 2], [1, 2], [1, 3], [2, 3]]

@@ -51,7 +51,13 @@ def unique_edges(faces: Tensor) -> Tensor:
     """(F, 3) triangles → (E, 2) int64 undirected edges, each once, as (smaller, larger) index."""
     pairs = torch.cat((faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]), dim=0).to(torch.int64)
     pairs = torch.sort(pairs, dim=1).values
-    return torch.unique(pairs, dim=0)
+    if pairs.numel() == 0:
+        return pairs.reshape(0, 2)
+    # one int64 key per pair: torch.unique over rows (dim=0) takes a per-row Python-speed path
+    # on the CPU (~0.1 s for a 10 k-edge mesh, every training step); sorted 1-D keys are ~100× faster
+    base = int(pairs.max()) + 1
+    keys = torch.unique(pairs[:, 0] * base + pairs[:, 1])
+    return torch.stack((keys // base, keys % base), dim=1)
 
 
 def _sample_mean(per_sample: Tensor, valid: Tensor | None) -> Tensor:
