@@ -115,6 +115,14 @@ class BodyModel(nn.Module, abc.ABC):
       root alignment (e.g. both hips → mid-hip);
     * ``flip_permutation``: for each joint, the index of its left/right mirror.
 
+    Optional (read with ``getattr(model, name, None)``; no abstract method):
+
+    * ``pelvis_regressor``: (V,) float32 buffer, the Human3.6M regressor's pelvis row (H36M
+      joint 0, sums to 1), present when the model's evaluation joints come from the Human3.6M
+      regressor (SMPL with ``J_regressor_h36m.npy``). Pelvis-aligned evaluation protocols
+      (``spin``, ``metro``: :mod:`pchmr.core.joints`) need it; a model without it (Anny, SMPL
+      without the file) is evaluated mid-hip aligned and the protocol record says so.
+
     ``param_shapes`` names the parameter tensors :meth:`forward` takes, with their shape per
     sample; the values are model-specific (a pose and a shape vector at least).
     """

@@ -23,6 +23,7 @@ from pchmr.core.bodymodel import BodyModel, BodyModelSpec
 from pchmr.core.config import RunConfig
 from pchmr.core.data import DatasetSpec, HMRData
 from pchmr.core.hmr import HMRModule, LossTerm, OptimConfig
+from pchmr.core.joints import AppliedProtocol, apply_protocol
 from pchmr.core.losses import LossWeights
 from pchmr.core.metrics import Protocol, mpjpe, pa_mpjpe, procrustes_align
 from pchmr.core.partition import Partition
@@ -67,19 +68,28 @@ class Components:
             loss_weights=LossWeights.from_overrides(cfg.loss_weights),
             optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
             loss_terms=loss_terms,
+            alignment=self.applied_protocol().alignment,
         )
         if cfg.init_from is not None:
             load_model_weights(module, cfg.init_from)
         return module
 
+    def applied_protocol(self) -> AppliedProtocol:
+        """The alignment the data's protocol asks and the body model allows (:func:`apply_protocol`)."""
+        return apply_protocol(self.data.protocol, self.body_model)
+
     def protocol(self) -> Protocol:
         proto = self.data.protocol
+        applied = self.applied_protocol()
+        named = bool(applied.name)  # real data name their protocol; synthetic keeps its record
         return Protocol(
             dataset=str(proto.get("dataset", self.config.dataset)),
             joint_set=f"{self.body_model.name}-{self.body_model.num_joints}",
-            alignment="mid-hip (root)",
+            alignment=applied.alignment_text() if named else "mid-hip (root)",
             body_model=self.body_model.name,
             ground_truth=str(proto.get("gt", "real")),
+            regressor=applied.regressor if named else "",
+            gt_mesh=(applied.gt_mesh or "unknown") if named else "",
         )
 
     def client_dataset(self, partition: Partition, client: int) -> Dataset:

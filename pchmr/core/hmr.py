@@ -60,6 +60,7 @@ class HMRModule(pl.LightningModule):
         loss_weights: LossWeights | None = None,
         optim: OptimConfig | None = None,
         loss_terms: Sequence[LossTerm] = (),
+        alignment: str = "mid-hip",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -69,6 +70,21 @@ class HMRModule(pl.LightningModule):
         self.root_joints = tuple(body_model.root_joints)
         self.pyramid: MeshPyramid = body_model.pyramid()
         self.register_buffer("joint_regressor", _regressor_matrix(body_model), persistent=False)
+        #: evaluation root: "mid-hip" (the body model's root) or "pelvis" (Human3.6M's, see update_metrics)
+        self.alignment = alignment
+        #: evaluated samples with 3D joints but no GT pelvis, aligned at the mid-hip instead (pelvis only)
+        self.mid_hip_fallbacks = 0
+        if alignment not in ("mid-hip", "pelvis"):
+            raise ValueError(f"evaluation alignment must be 'mid-hip' or 'pelvis', got {alignment!r}")
+        pelvis = getattr(body_model, "pelvis_regressor", None) if alignment == "pelvis" else None
+        if alignment == "pelvis" and (not isinstance(pelvis, Tensor) or pelvis.numel() != body_model.num_vertices):
+            raise ValueError(
+                f"pelvis alignment needs the body model's Human3.6M pelvis row (pelvis_regressor, "
+                f"{body_model.num_vertices} values); body model '{body_model.name}' has none"
+            )
+        if pelvis is not None:
+            pelvis_row = pelvis.detach().reshape(-1).to(torch.float32).clone()
+            self.register_buffer("pelvis_regressor", pelvis_row, persistent=False)
         level_weights_for(self.pyramid.levels, self.loss_weights.vertex_levels)
         levels = self.pyramid.levels
         if not -levels <= self.loss_weights.mesh_level < levels:
@@ -191,18 +207,49 @@ class HMRModule(pl.LightningModule):
 
     def update_metrics(self, batch: Mapping[str, Tensor], out: HMROutput) -> None:
         """Evaluation protocol: joints regressed from the predicted full mesh, both sides root-aligned
-        at the body model's root (mid-hip); vertices aligned at the same root."""
+        at the body model's root (mid-hip); vertices aligned at the same root.
+
+        With ``alignment="pelvis"`` (SPIN/METRO) the prediction's root is its Human3.6M pelvis
+        (``pelvis_regressor`` @ predicted mesh) and the GT's is ``batch["pelvis_3d"]``; GT vertices
+        are aligned at their own regressed pelvis. Samples without a valid GT pelvis keep the
+        mid-hip on both sides and are counted in :attr:`mid_hip_fallbacks`. PA-MPJPE does not
+        depend on the root."""
         pred_full = out.vertices[-1]
         pred_joints = self.regress_joints(pred_full)
         root = self._root(pred_joints)
-        pred_joints, pred_full = pred_joints - root, pred_full - root
         gt_joints, valid = batch["joints_3d"][..., :3], batch["joints_3d"][..., 3]
+        gt_full = batch["vertices"]
+        if self.alignment == "pelvis":
+            root, gt_joints, gt_full = self._pelvis_aligned(batch, pred_full, root, gt_joints, gt_full, valid)
+        pred_joints, pred_full = pred_joints - root, pred_full - root
         self.val_metrics["mpjpe_mm"].update(pred_joints, gt_joints, valid)
         self.val_metrics["pa_mpjpe_mm"].update(pred_joints, gt_joints, valid)
         self.val_metrics["pck"].update(pred_joints, gt_joints, valid)
         has_mesh = batch["has_vertices"] > 0
         if has_mesh.any():
-            self.val_metrics["mpvpe_mm"].update(pred_full[has_mesh], batch["vertices"][has_mesh])
+            self.val_metrics["mpvpe_mm"].update(pred_full[has_mesh], gt_full[has_mesh])
+
+    def _pelvis_aligned(
+        self, batch: Mapping[str, Tensor], pred_full: Tensor, mid_hip: Tensor, gt_joints: Tensor, gt_full: Tensor,
+        valid: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, 1, 3) prediction root, GT joints and GT vertices re-rooted at the pelvis where the
+        sample has a GT pelvis (mid-hip root and unchanged GT elsewhere)."""
+        gt_pelvis = batch.get("pelvis_3d")
+        if gt_pelvis is None:
+            use = torch.zeros(len(gt_joints), dtype=torch.bool, device=gt_joints.device)
+        else:
+            use = gt_pelvis[:, 3] > 0
+        self.mid_hip_fallbacks += int((~use & (valid > 0).any(dim=1)).sum())
+        if not use.any():
+            return mid_hip, gt_joints, gt_full
+        pick = use[:, None, None]
+        pred_pelvis = torch.einsum("v,bvc->bc", self.pelvis_regressor.to(pred_full.dtype), pred_full)[:, None]
+        gt_mesh_pelvis = torch.einsum("v,bvc->bc", self.pelvis_regressor.to(gt_full.dtype), gt_full)[:, None]
+        root = torch.where(pick, pred_pelvis, mid_hip)
+        gt_joints = torch.where(pick, gt_joints - gt_pelvis[:, None, :3].to(gt_joints.dtype), gt_joints)
+        gt_full = torch.where(pick, gt_full - gt_mesh_pelvis, gt_full)
+        return root, gt_joints, gt_full
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

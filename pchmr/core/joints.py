@@ -30,26 +30,40 @@ set              J     where it comes from
 set; a target joint takes the first of its candidates (:data:`FALLBACKS`) that the sample
 marks valid, and gets confidence 0 when none is.
 
-Protocols (:data:`PROTOCOLS`, :func:`get_protocol`): ``spin`` (SPIN/GraphCMR: LSP-14 from the
-Human3.6M regressor, root-aligned at Human3.6M's pelvis, gendered GT meshes for 3DPW) and
-``metro`` (METRO/FastMETRO: LSP-14 from the Human3.6M regressor, root-aligned at the mid-hip,
-neutral GT meshes unless the annotation is gendered). :meth:`EvalProtocol.align` applies one to
-(B, 17, 3) Human3.6M joints.
+Protocols (:data:`PROTOCOLS`, :func:`get_protocol`), as the released evaluation code does it:
+
+* ``spin`` (SPIN/GraphCMR ``eval.py``): LSP-14 from the Human3.6M regressor, prediction and GT
+  each root-aligned at their own Human3.6M pelvis (H36M joint 0: regressed from the mesh, or
+  J24 index 14 of ``S``), gendered GT meshes for 3DPW;
+* ``metro`` (METRO ``run_metro_bodymesh.py`` / FastMETRO ``run_fastmetro_bodymesh.py``
+  ``run_validate``): the same pelvis alignment (GT joints at J24's pelvis, predictions at the
+  regressed pelvis, vertices at the meshes' regressed pelvis), neutral GT meshes;
+* ``mid-hip``: pchmr's own, any body model: both sides at the mean of the body model's hips.
+
+:meth:`EvalProtocol.align` applies one to (B, 17, 3) Human3.6M joints. :func:`apply_protocol`
+says what an evaluation with a given body model really applies: a pelvis protocol needs the
+Human3.6M regressor's pelvis row (``BodyModel.pelvis_regressor``); without it the evaluation is
+mid-hip aligned and the record says so (with a warning, once).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
+    "ALIGNMENTS",
+    "AppliedProtocol",
     "COCO_17",
     "EvalProtocol",
     "FALLBACKS",
     "H36M_17",
+    "H36M_REGRESSOR",
     "J24",
+    "J24_PELVIS",
     "JOINT_SETS",
     "LSP_14",
     "MPII_16",
@@ -58,6 +72,8 @@ __all__ = [
     "PROTOCOLS",
     "SMPL_24",
     "JointSetError",
+    "ProtocolFallbackWarning",
+    "apply_protocol",
     "candidate_indices",
     "get_joint_set",
     "get_protocol",
@@ -137,6 +153,12 @@ FALLBACKS: Mapping[str, tuple[str, ...]] = {
 
 #: The root of the LSP-14 set (mid-hip), as the body models define it.
 MID_HIP = ("left_hip", "right_hip")
+#: Where Human3.6M's pelvis (H36M joint 0) is stored in SPIN's ``S`` and METRO's ``3d_joints``.
+J24_PELVIS = J24.index("pelvis")
+#: The root alignments an evaluation can apply.
+ALIGNMENTS = ("pelvis", "mid-hip")
+#: How a record names the Human3.6M regressor (the evaluation joints and the pelvis come from it).
+H36M_REGRESSOR = "h36m-17"
 
 
 def get_joint_set(name: str) -> tuple[str, ...]:
@@ -203,20 +225,32 @@ def root_relative(joints: np.ndarray, names: Sequence[str], root: Sequence[str] 
     return out
 
 
+class ProtocolFallbackWarning(UserWarning):
+    """A protocol asks for an alignment the run's body model cannot give (e.g. the pelvis
+    without a Human3.6M regressor); the evaluation falls back, and its record says so."""
+
+
 @dataclass(frozen=True)
 class EvalProtocol:
     """How GT and predicted joints are made comparable; written next to every number.
 
     ``alignment`` is ``pelvis`` (Human3.6M joint 0) or ``mid-hip`` (mean of the LSP hips);
-    ``gt_mesh`` is ``gendered`` (3DPW's male/female SMPL) or ``neutral``.
+    ``gt_mesh`` is ``gendered`` (3DPW's male/female SMPL) or ``neutral``; ``regressor`` is where
+    the evaluation joints come from (``h36m-17`` or ``body model``: its own joint regressor).
     """
 
     name: str
     joints: str = "lsp-14"
-    regressor: str = "h36m-17"
+    regressor: str = H36M_REGRESSOR
     alignment: str = "mid-hip"
     gt_mesh: str = "neutral"
     reference: str = ""
+
+    def __post_init__(self) -> None:
+        if self.alignment not in ALIGNMENTS:
+            raise JointSetError(
+                f"protocol {self.name!r}: alignment must be one of {ALIGNMENTS}, got {self.alignment!r}"
+            )
 
     def describe(self) -> dict[str, str]:
         return asdict(self)
@@ -238,18 +272,89 @@ class EvalProtocol:
 PROTOCOLS: Mapping[str, EvalProtocol] = {
     "spin": EvalProtocol(
         "spin", alignment="pelvis", gt_mesh="gendered",
-        reference="Kolotouros et al. 2019 (SPIN) eval: H36M regressor, LSP-14, pelvis-aligned, gendered 3DPW meshes",
+        reference="Kolotouros et al. 2019 (SPIN) eval.py: H36M regressor, LSP-14, pelvis-aligned, gendered 3DPW meshes",
     ),
     "metro": EvalProtocol(
-        "metro", alignment="mid-hip", gt_mesh="neutral",
-        reference="Lin et al. 2021 (METRO) / Cho et al. 2022 (FastMETRO) eval: H36M regressor, LSP-14, mid-hip aligned",
+        "metro", alignment="pelvis", gt_mesh="neutral",
+        reference="Lin et al. 2021 (METRO) / Cho et al. 2022 (FastMETRO) run_validate: H36M regressor, LSP-14, "
+                  "pelvis-aligned (GT joints at J24's pelvis), neutral GT meshes aligned at their regressed pelvis",
+    ),
+    "mid-hip": EvalProtocol(
+        "mid-hip", regressor="body model", alignment="mid-hip", gt_mesh="neutral",
+        reference="pchmr: the body model's own joints, both sides at the mean of its hips (any body model)",
     ),
 }  # fmt: skip
 
 
 def get_protocol(name: str) -> EvalProtocol:
-    """The protocol called ``name`` (``spin`` or ``metro``)."""
+    """The protocol called ``name`` (``spin``, ``metro`` or ``mid-hip``)."""
     try:
         return PROTOCOLS[name.lower()]
     except KeyError:
         raise JointSetError(f"no evaluation protocol named {name!r}; known: {', '.join(PROTOCOLS)}") from None
+
+
+@dataclass(frozen=True)
+class AppliedProtocol:
+    """What an evaluation with one body model actually applies (:func:`apply_protocol`).
+
+    ``name`` is the dataset's protocol (empty for a dataset without one, e.g. synthetic);
+    ``requested``/``alignment`` the alignment it asks and the one applied; ``regressor`` where
+    the evaluation joints come from; ``gt_mesh`` the GT mesh kind (``gendered``, ``neutral``,
+    ``none`` or empty when unknown); ``note`` why the two alignments differ, or which test
+    samples fall back to the mid-hip.
+    """
+
+    name: str
+    requested: str
+    alignment: str
+    regressor: str
+    gt_mesh: str = ""
+    note: str = ""
+
+    def alignment_text(self) -> str:
+        """``pelvis``, ``mid-hip``, or either with its note in parentheses."""
+        return f"{self.alignment} ({self.note})" if self.note else self.alignment
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _joint_source(body_model: Any) -> str:
+    source = getattr(body_model, "joint_source", None)
+    if not source and callable(getattr(body_model, "describe", None)):
+        source = body_model.describe().get("joint_source")
+    return str(source or f"{body_model.name} joint regressor")
+
+
+def apply_protocol(protocol: Mapping[str, object], body_model: Any, *, warn: bool = True) -> AppliedProtocol:
+    """The alignment an evaluation of data described by ``protocol`` (an ``HMRData.protocol``:
+    ``protocol`` = a name of :data:`PROTOCOLS`, optional ``gt_mesh``, ``test_without_pelvis`` and
+    ``test_with_3d``) applies with ``body_model``.
+
+    A pelvis protocol needs ``body_model.pelvis_regressor`` (the Human3.6M regressor's pelvis
+    row); without it the evaluation is mid-hip aligned, the note says why, and a
+    :class:`ProtocolFallbackWarning` is issued once per (protocol, body model)."""
+    name = str(protocol.get("protocol") or "")
+    requested = get_protocol(name).alignment if name else "mid-hip"
+    has_pelvis = getattr(body_model, "pelvis_regressor", None) is not None
+    regressor = H36M_REGRESSOR if has_pelvis else _joint_source(body_model)
+    gt_mesh = str(protocol.get("gt_mesh") or "")
+    if requested == "pelvis" and not has_pelvis:
+        note = f"{name} asks pelvis; {body_model.name} has no Human3.6M regressor"
+        if warn and (name, body_model.name) not in _WARNED:
+            _WARNED.add((name, body_model.name))
+            warnings.warn(
+                f"evaluation protocol '{name}' aligns at Human3.6M's pelvis but body model '{body_model.name}' has "
+                "no Human3.6M regressor (SMPL with J_regressor_h36m.npy in --smpl-dir has one): numbers are "
+                "mid-hip aligned and recorded as such",
+                ProtocolFallbackWarning,
+                stacklevel=2,
+            )
+        return AppliedProtocol(name, requested, "mid-hip", regressor, gt_mesh, note)
+    note = ""
+    missing = int(protocol.get("test_without_pelvis") or 0)
+    if requested == "pelvis" and missing:
+        total = protocol.get("test_with_3d", "?")
+        note = f"{missing} of {total} test samples have no GT pelvis: mid-hip for those"
+    return AppliedProtocol(name, requested, requested, regressor, gt_mesh, note)

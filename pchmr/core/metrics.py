@@ -45,22 +45,34 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class Protocol:
-    """Everything a number needs beside it to be comparable."""
+    """Everything a number needs beside it to be comparable.
+
+    ``alignment`` is the root actually applied (with why, when a dataset's protocol asked for
+    another); ``regressor`` where the evaluation joints come from (``h36m-17`` or the body
+    model's own joint source) and ``gt_mesh`` the GT mesh kind (``gendered``, ``neutral``,
+    ``none``) — both empty, and left out of :meth:`as_dict`, for data without a named protocol.
+    """
 
     dataset: str
     joint_set: str
     alignment: str
     body_model: str
     ground_truth: str  # "real" or "pseudo"
+    regressor: str = ""
+    gt_mesh: str = ""
 
     def label(self) -> str:
+        extra = "".join(f" · {k} {v}" for k, v in (("regressor", self.regressor), ("GT mesh", self.gt_mesh)) if v)
         return (
             f"{self.dataset} · {self.joint_set} · {self.alignment} aligned · "
-            f"{self.body_model} · {self.ground_truth} GT"
+            f"{self.body_model} · {self.ground_truth} GT{extra}"
         )
 
     def as_dict(self) -> dict[str, str]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v or k not in _OPTIONAL_PROTOCOL_FIELDS}
+
+
+_OPTIONAL_PROTOCOL_FIELDS = ("regressor", "gt_mesh")
 
 
 def _check(pred: Tensor, target: Tensor) -> None:

@@ -17,6 +17,15 @@ key                 shape / dtype    meaning
 ``meta``            dict[str, str]   labels partitioners use: subject, scene, action, source
 ==================  ===============  ======================================================
 
+Optional keys (:data:`OPTIONAL_SAMPLE_KEYS`; a dataset gives one for all its samples or none):
+
+==================  ===============  ======================================================
+``pelvis_3d``       (4,) f32         ground-truth Human3.6M pelvis (H36M joint 0), metres,
+                                     camera frame, relative to the same root as
+                                     ``joints_3d``, plus validity in {0, 1}; pelvis-aligned
+                                     protocols (``spin``, ``metro``) read it
+==================  ===============  ======================================================
+
 J is the body model's evaluation joint set (:attr:`pchmr.core.bodymodel.BodyModel.joint_names`);
 the root is the mean of its ``root_joints`` (mid-hip for the built-in models).
 """
@@ -33,6 +42,7 @@ __all__ = [
     "IMAGE_MEAN",
     "IMAGE_STD",
     "META_KEYS",
+    "OPTIONAL_SAMPLE_KEYS",
     "SAMPLE_KEYS",
     "SampleError",
     "normalize_image",
@@ -48,6 +58,7 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 META_KEYS = ("subject", "scene", "action", "source")
 
 SAMPLE_KEYS = ("image", "keypoints_2d", "joints_3d", "vertices", "has_vertices", "index", "meta")
+OPTIONAL_SAMPLE_KEYS = ("pelvis_3d",)
 
 
 class SampleError(ValueError):
@@ -87,10 +98,12 @@ def validate_sample(
         "joints_3d": (num_joints, 4),
         "vertices": (num_vertices, 3),
     }
+    if "pelvis_3d" in sample:
+        expected["pelvis_3d"] = (4,)
     for key, shape in expected.items():
         if tuple(sample[key].shape) != shape:
             raise SampleError(f"'{key}' must be {shape}, got {tuple(sample[key].shape)}")
-    for key in ("image", "keypoints_2d", "joints_3d", "vertices"):
+    for key in ("image", "keypoints_2d", "joints_3d", "vertices", *(k for k in OPTIONAL_SAMPLE_KEYS if k in sample)):
         if not torch.isfinite(sample[key]).all():
             raise SampleError(f"'{key}' contains NaN or infinite values")
     conf = sample["keypoints_2d"][:, 2]
@@ -101,6 +114,11 @@ def validate_sample(
         raise SampleError(
             "'joints_3d' has a coordinate beyond 3 m from the root: joints must be root-relative metres"
         )
+    pelvis = sample.get("pelvis_3d")
+    if pelvis is not None and float(pelvis[3]) not in (0.0, 1.0):
+        raise SampleError(f"'pelvis_3d' validity (column 3) must be 0 or 1, got {float(pelvis[3])}")
+    if pelvis is not None and float(pelvis[3]) > 0 and pelvis[:3].abs().max() > 3.0:
+        raise SampleError("'pelvis_3d' is beyond 3 m from the root: it must be relative to the joints' root, metres")
     meta = sample["meta"]
     absent = [k for k in META_KEYS if k not in meta]
     if absent:

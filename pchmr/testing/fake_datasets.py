@@ -32,6 +32,7 @@ from pchmr.core.joints import COCO_17, J24, LSP_14, OPENPOSE_18, SMPL_24
 
 __all__ = [
     "FIGURE_M",
+    "FIGURE_PELVIS_M",
     "FakeScene",
     "MARKER_COLORS",
     "draw_people",
@@ -48,6 +49,9 @@ FIGURE_M = np.array([
     [0.12, 0.85, 0.02], [-0.30, -0.05, -0.05], [-0.25, -0.25, 0.0], [-0.20, -0.50, 0.0], [0.20, -0.50, 0.0],
     [0.25, -0.25, 0.0], [0.30, -0.05, -0.05], [0.0, -0.55, 0.0], [0.0, -0.80, 0.0],
 ])  # fmt: skip
+#: The figure's Human3.6M pelvis (same frame): 4 cm above the mid-hip, so that pelvis- and
+#: mid-hip-aligned errors differ. Written at J24 index 14 of SPIN's ``S`` and METRO's ``3d_joints``.
+FIGURE_PELVIS_M = np.array([0.0, -0.04, 0.0])
 #: A distinct RGB colour per LSP-14 joint (drawn as a square of :data:`MARKER_HALF` px).
 MARKER_COLORS = np.array([
     [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255], [255, 128, 0],
@@ -76,13 +80,19 @@ class FakeScene:
 
 def _people(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 14, 3) camera-frame joints: the figure, slightly rotated about y and jittered, 3-5 m away."""
+    return _people_with_pelvis(n, rng)[0]
+
+
+def _people_with_pelvis(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_people`'s joints (same random draws) and each person's (n, 3) pelvis
+    (:data:`FIGURE_PELVIS_M` moved with the body, not jittered)."""
     angle = rng.uniform(-0.4, 0.4, n)
     c, s = np.cos(angle), np.sin(angle)
     rot = np.zeros((n, 3, 3))
     rot[:, 0, 0], rot[:, 0, 2], rot[:, 1, 1], rot[:, 2, 0], rot[:, 2, 2] = c, s, 1.0, -s, c
     body = np.einsum("nij,kj->nki", rot, FIGURE_M) + rng.normal(0, 0.01, (n, 14, 3))
     root = np.stack([rng.uniform(-0.4, 0.4, n), rng.uniform(-0.1, 0.2, n), rng.uniform(3.0, 5.0, n)], axis=1)
-    return body + root[:, None]
+    return body + root[:, None], np.einsum("nij,j->ni", rot, FIGURE_PELVIS_M) + root
 
 
 def _project(joints: np.ndarray) -> np.ndarray:
@@ -126,12 +136,15 @@ def _to_set(points: np.ndarray, names: tuple[str, ...], conf: float = 1.0) -> np
     return out
 
 
-def _j24(points: np.ndarray, head_at: str) -> np.ndarray:
-    """LSP-14 → J24 with the head top at J24 13 (``head_lsp``, LSP style) or 18 (``head``, H36M)."""
+def _j24(points: np.ndarray, head_at: str, pelvis: np.ndarray | None = None) -> np.ndarray:
+    """LSP-14 → J24 with the head top at J24 13 (``head_lsp``, LSP style) or 18 (``head``, H36M);
+    ``pelvis`` (N, 3), when given, at J24 14 (``pelvis``) with confidence 1."""
     out = _to_set(points, J24)
     if head_at == "head_lsp":
         out[:, J24.index("head_lsp")] = out[:, J24.index("head")]
         out[:, J24.index("head")] = 0.0
+    if pelvis is not None:
+        out[:, J24.index("pelvis"), :-1], out[:, J24.index("pelvis"), -1] = pelvis, 1.0
     return out
 
 
@@ -140,13 +153,14 @@ def write_spin_npz(
     with_smpl: bool = False, with_3d: bool = True, gender: bool = False,
 ) -> FakeScene:  # fmt: skip
     """Write a SPIN ``.npz`` (``imgname``, ``center``, ``scale``, ``part`` (J24, LSP-style head),
-    ``S`` (J24 metres, H36M-style head, camera frame), optional ``pose``/``shape``/``has_smpl``
+    ``S`` (J24 metres, H36M-style head and pelvis, camera frame; the pelvis also in
+    ``extra['pelvis_cam']``), optional ``pose``/``shape``/``has_smpl``
     and ``gender``) and one JPEG per sample under ``images_dir`` (default: the file's folder),
     named like Human3.6M's (``images/S<k>_<Action>_1.54138969_<frame>.jpg``)."""
     path = Path(path)
     root = Path(images_dir) if images_dir is not None else path.parent
     rng = np.random.default_rng(seed)
-    joints = _people(num_samples, rng)
+    joints, pelvis = _people_with_pelvis(num_samples, rng)
     keypoints = _project(joints)
     center, scale = _box(keypoints)
     actions = ("Directions", "Walking", "Eating")
@@ -159,7 +173,7 @@ def write_spin_npz(
         "part": _j24(keypoints, "head_lsp").astype(np.float64),
     }  # fmt: skip
     if with_3d:
-        arrays["S"] = _j24(joints, "head").astype(np.float64)
+        arrays["S"] = _j24(joints, "head", pelvis).astype(np.float64)
     if with_smpl:
         arrays["pose"] = np.concatenate([np.tile([np.pi, 0.0, 0.0], (num_samples, 1)),
                                          rng.normal(0, 0.1, (num_samples, 69))], axis=1)  # fmt: skip
@@ -169,7 +183,8 @@ def write_spin_npz(
         arrays["gender"] = np.array(["m" if i % 2 == 0 else "f" for i in range(num_samples)])
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
-    return FakeScene(names, keypoints, joints, center, scale, files={"npz": path, "images": root}, extra=arrays)
+    return FakeScene(names, keypoints, joints, center, scale, files={"npz": path, "images": root},
+                     extra={**arrays, "pelvis_cam": pelvis})  # fmt: skip
 
 
 def _lineidx(tsv: Path) -> None:
@@ -197,11 +212,11 @@ def write_metro_tsv(directory: str | Path, split: str = "train", num_samples: in
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    joints = _people(num_samples, rng)
+    joints, pelvis = _people_with_pelvis(num_samples, rng)
     keypoints = _project(joints)
     center, scale = _box(keypoints)
     keys = [f"S{1 + i % 2}_Walking_1.54138969_{i + 1:06d}.jpg" for i in range(num_samples)]
-    j2d, j3d = _j24(keypoints, "head_lsp"), _j24(joints, "head")
+    j2d, j3d = _j24(keypoints, "head_lsp"), _j24(joints, "head", pelvis)
     pose = np.zeros((num_samples, 72))
     if with_smpl:
         pose[:, :3] = [np.pi, 0.0, 0.0]
@@ -224,7 +239,8 @@ def write_metro_tsv(directory: str | Path, split: str = "train", num_samples: in
     yaml_path.write_text("".join(f"{kind}: {p.name}\n" for kind, p in files.items()))
     files["yaml"] = yaml_path
     return FakeScene(keys, keypoints, joints, center, scale, files=files,
-                     extra={"pose": pose, "betas": betas, "2d_joints": j2d, "3d_joints": j3d})  # fmt: skip
+                     extra={"pose": pose, "betas": betas, "2d_joints": j2d, "3d_joints": j3d,
+                            "pelvis_cam": pelvis})  # fmt: skip
 
 
 def _rodrigues(rotvec: np.ndarray) -> np.ndarray:

@@ -8,7 +8,8 @@ files as ``BodyModelSpec.model_dir`` (``--smpl-dir``). Accepted names, per gende
 ``smpl/`` subfolder (smplx's layout). Optional files in the same place:
 
 * ``J_regressor_h36m.npy`` (17, 6890), the Human3.6M joint regressor of SPIN/GraphCMR/METRO:
-  when present the evaluation joints come from it (the protocol of the FastMETRO paper);
+  when present the evaluation joints come from it (the protocol of the FastMETRO paper) and its
+  pelvis row (H36M joint 0) is exposed as ``pelvis_regressor`` for pelvis-aligned protocols;
 * ``mesh_downsampling.npz``, GraphCMR's SMPL pyramid (6890 → 1723 → 431): when present it is
   the mesh pyramid, else pchmr builds and caches its own (:func:`pchmr.core.pyramid.cached_pyramid`).
 
@@ -74,6 +75,7 @@ __all__ = [
     "load_smpl_pickle",
     "lsp_regressor_from_h36m",
     "lsp_regressor_from_smpl",
+    "pelvis_regressor_from_h36m",
     "make_smpl",
     "pchmr_body_models",
 ]
@@ -108,6 +110,8 @@ NUM_SMPL_JOINTS = 24
 NUM_BODY_JOINTS = 23
 NUM_BETAS = 10
 NUM_H36M_JOINTS = 17
+#: Human3.6M's pelvis row in its 17-joint regressor.
+H36M_PELVIS = 0
 
 #: The evaluation joint set, LSP-14 order.
 JOINT_NAMES = (
@@ -352,8 +356,7 @@ def lsp_regressor_from_smpl(j_regressor: object) -> Tensor:
     return _normalised_rows(dense[list(LSP_FROM_SMPL)], "SMPL's J_regressor")
 
 
-def lsp_regressor_from_h36m(path: str | os.PathLike[str], num_vertices: int = NUM_VERTICES) -> Tensor:
-    """``J_regressor_h36m.npy`` (17, V) → the (14, V) float32 LSP regressor (:data:`LSP_FROM_H36M`)."""
+def _read_h36m(path: str | os.PathLike[str], num_vertices: int) -> np.ndarray:
     try:
         matrix = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
@@ -362,7 +365,17 @@ def lsp_regressor_from_h36m(path: str | os.PathLike[str], num_vertices: int = NU
         raise InvalidSMPLFileError(
             f"{path}: a Human3.6M regressor is ({NUM_H36M_JOINTS}, {num_vertices}), got {matrix.shape}"
         )
-    return _normalised_rows(matrix.astype(np.float64)[list(LSP_FROM_H36M)], str(path))
+    return matrix.astype(np.float64)
+
+
+def lsp_regressor_from_h36m(path: str | os.PathLike[str], num_vertices: int = NUM_VERTICES) -> Tensor:
+    """``J_regressor_h36m.npy`` (17, V) → the (14, V) float32 LSP regressor (:data:`LSP_FROM_H36M`)."""
+    return _normalised_rows(_read_h36m(path, num_vertices)[list(LSP_FROM_H36M)], str(path))
+
+
+def pelvis_regressor_from_h36m(path: str | os.PathLike[str], num_vertices: int = NUM_VERTICES) -> Tensor:
+    """``J_regressor_h36m.npy`` (17, V) → its (V,) float32 pelvis row (H36M joint 0), summing to 1."""
+    return _normalised_rows(_read_h36m(path, num_vertices)[[H36M_PELVIS]], str(path))[0]
 
 
 # --------------------------------------------------------------------------- the body model
@@ -406,13 +419,17 @@ class SMPLBodyModel(BodyModel):
             self.layer.get_submodule(owner).register_buffer(key, buffer, persistent=False)
         faces = torch.as_tensor(np.asarray(model_data["f"], dtype=np.int64))
         self.register_buffer("faces", faces, persistent=False)
+        pelvis: Tensor | None = None
         if h36m_regressor is not None:
             regressor = lsp_regressor_from_h36m(h36m_regressor)
+            pelvis = pelvis_regressor_from_h36m(h36m_regressor)
             self.joint_source = f"human3.6m regressor ({Path(h36m_regressor).name}; neck = thorax, head = head top)"
         else:
             regressor = lsp_regressor_from_smpl(model_data["J_regressor"])
             self.joint_source = "smpl J_regressor (neck = SMPL's neck, head = SMPL's head joint, approximating LSP's head top)"
         self.register_buffer("joint_regressor", regressor, persistent=False)
+        # (V,) Human3.6M pelvis row, or None: the optional BodyModel.pelvis_regressor
+        self.register_buffer("pelvis_regressor", pelvis, persistent=False)
         self.downsampling = Path(downsampling) if downsampling is not None else None
         self.pyramid_cache_dir = Path(pyramid_cache_dir or DEFAULT_PYRAMID_CACHE).expanduser()
         self._pyramid: MeshPyramid | None = None
@@ -466,7 +483,9 @@ class SMPLBodyModel(BodyModel):
 
     def describe(self) -> dict[str, object]:
         info = super().describe()
-        info.update(gender=self.gender, root="mid-hip", joint_source=self.joint_source)
+        has_pelvis = self.pelvis_regressor is not None
+        pelvis = "human3.6m regressor joint 0" if has_pelvis else "none (no Human3.6M regressor)"
+        info.update(gender=self.gender, root="mid-hip", joint_source=self.joint_source, pelvis=pelvis)
         return info
 
 

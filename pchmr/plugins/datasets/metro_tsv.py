@@ -16,9 +16,10 @@ Each TSV may have a ``<name>.lineidx`` beside it (byte offset of every row, METR
 ``tsv_writer`` writes them); without it the offsets are found by one scan of the file.
 
 Location: ``--dataset metro-tsv:SPLIT.yaml`` (seeded 80/20 split) or
-``metro-tsv:train=A.yaml,test=B.yaml[,source=NAME][,protocol=metro|spin]``. ``source`` defaults
-to the folder name (``human3.6m`` → ``h36m``, ``coco_smpl`` → ``coco``, ``up3d``, ``3dpw``,
-``muco``).
+``metro-tsv:train=A.yaml,test=B.yaml[,source=NAME][,protocol=metro|spin|mid-hip]``. ``source``
+defaults to the folder name (``human3.6m`` → ``h36m``, ``coco_smpl`` → ``coco``, ``up3d``,
+``3dpw``, ``muco``). Human3.6M's pelvis (``3d_joints`` J24 index 14) is kept as the GT pelvis of
+the pelvis-aligned protocols.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import yaml
 from pchmr.core.bodymodel import BodyModel
 from pchmr.core.data import DatasetSpec, HMRData
 from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import J24, remap
+from pchmr.core.joints import J24, J24_PELVIS, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -216,6 +217,8 @@ def load_metro_split(yaml_path: str | Path, joint_names: tuple[str, ...], source
         raise DatasetFormatError(f"{files['label']}: '3d_joints' exceed {MAX_METRES:.0f}; expected metres")
     joints = remap(j3d, J24, joint_names)
     joints[..., 3] = (joints[..., 3] > 0).astype(np.float64)
+    pelvis = j3d[:, J24_PELVIS].copy()  # Human3.6M's pelvis: the root METRO's evaluation aligns GT joints at
+    pelvis[:, 3] = (pelvis[:, 3] > 0).astype(np.float64)
     keypoints = remap(j2d, J24, joint_names)
     keypoints[..., 2] = np.clip(keypoints[..., 2], 0.0, 1.0)
     folder = yaml_path.parent.name.lower()
@@ -223,7 +226,7 @@ def load_metro_split(yaml_path: str | Path, joint_names: tuple[str, ...], source
     ann = Annotations(
         image=np.array([str(r) for r in rows]), center=center, scale=scale, keypoints=keypoints, joints=joints,
         labels=labels_from_imgnames(np.array(keys), src), pose=pose, betas=betas, has_smpl=has_smpl,
-        gender=gender_names(np.array(gender)), origin=str(yaml_path),
+        gender=gender_names(np.array(gender)), origin=str(yaml_path), pelvis=pelvis,
     )  # fmt: skip
     return ann, TSVImages(images, files=(files["img"],)), [files["label"], files["img"]]
 

@@ -14,6 +14,10 @@ labels — all already mapped to the body model's joint set with :mod:`pchmr.cor
   (neutral, or the annotated gender under the ``spin`` protocol) in the camera frame and stores
   its root-relative vertices (``has_vertices`` 1; the joints then come from that mesh when the
   format has none); otherwise ``has_vertices`` is 0 and the vertices are zeros;
+* stores the GT Human3.6M pelvis (``pelvis_3d``, relative to the same mid-hip root as the
+  joints, for the pelvis-aligned protocols): regressed from the GT mesh with the body model's
+  ``pelvis_regressor`` where the joints come from that mesh, else the format's own (J24 index
+  14 of SPIN's ``S`` / METRO's ``3d_joints``, :attr:`Annotations.pelvis`), else invalid;
 * writes it all into a :mod:`pchmr.core.store` keyed by the sources' SHA-256 checksums.
 """
 
@@ -54,7 +58,8 @@ __all__ = [
 
 #: SPIN's box convention: ``scale`` is the box side in units of 200 pixels.
 SPIN_BOX_PIXELS = 200.0
-PREPARED_VERSION = 1
+#: 2: ``pelvis_3d`` stored (stores of version 1 are rebuilt: the version is part of the key).
+PREPARED_VERSION = 2
 SMPL_POSE_SIZE, SMPL_BETAS_SIZE = 72, 10
 _GENDERS = {"m": "male", "male": "male", "f": "female", "female": "female"}
 
@@ -75,7 +80,9 @@ class Annotations:
     (N,) the SPIN box in pixels; ``keypoints`` (N, J, 3) pixels + confidence; ``joints`` (N, J, 4)
     metres, camera frame (any origin) + validity; ``pose`` (N, 72) / ``betas`` (N, 10) SMPL
     parameters (global orientation in the camera frame) with ``has_smpl`` (N,); ``gender`` (N,)
-    ``male``/``female``/``neutral``; ``labels`` (N,) str per :data:`META_KEYS`.
+    ``male``/``female``/``neutral``; ``labels`` (N,) str per :data:`META_KEYS`; ``pelvis``
+    (N, 4) Human3.6M's pelvis, metres, same frame and origin as ``joints`` + validity (None
+    when the format has none).
     """
 
     image: np.ndarray
@@ -89,10 +96,11 @@ class Annotations:
     has_smpl: np.ndarray | None = None
     gender: np.ndarray | None = None
     origin: str = ""
+    pelvis: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.image)
-        shapes = {"center": (n, 2), "scale": (n,)}
+        shapes = {"center": (n, 2), "scale": (n,), **({} if self.pelvis is None else {"pelvis": (n, 4)})}
         for key, shape in shapes.items():
             if getattr(self, key).shape != shape:
                 raise DatasetFormatError(f"{self.origin}: '{key}' must be {shape}, got {getattr(self, key).shape}")
@@ -109,7 +117,7 @@ class Annotations:
             image=self.image[index], center=self.center[index], scale=self.scale[index],
             keypoints=self.keypoints[index], joints=self.joints[index],
             labels={k: v[index] for k, v in self.labels.items()}, pose=pick(self.pose), betas=pick(self.betas),
-            has_smpl=pick(self.has_smpl), gender=pick(self.gender), origin=self.origin,
+            has_smpl=pick(self.has_smpl), gender=pick(self.gender), origin=self.origin, pelvis=pick(self.pelvis),
         )  # fmt: skip
 
 
@@ -269,16 +277,20 @@ def prepare_split(
     gender = np.full(n, "neutral") if annotations.gender is None else annotations.gender.astype(str)
     keypoints = to_crop_coords(annotations.keypoints, annotations.center, annotations.scale).astype(np.float32)
     joints = annotations.joints.astype(np.float64).copy()
-    if meshes is not None:  # joints of the GT mesh where the format has no 3D joints
+    pelvis = np.zeros((n, 4)) if annotations.pelvis is None else annotations.pelvis.astype(np.float64).copy()
+    pelvis_row = getattr(body_model, "pelvis_regressor", None)
+    if meshes is not None:  # joints (and pelvis) of the GT mesh where the format has no 3D joints
         need = has_smpl & ~(joints[:, :, 3] > 0).any(axis=1)
         for start in range(0, n, 256):
             rows = np.flatnonzero(need[start : start + 256]) + start
             if len(rows):
-                _, mesh_joints = meshes(annotations.pose[rows], annotations.betas[rows], gender[rows])
+                mesh_vertices, mesh_joints = meshes(annotations.pose[rows], annotations.betas[rows], gender[rows])
                 joints[rows, :, :3], joints[rows, :, 3] = mesh_joints, 1.0
+                pelvis[rows] = _mesh_pelvis(mesh_vertices, pelvis_row)
+    pelvis = _pelvis_relative(pelvis, joints, body_model.root_joints).astype(np.float32)
     joints = root_relative(joints, body_model.joint_names, _root_names(body_model)).astype(np.float32)
     arrays = {
-        "keypoints_2d": keypoints, "joints_3d": joints,
+        "keypoints_2d": keypoints, "joints_3d": joints, "pelvis_3d": pelvis,
         "has_vertices": (has_smpl if meshes is not None else np.zeros(n, bool)).astype(np.float32),
         "center": annotations.center.astype(np.float64), "scale": annotations.scale.astype(np.float64),
         "image_ref": _labels_array(annotations.image),
@@ -315,6 +327,25 @@ def _root_names(body_model: BodyModel) -> tuple[str, ...]:
     return tuple(body_model.joint_names[i] for i in body_model.root_joints)
 
 
+def _mesh_pelvis(vertices: np.ndarray, pelvis_row: torch.Tensor | None) -> np.ndarray:
+    """(B, V, 3) GT vertices → (B, 4) their Human3.6M pelvis + validity (0 without the row)."""
+    out = np.zeros((len(vertices), 4))
+    if pelvis_row is not None:
+        out[:, :3] = np.einsum("v,bvc->bc", pelvis_row.detach().cpu().numpy().astype(np.float64), vertices)
+        out[:, 3] = 1.0
+    return out
+
+
+def _pelvis_relative(pelvis: np.ndarray, joints: np.ndarray, root: Sequence[int]) -> np.ndarray:
+    """(N, 4) pelvis and (N, J, 4) joints in one frame → the pelvis relative to the joints' root
+    (mean of ``root``); invalid (all zeros) where the pelvis or the root is."""
+    ok = (pelvis[:, 3] > 0) & (joints[:, list(root), 3] > 0).all(axis=1)
+    out = np.zeros_like(pelvis)
+    out[ok, :3] = pelvis[ok, :3] - joints[ok][:, list(root), :3].mean(axis=1)
+    out[ok, 3] = 1.0
+    return out
+
+
 # ---------------------------------------------------------------------------------- reading
 
 
@@ -345,6 +376,7 @@ class StoreSplit(Dataset):
             "image": normalize_image(torch.from_numpy(np.array(self.store.chunked("images")[i]))),
             "keypoints_2d": torch.from_numpy(arrays["keypoints_2d"][i].copy()),
             "joints_3d": torch.from_numpy(arrays["joints_3d"][i].copy()),
+            "pelvis_3d": torch.from_numpy(arrays["pelvis_3d"][i].copy()),
             "vertices": vertices,
             "has_vertices": torch.tensor(has_vertices),
             "index": torch.tensor(i, dtype=torch.int64),
@@ -361,13 +393,17 @@ def make_hmr_data(
     valid = joints[..., 3:] > 0
     counts = valid.sum(axis=0)
     mean = np.where(counts > 0, (joints[..., :3] * valid).sum(axis=0) / np.maximum(counts, 1), 0.0)
-    has_3d = bool((test.arrays["joints_3d"][..., 3] > 0).any())
+    with_3d = (test.arrays["joints_3d"][..., 3] > 0).any(axis=1)
+    has_pelvis = test.arrays["pelvis_3d"][:, 3] > 0
+    has_vertices = bool((test.arrays["has_vertices"] > 0).any())
     proto = get_protocol(protocol)
     description = {
         "dataset": f"{name}, {proto.name} protocol", "gt": "real", "protocol": proto.name,
         "protocol_details": proto.describe(), "num_train": len(train), "num_test": len(test),
-        "test_has_3d_joints": has_3d, "body_model": body_model.name,
-        "test_has_vertices": bool((test.arrays["has_vertices"] > 0).any()),
+        "test_has_3d_joints": bool(with_3d.any()), "body_model": body_model.name,
+        "test_has_vertices": has_vertices,
+        "gt_mesh": ("gendered" if test.info.get("gendered_gt") else "neutral") if has_vertices else "none",
+        "test_with_3d": int(with_3d.sum()), "test_without_pelvis": int((with_3d & ~has_pelvis).sum()),
     }  # fmt: skip
     return HMRData(
         train=train_split, test=test_split, labels=dict(train_split.labels), protocol=description,

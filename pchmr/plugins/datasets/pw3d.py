@@ -23,13 +23,15 @@ A sample is one valid (person, frame). Its box is SPIN's (the extent of the conf
 keypoints × 1.2); its 3D joints are ``jointPositions`` moved to the camera (``R x + t``) and
 mapped from SMPL-24 (hips, neck and head are SMPL's kinematic joints: an approximation; with
 the ``smpl`` body model the joints are instead regressed from the GT mesh, as SPIN and METRO
-evaluate); the SMPL global orientation is rotated into the camera frame (``R · R_global``).
+evaluate, and the GT pelvis of the pelvis-aligned protocols is the GT mesh's Human3.6M pelvis;
+with other body models there is no GT pelvis and those protocols fall back to the mid-hip);
+the SMPL global orientation is rotated into the camera frame (``R · R_global``).
 Labels: ``scene`` = the location prefix (``courtyard``, ``downtown`` …) — the natural
 partition by scene is ``--partitioner natural --partition-option label=scene`` — ``action`` =
 the activity, ``subject`` = ``<sequence>/person<p>``, ``source`` = ``3dpw``.
 
 Location: ``--dataset 3dpw-pkl:ROOT`` (the ``3DPW`` folder; ``--dataset 3dpw:DATA_ROOT`` finds it as ``DATA_ROOT/3DPW``) (train = ``train``, test = ``test``) or
-``3dpw-pkl:root=ROOT,train=train,test=validation[,protocol=spin|metro]``.
+``3dpw-pkl:root=ROOT,train=train,test=validation[,protocol=spin|metro|mid-hip]``.
 """
 
 from __future__ import annotations

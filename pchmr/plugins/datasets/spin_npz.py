@@ -22,9 +22,11 @@ key            shape, dtype      meaning
 
 Location: ``--dataset spin-npz:FILE.npz`` (a seeded 80/20 train/test split of one file, images
 relative to the file's folder) or ``spin-npz:train=A.npz,test=B.npz,images=DIR[,source=NAME]
-[,protocol=metro|spin]``. Meta labels come from the image names (Human3.6M ``S9_Directions_1…``:
-subject and action; 3DPW ``imageFiles/<scene>_<activity>_NN/…``; MPI-INF-3DHP ``S1/Seq1/…``);
-``source`` is the file's dataset name (``h36m``, ``3dpw``, ``coco`` …) unless given.
+[,protocol=metro|spin|mid-hip]`` (the evaluation protocol, :mod:`pchmr.core.joints`; default
+``metro``). Meta labels come from the image names (Human3.6M ``S9_Directions_1…``: subject and
+action; 3DPW ``imageFiles/<scene>_<activity>_NN/…``; MPI-INF-3DHP ``S1/Seq1/…``); ``source``
+is the file's dataset name (``h36m``, ``3dpw``, ``coco`` …) unless given. Human3.6M's pelvis
+(``S`` J24 index 14) is kept as the GT pelvis of the pelvis-aligned protocols.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import numpy as np
 from pchmr.core.bodymodel import BodyModel
 from pchmr.core.data import DatasetSpec, HMRData
 from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import J24, OPENPOSE_25, remap
+from pchmr.core.joints import J24, J24_PELVIS, OPENPOSE_25, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -151,6 +153,7 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
         keypoints = np.zeros((n, j, 3))
     keypoints[..., 2] = np.clip(keypoints[..., 2], 0.0, 1.0)
     joints = np.zeros((n, j, 4))
+    pelvis = None
     if "S" in optional:
         s = optional["S"].astype(np.float64)
         valid = s[..., 3] > 0
@@ -161,6 +164,8 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
             )
         joints = remap(s, J24, joint_names)
         joints[..., 3] = (joints[..., 3] > 0).astype(np.float64)
+        pelvis = s[:, J24_PELVIS].copy()  # Human3.6M's pelvis (the SPIN/METRO protocols' GT root)
+        pelvis[:, 3] = (pelvis[:, 3] > 0).astype(np.float64)
     pose = betas = has_smpl = None
     if "pose" in optional:
         if "shape" not in optional:
@@ -172,7 +177,7 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
     return Annotations(
         image=imgname, center=center, scale=scale, keypoints=keypoints, joints=joints,
         labels=labels_from_imgnames(imgname, src), pose=pose, betas=betas, has_smpl=has_smpl, gender=gender,
-        origin=str(path),
+        origin=str(path), pelvis=pelvis,
     )  # fmt: skip
 
 

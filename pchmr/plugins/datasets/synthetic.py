@@ -495,6 +495,7 @@ class SyntheticSplit(Dataset):
             "image": normalize_image(torch.from_numpy(np.array(self.array("images")[index]))),
             "keypoints_2d": torch.from_numpy(np.array(self.array("keypoints_2d")[index])),
             "joints_3d": torch.from_numpy(np.array(self.array("joints_3d")[index])),
+            "pelvis_3d": torch.zeros(4),  # no Human3.6M pelvis: invalid (synthetic is evaluated mid-hip aligned)
             "vertices": torch.from_numpy(np.array(self.array("vertices")[index])),
             "has_vertices": torch.tensor(1.0),
             "index": torch.tensor(index, dtype=torch.int64),
