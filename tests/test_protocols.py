@@ -307,6 +307,8 @@ def test_data_without_a_named_protocol_keeps_its_record():
         "ground_truth": "real",
     }  # fmt: skip
     assert components.applied_protocol().alignment == "mid-hip"
+    no_data = Components(config=RunConfig(), body_model=body, data=None)  # type: ignore[arg-type]
+    assert no_data.applied_protocol().alignment == "mid-hip"  # pchmr annotate builds modules without data
     assert get_protocol("mid-hip").regressor == "body model" and get_protocol("metro").alignment == "pelvis"
 
 

@@ -75,8 +75,9 @@ class Components:
         return module
 
     def applied_protocol(self) -> AppliedProtocol:
-        """The alignment the data's protocol asks and the body model allows (:func:`apply_protocol`)."""
-        return apply_protocol(self.data.protocol, self.body_model)
+        """The alignment the data's protocol asks and the body model allows (:func:`apply_protocol`);
+        mid-hip when there are no data (a module built only to load weights)."""
+        return apply_protocol(self.data.protocol if self.data is not None else {}, self.body_model)
 
     def protocol(self) -> Protocol:
         proto = self.data.protocol

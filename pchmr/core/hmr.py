@@ -72,7 +72,8 @@ class HMRModule(pl.LightningModule):
         self.register_buffer("joint_regressor", _regressor_matrix(body_model), persistent=False)
         #: evaluation root: "mid-hip" (the body model's root) or "pelvis" (Human3.6M's, see update_metrics)
         self.alignment = alignment
-        #: evaluated samples with 3D joints but no GT pelvis, aligned at the mid-hip instead (pelvis only)
+        #: evaluated samples with 3D joints but no GT pelvis, aligned at the mid-hip instead (pelvis
+        #: alignment only; counted over every update_metrics call since construction)
         self.mid_hip_fallbacks = 0
         if alignment not in ("mid-hip", "pelvis"):
             raise ValueError(f"evaluation alignment must be 'mid-hip' or 'pelvis', got {alignment!r}")
