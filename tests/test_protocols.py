@@ -141,7 +141,7 @@ def test_the_store_keeps_the_gt_pelvis_relative_to_the_joints_root(h36m_file, bo
         np.testing.assert_allclose(sample["pelvis_3d"][:3].numpy(), scene.extra["pelvis_cam"][k] - mid_hip, atol=1e-6)
         assert float(sample["pelvis_3d"][3]) == 1.0
     assert data.protocol["test_without_pelvis"] == 0 and data.protocol["test_with_3d"] == N
-    assert data.protocol["gt_mesh"] == "gendered"  # spin asks gendered meshes (these annotations carry no gender)
+    assert data.protocol["gt_mesh"] == "neutral"  # spin asks gendered meshes, but these annotations carry no gender
 
 
 def test_joints_from_the_gt_mesh_give_the_mesh_pelvis(tmp_path, bodies, smpl_dirs):
@@ -159,6 +159,30 @@ def test_joints_from_the_gt_mesh_give_the_mesh_pelvis(tmp_path, bodies, smpl_dir
     plain = make_spin_npz(DatasetSpec(SIZE, 0, tmp_path / "cache", f"train={path},test={path}"), bodies[1])
     assert (plain.test.store.arrays["pelvis_3d"] == 0).all()
     assert plain.protocol["test_without_pelvis"] == plain.protocol["test_with_3d"] == 4
+
+
+def test_spin_poses_gendered_gt_meshes_and_their_pelvis_and_says_so(tmp_path, smpl_dirs, pchmr_cache):
+    folder = tmp_path / "smpl"
+    for seed, gender in enumerate(("neutral", "male", "female")):
+        write_fake_smpl(folder, gender, seed=seed)  # different shape fields per gender
+    np.save(folder / "J_regressor_h36m.npy", smpl_dirs[2])
+    cache = os.path.join(pchmr_cache, "pyramids")
+    body = make_smpl(BodyModelSpec(model_dir=str(folder), cache_dir=cache))
+    male = make_smpl(BodyModelSpec(model_dir=str(folder), cache_dir=cache, extra={"gender": "male"}))
+    female = make_smpl(BodyModelSpec(model_dir=str(folder), cache_dir=cache, extra={"gender": "female"}))
+    scene = write_spin_npz(tmp_path / "3dpw_test.npz", 4, seed=2, with_smpl=True, with_3d=False, gender=True)
+    path = scene.files["npz"]
+    lsp_rows, pelvis_row = _rows(smpl_dirs[2])
+    for protocol, expected_mesh in (("spin", "gendered"), ("metro", "neutral")):
+        data = make_spin_npz(DatasetSpec(SIZE, 0, tmp_path / "cache", f"train={path},test={path},protocol={protocol}"),
+                             body)  # fmt: skip
+        assert data.protocol["gt_mesh"] == expected_mesh
+        assert _components(body, data).protocol().gt_mesh == expected_mesh
+        for i, k in enumerate(_order(data, scene)):
+            model = {"m": male, "f": female}[scene.extra["gender"][k]] if protocol == "spin" else body
+            mesh = _gt_meshes(model, scene)[k]
+            expected = pelvis_row @ mesh - (lsp_rows @ mesh)[HIPS].mean(0)
+            np.testing.assert_allclose(data.test[i]["pelvis_3d"][:3].numpy(), expected, atol=2e-5)
 
 
 def test_a_bad_pelvis_is_refused_by_the_schema():
@@ -272,7 +296,7 @@ def test_the_protocol_record_names_what_was_applied(h36m_file, bodies, monkeypat
     with_h36m, plain = bodies
     monkeypatch.setattr(joints_module, "_WARNED", set())
     spin = _components(with_h36m, _data(h36m_file, with_h36m, "spin")).protocol().as_dict()
-    assert (spin["alignment"], spin["regressor"], spin["gt_mesh"]) == ("pelvis", "h36m-17", "gendered")
+    assert (spin["alignment"], spin["regressor"], spin["gt_mesh"]) == ("pelvis", "h36m-17", "neutral")
     mid = _components(with_h36m, _data(h36m_file, with_h36m, "mid-hip")).protocol().as_dict()
     assert (mid["alignment"], mid["regressor"], mid["gt_mesh"]) == ("mid-hip", "h36m-17", "neutral")
     components = _components(plain, _data(h36m_file, plain, "spin"))

@@ -318,7 +318,8 @@ def prepare_split(
         return out
 
     info = {"format": name, "sources": checksums, "image_size": size, "body_model": body_model.name,
-            "protocol": protocol, "gendered_gt": gendered, "origin": annotations.origin}  # fmt: skip
+            "protocol": protocol, "gendered_gt": gendered, "origin": annotations.origin,
+            "gendered_meshes": int((has_smpl & np.isin(gender, ("male", "female"))).sum()) if gendered else 0}  # fmt: skip
     return prepare_store(directory, num_samples=n, arrays=arrays, chunked=chunked, produce=produce, info=info,
                          on_progress=progress)  # fmt: skip
 
@@ -402,7 +403,7 @@ def make_hmr_data(
         "protocol_details": proto.describe(), "num_train": len(train), "num_test": len(test),
         "test_has_3d_joints": bool(with_3d.any()), "body_model": body_model.name,
         "test_has_vertices": has_vertices,
-        "gt_mesh": ("gendered" if test.info.get("gendered_gt") else "neutral") if has_vertices else "none",
+        "gt_mesh": ("gendered" if test.info.get("gendered_meshes") else "neutral") if has_vertices else "none",
         "test_with_3d": int(with_3d.sum()), "test_without_pelvis": int((with_3d & ~has_pelvis).sum()),
     }  # fmt: skip
     return HMRData(
