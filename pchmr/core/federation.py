@@ -82,29 +82,23 @@ def build_strategy(config: RunConfig) -> StrategyParts:
     # Flower warns that fraction_evaluate=0 skips federated evaluation: pchmr evaluates on the server
     flwr_logger.setLevel(logging.ERROR)
     try:
-        parts = factory(
-            StrategyConfig(
-                num_clients=config.clients,
-                per_round=config.per_round,
-                num_rounds=config.rounds,
-                seed=config.seed,
-                options=dict(config.strategy_options),
-            )
-        )
+        parts = factory(_strategy_config(config, config.strategy_options))
     finally:
         flwr_logger.setLevel(level)
     if config.privacy is None:
         return parts
     privacy = get_registry().get("privacy", config.privacy)
-    return privacy(
-        parts,
-        StrategyConfig(
-            num_clients=config.clients,
-            per_round=config.per_round,
-            num_rounds=config.rounds,
-            seed=config.seed,
-            options=dict(config.privacy_options),
-        ),
+    return privacy(parts, _strategy_config(config, config.privacy_options))
+
+
+def _strategy_config(config: RunConfig, options: Mapping[str, Any]) -> StrategyConfig:
+    """The run's federation shape (clients, per round, rounds, seed) with one plugin's options."""
+    return StrategyConfig(
+        num_clients=config.clients,
+        per_round=config.per_round,
+        num_rounds=config.rounds,
+        seed=config.seed,
+        options=dict(options),
     )
 
 
