@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pchmr.core.config import RunConfig
-from pchmr.core.federation import sample_clients
+from pchmr.core.federation import cpus_per_client, sample_clients
 from pchmr.core.partition import load_partition
 from pchmr.core.run import execute
 
@@ -29,6 +29,18 @@ def test_sampling_is_a_function_of_seed_and_round_only():
     assert all(len(set(s)) == 10 and all(0 <= c < 100 for c in s) for s in a)
     assert len({tuple(s) for s in a}) == 5, "rounds must not repeat the same sample"
     assert sample_clients(4, 1, 100, 10) != a[0]
+
+
+def test_cores_are_split_among_the_rounds_clients():
+    # two sampled clients on two cores train side by side, one thread each
+    assert cpus_per_client(2, 2) == 1
+    assert cpus_per_client(2, 5) == 1
+    # one client per round keeps every core; spare cores are shared out evenly
+    assert cpus_per_client(2, 1) == 2
+    assert cpus_per_client(8, 3) == 2
+    assert cpus_per_client(1, 4) == 1
+    with pytest.raises(ValueError, match="at least one core and one client"):
+        cpus_per_client(0, 2)
 
 
 def test_run_directory_has_every_artifact(finished_run):
