@@ -621,7 +621,6 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     os.environ.setdefault("RAY_worker_niceness", "0")
     cpus = num_cpus or os.cpu_count() or 1
     per_client = cpus_per_client(cpus, server.config.per_round)
-    os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
         "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
@@ -635,12 +634,20 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     if not verbose:
         console_handler.setLevel(logging.ERROR)
     logging.getLogger("flwr").setLevel(logging.INFO)
-    flwr_run_simulation(
-        server_app=make_server_app(server),
-        client_app=client_app,
-        num_supernodes=server.config.clients,
-        backend_name="ray",
-        backend_config=backend_config,
-    )
+    previous = os.environ.get(CLIENT_THREADS_ENV)
+    os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(server),
+            client_app=client_app,
+            num_supernodes=server.config.clients,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(CLIENT_THREADS_ENV, None)
+        else:
+            os.environ[CLIENT_THREADS_ENV] = previous
     if server.error is not None:
         raise server.error
