@@ -65,6 +65,20 @@ def test_rounds_record_metrics_bytes_and_sampled_clients(finished_run):
     for key in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck"):
         assert all(np.isfinite(r[key]) for r in rounds)
     assert [rep.server_round for rep in reports] == [0, 1, 2]
+    # stateless clients (the default): each round's AdamW starts afresh (12 samples: one step)
+    assert [r["optimizer_steps"] for r in rounds[1:]] == [1.0, 1.0]
+
+
+def test_kept_client_optimizer_continues_where_the_last_round_stopped(tmp_path, pchmr_cache):
+    """--client-optimizer keep: the client's AdamW state survives in Flower's node context."""
+    config = RunConfig(
+        num_train=32, num_test=8, clients=1, per_round=1, rounds=2, batch_size=16, seed=3,
+        client_optimizer="keep", out=str(tmp_path / "keep"),
+    )
+    rounds = execute(config).run_dir.read_rounds()
+    assert [r["optimizer_steps"] for r in rounds[1:]] == [2.0, 4.0]
+    with pytest.raises(Exception, match="--client-optimizer must be one of reset, keep"):
+        RunConfig(client_optimizer="sometimes")
 
 
 def test_training_changes_the_global_model_and_final_json_has_the_protocol(finished_run):

@@ -79,6 +79,9 @@ def run(
     per_round: Optional[int] = typer.Option(None, help="Clients sampled per round k (k <= N)."),
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
+    client_optimizer: Optional[str] = typer.Option(
+        None, help="reset (a fresh AdamW each round, default) or keep (each client keeps its AdamW state for its next round)."
+    ),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
     loss_weight: list[str] = typer.Option(
@@ -115,6 +118,7 @@ def run(
                 "encoder_weights": encoder_weights, "init_from": str(init_from) if init_from else None,
                 "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
+                "client_optimizer": client_optimizer,
                 "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
                 "mode": mode, "epochs": epochs, "fraction": fraction,

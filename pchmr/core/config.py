@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "RunConfig", "apply_scale", "load_config_file", "ENGINES", "MODES"]
+__all__ = ["ConfigError", "RunConfig", "apply_scale", "load_config_file", "ENGINES", "MODES", "CLIENT_OPTIMIZER_STATES"]
 
 ENGINES = ("simulation", "deployment")
+#: What a client does with its AdamW state between the rounds it is sampled in.
+CLIENT_OPTIMIZER_STATES = ("reset", "keep")
 MODES = ("federated", "centralized", "naive")
 
 
@@ -57,6 +59,9 @@ class RunConfig:
     per_round: int = 2
     rounds: int = 4
     local_epochs: int = 1
+    # "reset": a fresh AdamW every round (stateless clients); "keep": each client keeps its AdamW
+    # state on the device (Flower's node context) for the next round it is sampled in
+    client_optimizer: str = "reset"
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -94,6 +99,10 @@ class RunConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.client_optimizer not in CLIENT_OPTIMIZER_STATES:
+            raise ConfigError(
+                f"--client-optimizer must be one of {', '.join(CLIENT_OPTIMIZER_STATES)}, got '{self.client_optimizer}'"
+            )
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
         if self.mode not in MODES:

@@ -24,6 +24,7 @@ and :func:`train_locally` applies the ``update_transforms`` after local training
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 
 from pchmr.core.config import RunConfig
@@ -125,6 +127,8 @@ class ClientRuntime:
     partition: Partition
     strategy: StrategyParts
     module: HMRModule
+    #: the optimizer state at the end of this process's last local fit (``client_optimizer="keep"``)
+    last_optimizer_state: dict[str, Any] | None = None
 
 
 _ClientRuntime = ClientRuntime  # the former private name
@@ -158,11 +162,51 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
         return _RUNTIMES[run_dir]
 
 
+class _OptimizerCarry(pl.Callback):
+    """Loads a client's saved optimizer state into the fit's fresh optimizer and keeps the final one."""
+
+    def __init__(self, state: Mapping[str, Any] | None) -> None:
+        self.state = state
+        self.final: dict[str, Any] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.state is not None:
+            trainer.optimizers[0].load_state_dict(self.state)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.final = trainer.optimizers[0].state_dict()
+
+
+#: Key of the client's kept optimizer state in Flower's node context (``context.state``).
+OPTIMIZER_STATE_KEY = "pchmr-optimizer"
+
+
+def load_optimizer_state(context: Any) -> dict[str, Any] | None:
+    """The optimizer state this client kept in its node context, or None (first round)."""
+    record = context.state.config_records.get(OPTIMIZER_STATE_KEY)
+    if record is None:
+        return None
+    return torch.load(io.BytesIO(record["state"]), map_location="cpu", weights_only=True)  # type: ignore[arg-type]
+
+
+def store_optimizer_state(context: Any, state: Mapping[str, Any]) -> None:
+    """Keep ``state`` (an optimizer ``state_dict``) in the node context for the client's next round."""
+    from flwr.app import ConfigRecord
+
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    context.state.config_records[OPTIMIZER_STATE_KEY] = ConfigRecord({"state": buffer.getvalue()})
+
+
 def local_fit(
     runtime: ClientRuntime, state: Mapping[str, torch.Tensor], partition_id: int, server_round: int,
-    config: Mapping[str, Any],
+    config: Mapping[str, Any], optimizer_state: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """E local epochs of HMRModule on this client's data, starting from ``state``."""
+    """E local epochs of HMRModule on this client's data, starting from ``state``.
+
+    ``optimizer_state`` (an AdamW ``state_dict`` kept from the client's previous round) is loaded
+    into the fit's optimizer; the optimizer's final state is left in ``runtime.last_optimizer_state``
+    and its step count in the metrics (``optimizer-steps``)."""
     cfg = runtime.components.config
     module = runtime.module
     module.load_state_dict(state)
@@ -173,13 +217,19 @@ def local_fit(
     dataset = runtime.components.client_dataset(runtime.partition, partition_id)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
     epochs = int(config.get("local-epochs", cfg.local_epochs))
-    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True)
+    carry = _OptimizerCarry(optimizer_state)
+    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[carry])
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     fit_seconds = time.perf_counter() - start
     loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     new_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    metrics = {"num-examples": float(len(dataset)), "train-loss": loss, "fit-seconds": fit_seconds}
+    runtime.last_optimizer_state = carry.final
+    steps = [float(s["step"]) for s in (carry.final or {}).get("state", {}).values() if "step" in s]
+    metrics = {
+        "num-examples": float(len(dataset)), "train-loss": loss, "fit-seconds": fit_seconds,
+        "optimizer-steps": max(steps, default=0.0),
+    }
     return new_state, metrics
 
 
@@ -195,8 +245,13 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     config = dict(msg.content["config"])
     global_state = msg.content["arrays"].to_torch_state_dict()
     server_round = int(config["server-round"])
-    new_state, metrics = local_fit(runtime, global_state, pid, server_round, config)
     cfg = runtime.components.config
+    keep = cfg.client_optimizer == "keep"
+    new_state, metrics = local_fit(
+        runtime, global_state, pid, server_round, config, load_optimizer_state(context) if keep else None
+    )
+    if keep and runtime.last_optimizer_state is not None:
+        store_optimizer_state(context, runtime.last_optimizer_state)
     info = UpdateInfo(
         server_round=server_round, partition_id=pid, num_examples=int(metrics["num-examples"]),
         num_clients=cfg.clients, per_round=cfg.per_round, config=config,
