@@ -296,6 +296,25 @@ def test_group_norm_small_encoder_has_no_running_statistics(body: ToyBodyModel) 
         build_encoder("small", SIZE, norm="layer")
 
 
+def test_frozen_encoder_keeps_weights_and_statistics_while_the_head_trains(body: ToyBodyModel) -> None:
+    torch.manual_seed(0)
+    model = make_fastmetro(body, BackboneOptions(variant="S", extra={"freeze_encoder": True}))
+    model.train()
+    assert model.encoder.frozen and not model.encoder.training and model.transformer_1.training
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    head_before = model.xyz_head.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(_images(4))
+    (out.joints.square().mean() + out.vertices[-1].abs().mean()).backward()
+    optimizer.step()
+    after = model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "weights or BatchNorm statistics moved"
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert not torch.equal(head_before, model.xyz_head.weight)
+    with pytest.raises(ValueError, match="'freeze_encoder' must be true or false"):
+        make_fastmetro(body, BackboneOptions(extra={"freeze_encoder": "sometimes"}))
+
+
 def _torchvision_resnet50_keys() -> dict[str, tuple[int, ...]]:
     """Key → shape of torchvision's ``resnet50().state_dict()`` without ``fc``, written out
     from its definition: layers [3, 4, 6, 3], widths 64·2^i, expansion 4, stride on conv2."""

@@ -80,10 +80,22 @@ class FeatureEncoder(nn.Module):
 
     out_channels: int
     stride: int
+    #: set by :meth:`freeze`: weights fixed and normalisation statistics used as they are
+    frozen: bool = False
 
     def grid_size(self, input_size: int) -> int:
         """Side h = w of the feature grid for a square input of ``input_size`` pixels."""
         return _halvings(input_size, int(math.log2(self.stride)))
+
+    def freeze(self) -> "FeatureEncoder":
+        """Use the encoder as a fixed feature extractor (a pretrained CNN): no gradients, so the
+        optimizer leaves it out, and eval mode for good, so BatchNorm keeps its statistics."""
+        self.frozen = True
+        self.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "FeatureEncoder":
+        return super().train(mode and not self.frozen)
 
 
 class BasicBlock(nn.Module):

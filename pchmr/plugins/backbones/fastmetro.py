@@ -200,17 +200,30 @@ def extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
         raise ValueError(f"backbone option {key!r} must be a number, got {value!r}") from exc
 
 
+def extra_bool(extra: Mapping[str, object], key: str, default: bool) -> bool:
+    value = extra.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"backbone option {key!r} must be true or false, got {value!r}")
+
+
 def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO:
     """Build FastMETRO-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
-    ``options.extra`` may hold ``dropout`` (float, default 0.1) and ``encoder_norm``
-    (``"batch"`` or ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`).
+    ``options.extra`` may hold ``dropout`` (float, default 0.1), ``encoder_norm`` (``"batch"`` or
+    ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`) and
+    ``freeze_encoder`` (bool, default false: train only the transformer and heads over a
+    pretrained CNN, see :meth:`~pchmr.plugins.backbones.encoders.FeatureEncoder.freeze`).
     """
     layers = variant_layers(options.variant)
-    check_extra_keys(options.extra, ("dropout", "encoder_norm"), "FastMETRO")
+    check_extra_keys(options.extra, ("dropout", "encoder_norm", "freeze_encoder"), "FastMETRO")
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
+    if extra_bool(options.extra, "freeze_encoder", False):
+        encoder.freeze()
     return FastMETRO(
         body_model.pyramid(),
         num_joints=body_model.num_joints,

@@ -65,6 +65,7 @@ from pchmr.core.losses import project_weak_perspective
 from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
 from pchmr.plugins.backbones.fastmetro import (
     check_extra_keys,
+    extra_bool,
     extra_float,
     variant_layers,
     CAMERA_HEAD_INIT_GAIN,
@@ -363,15 +364,17 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
     """Build TORE-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
     ``options.extra`` may hold ``keep_ratio`` (float in (0, 1], default 0.8), ``dropout``
-    (default 0.1) and ``encoder_norm`` (``"batch"`` or ``"group"``, see
-    :mod:`pchmr.plugins.backbones.encoders`).
+    (default 0.1), ``encoder_norm`` (``"batch"`` or ``"group"``, see
+    :mod:`pchmr.plugins.backbones.encoders`) and ``freeze_encoder`` (bool, default false).
     """
     layers = variant_layers(options.variant, family="TORE")
-    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm"), "TORE")
+    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm", "freeze_encoder"), "TORE")
     keep_ratio = extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
+    if extra_bool(options.extra, "freeze_encoder", False):
+        encoder.freeze()
     return TORE(
         body_model.pyramid(),
         num_joints=body_model.num_joints,
