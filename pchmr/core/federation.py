@@ -250,8 +250,9 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     new_state, metrics = local_fit(
         runtime, global_state, pid, server_round, config, load_optimizer_state(context) if keep else None
     )
-    if keep and runtime.last_optimizer_state is not None:
-        store_optimizer_state(context, runtime.last_optimizer_state)
+    final_optimizer_state, runtime.last_optimizer_state = runtime.last_optimizer_state, None  # hold no stale copy
+    if keep and final_optimizer_state is not None:
+        store_optimizer_state(context, final_optimizer_state)
     info = UpdateInfo(
         server_round=server_round, partition_id=pid, num_examples=int(metrics["num-examples"]),
         num_clients=cfg.clients, per_round=cfg.per_round, config=config,
