@@ -94,6 +94,18 @@ def test_untrained_camera_has_positive_scale_near_the_body_fit(model_s: FastMETR
         model_s.camera_head.bias[0] = 0.0
 
 
+def test_untrained_mesh_starts_near_the_root_yet_depends_on_the_image(model_s: FastMETRO) -> None:
+    # the xyz head starts small: no random ±0.6 m offsets for the first steps to undo ...
+    model_s.eval()
+    first, second = model_s(_images(1, seed=1)), model_s(_images(1, seed=2))
+    assert first.joints.abs().max() < 0.05 and first.vertices[0].abs().max() < 0.05
+    # ... but not zero: the outputs still carry the features, so every layer gets gradients
+    assert not torch.allclose(first.vertices[0], second.vertices[0], atol=1e-6)
+    default = torch.nn.Linear(128, 3).weight.abs().mean()
+    assert 0 < model_s.xyz_head.weight.abs().mean() < 0.05 * default
+    model_s.train()
+
+
 def test_mesh_levels_follow_the_pyramid(body: ToyBodyModel, model_s: FastMETRO) -> None:
     model_s.eval()
     pyramid = body.pyramid()

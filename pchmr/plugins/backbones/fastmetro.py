@@ -18,13 +18,20 @@ self-attention a vertex token attends to every joint token and to the vertex tok
 to it on the coarse mesh (``pyramid.adjacency``, diagonal included); joint tokens attend to
 everything, as in the original mask.
 
-Two deliberate departures from the reference code, neither changing the parameter count:
+Three deliberate departures from the reference code, none changing the parameter count:
 
 * the camera scale is ``softplus(raw + offset)``: always positive, and at initialisation
   (camera head weights scaled down) about :data:`INIT_CAMERA_SCALE`, which maps a 1.7 m body
   onto ±0.9 of the crop;
 * the learnable coarse→middle layer starts as the pyramid's fixed ``up[0]`` (bias 0), so the
-  untrained model already outputs consistent meshes on every level.
+  untrained model already outputs consistent meshes on every level;
+* the xyz head starts at :data:`XYZ_HEAD_INIT_GAIN` times its default weights (bias 0). It
+  reads LayerNorm-ed features, so with default weights every token of the untrained model
+  outputs a random offset of about ±0.6 m that the first hundreds of steps only undo; small
+  weights start every token near the root and the first steps learn the shape (measured over
+  a frozen public-pretrained CNN, 1,600 centralized images: 227.5 / 149.6 mm MPJPE / PA-MPJPE
+  against 273.8 / 198.1 with the default init). The untrained model is still untrained: a mesh
+  collapsed near the root.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ CROP_HALF_EXTENT = 0.9
 INIT_CAMERA_SCALE = CROP_HALF_EXTENT / BODY_HALF_HEIGHT_M
 #: Factor on the camera head's initial weights, so the initial camera is close to (s0, 0, 0).
 CAMERA_HEAD_INIT_GAIN = 0.01
+#: Factor on the xyz heads' default initial weights (bias 0): the untrained mesh starts near the root.
+XYZ_HEAD_INIT_GAIN = 0.01
 #: Minimum number of pyramid levels: coarse (tokens), middle (learned upsampling), full.
 MIN_PYRAMID_LEVELS = 3
 
@@ -122,6 +131,8 @@ class FastMETRO(Backbone):
         with torch.no_grad():
             self.camera_head.weight.mul_(CAMERA_HEAD_INIT_GAIN)
             self.camera_head.bias.zero_()
+            self.xyz_head.weight.mul_(XYZ_HEAD_INIT_GAIN)
+            self.xyz_head.bias.zero_()
         self.camera_scale_offset = _inverse_softplus(INIT_CAMERA_SCALE)
         self.coarse_to_middle = nn.Linear(pyramid.num_vertices[0], pyramid.num_vertices[1])
         with torch.no_grad():

@@ -38,7 +38,8 @@ Choices where the repository decides (each is needed for its parameter counts):
 
 Departures (none changes the parameter count):
 
-* the camera scale is ``softplus(raw + offset)`` with FastMETRO's initial scale, as in
+* the camera scale is ``softplus(raw + offset)`` with FastMETRO's initial scale, and the joint
+  and vertex heads start at FastMETRO's small ``XYZ_HEAD_INIT_GAIN`` weights (bias 0), as in
   :mod:`pchmr.plugins.backbones.fastmetro`;
 * the pruning loss (:func:`token_pruning_loss`) is the selector's probability *mass* outside the
   body, averaged over kept tokens and samples (in [0, 1], independent of batch size), where
@@ -70,6 +71,7 @@ from pchmr.plugins.backbones.fastmetro import (
     variant_layers,
     CAMERA_HEAD_INIT_GAIN,
     DEFAULT_DROPOUT,
+    XYZ_HEAD_INIT_GAIN,
     FFN_DIM_1,
     FFN_DIM_2,
     INIT_CAMERA_SCALE,
@@ -190,6 +192,9 @@ class TORE(Backbone):
         with torch.no_grad():
             self.camera_head.weight.mul_(CAMERA_HEAD_INIT_GAIN)
             self.camera_head.bias.zero_()
+            for head in (self.joint_head, self.vertex_head):
+                head.weight.mul_(XYZ_HEAD_INIT_GAIN)
+                head.bias.zero_()
         self.camera_scale_offset = math.log(math.expm1(INIT_CAMERA_SCALE))  # inverse softplus
         # constants: not parameters, not in the state dict
         self.register_buffer("vertex_allowed", pyramid.adjacency.to(torch.bool).clone(), persistent=False)
