@@ -183,11 +183,29 @@ def _expected_parameters(layers: int, joints: int = 14, v0: int = 431, v1: int =
 
 @pytest.mark.parametrize(("variant", "layers", "paper_millions"), [("S", 1, 10.04), ("M", 2, 17.86), ("L", 3, 25.68)])
 def test_parameter_count_matches_the_paper_with_smpl_sizes(variant: str, layers: int, paper_millions: float) -> None:
-    model = FastMETRO(_random_pyramid((431, 1723, 6890)), 14, _StubEncoder(), 224, layers)
+    model = FastMETRO(_random_pyramid((431, 1723, 6890)), 14, _StubEncoder(), 224, layers, learned_upsampling=True)
     encoder_ids = {id(p) for p in model.encoder.parameters()}
     count = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids)
     assert count == _expected_parameters(layers)
     assert abs(count / 1e6 - paper_millions) / paper_millions < 0.01
+
+
+def test_fixed_upsampling_drops_exactly_the_learnable_layer() -> None:
+    pyramid = _random_pyramid((431, 1723, 6890))
+    fixed = FastMETRO(pyramid, 14, _StubEncoder(), 224, 1)
+    learned = FastMETRO(pyramid, 14, _StubEncoder(), 224, 1, learned_upsampling=True)
+    assert sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in fixed.parameters()) == 431 * 1723 + 1723
+    assert not any(k.startswith("coarse_to_middle") for k in fixed.state_dict())
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_middle_level_is_the_pyramid_upsampling_of_the_coarse_mesh_at_init(body: ToyBodyModel, learned: bool) -> None:
+    torch.manual_seed(0)
+    model = make_fastmetro(body, BackboneOptions(extra={"learned_upsampling": learned})).eval()
+    with torch.no_grad():
+        out = model(_images(2))
+    up = body.pyramid().up[0].to_dense()
+    torch.testing.assert_close(out.vertices[1], torch.einsum("mn,bnc->bmc", up, out.vertices[0]), atol=1e-6, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- training behaviour
