@@ -33,6 +33,7 @@ def test_naive_baseline_writes_the_run_directory_per_epoch(tmp_path, pchmr_cache
     rounds = result.run_dir.read_rounds()
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["unit"] == "epoch" for r in rounds)
+    assert [r["lr"] for r in rounds[1:]] == pytest.approx([1e-3, 5e-4])  # cosine over the 2 epochs
     assert result.final["unit"] == "epoch" and result.final["round"] == 2
     assert result.final["mpjpe_mm"] != result.final["round0"]["mpjpe_mm"]
     assert result.run_dir.lightning_checkpoint.exists()

@@ -163,6 +163,12 @@ def test_incompatible_combinations_are_refused():
     with pytest.raises(IncompatibleError, match="BatchNorm layer"):
         check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
+    from pchmr.plugins.backbones.encoders import build_encoder
+
+    frozen = build_encoder("small", 64).freeze()  # BatchNorm on running statistics: per-example
+    check_per_example_safe(nn.Sequential(frozen, nn.Linear(3, 3)).eval())
+    with pytest.raises(IncompatibleError, match="BatchNorm layer"):
+        check_per_example_safe(build_encoder("small", 64).eval())  # trains in training mode
     parts = dp(_fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"level": "example"}))
     with pytest.raises(IncompatibleError, match="BatchNorm"):
         parts.prepare_module(nn.Sequential(nn.BatchNorm1d(3)))
@@ -262,11 +268,13 @@ def test_example_level_dp_sgd_run_accounts_each_clients_steps(groupnorm_backbone
     from pchmr.core.partition import load_partition
     from pchmr.core.run import execute
 
-    base = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=1, batch_size=4, seed=3)
+    base = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=1, batch_size=4, local_epochs=1, seed=3)
     options = {"level": "example", "clip": 1.0, "noise-multiplier": 1.0}
-    with pytest.raises((IncompatibleError, ConfigError), match="BatchNorm"):  # the default encoder: refused up front
-        execute(RunConfig(**base, privacy="dp", privacy_options=options, out=str(tmp_path / "bn")))
-    result = execute(RunConfig(**base, backbone="fastmetro-gn", privacy="dp", privacy_options=options, out=str(tmp_path / "gn")))
+    with pytest.raises((IncompatibleError, ConfigError), match="BatchNorm"):  # a trained BatchNorm CNN: refused
+        execute(RunConfig(**base, privacy="dp", privacy_options=options, encoder_weights=None, out=str(tmp_path / "bn")))
+    result = execute(RunConfig(
+        **base, backbone="fastmetro-gn", privacy="dp", privacy_options=options, encoder_weights=None, out=str(tmp_path / "gn")
+    ))
     rounds = result.run_dir.read_rounds()
     sizes = load_partition(result.run_dir.partition).sizes()
     # per sampled client: ceil(n_i / B) DP-SGD steps at q = B / n_i; ε is the worst client's

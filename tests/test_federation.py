@@ -1,6 +1,8 @@
 """One real federated run: Flower's Simulation Engine (Ray), the real Lightning Trainer, Anny data."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from pchmr.core.federation import cpus_per_client, sample_clients
 from pchmr.core.partition import load_partition
 from pchmr.core.run import execute
 
-CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=2, batch_size=16, seed=3)
+CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=2, batch_size=16, local_epochs=1, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,10 @@ def test_run_directory_has_every_artifact(finished_run):
         assert path.exists(), path
     config = json.loads(rd.config.read_text())
     assert config["run"]["clients"] == 4 and config["plugins"]["backbone"]["provider"].startswith("pchmr ")
+    # the default CNN: pretrained on the public split, recorded by file and hash, kept frozen
+    encoder = config["encoder"]
+    assert encoder["source"] == "public" and encoder["frozen"] is True
+    assert hashlib.sha256(Path(encoder["weights"]).read_bytes()).hexdigest() == encoder["sha256"]
     assert load_partition(rd.partition).num_clients == 4
 
 
@@ -67,12 +73,14 @@ def test_rounds_record_metrics_bytes_and_sampled_clients(finished_run):
     assert [rep.server_round for rep in reports] == [0, 1, 2]
     # stateless clients (the default): each round's AdamW starts afresh (12 samples: one step)
     assert [r["optimizer_steps"] for r in rounds[1:]] == [1.0, 1.0]
+    # the default cosine schedule over 2 rounds: the full rate, then half of it
+    assert [r["lr"] for r in rounds[1:]] == pytest.approx([1e-3, 5e-4])
 
 
 def test_kept_client_optimizer_continues_where_the_last_round_stopped(tmp_path, pchmr_cache):
     """--client-optimizer keep: the client's AdamW state survives in Flower's node context."""
     config = RunConfig(
-        num_train=32, num_test=8, clients=1, per_round=1, rounds=2, batch_size=16, seed=3,
+        num_train=32, num_test=8, clients=1, per_round=1, rounds=2, batch_size=16, local_epochs=1, seed=3,
         client_optimizer="keep", out=str(tmp_path / "keep"),
     )
     rounds = execute(config).run_dir.read_rounds()

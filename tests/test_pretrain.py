@@ -62,6 +62,43 @@ def test_pretraining_lowers_its_loss_on_the_public_split(anny, tmp_path: Path) -
 
 
 def test_encoder_weights_option_is_checked() -> None:
-    assert RunConfig(encoder_weights="public").encoder_weights == "public"
-    with pytest.raises(ConfigError, match="--encoder-weights must be 'public' or an existing weights file"):
+    assert RunConfig().encoder_weights == "public"  # HMR backbones start from a pretrained CNN
+    assert RunConfig(encoder_weights="none").encoder_weights is None
+    assert RunConfig(encoder_weights="Scratch").encoder_weights is None
+    with pytest.raises(ConfigError, match="--encoder-weights must be 'public', 'none' or an existing weights file"):
         RunConfig(encoder_weights="/no/such/file.pt")
+
+
+def test_the_encoder_is_frozen_by_default_exactly_when_pretrained_weights_are_loaded(tmp_path: Path) -> None:
+    assert RunConfig().encoder_frozen
+    assert not RunConfig(encoder_weights=None).encoder_frozen
+    assert not RunConfig(freeze_encoder=False).encoder_frozen
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    fine_tune = RunConfig(init_from=str(model))  # the whole model is replaced: nothing pretrained loads
+    assert not fine_tune.loads_encoder_weights and not fine_tune.encoder_frozen
+    assert RunConfig(init_from=str(model), freeze_encoder=True, encoder_weights=None).encoder_frozen
+    with pytest.raises(ConfigError, match="--freeze-encoder keeps the CNN fixed, but --encoder-weights none"):
+        RunConfig(encoder_weights="none", freeze_encoder=True)
+    with pytest.raises(ConfigError, match="freeze_encoder must be true or false, got 'yes'"):
+        RunConfig(freeze_encoder="yes")  # type: ignore[arg-type]
+
+
+def test_the_frozen_encoder_reaches_the_backbone_and_the_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pchmr.core.experiment import Components
+
+    captured: list[BackboneOptions] = []
+    real = get_registry().get("backbone", "fastmetro")
+
+    def factory(body_model, options):
+        captured.append(options)
+        return real(body_model, options)
+
+    monkeypatch.setattr(get_registry(), "get", lambda kind, name: factory)
+    from pchmr.testing.toys import ToyBodyModel
+
+    for cfg, frozen in ((RunConfig(), True), (RunConfig(encoder_weights=None), False)):
+        module = Components(config=cfg, body_model=ToyBodyModel(), data=None).make_module()  # type: ignore[arg-type]
+        assert captured[-1].freeze_encoder is frozen
+        trainable = {id(p) for group in module.configure_optimizers().param_groups for p in group["params"]}
+        assert any(id(p) in trainable for p in module.backbone.encoder.parameters()) is not frozen

@@ -42,7 +42,7 @@ def make_run(
 ) -> Path:
     """A run directory by hand: round 0 at ``start``, then two evaluated rounds/epochs, the last
     at ``final`` (MPJPE, PA-MPJPE, MPVPE in mm)."""
-    cfg = RunConfig(**config)
+    cfg = RunConfig(**{"local_epochs": 1, **config})  # the paper's one local epoch unless the test says
     unit = "round" if cfg.mode == "federated" else "epoch"
     path = root / name
     path.mkdir(parents=True)
@@ -81,7 +81,11 @@ def make_run(
     ],
 )  # fmt: skip
 def test_setting_label(config, label):
-    assert setting_label(RunConfig(**config)) == label
+    assert setting_label(RunConfig(**{"local_epochs": 1, **config})) == label
+
+
+def test_the_default_runs_label_says_its_two_local_epochs():
+    assert setting_label(RunConfig()) == "FedAvg 10/2 IID E=2"
 
 
 # -- grouping -------------------------------------------------------------------------------

@@ -39,9 +39,9 @@ def test_backbone_options_reach_the_plugin_and_typos_are_refused(pchmr_cache):
 
     components = build_components(RunConfig(backbone="tore", backbone_options={"keep_ratio": 0.5}, num_train=8, num_test=4))
     assert components.make_module().backbone.num_kept == 32  # int(64 * 0.5)
-    typo = build_components(RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4))
+    typo = RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4)
     with pytest.raises(ValueError, match=r"unknown TORE backbone options \['keep_ration'\]"):
-        typo.make_module()
+        build_components(typo).make_module()  # refused when the encoder is built for pretraining, at the latest
 
 
 def test_a_run_refused_during_set_up_leaves_no_directory(tmp_path, pchmr_cache):

@@ -58,8 +58,12 @@ def run(
         None, help="Start from a trained model: a run directory (its model.pt) or a model file (fine-tuning)."
     ),
     encoder_weights: Optional[str] = typer.Option(
-        None, help="CNN initialisation: 'public' (pretrained once on a public synthetic split, cached) or a weights "
-        "file in torchvision's layout (e.g. ImageNet ResNet-50); unset: from scratch."
+        None, help="CNN initialisation: 'public' (default: pretrained once on a public synthetic split, cached), "
+        "a weights file in torchvision's layout (e.g. ImageNet ResNet-50), or 'none' (from scratch)."
+    ),
+    freeze_encoder: Optional[bool] = typer.Option(
+        None, "--freeze-encoder/--train-encoder",
+        help="Keep the CNN fixed or train it too (default: fixed exactly when pretrained weights are loaded).",
     ),
     input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
     body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
@@ -84,6 +88,9 @@ def run(
     ),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
+    lr_schedule: Optional[str] = typer.Option(
+        None, help="Learning rate over rounds (baselines: epochs): cosine (default, from lr down toward 0) or constant."
+    ),
     loss_weight: list[str] = typer.Option(
         [], "--loss-weight", help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, "
         "joints_2d, edge, normal, mesh_level, or a backbone term such as token_pruning."
@@ -115,11 +122,11 @@ def run(
             values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
             flags = {
                 "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
-                "encoder_weights": encoder_weights, "init_from": str(init_from) if init_from else None,
+                "encoder_weights": encoder_weights, "freeze_encoder": freeze_encoder, "init_from": str(init_from) if init_from else None,
                 "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
                 "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
                 "client_optimizer": client_optimizer,
-                "batch_size": batch_size, "lr": lr, "num_train": num_train, "num_test": num_test,
+                "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "num_train": num_train, "num_test": num_test,
                 "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
                 "mode": mode, "epochs": epochs, "fraction": fraction,
                 "smpl_dir": str(smpl_dir) if smpl_dir else None,

@@ -54,7 +54,7 @@ def prepare(
         config = RunConfig(dataset=name, dataset_path=path or None, input_size=input_size, body_model=body_model,
                            smpl_dir=str(smpl_dir) if smpl_dir else None, seed=seed, num_train=num_train,
                            num_test=num_test, cache_dir=str(cache_dir) if cache_dir else None)  # fmt: skip
-        data = build_components(config).data
+        data = build_components(config, with_model=False).data
         stores = [v for k, v in data.extra.items() if k.endswith("_store")]
         if verify:
             for directory in stores:

@@ -124,7 +124,7 @@ def _make(cfg: Any) -> tuple[Partition, Any, Any]:
     from pchmr.core.run import check_plugins
 
     check_plugins(cfg)
-    data = build_components(cfg).data
+    data = build_components(cfg, with_model=False).data
     if cfg.mode != "federated":
         return baseline_partition(cfg.mode, len(data.train), cfg.fraction, cfg.seed), data, None
     options = dict(cfg.partition_options)

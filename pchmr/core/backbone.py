@@ -38,12 +38,19 @@ class HMROutput:
 
 @dataclass(frozen=True)
 class BackboneOptions:
-    """Options every backbone factory receives; ``extra`` holds plugin-specific ones."""
+    """Options every backbone factory receives; ``extra`` holds plugin-specific ones.
+
+    ``encoder_weights`` is a weights file for the backbone's CNN feature encoder (``None``: random
+    init). ``freeze_encoder`` asks for that encoder to stay fixed: no gradients (so no optimizer
+    state and no weight decay) and normalisation statistics kept in training mode. A backbone
+    without a separable feature encoder raises ``ValueError`` when asked to freeze one.
+    """
 
     variant: str = "S"
     encoder: str = "small"
     input_size: int = 64
     encoder_weights: str | None = None
+    freeze_encoder: bool = False
     extra: Mapping[str, object] = field(default_factory=dict)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import Subset
 
 from pchmr.core.experiment import Components, derive_seed, make_loader
 from pchmr.core.federation import RoundReport
-from pchmr.core.hmr import evaluate, make_trainer
+from pchmr.core.hmr import LearningRate, evaluate, lr_factor, make_trainer
 from pchmr.core.partition import Partition
 from pchmr.core.rundir import RunDir
 
@@ -68,7 +68,8 @@ class _EpochRecorder(pl.Callback):
             self.rd.append_round(
                 {"round": epoch, "unit": "epoch", **metrics, "wall_seconds": round(self.elapsed, 3),
                  "round_seconds": round(seconds, 3), "bytes_sent": 0, "bytes_received": 0,
-                 "train_loss": None if loss is None else float(loss)}
+                 "train_loss": None if loss is None else float(loss),
+                 "lr": float(trainer.optimizers[0].param_groups[0]["lr"])}
             )
         tmp = self.rd.lightning_checkpoint.with_name("last.ckpt.tmp")
         trainer.save_checkpoint(tmp)
@@ -100,7 +101,10 @@ def run_baseline(
         elapsed = float(progress["elapsed"])
     torch.manual_seed(derive_seed(cfg.seed, 0xC))
     recorder = _EpochRecorder(rd, components, report, elapsed, cfg.epochs, cfg.eval_every)
-    trainer = make_trainer(max_epochs=cfg.epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[recorder])
+    schedule = LearningRate(lambda epoch: cfg.lr * lr_factor(cfg.lr_schedule, epoch + 1, cfg.epochs))
+    trainer = make_trainer(
+        max_epochs=cfg.epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[recorder, schedule]
+    )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, rd.model)
     return rd.summarize(baselines, components.protocol().as_dict())

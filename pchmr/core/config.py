@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ConfigError", "RunConfig", "apply_scale", "load_config_file", "ENGINES", "MODES", "CLIENT_OPTIMIZER_STATES"]
+__all__ = ["ConfigError", "RunConfig", "apply_scale", "load_config_file", "ENGINES", "MODES", "CLIENT_OPTIMIZER_STATES", "LR_SCHEDULES"]
 
 ENGINES = ("simulation", "deployment")
 #: What a client does with its AdamW state between the rounds it is sampled in.
 CLIENT_OPTIMIZER_STATES = ("reset", "keep")
 MODES = ("federated", "centralized", "naive")
+#: Learning-rate schedules over rounds (federated) or epochs (baselines); pchmr.core.hmr.lr_factor.
+LR_SCHEDULES = ("cosine", "constant")
+#: Values of ``encoder_weights`` meaning "from scratch" (a TOML file cannot write None).
+NO_ENCODER_WEIGHTS = ("none", "scratch")
 
 
 class ConfigError(ValueError):
@@ -28,8 +32,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One experiment. Defaults are the embedded default run (synthetic data, FastMETRO-S,
-    FedAvg over 10 IID clients, 64 px crops on a CPU)."""
+    """One experiment. Defaults are the embedded default run: synthetic data at 64 px,
+    FastMETRO-S over a frozen public-pretrained CNN, FedAvg over 10 IID clients (2 per round,
+    3 rounds of 2 local epochs at batch 8), a few minutes on 2 CPU cores."""
 
     # what to train
     backbone: str = "fastmetro"
@@ -37,7 +42,12 @@ class RunConfig:
     encoder: str = "small"
     backbone_options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific (BackboneOptions.extra)
     init_from: str | None = None  # start from a trained model: a run directory or its model.pt
-    encoder_weights: str | None = None  # None: from scratch; "public": pretrained on public data (pchmr.core.pretrain); or a file
+    # the CNN's initialisation: "public" (pretrained once on a public synthetic split, the stand-in
+    # for ImageNet: pchmr.core.pretrain), a weights file, or None / "none": from scratch
+    encoder_weights: str | None = "public"
+    # keep the CNN fixed (no gradients, BatchNorm statistics kept); None: frozen exactly when
+    # pretrained weights are loaded into it (not when --init-from replaces the whole model)
+    freeze_encoder: bool | None = None
     input_size: int = 64
     body_model: str = "anny"
     smpl_dir: str | None = None  # the user's own SMPL files (licence-restricted, never shipped)
@@ -57,13 +67,16 @@ class RunConfig:
     privacy_options: Mapping[str, Any] = field(default_factory=dict)
     clients: int = 10
     per_round: int = 2
-    rounds: int = 4
-    local_epochs: int = 1
+    rounds: int = 3
+    local_epochs: int = 2
     # "reset": a fresh AdamW every round (stateless clients); "keep": each client keeps its AdamW
     # state on the device (Flower's node context) for the next round it is sampled in
     client_optimizer: str = "reset"
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
+    # "cosine": lr · (1 + cos(π (r − 1) / R)) / 2 in round r of R (baselines: epoch e of E);
+    # "constant": lr throughout (pchmr.core.hmr.lr_factor)
+    lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
     loss_weights: Mapping[str, Any] = field(default_factory=dict)  # overrides of pchmr.core.losses.LossWeights
     eval_every: int = 1
@@ -76,7 +89,19 @@ class RunConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in NO_ENCODER_WEIGHTS:
+            object.__setattr__(self, "encoder_weights", None)
         self.validate()
+
+    @property
+    def loads_encoder_weights(self) -> bool:
+        """Whether the CNN starts from ``encoder_weights`` (``--init-from`` replaces them all)."""
+        return self.encoder_weights is not None and self.init_from is None
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """``freeze_encoder``, resolved: by default frozen exactly when pretrained weights are loaded."""
+        return self.loads_encoder_weights if self.freeze_encoder is None else self.freeze_encoder
 
     def validate(self) -> None:
         _positive_int("clients", self.clients)
@@ -95,6 +120,8 @@ class RunConfig:
             raise ConfigError(f"--input-size must be a multiple of 32 and >= 32 (64 or 224 usual), got {self.input_size}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -133,8 +160,15 @@ class RunConfig:
             )
         if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
             raise ConfigError(
-                f"--encoder-weights must be 'public' or an existing weights file, got '{self.encoder_weights}' "
-                "(no such file)"
+                f"--encoder-weights must be 'public', 'none' or an existing weights file, got "
+                f"'{self.encoder_weights}' (no such file)"
+            )
+        if self.freeze_encoder is not None and not isinstance(self.freeze_encoder, bool):
+            raise ConfigError(f"freeze_encoder must be true or false, got {self.freeze_encoder!r}")
+        if self.freeze_encoder and self.encoder_weights is None and self.init_from is None:
+            raise ConfigError(
+                "--freeze-encoder keeps the CNN fixed, but --encoder-weights none leaves it random: "
+                "give pretrained weights ('public' or a file) or --init-from, or train the encoder"
             )
         for name in ("num_train", "num_test"):
             value = getattr(self, name)

@@ -12,7 +12,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from pchmr.core.joints import AppliedProtocol, apply_protocol
 from pchmr.core.losses import LossWeights
 from pchmr.core.metrics import Protocol, mpjpe, pa_mpjpe, procrustes_align
 from pchmr.core.partition import Partition
-from pchmr.core.pretrain import PUBLIC, pretrained_encoder
+from pchmr.core.pretrain import PUBLIC, PUBLIC_BODY_MODEL, pretrained_encoder
 from pchmr.core.registry import get_registry
 
 __all__ = ["Components", "default_cache_dir", "build_components", "derive_seed", "make_loader", "mean_pose_baselines"]
@@ -50,14 +50,17 @@ class Components:
     body_model: BodyModel
     data: HMRData
     encoder_weights: str | None = None  # the resolved file of --encoder-weights
+    encoder_resolved: bool = True  # False: built for the data only (build_components(with_model=False))
 
     def make_module(self, loss_terms: Sequence[LossTerm] = (), init_seed: int | None = None) -> HMRModule:
         """A fresh HMRModule; weights initialised from ``init_seed`` (default: the run seed)."""
         cfg = self.config
+        if not self.encoder_resolved:
+            raise RuntimeError("these components were built for the data only: call build_components(config)")
         factory = get_registry().get("backbone", cfg.backbone)
         options = BackboneOptions(
             variant=cfg.variant, encoder=cfg.encoder, input_size=cfg.input_size, encoder_weights=self.encoder_weights,
-            extra=dict(cfg.backbone_options),
+            freeze_encoder=cfg.encoder_frozen, extra=dict(cfg.backbone_options),
         )
         with torch.random.fork_rng():
             torch.manual_seed(derive_seed(cfg.seed if init_seed is None else init_seed, 1))
@@ -119,8 +122,16 @@ def load_model_weights(module: HMRModule, source: str | Path) -> None:
         )
 
 
-def build_components(config: RunConfig) -> Components:
-    """Body model, then the dataset (prepared once, cached) — all through the registry."""
+def build_components(
+    config: RunConfig,
+    with_model: bool = True,
+    progress: Callable[[str], None] | None = None,
+    pretrained: bool = True,
+) -> Components:
+    """Body model, then the dataset (prepared once, cached) — all through the registry — then,
+    unless ``with_model`` is false (data only), the CNN's pretrained weights (``--encoder-weights
+    public`` pretrains once and caches; ``progress`` hears about it). ``pretrained=False`` skips
+    them: for a federated client, whose every weight arrives from the server each round."""
     registry = get_registry()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     body_model = _body_model(config.body_model, str(cache), config.smpl_dir)
@@ -136,9 +147,18 @@ def build_components(config: RunConfig) -> Components:
         options=dataset_options,
     )
     data = data_factory(spec, body_model)
-    weights = config.encoder_weights
+    if not with_model:
+        return Components(config=config, body_model=body_model, data=data, encoder_resolved=False)
+    weights = config.encoder_weights if config.loads_encoder_weights and pretrained else None
     if weights == PUBLIC:
-        weights = str(pretrained_encoder(config.backbone, config.encoder, config.input_size, body_model, cache))
+        # one public split whatever the run's body model (its pretraining head is thrown away)
+        public_body = (
+            body_model if body_model.name == PUBLIC_BODY_MODEL else _body_model(PUBLIC_BODY_MODEL, str(cache), None)
+        )
+        weights = str(pretrained_encoder(
+            config.backbone, config.encoder, config.input_size, public_body, cache, progress=progress,
+            extra=config.backbone_options,
+        ))
     return Components(config=config, body_model=body_model, data=data, encoder_weights=weights)
 
 

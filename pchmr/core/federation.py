@@ -40,7 +40,7 @@ import torch
 
 from pchmr.core.config import RunConfig
 from pchmr.core.experiment import Components, build_components, derive_seed, make_loader
-from pchmr.core.hmr import HMRModule, evaluate, make_trainer, quiet_lightning
+from pchmr.core.hmr import HMRModule, LearningRate, evaluate, lr_factor, make_trainer, quiet_lightning
 from pchmr.core.partition import Partition, load_partition
 from pchmr.core.perf import tune_allocator
 from pchmr.core.registry import get_registry
@@ -147,7 +147,7 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
                 torch.set_num_threads(int(threads))
             rd = RunDir(run_dir)
             config = RunConfig.from_dict(rd.read_config()["run"])
-            components = build_components(config)
+            components = build_components(config, pretrained=False)  # the server sends every weight
             flwr_logger = logging.getLogger("flwr")
             level = flwr_logger.level
             flwr_logger.setLevel(logging.ERROR)  # the server half's construction warnings are not the client's
@@ -217,8 +217,11 @@ def local_fit(
     dataset = runtime.components.client_dataset(runtime.partition, partition_id)
     loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
     epochs = int(config.get("local-epochs", cfg.local_epochs))
+    lr = float(config.get("lr", module.optim.lr))  # this round's rate (--lr-schedule), the same on every client
     carry = _OptimizerCarry(optimizer_state)
-    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[carry])
+    trainer = make_trainer(
+        max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[carry, LearningRate(lambda _: lr)]
+    )
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     fit_seconds = time.perf_counter() - start
@@ -490,7 +493,8 @@ class FederatedServer:
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, server_round, cfg.clients, cfg.per_round)
             random.seed(derive_seed(cfg.seed, server_round, 7))
-            train_config = ConfigRecord({"local-epochs": cfg.local_epochs, **dict(self.strategy.train_config)})
+            lr = cfg.lr * lr_factor(cfg.lr_schedule, server_round, cfg.rounds)
+            train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": lr, **dict(self.strategy.train_config)})
             view = _SubsetGrid(grid, [node_of[p] for p in sampled], {node_of[p]: p for p in sampled})
             if self.strategy.round_protocol is not None:
                 train_config["server-round"] = server_round
@@ -509,6 +513,7 @@ class FederatedServer:
             elapsed += round_seconds
             evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
             extra.update(self._round_metrics(server_round))
+            extra["lr"] = lr
             metrics = (
                 self._record(server_round, state, elapsed, round_seconds, sent, received, sampled, extra)
                 if evaluate_now

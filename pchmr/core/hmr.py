@@ -20,11 +20,15 @@ from torch.utils.data import DataLoader
 
 from pchmr.core.backbone import Backbone, HMROutput
 from pchmr.core.bodymodel import BodyModel, MeshPyramid
+from pchmr.core.config import LR_SCHEDULES
 from pchmr.core.losses import LossWeights, level_weights_for, project_weak_perspective, weighted_l1
 from pchmr.core.mesh_losses import edge_length_loss, normal_loss
 from pchmr.core.metrics import MPJPE, MPVPE, PAMPJPE, PCK
 
-__all__ = ["HMRModule", "LossTerm", "OptimConfig", "make_trainer", "evaluate", "quiet_lightning"]
+__all__ = [
+    "HMRModule", "LossTerm", "LR_SCHEDULES", "LearningRate", "OptimConfig", "evaluate", "lr_factor", "make_trainer",
+    "quiet_lightning",
+]
 
 #: ``term(module, batch, output) -> scalar`` added to the loss (already weighted by its owner).
 LossTerm = Callable[["HMRModule", Mapping[str, Tensor], HMROutput], Tensor]
@@ -43,6 +47,40 @@ class OptimConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay!r}")
+
+
+
+
+def lr_factor(schedule: str, index: int, total: int) -> float:
+    """The multiplier of the base learning rate for round or epoch ``index`` (1-based) of ``total``.
+
+    ``cosine``: half a cosine from 1 at the first round down toward 0, never reaching it
+    (``(1 + cos(π (index − 1) / total)) / 2``; 3 rounds: 1, 0.75, 0.25), so the last rounds
+    take small steps and the final model is not one noisy step away from where training went;
+    ``constant``: 1 (the PCHMR paper's Table 7 gives one rate per setting).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if not 1 <= index <= max(total, 1):
+        raise ValueError(f"round or epoch {index} is outside 1..{total}")
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (index - 1) / total))
+
+
+class LearningRate(pl.Callback):
+    """Sets every parameter group's learning rate at the start of each training epoch to
+    ``rate(epoch)`` (``epoch`` 0-based, as Lightning counts, resumed fits included). It runs after
+    a carried-over optimizer state is loaded, so a kept AdamW state never brings back an old rate."""
+
+    def __init__(self, rate: Callable[[int], float]) -> None:
+        self.rate = rate
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lr = float(self.rate(trainer.current_epoch))
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
 
 class HMRModule(pl.LightningModule):
@@ -278,6 +316,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*`validation_step` but have no `val_dataloader`.*")
+    # a frozen pretrained encoder stays in eval mode on purpose (FeatureEncoder.freeze)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 def make_trainer(

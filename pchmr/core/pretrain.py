@@ -7,7 +7,8 @@ Nothing can be downloaded here, so ``--encoder-weights public`` makes the public
 * a *public* split of the ``synthetic`` generator, rendered with its own seed
   (:data:`PUBLIC_SEED`): other subjects (body shapes), poses, cameras and backgrounds than any
   run's data, from the same scene and action vocabulary — the analogue of pretraining on a
-  public dataset of the same domain, never on the clients' images;
+  public dataset of the same domain, never on the clients' images. It is rendered with Anny
+  whatever the run's body model (a SMPL run pretrains on the same public images);
 * the backbone's own CNN (``backbone.encoder``) with a throw-away *linear* head on its
   globally average-pooled features regressing the root-relative 3D joints (camera frame), L1,
   AdamW, for :data:`PRETRAIN_EPOCHS` epochs. A linear read-out forces the pose into the
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +41,7 @@ from pchmr.core.bodymodel import BodyModel
 from pchmr.core.data import DatasetSpec
 from pchmr.core.registry import get_registry
 
-__all__ = ["PUBLIC", "PUBLIC_SEED", "PRETRAIN_EPOCHS", "pretrained_encoder", "pretrain_encoder"]
+__all__ = ["PUBLIC", "PUBLIC_BODY_MODEL", "PUBLIC_SEED", "PRETRAIN_EPOCHS", "pretrained_encoder", "pretrain_encoder"]
 
 log = logging.getLogger("pchmr.pretrain")
 
@@ -47,8 +49,10 @@ log = logging.getLogger("pchmr.pretrain")
 PUBLIC = "public"
 #: Seed of the public split (no run uses it: run seeds are small integers).
 PUBLIC_SEED = 1_000_003
-#: The dataset plugin that renders the public split.
+#: The dataset plugin that renders the public split, and the body model it renders, whatever
+#: the run's (SMPL cannot drive the generator; the pretraining head is discarded anyway).
 PUBLIC_DATASET = "synthetic"
+PUBLIC_BODY_MODEL = "anny"
 #: Public training images and the recipe.
 PUBLIC_SAMPLES = 2000
 PRETRAIN_EPOCHS = 3
@@ -59,9 +63,27 @@ PRETRAIN_WEIGHT_DECAY = 1e-4
 RECIPE_VERSION = 2
 
 
-def _cache_key(backbone: str, encoder: str, input_size: int, body_model: BodyModel) -> str:
+def public_encoder(
+    backbone: str, encoder: str, input_size: int, body_model: BodyModel, extra: Mapping[str, object] | None = None
+) -> nn.Module:
+    """``backbone``'s untrained CNN ``encoder``, built with the run's backbone options ``extra``
+    (they may change the CNN itself, e.g. ``encoder_norm=group``)."""
+    options = BackboneOptions(encoder=encoder, input_size=input_size, extra=dict(extra or {}))
+    model = get_registry().get("backbone", backbone)(body_model, options)
+    cnn = getattr(model, "encoder", None)
+    if not isinstance(cnn, nn.Module) or not isinstance(getattr(cnn, "out_channels", None), int):
+        raise ValueError(
+            f"backbone '{backbone}' has no CNN 'encoder' attribute with 'out_channels' to pretrain; "
+            "pass --encoder-weights FILE or --encoder-weights none (from scratch)"
+        )
+    return cnn
+
+
+def _cache_key(encoder: str, input_size: int, body_model: BodyModel, cnn: nn.Module) -> str:
+    architecture = repr(cnn) + repr(sorted((k, tuple(v.shape)) for k, v in cnn.state_dict().items()))
     identity = {
-        "recipe": RECIPE_VERSION, "backbone": backbone, "encoder": encoder, "input_size": input_size,
+        "recipe": RECIPE_VERSION, "architecture": hashlib.sha256(architecture.encode()).hexdigest(),
+        "encoder": encoder, "input_size": input_size,
         "body_model": body_model.name, "joints": list(body_model.joint_names),
         "dataset": PUBLIC_DATASET, "seed": PUBLIC_SEED, "samples": PUBLIC_SAMPLES, "epochs": PRETRAIN_EPOCHS,
         "batch": PRETRAIN_BATCH, "lr": PRETRAIN_LR,
@@ -72,15 +94,21 @@ def _cache_key(backbone: str, encoder: str, input_size: int, body_model: BodyMod
 
 def pretrained_encoder(
     backbone: str, encoder: str, input_size: int, body_model: BodyModel, cache_dir: Path,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str], None] | None = None, extra: Mapping[str, object] | None = None,
 ) -> Path:
-    """The cached public-pretrained weights of ``backbone``'s ``encoder`` (made on first use)."""
-    path = Path(cache_dir) / "encoders" / f"{_cache_key(backbone, encoder, input_size, body_model)}.pt"
+    """The cached public-pretrained weights of ``backbone``'s ``encoder`` (made on first use).
+
+    ``extra`` are the run's backbone options; the cache is keyed by the CNN they build (its
+    layers and tensor shapes), so options that leave the CNN alone share one file.
+    """
+    with torch.random.fork_rng():  # building the model draws from the global RNG: leave it as it was
+        cnn = public_encoder(backbone, encoder, input_size, body_model, extra)
+    path = Path(cache_dir) / "encoders" / f"{_cache_key(encoder, input_size, body_model, cnn)}.pt"
     if path.is_file():
         return path
     if progress is not None:
         progress(f"pretraining the {encoder} encoder on the public synthetic split (once; cached in {path.parent})")
-    state, _ = pretrain_encoder(backbone, encoder, input_size, body_model, Path(cache_dir))
+    state, _ = pretrain_encoder(backbone, encoder, input_size, body_model, Path(cache_dir), extra=extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
@@ -91,22 +119,17 @@ def pretrained_encoder(
 def pretrain_encoder(
     backbone: str, encoder: str, input_size: int, body_model: BodyModel, cache_dir: Path,
     epochs: int = PRETRAIN_EPOCHS, samples: int = PUBLIC_SAMPLES, seed: int = PUBLIC_SEED,
+    extra: Mapping[str, object] | None = None,
 ) -> tuple[dict[str, Tensor], list[float]]:
-    """Train ``backbone``'s CNN encoder on the public split; returns its state dict and the
-    mean training loss of every epoch."""
+    """Train ``backbone``'s CNN encoder (built with backbone options ``extra``) on the public
+    split; returns its state dict and the mean training loss of every epoch."""
     registry = get_registry()
     spec = DatasetSpec(image_size=input_size, seed=seed, cache_dir=Path(cache_dir) / "datasets",
                        num_train=samples, num_test=1)
     data = registry.get("dataset", PUBLIC_DATASET)(spec, body_model)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = registry.get("backbone", backbone)(body_model, BackboneOptions(encoder=encoder, input_size=input_size))
-        cnn = getattr(model, "encoder", None)
-        if not isinstance(cnn, nn.Module) or not isinstance(getattr(cnn, "out_channels", None), int):
-            raise ValueError(
-                f"backbone '{backbone}' has no CNN 'encoder' attribute with 'out_channels' to pretrain; "
-                "pass --encoder-weights FILE or leave it unset"
-            )
+        cnn = public_encoder(backbone, encoder, input_size, body_model, extra)
         joints = body_model.num_joints
         head = nn.Linear(cnn.out_channels, joints * 3)
         params = list(cnn.parameters()) + list(head.parameters())

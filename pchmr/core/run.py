@@ -6,6 +6,7 @@ bad option values, a partition that cannot be made.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -80,6 +81,14 @@ def _effective_loss_weights(components: Components) -> dict[str, Any]:
     return weights
 
 
+def _encoder_record(config: RunConfig, components: Components) -> dict[str, Any]:
+    """Where the CNN's initial weights came from (file and SHA-256) and whether it trains."""
+    path = components.encoder_weights
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return {"weights": path, "sha256": digest, "source": config.encoder_weights if path else None,
+            "frozen": config.encoder_frozen}
+
+
 def write_run_config(rd: RunDir, config: RunConfig, components: Components, strategy: StrategyParts) -> None:
     """config.json: the resolved options plus what was built from them (providers, loss weights, protocol)."""
     rd.write_json(
@@ -89,6 +98,7 @@ def write_run_config(rd: RunDir, config: RunConfig, components: Components, stra
             "plugins": describe_plugins(config),
             "strategy": dict(strategy.describe),
             "loss_weights": _effective_loss_weights(components),
+            "encoder": _encoder_record(config, components),
             "protocol": components.protocol().as_dict(),
             "body_model": components.body_model.describe(),
             "data": dict(components.data.protocol),
@@ -126,7 +136,7 @@ def execute(
     set_up = False
     try:
         status("loading the body model and preparing the data (cached after the first run)")
-        components = build_components(config)
+        components = build_components(config, progress=status)
         if resume and rd.partition.exists():
             partition = load_partition(rd.partition)
         else:

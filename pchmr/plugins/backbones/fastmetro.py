@@ -241,17 +241,16 @@ def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO
 
     ``options.extra`` may hold ``dropout`` (float, default 0.1), ``encoder_norm`` (``"batch"`` or
     ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`) and
-    ``freeze_encoder`` (bool, default false: train only the transformer and heads over a
-    pretrained CNN, see :meth:`~pchmr.plugins.backbones.encoders.FeatureEncoder.freeze`) and
     ``learned_upsampling`` (bool, default false: the reference's learnable coarse→middle layer,
-    see the module docstring).
+    see the module docstring). ``options.freeze_encoder`` trains only the transformer and heads
+    over the (pretrained) CNN, see :meth:`~pchmr.plugins.backbones.encoders.FeatureEncoder.freeze`.
     """
     layers = variant_layers(options.variant)
-    check_extra_keys(options.extra, ("dropout", "encoder_norm", "freeze_encoder", "learned_upsampling"), "FastMETRO")
+    check_extra_keys(options.extra, ("dropout", "encoder_norm", "learned_upsampling"), "FastMETRO")
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
-    if extra_bool(options.extra, "freeze_encoder", False):
+    if options.freeze_encoder:
         encoder.freeze()
     return FastMETRO(
         body_model.pyramid(),

@@ -370,15 +370,15 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
 
     ``options.extra`` may hold ``keep_ratio`` (float in (0, 1], default 0.8), ``dropout``
     (default 0.1), ``encoder_norm`` (``"batch"`` or ``"group"``, see
-    :mod:`pchmr.plugins.backbones.encoders`) and ``freeze_encoder`` (bool, default false).
+    :mod:`pchmr.plugins.backbones.encoders`); ``options.freeze_encoder`` keeps the CNN fixed.
     """
     layers = variant_layers(options.variant, family="TORE")
-    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm", "freeze_encoder"), "TORE")
+    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm"), "TORE")
     keep_ratio = extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
     dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
     norm = str(options.extra.get("encoder_norm", "batch"))
     encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
-    if extra_bool(options.extra, "freeze_encoder", False):
+    if options.freeze_encoder:
         encoder.freeze()
     return TORE(
         body_model.pyramid(),

@@ -360,13 +360,24 @@ class DPSGDStep:
 
 
 def check_per_example_safe(module: nn.Module) -> None:
-    """IncompatibleError if a layer mixes examples of a batch (BatchNorm)."""
-    bad = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """IncompatibleError if a layer mixes examples of a batch: BatchNorm in training mode. A
+    frozen pretrained CNN's BatchNorm stays in eval mode (running statistics, no gradients),
+    where each example is normalised on its own, so it is allowed."""
+    was_training = module.training
+    module.train()  # the mode local training runs in: frozen parts keep themselves in eval mode
+    try:
+        bad = [
+            name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
+    finally:
+        module.train(was_training)
     if bad:
         raise IncompatibleError(
             f"example-level DP (DP-SGD) needs per-example gradients, but the model has {len(bad)} BatchNorm "
             f"layer(s) (first: {bad[0]}), which mix the examples of a batch; use an encoder with GroupNorm "
-            "(backbone option encoder_norm=group) or client-level DP (--privacy-option level=client)"
+            "(backbone option encoder_norm=group), a frozen pretrained encoder (--freeze-encoder) or client-level DP "
+            "(--privacy-option level=client)"
         )
 
 
