@@ -60,3 +60,16 @@ def test_the_rate_is_set_every_epoch_even_over_a_carried_optimizer_state() -> No
         second, data
     )
     assert second.rates == [(0, 0.1), (0, 0.1), (1, 0.05), (1, 0.05)]
+
+
+def test_a_run_saved_before_the_schedule_and_core_freeze_options_resumes_as_it_ran() -> None:
+    saved = RunConfig(rounds=5).to_dict()
+    del saved["lr_schedule"], saved["freeze_encoder"]
+    saved["backbone_options"] = {"freeze_encoder": "true", "dropout": 0.2}
+    old = RunConfig.from_saved(saved)
+    assert old.lr_schedule == "constant" and old.freeze_encoder is True
+    assert dict(old.backbone_options) == {"dropout": 0.2}
+    del saved["backbone_options"]
+    assert RunConfig.from_saved(saved).freeze_encoder is False  # the CNN trained before the option existed
+    current = RunConfig(lr_schedule="cosine", freeze_encoder=None)
+    assert RunConfig.from_saved(current.to_dict()) == current

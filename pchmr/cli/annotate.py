@@ -196,7 +196,7 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
 
     config_path, model_path = resolve_checkpoint(checkpoint)
     stored = json.loads(config_path.read_text())
-    cfg = RunConfig.from_dict(stored.get("run", stored))
+    cfg = RunConfig.from_saved(stored.get("run", stored))
     body_model = _body_model(cfg.body_model, default_cache_dir(), Path(cfg.smpl_dir) if cfg.smpl_dir else None)
     module = Components(config=cfg, body_model=body_model, data=None).make_module()  # type: ignore[arg-type]
     module.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))

@@ -188,6 +188,21 @@ class RunConfig:
         return out
 
     @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """The config a run directory's ``config.json`` saved (its ``"run"`` table), including
+        those written by older pchmr versions, read as they ran: no ``lr_schedule`` key means a
+        constant rate; no ``freeze_encoder`` key means the CNN trained unless the backbone option
+        of that name (its former home) froze it."""
+        upgraded = dict(data)
+        upgraded.setdefault("lr_schedule", "constant")
+        if "freeze_encoder" not in upgraded:
+            options = dict(upgraded.get("backbone_options") or {})
+            frozen = options.pop("freeze_encoder", False)
+            upgraded["backbone_options"] = options
+            upgraded["freeze_encoder"] = frozen if isinstance(frozen, bool) else str(frozen).lower() == "true"
+        return cls.from_dict(upgraded)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         normalised = {str(k).replace("-", "_"): v for k, v in data.items()}

@@ -117,7 +117,7 @@ def build_server(run_dir: str | os.PathLike[str]) -> FederatedServer:
     from pchmr.core.experiment import build_components, mean_pose_baselines
 
     rd = RunDir(run_dir)
-    config = RunConfig.from_dict(rd.read_config()["run"])
+    config = RunConfig.from_saved(rd.read_config()["run"])
     if not rd.partition.exists():
         raise FileNotFoundError(f"{rd.path} has no {rd.partition.name}; prepare the run directory first")
     components = build_components(config)

@@ -146,7 +146,7 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
             if threads:
                 torch.set_num_threads(int(threads))
             rd = RunDir(run_dir)
-            config = RunConfig.from_dict(rd.read_config()["run"])
+            config = RunConfig.from_saved(rd.read_config()["run"])
             components = build_components(config, pretrained=False)  # the server sends every weight
             flwr_logger = logging.getLogger("flwr")
             level = flwr_logger.level

@@ -66,7 +66,7 @@ def default_run_dir(config: RunConfig) -> Path:
 
 
 def resume_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(RunDir(run_dir).read_config()["run"])
+    return RunConfig.from_saved(RunDir(run_dir).read_config()["run"])
 
 
 def _effective_loss_weights(components: Components) -> dict[str, Any]:

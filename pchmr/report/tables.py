@@ -141,7 +141,7 @@ def _read_rounds(path: Path) -> list[dict[str, Any]]:
 def _run_config(data: Mapping[str, Any], run: Path) -> RunConfig:
     known = {f.name for f in dataclasses.fields(RunConfig)}
     try:
-        return RunConfig.from_dict({k: v for k, v in data.items() if k in known})
+        return RunConfig.from_saved({k: v for k, v in data.items() if k in known})
     except (ValueError, TypeError) as exc:
         raise ReportError(f"{run}: config.json holds a run config pchmr cannot read: {exc}") from exc
 
