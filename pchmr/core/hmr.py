@@ -26,8 +26,7 @@ from pchmr.core.mesh_losses import edge_length_loss, normal_loss
 from pchmr.core.metrics import MPJPE, MPVPE, PAMPJPE, PCK
 
 __all__ = [
-    "HMRModule", "LossTerm", "LR_SCHEDULES", "LearningRate", "OptimConfig", "evaluate", "lr_factor", "make_trainer",
-    "quiet_lightning",
+    "HMRModule", "LossTerm", "LearningRate", "OptimConfig", "evaluate", "lr_factor", "make_trainer", "quiet_lightning",
 ]
 
 #: ``term(module, batch, output) -> scalar`` added to the loss (already weighted by its owner).
@@ -61,7 +60,7 @@ def lr_factor(schedule: str, index: int, total: int) -> float:
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
-    if not 1 <= index <= max(total, 1):
+    if not 1 <= index <= total:
         raise ValueError(f"round or epoch {index} is outside 1..{total}")
     if schedule == "constant":
         return 1.0
