@@ -77,12 +77,33 @@ class TestBuiltinBackbones(BackboneContract):
 # --------------------------------------------------------------------------------------
 # The suite must be able to fail: a backbone breaking each clause is caught by its check.
 # --------------------------------------------------------------------------------------
+class _FrozenStats(torch.nn.Module):
+    """A frozen normalisation (eval mode for good, no gradient); ``leaky`` updates its statistic
+    in every forward anyway, which breaks the fixed-entries promise."""
+
+    def __init__(self, leaky: bool) -> None:
+        super().__init__()
+        self.leaky = leaky
+        self.register_buffer("mean", torch.zeros(3))
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "_FrozenStats":
+        return super().train(False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.leaky:
+            self.mean.mul_(0.9).add_(0.1 * features.detach().mean(dim=0))
+        return features - self.mean
+
+
 class _Tiny(Backbone):
     """A one-layer backbone on the toy body model, with switchable contract violations."""
 
     def __init__(self, body_model: ToyBodyModel, *, millimetres: bool = False, batch_coupled: bool = False,
-                 unused_param: bool = False, no_checks: bool = False) -> None:  # fmt: skip
+                 unused_param: bool = False, no_checks: bool = False, leaky_frozen: bool = False) -> None:  # fmt: skip
         super().__init__()
+        self.frozen = _FrozenStats(leaky=leaky_frozen)
         self.input_size = INPUT_SIZE
         self.pyramid = body_model.pyramid()
         self.num_joints = body_model.num_joints
@@ -93,7 +114,7 @@ class _Tiny(Backbone):
     def forward(self, images: torch.Tensor) -> HMROutput:
         if not self.no_checks:
             check_images(images, self.input_size)
-        features = images.mean(dim=(2, 3))
+        features = self.frozen(images.mean(dim=(2, 3)))
         if self.batch_coupled:
             features = features - features.mean(dim=0, keepdim=True)
         raw = self.head(features)
@@ -146,7 +167,7 @@ def _run(check: str, backbone: Backbone, toy: ToyBodyModel) -> None:
 def test_a_sound_backbone_passes_the_checks_used_below(toy: ToyBodyModel) -> None:
     sound = _Tiny(toy)
     for check in ("test_outputs_are_finite_metres", "test_batch_size_independence", "test_gradients_reach_every_parameter",
-                  "test_rejects_nan_images"):  # fmt: skip
+                  "test_fixed_entries_stay_fixed_in_training", "test_rejects_nan_images"):  # fmt: skip
         _run(check, sound, toy)
 
 
@@ -156,6 +177,7 @@ def test_a_sound_backbone_passes_the_checks_used_below(toy: ToyBodyModel) -> Non
         ({"millimetres": True}, "test_outputs_are_finite_metres", "not metres"),
         ({"batch_coupled": True}, "test_batch_size_independence", "alone vs in a batch"),
         ({"unused_param": True}, "test_gradients_reach_every_parameter", r"unused \(no gradient\)"),
+        ({"leaky_frozen": True}, "test_fixed_entries_stay_fixed_in_training", r"changed in a training step \(first: backbone.frozen.mean\)"),
     ],
 )
 def test_the_suite_catches_a_broken_backbone(toy: ToyBodyModel, flaw: dict, check: str, message: str) -> None:
@@ -167,3 +189,17 @@ def test_the_suite_catches_missing_input_checks(toy: ToyBodyModel) -> None:
     unchecked = _Tiny(toy, no_checks=True)
     with pytest.raises(pytest.fail.Exception, match="DID NOT RAISE"):
         _run("test_rejects_nan_images", unchecked, toy)
+
+
+@pytest.mark.parametrize("name", ["fastmetro", "tore"])
+def test_builtin_frozen_encoders_keep_their_fixed_entries(toy: ToyBodyModel, name: str) -> None:
+    from pchmr.core.backbone import fixed_state_keys
+    from pchmr.core.hmr import HMRModule
+
+    factory = get_registry().get("backbone", name)
+    backbone = factory(toy, BackboneOptions(input_size=INPUT_SIZE, freeze_encoder=True))
+    fixed = fixed_state_keys(HMRModule(backbone, toy))
+    encoder = {k for k in HMRModule(backbone, toy).state_dict() if k.startswith("backbone.encoder.")}
+    assert encoder and fixed == encoder, "exactly the frozen CNN: its weights and BatchNorm statistics"
+    _run("test_fixed_entries_stay_fixed_in_training", backbone, toy)
+

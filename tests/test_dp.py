@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pchmr.core.accounting import epsilon
-from pchmr.core.strategy import IncompatibleError, PrivacyBudgetExhausted, StrategyConfig, StrategyParts
+from pchmr.core.strategy import IncompatibleError, PrivacyBudgetExhausted, StrategyConfig, StrategyParts, UpdateInfo
 from pchmr.plugins.privacy.dp import (
     DPOptions,
     DPSGDStep,
@@ -101,6 +101,62 @@ def test_server_side_wrapper_clips_weights_equally_and_hides_client_metrics(monk
     assert all(dict(r.content["metrics"]) == {"num-examples": 1.0, "partition-id": float(i)} for i, r in enumerate(seen[0]))
     with pytest.raises(RuntimeError, match="calibrated for 2 updates, got 1"):
         server.aggregate_train(2, [reply([0.0, 0.0], 1.0, 0.0)])
+
+
+class _FrozenBNNet(nn.Module):
+    """A frozen pretrained "encoder" (conv + BatchNorm with small running variances) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.encoder.requires_grad_(False)
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.encoder[1].running_var.fill_(1e-4)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.train(False)  # frozen: eval mode for good, like FeatureEncoder.freeze
+        return self
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=(2, 3)))
+
+
+def test_fixed_entries_keep_the_global_values_and_get_no_noise():
+    from pchmr.core.backbone import fixed_state_keys
+
+    net = _FrozenBNNet().eval()
+    fixed = fixed_state_keys(net)
+    assert fixed == {f"encoder.{k}" for k in net.encoder.state_dict()}, "frozen weights and BatchNorm statistics"
+    assert not net.training and not net.head.training, "every submodule's mode is restored"
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    trained = {k: v + 0.01 if v.is_floating_point() and k.startswith("head") else v.clone() for k, v in global_state.items()}
+    gen = torch.Generator().manual_seed(0)
+    private = privatize_update(trained, global_state, clip=1.0, noise_std=0.05, generator=gen, fixed=fixed)
+    for key in fixed:
+        assert torch.equal(private[key], global_state[key]), key
+    assert not torch.equal(private["head.weight"], trained["head.weight"]), "trained entries are noised"
+    # without the fixed set, N(0, 0.05²) on variances of 1e-4 would go negative: clamped at 0 instead
+    noised = privatize_update(trained, global_state, clip=1.0, noise_std=0.05, generator=gen)
+    assert (noised["encoder.1.running_var"] >= 0).all() and not torch.equal(noised["encoder.1.running_var"], global_state["encoder.1.running_var"])
+    aggregate = dp_fedavg_aggregate(global_state, [trained] * 2, clip=1.0, noise_multiplier=1.0, generator=gen, fixed=fixed)
+    assert all(torch.equal(aggregate[k], global_state[k]) for k in fixed)
+    net.load_state_dict(private)
+    assert torch.isfinite(net(torch.randn(2, 3, 8, 8))).all()
+
+
+def test_the_plugin_learns_the_fixed_entries_from_the_module_it_prepares():
+    net = _FrozenBNNet()
+    parts = dp(_fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"placement": "client", "clip": 1.0, "noise-multiplier": 5.0}))
+    parts.prepare_module(net)
+    assert parts.server.fixed.keys == {f"encoder.{k}" for k in net.encoder.state_dict()}
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    (transform,) = parts.update_transforms
+    info = UpdateInfo(server_round=1, partition_id=0, num_examples=4, num_clients=100, per_round=10, config={})
+    out = transform({k: v.clone() for k, v in global_state.items()}, global_state, info)
+    assert torch.equal(out["encoder.1.running_var"], global_state["encoder.1.running_var"])
+    assert not torch.equal(out["head.bias"], global_state["head.bias"])
 
 
 def test_dp_sgd_clips_each_example_and_the_surrogate_carries_the_gradient():
@@ -222,6 +278,11 @@ def test_cli_run_with_dp_records_epsilon_and_stops_at_target(tmp_path, pchmr_cac
     config = json.loads((out / "config.json").read_text())
     assert config["strategy"]["privacy"] == "dp" and config["strategy"]["placement"] == "client"
     assert final["mpjpe_mm"] != final["round0"]["mpjpe_mm"]
+    # the frozen public encoder carries no client data: no noise, exactly the pretrained weights
+    assert config["encoder"]["frozen"] is True
+    pretrained = torch.load(config["encoder"]["weights"], weights_only=True)
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(model[f"backbone.encoder.{key}"], value) for key, value in pretrained.items())
 
 
 # -- example level (DP-SGD) end to end: a GroupNorm FastMETRO through a test-only backbone plugin --

@@ -109,3 +109,37 @@ def test_existing_run_directory_is_not_overwritten(finished_run):
     result, _ = finished_run
     with pytest.raises(ConfigError, match="already exists and is not empty; pass --resume"):
         execute(RunConfig(**CONFIG, out=str(result.run_dir.path)))
+
+
+
+def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_of_it(tmp_path, pchmr_cache):
+    """lr 1e30 turns the clients' losses into NaN in round 1: each client refuses to send NaN
+    weights, and the CLI prints one message naming the round, the clients and their reason (not
+    Ray's tracebacks), exits 1, and keeps round 0's record only."""
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    out = tmp_path / "run"
+    args = [
+        "run", "--num-train", "16", "--num-test", "8", "--clients", "2", "--per-round", "2", "--rounds", "2",
+        "--batch-size", "8", "--lr", "1e30", "--seed", "5", "--out", str(out),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    message = " ".join(result.output.split())
+    assert "error: round 1: 2 of 2 clients failed (train): node" in message, message
+    assert "training loss became nan" in message and "lower the learning rate" in message
+    assert "Traceback" not in result.output and "ClientAppActor" not in result.output
+    assert "Traceback" in (out / "run.log").read_text(), "the tracebacks are kept in the run's log"
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0], "the broken round is neither evaluated nor recorded"
+    assert not (out / "final.json").exists() and not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_a_non_finite_aggregate_or_prediction_is_refused_with_its_names():
+    from pchmr.core.federation import _check_finite
+
+    _check_finite(3, {"a": torch.ones(2), "steps": torch.tensor(4)})
+    with pytest.raises(FloatingPointError, match=r"round 3: .* non-finite values in 2 of 3 entries \(first: b, c\).*--resume"):
+        _check_finite(3, {"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")]), "c": torch.tensor([float("inf")])})

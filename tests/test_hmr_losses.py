@@ -71,3 +71,17 @@ def test_run_config_validates_and_records_loss_weights() -> None:
     assert RunConfig.from_dict(cfg.to_dict()).loss_weights == {"edge": 250}
     with pytest.raises(ConfigError, match="loss weight 'normal' must be a number >= 0"):
         RunConfig(loss_weights={"normal": -1})
+
+
+def test_evaluation_refuses_non_finite_predictions_by_name(body: ToyBodyModel) -> None:
+    from pchmr.core.hmr import evaluate
+
+    module = _module(body)
+    batch = toy_batch(body, 3, SIZE, torch.Generator().manual_seed(4))
+    assert set(evaluate(module, [batch])) >= {"mpjpe_mm", "pa_mpjpe_mm"}
+    with torch.no_grad():
+        next(p for n, p in module.backbone.named_parameters() if "vertex" in n and p.dim() == 2).fill_(float("nan"))
+    module.train()
+    with pytest.raises(FloatingPointError, match=r"non-finite vertices for 3 of 3 images"):
+        evaluate(module, [batch])
+    assert module.training, "the module's mode is restored"

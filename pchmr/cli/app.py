@@ -156,6 +156,8 @@ def run(
         raise _fail(str(exc)) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    except (FloatingPointError, RuntimeError) as exc:  # the run failed (diverged, a client failed): exit code 1
+        raise _fail(f"{exc} (the run directory's run.log has the tracebacks)", code=1) from None
 
 
 def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: Any) -> None:

@@ -10,7 +10,15 @@ from torch import Tensor, nn
 
 from pchmr.core.bodymodel import BodyModel
 
-__all__ = ["Backbone", "BackboneOptions", "BackboneFactory", "HMROutput", "InputError", "check_images"]
+__all__ = [
+    "Backbone",
+    "BackboneOptions",
+    "BackboneFactory",
+    "HMROutput",
+    "InputError",
+    "check_images",
+    "fixed_state_keys",
+]
 
 
 class InputError(ValueError):
@@ -99,3 +107,25 @@ def check_images(images: Tensor, input_size: int, channels: int = 3) -> None:
         )
     if not torch.isfinite(images).all():
         raise InputError(f"images {expected} contain NaN or infinite values; check the data preparation")
+
+
+def fixed_state_keys(module: nn.Module) -> frozenset[str]:
+    """The ``state_dict`` entries of ``module`` that local training cannot change, whatever the
+    data: parameters without gradient, and the buffers of submodules that stay in eval mode when
+    ``module.train()`` is called (a frozen encoder's BatchNorm statistics, see
+    ``BackboneOptions.freeze_encoder``). Decided by the model's structure alone, never by an
+    update, so mechanisms may treat these entries as public (differential privacy leaves them
+    un-noised). Every submodule's train/eval mode is restored."""
+    keys = set(module.state_dict())
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.train()  # the mode local training runs in: frozen parts keep themselves in eval mode
+    try:
+        fixed = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        for prefix, sub in module.named_modules(remove_duplicate=False):
+            if not sub.training:
+                fixed.update(f"{prefix}.{name}" if prefix else name for name, _ in sub.named_buffers(recurse=False))
+    finally:
+        for sub, training in modes:
+            sub.training = training
+    return frozenset(fixed & keys)
+

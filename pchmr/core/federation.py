@@ -52,6 +52,7 @@ __all__ = [
     "FederatedServer",
     "build_strategy",
     "failure_message",
+    "short_reason",
     "make_client_app",
     "make_server_app",
     "message_stage",
@@ -71,6 +72,22 @@ ROUND_TIMEOUT = 24 * 3600.0
 DISCOVERY_PROBES = 16
 #: seconds discovery waits for all N nodes to be connected
 NODE_WAIT_SECONDS = 600.0
+
+
+_NOTHING_SAVED = (
+    "nothing of this round was saved: the checkpoint of the round before is kept (`pchmr run --resume RUN_DIR` "
+    "continues from it); lower --lr, or the privacy noise"
+)
+
+
+def _check_finite(server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+    """FloatingPointError naming the entries of an aggregated model that hold NaN or ±inf."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise FloatingPointError(
+            f"round {server_round}: the aggregated global model holds non-finite values in {len(bad)} of "
+            f"{len(state)} entries (first: {', '.join(bad[:3])}); {_NOTHING_SAVED}"
+        )
 
 
 def build_strategy(config: RunConfig) -> StrategyParts:
@@ -356,8 +373,17 @@ class _SubsetGrid:
 
 def failure_message(server_round: int, failed: Sequence[Any], total: int, stage: str = "train") -> str:
     """``round r: f of n clients failed (stage): node …: reason; …`` for replies with errors."""
-    reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed[:3])
+    reasons = "; ".join(f"node {r.metadata.src_node_id}: {short_reason(r.error.reason)}" for r in failed[:3])
     return f"round {server_round}: {len(failed)} of {total} clients failed ({stage}): {reasons}"
+
+
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of a Flower error reason, which on the Simulation
+    Engine wraps it in Ray's tracebacks (``… ClientAppException … Message: <message>'>``)."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1].strip().removesuffix("'>")
+    return reason.strip()
 
 
 def ordered_replies(
@@ -508,6 +534,7 @@ class FederatedServer:
                 sent += round_sent
                 received += round_received
             state = self._module_dtypes(arrays.to_torch_state_dict())
+            _check_finite(server_round, state)
             arrays = ArrayRecord(state)
             round_seconds = time.perf_counter() - t0
             elapsed += round_seconds
@@ -583,7 +610,11 @@ class FederatedServer:
         self, server_round: int, state: Mapping[str, torch.Tensor], elapsed: float, round_seconds: float,
         sent: int, received: int, sampled: list[int], extra: Mapping[str, float] | None = None,
     ) -> dict[str, float]:
-        metrics = self.evaluate(state)
+        try:
+            metrics = self.evaluate(state)
+        except FloatingPointError as exc:
+            where = _NOTHING_SAVED if server_round > 0 else "the initial model is broken"
+            raise FloatingPointError(f"round {server_round}: {exc}; {where}") from exc
         record = {
             "round": server_round,
             **metrics,
@@ -692,8 +723,8 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             "logging_level": logging.INFO if verbose else logging.ERROR,
         },
     }
-    if not verbose:
-        console_handler.setLevel(logging.ERROR)
+    if not verbose:  # client errors reach the CLI as one message; their Ray tracebacks go to run.log
+        console_handler.setLevel(logging.CRITICAL)
     logging.getLogger("flwr").setLevel(logging.INFO)
     previous = os.environ.get(CLIENT_THREADS_ENV)
     os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)

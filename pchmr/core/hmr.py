@@ -355,7 +355,15 @@ def evaluate(module: HMRModule, loader: DataLoader) -> dict[str, float]:
     for m in module.val_metrics.values():
         m.reset()
     for batch in loader:
-        module.update_metrics(batch, module(batch["image"]))
+        out = module(batch["image"])
+        bad = ~torch.isfinite(out.vertices[-1]).flatten(1).all(dim=1)
+        if bad.any():
+            module.train(was_training)
+            raise FloatingPointError(
+                f"the model predicts non-finite vertices for {int(bad.sum())} of {len(bad)} images of an evaluation "
+                "batch (diverged training, or a normalisation statistic pushed out of range)"
+            )
+        module.update_metrics(batch, out)
     # a metric with no update (MPVPE on a test set without GT meshes) is NaN, without torchmetrics' warning
     result = {k: float(m.compute()) if m.update_called else math.nan for k, m in module.val_metrics.items()}
     for m in module.val_metrics.values():

@@ -31,7 +31,9 @@ Checks (test methods, so ``pytest -k test_state_dict_round_trip`` runs one): the
 built for ``input_size``; outputs are an HMROutput of float32 tensors; joints (B, J, 3); one
 vertex tensor (B, V_l, 3) per pyramid level; camera (B, 3); untrained outputs finite and within
 ``max_extent_m`` of the root; camera scale > 0; HMRModule's training loss (with the backbone's
-extra losses, finite scalars) reaches every trainable parameter; eval passes are deterministic;
+extra losses, finite scalars) reaches every trainable parameter; the entries
+:func:`~pchmr.core.backbone.fixed_state_keys` calls fixed (a frozen encoder) survive a training
+step unchanged; eval passes are deterministic;
 a state dict saved and loaded into a fresh instance reproduces the outputs; in eval, sample i
 alone equals sample i in the batch (atol 1e-4); wrong image size, wrong channel count and
 unbatched images raise InputError naming the expected ``(B, 3, S, S)``; NaN images raise
@@ -56,7 +58,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from pchmr.core.backbone import Backbone, HMROutput, InputError
+from pchmr.core.backbone import Backbone, HMROutput, InputError, fixed_state_keys
 from pchmr.core.bodymodel import BodyModel
 from pchmr.testing.toys import ToyBodyModel, toy_batch
 
@@ -320,6 +322,35 @@ class BackboneContract:
             backbone.zero_grad(set_to_none=True)
         assert not bad, f"{len(bad)} trainable parameters get no useful gradient: " + ", ".join(
             f"{name} ({why})" for name, why in list(bad.items())[:10]
+        )
+
+    def test_fixed_entries_stay_fixed_in_training(
+        self, backbone: Backbone, body_model: BodyModel, batch_size: int, input_size: int
+    ) -> None:
+        """The entries :func:`~pchmr.core.backbone.fixed_state_keys` names (parameters without
+        gradient, buffers of submodules that stay in eval mode: a frozen encoder) are unchanged by
+        a training step (forward in train mode, backward, AdamW with weight decay). Differential
+        privacy releases them without noise on this promise."""
+        from pchmr.core.hmr import HMRModule
+
+        module = HMRModule(backbone, body_model)
+        fixed = fixed_state_keys(module)
+        batch = toy_batch(body_model, batch_size, input_size, generator=torch.Generator().manual_seed(CONTRACT_SEED))
+        torch.manual_seed(CONTRACT_SEED)
+        with preserved_state(backbone):
+            before = {key: value.detach().clone() for key, value in module.state_dict().items() if key in fixed}
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1) if trainable else None
+            module.train()
+            module.compute_losses(batch, module(batch["image"]))["loss"].backward()
+            if optimizer is not None:
+                optimizer.step()
+            backbone.zero_grad(set_to_none=True)
+            after = module.state_dict()
+            changed = sorted(key for key, value in before.items() if not torch.equal(after[key], value))
+        assert not changed, (
+            f"{len(changed)} entries that fixed_state_keys calls fixed changed in a training step (first: "
+            f"{', '.join(changed[:5])}): a frozen part must have no gradient and keep its buffers in eval mode"
         )
 
     # -- checks: reproducibility ----------------------------------------------------------

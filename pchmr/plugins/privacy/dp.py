@@ -3,8 +3,8 @@
 Two levels (``--privacy-option level=client|example``):
 
 * **client level** (default), DP-FedAvg with the fixed-weight estimator (McMahan et al., ICLR
-  2018): each sampled client's update Δ_i = w_i − w_global (every floating tensor of the state,
-  parameters and BatchNorm statistics alike) is clipped to L2 norm C; the new global model is
+  2018): each sampled client's update Δ_i = w_i − w_global (every floating tensor of the state
+  that local training can change, parameters and BatchNorm statistics alike) is clipped to L2 norm C; the new global model is
   ``w_global + (Σ_i clip(Δ_i) + N(0, (z·C)² I)) / k`` with k the clients sampled per round — a
   uniform average whose sensitivity to adding/removing one client is C/k. Two placements:
 
@@ -28,8 +28,11 @@ steps at q = B/n_i in the rounds it took part in (no credit for client sampling)
 maximum over clients. ε and δ go into every evaluated round's record; ``target-epsilon`` stops
 the run before a round that would exceed it.
 
-Integer tensors (BatchNorm's step counters) are not part of the released update: the global
-model's values are kept. Client training metrics (loss, example counts) are not released either:
+Integer tensors (BatchNorm's step counters) and the entries local training cannot change (a
+frozen encoder's weights and BatchNorm statistics: :func:`pchmr.core.backbone.fixed_state_keys`,
+decided by the model's structure, never by the data) are not part of the released update: the
+global model's values are kept, without noise. Noised running variances are clamped at 0
+(post-processing). Client training metrics (loss, example counts) are not released either:
 replies carry only ``num-examples = 1`` (equal weights) and the partition id.
 """
 
@@ -40,12 +43,13 @@ import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from pchmr.core.accounting import RDPAccountant
+from pchmr.core.backbone import fixed_state_keys
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.strategy import (
     IncompatibleError,
@@ -58,6 +62,7 @@ from pchmr.core.strategy import (
 __all__ = [
     "DPOptions",
     "DPSGDStep",
+    "FixedEntries",
     "ServerSideDP",
     "clip_update",
     "default_delta",
@@ -76,6 +81,8 @@ DEFAULT_NOISE_MULTIPLIER = 1.0
 MAX_DEFAULT_DELTA = 1e-5
 DELTA_EXPONENT = 1.1
 _EPS = 1e-12
+#: buffer names whose values must stay non-negative after noise (BatchNorm's running variance)
+_VARIANCE_BUFFERS = frozenset({"running_var"})
 #: train-config key a round protocol (secure aggregation) reads for its client weights; "uniform"
 #: makes the revealed sum unweighted, as the noise calibration z·C/k requires
 PROTOCOL_WEIGHTING_KEY = "secagg-weighting"
@@ -146,19 +153,27 @@ def parse_options(options: Mapping[str, Any], config: StrategyConfig) -> DPOptio
 # --------------------------------------------------------------------------------------
 # client-level mechanism (pure tensor functions)
 # --------------------------------------------------------------------------------------
-def _float_keys(state: Mapping[str, Tensor]) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
+def _released_keys(state: Mapping[str, Tensor], fixed: Collection[str] = ()) -> list[str]:
+    """The entries a DP update covers: floating tensors that local training can change."""
+    return [k for k, v in state.items() if v.is_floating_point() and k not in fixed]
+
+
+def _nonnegative(key: str, value: Tensor) -> Tensor:
+    """Post-processing (no privacy cost): a noised BatchNorm running variance stays ≥ 0, so
+    ``sqrt(var + eps)`` stays real."""
+    return value.clamp_(min=0.0) if key.rsplit(".", 1)[-1] in _VARIANCE_BUFFERS else value
 
 
 def clip_update(
-    new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float
+    new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float, fixed: Collection[str] = ()
 ) -> tuple[dict[str, Tensor], float]:
-    """The update Δ = new − global over the floating tensors, scaled to L2 norm ≤ ``clip``
+    """The update Δ = new − global over the floating tensors not in ``fixed`` (entries training
+    cannot change, :func:`~pchmr.core.backbone.fixed_state_keys`), scaled to L2 norm ≤ ``clip``
     (float64), and Δ's norm before clipping."""
     missing = sorted(set(global_state) - set(new_state))
     if missing:
         raise KeyError(f"the client state lacks {missing[:3]} of the global model's entries")
-    delta = {k: new_state[k].double() - global_state[k].double() for k in _float_keys(global_state)}
+    delta = {k: new_state[k].double() - global_state[k].double() for k in _released_keys(global_state, fixed)}
     norm = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
     scale = min(1.0, clip / (norm + _EPS))
     return {k: d * scale for k, d in delta.items()}, norm
@@ -166,33 +181,35 @@ def clip_update(
 
 def privatize_update(
     new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float, noise_std: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, fixed: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """``global + clip(new − global) + N(0, noise_std²)`` on floating tensors; integer tensors
-    keep the global values. Shapes and dtypes as ``global_state``."""
-    clipped, _ = clip_update(new_state, global_state, clip)
+    """``global + clip(new − global) + N(0, noise_std²)`` on floating tensors; integer tensors and
+    the ``fixed`` entries (which training cannot change) keep the global values. Running
+    variances are clamped at 0 after the noise. Shapes and dtypes as ``global_state``."""
+    clipped, _ = clip_update(new_state, global_state, clip, fixed)
     out: dict[str, Tensor] = {}
     for key, g in global_state.items():
         if key not in clipped:
             out[key] = g.clone()
             continue
         noise = torch.randn(g.shape, dtype=torch.float64, generator=generator) * noise_std if noise_std > 0 else 0.0
-        out[key] = (g.double() + clipped[key] + noise).to(g.dtype)
+        out[key] = _nonnegative(key, g.double() + clipped[key] + noise).to(g.dtype)
     return out
 
 
 def dp_fedavg_aggregate(
     global_state: Mapping[str, Tensor], client_states: Iterable[Mapping[str, Tensor]], clip: float,
-    noise_multiplier: float, generator: torch.Generator | None = None,
+    noise_multiplier: float, generator: torch.Generator | None = None, fixed: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """The fixed-weight DP-FedAvg estimator in one place: ``global + (Σ clip(Δ_i) + N(0,(zC)²))/k``."""
+    """The fixed-weight DP-FedAvg estimator in one place: ``global + (Σ clip(Δ_i) + N(0,(zC)²))/k``
+    (``fixed`` entries and integer tensors keep the global values)."""
     states = list(client_states)
     k = len(states)
     if k == 0:
         raise ValueError("DP-FedAvg needs at least one client update")
-    total = {key: torch.zeros(v.shape, dtype=torch.float64) for key, v in global_state.items() if v.is_floating_point()}
+    total = {key: torch.zeros(global_state[key].shape, dtype=torch.float64) for key in _released_keys(global_state, fixed)}
     for state in states:
-        clipped, _ = clip_update(state, global_state, clip)
+        clipped, _ = clip_update(state, global_state, clip, fixed)
         for key in total:
             total[key] += clipped[key]
     out = {}
@@ -201,13 +218,27 @@ def dp_fedavg_aggregate(
             out[key] = g.clone()
             continue
         noise = torch.randn(g.shape, dtype=torch.float64, generator=generator) * (noise_multiplier * clip)
-        out[key] = (g.double() + (total[key] + noise) / k).to(g.dtype)
+        out[key] = _nonnegative(key, g.double() + (total[key] + noise) / k).to(g.dtype)
     return out
 
 
 def _secure_generator() -> torch.Generator:
     """A generator seeded from the OS's CSPRNG: noise must not be reproducible from the run seed."""
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+@dataclass
+class FixedEntries:
+    """The model's entries local training cannot change (frozen encoder weights and its BatchNorm
+    statistics), learnt from the module by ``prepare_module``. They carry no client data, keep
+    the global values and get no noise: noising a frozen BatchNorm's running variance can make it
+    negative and the model's output NaN. Empty until a module is seen (then everything floating
+    is noised, the safe side)."""
+
+    keys: frozenset[str] = frozenset()
+
+    def learn(self, module: nn.Module) -> None:
+        self.keys = fixed_state_keys(module)
 
 
 # --------------------------------------------------------------------------------------
@@ -224,11 +255,15 @@ class ServerSideDP:
     noise comes from a CSPRNG-seeded generator.
     """
 
-    def __init__(self, inner: Any, options: DPOptions, per_round: int, on_replies: Callable[[list[Any]], None]) -> None:
+    def __init__(
+        self, inner: Any, options: DPOptions, per_round: int, on_replies: Callable[[list[Any]], None],
+        fixed: "FixedEntries | None" = None,
+    ) -> None:
         self.inner = inner
         self.options = options
         self.per_round = per_round
         self.on_replies = on_replies
+        self.fixed = fixed or FixedEntries()
         self._global: dict[str, Tensor] | None = None
 
     def __getattr__(self, name: str) -> Any:  # everything else is the inner strategy's
@@ -260,7 +295,9 @@ class ServerSideDP:
         for reply in replies:
             if self.options.level == "client" and self.options.placement == "server":
                 state = reply.content["arrays"].to_torch_state_dict()
-                reply.content["arrays"] = ArrayRecord(privatize_update(state, self._global, self.options.clip, std, generator))
+                reply.content["arrays"] = ArrayRecord(
+                    privatize_update(state, self._global, self.options.clip, std, generator, self.fixed.keys)
+                )
             pid = reply.content["metrics"].get("partition-id", -1.0)
             reply.content["metrics"] = MetricRecord({"num-examples": 1.0, "partition-id": float(pid)})
         arrays, _ = self.inner.aggregate_train(server_round, replies)
@@ -285,12 +322,13 @@ def release_metrics_mod(extra: Callable[[], Mapping[str, float]] | None = None) 
     return mod
 
 
-def client_update_transform(options: DPOptions) -> Callable[..., dict[str, Tensor]]:
+def client_update_transform(options: DPOptions, fixed: "FixedEntries | None" = None) -> Callable[..., dict[str, Tensor]]:
     """Client placement: clip the update to C and add N(0, (z·C)²/k) before it leaves the client."""
+    fixed = fixed or FixedEntries()
 
     def transform(new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo) -> dict[str, Tensor]:
         std = options.noise_multiplier * options.clip / math.sqrt(info.per_round)
-        return privatize_update(new_state, global_state, options.clip, std, _secure_generator())
+        return privatize_update(new_state, global_state, options.clip, std, _secure_generator(), fixed.keys)
 
     return transform
 
@@ -480,22 +518,24 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
 
     mods = list(parts.client_mods)
     transforms = list(parts.update_transforms)
-    prepare = parts.prepare_module
+    fixed = FixedEntries()
+    inner_prepare = parts.prepare_module
+    dp_sgd = _prepare_dp_sgd(options, counter) if options.level == "example" else None
+
+    def prepare(module: Any) -> None:
+        if inner_prepare is not None:
+            inner_prepare(module)
+        fixed.learn(module)
+        if dp_sgd is not None:
+            dp_sgd(module)
+
     if options.level == "example":
-        dp_prepare = _prepare_dp_sgd(options, counter)
-        inner_prepare = parts.prepare_module
-
-        def prepare(module: Any) -> None:
-            if inner_prepare is not None:
-                inner_prepare(module)
-            dp_prepare(module)
-
         transforms.insert(0, _count_examples(counter))
         mods.append(release_metrics_mod(step_metrics))
     else:
         mods.append(release_metrics_mod())
         if options.placement == "client":
-            transforms.append(client_update_transform(options))
+            transforms.append(client_update_transform(options, fixed))
     train_config = dict(parts.train_config)
     if parts.round_protocol is not None:  # the protocol must sum the k noised updates unweighted
         train_config[PROTOCOL_WEIGHTING_KEY] = "uniform"
@@ -512,7 +552,7 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
             inner_set(state["inner"])
         budget.load(state["accountant"])
 
-    server = ServerSideDP(parts.server, options, config.per_round, budget.on_replies)
+    server = ServerSideDP(parts.server, options, config.per_round, budget.on_replies, fixed)
     describe = {
         "privacy": "dp",
         "inner": dict(parts.describe),

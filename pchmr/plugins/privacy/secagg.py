@@ -467,6 +467,7 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         update_transforms=parts.update_transforms,
         before_round=parts.before_round,
         round_metrics=parts.round_metrics,
+        prepare_module=parts.prepare_module,
     )
 
 
