@@ -128,4 +128,3 @@ def fixed_state_keys(module: nn.Module) -> frozenset[str]:
         for sub, training in modes:
             sub.training = training
     return frozenset(fixed & keys)
-

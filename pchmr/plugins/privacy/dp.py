@@ -4,9 +4,10 @@ Two levels (``--privacy-option level=client|example``):
 
 * **client level** (default), DP-FedAvg with the fixed-weight estimator (McMahan et al., ICLR
   2018): each sampled client's update Δ_i = w_i − w_global (every floating tensor of the state
-  that local training can change, parameters and BatchNorm statistics alike) is clipped to L2 norm C; the new global model is
-  ``w_global + (Σ_i clip(Δ_i) + N(0, (z·C)² I)) / k`` with k the clients sampled per round — a
-  uniform average whose sensitivity to adding/removing one client is C/k. Two placements:
+  that local training can change, parameters and BatchNorm statistics alike) is clipped to L2
+  norm C; the new global model is ``w_global + (Σ_i clip(Δ_i) + N(0, (z·C)² I)) / k`` with k
+  the clients sampled per round — a uniform average whose sensitivity to adding/removing one
+  client is C/k. Two placements:
 
   - ``placement=server``: the server clips every reply and adds the noise (trusted server);
   - ``placement=client``: each client clips its own update and adds N(0, (z·C)²/k) before
