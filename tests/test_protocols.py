@@ -259,6 +259,24 @@ def test_samples_without_a_gt_pelvis_fall_back_to_the_mid_hip_and_are_counted(h3
     assert module.mid_hip_fallbacks == 2
 
 
+def test_the_mean_pose_baseline_is_rooted_like_the_evaluation(h36m_file, bodies):
+    """Under a pelvis protocol the constant prediction is the mean pelvis-relative pose, scored
+    against pelvis-relative GT joints (mid-hip where a sample has no GT pelvis)."""
+    from pchmr.core.experiment import mean_pose_baselines
+
+    scene, _ = h36m_file
+    data = _data(h36m_file, bodies[0], "spin")
+    assert apply_protocol(data.protocol, bodies[0]).alignment == "pelvis"
+    order = _order(data, scene)
+    gt = scene.joints_cam[order][:, :, :3] - scene.extra["pelvis_cam"][order][:, None, :]  # independently of the store
+    expected = np.linalg.norm(gt - gt.mean(0), axis=-1).mean() * 1000
+    pelvis = mean_pose_baselines(data.train, data.test, "pelvis")
+    mid_hip = mean_pose_baselines(data.train, data.test, "mid-hip")
+    assert pelvis["mean_pose_mpjpe_mm"] == pytest.approx(expected, rel=1e-5)
+    assert abs(pelvis["mean_pose_mpjpe_mm"] - mid_hip["mean_pose_mpjpe_mm"]) > 0.1
+    assert pelvis["mean_pose_pa_mpjpe_mm"] == pytest.approx(mid_hip["mean_pose_pa_mpjpe_mm"], abs=1e-3)
+
+
 def test_mid_hip_evaluation_is_unchanged_bit_for_bit():
     """The synthetic default: the metrics are the old mid-hip formula exactly, pelvis_3d or not."""
     body = ToyBodyModel()

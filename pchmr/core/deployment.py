@@ -122,7 +122,7 @@ def build_server(run_dir: str | os.PathLike[str]) -> FederatedServer:
         raise FileNotFoundError(f"{rd.path} has no {rd.partition.name}; prepare the run directory first")
     components = build_components(config)
     strategy = build_strategy(config)
-    baselines = mean_pose_baselines(components.data.train, components.data.test)
+    baselines = mean_pose_baselines(components.data.train, components.data.test, components.applied_protocol().alignment)
     return FederatedServer(rd, components, strategy, baselines=baselines)
 
 

@@ -181,22 +181,33 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
 
 
-def _all_joints(dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    joints = [b["joints_3d"] for b in DataLoader(dataset, batch_size=batch_size)]
+def _all_joints(dataset: Dataset, alignment: str = "mid-hip", batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, J, 3) float64 root-relative GT joints and (N, J) validity. The samples' joints are
+    mid-hip relative; with ``alignment="pelvis"`` those with a GT pelvis are re-rooted there, as
+    :meth:`HMRModule.update_metrics` does (the others keep the mid-hip)."""
+    joints = []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        j = batch["joints_3d"].double()
+        pelvis = batch.get("pelvis_3d")
+        if alignment == "pelvis" and pelvis is not None:
+            use = (pelvis[:, 3] > 0)[:, None, None]
+            j = torch.cat([torch.where(use, j[..., :3] - pelvis[:, None, :3].double(), j[..., :3]), j[..., 3:]], dim=-1)
+        joints.append(j)
     stacked = torch.cat(joints)
-    return stacked[..., :3].double(), stacked[..., 3]
+    return stacked[..., :3], stacked[..., 3]
 
 
-def mean_pose_baselines(train: Dataset, test: Dataset) -> dict[str, float]:
+def mean_pose_baselines(train: Dataset, test: Dataset, alignment: str = "mid-hip") -> dict[str, float]:
     """The best constant predictions, to show a model learns from the images.
 
     * ``mean_pose_mpjpe_mm``: the training set's mean root-relative joints in the camera frame,
-      predicted for every test image (MPJPE);
+      predicted for every test image (MPJPE), rooted as the run's evaluation roots them
+      (``alignment``: ``mid-hip``, or ``pelvis`` where a sample has a GT pelvis);
     * ``mean_pose_pa_mpjpe_mm``: the mean pose in the body's own frame (generalised Procrustes
       mean of the training poses: rotation and scale removed), scored with PA-MPJPE.
     """
-    train_j, train_v = _all_joints(train)
-    test_j, test_v = _all_joints(test)
+    train_j, train_v = _all_joints(train, alignment)
+    test_j, test_v = _all_joints(test, alignment)
     w = train_v[..., None]
     mean_cam = (train_j * w).sum(0) / w.sum(0).clamp_min(1.0)
     pred = mean_cam.expand_as(test_j).contiguous()

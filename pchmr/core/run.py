@@ -148,7 +148,7 @@ def execute(
             save_partition(partition, rd.partition)
         if not resume or not rd.config.exists():
             write_run_config(rd, config, components, strategy)
-        baselines = mean_pose_baselines(components.data.train, components.data.test)
+        baselines = mean_pose_baselines(components.data.train, components.data.test, components.applied_protocol().alignment)
         set_up = True
         if config.mode == "federated" and config.engine == "deployment":
             from pchmr.core.deployment import federate_on_deployment
