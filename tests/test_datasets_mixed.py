@@ -47,6 +47,10 @@ def test_mixed_set_keeps_a_source_per_sample_and_partitions_by_source(data_root)
         assert data.train[i]["meta"]["source"] == sources[i]
     assert len(data.test) == 3, "only members whose test split has 3D joints are evaluated (h36m)"
     assert "mixed(h36m+mpii+coco) test h36m" in data.protocol["dataset"]
+    h36m = data.protocol["members"]["h36m"]
+    assert h36m["gt_mesh"] == "none" and h36m["test_with_3d"] == 3, "no SMPL annotations in these files"
+    for key in ("gt_mesh", "test_with_3d", "test_without_pelvis", "test_has_3d_joints"):
+        assert data.protocol[key] == h36m[key], key
     partition = by_source(data, 3, seed=0, options={})
     assert [set(sources[c]) for c in partition.clients] == [{"coco"}, {"h36m"}, {"mpii"}]
 
@@ -79,3 +83,19 @@ def test_prepare_command_refuses_an_unknown_body_model(data_root, tmp_path):
     args = ["data", "prepare", "--dataset", f"spin-npz:{npz}", "--body-model", "nosuch", "--cache-dir", str(tmp_path)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     assert result.exit_code == 2 and "no body model named 'nosuch'" in result.output.replace("\n", " ")
+
+
+def test_mixed_protocol_combines_the_evaluated_members():
+    from types import SimpleNamespace
+
+    from pchmr.plugins.datasets.mixed import _test_summary
+
+    def member(gt_mesh, with_3d, without_pelvis):
+        return SimpleNamespace(protocol={"gt_mesh": gt_mesh, "test_with_3d": with_3d, "test_without_pelvis": without_pelvis,
+                                         "test_has_3d_joints": with_3d > 0, "test_has_vertices": gt_mesh != "none"})  # fmt: skip
+
+    same = _test_summary([("h36m", member("neutral", 5, 1)), ("pw3d", member("neutral", 4, 0))])
+    assert same == {"gt_mesh": "neutral", "test_has_3d_joints": True, "test_has_vertices": True,
+                    "test_with_3d": 9, "test_without_pelvis": 1}  # fmt: skip
+    differ = _test_summary([("h36m", member("neutral", 5, 0)), ("pw3d", member("gendered", 4, 0))])
+    assert differ["gt_mesh"] == "mixed (h36m: neutral, pw3d: gendered)"

@@ -145,6 +145,22 @@ def make_named(name: str) -> Any:
     return factory
 
 
+def _test_summary(tests: list[tuple[str, HMRData]]) -> dict[str, object]:
+    """The evaluated members' protocol facts, combined: GT-mesh kind (one word when they agree,
+    else ``mixed (name: kind, …)``), samples with 3D joints and those without a GT pelvis."""
+    kinds = {name: str(data.protocol.get("gt_mesh") or "unknown") for name, data in tests}
+    gt_mesh = next(iter(kinds.values())) if len(set(kinds.values())) == 1 else (
+        "mixed (" + ", ".join(f"{name}: {kind}" for name, kind in kinds.items()) + ")"
+    )
+    return {
+        "gt_mesh": gt_mesh,
+        "test_has_3d_joints": any(bool(d.protocol.get("test_has_3d_joints")) for _, d in tests),
+        "test_has_vertices": any(bool(d.protocol.get("test_has_vertices")) for _, d in tests),
+        "test_with_3d": sum(int(d.protocol.get("test_with_3d") or 0) for _, d in tests),
+        "test_without_pelvis": sum(int(d.protocol.get("test_without_pelvis") or 0) for _, d in tests),
+    }
+
+
 def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
     members = [m.strip() for m in str(spec.options.get("datasets", "")).split(",") if m.strip()]
@@ -172,7 +188,7 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     protocol = {
         "dataset": f"mixed({'+'.join(members)}) test {'+'.join(n for n, _ in tests)}, {protocol_name} protocol",
         "gt": "real", "protocol": protocol_name, "members": {n: dict(d.protocol) for n, d in parts},
-        "num_train": len(train), "num_test": len(test),
+        "num_train": len(train), "num_test": len(test), **_test_summary(tests),
     }  # fmt: skip
     return HMRData(train=train, test=test, labels=labels, protocol=protocol,
                    train_mean_joints=(means * sizes[:, None, None]).sum(0) / sizes.sum(),
