@@ -238,6 +238,10 @@ def test_ordered_replies_sorts_by_partition_and_reports_failures():
         ordered_replies(broken, _Grid(), 4, stage="mask")
     assert [r.metadata.src_node_id for r in ordered_replies(broken, _Grid(), 4, allow_failures=True)] == [10]
     assert failure_message(2, broken[1:], 5) == "round 2: 1 of 5 clients failed (train): node 11: out of memory"
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() File \"x.py\", line 1\n"
+           "FloatingPointError: nan\nflwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
+           "Message: training loss became nan at batch 0'>")  # fmt: skip
+    assert failure_message(3, [_Reply(12, ray)], 2) == "round 3: 1 of 2 clients failed (train): node 12: training loss became nan at batch 0"
 
 
 def test_mod_chain_runs_the_first_mod_outermost():

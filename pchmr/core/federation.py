@@ -45,14 +45,20 @@ from pchmr.core.partition import Partition, load_partition
 from pchmr.core.perf import tune_allocator
 from pchmr.core.registry import get_registry
 from pchmr.core.rundir import RunDir
-from pchmr.core.strategy import STAGE_KEY, PrivacyBudgetExhausted, StrategyConfig, StrategyParts, UpdateInfo
+from pchmr.core.strategy import (
+    STAGE_KEY,
+    PrivacyBudgetExhausted,
+    StrategyConfig,
+    StrategyParts,
+    UpdateInfo,
+    short_reason,
+)
 
 __all__ = [
     "ClientRuntime",
     "FederatedServer",
     "build_strategy",
     "failure_message",
-    "short_reason",
     "make_client_app",
     "make_server_app",
     "message_stage",
@@ -377,15 +383,6 @@ def failure_message(server_round: int, failed: Sequence[Any], total: int, stage:
     return f"round {server_round}: {len(failed)} of {total} clients failed ({stage}): {reasons}"
 
 
-def short_reason(reason: str) -> str:
-    """The client's own exception message out of a Flower error reason, which on the Simulation
-    Engine wraps it in Ray's tracebacks (``… ClientAppException … Message: <message>'>``)."""
-    marker = "Message: "
-    if marker in reason:
-        reason = reason.rsplit(marker, 1)[1].strip().removesuffix("'>")
-    return reason.strip()
-
-
 def ordered_replies(
     replies: Iterable[Any], grid: Any, server_round: int, stage: str = "train", allow_failures: bool = False
 ) -> list[Any]:
@@ -485,7 +482,8 @@ class FederatedServer:
         mapping: dict[int, int] = {}
         for reply in grid.send_and_receive(messages, timeout=600):
             if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reply.error.reason}")
+                reason = short_reason(reply.error.reason)
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reason}")
             mapping[int(reply.content["info"][PARTITION_KEY])] = reply.metadata.src_node_id
         return mapping
 

@@ -41,6 +41,7 @@ __all__ = [
     "StrategyFactory",
     "PrivacyFactory",
     "flower_sampling_kwargs",
+    "short_reason",
 ]
 
 
@@ -204,3 +205,12 @@ def flower_sampling_kwargs() -> dict[str, Any]:
         "min_evaluate_nodes": 0,
         "min_available_nodes": 1,
     }
+
+
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of a Flower error reason, which on the Simulation
+    Engine wraps it in Ray's tracebacks (``… ClientAppException … Message: <message>'>``)."""
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.rsplit(marker, 1)[1].strip().removesuffix("'>")
+    return reason.strip()

@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from pchmr.core.strategy import STAGE_KEY, RoundResult
+from pchmr.core.strategy import STAGE_KEY, RoundResult, short_reason
 from pchmr.plugins.privacy.crypten_compat import ensure_crypten
 from pchmr.plugins.privacy.secagg import (
     FixedPointCodec,
@@ -238,7 +238,7 @@ class CrypTenProtocol:
         replies = sorted(grid.send_and_receive(messages, timeout=wait), key=lambda r: r.metadata.src_node_id)
         ok = [r for r in replies if not r.has_error()]
         if len(ok) < MIN_CLIENTS:
-            reasons = "; ".join(f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error())
+            reasons = "; ".join(f"node {r.metadata.src_node_id}: {short_reason(r.error.reason)}" for r in replies if r.has_error())
             raise RuntimeError(
                 f"round {server_round}: {len(ok)} of {len(messages)} clients answered; secure aggregation needs at "
                 f"least {MIN_CLIENTS} (a sum of one is that client's update). {reasons}"

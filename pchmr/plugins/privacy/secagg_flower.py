@@ -74,7 +74,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow, WorkflowState
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from pchmr.core.strategy import STAGE_KEY, RoundResult
+from pchmr.core.strategy import STAGE_KEY, RoundResult, short_reason
 from pchmr.plugins.privacy.secagg import (
     FixedPointCodec,
     Layout,
@@ -249,7 +249,7 @@ class SecAggPlusProtocol(SecAggPlusWorkflow):
         state.active_node_ids = set()
         for reply in replies:
             if reply.has_error():
-                state.failures.append(Exception(reply.error.reason))
+                state.failures.append(Exception(short_reason(reply.error.reason)))
                 continue
             keys = reply.content.config_records[RECORD_KEY_CONFIGS]
             nid = reply.metadata.src_node_id
@@ -279,7 +279,7 @@ class SecAggPlusProtocol(SecAggPlusWorkflow):
         total: np.ndarray | None = None
         for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
             if reply.has_error():
-                state.failures.append(Exception(reply.error.reason))
+                state.failures.append(Exception(short_reason(reply.error.reason)))
                 continue
             nid = reply.metadata.src_node_id
             record = reply.content.config_records[RECORD_KEY_CONFIGS]
@@ -315,7 +315,7 @@ class SecAggPlusProtocol(SecAggPlusWorkflow):
         shares: dict[int, list[bytes]] = {nid: [] for nid in active | dropped}
         for reply in replies:
             if reply.has_error():
-                state.failures.append(Exception(reply.error.reason))
+                state.failures.append(Exception(short_reason(reply.error.reason)))
                 continue
             record = reply.content.config_records[RECORD_KEY_CONFIGS]
             for owner, share in zip(cast(list, record[Key.NODE_ID_LIST]), cast(list, record[Key.SHARE_LIST]), strict=True):
