@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +145,24 @@ def test_a_non_finite_aggregate_or_prediction_is_refused_with_its_names():
     _check_finite(3, {"a": torch.ones(2), "steps": torch.tensor(4)})
     with pytest.raises(FloatingPointError, match=r"round 3: .* non-finite values in 2 of 3 entries \(first: b, c\).*--resume"):
         _check_finite(3, {"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")]), "c": torch.tensor([float("inf")])})
+
+
+def test_a_failing_simulation_engine_is_reported_with_its_cause(tmp_path, pchmr_cache, monkeypatch):
+    """Ray cannot place a client asking for 100 CPUs: Flower stops with "An error was encountered"
+    wrapped twice; the run reports the engine's own reason, promptly."""
+    from pchmr.core import federation
+
+    monkeypatch.setattr(federation, "cpus_per_client", lambda cpus, per_round: 100.0)
+    cfg = RunConfig(num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=5, out=str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match=r"Simulation Engine \(Ray\) stopped before the run finished: ValueError: ActorPool is empty"):
+        execute(cfg)
+    # the ServerApp thread was waiting for its nodes (for up to 600 s): it ends at once instead of
+    # holding the process open
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _other_live_threads():
+        time.sleep(0.2)
+    assert not _other_live_threads()
+
+
+def _other_live_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]

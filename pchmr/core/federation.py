@@ -665,7 +665,54 @@ def _round_extras(train_metrics: Any) -> dict[str, float]:
     return {key.replace("-", "_"): value for key, value in dict(train_metrics).items() if key not in skip}
 
 
-def make_server_app(server: FederatedServer) -> Any:
+class EngineStopped(RuntimeError):
+    """The engine under the server stopped while the server waited for it."""
+
+
+class StoppableGrid:
+    """A grid whose waits end as soon as ``stop`` is set.
+
+    When the Simulation Engine crashes, Flower's in-memory grid keeps polling for replies until
+    the call's timeout (up to :data:`NODE_WAIT_SECONDS`), and its non-daemon ServerApp thread
+    keeps the process alive that long. ``send_and_receive`` here is Flower's (push every
+    message, pull replies until all arrived or ``timeout`` passed) plus a check of ``stop``
+    between pulls, which raises :class:`EngineStopped`; everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Any, stop: threading.Event) -> None:
+        self._grid = grid
+        self._stop = stop
+
+    def _check(self) -> None:
+        if self._stop.is_set():
+            raise EngineStopped("the Simulation Engine stopped while the server was waiting for its nodes")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._check()
+        return self._grid.get_node_ids()
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        self._check()
+        pending = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Any] = []
+        while pending:
+            got = list(self._grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(reply.metadata.reply_to_message_id for reply in got)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self._check()
+            time.sleep(getattr(self._grid, "pull_interval", 0.1))
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+def make_server_app(server: FederatedServer, stop: threading.Event | None = None) -> Any:
+    """The simulation's ServerApp: ``server.main`` on the grid (wrapped in a :class:`StoppableGrid`
+    when ``stop`` is given)."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
@@ -673,7 +720,7 @@ def make_server_app(server: FederatedServer) -> Any:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        server.main(grid)
+        server.main(grid if stop is None else StoppableGrid(grid, stop))
 
     return app
 
@@ -726,14 +773,25 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     logging.getLogger("flwr").setLevel(logging.INFO)
     previous = os.environ.get(CLIENT_THREADS_ENV)
     os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)
+    stop = threading.Event()
     try:
         flwr_run_simulation(
-            server_app=make_server_app(server),
+            server_app=make_server_app(server, stop),
             client_app=client_app,
             num_supernodes=server.config.clients,
             backend_name="ray",
             backend_config=backend_config,
         )
+    except RuntimeError as exc:  # the engine itself failed: Flower wraps the cause twice
+        stop.set()  # the ServerApp thread is still waiting for replies: end its wait now
+        if server.error is not None:
+            raise server.error from exc
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise RuntimeError(
+            f"Flower's Simulation Engine (Ray) stopped before the run finished: {type(cause).__name__}: {cause}"
+        ) from exc
     finally:
         if previous is None:
             os.environ.pop(CLIENT_THREADS_ENV, None)
