@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Iterator, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ __all__ = [
     "InputError",
     "check_images",
     "fixed_state_keys",
+    "training_mode",
 ]
 
 
@@ -115,16 +117,24 @@ def fixed_state_keys(module: nn.Module) -> frozenset[str]:
     ``module.train()`` is called (a frozen encoder's BatchNorm statistics, see
     ``BackboneOptions.freeze_encoder``). Decided by the model's structure alone, never by an
     update, so mechanisms may treat these entries as public (differential privacy leaves them
-    un-noised). Every submodule's train/eval mode is restored."""
+    un-noised). Every submodule's train/eval mode is restored (:func:`training_mode`)."""
     keys = set(module.state_dict())
-    modes = [(sub, sub.training) for sub in module.modules()]
-    module.train()  # the mode local training runs in: frozen parts keep themselves in eval mode
-    try:
+    with training_mode(module):
         fixed = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
         for prefix, sub in module.named_modules(remove_duplicate=False):
             if not sub.training:
                 fixed.update(f"{prefix}.{name}" if prefix else name for name, _ in sub.named_buffers(recurse=False))
+    return frozenset(fixed & keys)
+
+
+@contextmanager
+def training_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module.train()`` for the block — the mode local training runs in, where frozen parts keep
+    themselves in eval mode — then every submodule's own mode back."""
+    modes = [(sub, sub.training) for sub in module.modules()]
+    module.train()
+    try:
+        yield module
     finally:
         for sub, training in modes:
             sub.training = training
-    return frozenset(fixed & keys)

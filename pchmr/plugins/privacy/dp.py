@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from pchmr.core.accounting import RDPAccountant
-from pchmr.core.backbone import fixed_state_keys
+from pchmr.core.backbone import fixed_state_keys, training_mode
 from pchmr.core.hookspecs import hookimpl
 from pchmr.core.strategy import (
     IncompatibleError,
@@ -402,15 +402,8 @@ def check_per_example_safe(module: nn.Module) -> None:
     """IncompatibleError if a layer mixes examples of a batch: BatchNorm in training mode. A
     frozen pretrained CNN's BatchNorm stays in eval mode (running statistics, no gradients),
     where each example is normalised on its own, so it is allowed."""
-    was_training = module.training
-    module.train()  # the mode local training runs in: frozen parts keep themselves in eval mode
-    try:
-        bad = [
-            name for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        ]
-    finally:
-        module.train(was_training)
+    with training_mode(module):
+        bad = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
     if bad:
         raise IncompatibleError(
             f"example-level DP (DP-SGD) needs per-example gradients, but the model has {len(bad)} BatchNorm "
