@@ -20,13 +20,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pchmr.core.bodymodel import BodyModelSpec
-from pchmr.core.data import DatasetSpec
-from pchmr.core.experiment import default_cache_dir
-from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe
+from pchmr.core.contracts.bodymodel import BodyModelSpec
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.engine.annotation import annotate_items, items_from_dataset
+from pchmr.core.kit.cache import default_cache_dir
+from pchmr.core.kit.metrics import mpjpe, mpvpe, pa_mpjpe
 from pchmr.plugins.annotators.deposer import make_deposer, make_smplifyx
-from pchmr.plugins.annotators.pipeline import annotate_items, items_from_dataset
-from pchmr.plugins.annotators.sources import SyntheticDepthSource, SyntheticKeypointSource
+from pchmr.plugins.annotators.sources import (
+    SyntheticDepthSource,
+    SyntheticKeypointSource,
+)
 from pchmr.plugins.bodymodels.anny import make_anny
 from pchmr.plugins.datasets.synthetic import make_synthetic
 
@@ -67,17 +70,24 @@ def main() -> None:
         results[f"{name}_adam{ADAM_ITERATIONS}_batch64"] = _measure(adam, body, items, split, 64, depth)
         for key in (f"{name}_lbfgs_batch1", f"{name}_lbfgs_batch64", f"{name}_adam{ADAM_ITERATIONS}_batch64"):
             r = results[key]
-            print(f"{key:32s} {r['s_per_image']:7.3f} s/img  MPVPE {r['mpvpe_mm']:6.1f}  MPJPE {r['mpjpe_mm']:6.1f}  "
-                  f"PA-MPJPE {r['pa_mpjpe_mm']:6.1f}  (n={r['n']})", flush=True)
+            print(
+                f"{key:32s} {r['s_per_image']:7.3f} s/img  MPVPE {r['mpvpe_mm']:6.1f}  MPJPE {r['mpjpe_mm']:6.1f}  "
+                f"PA-MPJPE {r['pa_mpjpe_mm']:6.1f}  (n={r['n']})",
+                flush=True,
+            )
     ratios = {}
     for name in ("smplifyx", "deposer"):
         b1, b64 = results[f"{name}_lbfgs_batch1"], results[f"{name}_lbfgs_batch64"]
         ratios[f"{name}_batch64_speedup"] = b1["s_per_image"] / b64["s_per_image"]
-        ratios[f"{name}_adam_vs_lbfgs"] = results[f"{name}_adam{ADAM_ITERATIONS}_batch64"]["s_per_image"] / b64["s_per_image"]
+        ratios[f"{name}_adam_vs_lbfgs"] = (
+            results[f"{name}_adam{ADAM_ITERATIONS}_batch64"]["s_per_image"] / b64["s_per_image"]
+        )
     print(json.dumps(ratios, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"results": results, "ratios": ratios, "n": args.n, "n1": args.n1}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"results": results, "ratios": ratios, "n": args.n, "n1": args.n1}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ state (timings on a shared CPU are noisy; read the ratios, not the absolute numb
 
 Training throughput: images per second of one step ``forward → loss → backward → clip (0.3) →
 AdamW`` at batch 16, the median over interleaved steps (each pair of compared models takes turns,
-so drifting load hits both). The loss is :meth:`pchmr.core.hmr.HMRModule.compute_losses` (with
+so drifting load hits both). The loss is :meth:`pchmr.core.engine.module.HMRModule.compute_losses` (with
 TORE's pruning term) for sections 1–2 and the same L1 terms written out for section 3.
 Forward GFLOPs per image: :class:`torch.utils.flop_counter.FlopCounterMode` on an eval-mode
 forward at batch 16 (one multiply-add = 2 FLOPs), plus the fixed sparse upsampling counted by
@@ -48,12 +48,13 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pchmr.core.backbone import Backbone, BackboneOptions
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec, MeshPyramid
-from pchmr.core.hmr import HMRModule
-from pchmr.core.losses import LossWeights, project_weak_perspective, weighted_l1
-from pchmr.core.registry import get_registry
-from pchmr.plugins.backbones.encoders import FeatureEncoder
+from pchmr.core.contracts.backbone import Backbone, BackboneOptions
+from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec, MeshPyramid
+from pchmr.core.engine.losses import LossWeights, weighted_l1
+from pchmr.core.engine.module import HMRModule
+from pchmr.core.engine.registry import get_registry
+from pchmr.core.kit.encoders import FeatureEncoder
+from pchmr.core.kit.geometry import project_weak_perspective
 from pchmr.plugins.backbones.fastmetro import FastMETRO, make_fastmetro
 from pchmr.plugins.backbones.tore import TORE, make_tore
 from pchmr.testing.toys import toy_batch

@@ -1,6 +1,6 @@
 """Two clients side by side with one thread each vs one client with every thread.
 
-The question behind :func:`pchmr.core.federation.cpus_per_client`: on a machine with C cores
+The question behind :func:`pchmr.core.engine.federation.simulation.cpus_per_client`: on a machine with C cores
 and k >= C sampled clients per round, does a round train more images per second when C clients
 run at once with one torch thread each, or when they run one after another with C threads?
 
@@ -30,12 +30,12 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
-def _train_steps(threads: int, steps: int, seed: int, queue: "mp.Queue[tuple[float, int]]") -> None:
+def _train_steps(threads: int, steps: int, seed: int, queue: mp.Queue[tuple[float, int]]) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from pchmr.core.config import RunConfig
-    from pchmr.core.experiment import build_components, make_loader
+    from pchmr.core.engine.components import build_components, make_loader
+    from pchmr.core.engine.config import RunConfig
 
     components = build_components(RunConfig(seed=seed))
     module = components.make_module()
@@ -88,9 +88,15 @@ def main() -> None:
         serial.append(measure(1, args.threads, args.steps))
         parallel.append(measure(cores, 1, args.steps))
     result = {
-        "cores": cores, "serial_threads": args.threads, "steps": args.steps, "repeats": args.repeats,
-        "serial_img_per_s": statistics.median(serial), "parallel_img_per_s": statistics.median(parallel),
-        "all_serial": serial, "all_parallel": parallel, "load_average": os.getloadavg(),
+        "cores": cores,
+        "serial_threads": args.threads,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "serial_img_per_s": statistics.median(serial),
+        "parallel_img_per_s": statistics.median(parallel),
+        "all_serial": serial,
+        "all_parallel": parallel,
+        "load_average": os.getloadavg(),
     }
     result["ratio_parallel_over_serial"] = result["parallel_img_per_s"] / result["serial_img_per_s"]
     args.json.parent.mkdir(parents=True, exist_ok=True)

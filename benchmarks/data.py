@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pchmr.core.data import DatasetSpec  # noqa: E402
-from pchmr.core.joints import LSP_14  # noqa: E402
-from pchmr.core.sample import META_KEYS, normalize_image  # noqa: E402
-from pchmr.plugins.datasets.prepared import StoreSplit, crop_image, decode_image  # noqa: E402
-from pchmr.plugins.datasets.spin_npz import make_spin_npz  # noqa: E402
-from pchmr.testing.fake_datasets import IMAGE_W, write_spin_npz  # noqa: E402
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.contracts.sample import META_KEYS, normalize_image
+from pchmr.core.kit.joints import LSP_14
+from pchmr.plugins.datasets.prepared import StoreSplit, crop_image, decode_image
+from pchmr.plugins.datasets.spin_npz import make_spin_npz
+from pchmr.testing.fake_datasets import IMAGE_W, write_spin_npz
 
 BATCH = 16
 JPEG_QUALITY = 90

@@ -1,7 +1,7 @@
 """Federated runtime overhead: round time vs the clients' own training time, and scaling in N.
 
 One run of this script measures, on Flower's Simulation Engine (Ray) with pchmr's real
-:class:`~pchmr.core.federation.FederatedServer` and ClientApp (FastMETRO-S, small encoder, 64 px
+:class:`~pchmr.core.engine.federation.server.FederatedServer` and ClientApp (FastMETRO-S, small encoder, 64 px
 synthetic data):
 
 * **(a) overhead ratio** at N = 10 clients, k = 5 per round, ``--fit-samples`` samples per
@@ -40,9 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -95,12 +96,16 @@ def run_setting(setting: Setting, pool: int, seed: int, out: Path) -> dict[str, 
 
     import torch
 
-    from pchmr.core.config import RunConfig
-    from pchmr.core.experiment import build_components, default_cache_dir
-    from pchmr.core.federation import FederatedServer, build_strategy, run_simulation, state_nbytes
-    from pchmr.core.partition import Partition, save_partition
-    from pchmr.core.rundir import RunDir
-    from pchmr.core.run import write_run_config
+    from pchmr.core.contracts.partition import Partition, save_partition
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.config import RunConfig
+    from pchmr.core.engine.federation.common import build_strategy
+    from pchmr.core.engine.federation.server import FederatedServer
+    from pchmr.core.engine.federation.simulation import run_simulation
+    from pchmr.core.engine.preparation import write_run_config
+    from pchmr.core.engine.rundir import RunDir
+    from pchmr.core.kit.cache import default_cache_dir
+    from pchmr.core.kit.federation import state_nbytes
 
     if setting.clients * setting.samples > pool:
         raise ValueError(
@@ -108,9 +113,16 @@ def run_setting(setting: Setting, pool: int, seed: int, out: Path) -> dict[str, 
             f"{setting.clients * setting.samples}, got --pool {pool}"
         )
     config = RunConfig(
-        num_train=pool, num_test=NUM_TEST, clients=setting.clients, per_round=setting.per_round,
-        rounds=setting.rounds, batch_size=BATCH_SIZE, seed=seed, eval_every=1,
-        cache_dir=str(default_cache_dir().resolve()), out=str(out),
+        num_train=pool,
+        num_test=NUM_TEST,
+        clients=setting.clients,
+        per_round=setting.per_round,
+        rounds=setting.rounds,
+        batch_size=BATCH_SIZE,
+        seed=seed,
+        eval_every=1,
+        cache_dir=str(default_cache_dir().resolve()),
+        out=str(out),
     )
     rd = RunDir(out).create()
     handler = rd.attach_log()
@@ -159,8 +171,11 @@ def run_setting(setting: Setting, pool: int, seed: int, out: Path) -> dict[str, 
     state = torch.load(rd.model, map_location="cpu")
     serialisation = _serialisation_seconds(state)
     return {
-        "label": setting.label, "clients": setting.clients, "per_round": setting.per_round,
-        "samples_per_client": s, "rounds": setting.rounds,
+        "label": setting.label,
+        "clients": setting.clients,
+        "per_round": setting.per_round,
+        "samples_per_client": s,
+        "rounds": setting.rounds,
         "build_seconds": build_seconds,
         "startup_seconds": first_query[0] - t_sim if first_query else float("nan"),
         "simulation_seconds": total,
@@ -213,9 +228,18 @@ def measure(setting: Setting, pool: int, seed: int, work: Path) -> dict[str, Any
     result_path = work / f"{setting.label}.json"
     log_path = work / f"{setting.label}.log"
     cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(setting.__dict__),
-        "--pool", str(pool), "--seed", str(seed), "--child-out", str(work / setting.label),
-        "--child-result", str(result_path),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        json.dumps(setting.__dict__),
+        "--pool",
+        str(pool),
+        "--seed",
+        str(seed),
+        "--child-out",
+        str(work / setting.label),
+        "--child-result",
+        str(result_path),
     ]
     # Ray starts its workers 15 niceness levels below the driver's: on a shared machine the clients'
     # training would then get less CPU than the server. Same niceness for both.
@@ -281,7 +305,10 @@ ROWS = (
     ("server: configure + aggregate (s/round)", lambda r, s, b: f"{s['configure'] + s['aggregate']:.3f}"),
     ("server: checkpoint write (s/round)", lambda r, s, b: f"{s['checkpoint']:.3f}"),
     ("server: model → ArrayRecord → model, once (s)", lambda r, s, b: f"{s['serialisation']:.3f}"),
-    ("server: ArrayRecord → torch per round (s, calls)", lambda r, s, b: f"{s['to_torch']:.2f}, {s['to_torch_calls']:.0f}"),
+    (
+        "server: ArrayRecord → torch per round (s, calls)",
+        lambda r, s, b: f"{s['to_torch']:.2f}, {s['to_torch_calls']:.0f}",
+    ),
     ("start-up: Ray + engine until first query (s)", lambda r, s, b: f"{s['startup']:.1f}"),
     ("discovery: one query per node (s)", lambda r, s, b: f"{s['discovery']:.1f}"),
     ("evaluation per evaluated round (s)", lambda r, s, b: f"{s['evaluate']:.2f}"),
@@ -314,9 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=DEFAULT_PER_ROUND, help="k, clients per round")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds per setting (median of 2..R)")
     parser.add_argument("--fit-samples", type=int, default=DEFAULT_FIT_SAMPLES, help="samples per client, row (a)")
-    parser.add_argument("--scale-samples", type=int, default=DEFAULT_SCALE_SAMPLES, help="samples per client, rows (b)/(c)")
     parser.add_argument(
-        "--query-discovery-sizes", default="1000",
+        "--scale-samples", type=int, default=DEFAULT_SCALE_SAMPLES, help="samples per client, rows (b)/(c)"
+    )
+    parser.add_argument(
+        "--query-discovery-sizes",
+        default="1000",
         help="N values of one-round rows that ask every node for its partition (the pre-fast-path discovery)",
     )
     parser.add_argument("--no-overhead-row", action="store_true", help="skip row (a)")
@@ -335,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sizes = [int(n) for n in args.sizes.split(",") if n]
-    settings = [] if args.no_overhead_row else [Setting("overhead-N10", 10, args.per_round, args.fit_samples, args.rounds)]
+    settings = (
+        [] if args.no_overhead_row else [Setting("overhead-N10", 10, args.per_round, args.fit_samples, args.rounds)]
+    )
     settings += [Setting(f"scale-N{n}", n, args.per_round, args.scale_samples, args.rounds) for n in sizes]
     settings += [
         Setting(f"query-N{n}", n, args.per_round, args.scale_samples, 1, fast_discovery=False)
@@ -346,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[dict[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="pchmr-bench-fed-") as tmp:
         for setting in settings:
-            print(f"running {setting.label}: N={setting.clients}, k={setting.per_round}, "
-                  f"{setting.samples} samples/client, {setting.rounds} rounds", flush=True)
+            print(
+                f"running {setting.label}: N={setting.clients}, k={setting.per_round}, "
+                f"{setting.samples} samples/client, {setting.rounds} rounds",
+                flush=True,
+            )
             started = time.perf_counter()
             try:
                 results.append(measure(setting, args.pool, args.seed, Path(tmp)))

@@ -6,7 +6,7 @@ Everything is measured in one run, so the ratios share the machine's state (read
 not the absolute seconds, on a shared CPU):
 
 1. the model: FastMETRO-S as the default run builds it (its state dict: ~10 M float32 values);
-2. one local fit: ``pchmr.core.federation.local_fit`` of client 0 for one epoch in the default
+2. one local fit: ``pchmr.core.engine.federation.client.local_fit`` of client 0 for one epoch in the default
    run (synthetic data, 64 px, batch 16) — or ``--fit-seconds`` to reuse a measured value;
 3. the aggregation path of one round with ``--clients`` clients (default 10) and synthetic
    updates (global + 0.01·N(0, 1)) in place of training: plain FedAvg (configure_train → each
@@ -34,18 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 os.environ.setdefault("PCHMR_CACHE_DIR", "/tmp/pchmr-cache")
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.serverapp.strategy import FedAvg  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
 
-from pchmr.core.config import RunConfig  # noqa: E402
-from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs  # noqa: E402
-from pchmr.plugins.privacy.secagg import secagg  # noqa: E402
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.kit.federation import flower_sampling_kwargs
+from pchmr.plugins.privacy.secagg import secagg
 
 
 class _Context:
@@ -84,7 +84,7 @@ class TimedGrid:
 
 
 def default_model_state() -> tuple[dict[str, torch.Tensor], RunConfig]:
-    from pchmr.core.experiment import build_components
+    from pchmr.core.engine.components import build_components
 
     config = RunConfig()
     components = build_components(config.replace(cache_dir=os.environ["PCHMR_CACHE_DIR"]))
@@ -93,10 +93,10 @@ def default_model_state() -> tuple[dict[str, torch.Tensor], RunConfig]:
 
 def measure_local_fit(config: RunConfig) -> float:
     """Seconds of one real local fit (client 0, one epoch) in the default run."""
-    from pchmr.core.experiment import build_components
-    from pchmr.core.federation import ClientRuntime, local_fit
-    from pchmr.core.hmr import quiet_lightning
-    from pchmr.core.run import make_partition
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.federation.client import ClientRuntime, local_fit
+    from pchmr.core.engine.preparation import make_partition
+    from pchmr.core.engine.trainer import quiet_lightning
 
     quiet_lightning()
     config = config.replace(cache_dir=os.environ["PCHMR_CACHE_DIR"])
@@ -117,16 +117,23 @@ class SyntheticTrainer:
         generator = torch.Generator().manual_seed(seed)
         self.states = []
         for _ in range(num_clients):
-            self.states.append({
-                k: (v + 0.01 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v.clone()
-                for k, v in global_state.items()
-            })
+            self.states.append(
+                {
+                    k: (v + 0.01 * torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v.clone()
+                    for k, v in global_state.items()
+                }
+            )
         self.seconds = 0.0
 
-    def __call__(self, runtime: Any, msg: Message, context: _Context) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def __call__(
+        self, runtime: Any, msg: Message, context: _Context
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         start = time.perf_counter()
         p = int(context.node_config["partition-id"])
-        result = self.states[p], {"num-examples": 100.0, "train-loss": 1.0, "fit-seconds": 0.0, "partition-id": float(p)}
+        result = (
+            self.states[p],
+            {"num-examples": 100.0, "train-loss": 1.0, "fit-seconds": 0.0, "partition-id": float(p)},
+        )
         self.seconds += time.perf_counter() - start
         return result
 
@@ -148,7 +155,9 @@ def plain_round(global_state: dict[str, torch.Tensor], trainer: SyntheticTrainer
     return {"path_s": total, "client_s": grid.client_seconds - trainer.seconds, "server_s": total - grid.client_seconds}
 
 
-def secure_round(global_state: dict[str, torch.Tensor], trainer: SyntheticTrainer, num_clients: int, options: dict) -> dict[str, float]:
+def secure_round(
+    global_state: dict[str, torch.Tensor], trainer: SyntheticTrainer, num_clients: int, options: dict
+) -> dict[str, float]:
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(num_clients, num_clients, 1, 0, options))
     handler = next(iter(wrapped.client_handlers.values()))
@@ -213,14 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         if name == "dp":
             print(f"{'dp (server)':<16}{row['dp_s']:>9.2f}{'':>10}{'':>10}{row['ratio_simulation']:>12.3f}{'':>10}")
         else:
-            print(f"{'secagg ' + name:<16}{row['path_s']:>9.2f}{row['client_s']:>10.2f}{row['server_s']:>10.2f}"
-                  f"{row['ratio_simulation']:>12.3f}{row['ratio_parallel']:>10.3f}")
+            print(
+                f"{'secagg ' + name:<16}{row['path_s']:>9.2f}{row['client_s']:>10.2f}{row['server_s']:>10.2f}"
+                f"{row['ratio_simulation']:>12.3f}{row['ratio_parallel']:>10.3f}"
+            )
     faster = min(("flower", "crypten"), key=lambda b: rows[b]["ratio_simulation"])
     print(f"faster backend: {faster} ({rows[faster]['ratio_simulation']:.3f}x; the paper measured 1.90x)")
     payload = {
         "command": "python benchmarks/privacy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-        "clients_per_round": k, "num_params": num_params, "fit_seconds": fit, "plain": paths["plain"], **rows,
+        "clients_per_round": k,
+        "num_params": num_params,
+        "fit_seconds": fit,
+        "plain": paths["plain"],
+        **rows,
     }
     path = args.json or Path(__file__).parent / "results" / "privacy.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,6 @@ fi
 python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
 # CrypTen (secure aggregation's crypten backend) declares torchvision, pandas, sklearn and tensorboard, none
 # used at run time: install the pinned release without them (its run-time imports, omegaconf and onnx, are
-# pchmr dependencies); pchmr/plugins/privacy/crypten_compat.py adapts 0.4.1 to torch 2.13.
+# pchmr dependencies); pchmr/plugins/privacy/secagg/crypten_compat.py adapts 0.4.1 to torch 2.13.
 python -m pip install -q -c constraints.txt --no-deps crypten==0.4.1 2>&1 | grep -v '^WARNING: Location' || true
 python -c 'import torch, flwr, pytorch_lightning, anny, pchmr; print(f"pchmr installed: torch {torch.__version__}, flwr {flwr.__version__}")'

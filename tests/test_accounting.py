@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pchmr.core.accounting import (
+from pchmr.core.kit.accounting import (
     DEFAULT_ORDERS,
     RDPAccountant,
     epsilon,
@@ -88,7 +88,7 @@ def test_accountant_composes_merges_and_restores():
     acc.step(0.2, 0.9, steps=5)
     assert acc.history == [(0.1, 1.1, 30), (0.2, 0.9, 5)]
     rdp = acc.rdp()
-    from pchmr.core.accounting import rdp_curve
+    from pchmr.core.kit.accounting import rdp_curve
 
     np.testing.assert_allclose(rdp, rdp_curve(0.1, 1.1, 30) + rdp_curve(0.2, 0.9, 5), rtol=1e-14)
     restored = RDPAccountant()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.annotate import (
+from pchmr.core.contracts.annotation import (
     AnnotationItem,
     DepthError,
     FitResult,
@@ -19,7 +19,12 @@ from pchmr.core.annotate import (
     ObservationBatch,
     pixels_to_crop,
 )
-from pchmr.plugins.annotators.pipeline import PseudoLabelSet, annotate_items, items_from_folder, write_pseudo_labels
+from pchmr.core.engine.annotation import (
+    PseudoLabelSet,
+    annotate_items,
+    items_from_folder,
+    write_pseudo_labels,
+)
 from pchmr.plugins.annotators.sources import (
     COCO17,
     OPENPOSE25,
@@ -78,7 +83,10 @@ def test_openpose_file_is_read_and_the_most_confident_person_wins(tmp_path):
     (tmp_path / "a_keypoints.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": weak},
                                                                       {"pose_keypoints_2d": strong.ravel().tolist()}]}))  # fmt: skip
     obs = FileKeypointSource(tmp_path)(AnnotationItem("a"), JOINT_NAMES)
-    assert obs.keypoints[JOINT_NAMES.index("right_ankle"), :2].tolist() == strong[OPENPOSE25.index("right_ankle"), :2].tolist()
+    assert (
+        obs.keypoints[JOINT_NAMES.index("right_ankle"), :2].tolist()
+        == strong[OPENPOSE25.index("right_ankle"), :2].tolist()
+    )
     assert obs.intrinsics is None
 
 
@@ -117,7 +125,9 @@ def test_nan_depth_at_most_keypoints_is_a_depth_error(tmp_path):
 
 
 def test_pixels_to_crop_maps_the_box_corners_to_minus_one_and_one():
-    kp, k = pixels_to_crop(np.array([[10.0, 20.0, 1.0], [110.0, 120.0, 0.5]]), np.array([200.0, 60.0, 70.0]), (10.0, 20.0, 100.0))
+    kp, k = pixels_to_crop(
+        np.array([[10.0, 20.0, 1.0], [110.0, 120.0, 0.5]]), np.array([200.0, 60.0, 70.0]), (10.0, 20.0, 100.0)
+    )
     assert kp.tolist() == [[-1.0, -1.0, 1.0], [1.0, 1.0, 0.5]]
     assert k.tolist() == pytest.approx([4.0, 0.0, 0.0])
 
@@ -142,7 +152,9 @@ def test_pipeline_records_every_failure_and_annotates_the_rest(tmp_path):
     kp_source = FileKeypointSource(keypoints)
     items, early = items_from_folder(images, kp_source.stems())
     annotator = StubAnnotator()
-    result = annotate_items(items, annotator, JOINT_NAMES, kp_source, FileDepthSource(depth), crop_size=32, batch_size=1)
+    result = annotate_items(
+        items, annotator, JOINT_NAMES, kp_source, FileDepthSource(depth), crop_size=32, batch_size=1
+    )
     result.records[:0] = early
     status = {r.image_id: (r.status, r.error) for r in result.records}
     assert status == {
@@ -165,7 +177,10 @@ def test_pipeline_records_every_failure_and_annotates_the_rest(tmp_path):
 
 
 def test_synthetic_sources_corrupt_ground_truth_deterministically():
-    from pchmr.plugins.annotators.sources import SyntheticDepthSource, SyntheticKeypointSource
+    from pchmr.plugins.annotators.sources import (
+        SyntheticDepthSource,
+        SyntheticKeypointSource,
+    )
 
     class Split:
         def array(self, name):

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.bodymodel import BodyModelSpec
+from pchmr.core.contracts.bodymodel import BodyModelSpec
 from pchmr.plugins.bodymodels import anny as anny_plugin
-from pchmr.plugins.bodymodels.anny import ACTIONS, JOINT_NAMES, AnnyBodyModel, flip_pose, make_anny
+from pchmr.plugins.bodymodels.anny import (
+    ACTIONS,
+    JOINT_NAMES,
+    AnnyBodyModel,
+    flip_pose,
+    make_anny,
+)
 
 J = {name: i for i, name in enumerate(JOINT_NAMES)}
 

@@ -4,15 +4,20 @@ Anny (13,718 vertices) and SMPL's (6,890 / 1,723 / 431, from fake SMPL files).""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from pchmr.core.backbone import Backbone, BackboneOptions, HMROutput, check_images
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec
-from pchmr.core.registry import get_registry
+from pchmr.core.contracts.backbone import (
+    Backbone,
+    BackboneOptions,
+    HMROutput,
+    check_images,
+)
+from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec
+from pchmr.core.engine.registry import get_registry
 from pchmr.testing import BackboneContract, ToyBodyModel, write_fake_smpl
 from pchmr.testing.backbones import BackboneMaker, eval_outputs
 
@@ -88,7 +93,7 @@ class _FrozenStats(torch.nn.Module):
         self.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "_FrozenStats":
+    def train(self, mode: bool = True) -> _FrozenStats:
         return super().train(False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -177,7 +182,11 @@ def test_a_sound_backbone_passes_the_checks_used_below(toy: ToyBodyModel) -> Non
         ({"millimetres": True}, "test_outputs_are_finite_metres", "not metres"),
         ({"batch_coupled": True}, "test_batch_size_independence", "alone vs in a batch"),
         ({"unused_param": True}, "test_gradients_reach_every_parameter", r"unused \(no gradient\)"),
-        ({"leaky_frozen": True}, "test_fixed_entries_stay_fixed_in_training", r"changed in a training step \(first: backbone.frozen.mean\)"),
+        (
+            {"leaky_frozen": True},
+            "test_fixed_entries_stay_fixed_in_training",
+            r"changed in a training step \(first: backbone.frozen.mean\)",
+        ),
     ],
 )
 def test_the_suite_catches_a_broken_backbone(toy: ToyBodyModel, flaw: dict, check: str, message: str) -> None:
@@ -193,8 +202,8 @@ def test_the_suite_catches_missing_input_checks(toy: ToyBodyModel) -> None:
 
 @pytest.mark.parametrize("name", ["fastmetro", "tore"])
 def test_builtin_frozen_encoders_keep_their_fixed_entries(toy: ToyBodyModel, name: str) -> None:
-    from pchmr.core.backbone import fixed_state_keys
-    from pchmr.core.hmr import HMRModule
+    from pchmr.core.engine.module import HMRModule
+    from pchmr.core.kit.state import fixed_state_keys
 
     factory = get_registry().get("backbone", name)
     backbone = factory(toy, BackboneOptions(input_size=INPUT_SIZE, freeze_encoder=True))
@@ -202,4 +211,3 @@ def test_builtin_frozen_encoders_keep_their_fixed_entries(toy: ToyBodyModel, nam
     encoder = {k for k in HMRModule(backbone, toy).state_dict() if k.startswith("backbone.encoder.")}
     assert encoder and fixed == encoder, "exactly the frozen CNN: its weights and BatchNorm statistics"
     _run("test_fixed_entries_stay_fixed_in_training", backbone, toy)
-

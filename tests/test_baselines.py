@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pchmr.core.baselines import baseline_partition
-from pchmr.core.config import ConfigError, RunConfig
-from pchmr.core.run import execute
+from pchmr.core.engine.baselines import baseline_partition
+from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.run import execute
 
 
 def test_naive_partition_is_a_seeded_fraction_and_centralized_takes_all():
@@ -28,7 +28,9 @@ def test_unknown_mode_is_refused():
 
 
 def test_naive_baseline_writes_the_run_directory_per_epoch(tmp_path, pchmr_cache):
-    cfg = RunConfig(mode="naive", fraction=0.5, epochs=2, num_train=32, num_test=8, batch_size=8, out=str(tmp_path / "n"))
+    cfg = RunConfig(
+        mode="naive", fraction=0.5, epochs=2, num_train=32, num_test=8, batch_size=8, out=str(tmp_path / "n")
+    )
     result = execute(cfg)
     rounds = result.run_dir.read_rounds()
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -42,9 +42,14 @@ def test_plugins_lists_every_builtin_with_its_distribution(tmp_path):
     result = run_cli("plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for kind, name in [("backbone", "fastmetro"), ("body model", "anny"), ("dataset", "synthetic"),
-                       ("partitioner", "iid"), ("strategy", "fedavg")]:
-        line = next((l for l in out.splitlines() if f" {name} " in l), None)
+    for kind, name in [
+        ("backbone", "fastmetro"),
+        ("body model", "anny"),
+        ("dataset", "synthetic"),
+        ("partitioner", "iid"),
+        ("strategy", "fedavg"),
+    ]:
+        line = next((row for row in out.splitlines() if f" {name} " in row), None)
         assert line is not None, f"{name} missing from:\n{out}"
         assert kind in line and "pchmr 0.1.0" in line
 

@@ -2,13 +2,17 @@
 
 import pytest
 
-from pchmr.core.config import ConfigError, RunConfig, load_config_file
+from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
 
 
 def test_defaults_are_the_embedded_default_run():
     cfg = RunConfig()
     assert (cfg.backbone, cfg.body_model, cfg.dataset, cfg.strategy, cfg.partitioner) == (
-        "fastmetro", "anny", "synthetic", "fedavg", "iid"
+        "fastmetro",
+        "anny",
+        "synthetic",
+        "fedavg",
+        "iid",
     )
     assert cfg.per_round <= cfg.clients
 

@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from pchmr.plugins.privacy import crypten_compat
-from pchmr.plugins.privacy.crypten_compat import (
+from pchmr.plugins.privacy.secagg import crypten_compat
+from pchmr.plugins.privacy.secagg.crypten_compat import (
     CRYPTEN_VERSION,
     CrypTenUnavailableError,
     CrypTenVersionError,

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from pchmr.core.data import DatasetSpec
-from pchmr.core.joints import LSP_14
-from pchmr.core.sample import validate_sample
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.contracts.sample import validate_sample
+from pchmr.core.kit.joints import LSP_14
 from pchmr.plugins.datasets.coco import load_coco, make_coco
 from pchmr.plugins.datasets.metro_tsv import make_metro_tsv
 from pchmr.plugins.datasets.prepared import DatasetFormatError
 from pchmr.plugins.datasets.pw3d import load_sequence, make_3dpw
-from pchmr.testing.fake_datasets import write_3dpw_sequence, write_coco_keypoints, write_metro_tsv
+from pchmr.testing.fake_datasets import (
+    write_3dpw_sequence,
+    write_coco_keypoints,
+    write_metro_tsv,
+)
 from tests.test_datasets_spin import StubBody
 
 SIZE = 32
@@ -166,7 +170,7 @@ def test_coco_people_are_2d_only_samples_with_spin_boxes(coco, monkeypatch):
         np.testing.assert_allclose(kp[seen, :2], expected[seen], atol=0.01)  # JSON keeps 2 decimals
         assert kp[LSP_14.index("neck"), 2] == 0 and kp[LSP_14.index("head"), 2] == 0
         assert (sample["joints_3d"][:, 3] == 0).all() and float(sample["has_vertices"]) == 0
-    assert (data.train[1]["keypoints_2d"][LSP_14.index("right_ankle"), 2] == 0)  # v = 0 → missing
+    assert data.train[1]["keypoints_2d"][LSP_14.index("right_ankle"), 2] == 0  # v = 0 → missing
     assert set(data.labels["source"]) == {"coco"} and data.protocol["test_has_3d_joints"] is False
 
 

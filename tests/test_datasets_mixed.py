@@ -4,9 +4,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pchmr.cli.app import app
-from pchmr.core.data import DatasetSpec
-from pchmr.core.experiment import dataset_resolution
-from pchmr.core.registry import get_registry
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.engine.components import dataset_resolution
+from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.datasets.mixed import check_root, find_layout
 from pchmr.plugins.partitioners.by_source import by_source
 from pchmr.testing.fake_datasets import write_coco_keypoints, write_spin_npz
@@ -71,8 +71,8 @@ def test_check_lists_present_and_missing_files_with_their_origin(data_root):
     result = CliRunner().invoke(app, ["data", "check", str(data_root)], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "usable now: h36m (spin-npz), coco (coco-json), mpii (spin-npz)" in out
-    line = next(l for l in out.splitlines() if "up3d/trainval.yaml" in l)
+    assert "usable now: coco (coco-json), h36m (spin-npz), mpii (spin-npz)" in out
+    line = next(row for row in out.splitlines() if "up3d/trainval.yaml" in row)
     assert "missing" in line
     bad = CliRunner().invoke(app, ["data", "check", str(data_root / "nope")], env={"COLUMNS": "250"})
     assert bad.exit_code == 2 and "not a folder" in bad.output

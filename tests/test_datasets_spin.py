@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.data import DatasetSpec
-from pchmr.core.joints import LSP_14
-from pchmr.core.sample import denormalize_image, validate_sample
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.contracts.sample import denormalize_image, validate_sample
+from pchmr.core.kit.joints import LSP_14
 from pchmr.plugins.datasets.prepared import DatasetFormatError, crop_image
 from pchmr.plugins.datasets.spin_npz import make_spin_npz
 from pchmr.testing.fake_datasets import MARKER_COLORS, write_spin_npz
@@ -50,7 +50,7 @@ def spin(tmp_path_factory):
 
 
 def test_samples_follow_the_schema_and_the_split(spin):
-    scene, data, _ = spin
+    _scene, data, _ = spin
     assert len(data.train) == 8 and len(data.test) == 2
     for split in (data.train, data.test):
         for i in range(len(split)):
@@ -103,7 +103,7 @@ def test_crop_image_is_the_scaled_box_with_zero_padding():
 
 
 def test_each_image_is_decoded_once_and_the_store_is_reused(spin, monkeypatch):
-    scene, data, root = spin
+    _scene, data, root = spin
     import pchmr.plugins.datasets.prepared as prepared
 
     calls = []
@@ -146,7 +146,9 @@ def test_wrong_shape(tmp_path):
     arrays = dict(np.load(scene.files["npz"]))
     arrays["part"] = arrays["part"][:, :17]
     np.savez(scene.files["npz"], **arrays)
-    with pytest.raises(DatasetFormatError, match=r"h36m_train\.npz: 'part' must have shape \(4, 24, 3\), got \(4, 17, 3\)"):
+    with pytest.raises(
+        DatasetFormatError, match=r"h36m_train\.npz: 'part' must have shape \(4, 24, 3\), got \(4, 17, 3\)"
+    ):
         make_spin_npz(_spec(str(scene.files["npz"]), tmp_path), StubBody())
 
 
@@ -162,7 +164,9 @@ def test_millimetres_are_refused(tmp_path):
 def test_missing_image(tmp_path):
     scene = write_spin_npz(tmp_path / "h36m_train.npz", 4)
     (tmp_path / scene.imgname[2]).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"listed in .*h36m_train\.npz do not exist under .*{scene.imgname[2]}"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"listed in .*h36m_train\.npz do not exist under .*{scene.imgname[2]}"
+    ):
         make_spin_npz(_spec(str(scene.files["npz"]), tmp_path), StubBody())
 
 
@@ -185,7 +189,7 @@ def test_path_syntax_errors_name_the_keys(tmp_path):
 
 @pytest.fixture(scope="module")
 def smpl_body(tmp_path_factory):
-    from pchmr.core.bodymodel import BodyModelSpec
+    from pchmr.core.contracts.bodymodel import BodyModelSpec
     from pchmr.plugins.bodymodels.smpl import make_smpl
     from pchmr.testing.fake_smpl import write_fake_smpl
 
@@ -196,14 +200,20 @@ def smpl_body(tmp_path_factory):
 
 def test_smpl_annotations_give_camera_frame_meshes_with_the_smpl_body_model(tmp_path, smpl_body):
     scene = write_spin_npz(tmp_path / "3dpw_test.npz", 5, with_smpl=True, with_3d=False)
-    spec = DatasetSpec(image_size=32, seed=0, cache_dir=tmp_path / "cache",
-                       path=f"train={scene.files['npz']},test={scene.files['npz']}")
+    spec = DatasetSpec(
+        image_size=32,
+        seed=0,
+        cache_dir=tmp_path / "cache",
+        path=f"train={scene.files['npz']},test={scene.files['npz']}",
+    )
     data = make_spin_npz(spec, smpl_body)
     pose, betas = scene.extra["pose"], scene.extra["shape"]
     with torch.no_grad():
-        out = smpl_body(global_orient=torch.tensor(pose[:, :3], dtype=torch.float32),
-                        body_pose=torch.tensor(pose[:, 3:], dtype=torch.float32),
-                        betas=torch.tensor(betas, dtype=torch.float32))
+        out = smpl_body(
+            global_orient=torch.tensor(pose[:, :3], dtype=torch.float32),
+            body_pose=torch.tensor(pose[:, 3:], dtype=torch.float32),
+            betas=torch.tensor(betas, dtype=torch.float32),
+        )
     root = out.joints[:, [3, 2]].mean(1, keepdim=True)
     for i in range(5):
         sample = data.test[i]
@@ -230,8 +240,24 @@ def test_without_smpl_body_model_there_are_no_gt_vertices(tmp_path):
 def test_pchmr_run_trains_and_evaluates_on_a_generated_spin_file(tmp_path, pchmr_cache):
     write_spin_npz(tmp_path / "h36m_train.npz", 20, seed=2)
     env = {**os.environ, "COLUMNS": "200", "PCHMR_CACHE_DIR": pchmr_cache}
-    cmd = [sys.executable, "-m", "pchmr.cli.app", "run", "--dataset", f"spin-npz:{tmp_path / 'h36m_train.npz'}",
-           "--clients", "2", "--per-round", "2", "--rounds", "1", "--batch-size", "8", "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pchmr.cli.app",
+        "run",
+        "--dataset",
+        f"spin-npz:{tmp_path / 'h36m_train.npz'}",
+        "--clients",
+        "2",
+        "--per-round",
+        "2",
+        "--rounds",
+        "1",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     import json
@@ -241,14 +267,16 @@ def test_pchmr_run_trains_and_evaluates_on_a_generated_spin_file(tmp_path, pchmr
 
 
 def test_spin_protocol_poses_gendered_meshes(tmp_path):
-    from pchmr.core.bodymodel import BodyModelSpec
+    from pchmr.core.contracts.bodymodel import BodyModelSpec
     from pchmr.plugins.bodymodels.smpl import make_smpl
     from pchmr.testing.fake_smpl import write_fake_smpl
 
     folder = tmp_path / "smpl"
     for seed, gender in enumerate(("neutral", "male", "female")):
         write_fake_smpl(folder, gender, seed=seed)  # different shape fields per gender
-    bodies = {g: make_smpl(BodyModelSpec(model_dir=str(folder), extra={"gender": g})) for g in ("neutral", "male", "female")}
+    bodies = {
+        g: make_smpl(BodyModelSpec(model_dir=str(folder), extra={"gender": g})) for g in ("neutral", "male", "female")
+    }
     scene = write_spin_npz(tmp_path / "3dpw_test.npz", 4, with_smpl=True, with_3d=False, gender=True)
     location = f"train={scene.files['npz']},test={scene.files['npz']},protocol=spin"
     data = make_spin_npz(DatasetSpec(32, 0, tmp_path / "cache", location), bodies["neutral"])
@@ -257,10 +285,14 @@ def test_spin_protocol_poses_gendered_meshes(tmp_path):
     for i, code in enumerate(scene.extra["gender"]):
         body = bodies["male" if code == "m" else "female"]
         with torch.no_grad():
-            out = body(global_orient=torch.tensor(pose[i : i + 1, :3], dtype=torch.float32),
-                       body_pose=torch.tensor(pose[i : i + 1, 3:], dtype=torch.float32),
-                       betas=torch.tensor(betas[i : i + 1], dtype=torch.float32))
+            out = body(
+                global_orient=torch.tensor(pose[i : i + 1, :3], dtype=torch.float32),
+                body_pose=torch.tensor(pose[i : i + 1, 3:], dtype=torch.float32),
+                betas=torch.tensor(betas[i : i + 1], dtype=torch.float32),
+            )
         expected = out.vertices[0] - out.joints[0, [3, 2]].mean(0)
         torch.testing.assert_close(data.test[i]["vertices"], expected, atol=1e-5, rtol=0)
-    neutral = make_spin_npz(DatasetSpec(32, 0, tmp_path / "cache", location.replace("protocol=spin", "protocol=metro")), bodies["neutral"])
+    neutral = make_spin_npz(
+        DatasetSpec(32, 0, tmp_path / "cache", location.replace("protocol=spin", "protocol=metro")), bodies["neutral"]
+    )
     assert not torch.allclose(neutral.test[0]["vertices"], data.test[0]["vertices"], atol=1e-4)

@@ -3,25 +3,22 @@ the run submitted with ``flwr run``; plus the generated app/connection files che
 own validators."""
 
 import time
-from pathlib import Path
 
 import pytest
 
-from pchmr.core.config import RunConfig
-from pchmr.core.deployment import (
+from pchmr.core.contracts.partition import load_partition
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.federation.common import PARTITION_KEY, RUN_DIR_KEY
+from pchmr.core.engine.federation.deployment import (
     CONNECTION_NAME,
-    DeploymentError,
-    LocalDeployment,
     NodeLocalRunDir,
     client_app,
-    live_in_group,
     prepare_run_dir,
     run_deployment,
     write_app_dir,
     write_flwr_home,
 )
-from pchmr.core.federation import PARTITION_KEY, RUN_DIR_KEY
-from pchmr.core.partition import load_partition
+from pchmr.core.engine.federation.processes import DeploymentError, LocalDeployment, live_in_group
 
 CONFIG = dict(num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=3)
 RUN_TIMEOUT_SECONDS = 300.0  # a bound for a loaded machine; ~60-150 s measured
@@ -118,4 +115,3 @@ def test_a_failed_submission_raises_with_the_log_tail(tmp_path, pchmr_cache):
     # nothing listens on this port: `flwr run` fails to connect and exits without final.json
     with pytest.raises(DeploymentError, match="without writing"):
         run_deployment(rd, "127.0.0.1:9", timeout=120)
-

@@ -10,8 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from pchmr.core.accounting import epsilon
-from pchmr.core.strategy import IncompatibleError, PrivacyBudgetExhausted, StrategyConfig, StrategyParts, UpdateInfo
+from pchmr.core.contracts.strategy import (
+    IncompatibleError,
+    PrivacyBudgetExhausted,
+    StrategyConfig,
+    StrategyParts,
+    UpdateInfo,
+)
+from pchmr.core.kit.accounting import epsilon
 from pchmr.plugins.privacy.dp import (
     DPOptions,
     DPSGDStep,
@@ -89,16 +95,23 @@ def test_server_side_wrapper_clips_weights_equally_and_hides_client_metrics(monk
 
     def reply(w, examples, pid):
         return Message(
-            RecordDict({"arrays": ArrayRecord({"w": torch.tensor(w)}),
-                        "metrics": MetricRecord({"num-examples": examples, "train-loss": 3.0, "partition-id": pid})}),
-            dst_node_id=0, message_type="train",
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({"w": torch.tensor(w)}),
+                    "metrics": MetricRecord({"num-examples": examples, "train-loss": 3.0, "partition-id": pid}),
+                }
+            ),
+            dst_node_id=0,
+            message_type="train",
         )
 
     arrays, metrics = server.aggregate_train(1, [reply([3.0, 4.0], 100.0, 0.0), reply([0.1, 0.0], 1.0, 1.0)])
     # clipped (0.6, 0.8) and (0.1, 0): the EQUAL-weight mean, although the clients hold 100 and 1 examples
     torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([0.35, 0.4]), atol=1e-6, rtol=0)
     assert metrics is None
-    assert all(dict(r.content["metrics"]) == {"num-examples": 1.0, "partition-id": float(i)} for i, r in enumerate(seen[0]))
+    assert all(
+        dict(r.content["metrics"]) == {"num-examples": 1.0, "partition-id": float(i)} for i, r in enumerate(seen[0])
+    )
     with pytest.raises(RuntimeError, match="calibrated for 2 updates, got 1"):
         server.aggregate_train(2, [reply([0.0, 0.0], 1.0, 0.0)])
 
@@ -124,14 +137,16 @@ class _FrozenBNNet(nn.Module):
 
 
 def test_fixed_entries_keep_the_global_values_and_get_no_noise():
-    from pchmr.core.backbone import fixed_state_keys
+    from pchmr.core.kit.state import fixed_state_keys
 
     net = _FrozenBNNet().eval()
     fixed = fixed_state_keys(net)
     assert fixed == {f"encoder.{k}" for k in net.encoder.state_dict()}, "frozen weights and BatchNorm statistics"
     assert not net.training and not net.head.training, "every submodule's mode is restored"
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
-    trained = {k: v + 0.01 if v.is_floating_point() and k.startswith("head") else v.clone() for k, v in global_state.items()}
+    trained = {
+        k: v + 0.01 if v.is_floating_point() and k.startswith("head") else v.clone() for k, v in global_state.items()
+    }
     gen = torch.Generator().manual_seed(0)
     private = privatize_update(trained, global_state, clip=1.0, noise_std=0.05, generator=gen, fixed=fixed)
     for key in fixed:
@@ -139,8 +154,12 @@ def test_fixed_entries_keep_the_global_values_and_get_no_noise():
     assert not torch.equal(private["head.weight"], trained["head.weight"]), "trained entries are noised"
     # without the fixed set, N(0, 0.05²) on variances of 1e-4 would go negative: clamped at 0 instead
     noised = privatize_update(trained, global_state, clip=1.0, noise_std=0.05, generator=gen)
-    assert (noised["encoder.1.running_var"] >= 0).all() and not torch.equal(noised["encoder.1.running_var"], global_state["encoder.1.running_var"])
-    aggregate = dp_fedavg_aggregate(global_state, [trained] * 2, clip=1.0, noise_multiplier=1.0, generator=gen, fixed=fixed)
+    assert (noised["encoder.1.running_var"] >= 0).all() and not torch.equal(
+        noised["encoder.1.running_var"], global_state["encoder.1.running_var"]
+    )
+    aggregate = dp_fedavg_aggregate(
+        global_state, [trained] * 2, clip=1.0, noise_multiplier=1.0, generator=gen, fixed=fixed
+    )
     assert all(torch.equal(aggregate[k], global_state[k]) for k in fixed)
     net.load_state_dict(private)
     assert torch.isfinite(net(torch.randn(2, 3, 8, 8))).all()
@@ -148,7 +167,9 @@ def test_fixed_entries_keep_the_global_values_and_get_no_noise():
 
 def test_the_plugin_learns_the_fixed_entries_from_the_module_it_prepares():
     net = _FrozenBNNet()
-    parts = dp(_fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"placement": "client", "clip": 1.0, "noise-multiplier": 5.0}))
+    parts = dp(
+        _fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"placement": "client", "clip": 1.0, "noise-multiplier": 5.0})
+    )
     parts.prepare_module(net)
     assert parts.server.fixed.keys == {f"encoder.{k}" for k in net.encoder.state_dict()}
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -192,7 +213,13 @@ def test_dp_sgd_clips_each_example_and_the_surrogate_carries_the_gradient():
 def test_options_and_default_delta():
     assert default_delta(10) == 1e-5 and default_delta(10**6) == pytest.approx(10 ** (-6.6))
     opts = parse_options({"clip": 0.5, "noise-multiplier": 2, "target-epsilon": 3, "placement": "client"}, CONFIG)
-    assert (opts.clip, opts.noise_multiplier, opts.target_epsilon, opts.placement, opts.delta) == (0.5, 2.0, 3.0, "client", 1e-5)
+    assert (opts.clip, opts.noise_multiplier, opts.target_epsilon, opts.placement, opts.delta) == (
+        0.5,
+        2.0,
+        3.0,
+        "client",
+        1e-5,
+    )
     for bad, match in [
         ({"clip": 0}, "'clip' must be a number > 0"),
         ({"placement": "edge"}, "'placement' must be one of server, client"),
@@ -219,7 +246,7 @@ def test_incompatible_combinations_are_refused():
     with pytest.raises(IncompatibleError, match="BatchNorm layer"):
         check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
-    from pchmr.plugins.backbones.encoders import build_encoder
+    from pchmr.core.kit.encoders import build_encoder
 
     frozen = build_encoder("small", 64).freeze()  # BatchNorm on running statistics: per-example
     check_per_example_safe(nn.Sequential(frozen, nn.Linear(3, 3)).eval())
@@ -239,7 +266,10 @@ def test_budget_steps_once_per_round_stops_at_target_and_survives_resume():
             parts.before_round(r)
             rounds = r
     assert epsilon(0.1, 1.1, rounds, 1e-5) <= 2.0 < epsilon(0.1, 1.1, rounds + 1, 1e-5)
-    assert parts.round_metrics(rounds) == {"epsilon": pytest.approx(epsilon(0.1, 1.1, rounds, 1e-5), rel=1e-9), "delta": 1e-5}
+    assert parts.round_metrics(rounds) == {
+        "epsilon": pytest.approx(epsilon(0.1, 1.1, rounds, 1e-5), rel=1e-9),
+        "delta": 1e-5,
+    }
     resumed = dp(_fedavg_parts(), cfg)
     resumed.set_state(parts.get_state())
     assert resumed.round_metrics(rounds)["epsilon"] == parts.round_metrics(rounds)["epsilon"]
@@ -260,10 +290,33 @@ def test_cli_run_with_dp_records_epsilon_and_stops_at_target(tmp_path, pchmr_cac
 
     out = tmp_path / "run"
     args = [
-        "run", "--num-train", "48", "--num-test", "16", "--clients", "4", "--per-round", "2", "--rounds", "3",
-        "--batch-size", "16", "--seed", "3", "--out", str(out), "--privacy", "dp",
-        "--privacy-option", "placement=client", "--privacy-option", "clip=0.05",
-        "--privacy-option", "noise-multiplier=0.5", "--privacy-option", "target-epsilon=15",
+        "run",
+        "--num-train",
+        "48",
+        "--num-test",
+        "16",
+        "--clients",
+        "4",
+        "--per-round",
+        "2",
+        "--rounds",
+        "3",
+        "--batch-size",
+        "16",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--privacy",
+        "dp",
+        "--privacy-option",
+        "placement=client",
+        "--privacy-option",
+        "clip=0.05",
+        "--privacy-option",
+        "noise-multiplier=0.5",
+        "--privacy-option",
+        "target-epsilon=15",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -290,7 +343,7 @@ GN_PLUGIN = '''
 """Test-only backbone: FastMETRO with a GroupNorm encoder (RunConfig has no backbone options)."""
 import dataclasses
 
-from pchmr.core.hookspecs import hookimpl
+from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.plugins.backbones.fastmetro import make_fastmetro
 
 
@@ -308,7 +361,7 @@ def pchmr_backbones():
 def groupnorm_backbone(tmp_path, monkeypatch):
     import os
 
-    from pchmr.core.registry import get_registry
+    from pchmr.core.engine.registry import get_registry
 
     (tmp_path / "pchmr_gn_plugin.py").write_text(GN_PLUGIN)
     info = tmp_path / "pchmr_gn-0.1.dist-info"
@@ -325,17 +378,26 @@ def groupnorm_backbone(tmp_path, monkeypatch):
 
 
 def test_example_level_dp_sgd_run_accounts_each_clients_steps(groupnorm_backbone, tmp_path, pchmr_cache):
-    from pchmr.core.config import ConfigError, RunConfig
-    from pchmr.core.partition import load_partition
-    from pchmr.core.run import execute
+    from pchmr.core.contracts.partition import load_partition
+    from pchmr.core.engine.config import ConfigError, RunConfig
+    from pchmr.core.engine.run import execute
 
     base = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=1, batch_size=4, local_epochs=1, seed=3)
     options = {"level": "example", "clip": 1.0, "noise-multiplier": 1.0}
     with pytest.raises((IncompatibleError, ConfigError), match="BatchNorm"):  # a trained BatchNorm CNN: refused
-        execute(RunConfig(**base, privacy="dp", privacy_options=options, encoder_weights=None, out=str(tmp_path / "bn")))
-    result = execute(RunConfig(
-        **base, backbone="fastmetro-gn", privacy="dp", privacy_options=options, encoder_weights=None, out=str(tmp_path / "gn")
-    ))
+        execute(
+            RunConfig(**base, privacy="dp", privacy_options=options, encoder_weights=None, out=str(tmp_path / "bn"))
+        )
+    result = execute(
+        RunConfig(
+            **base,
+            backbone="fastmetro-gn",
+            privacy="dp",
+            privacy_options=options,
+            encoder_weights=None,
+            out=str(tmp_path / "gn"),
+        )
+    )
     rounds = result.run_dir.read_rounds()
     sizes = load_partition(result.run_dir.partition).sizes()
     # per sampled client: ceil(n_i / B) DP-SGD steps at q = B / n_i; ε is the worst client's

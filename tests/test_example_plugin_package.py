@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pchmr.core.registry import PluginLoadError, Registry
+from pchmr.core.engine.registry import PluginLoadError, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "examples" / "plugin-package"
@@ -59,7 +59,9 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(copy of the package's source, directory it was installed into)."""
     root = tmp_path_factory.mktemp("example-plugin-package")
     source, site = root / "source", root / "site"
-    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    shutil.copytree(
+        PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".pytest_cache")
+    )
     pip_install_target(source, site)
     return source, site
 

@@ -6,15 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from pchmr.core.backbone import BackboneOptions, HMROutput, InputError
-from pchmr.core.bodymodel import MeshPyramid
-from pchmr.core.sample import validate_sample
-from pchmr.plugins.backbones.encoders import (
+from pchmr.core.contracts.backbone import BackboneOptions, HMROutput, InputError
+from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.contracts.sample import validate_sample
+from pchmr.core.kit.encoders import (
     FeatureEncoder,
     ResNet50Encoder,
     SmallEncoder,
     build_encoder,
     load_encoder_weights,
+)
+from pchmr.core.kit.transformer import (
+    MultiHeadAttention,
+    fast_dropout,
+    sine_position_encoding,
 )
 from pchmr.plugins.backbones.fastmetro import (
     INIT_CAMERA_SCALE,
@@ -23,7 +28,6 @@ from pchmr.plugins.backbones.fastmetro import (
     pchmr_backbones,
     query_attention_mask,
 )
-from pchmr.plugins.backbones.transformer import MultiHeadAttention, fast_dropout, sine_position_encoding
 from pchmr.testing.toys import ToyBodyModel, toy_batch
 
 SIZE = 64
@@ -194,7 +198,9 @@ def test_fixed_upsampling_drops_exactly_the_learnable_layer() -> None:
     pyramid = _random_pyramid((431, 1723, 6890))
     fixed = FastMETRO(pyramid, 14, _StubEncoder(), 224, 1)
     learned = FastMETRO(pyramid, 14, _StubEncoder(), 224, 1, learned_upsampling=True)
-    assert sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in fixed.parameters()) == 431 * 1723 + 1723
+    assert (
+        sum(p.numel() for p in learned.parameters()) - sum(p.numel() for p in fixed.parameters()) == 431 * 1723 + 1723
+    )
     assert not any(k.startswith("coarse_to_middle") for k in fixed.state_dict())
 
 
@@ -387,7 +393,7 @@ def test_resnet50_state_dict_has_torchvision_key_layout() -> None:
         assert encoder(_images(1, 224)).shape == (1, 2048, 7, 7)
 
 
-def test_encoder_weights_load_from_a_torchvision_style_file(tmp_path) -> None:  # noqa: ANN001
+def test_encoder_weights_load_from_a_torchvision_style_file(tmp_path) -> None:
     source = build_encoder("small", SIZE)
     with torch.no_grad():
         for p in source.parameters():
@@ -497,7 +503,7 @@ def test_attention_dropout_matches_plain_softmax_masked_fill_in_values_and_gradi
     fused = attention(x, x, x, allowed)
     (grad_fused,) = torch.autograd.grad(fused.square().sum(), x)
 
-    from pchmr.plugins.backbones import transformer as tr
+    from pchmr.core.kit import transformer as tr
 
     q, k, v = (attention._split(proj(x)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
     scores = q @ k.transpose(-1, -2) / 8**0.5

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.config import RunConfig
-from pchmr.core.federation import cpus_per_client, sample_clients
-from pchmr.core.partition import load_partition
-from pchmr.core.run import execute
+from pchmr.core.contracts.partition import load_partition
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.federation.common import sample_clients
+from pchmr.core.engine.federation.simulation import cpus_per_client
+from pchmr.core.engine.run import execute
 
 CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=2, batch_size=16, local_epochs=1, seed=3)
 
@@ -82,8 +83,16 @@ def test_rounds_record_metrics_bytes_and_sampled_clients(finished_run):
 def test_kept_client_optimizer_continues_where_the_last_round_stopped(tmp_path, pchmr_cache):
     """--client-optimizer keep: the client's AdamW state survives in Flower's node context."""
     config = RunConfig(
-        num_train=32, num_test=8, clients=1, per_round=1, rounds=2, batch_size=16, local_epochs=1, seed=3,
-        client_optimizer="keep", out=str(tmp_path / "keep"),
+        num_train=32,
+        num_test=8,
+        clients=1,
+        per_round=1,
+        rounds=2,
+        batch_size=16,
+        local_epochs=1,
+        seed=3,
+        client_optimizer="keep",
+        out=str(tmp_path / "keep"),
     )
     rounds = execute(config).run_dir.read_rounds()
     assert [r["optimizer_steps"] for r in rounds[1:]] == [2.0, 4.0]
@@ -99,19 +108,21 @@ def test_training_changes_the_global_model_and_final_json_has_the_protocol(finis
     assert final["round0"]["mpjpe_mm"] == rounds[0]["mpjpe_mm"]
     assert final["mpjpe_mm"] != final["round0"]["mpjpe_mm"]
     assert final["protocol"] == {
-        "dataset": "synthetic", "joint_set": "anny-14", "alignment": "mid-hip (root)",
-        "body_model": "anny", "ground_truth": "real",
+        "dataset": "synthetic",
+        "joint_set": "anny-14",
+        "alignment": "mid-hip (root)",
+        "body_model": "anny",
+        "ground_truth": "real",
     }
     assert final["mean_pose_mpjpe_mm"] > 0 and final["mean_pose_pa_mpjpe_mm"] > 0
 
 
 def test_existing_run_directory_is_not_overwritten(finished_run):
-    from pchmr.core.config import ConfigError
+    from pchmr.core.engine.config import ConfigError
 
     result, _ = finished_run
     with pytest.raises(ConfigError, match="already exists and is not empty; pass --resume"):
         execute(RunConfig(**CONFIG, out=str(result.run_dir.path)))
-
 
 
 def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_of_it(tmp_path, pchmr_cache):
@@ -124,8 +135,25 @@ def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_o
 
     out = tmp_path / "run"
     args = [
-        "run", "--num-train", "16", "--num-test", "8", "--clients", "2", "--per-round", "2", "--rounds", "2",
-        "--batch-size", "8", "--lr", "1e30", "--seed", "5", "--out", str(out),
+        "run",
+        "--num-train",
+        "16",
+        "--num-test",
+        "8",
+        "--clients",
+        "2",
+        "--per-round",
+        "2",
+        "--rounds",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e30",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
@@ -140,21 +168,29 @@ def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_o
 
 
 def test_a_non_finite_aggregate_or_prediction_is_refused_with_its_names():
-    from pchmr.core.federation import _check_finite
+    from pchmr.core.engine.federation.server import _check_finite
 
     _check_finite(3, {"a": torch.ones(2), "steps": torch.tensor(4)})
-    with pytest.raises(FloatingPointError, match=r"round 3: .* non-finite values in 2 of 3 entries \(first: b, c\).*--resume"):
-        _check_finite(3, {"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")]), "c": torch.tensor([float("inf")])})
+    with pytest.raises(
+        FloatingPointError, match=r"round 3: .* non-finite values in 2 of 3 entries \(first: b, c\).*--resume"
+    ):
+        _check_finite(
+            3, {"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")]), "c": torch.tensor([float("inf")])}
+        )
 
 
 def test_a_failing_simulation_engine_is_reported_with_its_cause(tmp_path, pchmr_cache, monkeypatch):
     """Ray cannot place a client asking for 100 CPUs: Flower stops with "An error was encountered"
     wrapped twice; the run reports the engine's own reason, promptly."""
-    from pchmr.core import federation
+    from pchmr.core.engine.federation import simulation as federation
 
     monkeypatch.setattr(federation, "cpus_per_client", lambda cpus, per_round: 100.0)
-    cfg = RunConfig(num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=5, out=str(tmp_path / "run"))
-    with pytest.raises(RuntimeError, match=r"Simulation Engine \(Ray\) stopped before the run finished: ValueError: ActorPool is empty"):
+    cfg = RunConfig(
+        num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=5, out=str(tmp_path / "run")
+    )
+    with pytest.raises(
+        RuntimeError, match=r"Simulation Engine \(Ray\) stopped before the run finished: ValueError: ActorPool is empty"
+    ):
         execute(cfg)
     # the ServerApp thread was waiting for its nodes (for up to 600 s): it ends at once instead of
     # holding the process open

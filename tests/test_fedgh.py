@@ -8,9 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pchmr.core.strategy import StrategyConfig, StrategyParts
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.strategies.fedavg import fedavg
-from pchmr.plugins.strategies.fedgh import fedgh, harmonize, pcgrad_coefficients, projection_orders
+from pchmr.plugins.strategies.fedgh import (
+    fedgh,
+    harmonize,
+    pcgrad_coefficients,
+    projection_orders,
+)
 from pchmr.testing.strategies import (
     FakeGrid,
     array_record,
@@ -120,8 +125,10 @@ def test_layer_granularity_projects_each_entry_separately() -> None:
     # Whole model: ⟨Δ1, Δ2⟩ = 9 − 1 = 8 > 0, no projection → b = ½((1, 0) + (−1, 1)) = (0, 0.5).
     # Per layer: "b" conflicts and is harmonized as in the pair test → b = (0.25, 0.75).
     start = {"a": np.zeros(1), "b": np.zeros(2)}
-    updates = [({"a": np.array([3.0]), "b": np.array([1.0, 0.0])}, 1.0),
-               ({"a": np.array([3.0]), "b": np.array([-1.0, 1.0])}, 1.0)]
+    updates = [
+        ({"a": np.array([3.0]), "b": np.array([1.0, 0.0])}, 1.0),
+        ({"a": np.array([3.0]), "b": np.array([-1.0, 1.0])}, 1.0),
+    ]
     model, _ = run_round(make(granularity="model"), 1, start, updates)
     layer, _ = run_round(make(granularity="layer"), 1, start, updates)
     np.testing.assert_allclose(model["b"], [0.0, 0.5], atol=1e-12)
@@ -170,7 +177,9 @@ def test_reply_arrival_order_does_not_matter() -> None:
     for reverse in (False, True):
         parts = make(seed=1)
         with task_identity():
-            messages = list(parts.server.configure_train(1, array_record(ORIGIN), ConfigRecord({}), FakeGrid([1, 2, 3])))
+            messages = list(
+                parts.server.configure_train(1, array_record(ORIGIN), ConfigRecord({}), FakeGrid([1, 2, 3]))
+            )
         messages.sort(key=lambda m: m.metadata.dst_node_id)
         deltas = [(1.0, 0.0), (-1.0, 1.0), (-1.0, -2.0)]
         replies = [make_reply(m, {"w": np.array(d)}, 1.0, pid) for pid, (m, d) in enumerate(zip(messages, deltas))]
@@ -181,7 +190,10 @@ def test_reply_arrival_order_does_not_matter() -> None:
 
 def test_harmonize_keeps_float32_and_averages_integer_buffers() -> None:
     global_arrays = {"w": np.zeros(3, dtype=np.float32), "n": np.array(4, dtype=np.int64)}
-    clients = [{"w": np.array([1, 0, 0], np.float32), "n": np.array(6)}, {"w": np.array([-1, 1, 0], np.float32), "n": np.array(10)}]
+    clients = [
+        {"w": np.array([1, 0, 0], np.float32), "n": np.array(6)},
+        {"w": np.array([-1, 1, 0], np.float32), "n": np.array(10)},
+    ]
     out, stats = harmonize(global_arrays, clients, np.array([0.25, 0.75]), [[1], [0]])
     assert out["w"].dtype == np.float32
     assert float(out["n"]) == pytest.approx(0.25 * 6 + 0.75 * 10)

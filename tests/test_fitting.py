@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.annotate import ObservationBatch
-from pchmr.core.bodymodel import BodyModelSpec
+from pchmr.core.contracts.annotation import ObservationBatch
+from pchmr.core.contracts.bodymodel import BodyModelSpec
 from pchmr.plugins.annotators.bodies import make_fit_body
 from pchmr.plugins.annotators.deposer import make_deposer, make_smplifyx
 from pchmr.plugins.annotators.fitting import (
@@ -22,7 +22,11 @@ from pchmr.plugins.annotators.fitting import (
     geman_mcclure,
     silog,
 )
-from pchmr.plugins.annotators.priors import GaussianMixturePrior, JointLimitPrior, load_smplify_gmm
+from pchmr.plugins.annotators.priors import (
+    GaussianMixturePrior,
+    JointLimitPrior,
+    load_smplify_gmm,
+)
 from pchmr.testing.fake_smpl import write_fake_smpl
 
 
@@ -107,7 +111,9 @@ def test_joint_limits_penalise_only_outside_the_range_plus_the_weak_rest_pull():
 def test_smplify_gmm_pickle_is_loaded_and_a_wrong_layout_refused(tmp_path):
     good = tmp_path / "gmm_08.pkl"
     with good.open("wb") as fh:
-        pickle.dump({"means": np.zeros((2, 69)), "covars": np.stack([np.eye(69)] * 2), "weights": np.array([0.5, 0.5])}, fh)
+        pickle.dump(
+            {"means": np.zeros((2, 69)), "covars": np.stack([np.eye(69)] * 2), "weights": np.array([0.5, 0.5])}, fh
+        )
     prior = load_smplify_gmm(good)
     assert prior.dim == 69
     assert float(prior(torch.ones(1, 69))) == pytest.approx(69 / 2, rel=1e-5)

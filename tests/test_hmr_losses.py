@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pchmr.core.backbone import BackboneOptions
-from pchmr.core.config import ConfigError, RunConfig
-from pchmr.core.hmr import HMRModule
-from pchmr.core.losses import LossWeights
-from pchmr.core.mesh_losses import edge_length_loss, normal_loss
+from pchmr.core.contracts.backbone import BackboneOptions
+from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.losses import LossWeights
+from pchmr.core.engine.mesh_losses import edge_length_loss, normal_loss
+from pchmr.core.engine.module import HMRModule
 from pchmr.plugins.backbones.fastmetro import make_fastmetro
 from pchmr.testing.toys import ToyBodyModel, toy_batch
 
@@ -37,11 +37,17 @@ def test_loss_is_the_weighted_sum_of_fastmetros_terms_with_mesh_terms_on_the_mid
     middle = body.pyramid().levels - 2
     gt_middle = module.pyramid.downsample(batch["vertices"], middle)
     faces = module.pyramid.faces[middle]
-    assert torch.allclose(terms["edge"], edge_length_loss(out.vertices[middle], gt_middle, faces, batch["has_vertices"]))
+    assert torch.allclose(
+        terms["edge"], edge_length_loss(out.vertices[middle], gt_middle, faces, batch["has_vertices"])
+    )
     assert torch.allclose(terms["normal"], normal_loss(out.vertices[middle], gt_middle, faces, batch["has_vertices"]))
     expected = (
-        1000 * terms["joints_3d"] + 1000 * terms["reg_joints_3d"] + 100 * terms["vertices"]
-        + 100 * terms["joints_2d"] + 500 * terms["edge"] + 10 * terms["normal"]
+        1000 * terms["joints_3d"]
+        + 1000 * terms["reg_joints_3d"]
+        + 100 * terms["vertices"]
+        + 100 * terms["joints_2d"]
+        + 500 * terms["edge"]
+        + 10 * terms["normal"]
     )
     assert torch.allclose(terms["loss"], expected, rtol=1e-5)
     assert terms["edge"] > 0 and terms["normal"] > 0
@@ -55,7 +61,9 @@ def test_weights_come_from_overrides_and_zero_drops_the_mesh_terms(body: ToyBody
     with torch.no_grad():
         terms = module.compute_losses(batch, module(batch["image"]))
     assert "edge" not in terms
-    expected = 1000 * terms["joints_3d"] + 1000 * terms["reg_joints_3d"] + 100 * terms["vertices"] + 7.5 * terms["joints_2d"]
+    expected = (
+        1000 * terms["joints_3d"] + 1000 * terms["reg_joints_3d"] + 100 * terms["vertices"] + 7.5 * terms["joints_2d"]
+    )
     assert torch.allclose(terms["loss"], expected, rtol=1e-5)
 
 
@@ -74,7 +82,7 @@ def test_run_config_validates_and_records_loss_weights() -> None:
 
 
 def test_evaluation_refuses_non_finite_predictions_by_name(body: ToyBodyModel) -> None:
-    from pchmr.core.hmr import evaluate
+    from pchmr.core.engine.evaluation import evaluate
 
     module = _module(body)
     batch = toy_batch(body, 3, SIZE, torch.Generator().manual_seed(4))

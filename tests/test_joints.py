@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pchmr.core.joints import (
+from pchmr.core.kit.joints import (
     COCO_17,
     H36M_17,
     J24,
@@ -18,8 +18,16 @@ from pchmr.core.joints import (
 
 
 def test_sizes_and_the_body_models_evaluation_set():
-    sizes = {"lsp-14": 14, "j24": 24, "h36m-17": 17, "coco-17": 17, "openpose-25": 25, "openpose-18": 18,
-             "mpii-16": 16, "smpl-24": 24}
+    sizes = {
+        "lsp-14": 14,
+        "j24": 24,
+        "h36m-17": 17,
+        "coco-17": 17,
+        "openpose-25": 25,
+        "openpose-18": 18,
+        "mpii-16": 16,
+        "smpl-24": 24,
+    }
     assert {k: len(v) for k, v in JOINT_SETS.items()} == sizes
     for names in JOINT_SETS.values():
         assert len(set(names)) == len(names)
@@ -31,7 +39,7 @@ def test_sizes_and_the_body_models_evaluation_set():
 def test_h36m_to_lsp_matches_metro_and_j24_matches_spin():
     # METRO/FastMETRO's H36M_J17_TO_J14 and SPIN's J24_TO_J14 (head = J24 18, "Head (H36M)").
     assert [c[0] for c in candidate_indices(H36M_17, LSP_14)] == [3, 2, 1, 4, 5, 6, 16, 15, 14, 11, 12, 13, 8, 10]
-    assert [c[0] for c in candidate_indices(J24, LSP_14)] == list(range(13)) + [18]
+    assert [c[0] for c in candidate_indices(J24, LSP_14)] == [*list(range(13)), 18]
     assert candidate_indices(J24, ["head"]) == [(18, 13)]  # LSP's head top is the fallback
 
 

@@ -9,9 +9,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pchmr.core.config import ConfigError, RunConfig
-from pchmr.core.federation import _OptimizerCarry
-from pchmr.core.hmr import LearningRate, lr_factor, make_trainer
+from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.federation.client import _OptimizerCarry
+from pchmr.core.engine.trainer import LearningRate, lr_factor, make_trainer
 
 
 def test_cosine_starts_at_the_full_rate_and_ends_small_but_not_zero() -> None:
@@ -38,7 +38,7 @@ class _Tiny(pl.LightningModule):
         self.layer = torch.nn.Linear(2, 1)
         self.rates: list[tuple[int, float]] = []
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         self.rates.append((self.current_epoch, self.trainer.optimizers[0].param_groups[0]["lr"]))
         x, y = batch
         return torch.nn.functional.mse_loss(self.layer(x), y)

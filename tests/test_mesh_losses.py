@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pchmr.core.mesh_losses import edge_length_loss, normal_loss, unique_edges
+from pchmr.core.engine.mesh_losses import edge_length_loss, normal_loss, unique_edges
 
 TRIANGLE = torch.tensor([[0, 1, 2]])
 #: A unit square split along its diagonal 1–2: five unique edges, the diagonal shared.

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.metrics import MPJPE, PAMPJPE, PCK, mpjpe, mpvpe, pa_mpjpe, pck, procrustes_align, root_align
+from pchmr.core.kit.metrics import (
+    MPJPE,
+    PAMPJPE,
+    PCK,
+    mpjpe,
+    mpvpe,
+    pa_mpjpe,
+    pck,
+    procrustes_align,
+    root_align,
+)
 
 
 def numpy_procrustes(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:

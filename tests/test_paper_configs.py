@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.config import ConfigError, RunConfig, load_config_file
-from pchmr.core.federation import build_strategy
-from pchmr.core.registry import get_registry
+from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+from pchmr.core.engine.federation.common import build_strategy
+from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.datasets.synthetic import SCENES, SOURCES
 from pchmr.plugins.partitioners import cnn_cluster
 

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pchmr.cli.app import app
-from pchmr.core.partition import load_partition
+from pchmr.core.contracts.partition import load_partition
 from pchmr.report import gini
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,17 +73,32 @@ def test_cnn_cluster_also_plots_the_feature_embedding(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--partitioner", "natural", "--clients", "20"], r"natural partition by 'scene' has \d values; --clients must be \d, got 20"),
-        (["--partitioner", "lda", "--partition-option", "alpha=0"], r"lda: alpha=0 is out of range; expected a number > 0"),
+        (
+            ["--partitioner", "natural", "--clients", "20"],
+            r"natural partition by 'scene' has \d values; --clients must be \d, got 20",
+        ),
+        (
+            ["--partitioner", "lda", "--partition-option", "alpha=0"],
+            r"lda: alpha=0 is out of range; expected a number > 0",
+        ),
         (["--partitioner", "lda", "--partition-option", "alpha=-1.5"], r"alpha=-1.5 is out of range"),
-        (["--partitioner", "lda", "--partition-option", "label=colour"],
-         r"lda: no label 'colour' in this dataset; label= must be one of: action, scene, source, subject"),
+        (
+            ["--partitioner", "lda", "--partition-option", "label=colour"],
+            r"lda: no label 'colour' in this dataset; label= must be one of: action, scene, source, subject",
+        ),
         (["--label", "colour"], r"--label 'colour' is not a label of this dataset; choose one of: action, scene"),
         (["--partitioner", "ldaa"], r"no partitioner named 'ldaa'"),
         (["--scale", "smoke"], r"--scale needs --config"),
     ],
-    ids=["natural-too-many-clients", "lda-alpha-0", "lda-alpha-negative", "unknown-label-option", "unknown-plot-label",
-         "unknown-partitioner", "scale-without-config"],
+    ids=[
+        "natural-too-many-clients",
+        "lda-alpha-0",
+        "lda-alpha-negative",
+        "unknown-label-option",
+        "unknown-plot-label",
+        "unknown-partitioner",
+        "scale-without-config",
+    ],
 )
 def test_bad_input_exits_2_with_a_clear_message_and_writes_nothing(tmp_path, args, message):
     result = invoke(*args, "--seed", "3", "--out", str(tmp_path / "out"))

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 
-from pchmr.core.partition import PartitionError, load_partition, save_partition
+from pchmr.core.contracts.partition import (
+    PartitionError,
+    load_partition,
+    save_partition,
+)
 from pchmr.plugins.partitioners.iid import iid
 
 
@@ -16,7 +20,9 @@ class FakeData:
 
 
 def labels(n):
-    return FakeData({"source": np.array([("a", "b")[i % 2] for i in range(n)]), "subject": np.array([str(i % 7) for i in range(n)])})
+    return FakeData(
+        {"source": np.array([("a", "b")[i % 2] for i in range(n)]), "subject": np.array([str(i % 7) for i in range(n)])}
+    )
 
 
 def test_iid_covers_every_sample_once_in_near_equal_clients():

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pytest
 
-from pchmr.core.data import HMRData
-from pchmr.core.partition import Partition, PartitionError
-from pchmr.core.registry import get_registry
-from pchmr.testing.partitioners import CONTRACT_CLIENTS, PartitionerContract, PartitionerFn, contract_data
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.partition import Partition, PartitionError
+from pchmr.core.engine.registry import get_registry
+from pchmr.testing.partitioners import (
+    CONTRACT_CLIENTS,
+    PartitionerContract,
+    PartitionerFn,
+    contract_data,
+)
 
 #: Built-in partitioner → (valid options, bad options {description: (options, message regex)}).
 BUILTIN_CASES: dict[str, tuple[dict, dict]] = {
@@ -95,36 +100,36 @@ def sound(data: HMRData, num_clients: int, seed: int, options: Mapping[str, obje
     return Partition(_dealt(n, num_clients, order), "sound", {"seed": seed})
 
 
-def global_rng(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def global_rng(data, num_clients, seed, options):
     order = np.random.permutation(len(data.train))  # numpy's global generator, not the seed
     return Partition(_dealt(len(data.train), num_clients, order), "global", {"seed": seed})
 
 
-def drops_the_last_sample(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def drops_the_last_sample(data, num_clients, seed, options):
     order = np.random.default_rng(seed).permutation(len(data.train) - 1)
     return Partition(_dealt(len(data.train), num_clients, order), "drops", {"seed": seed})
 
 
-def unsorted(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def unsorted(data, num_clients, seed, options):
     order = np.random.default_rng(seed).permutation(len(data.train))
     return Partition(tuple(order[c::num_clients].astype(np.int64) for c in range(num_clients)), "unsorted", {})
 
 
-def forgets_the_seed(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def forgets_the_seed(data, num_clients, seed, options):
     order = np.arange(len(data.train))
     return Partition(_dealt(len(data.train), num_clients, order), "fixed", {})
 
 
-def ignores_options(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def ignores_options(data, num_clients, seed, options):
     return sound(data, num_clients, seed, {})
 
 
-def shuffles_labels(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def shuffles_labels(data, num_clients, seed, options):
     np.random.default_rng(seed).shuffle(data.labels["source"])  # in place: the caller's labels change
     return sound(data, num_clients, seed, {})
 
 
-def numpy_errors(data, num_clients, seed, options):  # noqa: ANN001, ANN201
+def numpy_errors(data, num_clients, seed, options):
     order = np.random.default_rng(seed).permutation(len(data.train))
     chunks = np.array_split(order, num_clients)  # 0 → "number sections must be larger than 0."
     return Partition(tuple(np.sort(c).astype(np.int64) for c in chunks), "numpy", {"seed": seed})
@@ -171,7 +176,7 @@ def test_a_sound_partitioner_passes(check: str, data: HMRData, tmp_path: Path) -
     ],
     ids=lambda value: getattr(value, "__name__", None),
 )
-def test_the_suite_catches_a_broken_partitioner(flawed, check: str, message: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_the_suite_catches_a_broken_partitioner(flawed, check: str, message: str, tmp_path: Path) -> None:
     with pytest.raises((AssertionError, pytest.fail.Exception), match=message):
         _run(check, flawed, contract_data(), tmp_path)  # fresh data: a flaw may modify it
 

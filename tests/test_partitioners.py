@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.partition import Partition, PartitionError, save_partition
+from pchmr.core.contracts.partition import Partition, PartitionError, save_partition
 from pchmr.plugins.partitioners.by_source import allocate_clients, by_source
 from pchmr.plugins.partitioners.cnn_cluster import assign_clusters, cnn_cluster
 from pchmr.plugins.partitioners.lda import lda
@@ -200,7 +200,7 @@ def test_cnn_cluster_refuses_fewer_clusters_than_clients_and_missing_weights():
 
 
 def test_cnn_cluster_loads_encoder_weights_and_records_their_hash(tmp_path):
-    from pchmr.plugins.backbones.encoders import SmallEncoder
+    from pchmr.core.kit.encoders import SmallEncoder
 
     path = tmp_path / "small.pt"
     torch.save(SmallEncoder(32).state_dict(), path)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pchmr.cli.annotate import fine_tune, resolve_checkpoint, resolve_local_data
-from pchmr.plugins.annotators.pipeline import Annotated, write_pseudo_labels
+from pchmr.core.engine.annotation import Annotated, write_pseudo_labels
 
 
 def _labels(tmp_path, n: int, body_model, offset: float):
@@ -37,8 +37,8 @@ def test_checkpoint_and_data_paths_are_checked_with_the_next_step(tmp_path):
 
 
 def test_fine_tune_splits_80_20_and_reports_both_ground_truths(tmp_path, pchmr_cache):
-    from pchmr.core.config import RunConfig
-    from pchmr.core.experiment import build_components
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.config import RunConfig
 
     cfg = RunConfig(num_train=4, num_test=2, cache_dir=pchmr_cache)
     components = build_components(cfg)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pchmr.core import pretrain
-from pchmr.core.backbone import BackboneOptions
-from pchmr.core.config import ConfigError, RunConfig
-from pchmr.core.registry import get_registry
+from pchmr.core.contracts.backbone import BackboneOptions
+from pchmr.core.engine import pretrain
+from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.bodymodels.anny import make_anny
 
 SAMPLES = 24
@@ -85,7 +85,7 @@ def test_the_encoder_is_frozen_by_default_exactly_when_pretrained_weights_are_lo
 
 
 def test_the_frozen_encoder_reaches_the_backbone_and_the_optimizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pchmr.core.experiment import Components
+    from pchmr.core.engine.components import Components
 
     captured: list[BackboneOptions] = []
     real = get_registry().get("backbone", "fastmetro")

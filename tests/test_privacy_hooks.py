@@ -22,11 +22,13 @@ from collections import defaultdict
 import pytest
 import torch
 
-from pchmr.core.config import RunConfig
-from pchmr.core.federation import _chain, failure_message, ordered_replies, sample_clients
-from pchmr.core.registry import get_registry
-from pchmr.core.run import execute
-from pchmr.core.strategy import PrivacyBudgetExhausted, StrategyParts
+from pchmr.core.contracts.strategy import PrivacyBudgetExhausted, StrategyParts
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.federation.client import _chain
+from pchmr.core.engine.federation.common import sample_clients
+from pchmr.core.engine.registry import get_registry
+from pchmr.core.engine.run import execute
+from pchmr.core.kit.federation import failure_message, ordered_replies
 
 CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=3, batch_size=16, seed=3)
 SHIFT = 1e-3
@@ -41,9 +43,10 @@ PLUGIN = textwrap.dedent(
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.common import MessageType
 
-    from pchmr.core.federation import message_stage, ordered_replies, state_nbytes, train_locally
-    from pchmr.core.hookspecs import hookimpl
-    from pchmr.core.strategy import STAGE_KEY, PrivacyBudgetExhausted, RoundResult, StrategyParts
+    from pchmr.core.kit.federation import message_stage, ordered_replies, state_nbytes
+    from pchmr.core.engine.federation.client import train_locally
+    from pchmr.core.contracts.hookspecs import hookimpl
+    from pchmr.core.contracts.strategy import STAGE_KEY, PrivacyBudgetExhausted, RoundResult, StrategyParts
 
     SHIFT = %(shift)r
     STOP_MESSAGE = %(stop)r
@@ -184,7 +187,9 @@ def test_protocol_round_reaches_client_handlers_and_transforms(stopped_run):
     assert len(floats) > 10
     for key in floats:  # integer buffers (BatchNorm's step counts) are the trained clients' own
         expected = global_1[key] + SHIFT
-        torch.testing.assert_close(model[key], expected, rtol=0, atol=1e-6, msg=lambda m: f"{key}: not global + {SHIFT}: {m}")
+        torch.testing.assert_close(
+            model[key], expected, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: not global + {SHIFT}: {m}"
+        )
     model_bytes = sum(t.numel() * t.element_size() for t in model.values())
     assert first["bytes_sent"] == first["bytes_received"] == 2 * model_bytes
 
@@ -241,7 +246,10 @@ def test_ordered_replies_sorts_by_partition_and_reports_failures():
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() File \"x.py\", line 1\n"
            "FloatingPointError: nan\nflwr.clientapp.client_app.ClientAppException: \nException ClientAppException occurred. "
            "Message: training loss became nan at batch 0'>")  # fmt: skip
-    assert failure_message(3, [_Reply(12, ray)], 2) == "round 3: 1 of 2 clients failed (train): node 12: training loss became nan at batch 0"
+    assert (
+        failure_message(3, [_Reply(12, ray)], 2)
+        == "round 3: 1 of 2 clients failed (train): node 12: training loss became nan at batch 0"
+    )
 
 
 def test_mod_chain_runs_the_first_mod_outermost():
@@ -253,6 +261,7 @@ def test_mod_chain_runs_the_first_mod_outermost():
             out = call_next(msg, ctx)
             trace.append(f"<{label}")
             return out + label
+
         return run
 
     handler = _chain([mod("a"), mod("b")], lambda msg, ctx: trace.append("h") or "")

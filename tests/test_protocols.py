@@ -16,16 +16,21 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pchmr.core import joints as joints_module
-from pchmr.core.backbone import Backbone, HMROutput
-from pchmr.core.bodymodel import BodyModelSpec
-from pchmr.core.config import RunConfig
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.experiment import Components
-from pchmr.core.hmr import HMRModule
-from pchmr.core.joints import LSP_14, ProtocolFallbackWarning, apply_protocol, get_protocol
-from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe, pck
-from pchmr.core.sample import SampleError, validate_sample
+from pchmr.core.contracts.backbone import Backbone, HMROutput
+from pchmr.core.contracts.bodymodel import BodyModelSpec
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.sample import SampleError, validate_sample
+from pchmr.core.engine.components import Components
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.module import HMRModule
+from pchmr.core.kit import joints as joints_module
+from pchmr.core.kit.joints import (
+    LSP_14,
+    ProtocolFallbackWarning,
+    apply_protocol,
+    get_protocol,
+)
+from pchmr.core.kit.metrics import mpjpe, mpvpe, pa_mpjpe, pck
 from pchmr.plugins.bodymodels.smpl import LSP_FROM_H36M, make_smpl
 from pchmr.plugins.datasets.spin_npz import make_spin_npz
 from pchmr.testing.fake_datasets import write_spin_npz
@@ -83,7 +88,9 @@ def _module(body, alignment):
 
 
 def _metrics(module, batch, vertices):
-    out = HMROutput(joints=torch.zeros(len(vertices), 14, 3), vertices=(vertices,), camera=torch.zeros(len(vertices), 3))
+    out = HMROutput(
+        joints=torch.zeros(len(vertices), 14, 3), vertices=(vertices,), camera=torch.zeros(len(vertices), 3)
+    )
     module.update_metrics(batch, out)
     return {k: float(m.compute()) for k, m in module.val_metrics.items() if m.update_called}
 
@@ -262,7 +269,7 @@ def test_samples_without_a_gt_pelvis_fall_back_to_the_mid_hip_and_are_counted(h3
 def test_the_mean_pose_baseline_is_rooted_like_the_evaluation(h36m_file, bodies):
     """Under a pelvis protocol the constant prediction is the mean pelvis-relative pose, scored
     against pelvis-relative GT joints (mid-hip where a sample has no GT pelvis)."""
-    from pchmr.core.experiment import mean_pose_baselines
+    from pchmr.core.engine.evaluation import mean_pose_baselines
 
     scene, _ = h36m_file
     data = _data(h36m_file, bodies[0], "spin")

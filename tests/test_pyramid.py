@@ -10,9 +10,9 @@ import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
-from pchmr.core import pyramid as pyramid_module
-from pchmr.core.bodymodel import MeshPyramid
-from pchmr.core.pyramid import (
+from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.kit import pyramid as pyramid_module
+from pchmr.core.kit.pyramid import (
     PYRAMID_METHOD,
     build_pyramid,
     cached_pyramid,
@@ -28,16 +28,47 @@ def icosphere(subdivisions: int, radius: float = 1.0, centre=(0.0, 0.0, 0.0)) ->
     """Icosahedron subdivided ``subdivisions`` times, vertices pushed onto the sphere:
     10 * 4**s + 2 vertices, 20 * 4**s triangles."""
     t = (1.0 + 5.0**0.5) / 2.0
-    verts = [(-1, t, 0), (1, t, 0), (-1, -t, 0), (1, -t, 0), (0, -1, t), (0, 1, t),
-             (0, -1, -t), (0, 1, -t), (t, 0, -1), (t, 0, 1), (-t, 0, -1), (-t, 0, 1)]
-    faces = [(0, 11, 5), (0, 5, 1), (0, 1, 7), (0, 7, 10), (0, 10, 11), (1, 5, 9), (5, 11, 4),
-             (11, 10, 2), (10, 7, 6), (7, 1, 8), (3, 9, 4), (3, 4, 2), (3, 2, 6), (3, 6, 8),
-             (3, 8, 9), (4, 9, 5), (2, 4, 11), (6, 2, 10), (8, 6, 7), (9, 8, 1)]
+    verts = [
+        (-1, t, 0),
+        (1, t, 0),
+        (-1, -t, 0),
+        (1, -t, 0),
+        (0, -1, t),
+        (0, 1, t),
+        (0, -1, -t),
+        (0, 1, -t),
+        (t, 0, -1),
+        (t, 0, 1),
+        (-t, 0, -1),
+        (-t, 0, 1),
+    ]
+    faces = [
+        (0, 11, 5),
+        (0, 5, 1),
+        (0, 1, 7),
+        (0, 7, 10),
+        (0, 10, 11),
+        (1, 5, 9),
+        (5, 11, 4),
+        (11, 10, 2),
+        (10, 7, 6),
+        (7, 1, 8),
+        (3, 9, 4),
+        (3, 4, 2),
+        (3, 2, 6),
+        (3, 6, 8),
+        (3, 8, 9),
+        (4, 9, 5),
+        (2, 4, 11),
+        (6, 2, 10),
+        (8, 6, 7),
+        (9, 8, 1),
+    ]
     points = [np.array(v, dtype=np.float64) / np.linalg.norm(v) for v in verts]
     for _ in range(subdivisions):
         midpoint: dict[tuple[int, int], int] = {}
 
-        def middle(a: int, b: int) -> int:
+        def middle(a: int, b: int, midpoint: dict[tuple[int, int], int] = midpoint) -> int:
             key = (min(a, b), max(a, b))
             if key not in midpoint:
                 m = points[a] + points[b]
@@ -45,9 +76,16 @@ def icosphere(subdivisions: int, radius: float = 1.0, centre=(0.0, 0.0, 0.0)) ->
                 midpoint[key] = len(points) - 1
             return midpoint[key]
 
-        faces = [tri for a, b, c in faces
-                 for tri in ((a, middle(a, b), middle(c, a)), (b, middle(b, c), middle(a, b)),
-                             (c, middle(c, a), middle(b, c)), (middle(a, b), middle(b, c), middle(c, a)))]
+        faces = [
+            tri
+            for a, b, c in faces
+            for tri in (
+                (a, middle(a, b), middle(c, a)),
+                (b, middle(b, c), middle(a, b)),
+                (c, middle(c, a), middle(b, c)),
+                (middle(a, b), middle(b, c), middle(c, a)),
+            )
+        ]
     return np.array(points) * radius + np.asarray(centre), np.array(faces, dtype=np.int64)
 
 
@@ -91,7 +129,7 @@ def sampled_surface(vertices: np.ndarray, faces: np.ndarray, steps: int = 10) ->
 
 
 def test_level_sizes_are_exactly_the_requested_ones_plus_the_full_mesh(sphere, sphere_pyramid):
-    vertices, faces = sphere
+    _vertices, faces = sphere
 
     assert sphere_pyramid.num_vertices == (100, 400, 2562)
     assert sphere_pyramid.method == PYRAMID_METHOD
@@ -189,13 +227,16 @@ def test_adjacency_is_the_coarse_edge_graph_with_the_diagonal(sphere_pyramid):
 def test_mesh_adjacency_of_two_triangles():
     adjacency = mesh_adjacency(np.array([[0, 1, 2], [0, 2, 3]]), num_vertices=5)
 
-    expected = np.array([
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 0],
-        [1, 0, 1, 1, 0],
-        [0, 0, 0, 0, 1],
-    ], dtype=bool)
+    expected = np.array(
+        [
+            [1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 0, 1, 1, 0],
+            [0, 0, 0, 0, 1],
+        ],
+        dtype=bool,
+    )
     np.testing.assert_array_equal(adjacency.numpy(), expected)
 
 
@@ -318,14 +359,17 @@ def write_fake_graphcmr(path: Path) -> dict[str, list]:
     level i to i+1, U[i] maps level i+1 back to i, A[i] and F[i] belong to level i."""
     d0 = sp.csc_matrix(np.eye(6)[[0, 2, 3, 5]])  # (4, 6)
     d1 = sp.csc_matrix(np.eye(4)[[0, 1, 3]])  # (3, 4)
-    u0 = sp.csc_matrix(np.array([[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 1, 0, 0],
-                                 [0, 0, 1, 0], [0, 0, 0.25, 0.75], [0, 0, 0, 1]]))  # (6, 4)
+    u0 = sp.csc_matrix(
+        np.array([[1, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0.25, 0.75], [0, 0, 0, 1]])
+    )  # (6, 4)
     u1 = sp.csc_matrix(np.array([[1, 0, 0], [0, 1, 0], [0.2, 0.3, 0.5], [0, 0, 1]]))  # (4, 3)
     f0 = np.array([[0, 1, 2], [1, 3, 2], [2, 3, 4], [3, 5, 4]], dtype=np.int32)
     f1 = np.array([[0, 1, 2], [1, 3, 2]], dtype=np.int32)
     f2 = np.array([[0, 1, 2]], dtype=np.int32)
-    adjacency = [sp.csc_matrix(mesh_adjacency(f, n).numpy().astype(np.float32) - np.eye(n))
-                 for f, n in ((f0, 6), (f1, 4), (f2, 3))]
+    adjacency = [
+        sp.csc_matrix(mesh_adjacency(f, n).numpy().astype(np.float32) - np.eye(n))
+        for f, n in ((f0, 6), (f1, 4), (f2, 3))
+    ]
     layout = {"A": adjacency, "U": [u0, u1], "D": [d0, d1], "F": [f0, f1, f2]}
     np.savez(path, **{name: object_array(items) for name, items in layout.items()})
     return layout
@@ -350,8 +394,9 @@ def test_graphcmr_file_is_read_coarse_first(tmp_path):
     # = [0, 2, 3.1, 5]; full = [0, (0+2)/2, 2, 3.1, 0.25*3.1 + 0.75*5, 5].
     full = torch.arange(6, dtype=torch.float32).reshape(1, 6, 1)
     assert pyr.downsample(full, 0).flatten().tolist() == [0.0, 2.0, 5.0]
-    np.testing.assert_allclose(pyr.upsample(pyr.downsample(full, 0), 0).flatten().numpy(),
-                               [0.0, 1.0, 2.0, 3.1, 4.525, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(
+        pyr.upsample(pyr.downsample(full, 0), 0).flatten().numpy(), [0.0, 1.0, 2.0, 3.1, 4.525, 5.0], rtol=1e-6
+    )
 
 
 def test_graphcmr_file_without_faces_is_refused(tmp_path):

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from pchmr.cli.report import report
-from pchmr.core.config import RunConfig
+from pchmr.core.engine.config import RunConfig
 from pchmr.report.convergence import curve, plot_convergence
 from pchmr.report.tables import (
     ReportError,

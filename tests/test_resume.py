@@ -33,14 +33,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pchmr.core import federation
-from pchmr.core.federation import DISCOVERY_PROBES, PARTITION_KEY, FederatedServer
+from pchmr.core.engine.federation import server as federation
+from pchmr.core.engine.federation.common import PARTITION_KEY
+from pchmr.core.engine.federation.server import DISCOVERY_PROBES, FederatedServer
 from pchmr.testing.strategies import task_identity
 
 PCHMR = Path(sys.executable).parent / "pchmr"
 RUN_ARGS = (
-    "--num-train", "32", "--num-test", "16", "--clients", "4", "--per-round", "2", "--rounds", "3",
-    "--batch-size", "16", "--seed", "5",
+    "--num-train",
+    "32",
+    "--num-test",
+    "16",
+    "--clients",
+    "4",
+    "--per-round",
+    "2",
+    "--rounds",
+    "3",
+    "--batch-size",
+    "16",
+    "--seed",
+    "5",
 )
 METRICS = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck")
 RUN_TIMEOUT = 900.0
@@ -69,7 +82,7 @@ PAUSE_HOOK = textwrap.dedent(
                 time.sleep(60)
 
         if _POINT == "evaluate":
-            from pchmr.core import federation as _federation
+            from pchmr.core.engine.federation import server as _federation
 
             _evaluate = _federation.FederatedServer.evaluate
 
@@ -79,7 +92,7 @@ PAUSE_HOOK = textwrap.dedent(
 
             _federation.FederatedServer.evaluate = _evaluate_then_pause
         elif _POINT == "summarize":
-            from pchmr.core import rundir as _rundir
+            from pchmr.core.engine import rundir as _rundir
 
             _rundir.RunDir.summarize = lambda self, *args, **kwargs: _pause()
     '''
@@ -136,7 +149,9 @@ def _exited(proc: subprocess.Popen, log: Path, what: str) -> Exception:
     return AssertionError(f"pchmr exited ({proc.returncode}) {what}:\n{text[-3000:]}")
 
 
-def _phase(args: list[str], cwd: Path, log: Path, pause: str | None = None, kill_when=None, fresh: Path | None = None) -> None:
+def _phase(
+    args: list[str], cwd: Path, log: Path, pause: str | None = None, kill_when=None, fresh: Path | None = None
+) -> None:
     """Run ``pchmr run ARGS`` until ``kill_when()`` holds (then SIGKILL it) or, without it, to a clean exit.
 
     ``fresh``: a run directory to delete before a repeated attempt (a first run cannot be resumed
@@ -206,7 +221,9 @@ def test_killed_three_times_and_resumed_equals_an_uninterrupted_run(reference, t
     resume = ["--resume", str(run)]
 
     # 1. SIGKILL during round 0's evaluation: no record, no checkpoint yet.
-    _phase([*RUN_ARGS, "--out", str(run)], tmp_path, tmp_path / "log1.txt", f"evaluate={marker}", marker.exists, fresh=run)
+    _phase(
+        [*RUN_ARGS, "--out", str(run)], tmp_path, tmp_path / "log1.txt", f"evaluate={marker}", marker.exists, fresh=run
+    )
     marker.unlink()
     assert (run / "config.json").exists() and (run / "partition.json").exists()
     assert _checkpoint_round(run) == -1 and not (run / "final.json").exists()
@@ -276,7 +293,12 @@ def _flower_task_identity():
 
 
 def _server(clients: int, fast: bool = True) -> SimpleNamespace:
-    server = SimpleNamespace(config=SimpleNamespace(clients=clients, seed=1), fast_discovery=fast)
+    server = SimpleNamespace(
+        config=SimpleNamespace(clients=clients, seed=1),
+        fast_discovery=fast,
+        node_wait_seconds=None,
+        missing_nodes_hint="",
+    )
     server._query_partitions = lambda grid, ids: FederatedServer._query_partitions(server, grid, ids)
     return server
 

@@ -21,14 +21,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from pchmr.core.strategy import IncompatibleError, StrategyConfig, StrategyParts, flower_sampling_kwargs
-from pchmr.plugins.privacy.secagg import (
+from pchmr.core.contracts.strategy import (
+    IncompatibleError,
+    StrategyConfig,
+    StrategyParts,
+)
+from pchmr.core.kit.federation import flower_sampling_kwargs
+from pchmr.plugins.privacy.secagg import secagg
+from pchmr.plugins.privacy.secagg.codec import (
     FixedPointCodec,
     decode_sum,
     encode_update,
     mask_stream,
     read_settings,
-    secagg,
 )
 
 #: |corr| between anything the server receives and any one client's update must stay below this
@@ -57,7 +62,9 @@ class FakeTrainer:
         self.losses = {p: 1.0 + 0.25 * p for p in range(num_clients)}
         self.new_states: dict[int, dict[str, torch.Tensor]] = {}
 
-    def __call__(self, runtime: Any, msg: Message, context: _Context) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def __call__(
+        self, runtime: Any, msg: Message, context: _Context
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         p = int(context.node_config["partition-id"])
         state = msg.content["arrays"].to_torch_state_dict()
         new = {
@@ -66,18 +73,24 @@ class FakeTrainer:
             "count": state["count"] + (p + 2),
         }
         self.new_states[p] = new
-        metrics = {"num-examples": float(self.examples[p]), "train-loss": self.losses[p], "fit-seconds": 0.1,
-                   "partition-id": float(p)}
+        metrics = {
+            "num-examples": float(self.examples[p]),
+            "train-loss": self.losses[p],
+            "fit-seconds": 0.1,
+            "partition-id": float(p),
+        }
         return new, metrics
 
 
 def global_arrays() -> ArrayRecord:
     rng = np.random.default_rng(42)
-    return ArrayRecord({
-        "weight": Array(rng.normal(0, 1, (NUM_VALUES // 30, 30)).astype(np.float32)),
-        "bias": Array(rng.normal(0, 1, 4).astype(np.float32)),
-        "count": Array(np.array(7, dtype=np.int64)),
-    })
+    return ArrayRecord(
+        {
+            "weight": Array(rng.normal(0, 1, (NUM_VALUES // 30, 30)).astype(np.float32)),
+            "bias": Array(rng.normal(0, 1, 4).astype(np.float32)),
+            "count": Array(np.array(7, dtype=np.int64)),
+        }
+    )
 
 
 class InProcessGrid:
@@ -119,7 +132,7 @@ class InProcessGrid:
 
 
 def _stage_of(message: Message) -> str:
-    for name, record in message.content.config_records.items():
+    for record in message.content.config_records.values():
         if "stage" in record:
             return str(record["stage"])
     return "train"
@@ -140,21 +153,29 @@ def plain_fedavg(arrays: ArrayRecord, trainer: FakeTrainer, partitions: list[int
     template = Message(RecordDict({"x": ConfigRecord({})}), dst_node_id=1, message_type="train")
     for p in partitions:
         new = trainer.new_states[p]
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in new.items()}),
-                              "metrics": __import__("flwr").app.MetricRecord({"num-examples": float(trainer.examples[p])})})
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in new.items()}),
+                "metrics": __import__("flwr").app.MetricRecord({"num-examples": float(trainer.examples[p])}),
+            }
+        )
         replies.append(Message(content, reply_to=template))
     result, _ = FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples").aggregate_train(1, replies)
     return {k: v.numpy() for k, v in result.items()}
 
 
-def run_flower_round(num_clients: int = 4, drop: dict[int, str] | None = None, options: dict | None = None,
-                     extra_config: dict | None = None):
+def run_flower_round(
+    num_clients: int = 4,
+    drop: dict[int, str] | None = None,
+    options: dict | None = None,
+    extra_config: dict | None = None,
+):
     trainer = FakeTrainer(num_clients)
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(num_clients, num_clients, 1, 0, options or {}))
     handler = next(iter(wrapped.client_handlers.values()))
     handler.train = trainer
-    grid = InProcessGrid({p: handler for p in range(num_clients)}, drop)
+    grid = InProcessGrid(dict.fromkeys(range(num_clients), handler), drop)
     arrays = global_arrays()
     config = ConfigRecord({"server-round": 1, "local-epochs": 1, **(extra_config or {})})
     result = wrapped.round_protocol.run_round(grid, 1, arrays, config, 60.0)
@@ -176,7 +197,9 @@ def _received_vectors(received: list[RecordDict]) -> list[np.ndarray]:
     return out
 
 
-def assert_nothing_reveals_an_update(grid: InProcessGrid, trainer: FakeTrainer, arrays: ArrayRecord, codec: FixedPointCodec) -> int:
+def assert_nothing_reveals_an_update(
+    grid: InProcessGrid, trainer: FakeTrainer, arrays: ArrayRecord, codec: FixedPointCodec
+) -> int:
     """No received payload equals, contains or correlates with any client's update; returns how
     many update-sized payloads were checked."""
     global_state = arrays.to_torch_state_dict()
@@ -222,8 +245,10 @@ def test_mask_stream_uses_the_whole_secret_and_is_deterministic():
 def test_fixed_point_sum_decodes_to_the_weighted_average():
     codec = read_settings({}, 3).codec(3)
     g = {"w": torch.zeros(5), "n": torch.tensor(3)}
-    news = [{"w": torch.tensor([0.5, -0.25, 1.0, 0.0, -8.5]), "n": torch.tensor(5)},
-            {"w": torch.tensor([-0.5, 0.75, 0.0, 2.0, 0.0]), "n": torch.tensor(4)}]
+    news = [
+        {"w": torch.tensor([0.5, -0.25, 1.0, 0.0, -8.5]), "n": torch.tensor(5)},
+        {"w": torch.tensor([-0.5, 0.75, 0.0, 2.0, 0.0]), "n": torch.tensor(4)},
+    ]
     total, layout = None, None
     for new, n, loss in zip(news, (1, 3), (2.0, 4.0)):
         layout, vec = encode_update(codec, g, new, n, {"train-loss": loss, "partition-id": 9.0})
@@ -278,7 +303,7 @@ def test_strategies_comparing_individual_updates_are_refused():
 # the flower backend
 # --------------------------------------------------------------------------------------
 def test_flower_secure_round_equals_fedavg_and_reveals_no_update():
-    trainer, grid, arrays, result, wrapped = run_flower_round(4)
+    trainer, grid, arrays, result, _wrapped = run_flower_round(4)
     codec = read_settings({}, 4).codec(4)
     expected = plain_fedavg(arrays, trainer, [0, 1, 2, 3])
     got = {k: v.numpy() for k, v in result.arrays.items()}
@@ -288,7 +313,8 @@ def test_flower_secure_round_equals_fedavg_and_reveals_no_update():
     assert np.max(np.abs(got["bias"] - expected["bias"])) <= tolerance
     assert float(got["count"]) == pytest.approx(float(expected["count"]))
     # weighted train loss: Σ n_p loss_p / Σ n_p
-    n = np.array([5, 8, 11, 14]); loss = 1.0 + 0.25 * np.arange(4)
+    n = np.array([5, 8, 11, 14])
+    loss = 1.0 + 0.25 * np.arange(4)
     assert result.metrics["train-loss"] == pytest.approx(float((n * loss).sum() / n.sum()), abs=1e-6)
     assert result.metrics["secagg-clients"] == 4 and result.metrics["secagg-dropped"] == 0
     assert result.bytes_received > 4 * NUM_VALUES * 8 and result.bytes_sent > 4 * NUM_VALUES * 4
@@ -348,11 +374,13 @@ def crypten_parts():
     wrapped.round_protocol.close()
 
 
-def run_crypten_round(wrapped: StrategyParts, num_clients: int, drop: dict[int, str] | None = None, server_round: int = 1):
+def run_crypten_round(
+    wrapped: StrategyParts, num_clients: int, drop: dict[int, str] | None = None, server_round: int = 1
+):
     trainer = FakeTrainer(num_clients, seed=server_round)
     handler = next(iter(wrapped.client_handlers.values()))
     handler.train = trainer
-    grid = InProcessGrid({p: handler for p in range(num_clients)}, drop)
+    grid = InProcessGrid(dict.fromkeys(range(num_clients), handler), drop)
     arrays = global_arrays()
     config = ConfigRecord({"server-round": server_round, "local-epochs": 1})
     return trainer, grid, arrays, wrapped.round_protocol.run_round(grid, server_round, arrays, config, 120.0)
@@ -371,7 +399,8 @@ def test_crypten_secure_round_equals_fedavg_and_reveals_no_update(crypten_parts)
     got = {k: v.numpy() for k, v in result.arrays.items()}
     assert np.max(np.abs(got["weight"] - expected["weight"])) <= _crypten_tolerance(codec, trainer, expected["weight"])
     assert float(got["count"]) == pytest.approx(float(expected["count"]), abs=1e-5)
-    n = np.array([5, 8, 11, 14]); loss = 1.0 + 0.25 * np.arange(4)
+    n = np.array([5, 8, 11, 14])
+    loss = 1.0 + 0.25 * np.arange(4)
     assert result.metrics["train-loss"] == pytest.approx(float((n * loss).sum() / n.sum()), abs=1e-5)
     assert result.metrics["secagg-clients"] == 4 and result.metrics["secagg-party-bytes"] >= 4 * NUM_VALUES * 8
     assert assert_nothing_reveals_an_update(grid, trainer, arrays, codec) == 4
@@ -394,8 +423,8 @@ SIM_CONFIG = dict(num_train=36, num_test=12, clients=3, per_round=2, rounds=1, b
 
 
 def _simulate(tmp_path, **changes):
-    from pchmr.core.config import RunConfig
-    from pchmr.core.run import execute
+    from pchmr.core.engine.config import RunConfig
+    from pchmr.core.engine.run import execute
 
     return execute(RunConfig(**SIM_CONFIG, out=str(tmp_path / "run"), **changes))
 

@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from pchmr.core.bodymodel import BodyModelSpec
-from pchmr.core.registry import get_registry
+from pchmr.core.contracts.bodymodel import BodyModelSpec
+from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.bodymodels import smpl as smpl_plugin
 from pchmr.plugins.bodymodels.smpl import (
     JOINT_NAMES,
@@ -224,7 +224,9 @@ def test_missing_folder_is_named(tmp_path: Path) -> None:
 def test_folder_without_a_model_lists_the_accepted_names(tmp_path: Path) -> None:
     (tmp_path / "SMPLX_NEUTRAL.pkl").write_bytes(b"")
     names = r"SMPL_NEUTRAL\.pkl, basicmodel_neutral_lbs_10_207_0_v1\.1\.0\.pkl, basicModel_neutral_lbs_10_207_0_v1\.0\.0\.pkl"
-    with pytest.raises(MissingSMPLFilesError, match=rf"no SMPL model file for gender 'neutral' in {tmp_path}; .*{names}"):
+    with pytest.raises(
+        MissingSMPLFilesError, match=rf"no SMPL model file for gender 'neutral' in {tmp_path}; .*{names}"
+    ):
         make_smpl(BodyModelSpec(model_dir=str(tmp_path)))
     assert issubclass(MissingSMPLFilesError, FileNotFoundError)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pchmr.core.store import (
+from pchmr.core.kit.store import (
     ChecksumMismatchError,
     ChunkSpec,
     IncompleteStoreError,
@@ -47,8 +47,15 @@ class Producer:
 
 
 def build(directory: Path, producer: Producer) -> PreparedStore:
-    return prepare_store(directory, num_samples=N, arrays=arrays(), chunked=CHUNKED, produce=producer,
-                         chunk_size=CHUNK, info={"what": "test"})
+    return prepare_store(
+        directory,
+        num_samples=N,
+        arrays=arrays(),
+        chunked=CHUNKED,
+        produce=producer,
+        chunk_size=CHUNK,
+        info={"what": "test"},
+    )
 
 
 def test_store_round_trip_and_second_call_produces_nothing(tmp_path):
@@ -91,7 +98,7 @@ def test_a_damaged_finished_chunk_is_redone_on_resume(tmp_path):
 _KILLED_WRITER = """
 import sys, time
 import numpy as np
-from pchmr.core.store import ChunkSpec, prepare_store
+from pchmr.core.kit.store import ChunkSpec, prepare_store
 def produce(start, stop):
     time.sleep(0.3)
     idx = np.arange(start, stop, dtype=np.uint8)

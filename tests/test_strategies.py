@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from pchmr.core.strategy import StrategyConfig, StrategyParts
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.strategies.fedavg import fedavg
 from pchmr.plugins.strategies.fedgh import fedgh
 from pchmr.plugins.strategies.fedopt import fedopt
-from pchmr.plugins.strategies.fedprox import DEFAULT_PROXIMAL_MU, fedprox, proximal_penalty, proximal_term
+from pchmr.plugins.strategies.fedprox import (
+    DEFAULT_PROXIMAL_MU,
+    fedprox,
+    proximal_penalty,
+    proximal_term,
+)
 from pchmr.testing.strategies import (
     StrategyContract,
     check_simulation_rounds,
@@ -97,7 +103,9 @@ BUILTIN_SIMULATED = {
 
 
 def test_builtin_strategies_run_in_one_flower_simulation() -> None:
-    factories = {name: (lambda f=factory, o=options: make(f, **o)) for name, (factory, options, _) in BUILTIN_SIMULATED.items()}
+    factories = {
+        name: (lambda f=factory, o=options: make(f, **o)) for name, (factory, options, _) in BUILTIN_SIMULATED.items()
+    }
     results = run_in_flower_simulation(factories)
     for name, (_, _, averages) in BUILTIN_SIMULATED.items():
         check_simulation_rounds(name, results[name], averages)
@@ -113,7 +121,7 @@ def test_builtin_strategies_run_in_one_flower_simulation() -> None:
 
 
 def test_builtin_strategies_register_through_entry_points() -> None:
-    from pchmr.core.registry import get_registry
+    from pchmr.core.engine.registry import get_registry
 
     registry = get_registry()
     for name, factory in {"fedavg": fedavg, "fedprox": fedprox, "fedopt": fedopt, "fedgh": fedgh}.items():
@@ -151,7 +159,9 @@ def test_proximal_term_at_mu_zero_is_exactly_zero_and_changes_no_step() -> None:
 
     plain, proximal = TinyModule([1.0, 2.0], 0.0, [0.0, 4.0]), TinyModule([1.0, 2.0], 0.0, [0.0, 4.0])
     assert proximal_term(proximal, {}, None).item() == 0.0
-    torch.testing.assert_close(sgd_step(proximal, data_loss, 0.1, True), sgd_step(plain, data_loss, 0.1, False), rtol=0, atol=0)
+    torch.testing.assert_close(
+        sgd_step(proximal, data_loss, 0.1, True), sgd_step(plain, data_loss, 0.1, False), rtol=0, atol=0
+    )
 
 
 def test_proximal_term_pulls_toward_the_global_weights_by_the_hand_computed_step() -> None:
@@ -189,7 +199,9 @@ def test_fedprox_server_sends_mu_and_the_client_gets_the_term() -> None:
     from pchmr.testing.strategies import FakeGrid, array_record, task_identity
 
     with task_identity():
-        messages = list(parts.server.configure_train(1, array_record(contract_arrays()), ConfigRecord({}), FakeGrid([1, 2])))
+        messages = list(
+            parts.server.configure_train(1, array_record(contract_arrays()), ConfigRecord({}), FakeGrid([1, 2]))
+        )
     assert [m.content["config"]["proximal-mu"] for m in messages] == [0.25, 0.25]
 
 
@@ -253,7 +265,9 @@ def test_fedadagrad_server_step_equals_the_hand_computation() -> None:
 
 
 def test_fedadam_server_step_equals_the_hand_computation() -> None:
-    parts = make(fedopt, **{"server-opt": "adam", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU})
+    parts = make(
+        fedopt, **{"server-opt": "adam", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU}
+    )
     w, m, v, expected = W0.copy(), np.zeros(2), np.zeros(2), []
     for t, delta in enumerate(DELTAS, start=1):
         m = BETA1 * m + (1 - BETA1) * delta
@@ -268,7 +282,9 @@ def test_fedadam_server_step_equals_the_hand_computation() -> None:
 
 
 def test_fedyogi_server_step_equals_the_hand_computation() -> None:
-    parts = make(fedopt, **{"server-opt": "yogi", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU})
+    parts = make(
+        fedopt, **{"server-opt": "yogi", "server-learning-rate": ETA, "beta-1": BETA1, "beta-2": BETA2, "tau": TAU}
+    )
     w, m, v, expected = W0.copy(), np.zeros(2), np.zeros(2), []
     for delta in DELTAS:
         m = BETA1 * m + (1 - BETA1) * delta
@@ -283,12 +299,19 @@ def test_fedyogi_server_step_equals_the_hand_computation() -> None:
 
 def test_fedopt_defaults_are_flowers() -> None:
     assert make(fedopt).describe == {
-        "server": "flwr.serverapp.strategy.FedAdam", "server-opt": "adam", "server-learning-rate": 0.1,
-        "beta-1": 0.9, "beta-2": 0.99, "tau": 0.001,
+        "server": "flwr.serverapp.strategy.FedAdam",
+        "server-opt": "adam",
+        "server-learning-rate": 0.1,
+        "beta-1": 0.9,
+        "beta-2": 0.99,
+        "tau": 0.001,
     }
     assert make(fedopt, **{"server-opt": "yogi"}).server.eta == 0.01
     assert make(fedopt, **{"server-opt": "adagrad"}).describe == {
-        "server": "flwr.serverapp.strategy.FedAdagrad", "server-opt": "adagrad", "server-learning-rate": 0.1, "tau": 0.001,
+        "server": "flwr.serverapp.strategy.FedAdagrad",
+        "server-opt": "adagrad",
+        "server-learning-rate": 0.1,
+        "tau": 0.001,
     }
 
 
@@ -305,7 +328,10 @@ def test_fedopt_state_holds_the_moments_and_refuses_another_optimiser() -> None:
 @pytest.mark.parametrize(("factory", "options"), [(fedopt, {"server-opt": "adam"}), (fedgh, {"server-opt": "adam"})])
 def test_server_optimizers_keep_float32_and_average_integer_counters(factory: Any, options: dict[str, Any]) -> None:
     # counter 7; clients add 1 (1 example) and 5 (3 examples) → FedAvg's 7 + (1·1 + 3·5)/4 = 11
-    updates = [(contract_delta(1, aligned=True, count_step=1), 1.0), (contract_delta(2, aligned=True, count_step=5), 3.0)]
+    updates = [
+        (contract_delta(1, aligned=True, count_step=1), 1.0),
+        (contract_delta(2, aligned=True, count_step=5), 3.0),
+    ]
     aggregate, _ = run_round(make(factory, **options), 1, contract_arrays(), updates)
     assert float(aggregate["bn.num_batches_tracked"]) == pytest.approx(11.0)
     assert {aggregate[k].dtype for k in ("encoder.weight", "encoder.bias", "head.weight")} == {np.dtype(np.float32)}

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.sample import META_KEYS, denormalize_image, validate_sample
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.sample import META_KEYS, denormalize_image, validate_sample
 from pchmr.plugins.bodymodels.anny import ACTIONS, make_anny
 from pchmr.plugins.datasets import synthetic
 from pchmr.plugins.datasets.render import (

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from pchmr.core.backbone import BackboneOptions, HMROutput, InputError
-from pchmr.core.bodymodel import MeshPyramid
-from pchmr.core.hmr import HMRModule
-from pchmr.plugins.backbones.encoders import FeatureEncoder
+from pchmr.core.contracts.backbone import BackboneOptions, HMROutput, InputError
+from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.engine.module import HMRModule
+from pchmr.core.kit.encoders import FeatureEncoder
 from pchmr.plugins.backbones.tore import (
     PRUNING_LOSS,
     TORE,
@@ -31,7 +31,7 @@ KEPT = 51  # int(64 · 0.8)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():  # noqa: ANN201
+def one_thread():
     """Tiny tensors: one thread is fastest, and immune to other processes busy on the other core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -287,8 +287,12 @@ def test_hmr_module_adds_the_pruning_term_with_tores_weight_and_warm_up(body: To
         terms = module.compute_losses(batch, module(batch["image"]))
     assert terms[PRUNING_LOSS] > 0
     expected = (
-        1000 * terms["joints_3d"] + 1000 * terms["reg_joints_3d"] + 100 * terms["vertices"] + 100 * terms["joints_2d"]
-        + 500 * terms["edge"] + 10 * terms["normal"]
+        1000 * terms["joints_3d"]
+        + 1000 * terms["reg_joints_3d"]
+        + 100 * terms["vertices"]
+        + 100 * terms["joints_2d"]
+        + 500 * terms["edge"]
+        + 10 * terms["normal"]
     )
     # epoch 0 of training: 1e-3 * 16 * M, ramped by sigmoid(0 - 3)
     weight = 1e-3 * 16 * model_s.num_kept / (1 + math.exp(3))
@@ -309,7 +313,7 @@ def test_vertices_depend_on_the_image_only_through_camera_and_joint_features(mod
     camera_b, image_b, joints_b = captured["b"]
     assert not torch.allclose(out_a.vertices[0], out_b.vertices[0], atol=1e-4)
 
-    def run_a_with(swap):  # noqa: ANN001, ANN202
+    def run_a_with(swap):
         handle = model_s.transformer_2.register_forward_hook(lambda m, i, out: swap(*out))
         with torch.no_grad():
             result = model_s(a)

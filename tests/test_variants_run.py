@@ -9,15 +9,21 @@ import math
 
 import pytest
 
-from pchmr.core.config import RunConfig
-from pchmr.core.run import execute
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.run import execute
 
 
 @pytest.mark.parametrize("backbone", ["fastmetro", "tore"])
 @pytest.mark.parametrize("variant", ["S", "M", "L"])
 def test_every_variant_trains_through_pchmr_run(backbone, variant, tmp_path, pchmr_cache):
     cfg = RunConfig(
-        backbone=backbone, variant=variant, mode="centralized", epochs=1, num_train=8, num_test=4, batch_size=8,
+        backbone=backbone,
+        variant=variant,
+        mode="centralized",
+        epochs=1,
+        num_train=8,
+        num_test=4,
+        batch_size=8,
         out=str(tmp_path / f"{backbone}-{variant}"),
     )
     result = execute(cfg)
@@ -35,9 +41,11 @@ def test_every_variant_trains_through_pchmr_run(backbone, variant, tmp_path, pch
 
 
 def test_backbone_options_reach_the_plugin_and_typos_are_refused(pchmr_cache):
-    from pchmr.core.experiment import build_components
+    from pchmr.core.engine.components import build_components
 
-    components = build_components(RunConfig(backbone="tore", backbone_options={"keep_ratio": 0.5}, num_train=8, num_test=4))
+    components = build_components(
+        RunConfig(backbone="tore", backbone_options={"keep_ratio": 0.5}, num_train=8, num_test=4)
+    )
     assert components.make_module().backbone.num_kept == 32  # int(64 * 0.5)
     typo = RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4)
     with pytest.raises(ValueError, match=r"unknown TORE backbone options \['keep_ration'\]"):
@@ -57,7 +65,7 @@ def test_a_run_refused_during_set_up_leaves_no_directory(tmp_path, pchmr_cache):
 def test_init_from_starts_a_run_from_a_trained_model_and_refuses_another_architecture(tmp_path, pchmr_cache):
     import torch
 
-    from pchmr.core.experiment import build_components
+    from pchmr.core.engine.components import build_components
 
     source = build_components(RunConfig(num_train=8, num_test=4)).make_module(init_seed=123)
     run_dir = tmp_path / "pretrained"

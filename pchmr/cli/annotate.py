@@ -37,8 +37,8 @@ def _options(items: list[str], flag: str) -> dict[str, Any]:
 
 
 def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:
-    from pchmr.core.bodymodel import BodyModelSpec
-    from pchmr.core.registry import get_registry
+    from pchmr.core.contracts.bodymodel import BodyModelSpec
+    from pchmr.core.engine.registry import get_registry
 
     factory = get_registry().get("body_model", name)
     return factory(BodyModelSpec(cache_dir=str(cache_dir), model_dir=str(smpl_dir) if smpl_dir else None))
@@ -48,8 +48,8 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
     """The synthetic split named by ``options`` and the indices kept by its label filters."""
     import numpy as np
 
-    from pchmr.core.data import DatasetSpec
-    from pchmr.core.registry import get_registry
+    from pchmr.core.contracts.dataset import DatasetSpec
+    from pchmr.core.engine.registry import get_registry
 
     unknown = sorted(set(options) - set(SYNTHETIC_DATA_KEYS))
     if unknown:
@@ -65,7 +65,9 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
     for key in ("subject", "scene", "action", "source"):
         if key in options:
             keep &= split.labels[key] == str(options[key])
-    indices = np.nonzero(keep)[0].tolist()[: int(options["limit"])] if "limit" in options else np.nonzero(keep)[0].tolist()
+    indices = (
+        np.nonzero(keep)[0].tolist()[: int(options["limit"])] if "limit" in options else np.nonzero(keep)[0].tolist()
+    )
     if not indices:
         raise _fail(f"no synthetic {split_name} image matches {options}")
     return split, indices
@@ -78,8 +80,13 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
     """Annotate an image folder or the synthetic dataset into ``out``; returns the summary."""
     import numpy as np
 
-    from pchmr.core.registry import get_registry
-    from pchmr.plugins.annotators.pipeline import annotate_items, items_from_dataset, items_from_folder, write_pseudo_labels
+    from pchmr.core.engine.annotation import (
+        annotate_items,
+        items_from_dataset,
+        items_from_folder,
+        write_pseudo_labels,
+    )
+    from pchmr.core.engine.registry import get_registry
 
     if not Path(target).is_dir() and target != "synthetic":
         raise _fail(f"{target!r} is neither an image folder nor a dataset; use a folder or 'synthetic'")
@@ -89,10 +96,12 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
     body_model = _body_model(body_model_name, cache_dir, smpl_dir)
     annotator = registry.get("annotator", annotator_name)(body_model, {**options})
     uses_depth = annotator_name != "smplifyx"
-    ground_truth: "dict[str, np.ndarray] | None" = None
+    ground_truth: dict[str, np.ndarray] | None = None
     if Path(target).is_dir():
         kp_source = registry.get("keypoint_source", "files")(keypoints_dir, **keypoint_options)
-        dep_source = registry.get("depth_source", "files")(depth_dir, **depth_options) if uses_depth and depth_dir else None
+        dep_source = (
+            registry.get("depth_source", "files")(depth_dir, **depth_options) if uses_depth and depth_dir else None
+        )
         if uses_depth and dep_source is None:
             raise _fail(f"the {annotator_name} annotator needs --depth DIR (per-image depth maps)")
         items, early = items_from_folder(target, kp_source.stems())
@@ -126,11 +135,11 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
     return summary
 
 
-def accuracy(joints: "np.ndarray", vertices: "np.ndarray", gt: "dict[str, np.ndarray]") -> dict[str, float]:
+def accuracy(joints: np.ndarray, vertices: np.ndarray, gt: dict[str, np.ndarray]) -> dict[str, float]:
     """MPVPE / MPJPE / PA-MPJPE (mm) of root-relative camera-frame fits against ground truth."""
     import torch
 
-    from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe
+    from pchmr.core.kit.metrics import mpjpe, mpvpe, pa_mpjpe
 
     pj, pv = torch.from_numpy(joints).double(), torch.from_numpy(vertices).double()
     gj, gv = torch.from_numpy(gt["joints_3d"][..., :3]).double(), torch.from_numpy(gt["vertices"]).double()
@@ -139,7 +148,9 @@ def accuracy(joints: "np.ndarray", vertices: "np.ndarray", gt: "dict[str, np.nda
 
 
 def annotate(
-    target: str = typer.Argument(..., help="An image folder, or 'synthetic' (the synthetic dataset, see --data-option)."),
+    target: str = typer.Argument(
+        ..., help="An image folder, or 'synthetic' (the synthetic dataset, see --data-option)."
+    ),
     annotator: str = typer.Option("deposer", help="Annotator plugin: deposer or smplifyx."),
     out: Path = typer.Option(..., help="Output directory for the pseudo-labels and per-image records."),
     keypoints: Optional[Path] = typer.Option(None, help="Folder of per-image keypoint JSON files (image folders)."),
@@ -147,14 +158,16 @@ def annotate(
     option: list[str] = typer.Option([], "--option", help="Annotator option key=value (repeatable)."),
     keypoint_option: list[str] = typer.Option([], "--keypoint-option", help="Keypoint source option key=value."),
     depth_option: list[str] = typer.Option([], "--depth-option", help="Depth source option key=value."),
-    data_option: list[str] = typer.Option([], "--data-option", help="Synthetic data: seed, split, limit, label filters."),
+    data_option: list[str] = typer.Option(
+        [], "--data-option", help="Synthetic data: seed, split, limit, label filters."
+    ),
     body_model: str = typer.Option("anny", help="Body model plugin."),
     smpl_dir: Optional[Path] = typer.Option(None, help="Your SMPL files (for --body-model smpl)."),
     crop_size: int = typer.Option(DEFAULT_CROP, help="Square crop side in pixels of the written Samples."),
     batch_size: int = typer.Option(64, help="Images fitted together."),
 ) -> None:
     """Fit a body model to local images: pseudo-labelled Samples plus one record per image."""
-    from pchmr.core.experiment import default_cache_dir
+    from pchmr.core.kit.cache import default_cache_dir
 
     try:
         summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth,
@@ -179,7 +192,9 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
     model = path if path.is_file() else run_dir / "model.pt"
     config = run_dir / "config.json"
     if not model.is_file() or not config.is_file():
-        raise FileNotFoundError(f"{path} is not a pchmr run: it needs config.json and model.pt (from `pchmr run --out`)")
+        raise FileNotFoundError(
+            f"{path} is not a pchmr run: it needs config.json and model.pt (from `pchmr run --out`)"
+        )
     return config, model
 
 
@@ -191,8 +206,9 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
     the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid."""
     import torch
 
-    from pchmr.core.config import RunConfig
-    from pchmr.core.experiment import Components, default_cache_dir
+    from pchmr.core.engine.components import Components
+    from pchmr.core.engine.config import RunConfig
+    from pchmr.core.kit.cache import default_cache_dir
 
     config_path, model_path = resolve_checkpoint(checkpoint)
     stored = json.loads(config_path.read_text())
@@ -206,7 +222,9 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
 def resolve_local_data(data: Path) -> Path:
     if (data / "labels.npz").is_file():
         return data
-    raise FileNotFoundError(f"{data} holds no pseudo-labels (labels.npz); annotate it first with `pchmr annotate ... --out {data}`")
+    raise FileNotFoundError(
+        f"{data} holds no pseudo-labels (labels.npz); annotate it first with `pchmr annotate ... --out {data}`"
+    )
 
 
 def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, batch_size: int, seed: int,
@@ -216,9 +234,11 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
     pseudo-labels, and against real ground truth when the labels directory has it."""
     import numpy as np
 
-    from pchmr.core.experiment import make_loader
-    from pchmr.core.hmr import OptimConfig, evaluate, make_trainer
-    from pchmr.plugins.annotators.pipeline import PseudoLabelSet
+    from pchmr.core.engine.annotation import PseudoLabelSet
+    from pchmr.core.engine.components import make_loader
+    from pchmr.core.engine.evaluation import evaluate
+    from pchmr.core.engine.module import OptimConfig
+    from pchmr.core.engine.trainer import make_trainer
 
     module, _ = load_global_module(checkpoint)
     full = PseudoLabelSet(labels_dir)
@@ -226,7 +246,7 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
     if n < 5:
         raise ValueError(f"{labels_dir} has {n} annotated images; personalization needs at least 5 (80/20 split)")
     order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(train_share * n))
+    cut = round(train_share * n)
     train_idx, test_idx = sorted(order[:cut].tolist()), sorted(order[cut:].tolist())
     has_gt = "gt_joints_3d" in full.arrays
     sets = {"pseudo": PseudoLabelSet(labels_dir, test_idx)}
@@ -242,7 +262,9 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
 
 
 def personalize(
-    checkpoint: Path = typer.Option(..., help="Global model: a run directory (config.json + model.pt) or its model.pt."),
+    checkpoint: Path = typer.Option(
+        ..., help="Global model: a run directory (config.json + model.pt) or its model.pt."
+    ),
     data: Path = typer.Option(..., help="Local pseudo-labels (a `pchmr annotate --out` directory)."),
     out: Optional[Path] = typer.Option(None, help="Write personalized.pt and personalize.json here."),
     epochs: int = typer.Option(2, help="Fine-tuning epochs (the paper: 2)."),

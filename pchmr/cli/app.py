@@ -10,7 +10,13 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from pchmr.cli._options import parse_options
@@ -25,10 +31,15 @@ console = Console()
 err_console = Console(stderr=True)
 
 #: kind → the CLI option that selects it (for messages)
-_METRIC_LABELS = {"mpjpe_mm": "MPJPE (mm)", "pa_mpjpe_mm": "PA-MPJPE (mm)", "mpvpe_mm": "MPVPE (mm)", "pck": "PCK@150mm"}
+_METRIC_LABELS = {
+    "mpjpe_mm": "MPJPE (mm)",
+    "pa_mpjpe_mm": "PA-MPJPE (mm)",
+    "mpvpe_mm": "MPVPE (mm)",
+    "pck": "PCK@150mm",
+}
 
 
-def _fail(message: str, code: int = 2) -> "typer.Exit":
+def _fail(message: str, code: int = 2) -> typer.Exit:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
@@ -58,25 +69,37 @@ def run(
         None, help="Start from a trained model: a run directory (its model.pt) or a model file (fine-tuning)."
     ),
     encoder_weights: Optional[str] = typer.Option(
-        None, help="CNN initialisation: 'public' (default: pretrained once on a public synthetic split, cached), "
-        "a weights file in torchvision's layout (e.g. ImageNet ResNet-50), or 'none' (from scratch)."
+        None,
+        help="CNN initialisation: 'public' (default: pretrained once on a public synthetic split, cached), "
+        "a weights file in torchvision's layout (e.g. ImageNet ResNet-50), or 'none' (from scratch).",
     ),
     freeze_encoder: Optional[bool] = typer.Option(
-        None, "--freeze-encoder/--train-encoder",
+        None,
+        "--freeze-encoder/--train-encoder",
         help="Keep the CNN fixed or train it too (default: fixed exactly when pretrained weights are loaded).",
     ),
     input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
     body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
-    smpl_dir: Optional[Path] = typer.Option(None, help="Folder with your own SMPL model files (for --body-model smpl)."),
+    smpl_dir: Optional[Path] = typer.Option(
+        None, help="Folder with your own SMPL model files (for --body-model smpl)."
+    ),
     dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
     partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
-    partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
+    partition_option: list[str] = typer.Option(
+        [], "--partition-option", help="Partitioner option key=value (repeatable)."
+    ),
     mode: Optional[str] = typer.Option(None, help="federated (default), or a baseline: centralized, naive."),
     epochs: Optional[int] = typer.Option(None, help="Baselines: training epochs."),
-    fraction: Optional[float] = typer.Option(None, help="Naive baseline: share of the training data (0.05, 0.10, 0.20)."),
+    fraction: Optional[float] = typer.Option(
+        None, help="Naive baseline: share of the training data (0.05, 0.10, 0.20)."
+    ),
     strategy: Optional[str] = typer.Option(None, help="Aggregation strategy plugin (default fedavg)."),
     strategy_option: list[str] = typer.Option([], "--strategy-option", help="Strategy option key=value (repeatable)."),
-    server_opt: Optional[str] = typer.Option(None, "--server-opt", help="fedopt/fedgh server optimiser: adam, yogi or adagrad (alias of --strategy-option server-opt=...)."),
+    server_opt: Optional[str] = typer.Option(
+        None,
+        "--server-opt",
+        help="fedopt/fedgh server optimiser: adam, yogi or adagrad (alias of --strategy-option server-opt=...).",
+    ),
     privacy: Optional[str] = typer.Option(None, help="Privacy plugin wrapping the strategy (e.g. dp, secagg)."),
     privacy_option: list[str] = typer.Option([], "--privacy-option", help="Privacy option key=value (repeatable)."),
     clients: Optional[int] = typer.Option(None, help="Number of clients N."),
@@ -84,7 +107,8 @@ def run(
     rounds: Optional[int] = typer.Option(None, help="Federated rounds."),
     local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
     client_optimizer: Optional[str] = typer.Option(
-        None, help="reset (a fresh AdamW each round, default) or keep (each client keeps its AdamW state for its next round)."
+        None,
+        help="reset (a fresh AdamW each round, default) or keep (each client keeps its AdamW state for its next round).",
     ),
     batch_size: Optional[int] = typer.Option(None, help="Local batch size."),
     lr: Optional[float] = typer.Option(None, help="AdamW learning rate."),
@@ -92,25 +116,33 @@ def run(
         None, help="Learning rate over rounds (baselines: epochs): cosine (default, from lr down toward 0) or constant."
     ),
     loss_weight: list[str] = typer.Option(
-        [], "--loss-weight", help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, "
-        "joints_2d, edge, normal, mesh_level, or a backbone term such as token_pruning."
+        [],
+        "--loss-weight",
+        help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, "
+        "joints_2d, edge, normal, mesh_level, or a backbone term such as token_pruning.",
     ),
-    num_train: Optional[int] = typer.Option(None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."),
+    num_train: Optional[int] = typer.Option(
+        None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."
+    ),
     num_test: Optional[int] = typer.Option(None, help="Test samples to use (all when unset; synthetic renders 200)."),
     eval_every: Optional[int] = typer.Option(None, help="Evaluate the global model every N rounds."),
     seed: Optional[int] = typer.Option(None, help="Seed of partitions, sampling and initialisation."),
     engine: Optional[str] = typer.Option(None, help="Flower engine: simulation (Ray, default) or deployment."),
-    superlink: Optional[str] = typer.Option(None, help="Deployment: HOST:PORT of a running SuperLink (default: start one on loopback)."),
+    superlink: Optional[str] = typer.Option(
+        None, help="Deployment: HOST:PORT of a running SuperLink (default: start one on loopback)."
+    ),
     root_certificates: Optional[Path] = typer.Option(None, help="Deployment: CA certificate for TLS to the SuperLink."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default runs/<time>-<setting>)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
-    scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's [scale.NAME] overrides (e.g. smoke)."),
+    scale: Optional[str] = typer.Option(
+        None, "--scale", help="Apply the config file's [scale.NAME] overrides (e.g. smoke)."
+    ),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
 ) -> None:
     """Run one experiment and write its run directory."""
-    from pchmr.core.config import ConfigError, RunConfig, load_config_file
-    from pchmr.core.registry import PluginError
-    from pchmr.core.run import execute, resume_config
+    from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+    from pchmr.core.engine.registry import PluginError
+    from pchmr.core.engine.run import execute, resume_config
 
     try:
         if resume is not None:
@@ -121,16 +153,36 @@ def run(
                 raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
             values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
             flags = {
-                "backbone": backbone, "variant": variant, "encoder": encoder, "input_size": input_size,
-                "encoder_weights": encoder_weights, "freeze_encoder": freeze_encoder, "init_from": str(init_from) if init_from else None,
-                "body_model": body_model, "partitioner": partitioner, "strategy": strategy, "privacy": privacy,
-                "clients": clients, "per_round": per_round, "rounds": rounds, "local_epochs": local_epochs,
+                "backbone": backbone,
+                "variant": variant,
+                "encoder": encoder,
+                "input_size": input_size,
+                "encoder_weights": encoder_weights,
+                "freeze_encoder": freeze_encoder,
+                "init_from": str(init_from) if init_from else None,
+                "body_model": body_model,
+                "partitioner": partitioner,
+                "strategy": strategy,
+                "privacy": privacy,
+                "clients": clients,
+                "per_round": per_round,
+                "rounds": rounds,
+                "local_epochs": local_epochs,
                 "client_optimizer": client_optimizer,
-                "batch_size": batch_size, "lr": lr, "lr_schedule": lr_schedule, "num_train": num_train, "num_test": num_test,
-                "eval_every": eval_every, "seed": seed, "out": str(out) if out else None,
-                "mode": mode, "epochs": epochs, "fraction": fraction,
+                "batch_size": batch_size,
+                "lr": lr,
+                "lr_schedule": lr_schedule,
+                "num_train": num_train,
+                "num_test": num_test,
+                "eval_every": eval_every,
+                "seed": seed,
+                "out": str(out) if out else None,
+                "mode": mode,
+                "epochs": epochs,
+                "fraction": fraction,
                 "smpl_dir": str(smpl_dir) if smpl_dir else None,
-                "engine": engine, "superlink": superlink,
+                "engine": engine,
+                "superlink": superlink,
                 "root_certificates": str(root_certificates) if root_certificates else None,
             }
             values.update({k: v for k, v in flags.items() if v is not None})
@@ -163,8 +215,13 @@ def run(
 def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: Any) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     progress = Progress(
-        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console, transient=False,
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
     )
     unit, total = ("round", cfg.rounds) if cfg.mode == "federated" else ("epoch", cfg.epochs)
     progress.columns[0].text_format = f"[bold]{unit}"  # type: ignore[attr-defined]
@@ -174,7 +231,8 @@ def _run_with_progress(cfg: Any, run_dir: Path | None, resume: bool, execute: An
         status = f"{report.seconds:5.1f} s"
         if report.metrics:
             status += "  " + "  ".join(
-                f"{_METRIC_LABELS[k].split(' ')[0]} {report.metrics[k]:.1f}" for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
+                f"{_METRIC_LABELS[k].split(' ')[0]} {report.metrics[k]:.1f}"
+                for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
             )
         progress.update(task, completed=report.server_round, status=status)
 
@@ -203,7 +261,9 @@ def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
     for key, label in _METRIC_LABELS.items():
         fmt = "{:.3f}" if key == "pck" else "{:.1f}"
         base = baseline.get(key)
-        table.add_row(label, fmt.format(final["round0"][key]), fmt.format(final[key]), "—" if base is None else fmt.format(base))
+        table.add_row(
+            label, fmt.format(final["round0"][key]), fmt.format(final[key]), "—" if base is None else fmt.format(base)
+        )
     console.print(table)
     if final.get("stopped"):
         console.print(f"[bold yellow]stopped early:[/] {final['stopped']}", highlight=False, soft_wrap=True)
@@ -213,8 +273,8 @@ def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
 @app.command()
 def plugins() -> None:
     """List every registered plugin by kind, with the distribution that provides it."""
-    from pchmr.core.hookspecs import KINDS
-    from pchmr.core.registry import PluginError, get_registry
+    from pchmr.core.contracts.hookspecs import KINDS
+    from pchmr.core.engine.registry import PluginError, get_registry
 
     try:
         registry = get_registry()
@@ -245,7 +305,7 @@ app.command(name="personalize")(__import__("pchmr.cli.annotate", fromlist=["pers
 
 
 def main() -> None:
-    from pchmr.core.perf import tune_allocator
+    from pchmr.core.engine.perf import tune_allocator
 
     tune_allocator()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

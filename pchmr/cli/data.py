@@ -44,10 +44,10 @@ def prepare(
     verify: bool = typer.Option(False, help="Re-check every stored chunk against its SHA-256 afterwards."),
 ) -> None:
     """Crop and cache a dataset once (resumes an interrupted preparation)."""
-    from pchmr.core.config import ConfigError, RunConfig
-    from pchmr.core.experiment import build_components
-    from pchmr.core.registry import PluginError
-    from pchmr.core.store import PreparedStore, StoreError
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.config import ConfigError, RunConfig
+    from pchmr.core.engine.registry import PluginError
+    from pchmr.core.kit.store import PreparedStore, StoreError
 
     name, _, path = dataset.partition(":")
     try:
@@ -78,14 +78,23 @@ def check(
     dataset: list[str] = typer.Option([], "--dataset", help="Only these named datasets (repeatable)."),
 ) -> None:
     """List the expected files per dataset under ROOT: present, missing, and where to obtain them."""
-    from pchmr.plugins.datasets.mixed import check_root
-    from pchmr.plugins.datasets.prepared import DatasetFormatError
+    from pchmr.core.contracts.errors import DatasetFormatError
+    from pchmr.core.engine.registry import PluginError, get_registry
 
     if not root.is_dir():
         raise _fail(f"{root}: not a folder; give the folder that holds (or will hold) the datasets")
     try:
-        rows = check_root(root, dataset or None)
-    except DatasetFormatError as exc:
+        registry = get_registry()
+        checkable = {
+            name: registry.get("dataset", name)
+            for name in registry.names("dataset")
+            if callable(getattr(registry.get("dataset", name), "expected_files", None))
+        }
+        unknown = [name for name in dataset if name not in checkable]
+        if unknown:
+            raise DatasetFormatError(f"no named dataset {unknown[0]!r}; known: {', '.join(checkable)}")
+        rows = [row for name in (dataset or list(checkable)) for row in checkable[name].expected_files(root)]
+    except (DatasetFormatError, PluginError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"datasets under {root}")
     for column in ("dataset", "format", "file", "status"):

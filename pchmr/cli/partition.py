@@ -17,8 +17,9 @@ Baseline configs (``mode = "centralized"`` / ``"naive"``) give their single 'cli
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 import typer
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pchmr.cli._options import parse_options
-from pchmr.core.partition import Partition, PartitionError
+from pchmr.core.contracts.partition import Partition, PartitionError
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
 
@@ -81,13 +82,14 @@ def partition_summary(partition: Partition, labels: Mapping[str, np.ndarray]) ->
         "sizes": sizes.tolist(),
         "gini": round(gini(sizes), 6),
         "entropy_bits": {key: round(label_entropy(partition, labels, key), 6) for key in sorted(labels)},
-        "max_entropy_bits": {key: round(float(np.log2(len(set(np.asarray(labels[key]).tolist())))), 6)
-                             for key in sorted(labels)},  # fmt: skip
+        "max_entropy_bits": {
+            key: round(float(np.log2(len(set(np.asarray(labels[key]).tolist())))), 6) for key in sorted(labels)
+        },
     }
 
 
 def _config(values: dict[str, Any]) -> Any:
-    from pchmr.core.config import RunConfig
+    from pchmr.core.engine.config import RunConfig
 
     return RunConfig.from_dict(values)
 
@@ -95,7 +97,7 @@ def _config(values: dict[str, Any]) -> Any:
 def _fit_per_round(values: dict[str, Any]) -> dict[str, Any]:
     """Clients per round do not matter to a partition: lower the default to ``clients`` rather
     than refuse ``--clients 1`` for exceeding it."""
-    from pchmr.core.config import RunConfig
+    from pchmr.core.engine.config import RunConfig
 
     defaults = RunConfig()
     n, k = values.get("clients", defaults.clients), values.get("per_round", defaults.per_round)
@@ -105,7 +107,7 @@ def _fit_per_round(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_values(config: Optional[Path], scale: Optional[str], flags: dict[str, Any]) -> dict[str, Any]:
-    from pchmr.core.config import ConfigError, load_config_file
+    from pchmr.core.engine.config import ConfigError, load_config_file
 
     if scale is not None and config is None:
         raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
@@ -116,24 +118,23 @@ def _load_values(config: Optional[Path], scale: Optional[str], flags: dict[str, 
 
 def _make(cfg: Any) -> tuple[Partition, Any, Any]:
     """Prepare the data as ``pchmr run`` does and partition them: ``(partition, data, clusters)``,
-    ``clusters`` the :class:`~pchmr.plugins.partitioners.cnn_cluster.ClusterResult` of a
-    ``cnn-cluster`` partition (None otherwise)."""
-    from pchmr.core.baselines import baseline_partition
-    from pchmr.core.experiment import build_components
-    from pchmr.core.registry import get_registry
-    from pchmr.core.run import check_plugins
+    ``clusters`` the details of a partitioner that explains itself (``cnn-cluster``'s features and
+    clusters, :class:`~pchmr.core.contracts.partition.ExplainedPartitioner`), None otherwise."""
+    from pchmr.core.engine.baselines import baseline_partition
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.preparation import check_plugins
+    from pchmr.core.engine.registry import get_registry
 
     check_plugins(cfg)
     data = build_components(cfg, with_model=False).data
     if cfg.mode != "federated":
         return baseline_partition(cfg.mode, len(data.train), cfg.fraction, cfg.seed), data, None
     options = dict(cfg.partition_options)
-    if cfg.partitioner == "cnn-cluster":  # the same function the registry holds, with its features
-        from pchmr.plugins.partitioners.cnn_cluster import cluster_partition
-
-        part, clusters = cluster_partition(data, cfg.clients, cfg.seed, options)
-        return part, data, clusters
     partitioner = get_registry().get("partitioner", cfg.partitioner)
+    with_details = getattr(partitioner, "with_details", None)
+    if callable(with_details):  # the same partition, with what it computed (features, clusters)
+        part, details = with_details(data, cfg.clients, cfg.seed, options)
+        return part, data, details
     return partitioner(data, cfg.clients, cfg.seed, options), data, None
 
 
@@ -157,7 +158,9 @@ def partition(
     scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's [scale.NAME] overrides."),
     dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
     partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
-    partition_option: list[str] = typer.Option([], "--partition-option", help="Partitioner option key=value (repeatable)."),
+    partition_option: list[str] = typer.Option(
+        [], "--partition-option", help="Partitioner option key=value (repeatable)."
+    ),
     clients: Optional[int] = typer.Option(None, help="Number of clients N."),
     seed: Optional[int] = typer.Option(None, help="Seed of the data and the partition (as in pchmr run)."),
     num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
@@ -165,13 +168,15 @@ def partition(
     input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
     body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
     label: Optional[str] = typer.Option(None, "--label", help="Label of the histogram (default: the partition's own)."),
-    out: Path = typer.Option(Path("partition"), "--out", help="Directory for partition.json, the PNGs and summary.json."),
+    out: Path = typer.Option(
+        Path("partition"), "--out", help="Directory for partition.json, the PNGs and summary.json."
+    ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
 ) -> None:
     """Make a client partition exactly as `pchmr run` would, save partition.json and plot it (no training)."""
-    from pchmr.core.config import ConfigError
-    from pchmr.core.partition import save_partition
-    from pchmr.core.registry import PluginError
+    from pchmr.core.contracts.partition import save_partition
+    from pchmr.core.engine.config import ConfigError
+    from pchmr.core.engine.registry import PluginError
     from pchmr.report.partition_plots import plot_embedding, plot_partition
 
     flags: dict[str, Any] = {"partitioner": partitioner, "clients": clients, "seed": seed, "num_train": num_train,

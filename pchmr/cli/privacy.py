@@ -1,7 +1,7 @@
 """``pchmr privacy budget``: plan a differential-privacy budget before training.
 
 ε of T rounds of the sampled Gaussian mechanism (sample rate q, noise multiplier z) at δ, from
-:mod:`pchmr.core.accounting`; or, given ``--target-epsilon`` instead of ``--noise-multiplier``,
+:mod:`pchmr.core.kit.accounting`; or, given ``--target-epsilon`` instead of ``--noise-multiplier``,
 the smallest z that keeps ε at or below the target (bisection).
 
 Client-level DP-FedAvg: q = k/N (clients per round / clients), one step per round. Example-level
@@ -15,7 +15,12 @@ from typing import Optional
 
 import typer
 
-from pchmr.core.accounting import DEFAULT_ORDERS, epsilon_from_rdp, noise_multiplier_for_epsilon, rdp_curve
+from pchmr.core.kit.accounting import (
+    DEFAULT_ORDERS,
+    epsilon_from_rdp,
+    noise_multiplier_for_epsilon,
+    rdp_curve,
+)
 
 #: the noise multiplier is printed with 4 decimals
 PRINT_SCALE = 1e4
@@ -30,16 +35,24 @@ def _fail(message: str) -> typer.Exit:
 
 @privacy_app.command()
 def budget(
-    sample_rate: float = typer.Option(..., "--sample-rate", help="q: clients per round / clients (k/N), or B/n for DP-SGD."),
+    sample_rate: float = typer.Option(
+        ..., "--sample-rate", help="q: clients per round / clients (k/N), or B/n for DP-SGD."
+    ),
     rounds: int = typer.Option(..., "--rounds", help="T: federated rounds."),
     delta: float = typer.Option(1e-5, "--delta", help="δ (below 1/N for N protected units)."),
-    noise_multiplier: Optional[float] = typer.Option(None, "--noise-multiplier", help="z: noise std / clip norm; prints ε."),
+    noise_multiplier: Optional[float] = typer.Option(
+        None, "--noise-multiplier", help="z: noise std / clip norm; prints ε."
+    ),
     target_epsilon: Optional[float] = typer.Option(None, "--target-epsilon", help="ε to reach; prints the z needed."),
-    steps_per_round: int = typer.Option(1, "--steps-per-round", help="Mechanism steps per round (DP-SGD: local steps)."),
+    steps_per_round: int = typer.Option(
+        1, "--steps-per-round", help="Mechanism steps per round (DP-SGD: local steps)."
+    ),
 ) -> None:
     """Print ε after T rounds, or the noise multiplier a target ε needs."""
     if (noise_multiplier is None) == (target_epsilon is None):
-        raise _fail("give exactly one of --noise-multiplier (prints ε) and --target-epsilon (prints the noise multiplier)")
+        raise _fail(
+            "give exactly one of --noise-multiplier (prints ε) and --target-epsilon (prints the noise multiplier)"
+        )
     if rounds < 1 or steps_per_round < 1:
         raise _fail(f"--rounds and --steps-per-round must be >= 1, got {rounds} and {steps_per_round}")
     steps = rounds * steps_per_round

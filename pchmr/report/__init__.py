@@ -11,7 +11,12 @@ metric against rounds/epochs (:func:`plot_convergence`). Both back ``pchmr repor
 """
 
 from pchmr.report.convergence import plot_convergence
-from pchmr.report.partition_plots import gini, label_entropy, plot_embedding, plot_partition
+from pchmr.report.partition_plots import (
+    gini,
+    label_entropy,
+    plot_embedding,
+    plot_partition,
+)
 from pchmr.report.tables import (
     Report,
     ReportError,

@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pchmr.report.tables import ReportError, RunSummary, model_label, protocol_label, setting_label
+from pchmr.report.tables import (
+    ReportError,
+    RunSummary,
+    model_label,
+    protocol_label,
+    setting_label,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -74,9 +81,7 @@ def _mean_pose(runs: Sequence[RunSummary], metric: str) -> float | None:
     return first if all(abs(float(v) - first) <= BASELINE_TOLERANCE for v in values) else None
 
 
-def _draw_panel(
-    ax: "Axes", runs: Sequence[RunSummary], metric: str, unit: str, with_model: bool, protocol: str
-) -> None:
+def _draw_panel(ax: Axes, runs: Sequence[RunSummary], metric: str, unit: str, with_model: bool, protocol: str) -> None:
     title, xlabel = UNITS.get(unit, (f"Runs in {unit}s", unit))
     bases = [setting_label(r.config) + (model_label(r.config) if with_model else "") for r in runs]
     for run, base in zip(runs, bases):

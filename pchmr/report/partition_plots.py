@@ -16,12 +16,13 @@ Figures are drawn on matplotlib's Agg canvas without pyplot, so nothing global c
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pchmr.core.partition import Partition
+from pchmr.core.contracts.partition import Partition
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -82,7 +83,7 @@ def gini(sizes: Sequence[float] | np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- figures
-def _figure(width: float, height: float) -> "Figure":
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -106,7 +107,7 @@ def _describe(partition: Partition) -> str:
     return f"{partition.method} ({', '.join(scalars)})" if scalars else partition.method
 
 
-def _title(fig: "Figure", ax: object, *lines: str) -> None:
+def _title(fig: Figure, ax: object, *lines: str) -> None:
     """Set a 9 pt title, each line wrapped to the figure's width."""
     width = int(fig.get_figwidth() * TITLE_CHARS_PER_INCH)
     ax.set_title("\n".join(textwrap.fill(line, width) for line in lines), fontsize=9)  # type: ignore[attr-defined]
@@ -121,7 +122,7 @@ def _plain_log_ticks(ax: object) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())  # type: ignore[attr-defined]
 
 
-def _save(fig: "Figure", path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
@@ -147,8 +148,12 @@ def plot_label_histogram(partition: Partition, labels: np.ndarray, label_key: st
     ax.set_xlabel("client")
     ax.set_ylabel("samples")
     entropy = float(_entropy_bits(counts).mean())
-    _title(fig, ax, f"{_describe(partition)}: '{label_key}' per client, {note}",
-           f"mean entropy {entropy:.2f} bits (uniform over {len(values)} values: {np.log2(len(values)):.2f})")
+    _title(
+        fig,
+        ax,
+        f"{_describe(partition)}: '{label_key}' per client, {note}",
+        f"mean entropy {entropy:.2f} bits (uniform over {len(values)} values: {np.log2(len(values)):.2f})",
+    )
     ax.legend(title=label_key, fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0),
               ncol=1 if len(values) <= 12 else 2)  # fmt: skip
     return _save(fig, out_path)
@@ -166,8 +171,12 @@ def plot_size_tail(partition: Partition, out_path: Path) -> Path:
     _plain_log_ticks(ax)
     ax.set_xlabel("client rank (largest first)")
     ax.set_ylabel("samples (log)")
-    _title(fig, ax, f"{_describe(partition)}: client sizes, {len(sizes)} clients",
-           f"Gini {gini(sizes):.3f}, min {sizes.min()}, max {sizes.max()}")
+    _title(
+        fig,
+        ax,
+        f"{_describe(partition)}: client sizes, {len(sizes)} clients",
+        f"Gini {gini(sizes):.3f}, min {sizes.min()}, max {sizes.max()}",
+    )
     ax.legend(fontsize=8)
     return _save(fig, out_path)
 

@@ -1,7 +1,7 @@
 """Result tables of several run directories, grouped the way the PCHMR paper groups them.
 
 * :func:`load_run` reads one run directory (``config.json``, ``rounds.jsonl``, ``final.json``;
-  see :mod:`pchmr.core.rundir`) into a :class:`RunSummary`.
+  see :mod:`pchmr.core.engine.rundir`) into a :class:`RunSummary`.
 * :func:`setting_label` names a run's setting: ``"Centralized"``, ``"Naive 5 %"``,
   ``"FedAvg 10/10 IID"``, ``"FedProx μ=0.01 100/10 LDA α=0.5"``.
 * :func:`build_report` groups runs into :class:`ResultTable` s: one table per evaluation protocol
@@ -24,11 +24,12 @@ import dataclasses
 import io
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from pchmr.core.config import RunConfig
+from pchmr.core.engine.config import RunConfig
 
 __all__ = [
     "GROUP_BY",
@@ -248,7 +249,7 @@ def model_label(cfg: RunConfig) -> str:
 
 
 def protocol_label(protocol: Mapping[str, Any]) -> str:
-    """One line, as :meth:`pchmr.core.metrics.Protocol.label` writes it (unknown keys appended)."""
+    """One line, as :meth:`pchmr.core.kit.metrics.Protocol.label` writes it (unknown keys appended)."""
     if not protocol:
         return "unknown protocol (no protocol recorded)"
     p = {k: protocol.get(k, "?") for k in PROTOCOL_KEYS}
@@ -303,7 +304,7 @@ class Stat:
     n: int
 
     @classmethod
-    def of(cls, values: Sequence[float | None]) -> "Stat":
+    def of(cls, values: Sequence[float | None]) -> Stat:
         vals = [v for v in values if v is not None]
         if not vals:
             return cls(None, None, 0)
@@ -326,7 +327,7 @@ class Cell:
     stats: Mapping[str, Stat]
 
     @classmethod
-    def of(cls, runs: Sequence[RunSummary]) -> "Cell":
+    def of(cls, runs: Sequence[RunSummary]) -> Cell:
         return cls(tuple(runs), {m: Stat.of([r.metric(m) for r in runs]) for m in TABLE_METRICS})
 
     @property

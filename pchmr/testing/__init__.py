@@ -7,6 +7,9 @@ client does not pay for torch):
   (:mod:`.strategies`), :class:`PartitionerContract` and its small :func:`contract_data`
   (:mod:`.partitioners`);
 * doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
+* the machinery a plugin's own tests use: :func:`registered` (a plugin by kind and name, through
+  the entry points), :func:`plugin_info`, :func:`hmr_module` (a backbone in the training loop)
+  (:mod:`.plugins`);
 * fake licence-restricted files: :func:`write_fake_smpl`, :func:`write_fake_h36m_regressor`,
   :func:`write_fake_graphcmr_downsampling` (:mod:`.fake_smpl`).
 """
@@ -20,8 +23,11 @@ __all__ = [
     "BackboneContract",
     "PartitionerContract",
     "StrategyContract",
-    "contract_data",
     "ToyBodyModel",
+    "contract_data",
+    "hmr_module",
+    "plugin_info",
+    "registered",
     "toy_batch",
     "write_fake_graphcmr_downsampling",
     "write_fake_h36m_regressor",
@@ -36,6 +42,9 @@ _HOMES = {
     "contract_data": "partitioners",
     "ToyBodyModel": "toys",
     "toy_batch": "toys",
+    "hmr_module": "plugins",
+    "plugin_info": "plugins",
+    "registered": "plugins",
     "write_fake_graphcmr_downsampling": "fake_smpl",
     "write_fake_h36m_regressor": "fake_smpl",
     "write_fake_smpl": "fake_smpl",
@@ -43,8 +52,13 @@ _HOMES = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pchmr.testing.backbones import BackboneContract
-    from pchmr.testing.fake_smpl import write_fake_graphcmr_downsampling, write_fake_h36m_regressor, write_fake_smpl
+    from pchmr.testing.fake_smpl import (
+        write_fake_graphcmr_downsampling,
+        write_fake_h36m_regressor,
+        write_fake_smpl,
+    )
     from pchmr.testing.partitioners import PartitionerContract, contract_data
+    from pchmr.testing.plugins import hmr_module, plugin_info, registered
     from pchmr.testing.strategies import StrategyContract
     from pchmr.testing.toys import ToyBodyModel, toy_batch
 

@@ -1,4 +1,4 @@
-"""Contract suite for backbone plugins (:class:`~pchmr.core.backbone.Backbone` factories).
+"""Contract suite for backbone plugins (:class:`~pchmr.core.contracts.backbone.Backbone` factories).
 
 Subclass :class:`BackboneContract` in a test module and override ``make_backbone`` (a callable
 ``body_model -> Backbone`` building a *new* instance on every call)::
@@ -32,7 +32,7 @@ built for ``input_size``; outputs are an HMROutput of float32 tensors; joints (B
 vertex tensor (B, V_l, 3) per pyramid level; camera (B, 3); untrained outputs finite and within
 ``max_extent_m`` of the root; camera scale > 0; HMRModule's training loss (with the backbone's
 extra losses, finite scalars) reaches every trainable parameter; the entries
-:func:`~pchmr.core.backbone.fixed_state_keys` calls fixed (a frozen encoder) survive a training
+:func:`~pchmr.core.kit.state.fixed_state_keys` calls fixed (a frozen encoder) survive a training
 step unchanged; eval passes are deterministic;
 a state dict saved and loaded into a fresh instance reproduces the outputs; in eval, sample i
 alone equals sample i in the batch (atol 1e-4); wrong image size, wrong channel count and
@@ -52,21 +52,22 @@ import copy
 import io
 import re
 import weakref
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 import torch
 from torch import Tensor
 
-from pchmr.core.backbone import Backbone, HMROutput, InputError, fixed_state_keys
-from pchmr.core.bodymodel import BodyModel
+from pchmr.core.contracts.backbone import Backbone, HMROutput, InputError
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.kit.state import fixed_state_keys
 from pchmr.testing.toys import ToyBodyModel, toy_batch
 
 __all__ = [
     "BATCH_ATOL",
+    "CONTRACT_SEED",
     "BackboneContract",
     "BackboneMaker",
-    "CONTRACT_SEED",
     "contract_images",
     "eval_outputs",
     "output_tensors",
@@ -88,7 +89,7 @@ BackboneMaker = Callable[[BodyModel], Backbone]
 
 #: Eval-mode outputs per backbone instance and (batch size, image size): computed once, shared by
 #: the checks that only read them. Weak keys: a backbone that goes away takes its entry along.
-_EVAL_OUTPUTS: "weakref.WeakKeyDictionary[Backbone, dict[tuple[int, int], HMROutput]]" = weakref.WeakKeyDictionary()
+_EVAL_OUTPUTS: weakref.WeakKeyDictionary[Backbone, dict[tuple[int, int], HMROutput]] = weakref.WeakKeyDictionary()
 
 
 def contract_images(batch_size: int, input_size: int, seed: int = CONTRACT_SEED) -> Tensor:
@@ -231,7 +232,9 @@ class BackboneContract:
         return eval_outputs(backbone, batch_size, input_size)
 
     @pytest.fixture
-    def fresh_backbone(self, make_backbone: BackboneMaker | None, backbone: Backbone, body_model: BodyModel) -> Backbone:
+    def fresh_backbone(
+        self, make_backbone: BackboneMaker | None, backbone: Backbone, body_model: BodyModel
+    ) -> Backbone:
         """A new instance (other seed) when ``make_backbone`` is given, else a deep copy; scrambled."""
         if make_backbone is None:
             fresh = copy.deepcopy(backbone)
@@ -269,7 +272,9 @@ class BackboneContract:
         assert actual == expected, f"vertex levels {actual}, expected one per pyramid level (coarse first) {expected}"
 
     def test_camera_shape(self, output: HMROutput, batch_size: int) -> None:
-        assert tuple(output.camera.shape) == (batch_size, 3), f"camera {tuple(output.camera.shape)}, expected ({batch_size}, 3)"
+        assert tuple(output.camera.shape) == (batch_size, 3), (
+            f"camera {tuple(output.camera.shape)}, expected ({batch_size}, 3)"
+        )
 
     def test_outputs_are_finite_metres(self, output: HMROutput, body_model: BodyModel, max_extent_m: float) -> None:
         """Untrained outputs are finite, and joints and vertices lie within ``max_extent_m`` of the
@@ -281,7 +286,9 @@ class BackboneContract:
             if name == "camera":
                 continue
             extent = float((tensor - root).abs().max())
-            assert extent < max_extent_m, f"{name} reaches {extent:.3g} from the root: not metres (limit {max_extent_m} m)"
+            assert extent < max_extent_m, (
+                f"{name} reaches {extent:.3g} from the root: not metres (limit {max_extent_m} m)"
+            )
 
     def test_camera_scale_is_positive(self, output: HMROutput, predicts_camera: bool) -> None:
         if not predicts_camera:
@@ -296,7 +303,7 @@ class BackboneContract:
     ) -> None:  # fmt: skip
         """HMRModule's loss on a toy batch, in train mode, backpropagated: ``extra_losses`` are
         finite scalars, and every trainable parameter gets a finite, not all-zero gradient."""
-        from pchmr.core.hmr import HMRModule
+        from pchmr.core.engine.module import HMRModule
 
         module = HMRModule(backbone, body_model)
         batch = toy_batch(body_model, batch_size, input_size, generator=torch.Generator().manual_seed(CONTRACT_SEED))
@@ -327,11 +334,11 @@ class BackboneContract:
     def test_fixed_entries_stay_fixed_in_training(
         self, backbone: Backbone, body_model: BodyModel, batch_size: int, input_size: int
     ) -> None:
-        """The entries :func:`~pchmr.core.backbone.fixed_state_keys` names (parameters without
+        """The entries :func:`~pchmr.core.kit.state.fixed_state_keys` names (parameters without
         gradient, buffers of submodules that stay in eval mode: a frozen encoder) are unchanged by
         a training step (forward in train mode, backward, AdamW with weight decay). Differential
         privacy releases them without noise on this promise."""
-        from pchmr.core.hmr import HMRModule
+        from pchmr.core.engine.module import HMRModule
 
         module = HMRModule(backbone, body_model)
         fixed = fixed_state_keys(module)
@@ -354,7 +361,9 @@ class BackboneContract:
         )
 
     # -- checks: reproducibility ----------------------------------------------------------
-    def test_eval_is_deterministic(self, backbone: Backbone, output: HMROutput, batch_size: int, input_size: int) -> None:
+    def test_eval_is_deterministic(
+        self, backbone: Backbone, output: HMROutput, batch_size: int, input_size: int
+    ) -> None:
         backbone.eval()
         with torch.no_grad():
             again = backbone(contract_images(batch_size, input_size))
@@ -375,7 +384,9 @@ class BackboneContract:
                 msg=lambda m, name=name: f"{name} after loading the state dict into a fresh instance: {m}",
             )  # fmt: skip
 
-    def test_batch_size_independence(self, backbone: Backbone, output: HMROutput, batch_size: int, input_size: int) -> None:
+    def test_batch_size_independence(
+        self, backbone: Backbone, output: HMROutput, batch_size: int, input_size: int
+    ) -> None:
         """In eval mode, sample i alone gives what it gives inside the batch."""
         images = contract_images(batch_size, input_size)
         backbone.eval()

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pchmr.core.joints import COCO_17, J24, LSP_14, OPENPOSE_18, SMPL_24
+from pchmr.core.kit.joints import COCO_17, J24, LSP_14, OPENPOSE_18, SMPL_24
 
 __all__ = [
     "FIGURE_M",
     "FIGURE_PELVIS_M",
-    "FakeScene",
     "MARKER_COLORS",
+    "FakeScene",
     "draw_people",
     "write_3dpw_sequence",
     "write_coco_keypoints",
@@ -312,7 +312,9 @@ def write_3dpw_sequence(root: str | Path, sequence: str = "courtyard_basketball_
     with pkl.open("wb") as stream:
         pickle.dump(data, stream, protocol=2)
     flat = lambda a: a.reshape(num_people * num_frames, *a.shape[2:])  # noqa: E731
-    names = [f"imageFiles/{sequence}/image_{frame_ids[f]:05d}.jpg" for p in range(num_people) for f in range(num_frames)]
+    names = [
+        f"imageFiles/{sequence}/image_{frame_ids[f]:05d}.jpg" for p in range(num_people) for f in range(num_frames)
+    ]
     kp = flat(keypoints)
     center, scale = _box(kp)
     return FakeScene(names, kp, flat(joints_cam), center, scale, files={"pkl": pkl, "root": root},

@@ -46,8 +46,8 @@ import copyreg
 import pickle
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp

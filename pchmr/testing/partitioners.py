@@ -1,4 +1,4 @@
-"""Contract suite for partitioner plugins (:class:`~pchmr.core.partition.Partitioner`).
+"""Contract suite for partitioner plugins (:class:`~pchmr.core.contracts.partition.Partitioner`).
 
 Subclass :class:`PartitionerContract` in a test module and override the ``partitioner`` fixture
 (the callable ``(data, num_clients, seed, options) -> Partition`` a plugin registers)::
@@ -19,19 +19,19 @@ Subclass :class:`PartitionerContract` in a test module and override the ``partit
 
 Other fixtures to override (class-scoped, written as classmethods like the above):
 
-* ``data`` — the :class:`~pchmr.core.data.HMRData` to split (default :func:`contract_data`:
+* ``data`` — the :class:`~pchmr.core.contracts.dataset.HMRData` to split (default :func:`contract_data`:
   :data:`CONTRACT_SAMPLES` samples of (3, 32, 32) images, every ``meta`` label of
-  :data:`~pchmr.core.sample.META_KEYS` with 3 sources, 4 scenes, 6 actions and 8 subjects);
+  :data:`~pchmr.core.contracts.sample.META_KEYS` with 3 sources, 4 scenes, 6 actions and 8 subjects);
 * ``num_clients`` (default :data:`CONTRACT_CLIENTS` = 4, the number of scenes) and ``options``
   (default ``{}``): a valid request;
 * ``bad_options`` — ``{description: (options, regex)}``: each must raise ``ValueError`` (pchmr's
-  :class:`~pchmr.core.partition.PartitionError` is one) whose message matches ``regex``;
+  :class:`~pchmr.core.contracts.partition.PartitionError` is one) whose message matches ``regex``;
 * capability flags: ``covers_all`` (True: every sample goes to some client), ``uses_seed``
   (True: another seed gives other client sets; False for label-determined splits such as
   ``natural``);
 * ``known_gaps`` — ``{check name: reason}``: those checks run as ``xfail`` with the reason.
 
-Checks (test methods): the result is a :class:`~pchmr.core.partition.Partition` of
+Checks (test methods): the result is a :class:`~pchmr.core.contracts.partition.Partition` of
 ``num_clients`` clients, each a sorted 1-D int64 array of distinct indices in [0, N); clients are
 non-empty and disjoint and (``covers_all``) cover every sample; the same seed gives the same
 ``partition.json`` bytes even when the global random generators (``random``, numpy, torch) were
@@ -45,15 +45,15 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import pytest
 
-from pchmr.core.data import HMRData
-from pchmr.core.partition import Partition, load_partition, save_partition
-from pchmr.core.sample import META_KEYS
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.partition import Partition, load_partition, save_partition
+from pchmr.core.contracts.sample import META_KEYS
 
 __all__ = [
     "CONTRACT_CLIENTS",
@@ -118,7 +118,7 @@ def contract_data(
 
 
 def partition_bytes(partition: Partition, path: Path) -> bytes:
-    """The bytes :func:`~pchmr.core.partition.save_partition` writes for ``partition`` at ``path``."""
+    """The bytes :func:`~pchmr.core.contracts.partition.save_partition` writes for ``partition`` at ``path``."""
     save_partition(partition, path)
     return path.read_bytes()
 
@@ -273,14 +273,18 @@ class PartitionerContract:
         loaded = load_partition(tmp_path / "again-0.json")
         assert _client_sets(loaded) == _client_sets(partition), "partition.json does not load back to the same clients"
 
-    def test_other_seed_gives_another_file(self, partition: Partition, other_partition: Partition, tmp_path: Path) -> None:
+    def test_other_seed_gives_another_file(
+        self, partition: Partition, other_partition: Partition, tmp_path: Path
+    ) -> None:
         other = partition_bytes(other_partition, tmp_path / "other.json")
         assert other != partition_bytes(partition, tmp_path / "first.json"), (
             f"seeds {CONTRACT_SEED} and {OTHER_SEED} gave identical partition.json files; "
             "record the seed in Partition.params at least"
         )
 
-    def test_other_seed_gives_other_clients(self, partition: Partition, other_partition: Partition, uses_seed: bool) -> None:
+    def test_other_seed_gives_other_clients(
+        self, partition: Partition, other_partition: Partition, uses_seed: bool
+    ) -> None:
         if not uses_seed:
             pytest.skip("uses_seed is False")
         assert _client_sets(other_partition) != _client_sets(partition), (
@@ -317,9 +321,13 @@ class PartitionerContract:
                 f"{description} ({dict(options)})",
             )  # fmt: skip
 
-    def test_rejects_zero_clients(self, partitioner: PartitionerFn, data: HMRData, options: Mapping[str, object]) -> None:
+    def test_rejects_zero_clients(
+        self, partitioner: PartitionerFn, data: HMRData, options: Mapping[str, object]
+    ) -> None:
         _raises_value_error(
-            lambda: partitioner(data, 0, CONTRACT_SEED, dict(options)), r"(?i)client", "0 clients (name the client count)"
+            lambda: partitioner(data, 0, CONTRACT_SEED, dict(options)),
+            r"(?i)client",
+            "0 clients (name the client count)",
         )
 
     def test_rejects_more_clients_than_samples(

@@ -1,4 +1,4 @@
-"""Contract suite for strategy plugins (:class:`~pchmr.core.strategy.StrategyParts` factories).
+"""Contract suite for strategy plugins (:class:`~pchmr.core.contracts.strategy.StrategyParts` factories).
 
 Subclass :class:`StrategyContract` in a test module and override the ``strategy_factory`` fixture
 (and ``strategy_options`` if the strategy needs options)::
@@ -30,20 +30,21 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 
-from pchmr.core.strategy import StrategyConfig, StrategyFactory, StrategyParts
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyFactory, StrategyParts
+from pchmr.core.kit.federation import wait_for_nodes
 
 __all__ = [
-    "StrategyContract",
     "FakeGrid",
     "SimulationRound",
+    "StrategyContract",
     "array_record",
     "check_simulation_rounds",
     "contract_arrays",
@@ -128,7 +129,9 @@ def contract_delta(seed: int, aligned: bool, count_step: int = 1) -> Arrays:
 
 
 def _apply(global_arrays: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Arrays:
-    return {key: (np.asarray(value) + delta[key]).astype(np.asarray(value).dtype) for key, value in global_arrays.items()}
+    return {
+        key: (np.asarray(value) + delta[key]).astype(np.asarray(value).dtype) for key, value in global_arrays.items()
+    }
 
 
 def array_record(arrays: Mapping[str, np.ndarray]) -> Any:
@@ -160,8 +163,9 @@ def run_round(
     node_ids = [101 + k for k in range(len(updates))]
     with task_identity():
         messages = list(
-            parts.server.configure_train(server_round, array_record(global_arrays), ConfigRecord(dict(parts.train_config)),
-                                         FakeGrid(node_ids))
+            parts.server.configure_train(
+                server_round, array_record(global_arrays), ConfigRecord(dict(parts.train_config)), FakeGrid(node_ids)
+            )
         )
     offered = sorted(m.metadata.dst_node_id for m in messages)
     if offered != node_ids:
@@ -181,8 +185,11 @@ def _assert_arrays_close(actual: Mapping[str, np.ndarray], expected: Mapping[str
     assert sorted(actual) == sorted(expected), f"{what}: entries {sorted(actual)} != {sorted(expected)}"
     for key in expected:
         np.testing.assert_allclose(
-            np.asarray(actual[key], dtype=np.float64), np.asarray(expected[key], dtype=np.float64),
-            rtol=RTOL, atol=ATOL, err_msg=f"{what}: entry '{key}'",
+            np.asarray(actual[key], dtype=np.float64),
+            np.asarray(expected[key], dtype=np.float64),
+            rtol=RTOL,
+            atol=ATOL,
+            err_msg=f"{what}: entry '{key}'",
         )
 
 
@@ -236,7 +243,11 @@ def _drive(parts: StrategyParts, grid: Any, rounds: int) -> list[SimulationRound
     arrays = contract_arrays()
     history = []
     for server_round in range(1, rounds + 1):
-        messages = list(parts.server.configure_train(server_round, array_record(arrays), ConfigRecord(dict(parts.train_config)), grid))
+        messages = list(
+            parts.server.configure_train(
+                server_round, array_record(arrays), ConfigRecord(dict(parts.train_config)), grid
+            )
+        )
         replies = list(grid.send_and_receive(messages, timeout=_SIMULATION_TIMEOUT_S))
         failed = [r for r in replies if r.has_error()]
         if failed:
@@ -246,19 +257,13 @@ def _drive(parts: StrategyParts, grid: Any, rounds: int) -> list[SimulationRound
         if aggregate is None:
             raise RuntimeError(f"round {server_round}: aggregate_train returned no arrays")
         new_arrays = _numpy(aggregate)
-        history.append(SimulationRound(server_round, arrays, [_numpy(r.content["arrays"]) for r in replies],
-                                       new_arrays, dict(metrics or {})))
+        history.append(
+            SimulationRound(
+                server_round, arrays, [_numpy(r.content["arrays"]) for r in replies], new_arrays, dict(metrics or {})
+            )
+        )
         arrays = new_arrays
     return history
-
-
-def _wait_for_nodes(grid: Any, nodes: int) -> None:
-    """Block until ``nodes`` SuperNodes are connected (they register while the ServerApp starts)."""
-    deadline = time.monotonic() + _SIMULATION_TIMEOUT_S
-    while len(list(grid.get_node_ids())) < nodes:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {nodes} simulated nodes connected")
-        time.sleep(_NODE_POLL_S)
 
 
 def run_in_flower_simulation(
@@ -277,7 +282,9 @@ def run_in_flower_simulation(
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
         try:
-            _wait_for_nodes(grid, nodes)
+            connected = wait_for_nodes(grid, nodes, _SIMULATION_TIMEOUT_S, poll=_NODE_POLL_S)
+            if len(connected) < nodes:
+                raise TimeoutError(f"only {len(connected)} of {nodes} simulated nodes connected")
         except BaseException as exc:
             errors.append(("(start-up)", exc))
             return
@@ -289,11 +296,20 @@ def run_in_flower_simulation(
 
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": 1, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": logging.ERROR},
+        "init_args": {
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "logging_level": logging.ERROR,
+        },
     }
-    run_simulation(server_app=server_app, client_app=_echo_client_app(), num_supernodes=nodes,
-                   backend_name="ray", backend_config=backend_config)
+    run_simulation(
+        server_app=server_app,
+        client_app=_echo_client_app(),
+        num_supernodes=nodes,
+        backend_name="ray",
+        backend_config=backend_config,
+    )
     if errors:
         name, exc = errors[0]
         raise RuntimeError(f"strategy '{name}' failed in the Flower simulation: {exc!r}") from exc
@@ -307,7 +323,9 @@ def check_simulation_rounds(name: str, history: Sequence[SimulationRound], avera
     """Assertions on one strategy's :func:`run_in_flower_simulation` result."""
     assert len(history) == CONTRACT_ROUNDS, f"{name}: {len(history)} rounds ran, expected {CONTRACT_ROUNDS}"
     for rnd in history:
-        assert len(rnd.client_arrays) == CONTRACT_NODES, f"{name} round {rnd.server_round}: {len(rnd.client_arrays)} replies"
+        assert len(rnd.client_arrays) == CONTRACT_NODES, (
+            f"{name} round {rnd.server_round}: {len(rnd.client_arrays)} replies"
+        )
         assert sorted(rnd.aggregate) == sorted(rnd.global_arrays), f"{name}: aggregate entries differ from the model's"
         for key, value in rnd.aggregate.items():
             assert value.shape == rnd.global_arrays[key].shape, f"{name}: '{key}' changed shape"
@@ -349,10 +367,17 @@ class StrategyContract:
         return True
 
     @pytest.fixture
-    def make_parts(self, strategy_factory: StrategyFactory, strategy_options: Mapping[str, Any]) -> Callable[[], StrategyParts]:
+    def make_parts(
+        self, strategy_factory: StrategyFactory, strategy_options: Mapping[str, Any]
+    ) -> Callable[[], StrategyParts]:
         """A fresh strategy per call, built for 3 clients per round, 2 rounds, seed 0."""
-        config = StrategyConfig(num_clients=CONTRACT_NODES, per_round=CONTRACT_NODES, num_rounds=CONTRACT_ROUNDS,
-                                seed=CONTRACT_SEED, options=dict(strategy_options))
+        config = StrategyConfig(
+            num_clients=CONTRACT_NODES,
+            per_round=CONTRACT_NODES,
+            num_rounds=CONTRACT_ROUNDS,
+            seed=CONTRACT_SEED,
+            options=dict(strategy_options),
+        )
         return lambda: strategy_factory(config)
 
     # -- checks ----------------------------------------------------------------------------
@@ -367,14 +392,19 @@ class StrategyContract:
         assert (parts.get_state is None) == (parts.set_state is None), "get_state and set_state come as a pair"
         assert all(callable(term) for term in parts.loss_terms), "loss_terms must be callables"
 
-    def test_configure_train_sends_the_model_to_every_offered_node(self, make_parts: Callable[[], StrategyParts]) -> None:
+    def test_configure_train_sends_the_model_to_every_offered_node(
+        self, make_parts: Callable[[], StrategyParts]
+    ) -> None:
         from flwr.app import ConfigRecord
 
         parts = make_parts()
         arrays = contract_arrays()
         with task_identity():
-            messages = list(parts.server.configure_train(1, array_record(arrays), ConfigRecord(dict(parts.train_config)),
-                                                         FakeGrid([5, 6, 7])))
+            messages = list(
+                parts.server.configure_train(
+                    1, array_record(arrays), ConfigRecord(dict(parts.train_config)), FakeGrid([5, 6, 7])
+                )
+            )
         assert sorted(m.metadata.dst_node_id for m in messages) == [5, 6, 7]
         for message in messages:
             sent = _numpy(next(iter(message.content.array_records.values())))
@@ -391,7 +421,9 @@ class StrategyContract:
             assert aggregate[key].shape == value.shape, f"'{key}' changed shape {value.shape} → {aggregate[key].shape}"
             assert np.all(np.isfinite(aggregate[key])), f"'{key}' is not finite"
             if _is_float(value):
-                assert aggregate[key].dtype == value.dtype, f"'{key}' changed dtype {value.dtype} → {aggregate[key].dtype}"
+                assert aggregate[key].dtype == value.dtype, (
+                    f"'{key}' changed dtype {value.dtype} → {aggregate[key].dtype}"
+                )
 
     def test_identical_updates_aggregate_to_themselves(
         self, make_parts: Callable[[], StrategyParts], averages_updates: bool
@@ -418,8 +450,9 @@ class StrategyContract:
         duplicated, _ = run_round(make_parts(), 1, global_arrays, [(d1, 1.0), (d2, 1.0), (d2, 2.0)])
         _assert_arrays_close(weighted, duplicated, "3 examples on one client vs the same update on 1 + 2")
         if averages_updates:
-            expected = {k: np.asarray(v, dtype=np.float64) + (1.0 * d1[k] + 3.0 * d2[k]) / 4.0
-                        for k, v in global_arrays.items()}
+            expected = {
+                k: np.asarray(v, dtype=np.float64) + (1.0 * d1[k] + 3.0 * d2[k]) / 4.0 for k, v in global_arrays.items()
+            }
             _assert_arrays_close(weighted, expected, "weights 1 : 3")
 
     def test_state_round_trip_gives_identical_next_round(self, make_parts: Callable[[], StrategyParts]) -> None:

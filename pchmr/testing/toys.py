@@ -6,25 +6,25 @@ is cut in n, giving 4n² + 2 vertices; the default n = 12 gives 578. Its mesh py
 the same construction at n/4 (coarse, 38 vertices) and n/2 (middle, 146): a coarse vertex *is*
 a fine vertex (one-hot ``down``), and a fine vertex is either a coarse one or the midpoint of a
 coarse edge (``up`` rows hold one 1 or two 0.5). Nothing here reads files or needs
-:mod:`pchmr.core.pyramid`.
+:mod:`pchmr.core.kit.pyramid`.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
 
-from pchmr.core.bodymodel import BodyModel, BodyOutput, MeshPyramid
-from pchmr.core.sample import META_KEYS
+from pchmr.core.contracts.bodymodel import BodyModel, BodyOutput, MeshPyramid
+from pchmr.core.contracts.sample import META_KEYS
 
 __all__ = [
     "TOY_JOINT_NAMES",
     "ToyBodyModel",
-    "toy_batch",
     "body_to_camera",
+    "toy_batch",
 ]
 
 #: The 14 joints FastMETRO evaluates on (LSP order).
@@ -81,7 +81,7 @@ def _octahedron_grid(n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int
 
     for sx, sy, sz in itertools.product((1, -1), repeat=3):
 
-        def at(a: int, b: int) -> tuple[int, int, int]:
+        def at(a: int, b: int, sx: int = sx, sy: int = sy, sz: int = sz) -> tuple[int, int, int]:
             return (sx * a, sy * b, sz * (n - a - b))
 
         for a in range(n):
@@ -94,7 +94,7 @@ def _octahedron_grid(n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int
     return points, faces
 
 
-def _outward(tri: tuple[tuple[int, int, int], ...], vid) -> tuple[int, int, int]:  # noqa: ANN001
+def _outward(tri: tuple[tuple[int, int, int], ...], vid) -> tuple[int, int, int]:
     p0, p1, p2 = (torch.tensor(p, dtype=torch.float64) for p in tri)
     normal = torch.linalg.cross(p1 - p0, p2 - p0)
     ids = (vid(tri[0]), vid(tri[1]), vid(tri[2]))
@@ -167,9 +167,9 @@ def axis_angle_to_matrix(axis_angle: Tensor) -> Tensor:
     angle = axis_angle.norm(dim=1, keepdim=True).clamp_min(1e-8)
     k = axis_angle / angle
     zero = torch.zeros_like(k[:, 0])
-    cross = torch.stack(
-        (zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero), dim=1
-    ).view(-1, 3, 3)
+    cross = torch.stack((zero, -k[:, 2], k[:, 1], k[:, 2], zero, -k[:, 0], -k[:, 1], k[:, 0], zero), dim=1).view(
+        -1, 3, 3
+    )
     eye = torch.eye(3, dtype=axis_angle.dtype, device=axis_angle.device).expand_as(cross)
     s, c = angle.sin()[..., None], angle.cos()[..., None]
     return eye + s * cross + (1 - c) * (cross @ cross)
@@ -246,7 +246,7 @@ def _random_params(body_model: BodyModel, batch_size: int, generator: torch.Gene
 def toy_batch(
     body_model: BodyModel, batch_size: int, image_size: int, generator: torch.Generator | None = None
 ) -> dict[str, Tensor | Mapping[str, list[str]]]:
-    """A collated batch in the Sample schema (:mod:`pchmr.core.sample`), random but valid.
+    """A collated batch in the Sample schema (:mod:`pchmr.core.contracts.sample`), random but valid.
 
     Meshes come from ``body_model`` (random parameters for :class:`ToyBodyModel`, zero
     parameters otherwise, which must then be a valid pose), turned by a random yaw, moved to

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pchmr.core.bodymodel import BodyModelSpec
-from pchmr.core.data import DatasetSpec
-from pchmr.core.experiment import default_cache_dir
-from pchmr.core.metrics import mpjpe, mpvpe, pa_mpjpe
+from pchmr.core.contracts.bodymodel import BodyModelSpec
+from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.engine.annotation import annotate_items, items_from_dataset
+from pchmr.core.kit.cache import default_cache_dir
+from pchmr.core.kit.metrics import mpjpe, mpvpe, pa_mpjpe
 from pchmr.plugins.annotators.deposer import make_deposer, make_smplifyx
-from pchmr.plugins.annotators.pipeline import annotate_items, items_from_dataset
 from pchmr.plugins.annotators.sources import SyntheticDepthSource, SyntheticKeypointSource
 from pchmr.plugins.bodymodels.anny import make_anny
 from pchmr.plugins.datasets.synthetic import make_synthetic
@@ -58,15 +58,34 @@ def run(config: str, n: int, out: Path) -> None:
         result = annotate_items(items, annotator, body.joint_names, keypoints, depth, crop_size=64, full_image=True)
         seconds = time.perf_counter() - start
         index = [item.index for item in result.items]
-        pj, pv = torch.from_numpy(np.stack(result.joints)).double(), torch.from_numpy(np.stack(result.vertices)).double()
-        per = {"mpvpe_mm": mpvpe(pv, gv[index]), "mpjpe_mm": mpjpe(pj, gj[index]), "pa_mpjpe_mm": pa_mpjpe(pj, gj[index])}
-        record = {"config": config, "annotator": name, "options": options, "depth": depth_options, "n": len(index),
-                  "failed": sum(r.status != "ok" for r in result.records), "seconds": seconds, "index": index,
-                  **{k: float(v.mean()) for k, v in per.items()}, "per_image": {k: v.tolist() for k, v in per.items()}}
+        pj, pv = (
+            torch.from_numpy(np.stack(result.joints)).double(),
+            torch.from_numpy(np.stack(result.vertices)).double(),
+        )
+        per = {
+            "mpvpe_mm": mpvpe(pv, gv[index]),
+            "mpjpe_mm": mpjpe(pj, gj[index]),
+            "pa_mpjpe_mm": pa_mpjpe(pj, gj[index]),
+        }
+        record = {
+            "config": config,
+            "annotator": name,
+            "options": options,
+            "depth": depth_options,
+            "n": len(index),
+            "failed": sum(r.status != "ok" for r in result.records),
+            "seconds": seconds,
+            "index": index,
+            **{k: float(v.mean()) for k, v in per.items()},
+            "per_image": {k: v.tolist() for k, v in per.items()},
+        }
         with out.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        print(f"{name} {options} {depth_options}: n={len(index)} {seconds:.0f}s MPVPE {record['mpvpe_mm']:.1f} "
-              f"MPJPE {record['mpjpe_mm']:.1f} PA-MPJPE {record['pa_mpjpe_mm']:.1f}", flush=True)
+        print(
+            f"{name} {options} {depth_options}: n={len(index)} {seconds:.0f}s MPVPE {record['mpvpe_mm']:.1f} "
+            f"MPJPE {record['mpjpe_mm']:.1f} PA-MPJPE {record['pa_mpjpe_mm']:.1f}",
+            flush=True,
+        )
 
 
 def table(path: Path) -> None:
@@ -74,13 +93,17 @@ def table(path: Path) -> None:
     print("| config | annotator | options | depth | n | MPVPE | MPJPE | PA-MPJPE | s/img |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['annotator']} | {r['options'] or '-'} | {r['depth'] or '-'} | {r['n']} | "
-              f"{r['mpvpe_mm']:.1f} | {r['mpjpe_mm']:.1f} | {r['pa_mpjpe_mm']:.1f} | {r['seconds'] / r['n']:.2f} |")
+        print(
+            f"| {r['config']} | {r['annotator']} | {r['options'] or '-'} | {r['depth'] or '-'} | {r['n']} | "
+            f"{r['mpvpe_mm']:.1f} | {r['mpjpe_mm']:.1f} | {r['pa_mpjpe_mm']:.1f} | {r['seconds'] / r['n']:.2f} |"
+        )
     base = next((r for r in rows if r["annotator"] == "smplifyx" and not r["options"]), None)
     if base is None:
         return
     print("\nOn the same images as each row (smplifyx baseline restricted to them):")
-    print("| depth | n | smplifyx MPVPE | deposer MPVPE | Δ | smplifyx MPJPE | deposer MPJPE | Δ | smplifyx PA | deposer PA | Δ |")
+    print(
+        "| depth | n | smplifyx MPVPE | deposer MPVPE | Δ | smplifyx MPJPE | deposer MPJPE | Δ | smplifyx PA | deposer PA | Δ |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     where = {i: k for k, i in enumerate(base["index"])}
     for r in rows:

@@ -1,6 +1,6 @@
 """Smoke-scale comparison of fedavg, fedprox, fedopt (adam) and fedgh on a strongly non-IID split.
 
-Every (strategy, seed) is one real ``pchmr run`` (through :func:`pchmr.core.run.execute`, the
+Every (strategy, seed) is one real ``pchmr run`` (through :func:`pchmr.core.engine.run.execute`, the
 Simulation Engine), written to ``OUT/<strategy>-s<seed>/``; a finished run directory is reused,
 so an interrupted comparison continues where it stopped. The script then prints and writes
 (``OUT/strategies.md`` and ``OUT/strategies.json``) mean ± sample standard deviation over the
@@ -31,8 +31,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 #: name in the table → (strategy plugin, strategy options).
 STRATEGIES: Mapping[str, tuple[str, Mapping[str, Any]]] = {
@@ -47,13 +48,22 @@ CONFLICT_KEY = "fedgh_conflict_fraction"
 
 
 def run_config(strategy: str, options: Mapping[str, Any], seed: int, args: argparse.Namespace, out: Path) -> Any:
-    from pchmr.core.config import RunConfig
+    from pchmr.core.engine.config import RunConfig
 
     return RunConfig(
-        strategy=strategy, strategy_options=dict(options), seed=seed,
-        partitioner=args.partitioner, partition_options=dict(_parse_options(args.partition_option)),
-        clients=args.clients, per_round=args.per_round, rounds=args.rounds, local_epochs=args.local_epochs,
-        num_train=args.num_train, num_test=args.num_test, batch_size=args.batch_size, out=str(out),
+        strategy=strategy,
+        strategy_options=dict(options),
+        seed=seed,
+        partitioner=args.partitioner,
+        partition_options=dict(_parse_options(args.partition_option)),
+        clients=args.clients,
+        per_round=args.per_round,
+        rounds=args.rounds,
+        local_epochs=args.local_epochs,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        batch_size=args.batch_size,
+        out=str(out),
     )
 
 
@@ -78,8 +88,8 @@ def _number(text: str) -> Any:
 
 def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """Run (or reuse) one (strategy, seed) and return its final metrics and FedGH statistics."""
-    from pchmr.core.rundir import RunDir
-    from pchmr.core.run import execute
+    from pchmr.core.engine.run import execute
+    from pchmr.core.engine.rundir import RunDir
 
     strategy, options = STRATEGIES[name]
     out = args.out / f"{name}-s{seed}"
@@ -94,11 +104,16 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     rounds = [r for r in rd.read_rounds() if r["round"] > 0]
     conflicts = [r[CONFLICT_KEY] for r in rounds if CONFLICT_KEY in r]
     return {
-        "strategy": name, "seed": seed, "mpjpe_mm": final["mpjpe_mm"], "pa_mpjpe_mm": final["pa_mpjpe_mm"],
-        "round0_mpjpe_mm": final["round0"]["mpjpe_mm"], "round0_pa_mpjpe_mm": final["round0"]["pa_mpjpe_mm"],
+        "strategy": name,
+        "seed": seed,
+        "mpjpe_mm": final["mpjpe_mm"],
+        "pa_mpjpe_mm": final["pa_mpjpe_mm"],
+        "round0_mpjpe_mm": final["round0"]["mpjpe_mm"],
+        "round0_pa_mpjpe_mm": final["round0"]["pa_mpjpe_mm"],
         "mean_pose_pa_mpjpe_mm": final.get("mean_pose_pa_mpjpe_mm"),
         "conflict_fraction": statistics.fmean(conflicts) if conflicts else None,
-        "seconds": seconds, "run_dir": str(out),
+        "seconds": seconds,
+        "run_dir": str(out),
     }
 
 
@@ -111,7 +126,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def table(rows: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> str:
     """Markdown table: mean ± std over seeds per strategy."""
     lines = [
-        f"| strategy | seeds | MPJPE (mm) | PA-MPJPE (mm) | round-0 MPJPE (mm) | FedGH conflict rate |",
+        "| strategy | seeds | MPJPE (mm) | PA-MPJPE (mm) | round-0 MPJPE (mm) | FedGH conflict rate |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in STRATEGIES:
@@ -177,8 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     (args.out / "strategies.md").write_text(f"{setting}\n\n{text}\n")
     (args.out / "strategies.json").write_text(
-        json.dumps({"setting": vars(args) | {"out": str(args.out)}, "strategies": STRATEGIES, "runs": rows},
-                   indent=2, default=str) + "\n"
+        json.dumps(
+            {"setting": vars(args) | {"out": str(args.out)}, "strategies": STRATEGIES, "runs": rows},
+            indent=2,
+            default=str,
+        )
+        + "\n"
     )
     return 0
 

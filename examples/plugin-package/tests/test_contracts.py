@@ -11,18 +11,14 @@ Anny's mesh pyramid is read from pchmr's default cache (``~/.cache/pchmr/pyramid
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pytest
 import torch
 
-from pchmr.core.backbone import BackboneOptions
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec
-from pchmr.core.hmr import HMRModule
-from pchmr.core.partition import PartitionError
-from pchmr.core.registry import get_registry
-from pchmr.testing import BackboneContract, ToyBodyModel, toy_batch
+from pchmr.api import BackboneOptions, BodyModel, BodyModelSpec, PartitionError
+from pchmr.testing import BackboneContract, ToyBodyModel, hmr_module, plugin_info, registered, toy_batch
 from pchmr.testing.backbones import BackboneMaker
 from pchmr.testing.partitioners import PartitionerContract, PartitionerFn, contract_data
 
@@ -39,8 +35,8 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 
-def _backbone_factory():  # noqa: ANN202 - a BackboneFactory
-    return get_registry().get("backbone", "example-cnn")
+def _backbone_factory():
+    return registered("backbone", "example-cnn")
 
 
 def _maker(variant: str = "S") -> BackboneMaker:
@@ -51,7 +47,7 @@ def _maker(variant: str = "S") -> BackboneMaker:
 # ----------------------------------------------------------------------------- discovery
 @pytest.mark.parametrize(("kind", "name"), [("backbone", "example-cnn"), ("partitioner", "round-robin")])
 def test_the_registry_finds_our_plugins_through_entry_points(kind: str, name: str) -> None:
-    info = get_registry().info(kind, name)
+    info = plugin_info(kind, name)
     assert info.distribution == DISTRIBUTION, f"{name} is provided by {info.distribution}, not {DISTRIBUTION}"
     assert info.entry_point == name
 
@@ -72,7 +68,7 @@ class TestExampleCNNOnAnny(BackboneContract):
     @pytest.fixture(scope="class")
     @classmethod
     def body_model(cls) -> BodyModel:
-        return get_registry().get("body_model", "anny")(BodyModelSpec())
+        return registered("body_model", "anny")(BodyModelSpec())
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -121,7 +117,7 @@ def test_it_learns_one_toy_batch() -> None:
     (measured: 538 → 117 after 10 steps)."""
     body = ToyBodyModel()
     torch.manual_seed(0)
-    module = HMRModule(_maker()(body), body)
+    module = hmr_module(_maker()(body), body)
     batch = toy_batch(body, 2, INPUT_SIZE, generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
     module.train()
@@ -137,7 +133,7 @@ def test_it_learns_one_toy_batch() -> None:
 
 # ----------------------------------------------------------------------------- partitioner
 def _round_robin() -> PartitionerFn:
-    return get_registry().get("partitioner", "round-robin")
+    return registered("partitioner", "round-robin")
 
 
 BAD_OPTIONS = {

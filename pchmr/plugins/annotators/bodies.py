@@ -18,15 +18,16 @@ the shape prior in those coordinates.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pchmr.core.bodymodel import BodyModel, BodyOutput
+from pchmr.core.contracts.bodymodel import BodyModel, BodyOutput
 from pchmr.plugins.annotators.priors import (
     JointLimitPrior,
     anny_limits,
@@ -150,7 +151,7 @@ class _AnnyJoints:
         self.weights = weights
 
     @classmethod
-    def build(cls, body_model: Any) -> "_AnnyJoints | None":
+    def build(cls, body_model: Any) -> _AnnyJoints | None:
         regressor = body_model.joint_regressor.detach().cpu()
         top = torch.topk(regressor.abs(), FAST_JOINT_VERTICES, dim=1).indices
         used = torch.unique(top.flatten())
@@ -233,7 +234,9 @@ def _smpl(body_model: Any, pose_prior: str, prior_file: str | None) -> FitBody:
             )
         prior: Any = load_smplify_gmm(prior_file)
     elif pose_prior == "limits":
-        raise ValueError("joint limits are written for Anny; for smpl choose pose_prior=gmm (with pose_prior_file) or l2")
+        raise ValueError(
+            "joint limits are written for Anny; for smpl choose pose_prior=gmm (with pose_prior_file) or l2"
+        )
     else:
         prior = _l2
     index = torch.tensor(SMPL_BEND_INDEX)

@@ -15,14 +15,20 @@ Options (``--option key=value``; every :class:`~.fitting.FitConfig` scalar, plus
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from pchmr.core.annotate import FitResult, ObservationBatch
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.hookspecs import hookimpl
+from pchmr.core.contracts.annotation import FitResult, ObservationBatch
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.plugins.annotators.bodies import describe_fit_body, make_fit_body
-from pchmr.plugins.annotators.fitting import DEFAULT_STAGES, FitConfig, Fitter, describe_config
+from pchmr.plugins.annotators.fitting import (
+    DEFAULT_STAGES,
+    FitConfig,
+    Fitter,
+    describe_config,
+)
 
 __all__ = ["FittingAnnotator", "make_deposer", "make_smplifyx", "pchmr_annotators"]
 
@@ -32,7 +38,7 @@ _CONFIG_OPTIONS = tuple(f.name for f in dataclasses.fields(FitConfig) if f.name 
 
 
 class FittingAnnotator:
-    """An :class:`~pchmr.core.annotate.Annotator` running the fitting core."""
+    """An :class:`~pchmr.core.contracts.annotation.Annotator` running the fitting core."""
 
     def __init__(self, name: str, body_model: BodyModel, config: FitConfig, pose_prior: str = "gmm",
                  pose_prior_file: str | None = None, cache_dir: str | None = None) -> None:  # fmt: skip
@@ -59,12 +65,14 @@ def _build(name: str, body_model: BodyModel, options: Mapping[str, object], dept
     config = FitConfig(**config_kwargs)
     if "iterations" in options:
         factor = float(options["iterations"]) / 100.0  # type: ignore[arg-type]
-        config = replace(config, stages=tuple(replace(s, iterations=max(1, round(s.iterations * factor))) for s in DEFAULT_STAGES))
+        config = replace(
+            config, stages=tuple(replace(s, iterations=max(1, round(s.iterations * factor))) for s in DEFAULT_STAGES)
+        )
     if "adam_iterations" in options:
         config = config.with_adam_iterations(int(options["adam_iterations"]))  # type: ignore[arg-type]
     cache_dir = options.get("cache_dir")
     if cache_dir is None:
-        from pchmr.core.experiment import default_cache_dir
+        from pchmr.core.kit.cache import default_cache_dir
 
         cache_dir = str(default_cache_dir())
     return FittingAnnotator(name, body_model, config, str(options.get("pose_prior", "gmm")),

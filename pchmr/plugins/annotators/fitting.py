@@ -6,7 +6,7 @@ Model. A camera-frame point is ``X_cam = R (X_body − root) + t``: the body mod
 own frame (y up), centred at its root (mid-hip), rotated by ``R = exp(ω) · F`` where ``F`` =
 diag(1, −1, −1) turns a body facing the camera into the camera frame, and translated by
 ``t = (t_x, t_y, exp(ℓ))`` (positive depth by construction). Projection with the observation's
-crop-unit intrinsics: ``u = f x/z + c_x`` (:mod:`pchmr.core.annotate`).
+crop-unit intrinsics: ``u = f x/z + c_x`` (:mod:`pchmr.core.contracts.annotation`).
 
 Energy per image (all terms (B,), summed over the batch for the optimiser):
 
@@ -35,13 +35,17 @@ independent, so an image's fit does not read any other image's data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from pchmr.core.annotate import DEPTH_INVARIANCES, FitResult, ObservationBatch
+from pchmr.core.contracts.annotation import (
+    DEPTH_INVARIANCES,
+    FitResult,
+    ObservationBatch,
+)
 from pchmr.plugins.annotators.bodies import FitBody
 from pchmr.plugins.annotators.priors import GaussianMixturePrior
 
@@ -143,7 +147,7 @@ class FitConfig:
         if self.depth_weight < 0 or self.sigma_px <= 0:
             raise ValueError(f"depth_weight must be >= 0 and sigma_px > 0, got {self.depth_weight}, {self.sigma_px}")
 
-    def with_adam_iterations(self, total: int) -> "FitConfig":
+    def with_adam_iterations(self, total: int) -> FitConfig:
         """Adam with ``total`` iterations split over the stages like the L-BFGS budget."""
         budget = sum(s.iterations for s in self.stages)
         stages = tuple(replace(s, iterations=max(1, round(total * s.iterations / budget))) for s in self.stages)
@@ -225,7 +229,9 @@ def _sphere_setup(joint_names: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, T
     index = {n: i for i, n in enumerate(joint_names)}
     missing = sorted({n for s in SPHERES for n in s[1:3]} - set(index))
     if missing:
-        raise ValueError(f"the collision spheres need the LSP-14 joints {missing}; the body model has {list(joint_names)}")
+        raise ValueError(
+            f"the collision spheres need the LSP-14 joints {missing}; the body model has {list(joint_names)}"
+        )
     a = torch.tensor([index[s[1]] for s in SPHERES])
     b = torch.tensor([index[s[2]] for s in SPHERES])
     t = torch.tensor([s[3] for s in SPHERES])
@@ -321,7 +327,9 @@ class Fitter:
             "collision": stage.collision * self._collision(cam_joints),
         }
         if self.config.depth_weight > 0:
-            terms["depth"] = self.config.depth_weight * depth_energy(cam_joints[..., 2], batch, batch.intrinsics[:, 0], self.config)
+            terms["depth"] = self.config.depth_weight * depth_energy(
+                cam_joints[..., 2], batch, batch.intrinsics[:, 0], self.config
+            )
         terms["total"] = sum(terms.values())  # type: ignore[assignment]
         return terms
 
@@ -331,7 +339,9 @@ class Fitter:
         energy = energy + self.config.camera_depth_prior * (state.log_depth - depth0) ** 2
         if self.config.depth_weight > 0:
             torso_batch = replace(batch, depth_valid=batch.depth_valid * _mask(batch.depth_valid, self.torso))
-            energy = energy + self.config.depth_weight * depth_energy(cam_joints[..., 2], torso_batch, batch.intrinsics[:, 0], self.config)
+            energy = energy + self.config.depth_weight * depth_energy(
+                cam_joints[..., 2], torso_batch, batch.intrinsics[:, 0], self.config
+            )
         return energy
 
     # -- optimisation --------------------------------------------------------------------
@@ -373,15 +383,21 @@ class Fitter:
         visible = conf > 0
         big = torch.full_like(kp[..., 0], 1e9)
         extent = torch.maximum(
-            torch.where(visible, kp[..., 1], -big).max(-1).values - torch.where(visible, kp[..., 1], big).min(-1).values,
-            torch.where(visible, kp[..., 0], -big).max(-1).values - torch.where(visible, kp[..., 0], big).min(-1).values,
+            torch.where(visible, kp[..., 1], -big).max(-1).values
+            - torch.where(visible, kp[..., 1], big).min(-1).values,
+            torch.where(visible, kp[..., 0], -big).max(-1).values
+            - torch.where(visible, kp[..., 0], big).min(-1).values,
         )
         torso_2d = torch.where(w.sum(-1) > 0, torso_2d, extent / 3.0).clamp_min(1e-3)
         f = batch.intrinsics[:, 0]
         depth = f * self.torso_m / torso_2d
         hips_w = (conf[:, [lh, rh]] > 0).float()
         root_2d = (kp[:, [lh, rh]] * hips_w[..., None]).sum(1) / hips_w.sum(-1, keepdim=True).clamp_min(1.0)
-        root_2d = torch.where(hips_w.sum(-1, keepdim=True) > 0, root_2d, (kp * visible[..., None]).sum(1) / visible.sum(-1, keepdim=True).clamp_min(1))
+        root_2d = torch.where(
+            hips_w.sum(-1, keepdim=True) > 0,
+            root_2d,
+            (kp * visible[..., None]).sum(1) / visible.sum(-1, keepdim=True).clamp_min(1),
+        )
         xy = (root_2d - batch.intrinsics[:, 1:]) * depth[:, None] / f[:, None]
         return depth, xy
 
@@ -395,17 +411,20 @@ class Fitter:
 
     def fit(self, batch: ObservationBatch) -> FitResult:
         """Fit every image of ``batch``; returns camera-frame root-relative meshes and losses."""
-        n = len(batch)
         with torch.no_grad():
             poses = self.initial_poses()
             pose_joints = self._body_joints(poses, torch.zeros(len(poses), self.body.shape_dim))
             depth0, xy0 = self.initial_camera(batch)
         state = self._fit_camera(batch, pose_joints, poses, depth0, xy0)
         for stage in self.config.stages:
-            self._minimise(state.tensors(), lambda: self.energies(state, batch, stage)["total"], stage.iterations)
+            self._minimise(
+                state.tensors(), lambda stage=stage: self.energies(state, batch, stage)["total"], stage.iterations
+            )
         return self._result(state, batch, self.config.stages[-1])
 
-    def _fit_camera(self, batch: ObservationBatch, pose_joints: Tensor, poses: Tensor, depth0: Tensor, xy0: Tensor) -> _State:
+    def _fit_camera(
+        self, batch: ObservationBatch, pose_joints: Tensor, poses: Tensor, depth0: Tensor, xy0: Tensor
+    ) -> _State:
         """Stage 0 over hypotheses (orientation × starting pose): the rigid camera from the
         torso joints, then the hypothesis with the lowest energy over all joints (+ the pose
         prior's value of its starting pose) per image."""
@@ -426,14 +445,16 @@ class Fitter:
             energy = self._data(cam_joints, rep) + self.config.camera_depth_prior * (state.log_depth - log_depth0) ** 2
             energy = energy + self.config.stages[0].pose * self.body.pose_prior(poses)[pose_of]
             if self.config.depth_weight > 0:
-                energy = energy + self.config.depth_weight * depth_energy(cam_joints[..., 2], rep, rep.intrinsics[:, 0], self.config)
+                energy = energy + self.config.depth_weight * depth_energy(
+                    cam_joints[..., 2], rep, rep.intrinsics[:, 0], self.config
+                )
             best = energy.view(h * p, n).argmin(0) * n + torch.arange(n)
         return _State(state.orient[best].clone(), state.transl_xy[best].clone(), state.log_depth[best].clone(),
                       poses[pose_of[best]].clone(), torch.zeros(n, self.body.shape_dim))  # fmt: skip
 
     @torch.no_grad()
     def _result(self, state: _State, batch: ObservationBatch, stage: StageWeights) -> FitResult:
-        vertices, joints = self._body_frame(state.articulation, state.shape)
+        vertices, _joints = self._body_frame(state.articulation, state.shape)
         rotation = self._rotation(state.orient)
         cam_vertices = vertices @ rotation.transpose(1, 2)
         cam_joints = self.body.body_model.joints_from_vertices(cam_vertices)

@@ -11,12 +11,13 @@ regressor the head is the head *top*, a few cm higher: an approximation).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from pchmr.core.annotate import (
+from pchmr.core.contracts.annotation import (
     DEPTH_INVARIANCES,
     AnnotationItem,
     DepthError,
@@ -25,7 +26,7 @@ from pchmr.core.annotate import (
     KeypointObservation,
     NoPersonError,
 )
-from pchmr.core.hookspecs import hookimpl
+from pchmr.core.contracts.hookspecs import hookimpl
 
 __all__ = ["LAYOUTS", "FileDepthSource", "FileKeypointSource", "SyntheticDepthSource",
            "SyntheticKeypointSource", "pchmr_depth_sources", "pchmr_keypoint_sources", "to_lsp14"]  # fmt: skip
@@ -71,7 +72,9 @@ def to_lsp14(points: np.ndarray, layout_names: Sequence[str], joint_names: Seque
     out = np.zeros((len(joint_names), 3), dtype=np.float32)
     for j, name in enumerate(joint_names):
         if name not in LSP_FROM_NAMED:
-            raise KeypointLayoutError(f"image {image_id}: no rule makes the body model's joint {name!r} from detector keypoints")
+            raise KeypointLayoutError(
+                f"image {image_id}: no rule makes the body model's joint {name!r} from detector keypoints"
+            )
         rows = points[[index[s] for s in LSP_FROM_NAMED[name]]]
         out[j, :2] = rows[:, :2].mean(0)
         out[j, 2] = rows[:, 2].min()
@@ -133,9 +136,11 @@ class FileKeypointSource:
     def __call__(self, item: AnnotationItem, joint_names: Sequence[str]) -> KeypointObservation:
         path = self.path_for(item.image_id)
         if path is None:
-            from pchmr.core.annotate import CountMismatchError
+            from pchmr.core.contracts.annotation import CountMismatchError
 
-            raise CountMismatchError(f"image {item.image_id}: no keypoint file {item.image_id}.json in {self.directory}")
+            raise CountMismatchError(
+                f"image {item.image_id}: no keypoint file {item.image_id}.json in {self.directory}"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -172,7 +177,9 @@ def _read_depth_map(path: Path) -> np.ndarray:
     return depth
 
 
-def sample_depth(depth: np.ndarray, keypoints: np.ndarray, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def sample_depth(
+    depth: np.ndarray, keypoints: np.ndarray, image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """(J,) depth and validity at (J, 3) pixel keypoints of an image of (H, W) pixels, from a
     depth map of any resolution (coordinates rescaled), median of a small window; NaN, infinite
     and non-positive values are invalid."""
@@ -210,9 +217,11 @@ class FileDepthSource:
         path = next((self.directory / f"{item.image_id}{s}" for s in (".npy", ".png")
                      if (self.directory / f"{item.image_id}{s}").is_file()), None)  # fmt: skip
         if path is None:
-            from pchmr.core.annotate import CountMismatchError
+            from pchmr.core.contracts.annotation import CountMismatchError
 
-            raise CountMismatchError(f"image {item.image_id}: no depth map {item.image_id}.npy/.png in {self.directory}")
+            raise CountMismatchError(
+                f"image {item.image_id}: no depth map {item.image_id}.npy/.png in {self.directory}"
+            )
         depth = _read_depth_map(path)
         if self.inverse:
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -221,7 +230,9 @@ class FileDepthSource:
         return _checked_depth(item.image_id, values, valid, keypoints, self.invariance)
 
 
-def _checked_depth(image_id: str, values: np.ndarray, valid: np.ndarray, keypoints: np.ndarray, invariance: str) -> DepthObservation:
+def _checked_depth(
+    image_id: str, values: np.ndarray, valid: np.ndarray, keypoints: np.ndarray, invariance: str
+) -> DepthObservation:
     visible = int((keypoints[:, 2] > 0).sum())
     good = int(valid.sum())
     if visible and good < MIN_DEPTH_SHARE * visible:
@@ -248,7 +259,9 @@ class SyntheticKeypointSource:
 
     def __init__(self, noise_px: float = 4.0, missing: float = 0.05, outliers: float = 0.02, seed: int = 0) -> None:
         if noise_px < 0 or not 0 <= missing < 1 or not 0 <= outliers < 1:
-            raise ValueError(f"need noise_px >= 0 and missing, outliers in [0, 1), got {noise_px}, {missing}, {outliers}")
+            raise ValueError(
+                f"need noise_px >= 0 and missing, outliers in [0, 1), got {noise_px}, {missing}, {outliers}"
+            )
         self.noise_px, self.missing, self.outliers, self.seed = noise_px, missing, outliers, seed
 
     def __call__(self, item: AnnotationItem, joint_names: Sequence[str]) -> KeypointObservation:
@@ -256,7 +269,9 @@ class SyntheticKeypointSource:
         size = split.array("images").shape[1]
         crop = np.array(split.array("keypoints_2d")[i], dtype=np.float64)
         if len(crop) != len(joint_names):
-            raise KeypointLayoutError(f"image {item.image_id}: the split has {len(crop)} joints, the body model {len(joint_names)}")
+            raise KeypointLayoutError(
+                f"image {item.image_id}: the split has {len(crop)} joints, the body model {len(joint_names)}"
+            )
         rng = _rng(self.seed, i, 0)
         pixels = (crop[:, :2] + 1.0) * size / 2.0
         scale = size / 224.0
@@ -282,7 +297,13 @@ class SyntheticDepthSource:
             raise ValueError(f"invariance must be one of {DEPTH_INVARIANCES}, got {invariance!r}")
         if noise_m < 0 or max_scale < 1:
             raise ValueError(f"need noise_m >= 0 and max_scale >= 1, got {noise_m}, {max_scale}")
-        self.noise_m, self.max_scale, self.invariance, self.missing, self.seed = noise_m, max_scale, invariance, missing, seed
+        self.noise_m, self.max_scale, self.invariance, self.missing, self.seed = (
+            noise_m,
+            max_scale,
+            invariance,
+            missing,
+            seed,
+        )
 
     def __call__(self, item: AnnotationItem, keypoints: np.ndarray) -> DepthObservation:
         split, i = _synthetic(item)

@@ -1,7 +1,7 @@
 """FastMETRO (Cho et al., ECCV 2022): encoder–decoder transformers over CNN features.
 
 Pipeline for a batch of B crops (see the module docstring of
-:mod:`pchmr.plugins.backbones.transformer` for the layer layout)::
+:mod:`pchmr.core.kit.transformer` for the layer layout)::
 
     encoder CNN (B, C, h, w) ─1×1 conv→ (B, h·w, 512) image tokens + 2D sine positions
     transformer 1 (d=512, MLP 2048):  encoder over [camera token, image tokens],
@@ -53,13 +53,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pchmr.core.backbone import Backbone, BackboneFactory, BackboneOptions, HMROutput, check_images
-from pchmr.core.bodymodel import BodyModel, MeshPyramid, _sparse_bmm
-from pchmr.core.hookspecs import hookimpl
-from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
-from pchmr.plugins.backbones.transformer import EncoderDecoder, sine_position_encoding
+from pchmr.core.contracts.backbone import (
+    Backbone,
+    BackboneFactory,
+    BackboneOptions,
+    HMROutput,
+    check_images,
+)
+from pchmr.core.contracts.bodymodel import BodyModel, MeshPyramid, sparse_bmm
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.encoders import FeatureEncoder, build_encoder
+from pchmr.core.kit.transformer import EncoderDecoder, sine_position_encoding
 
-__all__ = ["FastMETRO", "VARIANT_LAYERS", "make_fastmetro", "query_attention_mask", "pchmr_backbones"]
+__all__ = ["VARIANT_LAYERS", "FastMETRO", "make_fastmetro", "pchmr_backbones", "query_attention_mask"]
 
 #: Encoder and decoder layers per transformer for each variant.
 VARIANT_LAYERS: Mapping[str, int] = {"S": 1, "M": 2, "L": 3}
@@ -173,11 +179,11 @@ class FastMETRO(Backbone):
     def _upsample(self, coarse: Tensor) -> tuple[Tensor, ...]:
         """(B, V_0, 3) → every level, coarse first."""
         if self.coarse_to_middle is None:
-            levels = [coarse, _sparse_bmm(self.up_0, coarse)]
+            levels = [coarse, sparse_bmm(self.up_0, coarse)]
         else:
             levels = [coarse, self.coarse_to_middle(coarse.transpose(1, 2)).transpose(1, 2)]
         for level in range(1, 1 + self.fixed_up_levels):
-            levels.append(_sparse_bmm(getattr(self, f"up_{level}"), levels[-1]))
+            levels.append(sparse_bmm(getattr(self, f"up_{level}"), levels[-1]))
         return tuple(levels)
 
     def forward(self, images: Tensor) -> HMROutput:
@@ -240,10 +246,10 @@ def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO
     """Build FastMETRO-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
     ``options.extra`` may hold ``dropout`` (float, default 0.1), ``encoder_norm`` (``"batch"`` or
-    ``"group"``, default ``"batch"``, see :mod:`pchmr.plugins.backbones.encoders`) and
+    ``"group"``, default ``"batch"``, see :mod:`pchmr.core.kit.encoders`) and
     ``learned_upsampling`` (bool, default false: the reference's learnable coarse→middle layer,
     see the module docstring). ``options.freeze_encoder`` trains only the transformer and heads
-    over the (pretrained) CNN, see :meth:`~pchmr.plugins.backbones.encoders.FeatureEncoder.freeze`.
+    over the (pretrained) CNN, see :meth:`~pchmr.core.kit.encoders.FeatureEncoder.freeze`.
     """
     layers = variant_layers(options.variant)
     check_extra_keys(options.extra, ("dropout", "encoder_norm", "learned_upsampling"), "FastMETRO")

@@ -59,39 +59,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pchmr.core.backbone import Backbone, BackboneFactory, BackboneOptions, HMROutput, InputError, check_images
-from pchmr.core.bodymodel import BodyModel, MeshPyramid, _sparse_bmm
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.losses import project_weak_perspective
-from pchmr.plugins.backbones.encoders import FeatureEncoder, build_encoder
+from pchmr.core.contracts.backbone import (
+    Backbone,
+    BackboneFactory,
+    BackboneOptions,
+    HMROutput,
+    InputError,
+    check_images,
+)
+from pchmr.core.contracts.bodymodel import BodyModel, MeshPyramid, sparse_bmm
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.encoders import FeatureEncoder, build_encoder
+from pchmr.core.kit.geometry import project_weak_perspective
+from pchmr.core.kit.transformer import EncoderDecoder, sine_position_encoding
 from pchmr.plugins.backbones.fastmetro import (
-    check_extra_keys,
-    extra_bool,
-    extra_float,
-    variant_layers,
     CAMERA_HEAD_INIT_GAIN,
     DEFAULT_DROPOUT,
-    XYZ_HEAD_INIT_GAIN,
     FFN_DIM_1,
     FFN_DIM_2,
     INIT_CAMERA_SCALE,
     MODEL_DIM_1,
     MODEL_DIM_2,
     NUM_HEADS,
+    XYZ_HEAD_INIT_GAIN,
+    check_extra_keys,
+    extra_float,
+    variant_layers,
 )
-from pchmr.plugins.backbones.transformer import EncoderDecoder, sine_position_encoding
 
 __all__ = [
-    "TORE",
-    "TokenSelector",
     "DEFAULT_KEEP_RATIO",
     "PRUNING_LOSS",
-    "kept_tokens",
-    "fit_weak_perspective",
+    "TORE",
+    "TokenSelector",
     "body_mask_on_grid",
-    "token_pruning_loss",
+    "fit_weak_perspective",
+    "kept_tokens",
     "make_tore",
     "pchmr_backbones",
+    "token_pruning_loss",
 ]
 
 #: Fraction of the h·w image tokens kept after pooling (TORE's ``--keep_ratio`` 0.8).
@@ -232,7 +238,7 @@ class TORE(Backbone):
         """(B, V_0, 3) → every level, coarse first, by the fixed pyramid matrices."""
         levels = [coarse]
         for level in range(self.up_levels):
-            levels.append(_sparse_bmm(getattr(self, f"up_{level}"), levels[-1]))
+            levels.append(sparse_bmm(getattr(self, f"up_{level}"), levels[-1]))
         return tuple(levels)
 
     # -- forward ---------------------------------------------------------------------------
@@ -370,7 +376,7 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
 
     ``options.extra`` may hold ``keep_ratio`` (float in (0, 1], default 0.8), ``dropout``
     (default 0.1), ``encoder_norm`` (``"batch"`` or ``"group"``, see
-    :mod:`pchmr.plugins.backbones.encoders`); ``options.freeze_encoder`` keeps the CNN fixed.
+    :mod:`pchmr.core.kit.encoders`); ``options.freeze_encoder`` keeps the CNN fixed.
     """
     layers = variant_layers(options.variant, family="TORE")
     check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm"), "TORE")

@@ -1,7 +1,7 @@
 """The ``anny`` body model: NAVER's Anny (Apache-2.0, no licence files to fetch) in pchmr's frame.
 
 Anny's mesh is Z-up with the body facing -Y and its left side at +X. pchmr's body frame is
-y up, z out of the body's front, x to the body's left (:mod:`pchmr.core.bodymodel`), so
+y up, z out of the body's front, x to the body's left (:mod:`pchmr.core.contracts.bodymodel`), so
 ``v_pchmr = C @ v_anny`` with ``C`` = :data:`ANNY_TO_BODY` (x, y, z) ← (x, z, -y).
 
 Parameters (``param_shapes``):
@@ -25,21 +25,26 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
 from torch import Tensor
 
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec, BodyOutput, MeshPyramid
-from pchmr.core.hookspecs import hookimpl
+from pchmr.core.contracts.bodymodel import (
+    BodyModel,
+    BodyModelSpec,
+    BodyOutput,
+    MeshPyramid,
+)
+from pchmr.core.contracts.hookspecs import hookimpl
 
 __all__ = [
-    "ANNY_TO_BODY",
     "ACTIONS",
+    "ANNY_TO_BODY",
     "JOINT_NAMES",
     "PART_NAMES",
     "PHENOTYPE_NAMES",
@@ -225,7 +230,7 @@ class ArmRest:
     rest_flexion: float
 
     @classmethod
-    def from_points(cls, shoulder: np.ndarray, elbow: np.ndarray, wrist: np.ndarray) -> "ArmRest":
+    def from_points(cls, shoulder: np.ndarray, elbow: np.ndarray, wrist: np.ndarray) -> ArmRest:
         upper, fore = elbow - shoulder, wrist - elbow
         upper, fore = upper / np.linalg.norm(upper), fore / np.linalg.norm(fore)
         hinge = np.cross(upper, fore)
@@ -377,7 +382,7 @@ def sample_action_pose(
 
 
 class AnnyBodyModel(BodyModel):
-    """Anny as a pchmr :class:`~pchmr.core.bodymodel.BodyModel` (see the module docstring).
+    """Anny as a pchmr :class:`~pchmr.core.contracts.bodymodel.BodyModel` (see the module docstring).
 
     The wrapped Anny module is shared by every instance of the process and is deliberately not
     a submodule: it stays on its own device and dtype (CPU, float32), adds nothing to
@@ -463,7 +468,7 @@ class AnnyBodyModel(BodyModel):
     def pyramid(self) -> MeshPyramid:
         """Coarse (431) / middle (1723) / full (13718) levels, cached on disk per topology."""
         if self._pyramid is None:
-            from pchmr.core.pyramid import cached_pyramid
+            from pchmr.core.kit.pyramid import cached_pyramid
 
             faces = self.faces.cpu().numpy()
             self._pyramid = cached_pyramid(self.rest_vertices(), faces, self.pyramid_cache_dir)

@@ -11,13 +11,13 @@ files as ``BodyModelSpec.model_dir`` (``--smpl-dir``). Accepted names, per gende
   when present the evaluation joints come from it (the protocol of the FastMETRO paper) and its
   pelvis row (H36M joint 0) is exposed as ``pelvis_regressor`` for pelvis-aligned protocols;
 * ``mesh_downsampling.npz``, GraphCMR's SMPL pyramid (6890 → 1723 → 431): when present it is
-  the mesh pyramid, else pchmr builds and caches its own (:func:`pchmr.core.pyramid.cached_pyramid`).
+  the mesh pyramid, else pchmr builds and caches its own (:func:`pchmr.core.kit.pyramid.cached_pyramid`).
 
 The pickles are read without chumpy: chumpy ``Ch`` arrays (SMPL v1.0.0 files) are replaced by
 their values while unpickling, so chumpy need not (and on NumPy 2 cannot) be installed.
 
 Frame. SMPL's template is in metres, y up, the body facing +z, its left side at +x (SMPL's left
-hip, joint 1, has x > 0) — already pchmr's body frame (:mod:`pchmr.core.bodymodel`), so
+hip, joint 1, has x > 0) — already pchmr's body frame (:mod:`pchmr.core.contracts.bodymodel`), so
 :data:`SMPL_TO_BODY` is the identity and vertices pass through unchanged.
 
 Parameters (``param_shapes``), axis-angle in radians, SMPL's own convention:
@@ -47,37 +47,43 @@ import contextlib
 import io
 import os
 import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec, BodyOutput, MeshPyramid
-from pchmr.core.hookspecs import hookimpl
+from pchmr.core.contracts.bodymodel import (
+    BodyModel,
+    BodyModelSpec,
+    BodyOutput,
+    MeshPyramid,
+)
+from pchmr.core.contracts.hookspecs import hookimpl
 
 __all__ = [
     "GENDERS",
     "H36M_REGRESSOR_NAMES",
-    "InvalidSMPLFileError",
     "JOINT_NAMES",
     "MODEL_FILE_NAMES",
+    "SMPL_TO_BODY",
+    "SMPL_URL",
+    "InvalidSMPLFileError",
     "MissingSMPLFilesError",
     "SMPLBodyModel",
     "SMPLFiles",
-    "SMPL_TO_BODY",
-    "SMPL_URL",
     "check_smpl_frame",
     "find_smpl_files",
     "load_smpl_pickle",
     "lsp_regressor_from_h36m",
     "lsp_regressor_from_smpl",
-    "pelvis_regressor_from_h36m",
     "make_smpl",
     "pchmr_body_models",
+    "pelvis_regressor_from_h36m",
 ]
 
 SMPL_URL = "https://smpl.is.tue.mpg.de"
@@ -330,7 +336,9 @@ def check_smpl_frame(path: str | os.PathLike[str], data: Mapping[str, Any]) -> N
     foot_ahead = (joints[[SMPL_L_FOOT, SMPL_R_FOOT], 2] - joints[[SMPL_L_ANKLE, SMPL_R_ANKLE], 2]).min()
     failures = []
     if head_height < MIN_HEAD_ABOVE_ANKLES_M:
-        failures.append(f"head {head_height:.3f} m above the ankles (y up, metres: expected > {MIN_HEAD_ABOVE_ANKLES_M})")
+        failures.append(
+            f"head {head_height:.3f} m above the ankles (y up, metres: expected > {MIN_HEAD_ABOVE_ANKLES_M})"
+        )
     if foot_ahead <= 0:
         failures.append(f"feet {foot_ahead:.3f} m in front of the ankles (facing +z: expected > 0)")
     if joints[SMPL_L_HIP, 0] <= joints[SMPL_R_HIP, 0]:
@@ -389,7 +397,7 @@ def _axis_angle_to_matrix(rotvec: Tensor) -> Tensor:
 
 
 class SMPLBodyModel(BodyModel):
-    """SMPL as a pchmr :class:`~pchmr.core.bodymodel.BodyModel` (see the module docstring).
+    """SMPL as a pchmr :class:`~pchmr.core.contracts.bodymodel.BodyModel` (see the module docstring).
 
     ``layer`` is smplx's ``SMPLLayer`` (no pose state). None of SMPL's arrays are persistent
     buffers, so ``state_dict()`` is empty and no licence-restricted data reaches a checkpoint.
@@ -426,7 +434,9 @@ class SMPLBodyModel(BodyModel):
             self.joint_source = f"human3.6m regressor ({Path(h36m_regressor).name}; neck = thorax, head = head top)"
         else:
             regressor = lsp_regressor_from_smpl(model_data["J_regressor"])
-            self.joint_source = "smpl J_regressor (neck = SMPL's neck, head = SMPL's head joint, approximating LSP's head top)"
+            self.joint_source = (
+                "smpl J_regressor (neck = SMPL's neck, head = SMPL's head joint, approximating LSP's head top)"
+            )
         self.register_buffer("joint_regressor", regressor, persistent=False)
         # (V,) Human3.6M pelvis row, or None: the optional BodyModel.pelvis_regressor
         self.register_buffer("pelvis_regressor", pelvis, persistent=False)
@@ -441,10 +451,14 @@ class SMPLBodyModel(BodyModel):
         frame (y up, facing +z), not root-aligned (SMPL's origin)."""
         unknown = sorted(set(params) - set(self.param_shapes))
         if unknown:
-            raise TypeError(f"SMPLBodyModel.forward got unknown parameters {unknown}; it takes {sorted(self.param_shapes)}")
+            raise TypeError(
+                f"SMPLBodyModel.forward got unknown parameters {unknown}; it takes {sorted(self.param_shapes)}"
+            )
         missing = [name for name in ("global_orient", "body_pose") if name not in params]
         if missing:
-            raise TypeError(f"SMPLBodyModel.forward needs {missing}: global_orient (B, 3), body_pose (B, 69) axis-angle")
+            raise TypeError(
+                f"SMPLBodyModel.forward needs {missing}: global_orient (B, 3), body_pose (B, 69) axis-angle"
+            )
         batch = params["global_orient"].shape[0]
         for name, value in params.items():
             if tuple(value.shape) != (batch, *self.param_shapes[name]):
@@ -467,7 +481,10 @@ class SMPLBodyModel(BodyModel):
         """GraphCMR's ``mesh_downsampling.npz`` when it was found, else pchmr's own pyramid
         (431 / 1723 / 6890) cached on disk per topology."""
         if self._pyramid is None:
-            from pchmr.core.pyramid import cached_pyramid, load_graphcmr_downsampling
+            from pchmr.core.kit.pyramid import (
+                cached_pyramid,
+                load_graphcmr_downsampling,
+            )
 
             if self.downsampling is not None:
                 pyramid = load_graphcmr_downsampling(self.downsampling)

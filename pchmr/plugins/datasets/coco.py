@@ -16,15 +16,16 @@ names when only those exist) or ``coco-json:root=ROOT,train=train2017,test=val20
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import COCO_17, remap
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.joints import COCO_17, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -49,12 +50,16 @@ def annotation_file(root: Path, split: str) -> Path:
     return root / "annotations" / f"person_keypoints_{split}.json"
 
 
-def load_coco(root: str | Path, split: str, joint_names: tuple[str, ...], min_keypoints: int = MIN_KEYPOINTS) -> tuple[Annotations, Path]:
+def load_coco(
+    root: str | Path, split: str, joint_names: tuple[str, ...], min_keypoints: int = MIN_KEYPOINTS
+) -> tuple[Annotations, Path]:
     """The person samples of one COCO split and the JSON read."""
     root = Path(root)
     path = annotation_file(root, split)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: COCO keypoint annotations do not exist (expected ROOT/annotations/person_keypoints_{split}.json)")
+        raise FileNotFoundError(
+            f"{path}: COCO keypoint annotations do not exist (expected ROOT/annotations/person_keypoints_{split}.json)"
+        )
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -75,7 +80,9 @@ def load_coco(root: str | Path, split: str, joint_names: tuple[str, ...], min_ke
                 raise DatasetFormatError(f"{path}: annotation {k} (id {ann.get('id')}) lacks '{key}'")
         kp = np.asarray(ann["keypoints"], dtype=np.float64)
         if kp.shape != (51,):
-            raise DatasetFormatError(f"{path}: annotation {k} 'keypoints' must hold 51 numbers (17 × x, y, v), got {kp.size}")
+            raise DatasetFormatError(
+                f"{path}: annotation {k} 'keypoints' must hold 51 numbers (17 × x, y, v), got {kp.size}"
+            )
         kp = kp.reshape(17, 3)
         if int((kp[:, 2] > 0).sum()) < min_keypoints:
             continue
@@ -83,7 +90,9 @@ def load_coco(root: str | Path, split: str, joint_names: tuple[str, ...], min_ke
             raise DatasetFormatError(f"{path}: annotation {k} refers to image_id {ann['image_id']} not in 'images'")
         box = np.asarray(ann["bbox"], dtype=np.float64)
         if box.shape != (4,) or not (box[2:] > 0).all():
-            raise DatasetFormatError(f"{path}: annotation {k} 'bbox' must be [x, y, w, h] with w, h > 0, got {ann['bbox']}")
+            raise DatasetFormatError(
+                f"{path}: annotation {k} 'bbox' must be [x, y, w, h] with w, h > 0, got {ann['bbox']}"
+            )
         names.append(files[ann["image_id"]])
         boxes.append(box)
         points.append(kp)
@@ -112,7 +121,9 @@ def make_coco(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     try:
         min_kp = int(where.get("min_keypoints", MIN_KEYPOINTS))
     except ValueError:
-        raise DatasetFormatError(f"coco-json: min_keypoints must be an integer, got {where['min_keypoints']!r}") from None
+        raise DatasetFormatError(
+            f"coco-json: min_keypoints must be an integer, got {where['min_keypoints']!r}"
+        ) from None
     counts = {"train": spec.num_train, "test": spec.num_test}
     stores, used = {}, {}
     for split, default in zip(("train", "test"), defaults):

@@ -27,17 +27,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import J24, J24_PELVIS, remap
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.joints import J24, J24_PELVIS, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -130,7 +131,9 @@ class TSVImages:
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise DatasetFormatError(f"{self.tsv.path}: row {row} is not base64 ({exc}); expected a base64 JPEG") from exc
+            raise DatasetFormatError(
+                f"{self.tsv.path}: row {row} is not base64 ({exc}); expected a base64 JPEG"
+            ) from exc
         return decode_image(data, f"{self.tsv.path} row {row}")
 
 
@@ -163,7 +166,9 @@ def _row_label(tsv: TSVFile, row: int) -> tuple[str, dict[str, Any]]:
         raise DatasetFormatError(f"{tsv.path}: row {row} must hold a JSON list of label dicts, got {value[:60]!r}")
     missing = [k for k in LABEL_KEYS if k not in labels[0]]
     if missing:
-        raise DatasetFormatError(f"{tsv.path}: row {row} (key {key}) lacks {missing}; METRO labels have {list(LABEL_KEYS)}")
+        raise DatasetFormatError(
+            f"{tsv.path}: row {row} (key {key}) lacks {missing}; METRO labels have {list(LABEL_KEYS)}"
+        )
     return key, labels[0]
 
 
@@ -176,7 +181,9 @@ def _array(label: Mapping[str, Any], key: str, shape: tuple[int, ...], tsv: TSVF
     return value
 
 
-def load_metro_split(yaml_path: str | Path, joint_names: tuple[str, ...], source: str | None = None) -> tuple[Annotations, TSVImages, list[Path]]:
+def load_metro_split(
+    yaml_path: str | Path, joint_names: tuple[str, ...], source: str | None = None
+) -> tuple[Annotations, TSVImages, list[Path]]:
     """Read one METRO split: its annotations (joints mapped to ``joint_names``), its image TSV
     and the files to checksum."""
     yaml_path = Path(yaml_path)
@@ -208,7 +215,11 @@ def load_metro_split(yaml_path: str | Path, joint_names: tuple[str, ...], source
         j2d[i] = _array(label, "2d_joints", (24, 3), labels, row) * (1.0 if label.get("has_2d_joints", 1) else 0.0)
         j3d[i] = _array(label, "3d_joints", (24, 4), labels, row) * (1.0 if label.get("has_3d_joints", 1) else 0.0)
         if label.get("has_smpl", 0):
-            pose[i], betas[i], has_smpl[i] = _array(label, "pose", (72,), labels, row), _array(label, "betas", (10,), labels, row), True
+            pose[i], betas[i], has_smpl[i] = (
+                _array(label, "pose", (72,), labels, row),
+                _array(label, "betas", (10,), labels, row),
+                True,
+            )
         gender.append(str(label.get("gender", "neutral")))
     if not (scale > 0).all():
         raise DatasetFormatError(f"{files['label']}: 'scale' must be > 0, row {rows[int(np.argmin(scale))]} is not")

@@ -14,17 +14,18 @@ downloaded.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import ConcatDataset
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.registry import get_registry
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, ExpectedFile, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.datasets.prepared import DatasetFormatError
 
 __all__ = ["CATALOG", "Layout", "check_root", "find_layout", "make_mixed", "make_named", "pchmr_datasets"]
@@ -104,7 +105,9 @@ def find_layout(name: str, root: str | Path) -> Layout:
         if _exists(root, layout.train):
             return layout
     expected = "; ".join(f"{layout.format}: {root / layout.train}" for layout in CATALOG[name])
-    raise FileNotFoundError(f"{name}: no known layout under {root}; expected one of {expected} (`pchmr data check {root}`)")
+    raise FileNotFoundError(
+        f"{name}: no known layout under {root}; expected one of {expected} (`pchmr data check {root}`)"
+    )
 
 
 def _member_spec(spec: DatasetSpec, name: str, layout: Layout, root: Path) -> DatasetSpec:
@@ -142,6 +145,7 @@ def make_named(name: str) -> Any:
         return data
 
     factory.__doc__ = f"Named dataset '{name}' under a data root (layouts: {[lay.format for lay in CATALOG[name]]})."
+    factory.expected_files = lambda root: check_root(root, [name])  # type: ignore[attr-defined]  # FileChecker
     return factory
 
 
@@ -149,8 +153,10 @@ def _test_summary(tests: list[tuple[str, HMRData]]) -> dict[str, object]:
     """The evaluated members' protocol facts, combined: GT-mesh kind (one word when they agree,
     else ``mixed (name: kind, …)``), samples with 3D joints and those without a GT pelvis."""
     kinds = {name: str(data.protocol.get("gt_mesh") or "unknown") for name, data in tests}
-    gt_mesh = next(iter(kinds.values())) if len(set(kinds.values())) == 1 else (
-        "mixed (" + ", ".join(f"{name}: {kind}" for name, kind in kinds.items()) + ")"
+    gt_mesh = (
+        next(iter(kinds.values()))
+        if len(set(kinds.values())) == 1
+        else ("mixed (" + ", ".join(f"{name}: {kind}" for name, kind in kinds.items()) + ")")
     )
     return {
         "gt_mesh": gt_mesh,
@@ -198,17 +204,7 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
 # --------------------------------------------------------------------------------- check
 
 
-@dataclass(frozen=True)
-class FileStatus:
-    dataset: str
-    format: str
-    role: str
-    path: Path
-    present: bool
-    obtain: str
-
-
-def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[FileStatus]:
+def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[ExpectedFile]:
     """Every expected file of every layout of ``names`` (default: all) under ``root``."""
     root = Path(root).expanduser()
     out = []
@@ -224,7 +220,7 @@ def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[Fil
                     continue
                 path = root / rel
                 present = path.is_dir() if role == "images" else _exists(root, rel)
-                out.append(FileStatus(name, layout.format, role, path, present, layout.obtain))
+                out.append(ExpectedFile(name, layout.format, role, path, present, layout.obtain))
     return out
 
 

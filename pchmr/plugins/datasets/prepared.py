@@ -3,7 +3,7 @@
 A format loader (``spin_npz``, ``metro_tsv``, ``pw3d``, ``coco``) only parses its files into an
 :class:`Annotations` (per sample: an image reference, the SPIN box ``center``/``scale``, 2D
 keypoints in pixels, 3D joints in metres in the camera frame, optional SMPL parameters, meta
-labels — all already mapped to the body model's joint set with :mod:`pchmr.core.joints`) and an
+labels — all already mapped to the body model's joint set with :mod:`pchmr.core.kit.joints`) and an
 :class:`ImageSource`. :func:`prepare_split` then
 
 * crops every image once, SPIN's way: the square box of side ``200 · scale`` pixels centred on
@@ -18,7 +18,7 @@ labels — all already mapped to the body model's joint set with :mod:`pchmr.cor
   joints, for the pelvis-aligned protocols): regressed from the GT mesh with the body model's
   ``pelvis_regressor`` where the joints come from that mesh, else the format's own (J24 index
   14 of SPIN's ``S`` / METRO's ``3d_joints``, :attr:`Annotations.pelvis`), else invalid;
-* writes it all into a :mod:`pchmr.core.store` keyed by the sources' SHA-256 checksums.
+* writes it all into a :mod:`pchmr.core.kit.store` keyed by the sources' SHA-256 checksums.
 """
 
 from __future__ import annotations
@@ -26,27 +26,35 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from pchmr.core.bodymodel import BodyModel, BodyModelSpec
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.joints import get_protocol, root_relative
-from pchmr.core.sample import META_KEYS, normalize_image
-from pchmr.core.store import ChunkSpec, PreparedStore, file_sha256, prepare_store, store_key
+from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.errors import DatasetFormatError
+from pchmr.core.contracts.sample import META_KEYS, normalize_image
+from pchmr.core.kit.joints import get_protocol, root_relative
+from pchmr.core.kit.store import (
+    ChunkSpec,
+    PreparedStore,
+    file_sha256,
+    prepare_store,
+    store_key,
+)
 
 __all__ = [
+    "SPIN_BOX_PIXELS",
     "Annotations",
     "DatasetFormatError",
     "FolderImages",
     "ImageSource",
-    "SPIN_BOX_PIXELS",
     "StoreSplit",
     "crop_image",
     "decode_image",
@@ -62,11 +70,6 @@ SPIN_BOX_PIXELS = 200.0
 PREPARED_VERSION = 2
 SMPL_POSE_SIZE, SMPL_BETAS_SIZE = 72, 10
 _GENDERS = {"m": "male", "male": "male", "f": "female", "female": "female"}
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file is not in the format its loader reads; the message names the file, the key
-    and what was expected."""
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -111,7 +114,7 @@ class Annotations:
     def __len__(self) -> int:
         return len(self.image)
 
-    def take(self, index: np.ndarray) -> "Annotations":
+    def take(self, index: np.ndarray) -> Annotations:
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return Annotations(
             image=self.image[index], center=self.center[index], scale=self.scale[index],
@@ -351,7 +354,7 @@ def _pelvis_relative(pelvis: np.ndarray, joints: np.ndarray, root: Sequence[int]
 
 
 class StoreSplit(Dataset):
-    """Samples (:mod:`pchmr.core.sample`) read from a prepared store; no image decoding."""
+    """Samples (:mod:`pchmr.core.contracts.sample`) read from a prepared store; no image decoding."""
 
     def __init__(self, store: PreparedStore, num_vertices: int) -> None:
         self.store = store
@@ -445,7 +448,7 @@ def split_indices(n: int, seed: int, test_fraction: float = 0.2) -> tuple[np.nda
     if n < 2:
         raise DatasetFormatError(f"a single file needs at least 2 samples to split into train and test, got {n}")
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x5E1])).permutation(n)
-    num_test = max(1, int(round(n * test_fraction)))
+    num_test = max(1, round(n * test_fraction))
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 

@@ -38,16 +38,17 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import OPENPOSE_18, SMPL_24, remap
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.joints import OPENPOSE_18, SMPL_24, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -108,7 +109,9 @@ def load_sequence(path: str | Path, joint_names: tuple[str, ...], joints_from_me
     m = _NAME.match(sequence)
     scene, action = (m.group(1), m.group(2)) if m else (sequence, "unknown")
     genders = gender_names(np.asarray(data["genders"]))
-    rows: dict[str, list[Any]] = {k: [] for k in ("image", "center", "scale", "kp", "joints", "pose", "betas", "gender", "subject")}
+    rows: dict[str, list[Any]] = {
+        k: [] for k in ("image", "center", "scale", "kp", "joints", "pose", "betas", "gender", "subject")
+    }
     rot, trans = cams[:, :3, :3], cams[:, :3, 3]
     for p in range(people):
         poses = _person_array(data, "poses", p, (frames, 72), path)
@@ -161,7 +164,9 @@ def _concat(parts: list[Annotations], origin: str) -> Annotations:
     )  # fmt: skip
 
 
-def load_3dpw_split(root: str | Path, split: str, joint_names: tuple[str, ...], joints_from_mesh: bool = False) -> tuple[Annotations, list[Path]]:
+def load_3dpw_split(
+    root: str | Path, split: str, joint_names: tuple[str, ...], joints_from_mesh: bool = False
+) -> tuple[Annotations, list[Path]]:
     """Every sequence of ``sequenceFiles/<split>`` (sorted by name) and the pickles read."""
     folder = Path(root) / "sequenceFiles" / split
     files = sorted(folder.glob("*.pkl"))
@@ -188,7 +193,9 @@ def make_3dpw(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         with progress_bar(f"preparing 3dpw {name} ({spec.image_size}px)") as update:
             stores[split] = prepare_split(chosen, images, spec=spec, body_model=body_model, name=f"3dpw-{split}",
                                           sources=files, protocol=protocol, progress=update)  # fmt: skip
-    joints_note = "regressed from the GT SMPL mesh" if from_mesh else "SMPL-24 jointPositions (hips/neck/head approximate)"
+    joints_note = (
+        "regressed from the GT SMPL mesh" if from_mesh else "SMPL-24 jointPositions (hips/neck/head approximate)"
+    )
     return make_hmr_data(f"3dpw-pkl:{where.get('test', 'test')}", stores["train"], stores["test"], body_model, protocol,
                          {"joints": joints_note})  # fmt: skip
 

@@ -4,7 +4,7 @@ Camera model: a perspective pinhole camera in the OpenCV frame (x right, y down,
 vertices given in that frame in metres. Image coordinates are *continuous*: the image spans
 ``[0, W] x [0, H]`` and pixel ``(row i, column j)`` has its centre at ``(j + 0.5, i + 0.5)``;
 a point projects to ``u = fx * x / z + cx``, ``v = fy * y / z + cy``. Crop coordinates in
-``[-1, 1]`` (:mod:`pchmr.core.sample`) are then ``2 * u / W - 1`` and ``2 * v / H - 1``.
+``[-1, 1]`` (:mod:`pchmr.core.contracts.sample`) are then ``2 * u / W - 1`` and ``2 * v / H - 1``.
 
 The rasteriser enumerates, for every triangle, the pixel centres inside its screen bounding
 box (one flat array of (triangle, pixel) candidates, no per-pixel Python loop), keeps the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PinholeCamera", "rasterize_faces", "render_mesh", "project_points", "to_crop_coordinates"]
+__all__ = ["PinholeCamera", "project_points", "rasterize_faces", "render_mesh", "to_crop_coordinates"]
 
 #: Triangles with a vertex closer than this (metres) to the camera plane are skipped.
 NEAR_PLANE = 1e-3
@@ -47,7 +47,7 @@ class PinholeCamera:
     width: int
 
     @classmethod
-    def square(cls, size: int, focal: float, cx: float | None = None, cy: float | None = None) -> "PinholeCamera":
+    def square(cls, size: int, focal: float, cx: float | None = None, cy: float | None = None) -> PinholeCamera:
         """A ``size`` x ``size`` camera with equal focal lengths, centred unless told."""
         half = size / 2.0
         return cls(focal, focal, half if cx is None else cx, half if cy is None else cy, size, size)
@@ -76,9 +76,7 @@ def _check_inputs(vertices: np.ndarray, faces: np.ndarray) -> None:
     if faces.ndim != 2 or faces.shape[1] != 3:
         raise ValueError(f"faces must be (F, 3) vertex indices, got shape {faces.shape}")
     if faces.size and (faces.min() < 0 or faces.max() >= len(vertices)):
-        raise ValueError(
-            f"faces index vertices outside [0, {len(vertices)}), got range [{faces.min()}, {faces.max()}]"
-        )
+        raise ValueError(f"faces index vertices outside [0, {len(vertices)}), got range [{faces.min()}, {faces.max()}]")
 
 
 def rasterize_faces(vertices: np.ndarray, faces: np.ndarray, camera: PinholeCamera) -> np.ndarray:

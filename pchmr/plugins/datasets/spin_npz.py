@@ -22,7 +22,7 @@ key            shape, dtype      meaning
 
 Location: ``--dataset spin-npz:FILE.npz`` (a seeded 80/20 train/test split of one file, images
 relative to the file's folder) or ``spin-npz:train=A.npz,test=B.npz,images=DIR[,source=NAME]
-[,protocol=metro|spin|mid-hip]`` (the evaluation protocol, :mod:`pchmr.core.joints`; default
+[,protocol=metro|spin|mid-hip]`` (the evaluation protocol, :mod:`pchmr.core.kit.joints`; default
 ``metro``). Meta labels come from the image names (Human3.6M ``S9_Directions_1…``: subject and
 action; 3DPW ``imageFiles/<scene>_<activity>_NN/…``; MPI-INF-3DHP ``S1/Seq1/…``); ``source``
 is the file's dataset name (``h36m``, ``3dpw``, ``coco`` …) unless given. Human3.6M's pelvis
@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.joints import J24, J24_PELVIS, OPENPOSE_25, remap
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.kit.joints import J24, J24_PELVIS, OPENPOSE_25, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -141,7 +142,9 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
         center = _read(npz, "center", path, n).astype(np.float64)
         scale = _read(npz, "scale", path, n).astype(np.float64)
         if not (scale > 0).all():
-            raise DatasetFormatError(f"{path}: 'scale' must be > 0 (box side / 200 px), sample {int(np.argmin(scale))} is not")
+            raise DatasetFormatError(
+                f"{path}: 'scale' must be > 0 (box side / 200 px), sample {int(np.argmin(scale))} is not"
+            )
         optional = {k: _read(npz, k, path, n) for k in ("part", "S", "pose", "shape", "has_smpl", "gender", "openpose")
                     if k in npz.files}  # fmt: skip
     j = len(joint_names)
@@ -169,7 +172,9 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
     pose = betas = has_smpl = None
     if "pose" in optional:
         if "shape" not in optional:
-            raise DatasetFormatError(f"{path}: has 'pose' but no 'shape'; SMPL annotations need both (N, 72) and (N, 10)")
+            raise DatasetFormatError(
+                f"{path}: has 'pose' but no 'shape'; SMPL annotations need both (N, 72) and (N, 10)"
+            )
         pose, betas = optional["pose"].astype(np.float64), optional["shape"].astype(np.float64)
         has_smpl = optional["has_smpl"].astype(bool) if "has_smpl" in optional else np.ones(n, bool)
     gender = gender_names(optional["gender"]) if "gender" in optional else None

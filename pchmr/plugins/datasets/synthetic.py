@@ -36,18 +36,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pchmr.core.bodymodel import BodyModel
-from pchmr.core.data import DatasetSpec, HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.sample import META_KEYS, normalize_image
+from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.plugins.datasets.render import PinholeCamera, render_mesh
 
 __all__ = [
@@ -466,7 +467,7 @@ def split_generator(seed: int, name: str) -> np.random.Generator:
 # ---------------------------------------------------------------------------------- dataset
 class SyntheticSplit(Dataset):
     """One prepared split, read from its memory-mapped ``.npy`` files; items are Samples
-    (:mod:`pchmr.core.sample`). :meth:`array` exposes the stored arrays (``pose``,
+    (:mod:`pchmr.core.contracts.sample`). :meth:`array` exposes the stored arrays (``pose``,
     ``shape``, ``root_cam``, ``camera`` …) for tests and annotators."""
 
     def __init__(self, directory: Path) -> None:

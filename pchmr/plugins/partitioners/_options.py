@@ -3,18 +3,18 @@
 Every partitioner receives its options as a mapping of kebab-case keys (``--partition-option
 key=value`` on the command line, ``partition_options`` in a config file). These helpers refuse
 unknown keys, resolve a ``label`` against ``data.labels``, parse numbers with a range and check
-the client count, each with a :class:`~pchmr.core.partition.PartitionError` naming the
+the client count, each with a :class:`~pchmr.core.contracts.partition.PartitionError` naming the
 partitioner, the option, the value and what is expected.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from pchmr.core.data import HMRData
-from pchmr.core.partition import PartitionError
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.partition import PartitionError
 
 __all__ = ["check_num_clients", "check_option_keys", "label_option", "number_option"]
 

@@ -12,14 +12,18 @@ Options: ``label`` (a key of ``data.labels``, default :data:`DEFAULT_LABEL`).
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from pchmr.core.data import HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import check_num_clients, check_option_keys, label_option
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.partition import Partition, PartitionError
+from pchmr.plugins.partitioners._options import (
+    check_num_clients,
+    check_option_keys,
+    label_option,
+)
 
 __all__ = ["DEFAULT_LABEL", "allocate_clients", "by_source", "pchmr_partitioners"]
 

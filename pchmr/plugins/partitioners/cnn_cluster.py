@@ -1,7 +1,7 @@
 """``cnn-cluster``: clients of visually similar images (``--partitioner cnn-cluster``).
 
 Feature skew without labels: every training image (3, S, S) goes through a CNN encoder of
-:mod:`pchmr.plugins.backbones.encoders` (in eval mode, batches of ``batch-size`` under
+:mod:`pchmr.core.kit.encoders` (in eval mode, batches of ``batch-size`` under
 ``torch.no_grad``), its (C, h, w) feature grid is averaged to a C-vector, every dimension is
 standardised over the split, and scikit-learn's ``MiniBatchKMeans`` groups the vectors into
 ``clusters`` clusters (:func:`cluster_features`). If ``clusters == num_clients`` each cluster is
@@ -21,17 +21,21 @@ Options: ``clusters`` (int ≥ ``num_clients``, default ``num_clients``), ``weig
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 
-from pchmr.core.data import HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import check_num_clients, check_option_keys, number_option
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.partition import Partition, PartitionError
+from pchmr.plugins.partitioners._options import (
+    check_num_clients,
+    check_option_keys,
+    number_option,
+)
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -82,7 +86,7 @@ def _build_encoder(name: str, input_size: int, weights: str | None, seed: int) -
     pooled features are ~1e-6 in scale and mostly numerical noise once standardised. The global
     torch RNG is left untouched.
     """
-    from pchmr.plugins.backbones.encoders import build_encoder
+    from pchmr.core.kit.encoders import build_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed % TORCH_SEED_MODULUS)
@@ -201,6 +205,9 @@ def cluster_partition(
               "cluster_sizes": np.bincount(result.cluster_ids, minlength=clusters).tolist(),
               "cluster_to_client": client_of.tolist()}  # fmt: skip
     return Partition(parts, "cnn-cluster", params), result
+
+
+cnn_cluster.with_details = cluster_partition  # type: ignore[attr-defined]  # ExplainedPartitioner
 
 
 @hookimpl

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
-from pchmr.core.data import HMRData
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.partition import Partition, PartitionError
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.partition import Partition, PartitionError
 from pchmr.plugins.partitioners._options import check_num_clients
 
 

@@ -23,14 +23,14 @@ Two levels (``--privacy-option level=client|example``):
   backward passes: exact for any model, including the transformers' attention); BatchNorm mixes
   examples and is refused.
 
-Accounting: :mod:`pchmr.core.accounting` (RDP of the sampled Gaussian). Client level: one step
+Accounting: :mod:`pchmr.core.kit.accounting` (RDP of the sampled Gaussian). Client level: one step
 per round at q = k/N (``sampling-credit=false``: q = 1). Example level: per client, its local
 steps at q = B/n_i in the rounds it took part in (no credit for client sampling); ε is the
 maximum over clients. ε and δ go into every evaluated round's record; ``target-epsilon`` stops
 the run before a round that would exceed it.
 
 Integer tensors (BatchNorm's step counters) and the entries local training cannot change (a
-frozen encoder's weights and BatchNorm statistics: :func:`pchmr.core.backbone.fixed_state_keys`,
+frozen encoder's weights and BatchNorm statistics: :func:`pchmr.core.kit.state.fixed_state_keys`,
 decided by the model's structure, never by the data) are not part of the released update: the
 global model's values are kept, without noise. Noised running variances are clamped at 0
 (post-processing). Client training metrics (loss, example counts) are not released either:
@@ -43,22 +43,23 @@ import dataclasses
 import math
 import secrets
 import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from pchmr.core.accounting import RDPAccountant
-from pchmr.core.backbone import fixed_state_keys, training_mode
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import (
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import (
     IncompatibleError,
     PrivacyBudgetExhausted,
     StrategyConfig,
     StrategyParts,
     UpdateInfo,
 )
+from pchmr.core.kit.accounting import RDPAccountant
+from pchmr.core.kit.state import fixed_state_keys, training_mode
 
 __all__ = [
     "DPOptions",
@@ -124,12 +125,16 @@ def parse_options(options: Mapping[str, Any], config: StrategyConfig) -> DPOptio
     """Validated :class:`DPOptions` (ValueError naming the option and what is allowed)."""
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
-        raise ValueError(f"dp does not take the option(s) {', '.join(map(repr, unknown))}; it takes: {', '.join(OPTION_KEYS)}")
+        raise ValueError(
+            f"dp does not take the option(s) {', '.join(map(repr, unknown))}; it takes: {', '.join(OPTION_KEYS)}"
+        )
     level = str(options.get("level", "client"))
     if level not in LEVELS:
         raise ValueError(f"dp option 'level' must be one of {', '.join(LEVELS)}, got {level!r}")
     if level == "example" and "placement" in options:
-        raise ValueError("dp option 'placement' applies to level=client; example-level DP-SGD adds its noise in local training")
+        raise ValueError(
+            "dp option 'placement' applies to level=client; example-level DP-SGD adds its noise in local training"
+        )
     placement = str(options.get("placement", "server"))
     if placement not in PLACEMENTS:
         raise ValueError(f"dp option 'placement' must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
@@ -169,7 +174,7 @@ def clip_update(
     new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float, fixed: Collection[str] = ()
 ) -> tuple[dict[str, Tensor], float]:
     """The update Δ = new − global over the floating tensors not in ``fixed`` (entries training
-    cannot change, :func:`~pchmr.core.backbone.fixed_state_keys`), scaled to L2 norm ≤ ``clip``
+    cannot change, :func:`~pchmr.core.kit.state.fixed_state_keys`), scaled to L2 norm ≤ ``clip``
     (float64), and Δ's norm before clipping."""
     missing = sorted(set(global_state) - set(new_state))
     if missing:
@@ -181,8 +186,12 @@ def clip_update(
 
 
 def privatize_update(
-    new_state: Mapping[str, Tensor], global_state: Mapping[str, Tensor], clip: float, noise_std: float,
-    generator: torch.Generator | None = None, fixed: Collection[str] = (),
+    new_state: Mapping[str, Tensor],
+    global_state: Mapping[str, Tensor],
+    clip: float,
+    noise_std: float,
+    generator: torch.Generator | None = None,
+    fixed: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """``global + clip(new − global) + N(0, noise_std²)`` on floating tensors; integer tensors and
     the ``fixed`` entries (which training cannot change) keep the global values. Running
@@ -199,8 +208,12 @@ def privatize_update(
 
 
 def dp_fedavg_aggregate(
-    global_state: Mapping[str, Tensor], client_states: Iterable[Mapping[str, Tensor]], clip: float,
-    noise_multiplier: float, generator: torch.Generator | None = None, fixed: Collection[str] = (),
+    global_state: Mapping[str, Tensor],
+    client_states: Iterable[Mapping[str, Tensor]],
+    clip: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = None,
+    fixed: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """The fixed-weight DP-FedAvg estimator in one place: ``global + (Σ clip(Δ_i) + N(0,(zC)²))/k``
     (``fixed`` entries and integer tensors keep the global values)."""
@@ -208,7 +221,9 @@ def dp_fedavg_aggregate(
     k = len(states)
     if k == 0:
         raise ValueError("DP-FedAvg needs at least one client update")
-    total = {key: torch.zeros(global_state[key].shape, dtype=torch.float64) for key in _released_keys(global_state, fixed)}
+    total = {
+        key: torch.zeros(global_state[key].shape, dtype=torch.float64) for key in _released_keys(global_state, fixed)
+    }
     for state in states:
         clipped, _ = clip_update(state, global_state, clip, fixed)
         for key in total:
@@ -257,8 +272,12 @@ class ServerSideDP:
     """
 
     def __init__(
-        self, inner: Any, options: DPOptions, per_round: int, on_replies: Callable[[list[Any]], None],
-        fixed: "FixedEntries | None" = None,
+        self,
+        inner: Any,
+        options: DPOptions,
+        per_round: int,
+        on_replies: Callable[[list[Any]], None],
+        fixed: FixedEntries | None = None,
     ) -> None:
         self.inner = inner
         self.options = options
@@ -323,7 +342,7 @@ def release_metrics_mod(extra: Callable[[], Mapping[str, float]] | None = None) 
     return mod
 
 
-def client_update_transform(options: DPOptions, fixed: "FixedEntries | None" = None) -> Callable[..., dict[str, Tensor]]:
+def client_update_transform(options: DPOptions, fixed: FixedEntries | None = None) -> Callable[..., dict[str, Tensor]]:
     """Client placement: clip the update to C and add N(0, (z·C)²/k) before it leaves the client."""
     fixed = fixed or FixedEntries()
 
@@ -384,13 +403,18 @@ class DPSGDStep:
                     acc.add_(g * scale)
             loss_sum += loss.detach()
         generator = _secure_generator()
-        noisy = [(acc + torch.randn(acc.shape, generator=generator) * (self.noise_multiplier * self.clip)) / size for acc in total]
+        noisy = [
+            (acc + torch.randn(acc.shape, generator=generator) * (self.noise_multiplier * self.clip)) / size
+            for acc in total
+        ]
         return noisy, loss_sum / size
 
     def __call__(self, module: Any, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         gradient, loss = self.privatized_gradient(module, batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"DP-SGD: training loss became {loss.item()} at batch {batch_idx}; lower the learning rate")
+            raise FloatingPointError(
+                f"DP-SGD: training loss became {loss.item()} at batch {batch_idx}; lower the learning rate"
+            )
         module.log("train/loss", loss, batch_size=len(batch["image"]))
         self.counter.steps += 1
         self.counter.batch_size = max(self.counter.batch_size, len(batch["image"]))
@@ -403,7 +427,9 @@ def check_per_example_safe(module: nn.Module) -> None:
     frozen pretrained CNN's BatchNorm stays in eval mode (running statistics, no gradients),
     where each example is normalised on its own, so it is allowed."""
     with training_mode(module):
-        bad = [name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        bad = [
+            name for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
     if bad:
         raise IncompatibleError(
             f"example-level DP (DP-SGD) needs per-example gradients, but the model has {len(bad)} BatchNorm "
@@ -464,13 +490,18 @@ class _Budget:
             metrics = reply.content["metrics"]
             pid = int(metrics["partition-id"])
             q = float(metrics["dp-sample-rate"])
-            self.examples.setdefault(pid, RDPAccountant()).step(q, self.options.noise_multiplier, int(metrics["dp-steps"]))
+            self.examples.setdefault(pid, RDPAccountant()).step(
+                q, self.options.noise_multiplier, int(metrics["dp-steps"])
+            )
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         return {"epsilon": self.spent(), "delta": self.options.delta}
 
     def state(self) -> dict[str, Any]:
-        return {"client": self.client.state_dict(), "examples": {str(p): a.state_dict() for p, a in self.examples.items()}}
+        return {
+            "client": self.client.state_dict(),
+            "examples": {str(p): a.state_dict() for p, a in self.examples.items()},
+        }
 
     def load(self, state: Mapping[str, Any]) -> None:
         self.client.load_state_dict(state["client"])
@@ -506,7 +537,10 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
     counter = _StepCount()
 
     def step_metrics() -> dict[str, float]:
-        out = {"dp-steps": float(counter.steps), "dp-sample-rate": min(1.0, counter.batch_size / max(counter.examples, 1))}
+        out = {
+            "dp-steps": float(counter.steps),
+            "dp-sample-rate": min(1.0, counter.batch_size / max(counter.examples, 1)),
+        }
         counter.steps = 0
         return out
 
@@ -557,7 +591,8 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         "delta": options.delta,
         "target-epsilon": options.target_epsilon,
         "sample-rate": budget.q if options.level == "client" else "B/n_i per client",
-        "estimator": "fixed-weight: (sum of clipped updates + N(0,(zC)^2)) / k" if options.level == "client"
+        "estimator": "fixed-weight: (sum of clipped updates + N(0,(zC)^2)) / k"
+        if options.level == "client"
         else "DP-SGD: (sum of clipped per-example gradients + N(0,(zC)^2)) / B",
     }
     return dataclasses.replace(
@@ -638,4 +673,3 @@ def dp_overhead(num_params: int, per_round: int = 10, repeats: int = 3, seed: in
 @hookimpl
 def pchmr_privacy() -> dict[str, object]:
     return {"dp": dp}
-

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.kit.federation import flower_sampling_kwargs
 
 
 def fedavg(config: StrategyConfig) -> StrategyParts:

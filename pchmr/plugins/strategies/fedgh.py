@@ -45,8 +45,9 @@ aggregation refuses it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -54,8 +55,9 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.kit.federation import flower_sampling_kwargs
 from pchmr.plugins.strategies.fedopt import (
     NUM_EXAMPLES_KEY,
     SERVER_OPTIMIZERS,
@@ -176,7 +178,9 @@ def client_weights(num_examples: Sequence[float], weighting: str) -> np.ndarray:
     if weighting == "uniform":
         return np.full(len(counts), 1.0 / len(counts))
     if np.any(counts < 0) or not counts.sum() > 0:
-        raise AggregationError(reason=f"FedGH needs non-negative '{NUM_EXAMPLES_KEY}' with a positive sum, got {counts.tolist()}")
+        raise AggregationError(
+            reason=f"FedGH needs non-negative '{NUM_EXAMPLES_KEY}' with a positive sum, got {counts.tolist()}"
+        )
     return counts / counts.sum()
 
 
@@ -251,7 +255,7 @@ def harmonize(
         c = weights @ coeffs
         projections += count
         harmonized_sq += float(c @ gram @ c)
-        combined.update({key: c for key in members})
+        combined.update(dict.fromkeys(members, c))
     out: dict[str, np.ndarray] = {}
     for key, value in global_arrays.items():
         value = np.asarray(value)
@@ -310,7 +314,9 @@ class FedGH(FedAvg):
         log.info("FedGH settings: %s", self.harmonization)
         super().summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
+    ) -> Iterable[Message]:
         """Remember the round's global arrays, then configure like FedAvg."""
         self.global_arrays = {key: array.numpy() for key, array in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
@@ -339,8 +345,13 @@ class FedGH(FedAvg):
         self.round_stats.append(stats)
         log.info(
             "round %d: %d of %d client pairs conflict (%.0f%%), mean cosine %.3f, %d projections, norm ratio %.3f",
-            server_round, stats.conflicting_pairs, stats.pairs, 100 * stats.conflict_fraction,
-            stats.mean_cosine, stats.projections, stats.norm_ratio,
+            server_round,
+            stats.conflicting_pairs,
+            stats.pairs,
+            100 * stats.conflict_fraction,
+            stats.mean_cosine,
+            stats.projections,
+            stats.norm_ratio,
         )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         for name, value in stats.as_metrics().items():
@@ -361,8 +372,16 @@ def _harmonized_optimizer(base: type[FedOpt]) -> type[FedOpt]:
         self.harmonization = replace(harmonization or Harmonization(), server_learning_rate=1.0)
 
     name = f"FedGH{base.__name__[3:]}"
-    return type(name, (base, FedGH), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
-                                      "__doc__": f"Flower's {base.__name__} stepping on FedGH's harmonized delta."})
+    return type(
+        name,
+        (base, FedGH),
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"Flower's {base.__name__} stepping on FedGH's harmonized delta.",
+        },
+    )
 
 
 #: ``server-opt`` → FedGH composed with Flower's FedAdam / FedYogi / FedAdagrad.
@@ -374,7 +393,7 @@ HARMONIZED_OPTIMIZERS: Mapping[str, type[FedOpt]] = {"adam": FedGHAdam, "yogi": 
 _INFERRED = {
     "discrepancy": "pairwise cosine similarity of whole-model client deltas; a pair conflicts when their dot product < 0",
     "projection": "PCGrad against the original deltas: for each j in client i's order, if <delta'_i, delta_j> < 0 "
-                  "then delta'_i -= <delta'_i, delta_j>/|delta_j|^2 delta_j (after Zhang et al., arXiv 2309.06692)",
+    "then delta'_i -= <delta'_i, delta_j>/|delta_j|^2 delta_j (after Zhang et al., arXiv 2309.06692)",
     "order": "each client projects against the others in a permutation seeded by (seed, round)",
     "reconstruction": "w <- w + server-learning-rate * sum_k p_k delta'_k (or a FedOpt step on that delta)",
     "integer-buffers": "weighted average as in FedAvg (not harmonized)",
@@ -392,10 +411,16 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
     if server_opt == "none":
         needs_optimizer = sorted({"beta-1", "beta-2", "tau"} & set(options))
         if needs_optimizer:
-            raise ValueError(f"fedgh option(s) {', '.join(map(repr, needs_optimizer))} need server-opt adam, yogi or adagrad")
-        eta = float_option("fedgh", options, "server-learning-rate", DEFAULT_SERVER_LEARNING_RATE, low=0.0, low_open=True)
+            raise ValueError(
+                f"fedgh option(s) {', '.join(map(repr, needs_optimizer))} need server-opt adam, yogi or adagrad"
+            )
+        eta = float_option(
+            "fedgh", options, "server-learning-rate", DEFAULT_SERVER_LEARNING_RATE, low=0.0, low_open=True
+        )
         harmonization = Harmonization(granularity, weighting, eta, config.seed)
-        server: FedAvg = FedGH(**flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization)
+        server: FedAvg = FedGH(
+            **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization
+        )
         get_state = set_state = None
         chosen.update({"server-opt": "none", "server-learning-rate": eta})
         server_text = "pchmr.plugins.strategies.fedgh.FedGH (a flwr.serverapp.strategy.FedAvg subclass)"
@@ -405,8 +430,10 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
         server = make_server_optimizer(optimizer, HARMONIZED_OPTIMIZERS[server_opt], harmonization=harmonization)
         get_state, set_state = server_optimizer_hooks(server, optimizer, "fedgh")
         chosen.update(optimizer.describe())
-        server_text = (f"pchmr.plugins.strategies.fedgh.{type(server).__name__} "
-                       f"(flwr.serverapp.strategy.{optimizer.flower_class.__name__} on the harmonized delta)")
+        server_text = (
+            f"pchmr.plugins.strategies.fedgh.{type(server).__name__} "
+            f"(flwr.serverapp.strategy.{optimizer.flower_class.__name__} on the harmonized delta)"
+        )
     return StrategyParts(
         name="fedgh",
         server=server,
@@ -414,7 +441,7 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
         describe={
             "server": server_text,
             "paper": "Ni, Xiang, Jiang, Sun, Cui: Federated Learning for Human Pose Estimation on Non-IID Data "
-                     "via Gradient Coordination. Sensors 25(14):4372, 2025",
+            "via Gradient Coordination. Sensors 25(14):4372, 2025",
             "options": {key: {"value": value, "inferred": True} for key, value in chosen.items()},
             "inferred": dict(_INFERRED),
             "seed": config.seed,

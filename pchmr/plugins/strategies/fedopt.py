@@ -38,8 +38,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,8 +49,9 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.kit.federation import flower_sampling_kwargs
 
 __all__ = [
     "SERVER_OPTIMIZERS",
@@ -92,8 +94,15 @@ def reject_unknown_options(strategy: str, options: Mapping[str, Any], allowed: I
 
 
 def float_option(
-    strategy: str, options: Mapping[str, Any], key: str, default: float, *,
-    low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True,
+    strategy: str,
+    options: Mapping[str, Any],
+    key: str,
+    default: float,
+    *,
+    low: float,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
 ) -> float:
     """``options[key]`` (or ``default``) as a finite float in the range [low, high] (open ends as flagged)."""
     value = options.get(key, default)
@@ -168,8 +177,9 @@ def read_server_optimizer(strategy: str, options: Mapping[str, Any], name: str) 
     name = choice_option(strategy, {"server-opt": name}, "server-opt", DEFAULT_SERVER_OPT, SERVER_OPTIMIZERS)
     cls = SERVER_OPTIMIZERS[name]
     accepted = inspect.signature(cls.__init__).parameters
-    eta = float_option(strategy, options, "server-learning-rate", flower_default(cls, "server-learning-rate"),
-                       low=0.0, low_open=True)
+    eta = float_option(
+        strategy, options, "server-learning-rate", flower_default(cls, "server-learning-rate"), low=0.0, low_open=True
+    )
     tau = float_option(strategy, options, "tau", flower_default(cls, "tau"), low=0.0, low_open=True)
     betas: dict[str, float | None] = {}
     for key in ("beta-1", "beta-2"):
@@ -220,11 +230,17 @@ def adapt_server_optimizer(cls: type[FedOpt]) -> type[FedOpt]:
             out[key] = Array(np.asarray(value if value.dtype == like.dtype else value.astype(like.dtype), order="C"))
         return ArrayRecord(out), metrics
 
-    return type(cls.__name__, (cls,), {
-        "aggregate_train": aggregate_train, "_compute_deltat_and_mt": _compute_deltat_and_mt,
-        "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-        "__doc__": f"{cls.__name__} keeping the model's float dtypes and averaging its integer entries.",
-    })
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "aggregate_train": aggregate_train,
+            "_compute_deltat_and_mt": _compute_deltat_and_mt,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": f"{cls.__name__} keeping the model's float dtypes and averaging its integer entries.",
+        },
+    )
 
 
 def make_server_optimizer(optimizer: ServerOptimizer, cls: type[FedOpt] | None = None, **kwargs: Any) -> FedOpt:
@@ -243,8 +259,10 @@ def _arrays_to_torch(arrays: Mapping[str, np.ndarray] | None) -> dict[str, torch
 
 
 def _torch_to_arrays(tensors: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
-    out = {k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.array(v, copy=True))
-           for k, v in tensors.items()}
+    out = {
+        k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.array(v, copy=True))
+        for k, v in tensors.items()
+    }
     return out or None
 
 
@@ -260,7 +278,9 @@ def load_server_optimizer_state(server: FedOpt, state: Mapping[str, Any]) -> Non
     """Inverse of :func:`server_optimizer_state`."""
     missing = {"m_t", "v_t"} - set(state)
     if missing:
-        raise ValueError(f"server optimiser state lacks {sorted(missing)}; expected keys m_t and v_t, got {sorted(state)}")
+        raise ValueError(
+            f"server optimiser state lacks {sorted(missing)}; expected keys m_t and v_t, got {sorted(state)}"
+        )
     server.m_t = _torch_to_arrays(state["m_t"])
     server.v_t = _torch_to_arrays(state["v_t"])
 
@@ -271,7 +291,7 @@ def load_server_optimizer_state(server: FedOpt, state: Mapping[str, Any]) -> Non
 def server_optimizer_hooks(
     server: FedOpt, optimizer: ServerOptimizer, strategy: str
 ) -> tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]]:
-    """``(get_state, set_state)`` for :class:`~pchmr.core.strategy.StrategyParts`: m_t, v_t and the
+    """``(get_state, set_state)`` for :class:`~pchmr.core.contracts.strategy.StrategyParts`: m_t, v_t and the
     optimiser's name (a checkpoint of another server optimiser is refused)."""
 
     def get_state() -> dict[str, Any]:
@@ -280,7 +300,9 @@ def server_optimizer_hooks(
     def set_state(state: Mapping[str, Any]) -> None:
         saved = state.get("server-opt")
         if saved != optimizer.name:
-            raise ValueError(f"the saved {strategy} state is for server-opt {saved!r}, this run uses {optimizer.name!r}")
+            raise ValueError(
+                f"the saved {strategy} state is for server-opt {saved!r}, this run uses {optimizer.name!r}"
+            )
         load_server_optimizer_state(server, state)
 
     return get_state, set_state

@@ -3,12 +3,12 @@
 Server: ``flwr.serverapp.strategy.FedProx``, which aggregates exactly like FedAvg (weights ∝
 ``num-examples``) and puts μ into every round's train config under ``"proximal-mu"``.
 
-Client: :func:`proximal_term`, a :data:`~pchmr.core.hmr.LossTerm` added to the local loss::
+Client: :func:`proximal_term`, a :data:`~pchmr.core.engine.module.LossTerm` added to the local loss::
 
     μ/2 · Σ_i ‖w_i − w_i^global‖²      over the module's trainable parameters w_i
 
 μ is read from ``module.round_config["proximal-mu"]`` and w^global from ``module.global_state``,
-both set by the runtime before each local fit (:func:`pchmr.core.federation.local_fit`). Its
+both set by the runtime before each local fit (:func:`pchmr.core.engine.federation.client.local_fit`). Its
 gradient is μ(w − w^global), so one SGD step of size lr moves a parameter by −lr·μ(w − w^global) on
 top of the data gradient; μ = 0 gives FedAvg exactly.
 
@@ -18,19 +18,21 @@ Option: ``proximal-mu`` (μ ≥ 0, default 0.01).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.serverapp.strategy import FedProx
 from torch import Tensor, nn
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import StrategyConfig, StrategyParts, flower_sampling_kwargs
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.kit.federation import flower_sampling_kwargs
 
 if TYPE_CHECKING:
-    from pchmr.core.backbone import HMROutput
+    from pchmr.core.contracts.backbone import HMROutput
 
-__all__ = ["PROXIMAL_MU_KEY", "DEFAULT_PROXIMAL_MU", "fedprox", "proximal_penalty", "proximal_term"]
+__all__ = ["DEFAULT_PROXIMAL_MU", "PROXIMAL_MU_KEY", "fedprox", "proximal_penalty", "proximal_term"]
 
 #: Flower's train-config key for μ.
 PROXIMAL_MU_KEY = "proximal-mu"
@@ -71,8 +73,8 @@ def proximal_penalty(
     return 0.5 * mu * total
 
 
-def proximal_term(module: nn.Module, batch: Mapping[str, Tensor], output: "HMROutput") -> Tensor:
-    """The FedProx :data:`~pchmr.core.hmr.LossTerm`: ``μ/2 · Σ‖w − w_global‖²`` for ``module``.
+def proximal_term(module: nn.Module, batch: Mapping[str, Tensor], output: HMROutput) -> Tensor:
+    """The FedProx :data:`~pchmr.core.engine.module.LossTerm`: ``μ/2 · Σ‖w − w_global‖²`` for ``module``.
 
     Reads ``module.round_config["proximal-mu"]`` and ``module.global_state`` (set by the runtime
     before each local fit); ``batch`` and ``output`` are not used.
@@ -96,8 +98,9 @@ def fedprox(config: StrategyConfig) -> StrategyParts:
     """Server: ``flwr.serverapp.strategy.FedProx``; client: :func:`proximal_term` in the local loss."""
     unknown = sorted(set(config.options) - {PROXIMAL_MU_KEY})
     if unknown:
-        raise ValueError(f"fedprox does not take the strategy option(s) {', '.join(map(repr, unknown))}; "
-                         f"it takes: {PROXIMAL_MU_KEY}")
+        raise ValueError(
+            f"fedprox does not take the strategy option(s) {', '.join(map(repr, unknown))}; it takes: {PROXIMAL_MU_KEY}"
+        )
     mu = read_proximal_mu(config.options)
     server = FedProx(**flower_sampling_kwargs(), weighted_by_key="num-examples", proximal_mu=mu)
     return StrategyParts(

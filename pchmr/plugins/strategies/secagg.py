@@ -10,8 +10,8 @@ wrap secure aggregation twice and is refused.
 
 from __future__ import annotations
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.strategy import StrategyConfig, StrategyParts
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.privacy.secagg import secagg
 from pchmr.plugins.strategies.fedavg import fedavg
 

@@ -25,28 +25,35 @@ Design choices, each for a stated reason:
 * the camera scale starts near :data:`INIT_CAMERA_SCALE`, which maps a 1.7 m body onto ±0.9 of
   the crop, as the built-ins do.
 
-Public API used: :class:`~pchmr.core.backbone.Backbone`, :class:`~pchmr.core.backbone.HMROutput`,
-:class:`~pchmr.core.backbone.BackboneOptions`, :func:`~pchmr.core.backbone.check_images`,
-:class:`~pchmr.core.bodymodel.BodyModel` / :class:`~pchmr.core.bodymodel.MeshPyramid` and
-:func:`~pchmr.core.hookspecs.hookimpl`.
+Public API used: :class:`~pchmr.api.Backbone`, :class:`~pchmr.api.HMROutput`,
+:class:`~pchmr.api.BackboneOptions`, :func:`~pchmr.api.check_images`,
+:class:`~pchmr.api.BodyModel` / :class:`~pchmr.api.MeshPyramid` and
+:func:`~pchmr.api.hookimpl`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pchmr.core.backbone import Backbone, BackboneFactory, BackboneOptions, HMROutput, check_images
-from pchmr.core.bodymodel import BodyModel, MeshPyramid
-from pchmr.core.hookspecs import hookimpl
+from pchmr.api import (
+    Backbone,
+    BackboneFactory,
+    BackboneOptions,
+    BodyModel,
+    HMROutput,
+    MeshPyramid,
+    check_images,
+    hookimpl,
+)
 
 __all__ = [
-    "NAME",
     "HIDDEN_WIDTHS",
+    "NAME",
     "ConvEncoder",
     "ExampleCNN",
     "make_example_cnn",
@@ -89,7 +96,9 @@ class ConvEncoder(nn.Module):
         layers: list[nn.Module] = []
         width = 3
         for stage_width in STAGE_WIDTHS:
-            layers += _conv_norm_relu(width, stage_width, stride=2) + _conv_norm_relu(stage_width, stage_width, stride=1)
+            layers += _conv_norm_relu(width, stage_width, stride=2) + _conv_norm_relu(
+                stage_width, stage_width, stride=1
+            )
             width = stage_width
         self.layers = nn.Sequential(*layers)
         self.out_channels = width
@@ -119,7 +128,9 @@ class ExampleCNN(Backbone):
     camera (B, 3) = (s > 0, tx, ty).
     """
 
-    def __init__(self, pyramid: MeshPyramid, num_joints: int, input_size: int, hidden: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self, pyramid: MeshPyramid, num_joints: int, input_size: int, hidden: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if input_size < MIN_INPUT_SIZE:
             raise ValueError(f"{NAME} needs input_size >= {MIN_INPUT_SIZE} pixels, got {input_size}")
@@ -186,9 +197,13 @@ def make_example_cnn(body_model: BodyModel, options: BackboneOptions) -> Example
     if variant not in HIDDEN_WIDTHS:
         raise ValueError(f"{NAME}: unknown variant {options.variant!r}; choose one of {', '.join(HIDDEN_WIDTHS)}")
     if options.encoder != ENCODER_NAME:
-        raise ValueError(f"{NAME}: encoder {options.encoder!r} is not available; this backbone has only '{ENCODER_NAME}'")
+        raise ValueError(
+            f"{NAME}: encoder {options.encoder!r} is not available; this backbone has only '{ENCODER_NAME}'"
+        )
     if options.encoder_weights is not None:
-        raise ValueError(f"{NAME}: its '{ENCODER_NAME}' encoder has no pretrained weights to load from {options.encoder_weights!r}")
+        raise ValueError(
+            f"{NAME}: its '{ENCODER_NAME}' encoder has no pretrained weights to load from {options.encoder_weights!r}"
+        )
     extra = _extra_options(options.extra)
     return ExampleCNN(
         body_model.pyramid(),

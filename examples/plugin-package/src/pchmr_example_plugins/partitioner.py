@@ -6,22 +6,22 @@ and client 0 is never smaller than the last one. With ``stratify=<label>`` (a ke
 samples shuffled, one after the other: dealing then gives every client the same share of every
 value, up to one sample (a stratified IID split).
 
-Only pchmr's public API is used: :class:`~pchmr.core.partition.Partition` and
-:class:`~pchmr.core.partition.PartitionError` from :mod:`pchmr.core.partition`, and
-:func:`~pchmr.core.hookspecs.hookimpl`. No torch import: a partitioner reads labels only.
+Only pchmr's public API is used: :class:`~pchmr.api.Partition` and
+:class:`~pchmr.api.PartitionError` from :mod:`pchmr.api`, and
+:func:`~pchmr.api.hookimpl`. No torch import: a partitioner reads labels only.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pchmr.core.hookspecs import hookimpl
-from pchmr.core.partition import Partition, PartitionError
+from pchmr.api import Partition, PartitionError, hookimpl
 
-if TYPE_CHECKING:  # pchmr.core.data imports torch; the partitioner itself does not need it
-    from pchmr.core.data import HMRData
+if TYPE_CHECKING:  # HMRData's module imports torch; the partitioner itself does not need it
+    from pchmr.api import HMRData
 
 __all__ = ["NAME", "OPTIONS", "deal_order", "pchmr_partitioners", "round_robin"]
 
@@ -48,7 +48,9 @@ def _check_request(num_clients: object, num_samples: int, options: Mapping[str, 
         )
 
 
-def _shuffled_order(labels: Mapping[str, np.ndarray], num_samples: int, stratify: object, rng: np.random.Generator) -> np.ndarray:
+def _shuffled_order(
+    labels: Mapping[str, np.ndarray], num_samples: int, stratify: object, rng: np.random.Generator
+) -> np.ndarray:
     """(N,) permutation of the sample indices: plain, or grouped by the ``stratify`` label's values."""
     if stratify is None:
         return rng.permutation(num_samples)
@@ -59,7 +61,7 @@ def _shuffled_order(labels: Mapping[str, np.ndarray], num_samples: int, stratify
     return np.concatenate([rng.permutation(np.flatnonzero(values == value)) for value in sorted(set(values.tolist()))])
 
 
-def round_robin(data: "HMRData", num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
+def round_robin(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Deal a seeded shuffle of the training samples to ``num_clients`` clients in turn.
 
     Only ``len(data.train)`` and ``data.labels`` are read;

@@ -1,0 +1,249 @@
+"""The annotation pipeline: items → sources → crops → batched fits → pseudo-labelled Samples and
+one record per image (annotated or failed, never dropped).
+
+Output directory of :func:`write_pseudo_labels` (read back by :class:`PseudoLabelSet`)::
+
+    OUT/
+      info.json          annotator, its options, body model, counts, "gt": "pseudo"
+      records.jsonl      one AnnotationRecord per input image (status, losses or error)
+      labels.npz         the annotated images' Samples: images (N, H, W, 3) uint8,
+                         keypoints_2d, joints_3d, vertices, image_ids, meta_* (+ gt_* when
+                         the input had ground truth, for evaluation only)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pchmr.core.contracts.annotation import (
+    AnnotationInputError,
+    AnnotationItem,
+    AnnotationRecord,
+    Annotator,
+    DepthSource,
+    KeypointSource,
+    Observation,
+    ObservationBatch,
+    pixels_to_crop,
+)
+from pchmr.core.contracts.sample import META_KEYS, normalize_image
+
+__all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "crop_box", "items_from_dataset",
+           "items_from_folder", "write_pseudo_labels"]  # fmt: skip
+
+log = logging.getLogger("pchmr.annotate")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: Square crop side = this × the longer side of the keypoints' bounding box.
+CROP_MARGIN = 1.3
+#: Unknown camera: focal length = this × the image's longer side (≈ 53° field of view).
+DEFAULT_FOCAL_FACTOR = 1.0
+
+
+@dataclass
+class Annotated:
+    """The result of :func:`annotate_items`: per image a record; for the annotated ones the
+    crop (H, W, 3) uint8, observation and fit (camera-frame root-relative metres)."""
+
+    records: list[AnnotationRecord] = field(default_factory=list)
+    image_ids: list[str] = field(default_factory=list)
+    crops: list[np.ndarray] = field(default_factory=list)
+    keypoints: list[np.ndarray] = field(default_factory=list)
+    vertices: list[np.ndarray] = field(default_factory=list)
+    joints: list[np.ndarray] = field(default_factory=list)
+    meta: list[dict[str, str]] = field(default_factory=list)
+    items: list[AnnotationItem] = field(default_factory=list)
+
+
+def items_from_dataset(split: Any, indices: Sequence[int] | None = None, prefix: str = "") -> list[AnnotationItem]:
+    """Items of a synthetic-style split (``array("images")`` (N, H, W, 3) uint8)."""
+    images = split.array("images")
+    indices = range(len(split)) if indices is None else indices
+    return [
+        AnnotationItem(f"{prefix}{i:06d}", image=np.asarray(images[i]), dataset=split, index=int(i)) for i in indices
+    ]
+
+
+def items_from_folder(
+    folder: str | Path, keypoint_stems: set[str] | None = None
+) -> tuple[list[AnnotationItem], list[AnnotationRecord]]:
+    """One item per image file of ``folder``; keypoint files without an image become failed
+    records (:class:`CountMismatchError`) so the mismatch is reported, not ignored."""
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    items = [AnnotationItem(p.stem, image=np.asarray(Image.open(p).convert("RGB")), path=str(p)) for p in files]
+    orphans = sorted((keypoint_stems or set()) - {p.stem for p in files})
+    records = [AnnotationRecord(s, "failed", "", error="CountMismatchError",
+                                message=f"keypoint file {s}.json has no image {s}.* in {folder}") for s in orphans]  # fmt: skip
+    return items, records
+
+
+def crop_box(keypoints: np.ndarray, image_size: tuple[int, int], full_image: bool) -> tuple[float, float, float]:
+    """(left, top, side) of the square crop around the confident keypoints (× :data:`CROP_MARGIN`),
+    or the whole (square) image when ``full_image`` (synthetic crops already are)."""
+    h, w = image_size
+    if full_image:
+        return 0.0, 0.0, float(max(h, w))
+    pts = keypoints[keypoints[:, 2] > 0, :2]
+    lo, hi = pts.min(0), pts.max(0)
+    centre, side = (lo + hi) / 2.0, float(max(hi - lo).max() * CROP_MARGIN)
+    side = max(side, 8.0)
+    return float(centre[0] - side / 2), float(centre[1] - side / 2), side
+
+
+def _crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    from PIL import Image
+
+    left, top, side = box
+    pil = Image.fromarray(image)  # EXTENT fills the part of the box outside the image with black
+    return np.asarray(pil.transform((size, size), Image.EXTENT, (left, top, left + side, top + side), Image.BILINEAR))
+
+
+def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: KeypointSource, depth: DepthSource | None,
+            crop_size: int, full_image: bool) -> tuple[Observation, np.ndarray]:  # fmt: skip
+    """One item → its crop-coordinate :class:`Observation` and (crop_size, crop_size, 3) crop;
+    raises :class:`AnnotationInputError` for an unusable image."""
+    kp = keypoints(item, joint_names)
+    h, w = item.size
+    intrinsics = kp.intrinsics
+    if intrinsics is None:
+        intrinsics = np.array([DEFAULT_FOCAL_FACTOR * max(h, w), w / 2.0, h / 2.0], dtype=np.float32)
+    if depth is not None:
+        dep = depth(item, kp.keypoints)
+        depth_values, depth_valid, invariance = dep.depth, dep.valid, dep.invariance
+    else:
+        depth_values, depth_valid, invariance = np.zeros(len(kp.keypoints)), np.zeros(len(kp.keypoints)), "scale"
+    box = crop_box(kp.keypoints, (h, w), full_image)
+    crop_kp, crop_k = pixels_to_crop(kp.keypoints, intrinsics, box)
+    crop = item.image if full_image and h == w == crop_size else _crop_image(item.image, box, crop_size)
+    obs = Observation(
+        image_id=item.image_id,
+        keypoints=torch.from_numpy(crop_kp),
+        intrinsics=torch.from_numpy(crop_k),
+        depth=torch.as_tensor(depth_values, dtype=torch.float32),
+        depth_valid=torch.as_tensor(depth_valid, dtype=torch.float32),
+        depth_invariance=invariance,
+    )
+    return obs, crop
+
+
+def annotate_items(items: Iterable[AnnotationItem], annotator: Annotator, joint_names: Sequence[str],
+                   keypoints: KeypointSource, depth: DepthSource | None = None, *, crop_size: int,
+                   full_image: bool = False, batch_size: int = 64,
+                   meta: Callable[[AnnotationItem], dict[str, str]] | None = None,
+                   progress: Callable[[int], None] | None = None) -> Annotated:  # fmt: skip
+    """Observe every item (failures recorded), fit the usable ones in batches of ``batch_size``."""
+    out = Annotated()
+    pending: list[tuple[AnnotationItem, Observation, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = ObservationBatch.stack([o for _, o, _ in pending])
+        fit = annotator.fit(batch)
+        for k, (item, obs, crop) in enumerate(pending):
+            losses = {name: float(v[k]) for name, v in fit.losses.items()}
+            out.records.append(AnnotationRecord(item.image_id, "ok", annotator.name, losses=losses))
+            out.image_ids.append(item.image_id)
+            out.crops.append(crop)
+            out.keypoints.append(obs.keypoints.numpy())
+            out.vertices.append(fit.vertices[k].numpy())
+            out.joints.append(fit.joints[k].numpy())
+            out.meta.append(meta(item) if meta else dict.fromkeys(META_KEYS, "unknown"))
+            out.items.append(item)
+        if progress:
+            progress(len(pending))
+        pending.clear()
+
+    for item in items:
+        try:
+            obs, crop = observe(item, joint_names, keypoints, depth, crop_size, full_image)
+        except AnnotationInputError as exc:
+            log.warning("%s", exc)
+            out.records.append(AnnotationRecord(item.image_id, "failed", annotator.name,
+                                                error=type(exc).__name__, message=str(exc)))  # fmt: skip
+            if progress:
+                progress(1)
+            continue
+        pending.append((item, obs, crop))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return out
+
+
+def write_pseudo_labels(out_dir: str | Path, annotated: Annotated, info: Mapping[str, Any],
+                        ground_truth: Mapping[str, np.ndarray] | None = None) -> Path:  # fmt: skip
+    """Write ``info.json``, ``records.jsonl`` and ``labels.npz`` (see the module docstring)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = sum(r.status == "ok" for r in annotated.records)
+    info = {**dict(info), "gt": "pseudo", "annotated": ok, "failed": len(annotated.records) - ok}
+    (out / "info.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
+    with (out / "records.jsonl").open("w") as fh:
+        for record in annotated.records:
+            fh.write(json.dumps(record.as_dict()) + "\n")
+    arrays: dict[str, np.ndarray] = {"image_ids": np.array(annotated.image_ids, dtype=str)}
+    if annotated.image_ids:
+        arrays.update(images=np.stack(annotated.crops).astype(np.uint8), keypoints_2d=np.stack(annotated.keypoints),
+                      vertices=np.stack(annotated.vertices).astype(np.float32),
+                      joints_3d=np.stack(annotated.joints).astype(np.float32))  # fmt: skip
+        for key in META_KEYS:
+            arrays[f"meta_{key}"] = np.array([m.get(key, "unknown") for m in annotated.meta], dtype=str)
+    for key, value in (ground_truth or {}).items():
+        arrays[f"gt_{key}"] = value
+    np.savez(out / "labels.npz", **arrays)
+    return out
+
+
+class PseudoLabelSet(Dataset):
+    """Samples (:mod:`pchmr.core.contracts.sample`) of a pseudo-label directory, ``has_vertices`` 1 and
+    ``meta['label']`` = ``"pseudo"``; ``ground_truth=True`` serves the ``gt_*`` arrays instead
+    (synthetic inputs only: real ground truth for evaluation)."""
+
+    def __init__(self, directory: str | Path, indices: Sequence[int] | None = None, ground_truth: bool = False) -> None:
+        self.directory = Path(directory)
+        path = self.directory / "labels.npz"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.directory} holds no labels.npz; run `pchmr annotate ... --out {self.directory}`"
+            )
+        data = np.load(path)
+        self.arrays = {k: data[k] for k in data.files}
+        if ground_truth and "gt_joints_3d" not in self.arrays:
+            raise ValueError(f"{self.directory} has no ground truth (gt_*): its images were not synthetic")
+        self.prefix = "gt_" if ground_truth else ""
+        n = len(self.arrays["image_ids"])
+        self.indices = list(range(n)) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        k = self.indices[i]
+        joints = torch.from_numpy(np.asarray(self.arrays[f"{self.prefix}joints_3d"][k], dtype=np.float32))
+        if joints.shape[-1] == 3:
+            joints = torch.cat([joints, torch.ones(len(joints), 1)], dim=1)
+        meta = {key: str(self.arrays[f"meta_{key}"][k]) for key in META_KEYS}
+        meta["label"] = "ground-truth" if self.prefix else "pseudo"
+        return {
+            "image": normalize_image(torch.from_numpy(np.array(self.arrays["images"][k]))),
+            "keypoints_2d": torch.from_numpy(np.asarray(self.arrays["keypoints_2d"][k], dtype=np.float32)),
+            "joints_3d": joints,
+            "vertices": torch.from_numpy(np.asarray(self.arrays[f"{self.prefix}vertices"][k], dtype=np.float32)),
+            "has_vertices": torch.tensor(1.0),
+            "index": torch.tensor(k, dtype=torch.int64),
+            "meta": meta,
+        }

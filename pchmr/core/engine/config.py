@@ -1,0 +1,300 @@
+"""``RunConfig``: every option of one experiment, validated up front and saved with the run.
+
+Bad values are refused here, before any data is prepared or any model is built, with a
+:class:`ConfigError` naming the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CLIENT_OPTIMIZER_STATES",
+    "ENGINES",
+    "LR_SCHEDULES",
+    "MODES",
+    "ConfigError",
+    "RunConfig",
+    "apply_scale",
+    "load_config_file",
+]
+
+ENGINES = ("simulation", "deployment")
+#: What a client does with its AdamW state between the rounds it is sampled in.
+CLIENT_OPTIMIZER_STATES = ("reset", "keep")
+MODES = ("federated", "centralized", "naive")
+#: Learning-rate schedules over rounds (federated) or epochs (baselines); pchmr.core.engine.trainer.lr_factor.
+LR_SCHEDULES = ("cosine", "constant")
+#: Values of ``encoder_weights`` meaning "from scratch" (a TOML file cannot write None).
+NO_ENCODER_WEIGHTS = ("none", "scratch")
+
+# The only built-in plugins the engine names, besides RunConfig's defaults below:
+#: the dataset plugin that combines a comma-separated ``--dataset`` list (each sample's ``source``
+#: label is its member's name);
+MIXED_DATASET = "mixed"
+#: the dataset plugin that renders the public split ``--encoder-weights public`` pretrains on, and
+#: the body model it renders whatever the run's (SMPL cannot drive the generator; the pretraining
+#: head is discarded anyway).
+PUBLIC_DATASET = "synthetic"
+PUBLIC_BODY_MODEL = "anny"
+
+
+class ConfigError(ValueError):
+    """An option has a value pchmr cannot run with."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment. Defaults are the embedded default run: synthetic data at 64 px,
+    FastMETRO-S over a frozen public-pretrained CNN, FedAvg over 10 IID clients (2 per round,
+    3 rounds of 2 local epochs at batch 8), a few minutes on 2 CPU cores."""
+
+    # what to train
+    backbone: str = "fastmetro"
+    variant: str = "S"
+    encoder: str = "small"
+    backbone_options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific (BackboneOptions.extra)
+    init_from: str | None = None  # start from a trained model: a run directory or its model.pt
+    # the CNN's initialisation: "public" (pretrained once on a public synthetic split, the stand-in
+    # for ImageNet: pchmr.core.engine.pretrain), a weights file, or None / "none": from scratch
+    encoder_weights: str | None = "public"
+    # keep the CNN fixed (no gradients, BatchNorm statistics kept); None: frozen exactly when
+    # pretrained weights are loaded into it (not when --init-from replaces the whole model)
+    freeze_encoder: bool | None = None
+    input_size: int = 64
+    body_model: str = "anny"
+    smpl_dir: str | None = None  # the user's own SMPL files (licence-restricted, never shipped)
+    dataset: str = "synthetic"
+    dataset_path: str | None = None
+    num_train: int | None = None
+    num_test: int | None = None
+    # how to federate
+    mode: str = "federated"  # or a baseline: "centralized", "naive" (see pchmr.core.engine.baselines)
+    epochs: int = 5  # baselines: training epochs
+    fraction: float = 0.1  # naive baseline: share of the training data on the single device
+    partitioner: str = "iid"
+    partition_options: Mapping[str, Any] = field(default_factory=dict)
+    strategy: str = "fedavg"
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)
+    privacy: str | None = None  # a privacy plugin wrapping the strategy ("dp", "secagg"); none: plain
+    privacy_options: Mapping[str, Any] = field(default_factory=dict)
+    clients: int = 10
+    per_round: int = 2
+    rounds: int = 3
+    local_epochs: int = 2
+    # "reset": a fresh AdamW every round (stateless clients); "keep": each client keeps its AdamW
+    # state on the device (Flower's node context) for the next round it is sampled in
+    client_optimizer: str = "reset"
+    batch_size: int = 8
+    lr: float = 1e-3
+    # "cosine": lr · (1 + cos(π (r − 1) / R)) / 2 in round r of R (baselines: epoch e of E);
+    # "constant": lr throughout (pchmr.core.engine.trainer.lr_factor)
+    lr_schedule: str = "cosine"
+    weight_decay: float = 1e-4
+    loss_weights: Mapping[str, Any] = field(default_factory=dict)  # overrides of pchmr.core.engine.losses.LossWeights
+    eval_every: int = 1
+    engine: str = (
+        "simulation"  # or "deployment": Flower's SuperLink + SuperNodes (pchmr.core.engine.federation.deployment)
+    )
+    superlink: str | None = None  # deployment: HOST:PORT of a running SuperLink (none: start one on loopback)
+    root_certificates: str | None = None  # deployment: CA certificate for TLS to the SuperLink
+    # bookkeeping
+    seed: int = 0
+    out: str | None = None
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in NO_ENCODER_WEIGHTS:
+            object.__setattr__(self, "encoder_weights", None)
+        self.validate()
+
+    @property
+    def loads_encoder_weights(self) -> bool:
+        """Whether the CNN starts from ``encoder_weights`` (``--init-from`` replaces them all)."""
+        return self.encoder_weights is not None and self.init_from is None
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """``freeze_encoder``, resolved: by default frozen exactly when pretrained weights are loaded."""
+        return self.loads_encoder_weights if self.freeze_encoder is None else self.freeze_encoder
+
+    def validate(self) -> None:
+        _positive_int("clients", self.clients)
+        _positive_int("per-round", self.per_round)
+        _positive_int("rounds", self.rounds)
+        _positive_int("local-epochs", self.local_epochs)
+        _positive_int("batch-size", self.batch_size)
+        _positive_int("eval-every", self.eval_every)
+        _positive_int("input-size", self.input_size)
+        if self.per_round > self.clients:
+            raise ConfigError(
+                f"--per-round {self.per_round} is more than --clients {self.clients}: "
+                "at most every client can be sampled in a round"
+            )
+        if self.input_size < 32 or self.input_size % 32 != 0:
+            raise ConfigError(
+                f"--input-size must be a multiple of 32 and >= 32 (64 or 224 usual), got {self.input_size}"
+            )
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
+        if self.client_optimizer not in CLIENT_OPTIMIZER_STATES:
+            raise ConfigError(
+                f"--client-optimizer must be one of {', '.join(CLIENT_OPTIMIZER_STATES)}, got '{self.client_optimizer}'"
+            )
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        _positive_int("epochs", self.epochs)
+        if not (isinstance(self.fraction, (int, float)) and 0.0 < self.fraction <= 1.0):
+            raise ConfigError(f"--fraction must lie in (0, 1] (e.g. 0.05, 0.10, 0.20), got {self.fraction!r}")
+        if self.privacy is not None and (not isinstance(self.privacy, str) or not self.privacy):
+            raise ConfigError(f"--privacy must name a privacy plugin (e.g. dp, secagg), got {self.privacy!r}")
+        if not isinstance(self.privacy_options, Mapping):
+            raise ConfigError(f"privacy options must be a table of key = value, got {self.privacy_options!r}")
+        if self.privacy_options and self.privacy is None:
+            raise ConfigError(
+                f"privacy options {sorted(self.privacy_options)} were given without --privacy; "
+                "name the privacy plugin they are for"
+            )
+        if self.privacy is not None and self.mode != "federated":
+            raise ConfigError(
+                f"--privacy {self.privacy} protects federated training; --mode {self.mode} trains on one "
+                "device and has no updates to protect"
+            )
+        _check_loss_weights(self.loss_weights)
+        if self.init_from is not None and not (
+            Path(self.init_from).is_file() or (Path(self.init_from) / "model.pt").is_file()
+        ):
+            raise ConfigError(
+                f"--init-from must be a run directory holding model.pt or a model file, got '{self.init_from}'"
+            )
+        if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
+            raise ConfigError(
+                f"--encoder-weights must be 'public', 'none' or an existing weights file, got "
+                f"'{self.encoder_weights}' (no such file)"
+            )
+        if self.freeze_encoder is not None and not isinstance(self.freeze_encoder, bool):
+            raise ConfigError(f"freeze_encoder must be true or false, got {self.freeze_encoder!r}")
+        if self.freeze_encoder and self.encoder_weights is None and self.init_from is None:
+            raise ConfigError(
+                "--freeze-encoder keeps the CNN fixed, but --encoder-weights none leaves it random: "
+                "give pretrained weights ('public' or a file) or --init-from, or train the encoder"
+            )
+        for name in ("num_train", "num_test"):
+            value = getattr(self, name)
+            if value is not None:
+                _positive_int(name.replace("_", "-"), value)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["partition_options"] = dict(self.partition_options)
+        out["strategy_options"] = dict(self.strategy_options)
+        out["loss_weights"] = dict(self.loss_weights)
+        out["backbone_options"] = dict(self.backbone_options)
+        out["privacy_options"] = dict(self.privacy_options)
+        return out
+
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any]) -> RunConfig:
+        """The config a run directory's ``config.json`` saved (its ``"run"`` table), including
+        those written by older pchmr versions, read as they ran: no ``lr_schedule`` key means a
+        constant rate; no ``freeze_encoder`` key means the CNN trained unless the backbone option
+        of that name (its former home) froze it."""
+        upgraded = dict(data)
+        upgraded.setdefault("lr_schedule", "constant")
+        if "freeze_encoder" not in upgraded:
+            options = dict(upgraded.get("backbone_options") or {})
+            frozen = options.pop("freeze_encoder", False)
+            upgraded["backbone_options"] = options
+            upgraded["freeze_encoder"] = frozen if isinstance(frozen, bool) else str(frozen).lower() == "true"
+        return cls.from_dict(upgraded)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**normalised)
+
+
+def _check_loss_weights(weights: Mapping[str, Any]) -> None:
+    from pchmr.core.engine.losses import (
+        LossWeights,  # imports torch: only when weights are validated
+    )
+
+    try:
+        LossWeights.from_overrides(weights)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--loss-weight: {exc} (a term name from pchmr.core.engine.losses, e.g. edge=500)") from exc
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a flat dict (keys as in :class:`RunConfig`).
+
+    A file may hold named scales, tables of overrides under ``scale`` (TOML ``[scale.smoke]``):
+    they are dropped unless ``scale`` names one, whose values then replace the file's (a table
+    such as ``partition_options`` is merged key by key). See :func:`apply_scale`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(
+            f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table of options")
+    return apply_scale(data, scale, str(path))
+
+
+def apply_scale(data: Mapping[str, Any], scale: str | None, source: str = "the config") -> dict[str, Any]:
+    """``data`` without its ``scale`` table, overridden by ``data["scale"][scale]`` when ``scale`` is given.
+
+    Example: ``{"rounds": 2000, "scale": {"smoke": {"rounds": 3}}}`` with ``scale="smoke"`` gives
+    ``{"rounds": 3}``; with ``scale=None`` it gives ``{"rounds": 2000}``.
+    """
+    out = {k: v for k, v in data.items() if k != "scale"}
+    scales = data.get("scale", {})
+    if not isinstance(scales, Mapping) or not all(isinstance(v, Mapping) for v in scales.values()):
+        raise ConfigError(f"{source}: 'scale' must be a table of named override tables, e.g. [scale.smoke]")
+    if scale is None:
+        return out
+    if scale not in scales:
+        known = ", ".join(sorted(scales)) or "none"
+        raise ConfigError(f"{source} has no scale '{scale}'; its scales are: {known}")
+    for key, value in scales[scale].items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,98 @@
+"""What the server and the clients of a federation share: the run's strategy, client sampling,
+the keys of Flower's configs, the round report and the quieting of Flower's console."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.registry import get_registry
+from pchmr.core.kit.seeds import derive_seed
+
+__all__ = [
+    "PARTITION_KEY",
+    "ROUND_TIMEOUT",
+    "RUN_DIR_KEY",
+    "RoundReport",
+    "build_strategy",
+    "quiet_flower",
+    "sample_clients",
+]
+
+
+log = logging.getLogger("pchmr.federation")
+
+
+PARTITION_KEY = "partition-id"
+
+
+RUN_DIR_KEY = "pchmr-run-dir"
+
+
+#: seconds a round's send_and_receive may wait for the slowest client
+ROUND_TIMEOUT = 24 * 3600.0
+
+
+def build_strategy(config: RunConfig) -> StrategyParts:
+    """The run's strategy, wrapped by its privacy plugin when ``config.privacy`` names one.
+
+    Raises the plugin's :class:`~pchmr.core.contracts.strategy.IncompatibleError` (a ValueError) when the
+    privacy mechanism cannot wrap the strategy, so a run is refused before any heavy work.
+    """
+    factory = get_registry().get("strategy", config.strategy)
+    # Flower warns that fraction_evaluate=0 skips federated evaluation: pchmr evaluates on the server
+    with quiet_flower():
+        parts = factory(_strategy_config(config, config.strategy_options))
+        if config.privacy is None:
+            return parts
+        privacy = get_registry().get("privacy", config.privacy)
+        return privacy(parts, _strategy_config(config, config.privacy_options))
+
+
+@contextmanager
+def quiet_flower(level: int = logging.ERROR) -> Iterator[None]:
+    """Flower's logger at ``level`` (its warnings off) for the block, then as it was: the one place
+    pchmr quiets Flower (strategy construction; the Simulation Engine's console, see
+    :func:`~pchmr.core.engine.federation.simulation.run_simulation`, keeps run.log complete)."""
+    logger = logging.getLogger("flwr")
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def _strategy_config(config: RunConfig, options: Mapping[str, Any]) -> StrategyConfig:
+    """The run's federation shape (clients, per round, rounds, seed) with one plugin's options."""
+    return StrategyConfig(
+        num_clients=config.clients,
+        per_round=config.per_round,
+        num_rounds=config.rounds,
+        seed=config.seed,
+        options=dict(options),
+    )
+
+
+def sample_clients(seed: int, server_round: int, num_clients: int, per_round: int) -> list[int]:
+    """The partition ids trained in ``server_round`` (sorted), from the run seed alone."""
+    rng = np.random.default_rng(derive_seed(seed, server_round, 0x5A))
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+@dataclass
+class RoundReport:
+    """What the server reports to the CLI after every round (for the progress display)."""
+
+    server_round: int
+    num_rounds: int
+    metrics: dict[str, float] | None
+    seconds: float
+    sampled: list[int] = field(default_factory=list)

@@ -1,0 +1,363 @@
+"""The server half: FederatedServer drives the rounds and writes the run directory."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pchmr.core.contracts.strategy import PrivacyBudgetExhausted, StrategyParts
+from pchmr.core.engine.components import Components, make_loader
+from pchmr.core.engine.evaluation import evaluate
+from pchmr.core.engine.federation.common import (
+    PARTITION_KEY,
+    ROUND_TIMEOUT,
+    RoundReport,
+    sample_clients,
+)
+from pchmr.core.engine.rundir import RunDir
+from pchmr.core.engine.trainer import lr_factor
+from pchmr.core.kit.federation import (
+    ordered_replies,
+    short_reason,
+    state_nbytes,
+    wait_for_nodes,
+)
+from pchmr.core.kit.seeds import derive_seed
+
+__all__ = ["DISCOVERY_PROBES", "NODE_WAIT_SECONDS", "FederatedServer"]
+
+log = logging.getLogger("pchmr.federation")
+
+
+_EVAL_BATCH = 64
+
+
+#: partitions whose nodes confirm the Simulation Engine's node order (FederatedServer._discover)
+DISCOVERY_PROBES = 16
+
+
+#: seconds discovery waits for all N nodes to be connected
+NODE_WAIT_SECONDS = 600.0
+
+
+_NOTHING_SAVED = (
+    "nothing of this round was saved: the checkpoint of the round before is kept (`pchmr run --resume RUN_DIR` "
+    "continues from it); lower --lr, or the privacy noise"
+)
+
+
+def _check_finite(server_round: int, state: Mapping[str, torch.Tensor]) -> None:
+    """FloatingPointError naming the entries of an aggregated model that hold NaN or ±inf."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise FloatingPointError(
+            f"round {server_round}: the aggregated global model holds non-finite values in {len(bad)} of "
+            f"{len(state)} entries (first: {', '.join(bad[:3])}); {_NOTHING_SAVED}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# server side
+# --------------------------------------------------------------------------------------
+class _SubsetGrid:
+    """A view of a Flower Grid that shows a strategy only the round's sampled nodes.
+
+    ``partition_of`` maps node id → partition id (every sampled node must be in it).
+    """
+
+    def __init__(self, grid: Any, node_ids: Iterable[int], partition_of: Mapping[int, int] | None = None) -> None:
+        self._grid = grid
+        self._nodes = list(node_ids)
+        self._partition_of = dict(partition_of or {})
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def partition_id(self, node_id: int) -> int:
+        if node_id not in self._partition_of:
+            raise KeyError(f"node {node_id} is not one of this round's sampled nodes {self._nodes}")
+        return self._partition_of[node_id]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class FederatedServer:
+    """Drives the rounds; writes rounds.jsonl, checkpoints and final.json into the run directory."""
+
+    #: read the Simulation Engine's node order instead of asking every node (see :meth:`_discover`)
+    fast_discovery: bool = True
+    #: seconds discovery waits for all N nodes to connect (None: :data:`NODE_WAIT_SECONDS`)
+    node_wait_seconds: float | None = None
+    #: appended to the error naming partitions without a node (e.g. how to start SuperNodes)
+    missing_nodes_hint: str = ""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        components: Components,
+        strategy: StrategyParts,
+        on_round: Callable[[RoundReport], None] | None = None,
+        baselines: Mapping[str, float] | None = None,
+    ) -> None:
+        self.rd = run_dir
+        self.components = components
+        self.config = components.config
+        self.strategy = strategy
+        self.on_round = on_round or (lambda report: None)
+        self.baselines = dict(baselines or {})
+        self.module = components.make_module()
+        if strategy.prepare_module is not None:  # refuses an incompatible model before any round
+            strategy.prepare_module(self.module)
+        self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False)
+        self.error: BaseException | None = None
+
+    # -- helpers -------------------------------------------------------------------------
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        self.module.load_state_dict(state)
+        return evaluate(self.module, self.test_loader)
+
+    def _discover(self, grid: Any) -> dict[int, int]:
+        """partition id → node id.
+
+        Asking all N nodes costs O(N²) on the Simulation Engine: Flower's in-memory LinkState
+        scans every stored message for every node on each delivery sweep (measured in
+        benchmarks/federation.py). That engine registers node i with ``partition-id`` i and
+        lists its nodes in registration order, so this order is used once the nodes of a seeded
+        sample of :data:`DISCOVERY_PROBES` partitions confirm it. Anywhere else (the Deployment
+        Engine), with ``fast_discovery`` off, or on any mismatch, every node is asked once.
+        """
+        timeout = NODE_WAIT_SECONDS if self.node_wait_seconds is None else self.node_wait_seconds
+        node_ids = wait_for_nodes(grid, self.config.clients, timeout)
+        ordered = _registration_order(grid, node_ids) if self.fast_discovery else None
+        if ordered is not None and len(ordered) == self.config.clients:
+            rng = np.random.default_rng(derive_seed(self.config.seed, 0xD15C))
+            probes = [int(i) for i in rng.choice(len(ordered), size=min(DISCOVERY_PROBES, len(ordered)), replace=False)]
+            answers = self._query_partitions(grid, [ordered[i] for i in probes])
+            if all(answers.get(i) == ordered[i] for i in probes):
+                return dict(enumerate(ordered))
+            log.warning("the engine's node order does not match the nodes' partition ids; asking every node")
+        mapping = self._query_partitions(grid, node_ids)
+        missing = sorted(set(range(self.config.clients)) - set(mapping))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} of {self.config.clients} client partitions have no node (first: {missing[:5]}); "
+                f"{len(node_ids)} nodes are connected{self.missing_nodes_hint}"
+            )
+        return mapping
+
+    def _query_partitions(self, grid: Any, node_ids: Sequence[int]) -> dict[int, int]:
+        """partition id → node id as reported by one ``query`` message to each of ``node_ids``."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+        from flwr.common import MessageType
+
+        messages = [
+            Message(RecordDict({"info": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
+            for nid in node_ids
+        ]
+        mapping: dict[int, int] = {}
+        for reply in grid.send_and_receive(messages, timeout=600):
+            if reply.has_error():
+                reason = short_reason(reply.error.reason)
+                raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reason}")
+            mapping[int(reply.content["info"][PARTITION_KEY])] = reply.metadata.src_node_id
+        return mapping
+
+    # -- the loop ------------------------------------------------------------------------
+    def main(self, grid: Any) -> None:
+        try:
+            self._main(grid)
+        except BaseException as exc:  # surfaced by run_simulation's caller
+            log.exception("server failed")
+            self.error = exc
+
+    def _main(self, grid: Any) -> None:
+        from flwr.app import ArrayRecord, ConfigRecord
+
+        cfg = self.config
+        start_round, state, elapsed, sent, received = self._restore()
+        node_of = self._discover(grid)
+        arrays = ArrayRecord(state)
+        if start_round == 0:
+            self._record(0, state, elapsed, 0.0, sent, received, [])
+            start_round = 1
+        stopped: str | None = None
+        for server_round in range(start_round, cfg.rounds + 1):
+            if self.strategy.before_round is not None:
+                try:
+                    self.strategy.before_round(server_round)
+                except PrivacyBudgetExhausted as exc:
+                    stopped = exc.message
+                    log.warning("stopping before round %d: %s", server_round, stopped)
+                    break
+            t0 = time.perf_counter()
+            sampled = sample_clients(cfg.seed, server_round, cfg.clients, cfg.per_round)
+            random.seed(derive_seed(cfg.seed, server_round, 7))
+            lr = cfg.lr * lr_factor(cfg.lr_schedule, server_round, cfg.rounds)
+            train_config = ConfigRecord(
+                {"local-epochs": cfg.local_epochs, "lr": lr, **dict(self.strategy.train_config)}
+            )
+            view = _SubsetGrid(grid, [node_of[p] for p in sampled], {node_of[p]: p for p in sampled})
+            if self.strategy.round_protocol is not None:
+                train_config["server-round"] = server_round
+                result = self.strategy.round_protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
+                arrays = result.arrays
+                sent += int(result.bytes_sent)
+                received += int(result.bytes_received)
+                extra = {key.replace("-", "_"): float(value) for key, value in result.metrics.items()}
+            else:
+                arrays, extra, round_sent, round_received = self._train_round(view, server_round, arrays, train_config)
+                sent += round_sent
+                received += round_received
+            state = self._module_dtypes(arrays.to_torch_state_dict())
+            _check_finite(server_round, state)
+            arrays = ArrayRecord(state)
+            round_seconds = time.perf_counter() - t0
+            elapsed += round_seconds
+            evaluate_now = server_round % cfg.eval_every == 0 or server_round == cfg.rounds
+            extra.update(self._round_metrics(server_round))
+            extra["lr"] = lr
+            metrics = (
+                self._record(server_round, state, elapsed, round_seconds, sent, received, sampled, extra)
+                if evaluate_now
+                else None
+            )
+            strategy_state = self.strategy.get_state() if self.strategy.get_state else None
+            self.rd.save_checkpoint(
+                {
+                    "round": server_round,
+                    "state": state,
+                    "elapsed": elapsed,
+                    "sent": sent,
+                    "received": received,
+                    "strategy_state": strategy_state,
+                }
+            )
+            self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
+        if stopped is not None:
+            self._record_stop(state, elapsed, sent, received)
+        torch.save(state, self.rd.model)
+        self._finish(state, stopped)
+
+    def _train_round(
+        self, view: _SubsetGrid, server_round: int, arrays: Any, train_config: Any
+    ) -> tuple[Any, dict[str, float], int, int]:
+        """configure_train → send_and_receive → aggregate_train; returns the new global arrays,
+        the round's extra metrics and the bytes sent/received."""
+        messages = list(self.strategy.server.configure_train(server_round, arrays, train_config, view))
+        replies = ordered_replies(view.send_and_receive(messages, timeout=ROUND_TIMEOUT), view, server_round)
+        new_arrays, train_metrics = self.strategy.server.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
+        sent = state_nbytes(arrays.to_torch_state_dict()) * len(messages)
+        received = sum(state_nbytes(r.content["arrays"].to_torch_state_dict()) for r in replies)
+        return new_arrays, _round_extras(train_metrics), sent, received
+
+    def _round_metrics(self, server_round: int) -> dict[str, float]:
+        if self.strategy.round_metrics is None:
+            return {}
+        return {key.replace("-", "_"): float(value) for key, value in self.strategy.round_metrics(server_round).items()}
+
+    def _record_stop(self, state: Mapping[str, torch.Tensor], elapsed: float, sent: int, received: int) -> None:
+        """Before a clean stop: make sure the last completed round is evaluated in rounds.jsonl."""
+        rounds = self.rd.read_rounds()
+        done = self.rd.load_checkpoint()
+        completed = int(done["round"]) if done is not None else 0
+        if rounds and rounds[-1]["round"] == completed:
+            return
+        sampled = (
+            sample_clients(self.config.seed, completed, self.config.clients, self.config.per_round) if completed else []
+        )
+        self._record(
+            completed,
+            state,
+            elapsed,
+            0.0,
+            sent,
+            received,
+            sampled,
+            self._round_metrics(completed) if completed else None,
+        )
+
+    def _module_dtypes(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Flower's averaging turns integer buffers (BatchNorm's ``num_batches_tracked``) into
+        float64; give every entry back the dtype the model holds it in."""
+        reference = self.module.state_dict()
+        return {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+
+    def _restore(self) -> tuple[int, dict[str, torch.Tensor], float, int, int]:
+        ckpt = self.rd.load_checkpoint()
+        if ckpt is None:
+            self.rd.truncate_rounds(-1)
+            return 0, {k: v.detach().clone() for k, v in self.module.state_dict().items()}, 0.0, 0, 0
+        done = int(ckpt["round"])
+        self.rd.truncate_rounds(done)
+        if ckpt.get("strategy_state") is not None:
+            if self.strategy.set_state is None:
+                raise RuntimeError(
+                    f"the checkpoint holds state of strategy '{self.strategy.name}', which cannot restore it"
+                )
+            self.strategy.set_state(ckpt["strategy_state"])
+        log.info("resuming after round %d", done)
+        return done + 1, ckpt["state"], float(ckpt["elapsed"]), int(ckpt["sent"]), int(ckpt["received"])
+
+    def _record(
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        elapsed: float,
+        round_seconds: float,
+        sent: int,
+        received: int,
+        sampled: list[int],
+        extra: Mapping[str, float] | None = None,
+    ) -> dict[str, float]:
+        try:
+            metrics = self.evaluate(state)
+        except FloatingPointError as exc:
+            where = _NOTHING_SAVED if server_round > 0 else "the initial model is broken"
+            raise FloatingPointError(f"round {server_round}: {exc}; {where}") from exc
+        record = {
+            "round": server_round,
+            **metrics,
+            "wall_seconds": round(elapsed, 3),
+            "round_seconds": round(round_seconds, 3),
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "clients": sampled,
+            **dict(extra or {}),
+        }
+        self.rd.append_round(record)
+        if server_round == 0:
+            self.on_round(RoundReport(0, self.config.rounds, metrics, 0.0, []))
+        return metrics
+
+    def _finish(self, state: Mapping[str, torch.Tensor], stopped: str | None = None) -> None:
+        final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
+        if stopped is not None:
+            self.rd.write_json(self.rd.final, {**final, "stopped": stopped})
+
+
+def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:
+    """The node ids in registration order when ``grid`` is Flower's in-memory grid (the
+    Simulation Engine, whose LinkState keeps its nodes in a dict by registration), else None."""
+    get_node_info = getattr(getattr(grid, "state", None), "get_node_info", None)
+    if get_node_info is None:
+        return None
+    ordered = [int(info.node_id) for info in get_node_info()]
+    return ordered if sorted(ordered) == sorted(int(n) for n in node_ids) else None
+
+
+def _round_extras(train_metrics: Any) -> dict[str, float]:
+    """The clients' aggregated training metrics and the strategy's own (e.g. FedGH's conflict
+    rate), as flat ``train_*`` / strategy-named keys for rounds.jsonl."""
+    if train_metrics is None:
+        return {}
+    skip = ("num-examples", "partition-id")
+    return {key.replace("-", "_"): value for key, value in dict(train_metrics).items() if key not in skip}

@@ -1,0 +1,190 @@
+"""One run-preparation path, used by ``pchmr run`` on either Flower engine and by the baselines.
+
+:func:`resolve` refuses what can be refused before any heavy work (unknown plugin names, bad
+strategy or privacy options, an incompatible privacy mechanism); :func:`prepare` then builds the
+components, makes (or, on resume, reads) the partition, writes ``config.json`` and computes the
+mean-pose baselines. :func:`load_prepared` rebuilds the same from a prepared run directory, in
+the process that serves it (the Deployment Engine's ServerApp).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.partition import Partition, load_partition, save_partition
+from pchmr.core.contracts.strategy import StrategyParts
+from pchmr.core.engine.baselines import baseline_partition
+from pchmr.core.engine.components import (
+    Components,
+    build_components,
+    dataset_resolution,
+)
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.evaluation import mean_pose_baselines
+from pchmr.core.engine.federation.common import build_strategy
+from pchmr.core.engine.registry import get_registry
+from pchmr.core.engine.rundir import RunDir
+from pchmr.core.kit.cache import default_cache_dir
+
+__all__ = [
+    "PreparedRun",
+    "check_plugins",
+    "chosen_plugins",
+    "describe_plugins",
+    "load_prepared",
+    "make_partition",
+    "prepare",
+    "resolve",
+    "write_run_config",
+]
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run needs once its directory is prepared."""
+
+    config: RunConfig
+    run_dir: RunDir
+    components: Components
+    partition: Partition
+    strategy: StrategyParts
+    baselines: dict[str, float]
+
+
+def chosen_plugins(config: RunConfig) -> dict[str, str]:
+    """plugin kind → the name the run uses, for every kind a run uses: what :func:`check_plugins`
+    checks and what ``config.json`` records (:func:`describe_plugins`)."""
+    chosen = {
+        "backbone": config.backbone,
+        "body_model": config.body_model,
+        "dataset": dataset_resolution(config.dataset)[0],
+        "partitioner": config.partitioner,
+        "strategy": config.strategy,
+    }
+    if config.privacy is not None:
+        chosen["privacy"] = config.privacy
+    return chosen
+
+
+def check_plugins(config: RunConfig) -> None:
+    """Raise :class:`~pchmr.core.engine.registry.UnknownPluginError` for any unknown plugin name."""
+    registry = get_registry()
+    for kind, name in chosen_plugins(config).items():
+        registry.info(kind, name)
+
+
+def describe_plugins(config: RunConfig) -> dict[str, Any]:
+    """Which distribution provided each plugin the run uses (written into config.json)."""
+    registry = get_registry()
+    return {
+        kind: {"name": name, "provider": registry.info(kind, name).provider}
+        for kind, name in chosen_plugins(config).items()
+    }
+
+
+def resolve(config: RunConfig) -> tuple[RunConfig, StrategyParts]:
+    """The config with its cache directory made absolute (clients in other processes read the very
+    same cache) and the run's strategy; refuses unknown plugins and bad strategy/privacy options
+    before any data is prepared."""
+    check_plugins(config)
+    if config.cache_dir is None:
+        config = config.replace(cache_dir=str(default_cache_dir().resolve()))
+    return config, build_strategy(config)
+
+
+def make_partition(config: RunConfig, data: HMRData) -> Partition:
+    """The run's client partition: the partitioner plugin's for a federated run, else the baseline's
+    (everything on one device, or the naive device's share)."""
+    if config.mode != "federated":
+        return baseline_partition(config.mode, len(data.train), config.fraction, config.seed)
+    partitioner = get_registry().get("partitioner", config.partitioner)
+    return partitioner(data, config.clients, config.seed, dict(config.partition_options))
+
+
+def _effective_loss_weights(components: Components) -> dict[str, Any]:
+    """The weights the run trains with: LossWeights plus the backbone's own terms (their base
+    weight, the user's override winning, and the epoch-0 factor of their schedule)."""
+    module = components.make_module()
+    weights = module.loss_weights.as_dict()
+    base = module.backbone.extra_loss_weights(0)
+    ramp = module.backbone.extra_loss_schedule(0)
+    weights["extra"] = {name: module.loss_weights.extra.get(name, value) for name, value in base.items()}
+    weights["extra_schedule_at_epoch_0"] = {name: ramp.get(name, 1.0) for name in base}
+    return weights
+
+
+def _encoder_record(config: RunConfig, components: Components) -> dict[str, Any]:
+    """Where the CNN's initial weights came from (file and SHA-256) and whether it trains."""
+    path = components.encoder_weights
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    return {
+        "weights": path,
+        "sha256": digest,
+        "source": config.encoder_weights if path else None,
+        "frozen": config.encoder_frozen,
+    }
+
+
+def write_run_config(rd: RunDir, config: RunConfig, components: Components, strategy: StrategyParts) -> None:
+    """config.json: the resolved options plus what was built from them (providers, loss weights, protocol)."""
+    rd.write_json(
+        rd.config,
+        {
+            "run": config.to_dict(),
+            "plugins": describe_plugins(config),
+            "strategy": dict(strategy.describe),
+            "loss_weights": _effective_loss_weights(components),
+            "encoder": _encoder_record(config, components),
+            "protocol": components.protocol().as_dict(),
+            "body_model": components.body_model.describe(),
+            "data": dict(components.data.protocol),
+        },
+    )
+
+
+def prepare(
+    config: RunConfig,
+    strategy: StrategyParts,
+    rd: RunDir,
+    resume: bool = False,
+    status: Callable[[str], None] | None = None,
+    with_baselines: bool = True,
+) -> PreparedRun:
+    """Build the components, make and save the partition (read it back on resume), write
+    ``config.json`` (kept on resume) and compute the mean-pose baselines. ``config`` and
+    ``strategy`` come from :func:`resolve`; ``rd`` exists. ``with_baselines=False`` leaves the
+    baselines empty (a directory prepared for another process that computes its own)."""
+    say = status or (lambda message: None)
+    say("loading the body model and preparing the data (cached after the first run)")
+    components = build_components(config, progress=say)
+    if resume and rd.partition.exists():
+        partition = load_partition(rd.partition)
+    else:
+        partition = make_partition(config, components.data)
+        save_partition(partition, rd.partition)
+    if not resume or not rd.config.exists():
+        write_run_config(rd, config, components, strategy)
+    baselines = _baselines(components) if with_baselines else {}
+    return PreparedRun(config, rd, components, partition, strategy, baselines)
+
+
+def load_prepared(run_dir: str | Path) -> PreparedRun:
+    """The :class:`PreparedRun` of a directory :func:`prepare` wrote, rebuilt from its
+    ``config.json`` and ``partition.json`` (components, strategy and baselines alike)."""
+    rd = RunDir(run_dir)
+    config = RunConfig.from_saved(rd.read_config()["run"])
+    if not rd.partition.exists():
+        raise FileNotFoundError(f"{rd.path} has no {rd.partition.name}; prepare the run directory first")
+    components = build_components(config)
+    strategy = build_strategy(config)
+    return PreparedRun(config, rd, components, load_partition(rd.partition), strategy, _baselines(components))
+
+
+def _baselines(components: Components) -> dict[str, float]:
+    data = components.data
+    return mean_pose_baselines(data.train, data.test, components.applied_protocol().alignment)

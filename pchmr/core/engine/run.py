@@ -1,0 +1,101 @@
+"""One experiment end to end: validate, prepare, partition, federate, write the run directory.
+
+Everything that can be refused is refused before any data is prepared: unknown plugin names,
+bad option values, a partition that cannot be made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pchmr.core.engine.baselines import run_baseline
+from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.federation.common import RoundReport
+from pchmr.core.engine.federation.deployment import federate_on_deployment
+from pchmr.core.engine.federation.server import FederatedServer
+from pchmr.core.engine.federation.simulation import run_simulation
+from pchmr.core.engine.preparation import prepare, resolve
+from pchmr.core.engine.rundir import RunDir, detach_log
+
+__all__ = ["RunResult", "default_run_dir", "execute", "resume_config"]
+
+log = logging.getLogger("pchmr.run")
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    final: dict[str, Any]
+    seconds: float
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return (
+        Path("runs")
+        / f"{stamp}-{config.backbone}{config.variant.lower()}-{config.strategy}-{config.partitioner}-s{config.seed}"
+    )
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    return RunConfig.from_saved(RunDir(run_dir).read_config()["run"])
+
+
+def execute(
+    config: RunConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    on_round: Callable[[RoundReport], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run (or resume) one experiment; returns the run directory and ``final.json``'s content."""
+    status = on_status or (lambda message: None)
+    config, strategy = resolve(config)  # refuses bad plugins and options before any heavy work
+    if run_dir is None:
+        run_dir = Path(config.out) if config.out else default_run_dir(config)
+    rd = RunDir(run_dir)
+    if not resume and rd.path.exists() and any(rd.path.iterdir()):
+        raise ConfigError(
+            f"run directory {rd.path} already exists and is not empty; pass --resume to continue it or choose another --out"
+        )
+    created = not rd.path.exists()
+    rd.create()
+    handler = rd.attach_log()
+    started = time.perf_counter()
+    set_up = False
+    try:
+        prepared = prepare(config, strategy, rd, resume=resume, status=status)
+        set_up = True
+        if config.mode == "federated" and config.engine == "deployment":
+            status(f"federating {config.clients} clients on Flower's Deployment Engine")
+            federate_on_deployment(
+                rd.path.resolve(),
+                config.clients,
+                superlink=config.superlink,
+                root_certificates=Path(config.root_certificates) if config.root_certificates else None,
+                on_round=on_round,
+            )
+        elif config.mode == "federated":
+            server = FederatedServer(rd, prepared.components, strategy, on_round=on_round, baselines=prepared.baselines)
+            status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
+            run_simulation(server)
+        else:
+            size = prepared.partition.sizes()[0]
+            status(f"{config.mode} baseline: one trainer on {size} samples, {config.epochs} epochs")
+            run_baseline(rd, prepared.components, prepared.partition, on_round, prepared.baselines)
+    finally:
+        detach_log(handler)
+        if not set_up and created and not resume:
+            # refused before anything ran (bad data, partition or model options): leave no half-made
+            # directory behind, so the same --out works once the input is fixed
+            shutil.rmtree(rd.path, ignore_errors=True)
+    final = json.loads(rd.final.read_text())
+    return RunResult(rd, final, time.perf_counter() - started)

@@ -1,0 +1,115 @@
+"""``secagg``: secure aggregation — the server learns the round's weighted average, not one update.
+
+``--privacy secagg`` wraps an aggregation strategy (``fedavg``, ``fedprox``, ``fedopt``) with a
+:class:`~pchmr.core.contracts.strategy.RoundProtocol` that replaces the plain exchange of a round, and
+``--strategy secagg`` is FedAvg under it. Two backends (``--privacy-option backend=...``):
+
+* ``flower`` (default) — Flower's SecAgg+ (:mod:`pchmr.plugins.privacy.secagg.flower`): pairwise
+  masks agreed between clients, secrets Shamir-shared among neighbours so that dropouts are
+  survived;
+* ``crypten`` — additive secret sharing among P computation parties that add the shares with
+  CrypTen (:mod:`pchmr.plugins.privacy.secagg.crypten`).
+
+Threat model (both backends; details in ``docs/privacy.md``): the server is honest but curious —
+it runs the protocol as written and tries to learn single clients' updates from everything it
+sees. Clients follow the protocol; no more than the protocol's threshold collude with the server
+(flower: fewer than ``reconstruction-threshold`` of a client's neighbours; crypten: the P parties
+do not all collude with the server). Out of scope: a malicious server (dropping or forging
+messages to unmask someone), poisoned updates, and what the average itself reveals (DP's job).
+
+What a client secret-shares or masks is one vector over Z_2^64 (:class:`FixedPointCodec`):
+
+* each floating-point state entry's update ``Δ = w_new − w_global``, clipped to
+  ``[−clip, clip]`` and rounded to the grid ``1/scale``, times the client's sample count n;
+* each integer entry's exact update times n (e.g. BatchNorm's ``num_batches_tracked``);
+* a trailer: n, the number of clipped values, and for every training metric m (``train-loss``,
+  ``fit-seconds``, …) n·round(m·metric_scale) and n·[m is finite].
+
+Sums wrap modulo 2^64, so the plaintext sum is exact as long as it fits an int64, which the
+settings check (``max-weight`` bounds n). The server divides the revealed sum by Σn, adds it to
+the global model and hands the result to the wrapped strategy's ``aggregate_train`` as the one
+reply of the round (weight Σn): FedAvg and FedProx return it, FedOpt steps from it.
+
+Tolerance against plain FedAvg (floating-point entries): |secure − plain| ≤ 1/(2·scale) +
+float32 rounding, i.e. clipping-range / quantization-range for ``flower`` (8/2³² ≈ 1.9e-9 with the
+defaults) and 2^-(precision-bits+1) + 2⁻²⁴·max|Δ| for ``crypten`` (its plaintext is decoded in
+float32), provided no value was clipped (``secagg_clipped`` in rounds.jsonl counts them).
+
+Masks and pads come from :func:`mask_stream`: HKDF-SHA256 over the *full* shared secret, then
+the AES-256-CTR keystream — not NumPy's MT19937 seeded with 32 bits as in Flower's
+``pseudo_rand_gen``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.strategy import (
+    IncompatibleError,
+    StrategyConfig,
+    StrategyParts,
+)
+from pchmr.plugins.privacy.secagg.codec import read_settings
+
+
+# --------------------------------------------------------------------------------------
+# the plugin
+# --------------------------------------------------------------------------------------
+def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
+    """Wrap ``parts`` with secure aggregation (the backend chosen by option ``backend``).
+
+    Refuses (IncompatibleError) a strategy that needs individual client updates, and one that
+    already has a round protocol or client handlers (two protocols cannot both run a round).
+    """
+    if parts.requires_individual_updates:
+        raise IncompatibleError(
+            f"strategy '{parts.name}' compares individual client updates on the server, which secure "
+            "aggregation exists to hide (the server only ever sees the sum); use fedavg, fedprox or fedopt with --privacy secagg"
+        )
+    if parts.round_protocol is not None or parts.client_handlers:
+        raise IncompatibleError(
+            f"strategy '{parts.name}' already runs its own round protocol; secure aggregation cannot replace it"
+        )
+    settings = read_settings(config.options, config.per_round)
+    codec = settings.codec(config.per_round)
+    if settings.backend == "flower":
+        from pchmr.plugins.privacy.secagg.flower import (
+            STAGE,
+            SecAggPlusClient,
+            SecAggPlusProtocol,
+        )
+
+        protocol: Any = SecAggPlusProtocol(parts.server, settings, codec)
+        handlers = {STAGE: SecAggPlusClient()}
+    else:
+        from pchmr.plugins.privacy.secagg.crypten import (
+            STAGE,
+            CrypTenClient,
+            CrypTenProtocol,
+        )
+
+        protocol = CrypTenProtocol(parts.server, settings, codec, num_rounds=config.num_rounds)
+        handlers = {STAGE: CrypTenClient(codec)}
+    return StrategyParts(
+        name=f"{parts.name}+secagg",
+        server=parts.server,
+        loss_terms=parts.loss_terms,
+        client_mods=parts.client_mods,
+        train_config=parts.train_config,
+        requires_individual_updates=False,
+        describe={**dict(parts.describe), "secagg": settings.describe()},
+        get_state=parts.get_state,
+        set_state=parts.set_state,
+        round_protocol=protocol,
+        client_handlers=handlers,
+        update_transforms=parts.update_transforms,
+        before_round=parts.before_round,
+        round_metrics=parts.round_metrics,
+        prepare_module=parts.prepare_module,
+    )
+
+
+@hookimpl
+def pchmr_privacy() -> dict[str, object]:
+    return {"secagg": secagg}
