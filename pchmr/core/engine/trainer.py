@@ -10,8 +10,12 @@ from collections.abc import Callable, Iterable
 import pytorch_lightning as pl
 
 from pchmr.core.engine.config import LR_SCHEDULES
+from pchmr.core.engine.devices import Placement
 
-__all__ = ["LearningRate", "lr_factor", "make_trainer", "quiet_lightning"]
+__all__ = ["CPU", "LearningRate", "lr_factor", "make_trainer", "quiet_lightning"]
+
+#: Where a Trainer runs unless told otherwise: one CPU, 32-bit (the tested default).
+CPU = Placement("cpu", 1, "32-true")
 
 
 def lr_factor(schedule: str, index: int, total: int) -> float:
@@ -64,14 +68,16 @@ def make_trainer(
     grad_clip: float | None = None,
     quiet: bool = True,
     callbacks: Iterable[pl.Callback] = (),
+    placement: Placement | None = None,
     **kwargs: object,
 ) -> pl.Trainer:
-    """A CPU Trainer; ``quiet`` (federated clients) turns logging, checkpoints, progress and summary off."""
+    """A Trainer on ``placement`` (default: one CPU, 32-bit); ``quiet`` (federated clients) turns
+    logging, checkpoints, progress and summary off."""
     if quiet:
         quiet_lightning()
+    where = placement or CPU
     return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+        **where.trainer_kwargs(),
         max_epochs=max_epochs,
         max_steps=max_steps,
         gradient_clip_val=grad_clip,
