@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "examples" / "plugin-package"
 PYTHON = Path(sys.executable)
 DISTRIBUTION = "pchmr-example-plugins"
+#: Plugin kind → the example's plugin of that kind (each its own entry point, named like the plugin).
+PLUGINS = {
+    "backbone": "example-cnn",
+    "partitioner": "round-robin",
+    "body_model": "example-ellipsoid",
+    "dataset": "example-turntable",
+    "annotator": "example-rest-fit",
+}
 #: rich wraps the plugin table to the terminal width; wide enough to keep every row on one line.
 TABLE_COLUMNS = "200"
 #: Generous bounds for a busy CI machine (the steps take ~2, ~5 and ~15 s of CPU).
@@ -66,13 +74,14 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return source, site
 
 
-def test_it_installs_as_its_own_distribution_with_two_entry_points(example: tuple[Path, Path]) -> None:
+def test_it_installs_as_its_own_distribution_with_one_entry_point_per_plugin(example: tuple[Path, Path]) -> None:
     _, site = example
     (info,) = site.glob("pchmr_example_plugins-*.dist-info")
     assert f"Name: {DISTRIBUTION}" in (info / "METADATA").read_text()
-    entry_points = (info / "entry_points.txt").read_text().split()
-    assert "[pchmr]" in entry_points
-    assert "example-cnn" in entry_points and "round-robin" in entry_points
+    lines = (info / "entry_points.txt").read_text().splitlines()
+    assert lines[0] == "[pchmr]"
+    entry_points = {line.split(" = ")[0] for line in lines[1:] if " = " in line}
+    assert entry_points == set(PLUGINS.values())
     installed = sorted(path.name for path in site.iterdir() if not path.name.endswith(".dist-info"))
     assert installed == ["pchmr_example_plugins"], f"--no-deps installs only the package itself, got {installed}"
 
@@ -87,13 +96,14 @@ def test_pchmr_plugins_lists_them_with_their_distribution(example: tuple[Path, P
         cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
         if len(cells) == 4:
             rows[(cells[0], cells[1])] = (cells[2], cells[3])
-    assert rows.get(("backbone", "example-cnn")) == (f"{DISTRIBUTION} 0.1.0", "example-cnn"), done.stdout
-    assert rows.get(("partitioner", "round-robin")) == (f"{DISTRIBUTION} 0.1.0", "round-robin"), done.stdout
+    for kind, name in PLUGINS.items():  # the table writes kinds with spaces: "body model"
+        assert rows.get((kind.replace("_", " "), name)) == (f"{DISTRIBUTION} 0.1.0", name), done.stdout
     assert rows.get(("backbone", "fastmetro")) == ("pchmr 0.1.0", "fastmetro"), "the built-ins are still there"
 
 
 def test_the_package_passes_its_own_contract_tests(example: tuple[Path, Path]) -> None:
-    """Its tests run pchmr's BackboneContract (toy body, Anny) and PartitionerContract."""
+    """Its tests run pchmr's BackboneContract (toy body, Anny), PartitionerContract,
+    BodyModelContract, DatasetContract and AnnotatorContract on its plugins."""
     source, site = example
     command = [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(source / "tests")]
     done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(site), cwd=source,

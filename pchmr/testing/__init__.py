@@ -3,9 +3,14 @@
 Public API (imported lazily, so that ``import pchmr.testing.strategies`` in a simulated Flower
 client does not pay for torch):
 
-* suites: :class:`BackboneContract` (:mod:`.backbones`), :class:`StrategyContract`
-  (:mod:`.strategies`), :class:`PartitionerContract` and its small :func:`contract_data`
-  (:mod:`.partitioners`);
+* suites, one per plugin kind (``<Kind>Contract`` for every kind of
+  :data:`~pchmr.core.contracts.hookspecs.KINDS` but ``privacy``, whose suite waits for the mechanism
+  contract; ``docs/plugins.md`` documents each): :class:`BackboneContract` (:mod:`.backbones`),
+  :class:`BodyModelContract` (:mod:`.bodymodels`), :class:`DatasetContract` (:mod:`.datasets`),
+  :class:`PartitionerContract` and its small :func:`contract_data` (:mod:`.partitioners`),
+  :class:`StrategyContract` (:mod:`.strategies`), :class:`AnnotatorContract` and
+  :func:`contract_observations` (:mod:`.annotators`), :class:`KeypointSourceContract` and
+  :class:`DepthSourceContract` (:mod:`.sources`);
 * doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
 * the machinery a plugin's own tests use: :func:`registered` (a plugin by kind and name, through
   the entry points), :func:`plugin_info`, :func:`hmr_module` (a backbone in the training loop)
@@ -20,11 +25,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
+    "AnnotatorContract",
     "BackboneContract",
+    "BodyModelContract",
+    "DatasetContract",
+    "DepthSourceContract",
+    "KeypointSourceContract",
     "PartitionerContract",
     "StrategyContract",
     "ToyBodyModel",
     "contract_data",
+    "contract_observations",
     "hmr_module",
     "plugin_info",
     "registered",
@@ -36,7 +47,13 @@ __all__ = [
 
 #: Public name → the submodule defining it.
 _HOMES = {
+    "AnnotatorContract": "annotators",
+    "contract_observations": "annotators",
     "BackboneContract": "backbones",
+    "BodyModelContract": "bodymodels",
+    "DatasetContract": "datasets",
+    "KeypointSourceContract": "sources",
+    "DepthSourceContract": "sources",
     "StrategyContract": "strategies",
     "PartitionerContract": "partitioners",
     "contract_data": "partitioners",
@@ -51,7 +68,10 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from pchmr.testing.annotators import AnnotatorContract, contract_observations
     from pchmr.testing.backbones import BackboneContract
+    from pchmr.testing.bodymodels import BodyModelContract
+    from pchmr.testing.datasets import DatasetContract
     from pchmr.testing.fake_smpl import (
         write_fake_graphcmr_downsampling,
         write_fake_h36m_regressor,
@@ -59,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from pchmr.testing.partitioners import PartitionerContract, contract_data
     from pchmr.testing.plugins import hmr_module, plugin_info, registered
+    from pchmr.testing.sources import DepthSourceContract, KeypointSourceContract
     from pchmr.testing.strategies import StrategyContract
     from pchmr.testing.toys import ToyBodyModel, toy_batch
 

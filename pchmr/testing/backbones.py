@@ -246,12 +246,14 @@ class BackboneContract:
 
     # -- checks: outputs ------------------------------------------------------------------
     def test_is_a_backbone_built_for_input_size(self, backbone: Backbone, input_size: int) -> None:
+        """The factory returns a Backbone subclass whose ``input_size`` is the ``input_size`` fixture."""
         assert isinstance(backbone, Backbone), f"{type(backbone).__name__} does not subclass pchmr Backbone"
         assert backbone.input_size == input_size, (
             f"backbone.input_size is {backbone.input_size}, the input_size fixture says {input_size}"
         )
 
     def test_output_fields(self, output: HMROutput) -> None:
+        """forward returns an HMROutput: float32 tensors, ``vertices`` a tuple, ``aux`` a str → Tensor mapping."""
         assert isinstance(output, HMROutput), f"forward returned {type(output).__name__}, not HMROutput"
         assert isinstance(output.vertices, tuple), f"vertices must be a tuple, got {type(output.vertices).__name__}"
         for name, tensor in output_tensors(output):
@@ -262,16 +264,19 @@ class BackboneContract:
             assert isinstance(key, str) and isinstance(value, Tensor), f"aux[{key!r}] must be a Tensor under a str key"
 
     def test_joint_shape(self, output: HMROutput, body_model: BodyModel, batch_size: int) -> None:
+        """joints are (B, J, 3), J = ``body_model.num_joints``."""
         expected = (batch_size, body_model.num_joints, 3)
         assert tuple(output.joints.shape) == expected, f"joints {tuple(output.joints.shape)}, expected {expected}"
 
     def test_vertex_levels_follow_the_pyramid(self, output: HMROutput, body_model: BodyModel, batch_size: int) -> None:
+        """One (B, V_l, 3) vertex tensor per pyramid level, coarse first."""
         sizes = body_model.pyramid().num_vertices
         expected = [(batch_size, n, 3) for n in sizes]
         actual = [tuple(v.shape) for v in output.vertices]
         assert actual == expected, f"vertex levels {actual}, expected one per pyramid level (coarse first) {expected}"
 
     def test_camera_shape(self, output: HMROutput, batch_size: int) -> None:
+        """camera is (B, 3): weak perspective (s, tx, ty)."""
         assert tuple(output.camera.shape) == (batch_size, 3), (
             f"camera {tuple(output.camera.shape)}, expected ({batch_size}, 3)"
         )
@@ -291,6 +296,7 @@ class BackboneContract:
             )
 
     def test_camera_scale_is_positive(self, output: HMROutput, predicts_camera: bool) -> None:
+        """The weak-perspective scale s is positive (``predicts_camera``)."""
         if not predicts_camera:
             pytest.skip("predicts_camera is False")
         scale = output.camera[:, 0]
@@ -364,6 +370,7 @@ class BackboneContract:
     def test_eval_is_deterministic(
         self, backbone: Backbone, output: HMROutput, batch_size: int, input_size: int
     ) -> None:
+        """Two eval passes on the same images give identical outputs."""
         backbone.eval()
         with torch.no_grad():
             again = backbone(contract_images(batch_size, input_size))
@@ -401,19 +408,23 @@ class BackboneContract:
 
     # -- checks: input validation ---------------------------------------------------------
     def test_rejects_wrong_image_size(self, backbone: Backbone, input_size: int) -> None:
+        """Images of another size raise InputError naming the expected ``(B, 3, S, S)``."""
         size = input_size + WRONG_SIZE_OFFSET
         with pytest.raises(InputError, match=_shape_pattern(input_size)):
             backbone(torch.zeros(1, 3, size, size))
 
     def test_rejects_wrong_channel_count(self, backbone: Backbone, input_size: int) -> None:
+        """One-channel images raise InputError naming the expected ``(B, 3, S, S)``."""
         with pytest.raises(InputError, match=_shape_pattern(input_size)):
             backbone(torch.zeros(1, 1, input_size, input_size))
 
     def test_rejects_unbatched_images(self, backbone: Backbone, input_size: int) -> None:
+        """A (3, S, S) image without a batch axis raises InputError naming ``(B, 3, S, S)``."""
         with pytest.raises(InputError, match=_shape_pattern(input_size)):
             backbone(torch.zeros(3, input_size, input_size))
 
     def test_rejects_nan_images(self, backbone: Backbone, input_size: int) -> None:
+        """Images holding NaN raise InputError mentioning NaN."""
         images = torch.zeros(1, 3, input_size, input_size)
         images[0, 1, input_size // 2, input_size // 3] = float("nan")
         with pytest.raises(InputError, match="NaN"):

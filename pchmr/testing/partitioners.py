@@ -223,11 +223,13 @@ class PartitionerContract:
 
     # -- checks: the result ---------------------------------------------------------------
     def test_returns_a_partition_of_num_clients(self, partition: Partition, num_clients: int) -> None:
+        """The result is a Partition naming its method, with ``num_clients`` clients."""
         assert isinstance(partition, Partition), f"the partitioner returned {type(partition).__name__}, not a Partition"
         assert isinstance(partition.method, str) and partition.method, "Partition.method must name the partitioner"
         assert partition.num_clients == num_clients, f"{partition.num_clients} clients, {num_clients} were asked for"
 
     def test_clients_are_sorted_int64_indices(self, partition: Partition, data: HMRData) -> None:
+        """Each client is a sorted 1-D int64 array of distinct indices in [0, N)."""
         n = len(data.train)  # type: ignore[arg-type]
         for cid, client in enumerate(partition.clients):
             assert isinstance(client, np.ndarray), f"client {cid} is a {type(client).__name__}, not a numpy array"
@@ -241,6 +243,7 @@ class PartitionerContract:
                 )
 
     def test_clients_are_non_empty_and_disjoint(self, partition: Partition) -> None:
+        """No client is empty; no sample belongs to two clients."""
         sizes = [len(client) for client in partition.clients]
         assert min(sizes) > 0, f"clients {[c for c, s in enumerate(sizes) if s == 0]} hold no sample (sizes {sizes})"
         every = np.concatenate(partition.clients)
@@ -249,6 +252,7 @@ class PartitionerContract:
         assert len(shared) == 0, f"samples {shared[:10].tolist()} belong to more than one client"
 
     def test_clients_cover_every_sample(self, partition: Partition, data: HMRData, covers_all: bool) -> None:
+        """Every sample belongs to some client (``covers_all``)."""
         if not covers_all:
             pytest.skip("covers_all is False")
         n = len(data.train)  # type: ignore[arg-type]
@@ -276,6 +280,7 @@ class PartitionerContract:
     def test_other_seed_gives_another_file(
         self, partition: Partition, other_partition: Partition, tmp_path: Path
     ) -> None:
+        """Another seed gives another partition.json (the seed is recorded in ``params`` at least)."""
         other = partition_bytes(other_partition, tmp_path / "other.json")
         assert other != partition_bytes(partition, tmp_path / "first.json"), (
             f"seeds {CONTRACT_SEED} and {OTHER_SEED} gave identical partition.json files; "
@@ -285,6 +290,7 @@ class PartitionerContract:
     def test_other_seed_gives_other_clients(
         self, partition: Partition, other_partition: Partition, uses_seed: bool
     ) -> None:
+        """Another seed gives other client sets (``uses_seed``)."""
         if not uses_seed:
             pytest.skip("uses_seed is False")
         assert _client_sets(other_partition) != _client_sets(partition), (
@@ -303,6 +309,7 @@ class PartitionerContract:
     def test_rejects_an_unknown_option(
         self, partitioner: PartitionerFn, data: HMRData, num_clients: int, options: Mapping[str, object]
     ) -> None:
+        """An unknown option key raises ValueError naming it."""
         bad = {**options, UNKNOWN_OPTION: 1}
         _raises_value_error(
             lambda: partitioner(data, num_clients, CONTRACT_SEED, bad), re.escape(UNKNOWN_OPTION),
@@ -313,6 +320,7 @@ class PartitionerContract:
         self, partitioner: PartitionerFn, data: HMRData, num_clients: int,
         bad_options: Mapping[str, tuple[Mapping[str, object], str]],
     ) -> None:  # fmt: skip
+        """Every ``bad_options`` entry raises ValueError whose message matches its regex."""
         if not bad_options:
             pytest.skip("no bad_options given")
         for description, (options, pattern) in bad_options.items():
@@ -324,6 +332,7 @@ class PartitionerContract:
     def test_rejects_zero_clients(
         self, partitioner: PartitionerFn, data: HMRData, options: Mapping[str, object]
     ) -> None:
+        """Zero clients raise ValueError naming the client count."""
         _raises_value_error(
             lambda: partitioner(data, 0, CONTRACT_SEED, dict(options)),
             r"(?i)client",
@@ -333,6 +342,7 @@ class PartitionerContract:
     def test_rejects_more_clients_than_samples(
         self, partitioner: PartitionerFn, data: HMRData, options: Mapping[str, object]
     ) -> None:
+        """More clients than samples raise ValueError naming the requested count."""
         too_many = len(data.train) + 1  # type: ignore[arg-type]
         _raises_value_error(
             lambda: partitioner(data, too_many, CONTRACT_SEED, dict(options)), rf"\b{too_many}\b",

@@ -382,6 +382,8 @@ class StrategyContract:
 
     # -- checks ----------------------------------------------------------------------------
     def test_parts_are_well_formed(self, make_parts: Callable[[], StrategyParts]) -> None:
+        """StrategyParts with a name, a server with configure_train and aggregate_train, JSON-able
+        ``describe`` and ``train_config``, get/set_state as a pair, callable loss terms."""
         parts = make_parts()
         assert isinstance(parts, StrategyParts), f"the factory returned {type(parts).__name__}, not StrategyParts"
         assert parts.name, "StrategyParts.name is empty"
@@ -395,6 +397,7 @@ class StrategyContract:
     def test_configure_train_sends_the_model_to_every_offered_node(
         self, make_parts: Callable[[], StrategyParts]
     ) -> None:
+        """configure_train sends the global arrays and ``train_config`` to every node it is offered."""
         from flwr.app import ConfigRecord
 
         parts = make_parts()
@@ -414,6 +417,7 @@ class StrategyContract:
                 assert config.get(key) == value, f"train_config '{key}' did not reach the clients"
 
     def test_aggregate_keeps_entries_shapes_and_float_dtypes(self, make_parts: Callable[[], StrategyParts]) -> None:
+        """The aggregate keeps every entry, its shape and its float dtype, and is finite."""
         updates = [(contract_delta(10 + k, aligned=False), 5.0 + k) for k in range(CONTRACT_NODES)]
         aggregate, _ = run_round(make_parts(), 1, contract_arrays(), updates)
         for key, value in contract_arrays().items():
@@ -475,6 +479,7 @@ class StrategyContract:
     def test_runs_in_flower_simulation(
         self, make_parts: Callable[[], StrategyParts], flower_simulation: bool, averages_updates: bool
     ) -> None:
+        """Two rounds in Flower's Simulation Engine aggregate as the unit checks say (``flower_simulation``)."""
         if not flower_simulation:
             pytest.skip("the flower_simulation fixture is False (run once for several strategies elsewhere)")
         results = run_in_flower_simulation({"strategy": make_parts})

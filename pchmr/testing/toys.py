@@ -205,6 +205,10 @@ class ToyBodyModel(BodyModel):
         if set(params) != expected:
             raise TypeError(f"ToyBodyModel.forward takes {sorted(expected)}, got {sorted(params)}")
         orient, betas = params["global_orient"], params["betas"]
+        batch = orient.shape[0]
+        for name, value in params.items():
+            if tuple(value.shape) != (batch, *self.param_shapes[name]):
+                raise ValueError(f"'{name}' must be ({batch}, {self.param_shapes[name][0]}), got {tuple(value.shape)}")
         scale = torch.exp(BETA_SCALE * betas)  # (B, 2): height, girth
         scales = torch.stack((scale[:, 1], scale[:, 0], scale[:, 1]), dim=1)[:, None, :]
         vertices = (self.template[None] * scales) @ axis_angle_to_matrix(orient).transpose(1, 2)

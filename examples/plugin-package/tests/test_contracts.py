@@ -45,7 +45,16 @@ def _maker(variant: str = "S") -> BackboneMaker:
 
 
 # ----------------------------------------------------------------------------- discovery
-@pytest.mark.parametrize(("kind", "name"), [("backbone", "example-cnn"), ("partitioner", "round-robin")])
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("backbone", "example-cnn"),
+        ("partitioner", "round-robin"),
+        ("body_model", "example-ellipsoid"),
+        ("dataset", "example-turntable"),
+        ("annotator", "example-rest-fit"),
+    ],
+)
 def test_the_registry_finds_our_plugins_through_entry_points(kind: str, name: str) -> None:
     info = plugin_info(kind, name)
     assert info.distribution == DISTRIBUTION, f"{name} is provided by {info.distribution}, not {DISTRIBUTION}"

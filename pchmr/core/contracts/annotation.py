@@ -124,7 +124,8 @@ class KeypointObservation:
 class DepthObservation:
     """What a depth source returns for one image: ``depth`` (J,) float32 per keypoint,
     positive, known up to ``invariance`` (one of :data:`DEPTH_INVARIANCES`); ``valid`` (J,)
-    float32 in {0, 1} marks the keypoints whose depth is usable."""
+    float32 in {0, 1} marks the keypoints whose depth is usable (never a keypoint of
+    confidence 0)."""
 
     depth: np.ndarray
     valid: np.ndarray

@@ -144,7 +144,8 @@ class BodyModel(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def forward(self, **params: Tensor) -> BodyOutput:
-        """Differentiable forward from the named parameters (each (B, *param_shapes[name]))."""
+        """Differentiable forward from the named parameters (each (B, *param_shapes[name])); an
+        unknown name raises TypeError naming it, a wrong shape ValueError naming the parameter."""
 
     def joints_from_vertices(self, vertices: Tensor) -> Tensor:
         """(B, V, 3) full-mesh vertices → (B, J, 3) evaluation joints, linear in the vertices."""

@@ -41,8 +41,11 @@ class HMRData:
     * ``train`` / ``test``: map-style datasets of Samples (:mod:`pchmr.core.contracts.sample`);
     * ``labels``: for each ``meta`` key, a (N_train,) array of string labels of the *train*
       split, index-aligned with ``train`` (what partitioners split on, without touching images);
-    * ``protocol``: dataset name, ground-truth kind (``real`` or ``pseudo``) and anything else
-      that must be printed next to a number computed on ``test``.
+    * ``protocol``: JSON-able; the dataset name (``dataset``), the ground-truth kind (``gt``:
+      ``real`` or ``pseudo``) and anything else that must be printed next to a number computed
+      on ``test``;
+    * ``train_mean_joints``: optional (J, 3) mean of the training split's valid joints
+      (root-relative metres, camera frame); ``extra``: anything plugin-specific (cache paths).
     """
 
     train: Dataset

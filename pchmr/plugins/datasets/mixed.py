@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset
 
 from pchmr.core.contracts.bodymodel import BodyModel
@@ -28,7 +29,7 @@ from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.datasets.prepared import DatasetFormatError
 
-__all__ = ["CATALOG", "Layout", "check_root", "find_layout", "make_mixed", "make_named", "pchmr_datasets"]
+__all__ = ["CATALOG", "Layout", "MixedSplit", "check_root", "find_layout", "make_mixed", "make_named", "pchmr_datasets"]
 
 SPIN_URL = "SPIN's fetch_data.sh / datasets/preprocess (github.com/nkolot/SPIN), images from the dataset's own site"
 METRO_URL = "METRO's download_tsv.sh (github.com/microsoft/MeshTransformer, docs/DOWNLOAD.md)"
@@ -167,6 +168,16 @@ def _test_summary(tests: list[tuple[str, HMRData]]) -> dict[str, object]:
     }
 
 
+class MixedSplit(ConcatDataset):
+    """The members' splits one after the other; a sample's ``index`` is its position in the
+    mixed split (the Sample schema's id inside the split), not in its member's."""
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        sample = dict(super().__getitem__(idx))
+        sample["index"] = torch.tensor(idx % len(self), dtype=torch.int64)
+        return sample
+
+
 def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
     members = [m.strip() for m in str(spec.options.get("datasets", "")).split(",") if m.strip()]
@@ -182,10 +193,10 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         data = registry.get("dataset", name)(member_spec, body_model)
         data.labels = {**data.labels, "source": np.full(len(data.train), name)}  # type: ignore[misc]
         parts.append((name, data))
-    train = ConcatDataset([d.train for _, d in parts])
+    train = MixedSplit([d.train for _, d in parts])
     with_3d = [(n, d) for n, d in parts if d.protocol.get("test_has_3d_joints")]
     tests = with_3d or parts
-    test = ConcatDataset([d.test for _, d in tests])
+    test = MixedSplit([d.test for _, d in tests])
     labels = {key: np.concatenate([np.asarray(d.labels[key]).astype(str) for _, d in parts])
               for key in parts[0][1].labels}  # fmt: skip
     sizes = np.array([len(d.train) for _, d in parts], dtype=np.float64)
