@@ -26,8 +26,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pchmr.cli._options import parse_options
+from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.contracts.partition import Partition, PartitionError
+from pchmr.core.engine.config import RunConfig
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
 
@@ -38,6 +39,18 @@ PARTITION_FILE = "partition.json"
 EMBEDDING_FILE = "partition-embedding.png"
 #: Histogram label when the partition names none: the paper's pseudo-label, else the first one.
 PREFERRED_LABEL = "source"
+#: The RunConfig fields a partition depends on: each is a flag of ``pchmr partition``, as of ``pchmr run``.
+PARTITION_FIELDS = (
+    "dataset",
+    "partitioner",
+    "partition_options",
+    "clients",
+    "seed",
+    "num_train",
+    "num_test",
+    "input_size",
+    "body_model",
+)
 
 _console = Console()
 _err_console = Console(stderr=True)
@@ -46,11 +59,6 @@ _err_console = Console(stderr=True)
 def _fail(message: str) -> typer.Exit:
     _err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
     return typer.Exit(BAD_INPUT)
-
-
-def _parse_options(items: list[str], flag: str) -> dict[str, Any]:
-    """``key=value`` pairs → dict, values parsed as int/float/bool when they look like one."""
-    return parse_options(items, flag, _fail)
 
 
 def plot_label_key(partition: Partition, labels: Mapping[str, np.ndarray], requested: str | None) -> str:
@@ -88,17 +96,9 @@ def partition_summary(partition: Partition, labels: Mapping[str, np.ndarray]) ->
     }
 
 
-def _config(values: dict[str, Any]) -> Any:
-    from pchmr.core.engine.config import RunConfig
-
-    return RunConfig.from_dict(values)
-
-
 def _fit_per_round(values: dict[str, Any]) -> dict[str, Any]:
     """Clients per round do not matter to a partition: lower the default to ``clients`` rather
     than refuse ``--clients 1`` for exceeding it."""
-    from pchmr.core.engine.config import RunConfig
-
     defaults = RunConfig()
     n, k = values.get("clients", defaults.clients), values.get("per_round", defaults.per_round)
     if isinstance(n, int) and isinstance(k, int) and k > n >= 1:
@@ -106,14 +106,13 @@ def _fit_per_round(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _load_values(config: Optional[Path], scale: Optional[str], flags: dict[str, Any]) -> dict[str, Any]:
+def _load_values(config: Optional[Path], scale: Optional[str], flags: GivenFlags) -> dict[str, Any]:
+    """The config file's values (with its ``--scale``), the given flags written over them."""
     from pchmr.core.engine.config import ConfigError, load_config_file
 
     if scale is not None and config is None:
         raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
-    values: dict[str, Any] = load_config_file(config, scale=scale) if config else {}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return values
+    return flags.over(load_config_file(config, scale=scale) if config else {})
 
 
 def _make(cfg: Any) -> tuple[Partition, Any, Any]:
@@ -153,25 +152,17 @@ def _print_summary(summary: Mapping[str, Any], written: list[Path]) -> None:
         _console.print(f"wrote {path}", highlight=False)
 
 
+@with_config_flags(RunConfig, fields=PARTITION_FIELDS)
 def partition(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON run config; flags override it."),
-    scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's [scale.NAME] overrides."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset plugin, optionally NAME:PATH."),
-    partitioner: Optional[str] = typer.Option(None, help="Client partitioner plugin (default iid)."),
-    partition_option: list[str] = typer.Option(
-        [], "--partition-option", help="Partitioner option key=value (repeatable)."
-    ),
-    clients: Optional[int] = typer.Option(None, help="Number of clients N."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the data and the partition (as in pchmr run)."),
-    num_train: Optional[int] = typer.Option(None, help="Training samples (synthetic data)."),
-    num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data)."),
-    input_size: Optional[int] = typer.Option(None, help="Square crop side in pixels."),
-    body_model: Optional[str] = typer.Option(None, help="Body model plugin (default anny)."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's \\[scale.NAME] overrides."),
     label: Optional[str] = typer.Option(None, "--label", help="Label of the histogram (default: the partition's own)."),
     out: Path = typer.Option(
         Path("partition"), "--out", help="Directory for partition.json, the PNGs and summary.json."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
+    *,
+    flags: GivenFlags,
 ) -> None:
     """Make a client partition exactly as `pchmr run` would, save partition.json and plot it (no training)."""
     from pchmr.core.contracts.partition import save_partition
@@ -179,16 +170,8 @@ def partition(
     from pchmr.core.engine.registry import PluginError
     from pchmr.report.partition_plots import plot_embedding, plot_partition
 
-    flags: dict[str, Any] = {"partitioner": partitioner, "clients": clients, "seed": seed, "num_train": num_train,
-                             "num_test": num_test, "input_size": input_size, "body_model": body_model}  # fmt: skip
     try:
-        values = _load_values(config, scale, flags)
-        if dataset is not None:
-            name, _, path = dataset.partition(":")
-            values["dataset"], values["dataset_path"] = name, path or None
-        if partition_option:
-            values["partition_options"] = _parse_options(partition_option, "--partition-option")
-        cfg = _config(_fit_per_round(values))
+        cfg = RunConfig.from_dict(_fit_per_round(_load_values(config, scale, flags)))
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} exists and is not a directory")
         part, data, clusters = _make(cfg)

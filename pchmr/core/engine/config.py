@@ -11,9 +11,11 @@ import json
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pchmr.core.engine.run_options import KeyValues, NameAndPath, NotOnCli, PathValue, Shortcut, Switch, run_option
 
 __all__ = [
     "CLIENT_OPTIMIZER_STATES",
@@ -54,61 +56,126 @@ class ConfigError(ValueError):
 class RunConfig:
     """One experiment. Defaults are the embedded default run: synthetic data at 64 px,
     FastMETRO-S over a frozen public-pretrained CNN, FedAvg over 10 IID clients (2 per round,
-    3 rounds of 2 local epochs at batch 8), a few minutes on 2 CPU cores."""
+    3 rounds of 2 local epochs at batch 8), a few minutes on 2 CPU cores.
+
+    Each field is declared once, with its ``pchmr run`` flag and help (:func:`run_option`); the
+    field order is ``config.json``'s."""
 
     # what to train
-    backbone: str = "fastmetro"
-    variant: str = "S"
-    encoder: str = "small"
-    backbone_options: Mapping[str, Any] = field(default_factory=dict)  # plugin-specific (BackboneOptions.extra)
-    init_from: str | None = None  # start from a trained model: a run directory or its model.pt
-    # the CNN's initialisation: "public" (pretrained once on a public synthetic split, the stand-in
-    # for ImageNet: pchmr.core.engine.pretrain), a weights file, or None / "none": from scratch
-    encoder_weights: str | None = "public"
-    # keep the CNN fixed (no gradients, BatchNorm statistics kept); None: frozen exactly when
-    # pretrained weights are loaded into it (not when --init-from replaces the whole model)
-    freeze_encoder: bool | None = None
-    input_size: int = 64
-    body_model: str = "anny"
-    smpl_dir: str | None = None  # the user's own SMPL files (licence-restricted, never shipped)
-    dataset: str = "synthetic"
-    dataset_path: str | None = None
-    num_train: int | None = None
-    num_test: int | None = None
-    # how to federate
-    mode: str = "federated"  # or a baseline: "centralized", "naive" (see pchmr.core.engine.baselines)
-    epochs: int = 5  # baselines: training epochs
-    fraction: float = 0.1  # naive baseline: share of the training data on the single device
-    partitioner: str = "iid"
-    partition_options: Mapping[str, Any] = field(default_factory=dict)
-    strategy: str = "fedavg"
-    strategy_options: Mapping[str, Any] = field(default_factory=dict)
-    privacy: str | None = None  # a privacy plugin wrapping the strategy ("dp", "secagg"); none: plain
-    privacy_options: Mapping[str, Any] = field(default_factory=dict)
-    clients: int = 10
-    per_round: int = 2
-    rounds: int = 3
-    local_epochs: int = 2
-    # "reset": a fresh AdamW every round (stateless clients); "keep": each client keeps its AdamW
-    # state on the device (Flower's node context) for the next round it is sampled in
-    client_optimizer: str = "reset"
-    batch_size: int = 8
-    lr: float = 1e-3
-    # "cosine": lr · (1 + cos(π (r − 1) / R)) / 2 in round r of R (baselines: epoch e of E);
-    # "constant": lr throughout (pchmr.core.engine.trainer.lr_factor)
-    lr_schedule: str = "cosine"
-    weight_decay: float = 1e-4
-    loss_weights: Mapping[str, Any] = field(default_factory=dict)  # overrides of pchmr.core.engine.losses.LossWeights
-    eval_every: int = 1
-    engine: str = (
-        "simulation"  # or "deployment": Flower's SuperLink + SuperNodes (pchmr.core.engine.federation.deployment)
+    backbone: str = run_option("fastmetro", help="HMR backbone plugin.")
+    variant: str = run_option("S", help="Backbone size: S, M or L.")
+    encoder: str = run_option("small", help="CNN feature encoder of the backbone: small (for CPUs) or resnet50.")
+    backbone_options: Mapping[str, Any] = run_option(  # plugin-specific: BackboneOptions.extra
+        factory=dict,
+        flag="--backbone-option",
+        cli=KeyValues(),
+        help="Backbone option key=value (repeatable), e.g. encoder_norm=group, keep_ratio=0.5.",
     )
-    superlink: str | None = None  # deployment: HOST:PORT of a running SuperLink (none: start one on loopback)
-    root_certificates: str | None = None  # deployment: CA certificate for TLS to the SuperLink
+    init_from: str | None = run_option(
+        None,
+        cli=PathValue(),
+        help="Start from a trained model: a run directory (its model.pt) or a model file (fine-tuning).",
+    )
+    # "public": pchmr.core.engine.pretrain; None (a TOML file writes "none"): from scratch
+    encoder_weights: str | None = run_option(
+        "public",
+        help="CNN initialisation: 'public' (pretrained once on a public synthetic split, cached; the stand-in "
+        "for ImageNet), a weights file in torchvision's layout (e.g. ImageNet ResNet-50), or 'none' (from scratch).",
+    )
+    freeze_encoder: bool | None = run_option(
+        None,
+        cli=Switch(off="--train-encoder"),
+        help="Keep the CNN fixed (no gradients, BatchNorm statistics kept) or train it too "
+        "(default: fixed exactly when pretrained weights are loaded, not when --init-from replaces the whole model).",
+    )
+    input_size: int = run_option(64, help="Square crop side in pixels.")
+    body_model: str = run_option("anny", help="Body model plugin.")
+    smpl_dir: str | None = run_option(
+        None,
+        cli=PathValue(),
+        help="Folder with your own SMPL model files (for --body-model smpl; licence-restricted, never shipped).",
+    )
+    dataset: str = run_option(
+        "synthetic", cli=NameAndPath(path_field="dataset_path"), help="Dataset plugin, NAME or NAME:PATH."
+    )
+    dataset_path: str | None = run_option(
+        None, cli=NotOnCli("the PATH of --dataset NAME:PATH"), help="Where the dataset plugin reads its files."
+    )
+    num_train: int | None = run_option(
+        None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."
+    )
+    num_test: int | None = run_option(None, help="Test samples to use (all when unset; synthetic renders 200).")
+    # how to federate
+    mode: str = run_option(  # baselines: pchmr.core.engine.baselines
+        "federated", help="federated, or a baseline: centralized, naive."
+    )
+    epochs: int = run_option(5, help="Baselines: training epochs.")
+    fraction: float = run_option(
+        0.1, help="Naive baseline: share of the training data on the single device (0.05, 0.10, 0.20)."
+    )
+    partitioner: str = run_option("iid", help="Client partitioner plugin.")
+    partition_options: Mapping[str, Any] = run_option(
+        factory=dict, flag="--partition-option", cli=KeyValues(), help="Partitioner option key=value (repeatable)."
+    )
+    strategy: str = run_option("fedavg", help="Aggregation strategy plugin.")
+    strategy_options: Mapping[str, Any] = run_option(
+        factory=dict,
+        flag="--strategy-option",
+        cli=KeyValues(shortcuts=(Shortcut("server-opt", "fedopt/fedgh server optimiser: adam, yogi or adagrad."),)),
+        help="Strategy option key=value (repeatable).",
+    )
+    privacy: str | None = run_option(
+        None, help="Privacy plugin wrapping the strategy (e.g. dp, secagg; default: none, plain training)."
+    )
+    privacy_options: Mapping[str, Any] = run_option(
+        factory=dict, flag="--privacy-option", cli=KeyValues(), help="Privacy option key=value (repeatable)."
+    )
+    clients: int = run_option(10, help="Number of clients N.")
+    per_round: int = run_option(2, help="Clients sampled per round k (k <= N).")
+    rounds: int = run_option(3, help="Federated rounds.")
+    local_epochs: int = run_option(2, help="Local epochs per round.")
+    client_optimizer: str = run_option(
+        "reset",
+        help="reset (a fresh AdamW every round: stateless clients) or keep (each client keeps its AdamW state "
+        "on the device, in Flower's node context, for the next round it is sampled in).",
+    )
+    batch_size: int = run_option(8, help="Local batch size.")
+    lr: float = run_option(1e-3, help="AdamW learning rate.")
+    lr_schedule: str = run_option(  # pchmr.core.engine.trainer.lr_factor
+        "cosine",
+        help="Learning rate over rounds (baselines: epochs): cosine, lr · (1 + cos(π (r − 1) / R)) / 2 in round r "
+        "of R, or constant.",
+    )
+    weight_decay: float = run_option(
+        1e-4,
+        cli=NotOnCli("set in a config file (weight_decay = ...): no experiment of the papers varies it"),
+        help="AdamW weight decay.",
+    )
+    loss_weights: Mapping[str, Any] = run_option(  # overrides of pchmr.core.engine.losses.LossWeights
+        factory=dict,
+        flag="--loss-weight",
+        cli=KeyValues(),
+        help="Loss weight override term=value (repeatable): joints_3d, reg_joints_3d, vertices, joints_2d, edge, "
+        "normal, mesh_level, or a backbone term such as token_pruning.",
+    )
+    eval_every: int = run_option(1, help="Evaluate the global model every N rounds (and at the end).")
+    engine: str = run_option(  # deployment: pchmr.core.engine.federation.deployment
+        "simulation", help="Flower engine: simulation (Ray) or deployment (a SuperLink and SuperNodes)."
+    )
+    superlink: str | None = run_option(
+        None, help="Deployment: HOST:PORT of a running SuperLink (default: start one on loopback)."
+    )
+    root_certificates: str | None = run_option(
+        None, cli=PathValue(), help="Deployment: CA certificate for TLS to the SuperLink."
+    )
     # bookkeeping
-    seed: int = 0
-    out: str | None = None
-    cache_dir: str | None = None
+    seed: int = run_option(0, help="Seed of partitions, sampling and initialisation.")
+    out: str | None = run_option(None, cli=PathValue(), help="Run directory (default runs/<time>-<setting>).")
+    cache_dir: str | None = run_option(
+        None,
+        cli=NotOnCli("set in a config file (cache_dir = ...) or for every command by $PCHMR_CACHE_DIR"),
+        help="Where prepared data, mesh pyramids and pretrained encoders are kept (unset: pchmr.core.kit.cache).",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in NO_ENCODER_WEIGHTS:

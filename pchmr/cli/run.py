@@ -1,0 +1,140 @@
+"""``pchmr run``: one experiment → a run directory.
+
+Registered on the app in :mod:`pchmr.cli.app` with ``app.command(name="run")(run)``. Its flags are
+``RunConfig``'s fields, each declared once in :mod:`pchmr.core.engine.config` with its help and how
+the command line reads it (:mod:`pchmr.cli.config_flags` builds them); ``--config``, ``--scale`` and
+``--resume`` are the command's own. A config file's values come first, flags win.
+
+Exit codes: 2 for a refused configuration (bad value, unknown plugin, missing file), 1 for a run
+that failed once started (diverged, a client failed), as ``run.log`` explains.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pchmr.cli.config_flags import GivenFlags, with_config_flags
+from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+
+__all__ = ["run"]
+
+#: Exit code of a refused configuration (as click uses for usage errors).
+BAD_INPUT = 2
+#: Exit code of a run that failed once started.
+RUN_FAILED = 1
+
+_METRIC_LABELS = {
+    "mpjpe_mm": "MPJPE (mm)",
+    "pa_mpjpe_mm": "PA-MPJPE (mm)",
+    "mpvpe_mm": "MPVPE (mm)",
+    "pck": "PCK@150mm",
+}
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@with_config_flags(RunConfig)
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
+    scale: Optional[str] = typer.Option(
+        None, "--scale", help="Apply the config file's \\[scale.NAME] overrides (e.g. smoke)."
+    ),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this directory."),
+    *,
+    flags: GivenFlags,
+) -> None:
+    """Run one experiment and write its run directory."""
+    from pchmr.core.engine.registry import PluginError
+    from pchmr.core.engine.run import execute, resume_config
+
+    try:
+        if resume is not None:
+            cfg = resume_config(resume)
+            run_dir: Path | None = resume
+        else:
+            if scale is not None and config is None:
+                raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
+            values = load_config_file(config, scale=scale) if config else {}
+            cfg = RunConfig.from_dict(flags.over(values))
+            run_dir = None
+        _run_with_progress(cfg, run_dir, resume is not None, execute)
+    except (ConfigError, PluginError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    except (FloatingPointError, RuntimeError) as exc:  # the run failed (diverged, a client failed)
+        raise _fail(f"{exc} (the run directory's run.log has the tracebacks)", code=RUN_FAILED) from None
+
+
+def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execute: Any) -> None:
+    """Run ``execute`` (:func:`pchmr.core.engine.run.execute`) under a progress bar of rounds
+    (baselines: epochs), then print the final table."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    progress = Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=False,
+    )
+    unit, total = ("round", cfg.rounds) if cfg.mode == "federated" else ("epoch", cfg.epochs)
+    progress.columns[0].text_format = f"[bold]{unit}"  # type: ignore[attr-defined]
+    task = progress.add_task("rounds", total=total, status="starting")
+
+    def on_round(report: Any) -> None:
+        status = f"{report.seconds:5.1f} s"
+        if report.metrics:
+            status += "  " + "  ".join(
+                f"{_METRIC_LABELS[k].split(' ')[0]} {report.metrics[k]:.1f}"
+                for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
+            )
+        progress.update(task, completed=report.server_round, status=status)
+
+    def on_status(message: str) -> None:
+        console.print(f"[dim]{message}[/]")
+
+    with progress:
+        result = execute(cfg, run_dir=run_dir, resume=resume, on_round=on_round, on_status=on_status)
+    _print_final(result.final, result.run_dir.path, result.seconds)
+
+
+def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
+    """The table of ``final.json``: round 0, final and mean-pose baseline per metric."""
+    proto = final["protocol"]
+    table = Table(
+        title=f"Global model after {final.get('unit', 'round')} {final['round']}",
+        caption=(
+            f"protocol: {proto['dataset']} test · joints {proto['joint_set']} · {proto['alignment']} aligned · "
+            f"body model {proto['body_model']} · {proto['ground_truth']} GT · PCK at 150 mm"
+        ),
+    )
+    table.add_column("metric")
+    table.add_column(f"{final.get('unit', 'round')} 0", justify="right")
+    table.add_column("final", justify="right")
+    table.add_column("mean-pose baseline", justify="right")
+    baseline = {"mpjpe_mm": final.get("mean_pose_mpjpe_mm"), "pa_mpjpe_mm": final.get("mean_pose_pa_mpjpe_mm")}
+    for key, label in _METRIC_LABELS.items():
+        fmt = "{:.3f}" if key == "pck" else "{:.1f}"
+        base = baseline.get(key)
+        table.add_row(
+            label, fmt.format(final["round0"][key]), fmt.format(final[key]), "—" if base is None else fmt.format(base)
+        )
+    console.print(table)
+    if final.get("stopped"):
+        console.print(f"[bold yellow]stopped early:[/] {final['stopped']}", highlight=False, soft_wrap=True)
+    console.print(f"run directory: {path}  ({seconds:.0f} s)")
