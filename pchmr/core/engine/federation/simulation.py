@@ -109,6 +109,9 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     backend_config = {
         "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
         "init_args": {
+            # always a private Ray: without an address, ray.init joins whatever cluster
+            # /tmp/ray/ray_current_cluster names (a stale one refuses num_cpus)
+            "address": "local",
             "num_cpus": cpus,
             "include_dashboard": False,
             "log_to_driver": verbose,
