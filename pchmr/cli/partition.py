@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pchmr.cli._options import parse_options
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.partition import Partition, PartitionError
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
@@ -194,7 +195,7 @@ def partition(
         part, data, clusters = _make(cfg)
         key = plot_label_key(part, data.labels, label)
         summary = partition_summary(part, data.labels)
-    except (ConfigError, PluginError, PartitionError, FileNotFoundError) as exc:
+    except (ConfigError, PluginError, PartitionError, OptionError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     save_partition(part, out / PARTITION_FILE)
