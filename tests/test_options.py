@@ -17,6 +17,8 @@ from pchmr.core.contracts.options import (
     option_error,
     read_options,
 )
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.preparation import check_plugins
 from pchmr.core.engine.registry import get_registry
 
 
@@ -171,3 +173,25 @@ def test_every_builtin_plugin_declares_its_options(kind: str, name: str) -> None
     assert all(row.help for row in rows), f"every option of {name} needs a help text"
     if not any(row.required for row in rows):  # the defaults read back as themselves
         assert read_options(declared, {}, plugin=name, kind=kind) == declared()
+
+
+def test_the_engine_refuses_a_bad_option_of_any_chosen_plugin_before_data_are_prepared() -> None:
+    cases = [
+        (
+            RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}),
+            r"tore backbone has no option 'keep_ration'",
+        ),
+        (RunConfig(partitioner="lda", partition_options={"alpha": 0}), r"lda partitioner option 'alpha' must be"),
+        (RunConfig(strategy="fedprox", strategy_options={"proximal-mu": -1}), r"fedprox strategy option 'proximal-mu'"),
+        (RunConfig(privacy="dp", privacy_options={"clip": "big"}), r"dp privacy option 'clip' must be a number > 0"),
+        (RunConfig(strategy="secagg", strategy_options={"backend": "x"}), r"secagg strategy option 'backend' must be"),
+    ]
+    for config, message in cases:
+        with pytest.raises(OptionError, match=message):
+            check_plugins(config)  # reads names and options only: no body model, no data
+
+
+def test_the_config_keeps_the_options_as_the_user_gave_them() -> None:
+    config = RunConfig(backbone="tore", backbone_options={"keep-ratio": "0.5"}, strategy_options={})
+    check_plugins(config)
+    assert config.to_dict()["backbone_options"] == {"keep-ratio": "0.5"}, "config.json records what was typed"

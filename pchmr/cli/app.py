@@ -270,33 +270,10 @@ def _print_final(final: dict[str, Any], path: Path, seconds: float) -> None:
     console.print(f"run directory: {path}  ({seconds:.0f} s)")
 
 
-@app.command()
-def plugins() -> None:
-    """List every registered plugin by kind, with the distribution that provides it."""
-    from pchmr.core.contracts.hookspecs import KINDS
-    from pchmr.core.engine.registry import PluginError, get_registry
-
-    try:
-        registry = get_registry()
-    except PluginError as exc:
-        raise _fail(str(exc)) from None
-    table = Table(title="pchmr plugins")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("provided by")
-    table.add_column("entry point")
-    for kind in KINDS:
-        infos = registry.infos(kind)
-        if not infos:
-            table.add_row(kind.replace("_", " "), "[dim](none)[/]", "", "")
-        for info in infos:
-            table.add_row(kind.replace("_", " "), info.name, info.provider, info.entry_point)
-    console.print(table)
-
-
 from pchmr.cli.report import report as _report  # noqa: E402  (registered below, after the app exists)
 
 app.command(name="report")(_report)
+app.command(name="plugins")(__import__("pchmr.cli.plugins", fromlist=["plugins"]).plugins)
 app.command(name="partition")(__import__("pchmr.cli.partition", fromlist=["partition"]).partition)
 app.add_typer(__import__("pchmr.cli.data", fromlist=["data_app"]).data_app, name="data")
 app.add_typer(__import__("pchmr.cli.privacy", fromlist=["privacy_app"]).privacy_app, name="privacy")
