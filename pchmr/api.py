@@ -59,6 +59,16 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     )
     from pchmr.core.contracts.errors import DatasetFormatError, OptionError
     from pchmr.core.contracts.hookspecs import KINDS, PROJECT, hookimpl
+    from pchmr.core.contracts.options import (
+        DeclaresOptions,
+        NoOptions,
+        OptionInfo,
+        declared_options,
+        describe_options,
+        option,
+        option_error,
+        read_options,
+    )
     from pchmr.core.contracts.partition import (
         ExplainedPartitioner,
         Partition,
@@ -204,6 +214,15 @@ _EXPORTS: dict[str, str] = {
     # contracts.errors
     "DatasetFormatError": "contracts.errors",
     "OptionError": "contracts.errors",
+    # contracts.options
+    "DeclaresOptions": "contracts.options",
+    "NoOptions": "contracts.options",
+    "OptionInfo": "contracts.options",
+    "declared_options": "contracts.options",
+    "describe_options": "contracts.options",
+    "option": "contracts.options",
+    "option_error": "contracts.options",
+    "read_options": "contracts.options",
     # contracts.sample
     "IMAGE_MEAN": "contracts.sample",
     "IMAGE_STD": "contracts.sample",

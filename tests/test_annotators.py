@@ -177,10 +177,8 @@ def test_pipeline_records_every_failure_and_annotates_the_rest(tmp_path):
 
 
 def test_synthetic_sources_corrupt_ground_truth_deterministically():
-    from pchmr.plugins.annotators.sources import (
-        SyntheticDepthSource,
-        SyntheticKeypointSource,
-    )
+    from pchmr.core.contracts.errors import OptionError
+    from pchmr.plugins.annotators.sources import file_depth, synthetic_depth, synthetic_keypoints
 
     class Split:
         def array(self, name):
@@ -194,14 +192,20 @@ def test_synthetic_sources_corrupt_ground_truth_deterministically():
             return arrays[name]
 
     item = AnnotationItem("s0", image=np.zeros((224, 224, 3), np.uint8), dataset=Split(), index=0)
-    clean = SyntheticKeypointSource(noise_px=0.0, missing=0.0, outliers=0.0)(item, JOINT_NAMES)
+    clean = synthetic_keypoints(noise_px=0.0, missing=0.0, outliers=0.0)(item, JOINT_NAMES)
     assert np.allclose(clean.keypoints[:, :2], 112.0) and clean.keypoints[:, 2].min() == 1.0
-    noisy = SyntheticKeypointSource(noise_px=4.0, missing=0.0, outliers=0.0)
+    noisy = synthetic_keypoints(**{"noise-px": 4, "missing": 0.0, "outliers": "0"})  # as the command line gives them
     a, b = noisy(item, JOINT_NAMES), noisy(item, JOINT_NAMES)
     assert np.array_equal(a.keypoints, b.keypoints) and 1.0 < np.std(a.keypoints[:, :2] - 112.0) < 8.0
-    depth = SyntheticDepthSource(noise_m=0.0, missing=0.0)(item, clean.keypoints)
+    depth = synthetic_depth(noise_m=0.0, missing=0.0)(item, clean.keypoints)
     assert depth.invariance == "scale"
     assert np.allclose(depth.depth, depth.depth[0]) and not np.isclose(depth.depth[0], 4.0)  # unknown scale
+    with pytest.raises(OptionError, match=r"synthetic keypoint source option 'missing' must be a number in \[0, 1\)"):
+        synthetic_keypoints(missing=1.0)
+    with pytest.raises(
+        OptionError, match="files depth source option 'invariance' must be one of metric, scale, affine"
+    ):
+        file_depth(".", invariance="relative")
 
 
 def test_cli_annotate_refuses_an_unknown_target_and_a_folder_without_keypoints(tmp_path):

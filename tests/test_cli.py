@@ -58,3 +58,32 @@ def test_resume_of_a_directory_that_is_not_a_run_is_refused(tmp_path):
     result = run_cli("run", "--resume", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert "is not a pchmr run directory: config.json is missing" in result.stderr
+
+
+def test_plugins_options_prints_the_declared_options_of_a_plugin(tmp_path):
+    result = run_cli("plugins", "--options", "fedprox", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "proximal-mu" in line)
+    assert [cell.strip() for cell in row.strip("│ ").split("│")][:4] == ["proximal-mu", "float", "0.01", ">= 0"]
+    assert "--strategy-option key=value" in result.stdout
+    assert "takes no options" in run_cli("plugins", "--options", "iid", cwd=tmp_path).stdout
+    ambiguous = run_cli("plugins", "--options", "secagg", cwd=tmp_path)
+    assert ambiguous.returncode == 2 and "several kinds (strategy, privacy); add --kind" in ambiguous.stderr
+    privacy = run_cli("plugins", "--options", "secagg", "--kind", "privacy", cwd=tmp_path)
+    assert privacy.returncode == 0 and "reconstruction-threshold" in privacy.stdout
+    unknown = run_cli("plugins", "--options", "fedprx", cwd=tmp_path)
+    assert unknown.returncode == 2 and "did you mean 'fedprox' (strategy)?" in unknown.stderr
+
+
+def test_a_bad_plugin_option_ends_the_run_with_exit_2_before_any_data_are_read(tmp_path):
+    # the dataset file does not exist: reading data first would fail on it, not on the option
+    args = ["--dataset", f"spin-npz:{tmp_path / 'missing.npz'}", "--backbone", "tore"]
+    result = run_cli("run", *args, "--backbone-option", "keep_ration=0.5", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "tore backbone has no option 'keep_ration' (did you mean 'keep_ratio'?)" in message
+    assert "missing.npz" not in message and not (tmp_path / "r").exists()
+    out = ["--out", str(tmp_path / "f")]
+    fedprox = run_cli("run", "--strategy", "fedprox", "--strategy-option", "proximal-mu=-1", *out, cwd=tmp_path)
+    assert fedprox.returncode == 2 and not (tmp_path / "f").exists()
+    assert "fedprox strategy option 'proximal-mu' must be a number >= 0, got -1" in fedprox.stderr

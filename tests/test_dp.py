@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.strategy import (
     IncompatibleError,
     PrivacyBudgetExhausted,
@@ -220,15 +221,16 @@ def test_options_and_default_delta():
         "client",
         1e-5,
     )
+    assert parse_options({"level": "example"}, CONFIG).placement is None, "example level has no placement"
     for bad, match in [
-        ({"clip": 0}, "'clip' must be a number > 0"),
-        ({"placement": "edge"}, "'placement' must be one of server, client"),
-        ({"level": "example", "placement": "client"}, "applies to level=client"),
-        ({"delta": 1.5}, "'delta' must lie in"),
-        ({"noise": 1.0}, "does not take the option"),
-        ({"sampling-credit": "yes"}, "true or false"),
+        ({"clip": 0}, "dp privacy option 'clip' must be a number > 0, got 0"),
+        ({"placement": "edge"}, "dp privacy option 'placement' must be one of server, client, got 'edge'"),
+        ({"level": "example", "placement": "client"}, "dp privacy option 'placement' applies to level=client"),
+        ({"delta": 1.5}, r"dp privacy option 'delta' must be a number in \(0, 1\), got 1.5"),
+        ({"noise": 1.0}, "dp privacy has no option 'noise'; its options are: level, placement"),
+        ({"sampling-credit": "yes"}, "'sampling-credit' must be true or false, got 'yes'"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(OptionError, match=match):
             parse_options(bad, CONFIG)
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from pchmr.core.contracts.backbone import BackboneOptions, HMROutput, InputError
 from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.sample import validate_sample
 from pchmr.core.kit.encoders import (
     FeatureEncoder,
@@ -75,10 +76,12 @@ def test_unknown_encoder_lists_the_encoders(body: ToyBodyModel) -> None:
 
 
 def test_bad_dropout_option_is_refused(body: ToyBodyModel) -> None:
-    with pytest.raises(ValueError, match="dropout must lie in"):
+    with pytest.raises(OptionError, match=r"fastmetro backbone option 'dropout' must be a number in \[0, 1\), got 1.5"):
         make_fastmetro(body, BackboneOptions(extra={"dropout": 1.5}))
-    with pytest.raises(ValueError, match="'dropout' must be a number"):
+    with pytest.raises(OptionError, match=r"'dropout' must be a number in \[0, 1\), got 'lots'"):
         make_fastmetro(body, BackboneOptions(extra={"dropout": "lots"}))
+    with pytest.raises(OptionError, match="'encoder_norm' must be one of batch, group, got 'layer'"):
+        make_fastmetro(body, BackboneOptions(extra={"encoder_norm": "layer"}))
 
 
 def test_hook_offers_fastmetro() -> None:
@@ -347,7 +350,9 @@ def test_frozen_encoder_keeps_weights_and_statistics_while_the_head_trains(body:
     assert all(torch.equal(before[k], after[k]) for k in before), "weights or BatchNorm statistics moved"
     assert all(p.grad is None for p in model.encoder.parameters())
     assert not torch.equal(head_before, model.xyz_head.weight)
-    with pytest.raises(ValueError, match=r"unknown FastMETRO backbone options \['freeze_encoder'\]"):
+    with pytest.raises(
+        OptionError, match=r"fastmetro backbone has no option 'freeze_encoder'; its options are: dropout"
+    ):
         make_fastmetro(body, BackboneOptions(extra={"freeze_encoder": True}))  # a core option now
 
 

@@ -215,13 +215,17 @@ def test_fedgh_parts_declare_individual_updates_and_label_inferred_choices() -> 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"granularity": "block"}, r"fedgh option 'granularity' must be one of model, layer; got 'block'"),
-        ({"weighting": "size"}, r"fedgh option 'weighting' must be one of examples, uniform; got 'size'"),
-        ({"server-opt": "sgd"}, r"fedgh option 'server-opt' must be one of none, adam, yogi, adagrad"),
-        ({"beta-1": 0.5}, r"fedgh option\(s\) 'beta-1' need server-opt adam, yogi or adagrad"),
-        ({"server-learning-rate": -1.0}, r"fedgh option 'server-learning-rate' must be a number in \(0, ∞\)"),
-        ({"server-opt": "adam", "beta-2": 1.5}, r"fedgh option 'beta-2' must be a number in \[0, 1\)"),
-        ({"threshold": 0.1}, r"fedgh does not take the strategy option\(s\) 'threshold'"),
+        ({"granularity": "block"}, r"fedgh strategy option 'granularity' must be one of model, layer, got 'block'"),
+        ({"weighting": "size"}, r"fedgh strategy option 'weighting' must be one of examples, uniform, got 'size'"),
+        ({"server-opt": "sgd"}, r"fedgh strategy option 'server-opt' must be one of none, adam, yogi, adagrad"),
+        ({"beta-1": 0.5}, r"fedgh strategy option 'beta-1' needs server-opt adam, yogi or adagrad"),
+        (
+            {"beta-1": 0.5, "tau": 0.1},
+            r"fedgh strategy option 'beta-1' and 'tau' need server-opt adam, yogi or adagrad",
+        ),
+        ({"server-learning-rate": -1.0}, r"fedgh strategy option 'server-learning-rate' must be a number > 0"),
+        ({"server-opt": "adam", "beta-2": 1.5}, r"fedgh strategy option 'beta-2' must be a number in \[0, 1\)"),
+        ({"threshold": 0.1}, r"fedgh strategy has no option 'threshold'"),
     ],
 )
 def test_fedgh_rejects_bad_options(options: dict[str, Any], message: str) -> None:

@@ -127,10 +127,16 @@ def test_smplify_gmm_pickle_is_loaded_and_a_wrong_layout_refused(tmp_path):
 
 
 def test_options_are_validated_with_the_known_names(fake_smpl):
-    with pytest.raises(ValueError, match="known"):
+    with pytest.raises(
+        ValueError, match="deposer annotator has no option 'no_such_option'; its options are: optimizer"
+    ):
         make_deposer(fake_smpl, {"pose_prior": "l2", "no_such_option": 1})
-    with pytest.raises(ValueError, match="deposer"):
+    with pytest.raises(ValueError, match=r"smplifyx annotator option 'depth_weight' must be 0 \(.*use the deposer"):
         make_smplifyx(fake_smpl, {"pose_prior": "l2", "depth_weight": 1.0})
+    with pytest.raises(
+        ValueError, match="deposer annotator option 'pose_prior' must be one of gmm, limits, l2, got 'vposer'"
+    ):
+        make_deposer(fake_smpl, {"pose_prior": "vposer"})
     with pytest.raises(ValueError, match="silog_form"):
         FitConfig(silog_form="other")
     with pytest.raises(ValueError, match="gmm_08|pose_prior_file"):

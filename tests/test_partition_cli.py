@@ -79,12 +79,13 @@ def test_cnn_cluster_also_plots_the_feature_embedding(tmp_path):
         ),
         (
             ["--partitioner", "lda", "--partition-option", "alpha=0"],
-            r"lda: alpha=0 is out of range; expected a number > 0",
+            r"lda partitioner option 'alpha' must be a number > 0, got 0",
         ),
-        (["--partitioner", "lda", "--partition-option", "alpha=-1.5"], r"alpha=-1.5 is out of range"),
+        (["--partitioner", "lda", "--partition-option", "alpha=-1.5"], r"'alpha' must be a number > 0, got -1.5"),
         (
             ["--partitioner", "lda", "--partition-option", "label=colour"],
-            r"lda: no label 'colour' in this dataset; label= must be one of: action, scene, source, subject",
+            r"lda partitioner option 'label' must be a label of this dataset \(action, scene, source, subject\), "
+            r"got 'colour'",
         ),
         (["--label", "colour"], r"--label 'colour' is not a label of this dataset; choose one of: action, scene"),
         (["--partitioner", "ldaa"], r"no partitioner named 'ldaa'"),
@@ -112,7 +113,7 @@ def test_run_refuses_a_bad_partition_before_training(tmp_path):
     result = CliRunner().invoke(app, ["run", *SMALL, "--seed", "3", "--partitioner", "lda", "--partition-option",
                                       "alpha=0", "--out", str(out)])  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "lda: alpha=0 is out of range" in " ".join(result.output.split())
+    assert "lda partitioner option 'alpha' must be a number > 0, got 0" in " ".join(result.output.split())
     assert not (out / "rounds.jsonl").exists() and not (out / "final.json").exists()
 
 

@@ -21,25 +21,40 @@ from pchmr.testing.partitioners import (
 
 #: Built-in partitioner → (valid options, bad options {description: (options, message regex)}).
 BUILTIN_CASES: dict[str, tuple[dict, dict]] = {
-    "iid": ({}, {"any option": ({"alpha": 1.0}, r"takes no options")}),
+    "iid": ({}, {"any option": ({"alpha": 1.0}, r"iid partitioner takes no options, got 'alpha'")}),
     "lda": (
         {"alpha": 1.0},
         {
-            "alpha = 0": ({"alpha": 0}, r"alpha=0 is out of range.*> 0"),
-            "alpha not a number": ({"alpha": "many"}, r"alpha='many' is not a number"),
-            "missing label": ({"label": "colour"}, r"no label 'colour'.*source"),
+            "alpha = 0": ({"alpha": 0}, r"option 'alpha' must be a number > 0, got 0"),
+            "alpha not a number": ({"alpha": "many"}, r"option 'alpha' must be a number > 0, got 'many'"),
+            "missing label": (
+                {"label": "colour"},
+                r"option 'label' must be a label of this dataset \(.*source.*\), got 'colour'",
+            ),
             "min-size too large": ({"min-size": 20}, r"min-size=20 × 4 clients needs 80 samples"),
         },
     ),
-    "natural": ({}, {"missing label": ({"label": "colour"}, r"no label 'colour'.*scene")}),
-    "by-source": ({}, {"missing label": ({"label": "colour"}, r"no label 'colour'.*source")}),
+    "natural": (
+        {},
+        {"missing label": ({"label": "colour"}, r"option 'label' must be a label .*scene.*, got 'colour'")},
+    ),
+    "by-source": (
+        {},
+        {"missing label": ({"label": "colour"}, r"option 'label' must be a label .*source.*, got 'colour'")},
+    ),
     "cnn-cluster": (
         {},
         {
-            "fewer clusters than clients": ({"clusters": 2}, r"clusters=2 is fewer than --clients 4"),
-            "unknown encoder": ({"encoder": "vgg"}, r"encoder='vgg' is unknown.*small"),
-            "batch-size 0": ({"batch-size": 0}, r"batch-size=0 is out of range"),
-            "weights not a file": ({"weights": "/nonexistent/w.pt"}, r"weights='/nonexistent/w.pt' is not a file"),
+            "fewer clusters than clients": (
+                {"clusters": 2},
+                r"option 'clusters' must be at least --clients 4 .*, got 2",
+            ),
+            "unknown encoder": ({"encoder": "vgg"}, r"option 'encoder' must be one of small, resnet50, got 'vgg'"),
+            "batch-size 0": ({"batch-size": 0}, r"option 'batch-size' must be an integer >= 1, got 0"),
+            "weights not a file": (
+                {"weights": "/nonexistent/w.pt"},
+                r"option 'weights' must be an existing file .*, got '/nonexistent/w.pt'",
+            ),
         },
     ),
 }

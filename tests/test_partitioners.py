@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.partition import Partition, PartitionError, save_partition
 from pchmr.plugins.partitioners.by_source import allocate_clients, by_source
 from pchmr.plugins.partitioners.cnn_cluster import assign_clusters, cnn_cluster
@@ -112,19 +113,21 @@ def test_lda_splits_any_label():
 
 @pytest.mark.parametrize("alpha", [0, -1.0, 0.0])
 def test_lda_refuses_non_positive_alpha(alpha):
-    with pytest.raises(PartitionError, match=rf"lda: alpha={alpha!r} is out of range; expected a number > 0"):
+    with pytest.raises(OptionError, match=rf"lda partitioner option 'alpha' must be a number > 0, got {alpha!r}"):
         lda(mixed_labels(100), 4, 0, {"alpha": alpha})
 
 
 def test_lda_refuses_non_numeric_alpha_and_unknown_option():
-    with pytest.raises(PartitionError, match="alpha='lots' is not a number"):
+    with pytest.raises(OptionError, match="option 'alpha' must be a number > 0, got 'lots'"):
         lda(mixed_labels(100), 4, 0, {"alpha": "lots"})
-    with pytest.raises(PartitionError, match=r"no option \['beta'\]; its options are: alpha, label, min-size"):
+    with pytest.raises(OptionError, match=r"has no option 'beta'; its options are: alpha, label, min-size"):
         lda(mixed_labels(100), 4, 0, {"beta": 1})
 
 
 def test_lda_unknown_label_lists_the_available_ones():
-    with pytest.raises(PartitionError, match=r"no label 'colour'.* must be one of: action, scene, source"):
+    with pytest.raises(
+        OptionError, match=r"option 'label' must be a label of this dataset \(action, scene, source\), got 'colour'"
+    ):
         lda(mixed_labels(100), 4, 0, {"label": "colour"})
 
 
@@ -193,9 +196,9 @@ def test_more_clusters_than_clients_are_dealt_round_robin_by_size():
 
 
 def test_cnn_cluster_refuses_fewer_clusters_than_clients_and_missing_weights():
-    with pytest.raises(PartitionError, match="clusters=2 is fewer than --clients 3"):
+    with pytest.raises(OptionError, match="option 'clusters' must be at least --clients 3 .*, got 2"):
         cnn_cluster(colour_groups(), 3, 0, {"clusters": 2})
-    with pytest.raises(PartitionError, match="weights='/nowhere.pt' is not a file"):
+    with pytest.raises(OptionError, match="option 'weights' must be an existing file .*, got '/nowhere.pt'"):
         cnn_cluster(colour_groups(), 2, 0, {"weights": "/nowhere.pt"})
 
 

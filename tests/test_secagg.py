@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDic
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.strategy import (
     IncompatibleError,
     StrategyConfig,
@@ -277,19 +278,30 @@ def test_an_integer_buffer_stored_as_float_is_averaged_exactly_not_clipped():
 
 
 def test_options_are_validated_with_clear_messages():
-    with pytest.raises(ValueError, match="backend' must be one of flower, crypten"):
+    with pytest.raises(
+        OptionError, match="secagg privacy option 'backend' must be one of flower, crypten, got 'paillier'"
+    ):
         read_settings({"backend": "paillier"}, 4)
-    with pytest.raises(ValueError, match="does not take the option"):
+    with pytest.raises(
+        OptionError,
+        match=r"secagg privacy has no option 'shares' \(did you mean 'num-shares'\?\); its options are: backend, num-shares",
+    ):
         read_settings({"shares": 3}, 4)
     with pytest.raises(ValueError, match="at least 2 clients per round"):
         read_settings({}, 1)
     with pytest.raises(ValueError, match="could overflow"):
         read_settings({"quantization-range": 2**40, "max-weight": 2**20}, 10)
-    with pytest.raises(ValueError, match="'clipping-range' must be > 0"):
+    with pytest.raises(OptionError, match="'clipping-range' must be a number > 0, got 0.0"):
         read_settings({"clipping-range": 0.0}, 4)
-    with pytest.raises(ValueError, match="'reconstruction-threshold' \\(5\\) must be less than 'num-shares' \\(5\\)"):
+    with pytest.raises(
+        OptionError, match="option 'reconstruction-threshold' \\(5\\) must be less than 'num-shares' \\(5\\)"
+    ):
         read_settings({"num-shares": 5, "reconstruction-threshold": 5}, 6)
-    with pytest.raises(ValueError, match="'num-shares' as a count must be >= 3"):
+    with pytest.raises(OptionError, match=r"'num-shares' as a fraction must lie in \(0, 1\], got 1.5"):
+        read_settings({"num-shares": 1.5}, 6)
+    with pytest.raises(OptionError, match="'parties' must be an integer in \\[2, 8\\], got 9"):
+        read_settings({"backend": "crypten", "parties": 9}, 6)
+    with pytest.raises(OptionError, match="secagg privacy option 'num-shares' as a count must be >= 3"):
         read_settings({"num-shares": 2}, 6)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from pchmr.core.contracts.backbone import BackboneOptions, HMROutput, InputError
 from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.kit.encoders import FeatureEncoder
 from pchmr.plugins.backbones.tore import (
@@ -82,12 +83,14 @@ def test_mesh_levels_are_the_fixed_pyramid_upsampling(body: ToyBodyModel, model_
 def test_factory_refuses_bad_options(body: ToyBodyModel) -> None:
     with pytest.raises(ValueError, match=r"unknown TORE variant 'XL'.*\['L', 'M', 'S'\]"):
         make_tore(body, BackboneOptions(variant="XL"))
-    with pytest.raises(ValueError, match=r"keep_ratio must lie in \(0, 1\], got 1.5"):
+    with pytest.raises(OptionError, match=r"tore backbone option 'keep_ratio' must be a number in \(0, 1\], got 1.5"):
         make_tore(body, BackboneOptions(extra={"keep_ratio": 1.5}))
-    with pytest.raises(ValueError, match="'keep_ratio' must be a number"):
+    with pytest.raises(OptionError, match=r"'keep_ratio' must be a number in \(0, 1\], got 'most'"):
         make_tore(body, BackboneOptions(extra={"keep_ratio": "most"}))
-    with pytest.raises(ValueError, match="dropout must lie in"):
+    with pytest.raises(OptionError, match=r"'dropout' must be a number in \[0, 1\), got 1.0"):
         make_tore(body, BackboneOptions(extra={"dropout": 1.0}))
+    with pytest.raises(OptionError, match=r"has no option 'keep_ration' \(did you mean 'keep_ratio'\?\)"):
+        make_tore(body, BackboneOptions(extra={"keep_ration": 0.5}))
 
 
 def test_hook_offers_tore() -> None:

@@ -48,7 +48,7 @@ def test_backbone_options_reach_the_plugin_and_typos_are_refused(pchmr_cache):
     )
     assert components.make_module().backbone.num_kept == 32  # int(64 * 0.5)
     typo = RunConfig(backbone="tore", backbone_options={"keep_ration": 0.5}, num_train=8, num_test=4)
-    with pytest.raises(ValueError, match=r"unknown TORE backbone options \['keep_ration'\]"):
+    with pytest.raises(ValueError, match=r"tore backbone has no option 'keep_ration' \(did you mean 'keep_ratio'\?\)"):
         build_components(typo).make_module()  # refused when the encoder is built for pretraining, at the latest
 
 

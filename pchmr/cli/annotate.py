@@ -10,25 +10,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from pchmr.cli._options import parse_options
+from pchmr.cli._output import console
+from pchmr.cli._output import fail as _fail
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["annotate", "personalize", "resolve_local_data"]
 
-console = Console()
-err_console = Console(stderr=True)
 DEFAULT_CROP = 64
 SYNTHETIC_DATA_KEYS = ("seed", "split", "num_train", "num_test", "limit", "subject", "scene", "action", "source")
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(2)
 
 
 def _options(items: list[str], flag: str) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The ``pchmr`` command line (typer + rich)."""
+"""The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
+beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
+``privacy.py``, ``annotate.py``)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,14 @@ import os
 import sys
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from pchmr.cli._output import err_console
+from pchmr.cli.annotate import annotate, personalize
+from pchmr.cli.data import data_app
+from pchmr.cli.partition import partition
+from pchmr.cli.plugins import plugins
+from pchmr.cli.privacy import privacy_app
+from pchmr.cli.report import report
 from pchmr.cli.run import run
 
 app = typer.Typer(
@@ -17,52 +24,18 @@ app = typer.Typer(
     help="pchmr: federated, privacy-constrained 3D human mesh recovery.",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
 app.command(name="run")(run)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-@app.command()
-def plugins() -> None:
-    """List every registered plugin by kind, with the distribution that provides it."""
-    from pchmr.core.contracts.hookspecs import KINDS
-    from pchmr.core.engine.registry import PluginError, get_registry
-
-    try:
-        registry = get_registry()
-    except PluginError as exc:
-        raise _fail(str(exc)) from None
-    table = Table(title="pchmr plugins")
-    table.add_column("kind")
-    table.add_column("name")
-    table.add_column("provided by")
-    table.add_column("entry point")
-    for kind in KINDS:
-        infos = registry.infos(kind)
-        if not infos:
-            table.add_row(kind.replace("_", " "), "[dim](none)[/]", "", "")
-        for info in infos:
-            table.add_row(kind.replace("_", " "), info.name, info.provider, info.entry_point)
-    console.print(table)
-
-
-from pchmr.cli.report import report as _report  # noqa: E402  (registered below, after the app exists)
-
-app.command(name="report")(_report)
-app.command(name="partition")(__import__("pchmr.cli.partition", fromlist=["partition"]).partition)
-app.add_typer(__import__("pchmr.cli.data", fromlist=["data_app"]).data_app, name="data")
-app.add_typer(__import__("pchmr.cli.privacy", fromlist=["privacy_app"]).privacy_app, name="privacy")
-app.command(name="annotate")(__import__("pchmr.cli.annotate", fromlist=["annotate"]).annotate)
-app.command(name="personalize")(__import__("pchmr.cli.annotate", fromlist=["personalize"]).personalize)
+app.command(name="report")(report)
+app.command(name="plugins")(plugins)
+app.command(name="partition")(partition)
+app.add_typer(data_app, name="data")
+app.add_typer(privacy_app, name="privacy")
+app.command(name="annotate")(annotate)
+app.command(name="personalize")(personalize)
 
 
 def main() -> None:
+    """The ``pchmr`` console script."""
     from pchmr.core.engine.perf import tune_allocator
 
     tune_allocator()

@@ -15,20 +15,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from pchmr.cli._output import console as _console
+from pchmr.cli._output import fail as _fail
 
 __all__ = ["data_app"]
 
-BAD_INPUT = 2
 data_app = typer.Typer(no_args_is_help=True, help="Prepare and check real datasets (SPIN npz, METRO TSV, 3DPW, COCO).")
-_console = Console()
-_err = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    _err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
-    return typer.Exit(BAD_INPUT)
 
 
 @data_app.command()

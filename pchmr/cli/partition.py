@@ -23,17 +23,17 @@ from typing import Any, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from pchmr.cli._output import console as _console
+from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.partition import Partition, PartitionError
 from pchmr.core.engine.config import RunConfig
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
 
-#: Exit code for bad input (as click uses for usage errors).
-BAD_INPUT = 2
 SUMMARY_FILE = "summary.json"
 PARTITION_FILE = "partition.json"
 EMBEDDING_FILE = "partition-embedding.png"
@@ -51,14 +51,6 @@ PARTITION_FIELDS = (
     "input_size",
     "body_model",
 )
-
-_console = Console()
-_err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    _err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
-    return typer.Exit(BAD_INPUT)
 
 
 def plot_label_key(partition: Partition, labels: Mapping[str, np.ndarray], requested: str | None) -> str:
@@ -177,7 +169,7 @@ def partition(
         part, data, clusters = _make(cfg)
         key = plot_label_key(part, data.labels, label)
         summary = partition_summary(part, data.labels)
-    except (ConfigError, PluginError, PartitionError, FileNotFoundError) as exc:
+    except (ConfigError, PluginError, PartitionError, OptionError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
     save_partition(part, out / PARTITION_FILE)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from pchmr.cli._output import fail as _fail
 from pchmr.core.kit.accounting import (
     DEFAULT_ORDERS,
     epsilon_from_rdp,
@@ -26,11 +27,6 @@ from pchmr.core.kit.accounting import (
 PRINT_SCALE = 1e4
 
 privacy_app = typer.Typer(no_args_is_help=True, help="Differential privacy: plan an (ε, δ) budget.")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(2)
 
 
 @privacy_app.command()

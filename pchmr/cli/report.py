@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from pchmr.cli._output import console as _console
+from pchmr.cli._output import fail as _fail
 from pchmr.report.convergence import CONVERGENCE_METRICS, plot_convergence
 from pchmr.report.tables import (
     GROUP_BY,
@@ -30,16 +31,6 @@ __all__ = ["FORMATS", "report"]
 
 #: --formats value → file written into --out.
 FORMATS = {"md": "report.md", "csv": "report.csv", "tex": "report.tex", "png": "convergence.png"}
-#: Exit code for bad input (as click uses for usage errors).
-BAD_INPUT = 2
-
-_console = Console()
-_err_console = Console(stderr=True)
-
-
-def _fail(message: str) -> typer.Exit:
-    _err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
-    return typer.Exit(BAD_INPUT)
 
 
 def _parse_formats(formats: str) -> list[str]:

@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pchmr.cli._output import RUN_FAILED, console
+from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
 
 __all__ = ["run"]
 
-#: Exit code of a refused configuration (as click uses for usage errors).
-BAD_INPUT = 2
-#: Exit code of a run that failed once started.
-RUN_FAILED = 1
 
 _METRIC_LABELS = {
     "mpjpe_mm": "MPJPE (mm)",
@@ -36,14 +33,6 @@ _METRIC_LABELS = {
     "mpvpe_mm": "MPVPE (mm)",
     "pck": "PCK@150mm",
 }
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @with_config_flags(RunConfig)

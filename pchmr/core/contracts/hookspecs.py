@@ -8,6 +8,14 @@ entry-point group) and refuses two plugins offering the same name for one kind.
 Names are lower-case, may contain ``-``, and are what users type: ``--backbone fastmetro``.
 A factory is cheap to hold; the expensive work (building a model, reading data) happens when
 the core calls it.
+
+Options. A factory that takes ``key=value`` options (every kind below names where they arrive)
+declares them as the attribute ``options``: a frozen dataclass whose fields are made with
+:func:`~pchmr.core.contracts.options.option` (:class:`~pchmr.core.contracts.options.NoOptions`
+for none), and reads them with :func:`~pchmr.core.contracts.options.read_options`. The engine
+checks a run's options through that class before any data is prepared, and ``pchmr plugins
+--options NAME`` prints it. The attribute is optional: a factory without it receives its options
+unchecked (see :mod:`pchmr.core.contracts.options`).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ def pchmr_backbones() -> Mapping[str, BackboneFactory]:
     * joints   (B, J, 3)   metres, camera-frame axes, J = ``body_model.num_joints``
     * vertices [(B, V_l, 3) per pyramid level, coarse first]  metres
     * camera   (B, 3)      weak perspective (s, tx, ty) onto crop coordinates [-1, 1]
+
+    Options: ``options.extra`` (``--backbone-option``), declared by ``factory.options``.
     """
 
 
@@ -55,7 +65,8 @@ def pchmr_body_models() -> Mapping[str, Callable[..., object]]:
 
     A factory ``(spec: BodyModelSpec) -> BodyModel`` returns a
     :class:`~pchmr.core.contracts.bodymodel.BodyModel`: faces, a differentiable forward in metres
-    (y up), the evaluation joint set and the cached mesh pyramid.
+    (y up), the evaluation joint set and the cached mesh pyramid. Options: ``spec.extra``,
+    declared by ``factory.options``.
     """
 
 
@@ -65,7 +76,8 @@ def pchmr_datasets() -> Mapping[str, DatasetFactory]:
 
     A factory ``(spec: DatasetSpec, body_model: BodyModel) -> HMRData`` prepares the data once
     (cached under ``spec.cache_dir``) and returns train/test splits of Samples in the schema of
-    :mod:`pchmr.core.contracts.sample` plus the ``meta`` labels of the train split.
+    :mod:`pchmr.core.contracts.sample` plus the ``meta`` labels of the train split. Options:
+    ``spec.options``, declared by ``factory.options``.
     """
 
 
@@ -76,7 +88,8 @@ def pchmr_partitioners() -> Mapping[str, Partitioner]:
     A partitioner ``(data: HMRData, num_clients, seed, options) -> Partition`` splits
     training-sample indices into ``num_clients`` disjoint, non-empty client sets, deterministically
     from ``seed``, reading ``data.labels`` (and ``data.train`` for feature-based partitioners);
-    see :mod:`pchmr.core.contracts.partition`.
+    see :mod:`pchmr.core.contracts.partition`. Options: ``options`` (``--partition-option``),
+    declared by ``partitioner.options``.
     """
 
 
@@ -86,7 +99,8 @@ def pchmr_strategies() -> Mapping[str, StrategyFactory]:
 
     A factory ``(config: StrategyConfig) -> StrategyParts`` returns the Flower server strategy
     and whatever the client side must add (loss terms, client mods); see
-    :mod:`pchmr.core.contracts.strategy`.
+    :mod:`pchmr.core.contracts.strategy`. Options: ``config.options`` (``--strategy-option``),
+    declared by ``factory.options``.
     """
 
 
@@ -97,6 +111,7 @@ def pchmr_privacy() -> Mapping[str, PrivacyFactory]:
     A factory ``(parts: StrategyParts, config: StrategyConfig) -> StrategyParts`` wraps an
     aggregation strategy it is compatible with, and raises
     :class:`~pchmr.core.contracts.strategy.IncompatibleError` with the reason otherwise.
+    Options: ``config.options`` (``--privacy-option``), declared by ``factory.options``.
     """
 
 
@@ -105,7 +120,7 @@ def pchmr_annotators() -> Mapping[str, AnnotatorFactory]:
     """Offer annotators (see :mod:`pchmr.core.contracts.annotation`).
 
     A factory ``(body_model: BodyModel, options: Mapping[str, object]) -> Annotator`` refuses
-    unknown option keys, naming the known ones. ``Annotator.fit(batch: ObservationBatch)``
+    unknown option keys, naming the known ones (``--option``, declared by ``factory.options``). ``Annotator.fit(batch: ObservationBatch)``
     fits the body model to B images at once and returns a ``FitResult``:
 
     * input  keypoints (B, J, 3) crop coordinates [-1, 1] + confidence; intrinsics (B, 3)
@@ -121,7 +136,8 @@ def pchmr_annotators() -> Mapping[str, AnnotatorFactory]:
 
 @hookspec
 def pchmr_keypoint_sources() -> Mapping[str, Callable[..., KeypointSource]]:
-    """Offer 2D keypoint sources: ``factory(**options) -> KeypointSource``.
+    """Offer 2D keypoint sources: ``factory(**options) -> KeypointSource`` (the ``files`` source
+    also takes the directory first); options (``--keypoint-option``) declared by ``factory.options``.
 
     ``source(item: AnnotationItem, joint_names) -> KeypointObservation``: (J, 3) keypoints in
     the body model's evaluation joint order, **image pixels** (continuous coordinates) and a
@@ -132,7 +148,8 @@ def pchmr_keypoint_sources() -> Mapping[str, Callable[..., KeypointSource]]:
 
 @hookspec
 def pchmr_depth_sources() -> Mapping[str, Callable[..., DepthSource]]:
-    """Offer per-keypoint depth sources: ``factory(**options) -> DepthSource``.
+    """Offer per-keypoint depth sources: ``factory(**options) -> DepthSource`` (the ``files``
+    source also takes the directory first); options (``--depth-option``) declared by ``factory.options``.
 
     ``source(item: AnnotationItem, keypoints (J, 3) pixels) -> DepthObservation``: (J,) depth
     per keypoint (positive), (J,) validity in {0, 1}, and the invariance the values are known

@@ -1,7 +1,7 @@
 """One run-preparation path, used by ``pchmr run`` on either Flower engine and by the baselines.
 
-:func:`resolve` refuses what can be refused before any heavy work (unknown plugin names, bad
-strategy or privacy options, an incompatible privacy mechanism); :func:`prepare` then builds the
+:func:`resolve` refuses what can be refused before any heavy work (unknown plugin names, options a
+plugin's declared options class refuses, an incompatible privacy mechanism); :func:`prepare` then builds the
 components, makes (or, on resume, reads) the partition, writes ``config.json`` and computes the
 mean-pose baselines. :func:`load_prepared` rebuilds the same from a prepared run directory, in
 the process that serves it (the Deployment Engine's ServerApp).
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.options import declared_options, read_options
 from pchmr.core.contracts.partition import Partition, load_partition, save_partition
 from pchmr.core.contracts.strategy import StrategyParts
 from pchmr.core.engine.baselines import baseline_partition
@@ -32,7 +33,9 @@ from pchmr.core.engine.rundir import RunDir
 from pchmr.core.kit.cache import default_cache_dir
 
 __all__ = [
+    "OPTION_FIELDS",
     "PreparedRun",
+    "check_options",
     "check_plugins",
     "chosen_plugins",
     "describe_plugins",
@@ -71,11 +74,37 @@ def chosen_plugins(config: RunConfig) -> dict[str, str]:
     return chosen
 
 
+#: plugin kind → the RunConfig field holding the options a user gives it.
+OPTION_FIELDS = {
+    "backbone": "backbone_options",
+    "partitioner": "partition_options",
+    "strategy": "strategy_options",
+    "privacy": "privacy_options",
+}
+
+
 def check_plugins(config: RunConfig) -> None:
-    """Raise :class:`~pchmr.core.engine.registry.UnknownPluginError` for any unknown plugin name."""
+    """Raise :class:`~pchmr.core.engine.registry.UnknownPluginError` for any unknown plugin name,
+    then :func:`check_options`."""
     registry = get_registry()
     for kind, name in chosen_plugins(config).items():
         registry.info(kind, name)
+    check_options(config)
+
+
+def check_options(config: RunConfig) -> None:
+    """Read every chosen plugin's options (:data:`OPTION_FIELDS`) through the class its factory
+    declares (:class:`~pchmr.core.contracts.options.DeclaresOptions`): an
+    :class:`~pchmr.core.contracts.errors.OptionError` for a bad one, before any data is prepared.
+    A plugin declaring no options class receives its options unchecked, as before."""
+    registry = get_registry()
+    chosen = chosen_plugins(config)
+    for kind, field_name in OPTION_FIELDS.items():
+        if kind not in chosen:
+            continue
+        declared = declared_options(registry.get(kind, chosen[kind]))
+        if declared is not None:
+            read_options(declared, getattr(config, field_name), plugin=chosen[kind], kind=kind)
 
 
 def describe_plugins(config: RunConfig) -> dict[str, Any]:
@@ -89,8 +118,8 @@ def describe_plugins(config: RunConfig) -> dict[str, Any]:
 
 def resolve(config: RunConfig) -> tuple[RunConfig, StrategyParts]:
     """The config with its cache directory made absolute (clients in other processes read the very
-    same cache) and the run's strategy; refuses unknown plugins and bad strategy/privacy options
-    before any data is prepared."""
+    same cache) and the run's strategy; refuses unknown plugins and bad options (every chosen
+    plugin's, through its declared options class) before any data is prepared."""
     check_plugins(config)
     if config.cache_dir is None:
         config = config.replace(cache_dir=str(default_cache_dir().resolve()))

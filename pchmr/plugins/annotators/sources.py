@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ from pchmr.core.contracts.annotation import (
     NoPersonError,
 )
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import NoOptions, option, read_options
 
-__all__ = ["LAYOUTS", "FileDepthSource", "FileKeypointSource", "SyntheticDepthSource",
-           "SyntheticKeypointSource", "pchmr_depth_sources", "pchmr_keypoint_sources", "to_lsp14"]  # fmt: skip
+__all__ = ["LAYOUTS", "FileDepthOptions", "FileDepthSource", "FileKeypointSource", "SyntheticDepthOptions",
+           "SyntheticDepthSource", "SyntheticKeypointOptions", "SyntheticKeypointSource", "pchmr_depth_sources",
+           "pchmr_keypoint_sources", "to_lsp14"]  # fmt: skip
 
 COCO17 = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
@@ -199,19 +202,27 @@ def sample_depth(
     return values, valid
 
 
+@dataclass(frozen=True)
+class FileDepthOptions:
+    """``--depth-option`` values of the ``files`` depth source."""
+
+    invariance: str = option(
+        "affine", choices=DEPTH_INVARIANCES, help="what the maps are known up to (affine: relative-depth networks)"
+    )
+    inverse: bool = option(False, help="the maps hold disparity-like values (larger = nearer), read as 1/value")
+
+
 class FileDepthSource:
     """Per-image depth maps ``<dir>/<image stem>.npy`` or ``.png`` (16-bit PNGs hold depth in
-    any unit). ``invariance`` (default ``affine``, as relative-depth networks such as Sapiens'
-    give) is declared to the fitter; ``inverse=True`` reads disparity-like maps (larger =
-    nearer) as 1/value."""
+    any unit). ``options.invariance`` (default ``affine``, as relative-depth networks such as
+    Sapiens' give) is declared to the fitter; ``options.inverse`` reads disparity-like maps
+    (larger = nearer) as 1/value."""
 
-    def __init__(self, directory: str | Path, invariance: str = "affine", inverse: bool = False) -> None:
+    def __init__(self, directory: str | Path, options: FileDepthOptions = FileDepthOptions()) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise FileNotFoundError(f"depth directory {self.directory} does not exist")
-        if invariance not in DEPTH_INVARIANCES:
-            raise ValueError(f"depth invariance must be one of {DEPTH_INVARIANCES}, got {invariance!r}")
-        self.invariance, self.inverse = invariance, inverse
+        self.invariance, self.inverse = options.invariance, options.inverse
 
     def __call__(self, item: AnnotationItem, keypoints: np.ndarray) -> DepthObservation:
         path = next((self.directory / f"{item.image_id}{s}" for s in (".npy", ".png")
@@ -248,21 +259,33 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
 
 
-class SyntheticKeypointSource:
-    """Ground-truth 2D joints of a synthetic split, corrupted like a detector's output.
+@dataclass(frozen=True)
+class SyntheticKeypointOptions:
+    """``--keypoint-option`` values of the ``synthetic`` keypoint source."""
 
-    ``noise_px`` (default 4): Gaussian noise per coordinate in pixels of a 224-pixel crop
-    (≈ 1.8 % of the crop; 2D detectors' typical error on clean crops); ``missing`` (0.05):
-    probability that a joint is undetected (confidence 0); ``outliers`` (0.02): probability
-    that a detected joint is off by a uniform 10–40 px jump. Intrinsics are the dataset's (a
+    noise_px: float = option(
+        4.0, low=0.0, key="noise_px", help="Gaussian noise per coordinate, pixels of a 224-pixel crop (≈ 1.8 %)"
+    )
+    missing: float = option(0.05, low=0.0, high=1.0, high_open=True, help="probability that a joint is undetected")
+    outliers: float = option(
+        0.02, low=0.0, high=1.0, high_open=True, help="probability that a detected joint jumps 10–40 px"
+    )
+    seed: int = option(0, low=0, help="seed of the corruption (mixed with each image's index)")
+
+
+class SyntheticKeypointSource:
+    """Ground-truth 2D joints of a synthetic split, corrupted like a detector's output
+    (:class:`SyntheticKeypointOptions`: Gaussian noise per coordinate, undetected joints with
+    confidence 0, outliers off by a uniform 10–40 px jump). Intrinsics are the dataset's (a
     device knows its camera). Deterministic per (seed, image index)."""
 
-    def __init__(self, noise_px: float = 4.0, missing: float = 0.05, outliers: float = 0.02, seed: int = 0) -> None:
-        if noise_px < 0 or not 0 <= missing < 1 or not 0 <= outliers < 1:
-            raise ValueError(
-                f"need noise_px >= 0 and missing, outliers in [0, 1), got {noise_px}, {missing}, {outliers}"
-            )
-        self.noise_px, self.missing, self.outliers, self.seed = noise_px, missing, outliers, seed
+    def __init__(self, options: SyntheticKeypointOptions = SyntheticKeypointOptions()) -> None:
+        self.noise_px, self.missing, self.outliers, self.seed = (
+            options.noise_px,
+            options.missing,
+            options.outliers,
+            options.seed,
+        )
 
     def __call__(self, item: AnnotationItem, joint_names: Sequence[str]) -> KeypointObservation:
         split, i = _synthetic(item)
@@ -284,25 +307,33 @@ class SyntheticKeypointSource:
         return KeypointObservation(keypoints=keypoints, intrinsics=np.array(split.array("camera")[i], dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class SyntheticDepthOptions:
+    """``--depth-option`` values of the ``synthetic`` depth source."""
+
+    noise_m: float = option(0.05, low=0.0, key="noise_m", help="Gaussian noise per joint depth, metres")
+    max_scale: float = option(
+        5.0, low=1.0, key="max_scale", help="scale s drawn log-uniform in [1/max_scale, max_scale]"
+    )
+    invariance: str = option("scale", choices=DEPTH_INVARIANCES, help="scale, affine (adds a shift) or metric (exact)")
+    missing: float = option(0.05, low=0.0, high=1.0, high_open=True, help="probability that a joint has no depth")
+    seed: int = option(0, low=0, help="seed of the corruption (mixed with each image's index)")
+
+
 class SyntheticDepthSource:
-    """True camera depth of every joint, corrupted: ``z_obs = s·(z + ε) + t`` with ε ~ N(0,
-    ``noise_m``²) metres per joint (default 0.05), s log-uniform in [1/``max_scale``,
-    ``max_scale``] (default 5; unknown to the fitter) and, when ``invariance='affine'``, a shift
-    t uniform in [0, 2·s·z_root]; ``missing`` (0.05) drops a joint's depth. Deterministic per
+    """True camera depth of every joint, corrupted (:class:`SyntheticDepthOptions`):
+    ``z_obs = s·(z + ε) + t`` with ε ~ N(0, ``noise_m``²) metres per joint, s log-uniform in
+    [1/``max_scale``, ``max_scale``] (unknown to the fitter) and, when ``invariance='affine'``,
+    a shift t uniform in [0, 2·s·z_root]; ``missing`` drops a joint's depth. Deterministic per
     (seed, image index)."""
 
-    def __init__(self, noise_m: float = 0.05, max_scale: float = 5.0, invariance: str = "scale",
-                 missing: float = 0.05, seed: int = 0) -> None:  # fmt: skip
-        if invariance not in ("scale", "affine", "metric"):
-            raise ValueError(f"invariance must be one of {DEPTH_INVARIANCES}, got {invariance!r}")
-        if noise_m < 0 or max_scale < 1:
-            raise ValueError(f"need noise_m >= 0 and max_scale >= 1, got {noise_m}, {max_scale}")
+    def __init__(self, options: SyntheticDepthOptions = SyntheticDepthOptions()) -> None:
         self.noise_m, self.max_scale, self.invariance, self.missing, self.seed = (
-            noise_m,
-            max_scale,
-            invariance,
-            missing,
-            seed,
+            options.noise_m,
+            options.max_scale,
+            options.invariance,
+            options.missing,
+            options.seed,
         )
 
     def __call__(self, item: AnnotationItem, keypoints: np.ndarray) -> DepthObservation:
@@ -330,20 +361,41 @@ def _synthetic(item: AnnotationItem) -> tuple[Any, int]:
     return split, int(item.index)
 
 
-def make_source(kind: str, factories: Mapping[str, Callable[..., Any]], name: str, options: Mapping[str, Any]) -> Any:
-    if name not in factories:
-        raise KeyError(f"no {kind} named {name!r}; available: {sorted(factories)}")
-    try:
-        return factories[name](**options)
-    except TypeError as exc:
-        raise ValueError(f"{kind} {name!r} does not take options {sorted(options)}: {exc}") from exc
+# --------------------------------------------------------------------------- factories
+def file_keypoints(directory: str | Path, **options: object) -> FileKeypointSource:
+    """The ``files`` keypoint source over ``directory`` (it takes no options)."""
+    read_options(NoOptions, options, plugin="files", kind="keypoint_source")
+    return FileKeypointSource(directory)
+
+
+def synthetic_keypoints(**options: object) -> SyntheticKeypointSource:
+    """The ``synthetic`` keypoint source (options: :class:`SyntheticKeypointOptions`)."""
+    return SyntheticKeypointSource(
+        read_options(SyntheticKeypointOptions, options, plugin="synthetic", kind="keypoint_source")
+    )
+
+
+def file_depth(directory: str | Path, **options: object) -> FileDepthSource:
+    """The ``files`` depth source over ``directory`` (options: :class:`FileDepthOptions`)."""
+    return FileDepthSource(directory, read_options(FileDepthOptions, options, plugin="files", kind="depth_source"))
+
+
+def synthetic_depth(**options: object) -> SyntheticDepthSource:
+    """The ``synthetic`` depth source (options: :class:`SyntheticDepthOptions`)."""
+    return SyntheticDepthSource(read_options(SyntheticDepthOptions, options, plugin="synthetic", kind="depth_source"))
+
+
+file_keypoints.options = NoOptions  # type: ignore[attr-defined]  # DeclaresOptions
+synthetic_keypoints.options = SyntheticKeypointOptions  # type: ignore[attr-defined]
+file_depth.options = FileDepthOptions  # type: ignore[attr-defined]
+synthetic_depth.options = SyntheticDepthOptions  # type: ignore[attr-defined]
 
 
 @hookimpl
 def pchmr_keypoint_sources() -> Mapping[str, Callable[..., Any]]:
-    return {"files": FileKeypointSource, "synthetic": SyntheticKeypointSource}
+    return {"files": file_keypoints, "synthetic": synthetic_keypoints}
 
 
 @hookimpl
 def pchmr_depth_sources() -> Mapping[str, Callable[..., Any]]:
-    return {"files": FileDepthSource, "synthetic": SyntheticDepthSource}
+    return {"files": file_depth, "synthetic": synthetic_depth}

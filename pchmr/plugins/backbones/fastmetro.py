@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -62,10 +63,19 @@ from pchmr.core.contracts.backbone import (
 )
 from pchmr.core.contracts.bodymodel import BodyModel, MeshPyramid, sparse_bmm
 from pchmr.core.contracts.hookspecs import hookimpl
-from pchmr.core.kit.encoders import FeatureEncoder, build_encoder
+from pchmr.core.contracts.options import option, read_options
+from pchmr.core.kit.encoders import NORMS, FeatureEncoder, build_encoder
 from pchmr.core.kit.transformer import EncoderDecoder, sine_position_encoding
 
-__all__ = ["VARIANT_LAYERS", "FastMETRO", "make_fastmetro", "pchmr_backbones", "query_attention_mask"]
+__all__ = [
+    "VARIANT_LAYERS",
+    "CommonBackboneOptions",
+    "FastMETRO",
+    "FastMETROOptions",
+    "make_fastmetro",
+    "pchmr_backbones",
+    "query_attention_mask",
+]
 
 #: Encoder and decoder layers per transformer for each variant.
 VARIANT_LAYERS: Mapping[str, int] = {"S": 1, "M": 2, "L": 3}
@@ -216,46 +226,42 @@ def variant_layers(variant: str, family: str = "FastMETRO") -> int:
     return VARIANT_LAYERS[key]
 
 
-def check_extra_keys(extra: Mapping[str, object], known: tuple[str, ...], family: str) -> None:
-    """Refuse backbone options ``family`` does not know (a typo must not be silently ignored)."""
-    unknown = sorted(set(extra) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {family} backbone options {unknown}; {family} takes {list(known)}")
+@dataclass(frozen=True)
+class CommonBackboneOptions:
+    """The ``--backbone-option`` values (``BackboneOptions.extra``) FastMETRO and TORE share."""
+
+    dropout: float = option(
+        DEFAULT_DROPOUT, low=0.0, high=1.0, high_open=True, key="dropout", help="dropout in the transformers"
+    )
+    encoder_norm: str = option(
+        "batch", choices=NORMS, key="encoder_norm", help="the CNN's normalisation (group for example-level DP-SGD)"
+    )
 
 
-def extra_float(extra: Mapping[str, object], key: str, default: float) -> float:
-    value = extra.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise ValueError(f"backbone option {key!r} must be a number, got {value!r}") from exc
+@dataclass(frozen=True)
+class FastMETROOptions(CommonBackboneOptions):
+    """``--backbone-option`` values of ``fastmetro``."""
 
-
-def extra_bool(extra: Mapping[str, object], key: str, default: bool) -> bool:
-    value = extra.get(key, default)
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    raise ValueError(f"backbone option {key!r} must be true or false, got {value!r}")
+    learned_upsampling: bool = option(
+        False,
+        key="learned_upsampling",
+        help="the reference's learnable coarse→middle upsampling instead of the fixed one",
+    )
 
 
 def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO:
     """Build FastMETRO-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
-    ``options.extra`` may hold ``dropout`` (float, default 0.1), ``encoder_norm`` (``"batch"`` or
-    ``"group"``, default ``"batch"``, see :mod:`pchmr.core.kit.encoders`) and
-    ``learned_upsampling`` (bool, default false: the reference's learnable coarse→middle layer,
-    see the module docstring). ``options.freeze_encoder`` trains only the transformer and heads
+    ``options.extra`` holds :class:`FastMETROOptions`: ``dropout`` (default 0.1), ``encoder_norm``
+    (``batch`` or ``group``, see :mod:`pchmr.core.kit.encoders`) and ``learned_upsampling``
+    (default false: the reference's learnable coarse→middle layer, see the module docstring). ``options.freeze_encoder`` trains only the transformer and heads
     over the (pretrained) CNN, see :meth:`~pchmr.core.kit.encoders.FeatureEncoder.freeze`.
     """
     layers = variant_layers(options.variant)
-    check_extra_keys(options.extra, ("dropout", "encoder_norm", "learned_upsampling"), "FastMETRO")
-    dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
-    norm = str(options.extra.get("encoder_norm", "batch"))
-    encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
+    extra = read_options(FastMETROOptions, options.extra, plugin="fastmetro", kind="backbone")
+    encoder = build_encoder(
+        options.encoder, options.input_size, norm=extra.encoder_norm, weights=options.encoder_weights
+    )
     if options.freeze_encoder:
         encoder.freeze()
     return FastMETRO(
@@ -264,9 +270,12 @@ def make_fastmetro(body_model: BodyModel, options: BackboneOptions) -> FastMETRO
         encoder=encoder,
         input_size=options.input_size,
         num_layers=layers,
-        dropout=dropout,
-        learned_upsampling=extra_bool(options.extra, "learned_upsampling", False),
+        dropout=extra.dropout,
+        learned_upsampling=extra.learned_upsampling,
     )
+
+
+make_fastmetro.options = FastMETROOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

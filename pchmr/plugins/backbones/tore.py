@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ from pchmr.core.contracts.backbone import (
 )
 from pchmr.core.contracts.bodymodel import BodyModel, MeshPyramid, sparse_bmm
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.kit.encoders import FeatureEncoder, build_encoder
 from pchmr.core.kit.geometry import project_weak_perspective
 from pchmr.core.kit.transformer import EncoderDecoder, sine_position_encoding
@@ -82,8 +84,7 @@ from pchmr.plugins.backbones.fastmetro import (
     MODEL_DIM_2,
     NUM_HEADS,
     XYZ_HEAD_INIT_GAIN,
-    check_extra_keys,
-    extra_float,
+    CommonBackboneOptions,
     variant_layers,
 )
 
@@ -91,6 +92,7 @@ __all__ = [
     "DEFAULT_KEEP_RATIO",
     "PRUNING_LOSS",
     "TORE",
+    "TOREOptions",
     "TokenSelector",
     "body_mask_on_grid",
     "fit_weak_perspective",
@@ -369,21 +371,32 @@ def token_pruning_loss(output: HMROutput, batch: Mapping[str, Tensor], height: i
 
 
 # ------------------------------------------------------------------------------- factory
+@dataclass(frozen=True)
+class TOREOptions(CommonBackboneOptions):
+    """``--backbone-option`` values of ``tore``."""
+
+    keep_ratio: float = option(
+        DEFAULT_KEEP_RATIO,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        key="keep_ratio",
+        help="share of image tokens kept after pooling",
+    )
 
 
 def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
     """Build TORE-``options.variant`` (S, M or L) for ``body_model``'s mesh pyramid.
 
-    ``options.extra`` may hold ``keep_ratio`` (float in (0, 1], default 0.8), ``dropout``
-    (default 0.1), ``encoder_norm`` (``"batch"`` or ``"group"``, see
+    ``options.extra`` holds :class:`TOREOptions`: ``keep_ratio`` (in (0, 1], default 0.8),
+    ``dropout`` (default 0.1), ``encoder_norm`` (``batch`` or ``group``, see
     :mod:`pchmr.core.kit.encoders`); ``options.freeze_encoder`` keeps the CNN fixed.
     """
     layers = variant_layers(options.variant, family="TORE")
-    check_extra_keys(options.extra, ("keep_ratio", "dropout", "encoder_norm"), "TORE")
-    keep_ratio = extra_float(options.extra, "keep_ratio", DEFAULT_KEEP_RATIO)
-    dropout = extra_float(options.extra, "dropout", DEFAULT_DROPOUT)
-    norm = str(options.extra.get("encoder_norm", "batch"))
-    encoder = build_encoder(options.encoder, options.input_size, norm=norm, weights=options.encoder_weights)
+    extra = read_options(TOREOptions, options.extra, plugin="tore", kind="backbone")
+    encoder = build_encoder(
+        options.encoder, options.input_size, norm=extra.encoder_norm, weights=options.encoder_weights
+    )
     if options.freeze_encoder:
         encoder.freeze()
     return TORE(
@@ -392,9 +405,12 @@ def make_tore(body_model: BodyModel, options: BackboneOptions) -> TORE:
         encoder=encoder,
         input_size=options.input_size,
         num_layers=layers,
-        keep_ratio=keep_ratio,
-        dropout=dropout,
+        keep_ratio=extra.keep_ratio,
+        dropout=extra.dropout,
     )
+
+
+make_tore.options = TOREOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

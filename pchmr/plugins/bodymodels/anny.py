@@ -41,6 +41,7 @@ from pchmr.core.contracts.bodymodel import (
     MeshPyramid,
 )
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import NoOptions, read_options
 
 __all__ = [
     "ACTIONS",
@@ -520,7 +521,11 @@ def make_anny(spec: BodyModelSpec | None = None) -> AnnyBodyModel:
     """The factory registered as ``anny``: the process-wide cached Anny (float32) wrapped with
     pchmr's frame; the pyramid cache goes to ``spec.cache_dir`` or ``~/.cache/pchmr/pyramids``."""
     spec = spec or BodyModelSpec()
+    read_options(NoOptions, spec.extra, plugin="anny", kind="body_model")
     return AnnyBodyModel(_build_anny(torch.float32), pyramid_cache_dir=spec.cache_dir)
+
+
+make_anny.options = NoOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

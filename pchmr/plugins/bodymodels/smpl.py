@@ -64,6 +64,7 @@ from pchmr.core.contracts.bodymodel import (
     MeshPyramid,
 )
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 
 __all__ = [
     "GENDERS",
@@ -76,6 +77,7 @@ __all__ = [
     "MissingSMPLFilesError",
     "SMPLBodyModel",
     "SMPLFiles",
+    "SMPLOptions",
     "check_smpl_frame",
     "find_smpl_files",
     "load_smpl_pickle",
@@ -529,25 +531,34 @@ def _mirror_name(name: str) -> str:
     return name
 
 
-def _option(extra: Mapping[str, object], key: str, choices: tuple[str, ...], default: str) -> str:
-    value = str(extra.get(key, default)).lower()
-    if value not in choices:
-        raise ValueError(f"smpl option {key!r} must be one of {', '.join(choices)}, got {extra.get(key)!r}")
-    return value
+@dataclass(frozen=True)
+class SMPLOptions:
+    """``BodyModelSpec.extra`` values of ``smpl``."""
+
+    gender: str = option("neutral", choices=GENDERS, help="which SMPL model file (SMPL_<GENDER>.pkl) is read")
+    joints: str = option(
+        "auto",
+        choices=JOINT_SOURCES,
+        help="evaluation joints: auto (H36M regressor when its file is there), h36m (require it) or smpl",
+    )
+    pyramid: str = option(
+        "auto",
+        choices=PYRAMID_SOURCES,
+        help="mesh pyramid: auto (GraphCMR's file when there, else QEM), graphcmr (require it) or qem",
+    )
 
 
 def make_smpl(spec: BodyModelSpec | None = None) -> SMPLBodyModel:
     """The factory registered as ``smpl``: SMPL from ``spec.model_dir`` (``--smpl-dir``).
 
-    ``spec.extra`` options: ``gender`` (neutral, male, female; default neutral); ``joints``
+    ``spec.extra`` options (:class:`SMPLOptions`): ``gender`` (neutral, male, female; default neutral); ``joints``
     (auto: the H36M regressor when ``J_regressor_h36m.npy`` is there, else SMPL's; h36m: require
     it; smpl: always SMPL's); ``pyramid`` (auto: GraphCMR's ``mesh_downsampling.npz`` when there,
     else pchmr's QEM pyramid cached in ``spec.cache_dir``; graphcmr: require the file; qem).
     """
     spec = spec or BodyModelSpec()
-    gender = _option(spec.extra, "gender", GENDERS, "neutral")
-    joints = _option(spec.extra, "joints", JOINT_SOURCES, "auto")
-    pyramid = _option(spec.extra, "pyramid", PYRAMID_SOURCES, "auto")
+    options = read_options(SMPLOptions, spec.extra, plugin="smpl", kind="body_model")
+    gender, joints, pyramid = options.gender, options.joints, options.pyramid
     files = find_smpl_files(spec.model_dir, gender)
     if joints == "h36m" and files.h36m_regressor is None:
         raise MissingSMPLFilesError(
@@ -566,6 +577,9 @@ def make_smpl(spec: BodyModelSpec | None = None) -> SMPLBodyModel:
         pyramid_cache_dir=spec.cache_dir,
         source=str(files.model),
     )
+
+
+make_smpl.options = SMPLOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

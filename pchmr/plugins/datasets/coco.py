@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import COCO_17, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
@@ -32,18 +34,32 @@ from pchmr.plugins.datasets.prepared import (
     FolderImages,
     limit,
     make_hmr_data,
-    parse_path_spec,
     prepare_split,
     progress_bar,
+    read_location,
 )
 
-__all__ = ["MIN_KEYPOINTS", "load_coco", "make_coco", "pchmr_datasets"]
+__all__ = ["MIN_KEYPOINTS", "CocoOptions", "load_coco", "make_coco", "pchmr_datasets"]
 
 MIN_KEYPOINTS = 6
 BOX_FACTOR = 1.2
 PERSON_CATEGORY = 1
-PATH_KEYS = ("root", "train", "test", "min_keypoints", "protocol")
 SPLIT_NAMES = (("train2014", "val2014"), ("train2017", "val2017"))
+
+
+@dataclass(frozen=True)
+class CocoOptions:
+    """Where ``coco-json`` reads: the ``key=value`` pairs of its ``--dataset`` path, or ``DatasetSpec.options``."""
+
+    root: str | None = option(None, help="the COCO root (annotations/, train2014/, …); a bare path is the root")
+    train: str | None = option(None, default_text="train2014 or train2017", help="the training split's name")
+    test: str | None = option(None, default_text="val2014 or val2017", help="the test split's name")
+    min_keypoints: int | None = option(
+        None, low=1, key="min_keypoints", default_text=str(MIN_KEYPOINTS), help="fewest labelled keypoints of a person"
+    )
+    protocol: str | None = option(
+        None, default_text="metro", help="the evaluation protocol (a name of pchmr.core.kit.joints.PROTOCOLS)"
+    )
 
 
 def annotation_file(root: Path, split: str) -> Path:
@@ -114,8 +130,7 @@ def load_coco(
 
 def make_coco(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """The factory registered as ``coco-json`` (see the module docstring)."""
-    where = parse_path_spec(spec.path, "coco-json", PATH_KEYS)
-    where.update({k: str(v) for k, v in spec.options.items()})
+    where = read_location("coco-json", spec, CocoOptions)
     root = Path(where.get("root", where.get("main", ""))).expanduser()
     defaults = next((pair for pair in SPLIT_NAMES if annotation_file(root, pair[0]).is_file()), SPLIT_NAMES[0])
     try:
@@ -138,6 +153,9 @@ def make_coco(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         used[split] = name
     return make_hmr_data(f"coco-json:{used['test']}", stores["train"], stores["test"], body_model,
                          where.get("protocol", "metro"), {"note": "2D keypoints only"})  # fmt: skip
+
+
+make_coco.options = CocoOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -38,6 +38,7 @@ import yaml
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import J24, J24_PELVIS, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
@@ -46,16 +47,15 @@ from pchmr.plugins.datasets.prepared import (
     gender_names,
     limit,
     make_hmr_data,
-    parse_path_spec,
     prepare_split,
     progress_bar,
+    read_location,
     split_indices,
 )
 from pchmr.plugins.datasets.spin_npz import MAX_METRES, labels_from_imgnames
 
-__all__ = ["TSVFile", "TSVImages", "load_metro_split", "make_metro_tsv", "pchmr_datasets"]
+__all__ = ["MetroTsvOptions", "TSVFile", "TSVImages", "load_metro_split", "make_metro_tsv", "pchmr_datasets"]
 
-PATH_KEYS = ("train", "test", "source", "protocol")
 YAML_KEYS = ("img", "label")
 LABEL_KEYS = ("center", "scale", "2d_joints", "3d_joints")
 _FOLDER_SOURCES = {"human3.6m": "h36m", "h36m": "h36m", "coco_smpl": "coco", "coco": "coco", "up3d": "up3d",
@@ -135,6 +135,21 @@ class TSVImages:
                 f"{self.tsv.path}: row {row} is not base64 ({exc}); expected a base64 JPEG"
             ) from exc
         return decode_image(data, f"{self.tsv.path} row {row}")
+
+
+@dataclass(frozen=True)
+class MetroTsvOptions:
+    """Where ``metro-tsv`` reads: the ``key=value`` pairs of its ``--dataset`` path, or ``DatasetSpec.options``
+    (a bare path is one YAML, split 80/20 by the seed)."""
+
+    train: str | None = option(None, help="the training split's YAML (with test)")
+    test: str | None = option(None, help="the test split's YAML (with train)")
+    source: str | None = option(
+        None, default_text="from the file names", help="the source label of every sample (h36m, up3d, …)"
+    )
+    protocol: str | None = option(
+        None, default_text="metro", help="the evaluation protocol (a name of pchmr.core.kit.joints.PROTOCOLS)"
+    )
 
 
 def _yaml_files(path: Path) -> dict[str, Path]:
@@ -244,7 +259,7 @@ def load_metro_split(
 
 def make_metro_tsv(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """The factory registered as ``metro-tsv`` (see the module docstring)."""
-    where = {**parse_path_spec(spec.path, "metro-tsv", PATH_KEYS), **{k: str(v) for k, v in spec.options.items()}}
+    where = read_location("metro-tsv", spec, MetroTsvOptions)
     protocol = where.get("protocol", "metro")
     if "main" in where:
         path = Path(where["main"]).expanduser()
@@ -268,6 +283,9 @@ def make_metro_tsv(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
                                           sources=sources, protocol=protocol, progress=update)  # fmt: skip
     name = f"metro-tsv:{splits['test'][0].parent.name}/{splits['test'][0].name}"
     return make_hmr_data(name, stores["train"], stores["test"], body_model, protocol, {})
+
+
+make_metro_tsv.options = MetroTsvOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -26,10 +26,21 @@ from torch.utils.data import ConcatDataset
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, ExpectedFile, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import NoOptions, option, read_options
 from pchmr.core.engine.registry import get_registry
 from pchmr.plugins.datasets.prepared import DatasetFormatError
 
-__all__ = ["CATALOG", "Layout", "MixedSplit", "check_root", "find_layout", "make_mixed", "make_named", "pchmr_datasets"]
+__all__ = [
+    "CATALOG",
+    "Layout",
+    "MixedOptions",
+    "MixedSplit",
+    "check_root",
+    "find_layout",
+    "make_mixed",
+    "make_named",
+    "pchmr_datasets",
+]
 
 SPIN_URL = "SPIN's fetch_data.sh / datasets/preprocess (github.com/nkolot/SPIN), images from the dataset's own site"
 METRO_URL = "METRO's download_tsv.sh (github.com/microsoft/MeshTransformer, docs/DOWNLOAD.md)"
@@ -113,7 +124,7 @@ def find_layout(name: str, root: str | Path) -> Layout:
 
 def _member_spec(spec: DatasetSpec, name: str, layout: Layout, root: Path) -> DatasetSpec:
     """The location and options the layout's format plugin reads."""
-    options = {k: v for k, v in spec.options.items() if k != "datasets"}
+    options: dict[str, object] = {}
     if layout.format == "3dpw-pkl":
         path = f"root={root / (layout.images or '')},train={Path(layout.train).name}"
         path += f",test={Path(layout.test).name}" if layout.test else ""
@@ -137,6 +148,7 @@ def make_named(name: str) -> Any:
     """The factory of named dataset ``name``: ``--dataset NAME:ROOT``."""
 
     def factory(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
+        read_options(NoOptions, spec.options, plugin=name, kind="dataset")
         if not spec.path:
             raise DatasetFormatError(f"dataset '{name}' needs the data root: --dataset {name}:ROOT")
         root = Path(spec.path).expanduser()
@@ -147,6 +159,7 @@ def make_named(name: str) -> Any:
 
     factory.__doc__ = f"Named dataset '{name}' under a data root (layouts: {[lay.format for lay in CATALOG[name]]})."
     factory.expected_files = lambda root: check_root(root, [name])  # type: ignore[attr-defined]  # FileChecker
+    factory.options = NoOptions  # type: ignore[attr-defined]  # DeclaresOptions
     return factory
 
 
@@ -178,9 +191,17 @@ class MixedSplit(ConcatDataset):
         return sample
 
 
+@dataclass(frozen=True)
+class MixedOptions:
+    """``DatasetSpec.options`` of ``mixed`` (the engine sets them from ``--dataset A,B,C``)."""
+
+    datasets: str = option(help="the member datasets, comma-separated (two or more registered names)")
+
+
 def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
-    members = [m.strip() for m in str(spec.options.get("datasets", "")).split(",") if m.strip()]
+    options = read_options(MixedOptions, spec.options, plugin="mixed", kind="dataset")
+    members = [m.strip() for m in options.datasets.split(",") if m.strip()]
     if len(members) < 2 or len(set(members)) != len(members):
         raise DatasetFormatError(f"a mixed dataset needs two or more distinct names, got {members}")
     registry = get_registry()
@@ -188,8 +209,7 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     per_test = None if spec.num_test is None else max(1, spec.num_test // len(members))
     parts: list[tuple[str, HMRData]] = []
     for name in members:
-        member_spec = dataclasses.replace(spec, num_train=per_train, num_test=per_test,
-                                          options={k: v for k, v in spec.options.items() if k != "datasets"})  # fmt: skip
+        member_spec = dataclasses.replace(spec, num_train=per_train, num_test=per_test, options={})
         data = registry.get("dataset", name)(member_spec, body_model)
         data.labels = {**data.labels, "source": np.full(len(data.train), name)}  # type: ignore[misc]
         parts.append((name, data))
@@ -233,6 +253,9 @@ def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[Exp
                 present = path.is_dir() if role == "images" else _exists(root, rel)
                 out.append(ExpectedFile(name, layout.format, role, path, present, layout.obtain))
     return out
+
+
+make_mixed.options = MixedOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

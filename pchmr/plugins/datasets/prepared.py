@@ -24,6 +24,7 @@ labels — all already mapped to the body model's joint set with :mod:`pchmr.cor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +40,7 @@ from torch.utils.data import Dataset
 from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.errors import DatasetFormatError
+from pchmr.core.contracts.options import read_options
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.core.kit.joints import get_protocol, root_relative
 from pchmr.core.kit.store import (
@@ -58,9 +60,11 @@ __all__ = [
     "StoreSplit",
     "crop_image",
     "decode_image",
+    "location_keys",
     "make_hmr_data",
     "parse_path_spec",
     "prepare_split",
+    "read_location",
     "to_crop_coords",
 ]
 
@@ -417,6 +421,21 @@ def make_hmr_data(
 
 
 # ---------------------------------------------------------------------------------- paths
+
+
+def location_keys(declared: type) -> tuple[str, ...]:
+    """The ``key=value`` keys of a format plugin's ``--dataset`` path: the fields of its options class."""
+    return tuple(f.name for f in dataclasses.fields(declared))
+
+
+def read_location(plugin: str, spec: DatasetSpec, declared: type) -> dict[str, str]:
+    """Where a format plugin reads: the ``--dataset`` path (:func:`parse_path_spec`, keys
+    :func:`location_keys`), overridden by ``spec.options`` read through the plugin's options class
+    ``declared`` (a named dataset sets ``source`` and ``images`` that way). Values are strings."""
+    where = parse_path_spec(spec.path, plugin, location_keys(declared))
+    options = read_options(declared, spec.options, plugin=plugin, kind="dataset")
+    where.update({key: str(value) for key, value in dataclasses.asdict(options).items() if value is not None})
+    return where
 
 
 def parse_path_spec(path: str | None, plugin: str, keys: Sequence[str]) -> dict[str, str]:

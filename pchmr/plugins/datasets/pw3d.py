@@ -39,6 +39,7 @@ from __future__ import annotations
 import pickle
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from scipy.spatial.transform import Rotation
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import OPENPOSE_18, SMPL_24, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
@@ -56,18 +58,29 @@ from pchmr.plugins.datasets.prepared import (
     gender_names,
     limit,
     make_hmr_data,
-    parse_path_spec,
     prepare_split,
     progress_bar,
+    read_location,
 )
 
-__all__ = ["REQUIRED_KEYS", "load_3dpw_split", "load_sequence", "make_3dpw", "pchmr_datasets"]
+__all__ = ["REQUIRED_KEYS", "PW3DOptions", "load_3dpw_split", "load_sequence", "make_3dpw", "pchmr_datasets"]
 
 REQUIRED_KEYS = ("sequence", "genders", "betas", "poses", "poses2d", "jointPositions", "cam_poses", "campose_valid")
-PATH_KEYS = ("root", "train", "test", "protocol")
 BOX_FACTOR = 1.2
 MIN_KEYPOINTS = 2
 _NAME = re.compile(r"^([a-zA-Z]+)_(.+?)(?:_\d+)?$")
+
+
+@dataclass(frozen=True)
+class PW3DOptions:
+    """Where ``3dpw-pkl`` reads: the ``key=value`` pairs of its ``--dataset`` path, or ``DatasetSpec.options``."""
+
+    root: str | None = option(None, help="the 3DPW root (sequenceFiles/, imageFiles/); a bare path is the root")
+    train: str | None = option(None, default_text="train", help="the training split's folder under sequenceFiles/")
+    test: str | None = option(None, default_text="test", help="the test split's folder under sequenceFiles/")
+    protocol: str | None = option(
+        None, default_text="metro", help="the evaluation protocol (a name of pchmr.core.kit.joints.PROTOCOLS)"
+    )
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -177,8 +190,7 @@ def load_3dpw_split(
 
 def make_3dpw(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """The factory registered as ``3dpw-pkl`` (see the module docstring)."""
-    where = parse_path_spec(spec.path, "3dpw-pkl", PATH_KEYS)
-    where.update({k: str(v) for k, v in spec.options.items()})
+    where = read_location("3dpw-pkl", spec, PW3DOptions)
     root = Path(where.get("root", where.get("main", ""))).expanduser()
     protocol = where.get("protocol", "metro")
     from_mesh = body_model.name == "smpl"
@@ -198,6 +210,9 @@ def make_3dpw(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     )
     return make_hmr_data(f"3dpw-pkl:{where.get('test', 'test')}", stores["train"], stores["test"], body_model, protocol,
                          {"joints": joints_note})  # fmt: skip
+
+
+make_3dpw.options = PW3DOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

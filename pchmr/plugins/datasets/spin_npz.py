@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import J24, J24_PELVIS, OPENPOSE_25, remap
 from pchmr.plugins.datasets.prepared import (
     Annotations,
@@ -50,13 +52,20 @@ from pchmr.plugins.datasets.prepared import (
     gender_names,
     limit,
     make_hmr_data,
-    parse_path_spec,
     prepare_split,
     progress_bar,
+    read_location,
     split_indices,
 )
 
-__all__ = ["REQUIRED_KEYS", "load_spin_npz", "make_spin_npz", "pchmr_datasets", "source_from_filename"]
+__all__ = [
+    "REQUIRED_KEYS",
+    "SpinNpzOptions",
+    "load_spin_npz",
+    "make_spin_npz",
+    "pchmr_datasets",
+    "source_from_filename",
+]
 
 REQUIRED_KEYS = ("imgname", "center", "scale")
 #: Expected per-sample shape of each key (after the leading N).
@@ -66,9 +75,24 @@ KEY_SHAPES: Mapping[str, tuple[int, ...]] = {
 }  # fmt: skip
 #: A 3D coordinate beyond this many metres from the camera means the file is not in metres.
 MAX_METRES = 50.0
-PATH_KEYS = ("train", "test", "images", "source", "protocol")
 _SOURCES = (("h36m", "h36m"), ("3dpw", "3dpw"), ("mpi_inf_3dhp", "mpi-inf-3dhp"), ("lspet", "lspet"),
             ("lsp", "lsp"), ("coco", "coco"), ("mpii", "mpii"), ("up3d", "up3d"), ("up_3d", "up3d"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SpinNpzOptions:
+    """Where ``spin-npz`` reads: the ``key=value`` pairs of its ``--dataset`` path, or ``DatasetSpec.options``
+    (a bare path is one file, split 80/20 by the seed)."""
+
+    train: str | None = option(None, help="the training .npz (with test)")
+    test: str | None = option(None, help="the test .npz (with train)")
+    images: str | None = option(None, default_text="beside the .npz", help="the folder the image names are relative to")
+    source: str | None = option(
+        None, default_text="from the file name", help="the source label of every sample (h36m, 3dpw, …)"
+    )
+    protocol: str | None = option(
+        None, default_text="metro", help="the evaluation protocol (a name of pchmr.core.kit.joints.PROTOCOLS)"
+    )
 
 
 def source_from_filename(path: Path) -> str:
@@ -188,7 +212,7 @@ def load_spin_npz(path: str | Path, joint_names: tuple[str, ...], source: str | 
 
 def make_spin_npz(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """The factory registered as ``spin-npz`` (see the module docstring for the location)."""
-    where = {**parse_path_spec(spec.path, "spin-npz", PATH_KEYS), **{k: str(v) for k, v in spec.options.items()}}
+    where = read_location("spin-npz", spec, SpinNpzOptions)
     protocol = where.get("protocol", "metro")
     source = where.get("source")
     if "main" in where:
@@ -217,6 +241,9 @@ def make_spin_npz(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
                                           sources=[path], protocol=protocol, progress=update)  # fmt: skip
     name = f"spin-npz:{files['test'][0].name}"
     return make_hmr_data(name, stores["train"], stores["test"], body_model, protocol, {"split": split_note})
+
+
+make_spin_npz.options = SpinNpzOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -48,6 +48,7 @@ from torch.utils.data import Dataset
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import NoOptions, read_options
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.plugins.datasets.render import PinholeCamera, render_mesh
 
@@ -511,7 +512,8 @@ class SyntheticSplit(Dataset):
 
 
 def make_synthetic(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
-    """The factory registered as ``synthetic``: prepare once (cached), then read."""
+    """The factory registered as ``synthetic``: prepare once (cached), then read (no options)."""
+    read_options(NoOptions, spec.options, plugin="synthetic", kind="dataset")
     num_train = DEFAULT_NUM_TRAIN if spec.num_train is None else int(spec.num_train)
     num_test = DEFAULT_NUM_TEST if spec.num_test is None else int(spec.num_test)
     if num_train < 1 or num_test < 1:
@@ -528,6 +530,9 @@ def make_synthetic(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         train=train, test=test, labels=dict(train.labels), protocol=protocol,
         train_mean_joints=mean_joints, extra={"cache_path": str(directory)},
     )  # fmt: skip
+
+
+make_synthetic.options = NoOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

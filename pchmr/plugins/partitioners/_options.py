@@ -1,60 +1,30 @@
-"""Option parsing shared by pchmr's partitioners.
+"""What pchmr's partitioners share about their options and the client count.
 
-Every partitioner receives its options as a mapping of kebab-case keys (``--partition-option
-key=value`` on the command line, ``partition_options`` in a config file). These helpers refuse
-unknown keys, resolve a ``label`` against ``data.labels``, parse numbers with a range and check
-the client count, each with a :class:`~pchmr.core.contracts.partition.PartitionError` naming the
-partitioner, the option, the value and what is expected.
+Every partitioner declares its options as a frozen dataclass (:mod:`pchmr.core.contracts.options`)
+and reads them with ``read_options``; what only the data can tell is checked here, in the same
+wording: :func:`label_option` resolves a ``label`` against ``data.labels``, and
+:func:`check_num_clients` refuses impossible client counts (a
+:class:`~pchmr.core.contracts.partition.PartitionError`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from pchmr.core.contracts.dataset import HMRData
+from pchmr.core.contracts.options import option_error
 from pchmr.core.contracts.partition import PartitionError
 
-__all__ = ["check_num_clients", "check_option_keys", "label_option", "number_option"]
+__all__ = ["check_num_clients", "label_option"]
 
 
-def check_option_keys(method: str, options: Mapping[str, object], allowed: tuple[str, ...]) -> None:
-    """Refuse option keys ``method`` does not know, listing the ones it does."""
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        known = ", ".join(allowed) if allowed else "none"
-        raise PartitionError(f"the {method} partitioner has no option {unknown}; its options are: {known}")
-
-
-def label_option(method: str, data: HMRData, options: Mapping[str, object], default: str) -> tuple[str, np.ndarray]:
-    """``(key, labels)`` of the ``label`` option (default ``default``): a (N,) str array of the train split."""
-    key = options.get("label", default)
-    if not isinstance(key, str) or key not in data.labels:
+def label_option(method: str, data: HMRData, key: str) -> np.ndarray:
+    """The ``label`` option ``key`` resolved: a (N,) str array of the train split's labels;
+    an :class:`~pchmr.core.contracts.errors.OptionError` naming the dataset's labels otherwise."""
+    if key not in data.labels:
         available = ", ".join(sorted(data.labels)) or "none"
-        raise PartitionError(f"{method}: no label {key!r} in this dataset; label= must be one of: {available}")
-    values = np.asarray(data.labels[key]).astype(str)
-    return key, values
-
-
-def number_option(
-    method: str, options: Mapping[str, object], key: str, default: float, *, integer: bool, minimum: float, strict: bool
-) -> float | int:
-    """A numeric option: int or float (numeric strings accepted), ``> minimum`` if ``strict`` else ``>= minimum``."""
-    raw = options.get(key, default)
-    kind = "an integer" if integer else "a number"
-    relation = ">" if strict else ">="
-    try:
-        if isinstance(raw, bool):
-            raise TypeError
-        value = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise PartitionError(f"{method}: {key}={raw!r} is not {kind}; expected {kind} {relation} {minimum:g}") from None
-    if not np.isfinite(value) or (integer and not value.is_integer()):
-        raise PartitionError(f"{method}: {key}={raw!r} is not {kind}; expected {kind} {relation} {minimum:g}")
-    if (value <= minimum) if strict else (value < minimum):
-        raise PartitionError(f"{method}: {key}={raw!r} is out of range; expected {kind} {relation} {minimum:g}")
-    return int(value) if integer else value
+        raise option_error(method, "partitioner", "label", f"a label of this dataset ({available})", key)
+    return np.asarray(data.labels[key]).astype(str)
 
 
 def check_num_clients(method: str, num_clients: int, num_samples: int) -> None:

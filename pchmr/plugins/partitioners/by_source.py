@@ -13,22 +13,26 @@ Options: ``label`` (a key of ``data.labels``, default :data:`DEFAULT_LABEL`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import (
-    check_num_clients,
-    check_option_keys,
-    label_option,
-)
+from pchmr.plugins.partitioners._options import check_num_clients, label_option
 
-__all__ = ["DEFAULT_LABEL", "allocate_clients", "by_source", "pchmr_partitioners"]
+__all__ = ["DEFAULT_LABEL", "BySourceOptions", "allocate_clients", "by_source", "pchmr_partitioners"]
 
 DEFAULT_LABEL = "source"
-OPTIONS = ("label",)
+
+
+@dataclass(frozen=True)
+class BySourceOptions:
+    """``--partition-option`` values of ``by-source``."""
+
+    label: str = option(DEFAULT_LABEL, help="the meta label naming each sample's source; no value is shared")
 
 
 def allocate_clients(sizes: Sequence[int], num_clients: int) -> list[int]:
@@ -59,8 +63,8 @@ def allocate_clients(sizes: Sequence[int], num_clients: int) -> list[int]:
 
 def by_source(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Single-source clients, allocated to sources by size and split IID within a source."""
-    check_option_keys("by-source", options, OPTIONS)
-    key, labels = label_option("by-source", data, options, DEFAULT_LABEL)
+    key = read_options(BySourceOptions, options, plugin="by-source", kind="partitioner").label
+    labels = label_option("by-source", data, key)
     check_num_clients("by-source", num_clients, len(labels))
     values = sorted(set(labels.tolist()))
     if num_clients < len(values):
@@ -80,6 +84,9 @@ def by_source(data: HMRData, num_clients: int, seed: int, options: Mapping[str, 
     params = {"seed": seed, "num_clients": num_clients, "num_samples": len(labels), "label": key,
               "allocation": dict(zip(values, seats)), "client_values": client_values}  # fmt: skip
     return Partition(tuple(clients), "by-source", params)
+
+
+by_source.options = BySourceOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -30,15 +30,13 @@ import torch
 
 from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, option_error, read_options
 from pchmr.core.contracts.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import (
-    check_num_clients,
-    check_option_keys,
-    number_option,
-)
+from pchmr.plugins.partitioners._options import check_num_clients
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
+    "CNNClusterOptions",
     "ClusterResult",
     "assign_clusters",
     "cluster_features",
@@ -57,7 +55,6 @@ STD_EPS = 1e-8
 #: scikit-learn random states must fit in 32 bits.
 SKLEARN_SEED_MODULUS = 2**32
 TORCH_SEED_MODULUS = 2**63
-OPTIONS = ("clusters", "weights", "encoder", "batch-size")
 ENCODER_NAMES = ("small", "resnet50")
 
 
@@ -148,30 +145,37 @@ def assign_clusters(cluster_ids: np.ndarray, num_clusters: int, num_clients: int
     return client_of
 
 
-def _count_option(options: Mapping[str, object], key: str, default: int) -> int:
-    return int(number_option("cnn-cluster", options, key, default, integer=True, minimum=1, strict=False))
+@dataclass(frozen=True)
+class CNNClusterOptions:
+    """``--partition-option`` values of ``cnn-cluster``."""
+
+    clusters: int | None = option(
+        None,
+        low=1,
+        default_text="--clients",
+        help="k-means clusters (>= --clients), dealt to the clients largest first",
+    )
+    weights: str | None = option(
+        None, help="a local state dict of the encoder (torchvision's resnet50 layout for encoder=resnet50)"
+    )
+    encoder: str | None = option(
+        None, choices=ENCODER_NAMES, default_text="resnet50 with weights, else small", help="the CNN feature encoder"
+    )
+    batch_size: int = option(DEFAULT_BATCH_SIZE, low=1, help="images per encoder forward pass")
 
 
 def _options(options: Mapping[str, object], num_clients: int) -> tuple[int, str, str | None, int]:
-    check_option_keys("cnn-cluster", options, OPTIONS)
-    clusters = _count_option(options, "clusters", num_clients)
+    opts = read_options(CNNClusterOptions, options, plugin="cnn-cluster", kind="partitioner")
+    clusters = num_clients if opts.clusters is None else opts.clusters
     if clusters < num_clients:
-        raise PartitionError(
-            f"cnn-cluster: clusters={clusters} is fewer than --clients {num_clients}; every client needs a cluster, "
-            f"so clusters must be >= {num_clients}"
+        rule = f"at least --clients {num_clients} (every client needs a cluster)"
+        raise option_error("cnn-cluster", "partitioner", "clusters", rule, clusters)
+    if opts.weights is not None and not Path(opts.weights).is_file():
+        raise option_error(
+            "cnn-cluster", "partitioner", "weights", "an existing file (the encoder's state dict)", opts.weights
         )
-    batch_size = _count_option(options, "batch-size", DEFAULT_BATCH_SIZE)
-    weights = options.get("weights")
-    if weights is not None:
-        if not isinstance(weights, str) or not Path(weights).is_file():
-            raise PartitionError(
-                f"cnn-cluster: weights={weights!r} is not a file; give a local state dict of the encoder "
-                "(torchvision's resnet50 layout for encoder=resnet50, the default with weights)"
-            )
-    encoder = options.get("encoder", "resnet50" if weights is not None else "small")
-    if encoder not in ENCODER_NAMES:
-        raise PartitionError(f"cnn-cluster: encoder={encoder!r} is unknown; choose one of: {', '.join(ENCODER_NAMES)}")
-    return clusters, str(encoder), weights, batch_size
+    encoder = opts.encoder or ("resnet50" if opts.weights is not None else "small")
+    return clusters, encoder, opts.weights, opts.batch_size
 
 
 def cnn_cluster(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
@@ -208,6 +212,7 @@ def cluster_partition(
 
 
 cnn_cluster.with_details = cluster_partition  # type: ignore[attr-defined]  # ExplainedPartitioner
+cnn_cluster.options = CNNClusterOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -26,24 +26,22 @@ bare ``ValueError``. The construction itself is a dozen lines, written here on n
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import (
-    check_num_clients,
-    check_option_keys,
-    label_option,
-    number_option,
-)
+from pchmr.plugins.partitioners._options import check_num_clients, label_option
 
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_LABEL",
     "DEFAULT_MIN_SIZE",
     "MAX_DRAWS",
+    "LDAOptions",
     "dirichlet_split",
     "lda",
     "pchmr_partitioners",
@@ -54,7 +52,17 @@ DEFAULT_LABEL = "source"
 DEFAULT_MIN_SIZE = 2
 #: Dirichlet draws tried before giving up on ``min-size``.
 MAX_DRAWS = 1000
-OPTIONS = ("alpha", "label", "min-size")
+
+
+@dataclass(frozen=True)
+class LDAOptions:
+    """``--partition-option`` values of ``lda``."""
+
+    alpha: float = option(
+        DEFAULT_ALPHA, low=0.0, low_open=True, help="Dirichlet concentration: small = skewed clients and sizes"
+    )
+    label: str = option(DEFAULT_LABEL, help="the meta label whose values are skewed over the clients")
+    min_size: int = option(DEFAULT_MIN_SIZE, low=1, help="fewest samples per client; the draw is repeated until met")
 
 
 # ----------------------------------------------------------------------------- the split
@@ -76,10 +84,9 @@ def dirichlet_split(labels: np.ndarray, num_clients: int, alpha: float, rng: np.
 
 def lda(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Dirichlet(alpha) skew of ``label`` over ``num_clients`` clients of at least ``min-size`` samples."""
-    check_option_keys("lda", options, OPTIONS)
-    alpha = float(number_option("lda", options, "alpha", DEFAULT_ALPHA, integer=False, minimum=0.0, strict=True))
-    min_size = int(number_option("lda", options, "min-size", DEFAULT_MIN_SIZE, integer=True, minimum=1, strict=False))
-    key, labels = label_option("lda", data, options, DEFAULT_LABEL)
+    opts = read_options(LDAOptions, options, plugin="lda", kind="partitioner")
+    alpha, min_size, key = opts.alpha, opts.min_size, opts.label
+    labels = label_option("lda", data, key)
     n = len(labels)
     check_num_clients("lda", num_clients, n)
     if min_size * num_clients > n:
@@ -102,6 +109,9 @@ def lda(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object
         f"samples in {MAX_DRAWS} draws (best draw: {fewest_short} clients short) from {n} samples of "
         f"{len(set(labels.tolist()))} '{key}' classes; raise alpha, lower --clients or min-size"
     )
+
+
+lda.options = LDAOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -11,24 +11,32 @@ Options: ``label`` (a key of ``data.labels``, default :data:`DEFAULT_LABEL`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.partition import Partition, PartitionError
-from pchmr.plugins.partitioners._options import check_option_keys, label_option
+from pchmr.plugins.partitioners._options import label_option
 
-__all__ = ["DEFAULT_LABEL", "natural", "pchmr_partitioners"]
+__all__ = ["DEFAULT_LABEL", "NaturalOptions", "natural", "pchmr_partitioners"]
 
 DEFAULT_LABEL = "scene"
-OPTIONS = ("label",)
+
+
+@dataclass(frozen=True)
+class NaturalOptions:
+    """``--partition-option`` values of ``natural``."""
+
+    label: str = option(DEFAULT_LABEL, help="the meta label: one client per distinct value")
 
 
 def natural(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
     """Client ``c`` = the samples whose ``label`` is the ``c``-th distinct value (sorted)."""
-    check_option_keys("natural", options, OPTIONS)
-    key, labels = label_option("natural", data, options, DEFAULT_LABEL)
+    key = read_options(NaturalOptions, options, plugin="natural", kind="partitioner").label
+    labels = label_option("natural", data, key)
     values = sorted(set(labels.tolist()))
     if num_clients != len(values):
         raise PartitionError(
@@ -37,6 +45,9 @@ def natural(data: HMRData, num_clients: int, seed: int, options: Mapping[str, ob
     clients = tuple(np.flatnonzero(labels == value).astype(np.int64) for value in values)
     params = {"seed": seed, "num_clients": num_clients, "num_samples": len(labels), "label": key, "values": values}
     return Partition(clients, "natural", params)
+
+
+natural.options = NaturalOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import (
     IncompatibleError,
     PrivacyBudgetExhausted,
@@ -88,7 +89,6 @@ _VARIANCE_BUFFERS = frozenset({"running_var"})
 #: train-config key a round protocol (secure aggregation) reads for its client weights; "uniform"
 #: makes the revealed sum unweighted, as the noise calibration z·C/k requires
 PROTOCOL_WEIGHTING_KEY = "secagg-weighting"
-OPTION_KEYS = ("placement", "level", "clip", "noise-multiplier", "delta", "target-epsilon", "sampling-credit")
 
 
 # --------------------------------------------------------------------------------------
@@ -96,13 +96,43 @@ OPTION_KEYS = ("placement", "level", "clip", "noise-multiplier", "delta", "targe
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DPOptions:
-    placement: str = "server"
-    level: str = "client"
-    clip: float = DEFAULT_CLIP
-    noise_multiplier: float = DEFAULT_NOISE_MULTIPLIER
-    delta: float = MAX_DEFAULT_DELTA
-    target_epsilon: float | None = None
-    sampling_credit: bool = True
+    """``--privacy-option`` values of ``dp``; :func:`parse_options` resolves the ``None`` defaults
+    (``placement`` is ``server`` at client level, ``delta`` follows the number of clients)."""
+
+    level: str = option(
+        "client", choices=LEVELS, help="client: DP-FedAvg on whole updates; example: DP-SGD in local training"
+    )
+    placement: str | None = option(
+        None,
+        choices=PLACEMENTS,
+        default_text="server (level=client)",
+        help="client level: the server clips and noises (trusted), or each client before sending",
+    )
+    clip: float = option(
+        DEFAULT_CLIP, low=0.0, low_open=True, help="L2 bound C of a client update (client) or an example's gradient"
+    )
+    noise_multiplier: float = option(
+        DEFAULT_NOISE_MULTIPLIER, low=0.0, low_open=True, help="z: Gaussian noise of standard deviation z·C"
+    )
+    delta: float | None = option(
+        None,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+        default_text="min(1e-5, 1/N^1.1)",
+        help="δ of the (ε, δ) guarantee, N the protected units",
+    )
+    target_epsilon: float | None = option(
+        None, low=0.0, low_open=True, help="stop the run before a round that would exceed this ε (none: no budget)"
+    )
+    sampling_credit: bool = option(True, help="client level: account for client sampling (q = k/N); false: q = 1")
+
+    def __post_init__(self) -> None:
+        if self.level == "example" and self.placement is not None:
+            raise ValueError(
+                "'placement' applies to level=client; example-level DP-SGD adds its noise in local training"
+            )
 
 
 def default_delta(units: int) -> float:
@@ -111,49 +141,13 @@ def default_delta(units: int) -> float:
     return min(MAX_DEFAULT_DELTA, 1.0 / units**DELTA_EXPONENT)
 
 
-def _number(options: Mapping[str, Any], key: str, default: float, low: float, low_open: bool) -> float:
-    value = options.get(key, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low)
-    if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ValueError(f"dp option '{key}' must be a number {bound}, got {value!r}")
-    return float(value)
-
-
 def parse_options(options: Mapping[str, Any], config: StrategyConfig) -> DPOptions:
-    """Validated :class:`DPOptions` (ValueError naming the option and what is allowed)."""
-    unknown = sorted(set(options) - set(OPTION_KEYS))
-    if unknown:
-        raise ValueError(
-            f"dp does not take the option(s) {', '.join(map(repr, unknown))}; it takes: {', '.join(OPTION_KEYS)}"
-        )
-    level = str(options.get("level", "client"))
-    if level not in LEVELS:
-        raise ValueError(f"dp option 'level' must be one of {', '.join(LEVELS)}, got {level!r}")
-    if level == "example" and "placement" in options:
-        raise ValueError(
-            "dp option 'placement' applies to level=client; example-level DP-SGD adds its noise in local training"
-        )
-    placement = str(options.get("placement", "server"))
-    if placement not in PLACEMENTS:
-        raise ValueError(f"dp option 'placement' must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    delta = _number(options, "delta", default_delta(config.num_clients), 0.0, True)
-    if delta >= 1.0:
-        raise ValueError(f"dp option 'delta' must lie in (0, 1), got {delta!r}")
-    target = options.get("target-epsilon")
-    credit = options.get("sampling-credit", True)
-    if not isinstance(credit, bool):
-        raise ValueError(f"dp option 'sampling-credit' must be true or false, got {credit!r}")
-    return DPOptions(
-        placement=placement,
-        level=level,
-        clip=_number(options, "clip", DEFAULT_CLIP, 0.0, True),
-        noise_multiplier=_number(options, "noise-multiplier", DEFAULT_NOISE_MULTIPLIER, 0.0, True),
-        delta=delta,
-        target_epsilon=None if target is None else _number(options, "target-epsilon", 0.0, 0.0, True),
-        sampling_credit=credit,
-    )
+    """:class:`DPOptions` read from ``options`` (an :class:`~pchmr.core.contracts.errors.OptionError`
+    naming the option and what is allowed), its ``None`` defaults resolved for ``config``."""
+    opts = read_options(DPOptions, options, plugin="dp", kind="privacy")
+    placement = (opts.placement or "server") if opts.level == "client" else None
+    delta = default_delta(config.num_clients) if opts.delta is None else opts.delta
+    return dataclasses.replace(opts, placement=placement, delta=delta)
 
 
 # --------------------------------------------------------------------------------------
@@ -668,6 +662,9 @@ def dp_overhead(num_params: int, per_round: int = 10, repeats: int = 3, seed: in
 
     plain_s, dp_s = best(plain), best(private)
     return {"plain_s": plain_s, "dp_s": dp_s, "dp_minus_plain_s": dp_s - plain_s}
+
+
+dp.options = DPOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -56,16 +56,15 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
 from pchmr.plugins.strategies.fedopt import (
     NUM_EXAMPLES_KEY,
     SERVER_OPTIMIZERS,
-    choice_option,
-    float_option,
+    FedOptOptions,
     make_server_optimizer,
     read_server_optimizer,
-    reject_unknown_options,
     server_optimizer_hooks,
 )
 
@@ -73,6 +72,7 @@ __all__ = [
     "FedGH",
     "FedGHAdagrad",
     "FedGHAdam",
+    "FedGHOptions",
     "FedGHYogi",
     "Harmonization",
     "RoundStats",
@@ -88,7 +88,6 @@ GRANULARITIES = ("model", "layer")
 WEIGHTINGS = ("examples", "uniform")
 SERVER_OPTS = ("none", *SERVER_OPTIMIZERS)
 DEFAULT_SERVER_LEARNING_RATE = 1.0
-FEDGH_OPTIONS = ("granularity", "weighting", "server-opt", "server-learning-rate", "beta-1", "beta-2", "tau")
 PARTITION_KEY = "partition-id"
 #: Mixed into the projection-order seed so that it is independent of other (seed, round) streams.
 _ORDER_STREAM = 0x6647
@@ -400,23 +399,43 @@ _INFERRED = {
 }
 
 
+@dataclass(frozen=True)
+class FedGHOptions(FedOptOptions):
+    """``--strategy-option`` values of ``fedgh`` (see the module docstring); with ``server-opt``
+    none, ``server-learning-rate`` is η of step 6, else the options configure Flower's optimiser."""
+
+    server_opt: str = option(
+        "none", choices=SERVER_OPTS, help="a Flower server optimiser stepping on the harmonized delta"
+    )
+    server_learning_rate: float | None = option(
+        None,
+        low=0.0,
+        low_open=True,
+        default_text=f"{DEFAULT_SERVER_LEARNING_RATE:g} (server-opt none), else Flower's",
+        help="server step size η",
+    )
+    granularity: str = option("model", choices=GRANULARITIES, help="project the whole model's update or each layer's")
+    weighting: str = option("examples", choices=WEIGHTINGS, help="client weights p_k: by sample count or uniform")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.server_opt == "none":
+            given = [
+                f"'{key}'" for key in ("beta-1", "beta-2", "tau") if getattr(self, key.replace("-", "_")) is not None
+            ]
+            if given:
+                verb = "needs" if len(given) == 1 else "need"
+                raise ValueError(f"{' and '.join(given)} {verb} server-opt adam, yogi or adagrad")
+
+
 def fedgh(config: StrategyConfig) -> StrategyParts:
     """Server: :class:`FedGH` (or FedGHAdam/Yogi/Adagrad with ``server-opt``); the client adds nothing."""
-    options = config.options
-    reject_unknown_options("fedgh", options, FEDGH_OPTIONS)
-    granularity = choice_option("fedgh", options, "granularity", "model", GRANULARITIES)
-    weighting = choice_option("fedgh", options, "weighting", "examples", WEIGHTINGS)
-    server_opt = choice_option("fedgh", options, "server-opt", "none", SERVER_OPTS)
+    options = read_options(FedGHOptions, config.options, plugin="fedgh", kind="strategy")
+    granularity, weighting, server_opt = options.granularity, options.weighting, options.server_opt
     chosen: dict[str, Any] = {"granularity": granularity, "weighting": weighting}
     if server_opt == "none":
-        needs_optimizer = sorted({"beta-1", "beta-2", "tau"} & set(options))
-        if needs_optimizer:
-            raise ValueError(
-                f"fedgh option(s) {', '.join(map(repr, needs_optimizer))} need server-opt adam, yogi or adagrad"
-            )
-        eta = float_option(
-            "fedgh", options, "server-learning-rate", DEFAULT_SERVER_LEARNING_RATE, low=0.0, low_open=True
-        )
+        given_eta = options.server_learning_rate
+        eta = DEFAULT_SERVER_LEARNING_RATE if given_eta is None else given_eta
         harmonization = Harmonization(granularity, weighting, eta, config.seed)
         server: FedAvg = FedGH(
             **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization
@@ -425,7 +444,7 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
         chosen.update({"server-opt": "none", "server-learning-rate": eta})
         server_text = "pchmr.plugins.strategies.fedgh.FedGH (a flwr.serverapp.strategy.FedAvg subclass)"
     else:
-        optimizer = read_server_optimizer("fedgh", options, server_opt)
+        optimizer = read_server_optimizer(options)
         harmonization = Harmonization(granularity, weighting, 1.0, config.seed)
         server = make_server_optimizer(optimizer, HARMONIZED_OPTIMIZERS[server_opt], harmonization=harmonization)
         get_state, set_state = server_optimizer_hooks(server, optimizer, "fedgh")
@@ -449,6 +468,9 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
         get_state=get_state,
         set_state=set_state,
     )
+
+
+fedgh.options = FedGHOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -28,8 +28,7 @@ Options (``--strategy-option key=value``), defaults are Flower's for the chosen 
 ``tau``                  τ > 0                                0.001
 =======================  ===================================  =====================
 
-The option helpers below (:func:`reject_unknown_options`, :func:`float_option`,
-:func:`choice_option`) and the server-optimiser pieces (:func:`read_server_optimizer`,
+The options (:class:`FedOptOptions`) and the server-optimiser pieces (:func:`read_server_optimizer`,
 :func:`make_server_optimizer`, :func:`server_optimizer_hooks`) are reused by :mod:`pchmr.plugins.strategies.fedgh`.
 """
 
@@ -37,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,20 +48,19 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
 
 __all__ = [
     "SERVER_OPTIMIZERS",
+    "FedOptOptions",
     "ServerOptimizer",
     "adapt_server_optimizer",
-    "choice_option",
     "fedopt",
-    "float_option",
     "load_server_optimizer_state",
     "make_server_optimizer",
     "read_server_optimizer",
-    "reject_unknown_options",
     "server_optimizer_hooks",
     "server_optimizer_state",
 ]
@@ -72,60 +69,9 @@ __all__ = [
 SERVER_OPTIMIZERS: Mapping[str, type[FedOpt]] = {"adam": FedAdam, "yogi": FedYogi, "adagrad": FedAdagrad}
 #: pchmr option name → Flower constructor argument.
 _FLOWER_ARGUMENT = {"server-learning-rate": "eta", "beta-1": "beta_1", "beta-2": "beta_2", "tau": "tau"}
-#: Options of the server optimiser, in the order ``describe`` lists them.
-SERVER_OPTIMIZER_OPTIONS = ("server-opt", "server-learning-rate", "beta-1", "beta-2", "tau")
 DEFAULT_SERVER_OPT = "adam"
 #: Sample-count key clients put in their MetricRecord (pchmr's runtime and Flower agree on it).
 NUM_EXAMPLES_KEY = "num-examples"
-
-
-# --------------------------------------------------------------------------------------
-# option helpers
-# --------------------------------------------------------------------------------------
-def reject_unknown_options(strategy: str, options: Mapping[str, Any], allowed: Iterable[str]) -> None:
-    """Raise ValueError naming every option ``strategy`` does not take, and the ones it does."""
-    allowed = tuple(allowed)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"{strategy} does not take the strategy option(s) {', '.join(map(repr, unknown))}; "
-            f"it takes: {', '.join(allowed) or 'none'}"
-        )
-
-
-def float_option(
-    strategy: str,
-    options: Mapping[str, Any],
-    key: str,
-    default: float,
-    *,
-    low: float,
-    high: float = math.inf,
-    low_open: bool = False,
-    high_open: bool = True,
-) -> float:
-    """``options[key]`` (or ``default``) as a finite float in the range [low, high] (open ends as flagged)."""
-    value = options.get(key, default)
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    hi_text = "∞" if math.isinf(high) else f"{high:g}"
-    range_text = f"{lo}{low:g}, {hi_text}{hi}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{strategy} option '{key}' must be a number in {range_text}, got {value!r}")
-    number = float(value)
-    below = number <= low if low_open else number < low
-    above = number >= high if high_open else number > high
-    if not math.isfinite(number) or below or above:
-        raise ValueError(f"{strategy} option '{key}' must be a number in {range_text}, got {value!r}")
-    return number
-
-
-def choice_option(strategy: str, options: Mapping[str, Any], key: str, default: str, choices: Iterable[str]) -> str:
-    """``options[key]`` (or ``default``), which must be one of ``choices``."""
-    choices = tuple(choices)
-    value = options.get(key, default)
-    if value not in choices:
-        raise ValueError(f"{strategy} option '{key}' must be one of {', '.join(choices)}; got {value!r}")
-    return str(value)
 
 
 # --------------------------------------------------------------------------------------
@@ -169,27 +115,66 @@ def flower_default(cls: type[FedOpt], option: str) -> float:
     return float(parameter.default)
 
 
-def read_server_optimizer(strategy: str, options: Mapping[str, Any], name: str) -> ServerOptimizer:
-    """Validate ``server-learning-rate``, ``beta-1``, ``beta-2`` and ``tau`` for optimiser ``name``.
+def _default_text(option_key: str) -> str:
+    """A server-optimiser option's Flower defaults, for ``pchmr plugins --options``."""
+    defaults = {
+        name: f"{flower_default(cls, option_key):g}"
+        for name, cls in SERVER_OPTIMIZERS.items()
+        if _FLOWER_ARGUMENT[option_key] in inspect.signature(cls.__init__).parameters
+    }
+    if len(set(defaults.values())) == 1:
+        value = next(iter(defaults.values()))
+        return value if len(defaults) == len(SERVER_OPTIMIZERS) else f"{value} ({', '.join(defaults)})"
+    return ", ".join(f"{name} {value}" for name, value in defaults.items())
 
-    Missing options take the Flower class's defaults; ``beta-*`` given for adagrad is an error.
-    """
-    name = choice_option(strategy, {"server-opt": name}, "server-opt", DEFAULT_SERVER_OPT, SERVER_OPTIMIZERS)
+
+@dataclass(frozen=True)
+class FedOptOptions:
+    """``--strategy-option`` values of ``fedopt``; an option left out takes Flower's default for the
+    chosen server optimiser (:func:`read_server_optimizer`)."""
+
+    server_opt: str = option(DEFAULT_SERVER_OPT, choices=tuple(SERVER_OPTIMIZERS), help="Flower's server optimiser")
+    server_learning_rate: float | None = option(
+        None, low=0.0, low_open=True, default_text=_default_text("server-learning-rate"), help="server step size η"
+    )
+    beta_1: float | None = option(
+        None, low=0.0, high=1.0, high_open=True, default_text=_default_text("beta-1"), help="first-moment decay β₁"
+    )
+    beta_2: float | None = option(
+        None, low=0.0, high=1.0, high_open=True, default_text=_default_text("beta-2"), help="second-moment decay β₂"
+    )
+    tau: float | None = option(None, low=0.0, low_open=True, default_text=_default_text("tau"), help="adaptivity τ")
+
+    def __post_init__(self) -> None:
+        cls = SERVER_OPTIMIZERS.get(self.server_opt)
+        if cls is None:  # fedgh's "none": no server optimiser, its own rule
+            return
+        accepted = inspect.signature(cls.__init__).parameters
+        for key in ("beta-1", "beta-2"):
+            if getattr(self, key.replace("-", "_")) is not None and _FLOWER_ARGUMENT[key] not in accepted:
+                raise ValueError(f"'{key}' applies to server-opt adam and yogi, not {self.server_opt}")
+
+
+def read_server_optimizer(options: FedOptOptions) -> ServerOptimizer:
+    """The :class:`ServerOptimizer` ``options`` choose (``server-opt`` one of :data:`SERVER_OPTIMIZERS`):
+    options left out take the Flower class's defaults; β₁, β₂ are None for adagrad."""
+    name = options.server_opt
     cls = SERVER_OPTIMIZERS[name]
     accepted = inspect.signature(cls.__init__).parameters
-    eta = float_option(
-        strategy, options, "server-learning-rate", flower_default(cls, "server-learning-rate"), low=0.0, low_open=True
-    )
-    tau = float_option(strategy, options, "tau", flower_default(cls, "tau"), low=0.0, low_open=True)
+
+    def value(key: str, given: float | None) -> float:
+        return flower_default(cls, key) if given is None else given
+
     betas: dict[str, float | None] = {}
-    for key in ("beta-1", "beta-2"):
-        if _FLOWER_ARGUMENT[key] in accepted:
-            betas[key] = float_option(strategy, options, key, flower_default(cls, key), low=0.0, high=1.0)
-        elif key in options:
-            raise ValueError(f"{strategy} option '{key}' applies to server-opt adam and yogi, not {name}")
-        else:
-            betas[key] = None
-    return ServerOptimizer(name=name, eta=eta, tau=tau, beta_1=betas["beta-1"], beta_2=betas["beta-2"])
+    for key, given in (("beta-1", options.beta_1), ("beta-2", options.beta_2)):
+        betas[key] = value(key, given) if _FLOWER_ARGUMENT[key] in accepted else None
+    return ServerOptimizer(
+        name=name,
+        eta=value("server-learning-rate", options.server_learning_rate),
+        tau=value("tau", options.tau),
+        beta_1=betas["beta-1"],
+        beta_2=betas["beta-2"],
+    )
 
 
 @functools.cache
@@ -310,10 +295,7 @@ def server_optimizer_hooks(
 
 def fedopt(config: StrategyConfig) -> StrategyParts:
     """Server: Flower's FedAdam, FedYogi or FedAdagrad (option ``server-opt``); the client adds nothing."""
-    options = config.options
-    reject_unknown_options("fedopt", options, SERVER_OPTIMIZER_OPTIONS)
-    name = choice_option("fedopt", options, "server-opt", DEFAULT_SERVER_OPT, SERVER_OPTIMIZERS)
-    optimizer = read_server_optimizer("fedopt", options, name)
+    optimizer = read_server_optimizer(read_options(FedOptOptions, config.options, plugin="fedopt", kind="strategy"))
     server = make_server_optimizer(optimizer)
     get_state, set_state = server_optimizer_hooks(server, optimizer, "fedopt")
     return StrategyParts(
@@ -323,6 +305,9 @@ def fedopt(config: StrategyConfig) -> StrategyParts:
         get_state=get_state,
         set_state=set_state,
     )
+
+
+fedopt.options = FedOptOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -17,8 +17,8 @@ Option: ``proximal-mu`` (μ ≥ 0, default 0.01).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,25 +26,41 @@ from flwr.serverapp.strategy import FedProx
 from torch import Tensor, nn
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
 
 if TYPE_CHECKING:
     from pchmr.core.contracts.backbone import HMROutput
 
-__all__ = ["DEFAULT_PROXIMAL_MU", "PROXIMAL_MU_KEY", "fedprox", "proximal_penalty", "proximal_term"]
+__all__ = [
+    "DEFAULT_PROXIMAL_MU",
+    "PROXIMAL_MU_KEY",
+    "FedProxOptions",
+    "fedprox",
+    "proximal_penalty",
+    "proximal_term",
+    "read_proximal_mu",
+]
 
 #: Flower's train-config key for μ.
 PROXIMAL_MU_KEY = "proximal-mu"
 DEFAULT_PROXIMAL_MU = 0.01
 
 
+@dataclass(frozen=True)
+class FedProxOptions:
+    """``--strategy-option`` values of ``fedprox``."""
+
+    proximal_mu: float = option(
+        DEFAULT_PROXIMAL_MU, low=0.0, key=PROXIMAL_MU_KEY, help="μ of the proximal term μ/2·‖w − w_global‖² (0: FedAvg)"
+    )
+
+
 def read_proximal_mu(options: Mapping[str, Any]) -> float:
-    """The ``proximal-mu`` option as a finite float ≥ 0 (ValueError naming the option and range otherwise)."""
-    value = options.get(PROXIMAL_MU_KEY, DEFAULT_PROXIMAL_MU)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"fedprox option '{PROXIMAL_MU_KEY}' must be a number in [0, ∞), got {value!r}")
-    return float(value)
+    """The ``proximal-mu`` option (:class:`FedProxOptions`) as a finite float ≥ 0; an
+    :class:`~pchmr.core.contracts.errors.OptionError` for any other key or value."""
+    return read_options(FedProxOptions, options, plugin="fedprox", kind="strategy").proximal_mu
 
 
 def proximal_penalty(
@@ -96,11 +112,6 @@ def proximal_term(module: nn.Module, batch: Mapping[str, Tensor], output: HMROut
 
 def fedprox(config: StrategyConfig) -> StrategyParts:
     """Server: ``flwr.serverapp.strategy.FedProx``; client: :func:`proximal_term` in the local loss."""
-    unknown = sorted(set(config.options) - {PROXIMAL_MU_KEY})
-    if unknown:
-        raise ValueError(
-            f"fedprox does not take the strategy option(s) {', '.join(map(repr, unknown))}; it takes: {PROXIMAL_MU_KEY}"
-        )
     mu = read_proximal_mu(config.options)
     server = FedProx(**flower_sampling_kwargs(), weighted_by_key="num-examples", proximal_mu=mu)
     return StrategyParts(
@@ -113,6 +124,9 @@ def fedprox(config: StrategyConfig) -> StrategyParts:
             "client": "loss += proximal-mu/2 * sum ||w - w_global||^2 over trainable parameters",
         },
     )
+
+
+fedprox.options = FedProxOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.privacy.secagg import secagg
+from pchmr.plugins.privacy.secagg.codec import SecAggSettings
 from pchmr.plugins.strategies.fedavg import fedavg
 
 __all__ = ["secagg_fedavg"]
@@ -24,6 +25,9 @@ def secagg_fedavg(config: StrategyConfig) -> StrategyParts:
     parts = secagg(inner, config)
     parts.name = "secagg"
     return parts
+
+
+secagg_fedavg.options = SecAggSettings  # type: ignore[attr-defined]  # DeclaresOptions: the privacy plugin's
 
 
 @hookimpl

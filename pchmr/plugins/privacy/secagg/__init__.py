@@ -50,7 +50,7 @@ from pchmr.core.contracts.strategy import (
     StrategyConfig,
     StrategyParts,
 )
-from pchmr.plugins.privacy.secagg.codec import read_settings
+from pchmr.plugins.privacy.secagg.codec import SecAggSettings, read_settings
 
 
 # --------------------------------------------------------------------------------------
@@ -108,6 +108,9 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         round_metrics=parts.round_metrics,
         prepare_module=parts.prepare_module,
     )
+
+
+secagg.options = SecAggSettings  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from pchmr.core.contracts.options import option, read_options
+
 __all__ = [
     "BACKENDS",
     "WEIGHTING_KEY",
@@ -27,17 +29,6 @@ __all__ = [
 ]
 
 BACKENDS = ("flower", "crypten")
-OPTIONS = (
-    "backend",
-    "num-shares",
-    "reconstruction-threshold",
-    "clipping-range",
-    "quantization-range",
-    "max-weight",
-    "timeout",
-    "parties",
-    "precision-bits",
-)
 DEFAULT_NUM_SHARES = 1.0  # Flower's float form: a fraction of the sampled clients (1.0: all of them)
 DEFAULT_THRESHOLD = 0.5  # a fraction of the shares
 DEFAULT_CLIPPING_RANGE = 8.0
@@ -64,17 +55,46 @@ MASK_INFO = b"pchmr-secagg/v1/"
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Validated ``--privacy-option`` values (see ``docs/privacy.md`` for each)."""
+    """``--privacy-option`` values of ``secagg`` (``--strategy-option`` of the ``secagg`` strategy);
+    see ``docs/privacy.md`` for each. Counts and fractions follow Flower: an int counts, a float
+    in (0, 1] is a fraction."""
 
-    backend: str = "flower"
-    num_shares: int | float = DEFAULT_NUM_SHARES
-    reconstruction_threshold: int | float = DEFAULT_THRESHOLD
-    clipping_range: float = DEFAULT_CLIPPING_RANGE
-    quantization_range: int = DEFAULT_QUANTIZATION_RANGE
-    max_weight: int = DEFAULT_MAX_WEIGHT
-    timeout: float | None = None
-    parties: int = DEFAULT_PARTIES
-    precision_bits: int = DEFAULT_PRECISION_BITS
+    backend: str = option(
+        "flower", choices=BACKENDS, help="flower: Flower's SecAgg+ (survives dropouts); crypten: CrypTen parties"
+    )
+    num_shares: int | float = option(
+        DEFAULT_NUM_SHARES, help="flower: shares per client, a count >= 3 or a fraction of the sampled clients"
+    )
+    reconstruction_threshold: int | float = option(
+        DEFAULT_THRESHOLD, help="flower: shares needed to reconstruct, a count >= 2 or a fraction of num-shares"
+    )
+    clipping_range: float = option(
+        DEFAULT_CLIPPING_RANGE, low=0.0, low_open=True, help="flower: update values are clipped to ± this"
+    )
+    quantization_range: int = option(
+        DEFAULT_QUANTIZATION_RANGE, low=2, help="flower: quantization levels over the clipping range"
+    )
+    max_weight: int = option(
+        DEFAULT_MAX_WEIGHT, low=1, help="largest sample count of one client (bounds the sums against overflow)"
+    )
+    timeout: float | None = option(
+        None, low=0.0, low_open=True, default_text="the runtime's", help="seconds each stage waits for replies"
+    )
+    parties: int = option(DEFAULT_PARTIES, low=2, high=8, help="crypten: computation parties")
+    precision_bits: int = option(
+        DEFAULT_PRECISION_BITS, low=8, high=32, help="crypten: fractional bits of the fixed-point encoding"
+    )
+
+    def __post_init__(self) -> None:
+        for key, minimum in (("num-shares", 3), ("reconstruction-threshold", 2)):
+            value = getattr(self, key.replace("-", "_"))
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                raise ValueError(f"'{key}' as a fraction must lie in (0, 1], got {value!r}")
+            if isinstance(value, int) and value < minimum:
+                raise ValueError(f"'{key}' as a count must be >= {minimum} (or a fraction in (0, 1]), got {value!r}")
+        counts = self.num_shares, self.reconstruction_threshold
+        if all(isinstance(c, int) for c in counts) and counts[1] >= counts[0]:
+            raise ValueError(f"'reconstruction-threshold' ({counts[1]}) must be less than 'num-shares' ({counts[0]})")
 
     def codec(self, per_round: int) -> FixedPointCodec:
         """The fixed-point encoding of this backend, checked against int64 overflow for ``per_round`` clients."""
@@ -129,77 +149,14 @@ class SecAggSettings:
         return out
 
 
-def _number(options: Mapping[str, Any], key: str, default: Any, *, integer: bool = False) -> Any:
-    value = options.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"secagg option '{key}' must be {kind}, got {value!r}")
-    if integer and not float(value).is_integer():
-        raise ValueError(f"secagg option '{key}' must be an integer, got {value!r}")
-    return int(value) if integer else value
-
-
-def _share_count(options: Mapping[str, Any], key: str, default: float, minimum: int) -> int | float:
-    """Flower's convention: an int ≥ ``minimum`` counts, a float in (0, 1] is a fraction."""
-    value = _number(options, key, default)
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise ValueError(f"secagg option '{key}' as a fraction must lie in (0, 1], got {value!r}")
-    if isinstance(value, int) and value < minimum:
-        raise ValueError(
-            f"secagg option '{key}' as a count must be >= {minimum} (or a fraction in (0, 1]), got {value!r}"
-        )
-    return value
-
-
 def read_settings(options: Mapping[str, Any], per_round: int) -> SecAggSettings:
-    """Validate ``--privacy-option`` values for ``per_round`` sampled clients (ValueError naming the option)."""
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"secagg does not take the option(s) {', '.join(map(repr, unknown))}; it takes: {', '.join(OPTIONS)}"
-        )
-    backend = options.get("backend", "flower")
-    if backend not in BACKENDS:
-        raise ValueError(f"secagg option 'backend' must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    """:class:`SecAggSettings` read from ``options`` for ``per_round`` sampled clients: an
+    :class:`~pchmr.core.contracts.errors.OptionError` naming the option, a ``ValueError`` for
+    fewer than 2 clients per round or sums that could overflow."""
+    settings = read_options(SecAggSettings, options, plugin="secagg", kind="privacy")
     if per_round < 2:
         raise ValueError(
             f"secure aggregation needs at least 2 clients per round (the sum of one client is that client's update); got --per-round {per_round}"
-        )
-    clipping = float(_number(options, "clipping-range", DEFAULT_CLIPPING_RANGE))
-    quantization = _number(options, "quantization-range", DEFAULT_QUANTIZATION_RANGE, integer=True)
-    max_weight = _number(options, "max-weight", DEFAULT_MAX_WEIGHT, integer=True)
-    parties = _number(options, "parties", DEFAULT_PARTIES, integer=True)
-    precision = _number(options, "precision-bits", DEFAULT_PRECISION_BITS, integer=True)
-    timeout = options.get("timeout")
-    if clipping <= 0:
-        raise ValueError(f"secagg option 'clipping-range' must be > 0, got {clipping!r}")
-    if quantization < 2:
-        raise ValueError(f"secagg option 'quantization-range' must be an integer >= 2, got {quantization!r}")
-    if max_weight < 1:
-        raise ValueError(f"secagg option 'max-weight' must be an integer >= 1 (samples per client), got {max_weight!r}")
-    if not 2 <= parties <= 8:
-        raise ValueError(f"secagg option 'parties' must be an integer in [2, 8], got {parties!r}")
-    if not 8 <= precision <= 32:
-        raise ValueError(f"secagg option 'precision-bits' must be an integer in [8, 32], got {precision!r}")
-    if timeout is not None:
-        timeout = float(_number(options, "timeout", None))
-        if timeout <= 0:
-            raise ValueError(f"secagg option 'timeout' must be > 0 seconds, got {timeout!r}")
-    settings = SecAggSettings(
-        backend=backend,
-        num_shares=_share_count(options, "num-shares", DEFAULT_NUM_SHARES, minimum=3),
-        reconstruction_threshold=_share_count(options, "reconstruction-threshold", DEFAULT_THRESHOLD, minimum=2),
-        clipping_range=clipping,
-        quantization_range=quantization,
-        max_weight=max_weight,
-        timeout=timeout,
-        parties=parties,
-        precision_bits=precision,
-    )
-    counts = settings.num_shares, settings.reconstruction_threshold
-    if all(isinstance(c, int) for c in counts) and counts[1] >= counts[0]:
-        raise ValueError(
-            f"secagg option 'reconstruction-threshold' ({counts[1]}) must be less than 'num-shares' ({counts[0]})"
         )
     settings.codec(per_round)  # overflow check
     return settings
