@@ -28,8 +28,11 @@ SHARED_LINE_SEARCH = (
     "to centimetres; per-image line searches would fix it"
 )
 BAD_OPTIONS = {
-    "an unknown pose prior": ({"pose_prior": "vae"}, r"pose_prior must be one of \('gmm', 'limits', 'l2'\), got 'vae'"),
-    "too many orientations": ({"orientations": 5, "pose_prior": "l2"}, r"orientations must be 1..4, got 5"),
+    "an unknown pose prior": ({"pose_prior": "vae"}, r"option 'pose_prior' must be one of gmm, limits, l2, got 'vae'"),
+    "too many orientations": (
+        {"orientations": 5, "pose_prior": "l2"},
+        r"option 'orientations' must be an integer in \[1, 4\], got 5",
+    ),
 }
 
 
@@ -90,7 +93,13 @@ class TestDeposer(_BuiltinOnFakeSMPL):
     @pytest.fixture(scope="class")
     @classmethod
     def bad_options(cls) -> Mapping[str, tuple[Mapping[str, object], str]]:
-        return {**BAD_OPTIONS, "a negative depth weight": ({"depth_weight": -1.0}, r"depth_weight must be >= 0")}
+        return {
+            **BAD_OPTIONS,
+            "a negative depth weight": (
+                {"depth_weight": -1.0},
+                r"option 'depth_weight' must be a number >= 0, got -1.0",
+            ),
+        }
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -156,8 +156,8 @@ class TestSyntheticKeypoints(KeypointSourceContract):
     @classmethod
     def bad_options(cls) -> Mapping[str, tuple[Mapping[str, object], str]]:
         return {
-            "negative noise": ({"noise_px": -1.0}, r"need noise_px >= 0 .*got -1.0"),
-            "everything missing": ({"missing": 1.0}, r"missing, outliers in \[0, 1\)"),
+            "negative noise": ({"noise_px": -1.0}, r"option 'noise_px' must be a number >= 0, got -1.0"),
+            "everything missing": ({"missing": 1.0}, r"option 'missing' must be a number in \[0, 1\), got 1.0"),
         }
 
 
@@ -224,8 +224,11 @@ class TestSyntheticDepth(DepthSourceContract):
     @classmethod
     def bad_options(cls) -> Mapping[str, tuple[Mapping[str, object], str]]:
         return {
-            "an unknown invariance": ({"invariance": "relative"}, r"invariance must be one of"),
-            "a scale range below 1": ({"max_scale": 0.5}, r"max_scale >= 1, got 0.05, 0.5"),
+            "an unknown invariance": (
+                {"invariance": "relative"},
+                r"option 'invariance' must be one of metric, scale, affine, got 'relative'",
+            ),
+            "a scale range below 1": ({"max_scale": 0.5}, r"option 'max_scale' must be a number >= 1, got 0.5"),
         }
 
 
