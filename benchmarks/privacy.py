@@ -95,6 +95,7 @@ def measure_local_fit(config: RunConfig) -> float:
     """Seconds of one real local fit (client 0, one epoch) in the default run."""
     from pchmr.core.engine.components import build_components
     from pchmr.core.engine.federation.client import ClientRuntime, local_fit
+    from pchmr.core.engine.federation.mechanisms import MechanismRuntime
     from pchmr.core.engine.preparation import make_partition
     from pchmr.core.engine.trainer import quiet_lightning
 
@@ -103,7 +104,7 @@ def measure_local_fit(config: RunConfig) -> float:
     components = build_components(config)
     partition = make_partition(config, components.data)
     parts = StrategyParts(name="fedavg", server=None)
-    runtime = ClientRuntime(components, partition, parts, components.make_module())
+    runtime = ClientRuntime(components, partition, parts, components.make_module(), MechanismRuntime(parts))
     state = {k: v.detach().clone() for k, v in runtime.module.state_dict().items()}
     start = time.perf_counter()
     local_fit(runtime, state, 0, 1, {"local-epochs": 1})
@@ -160,9 +161,10 @@ def secure_round(
 ) -> dict[str, float]:
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(num_clients, num_clients, 1, 0, options))
-    handler = next(iter(wrapped.client_handlers.values()))
+    mechanism = wrapped.mechanism("secagg")
+    handler = next(iter(mechanism.client_handlers().values()))
     handler.train = trainer
-    protocol = wrapped.round_protocol
+    protocol = mechanism.round_protocol()
     out: dict[str, float] = {}
     if hasattr(protocol, "start"):
         start = time.perf_counter()

@@ -59,6 +59,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     )
     from pchmr.core.contracts.errors import DatasetFormatError, OptionError
     from pchmr.core.contracts.hookspecs import KINDS, PROJECT, hookimpl
+    from pchmr.core.contracts.mechanism import Mechanism, RoundContext
     from pchmr.core.contracts.options import (
         DeclaresOptions,
         NoOptions,
@@ -91,9 +92,9 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from pchmr.core.contracts.strategy import (
         STAGE_KEY,
         ClientHandler,
+        ClientMod,
         ClientRuntime,
         IncompatibleError,
-        LossTerm,
         PrivacyBudgetExhausted,
         PrivacyFactory,
         RoundProtocol,
@@ -102,7 +103,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         StrategyFactory,
         StrategyParts,
         UpdateInfo,
-        UpdateTransform,
     )
     from pchmr.core.kit.accounting import (
         DEFAULT_ORDERS,
@@ -260,16 +260,18 @@ _EXPORTS: dict[str, str] = {
     "PartitionError": "contracts.partition",
     "save_partition": "contracts.partition",
     "load_partition": "contracts.partition",
+    # contracts.mechanism
+    "Mechanism": "contracts.mechanism",
+    "RoundContext": "contracts.mechanism",
     # contracts.strategy
     "IncompatibleError": "contracts.strategy",
     "PrivacyBudgetExhausted": "contracts.strategy",
     "RoundProtocol": "contracts.strategy",
     "RoundResult": "contracts.strategy",
     "UpdateInfo": "contracts.strategy",
-    "UpdateTransform": "contracts.strategy",
     "ClientHandler": "contracts.strategy",
+    "ClientMod": "contracts.strategy",
     "ClientRuntime": "contracts.strategy",
-    "LossTerm": "contracts.strategy",
     "STAGE_KEY": "contracts.strategy",
     "StrategyConfig": "contracts.strategy",
     "StrategyParts": "contracts.strategy",

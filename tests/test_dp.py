@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pchmr.core.contracts.errors import OptionError
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.strategy import (
     IncompatibleError,
     PrivacyBudgetExhausted,
@@ -171,12 +172,12 @@ def test_the_plugin_learns_the_fixed_entries_from_the_module_it_prepares():
     parts = dp(
         _fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"placement": "client", "clip": 1.0, "noise-multiplier": 5.0})
     )
-    parts.prepare_module(net)
+    mechanism = parts.mechanism("dp")
+    mechanism.prepare_module(net)
     assert parts.server.fixed.keys == {f"encoder.{k}" for k in net.encoder.state_dict()}
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
-    (transform,) = parts.update_transforms
     info = UpdateInfo(server_round=1, partition_id=0, num_examples=4, num_clients=100, per_round=10, config={})
-    out = transform({k: v.clone() for k, v in global_state.items()}, global_state, info)
+    out = mechanism.transform_update({k: v.clone() for k, v in global_state.items()}, global_state, info)
     assert torch.equal(out["encoder.1.running_var"], global_state["encoder.1.running_var"])
     assert not torch.equal(out["head.bias"], global_state["head.bias"])
 
@@ -211,6 +212,15 @@ def test_dp_sgd_clips_each_example_and_the_surrogate_carries_the_gradient():
 
 
 # -- options, refusals, budget -------------------------------------------------------------
+class _ProtocolMechanism(Mechanism):
+    """Stands for secure aggregation: a mechanism with a round protocol."""
+
+    name = "protocol"
+
+    def round_protocol(self) -> object:
+        return object()
+
+
 def test_options_and_default_delta():
     assert default_delta(10) == 1e-5 and default_delta(10**6) == pytest.approx(10 ** (-6.6))
     opts = parse_options({"clip": 0.5, "noise-multiplier": 2, "target-epsilon": 3, "placement": "client"}, CONFIG)
@@ -239,12 +249,17 @@ def test_incompatible_combinations_are_refused():
 
     with pytest.raises(IncompatibleError, match="comparing individual client updates"):
         dp(fedgh(CONFIG), CONFIG)
-    protocol_parts = StrategyParts(name="secagg(fedavg)", server=None, round_protocol=object())
+    protocol = _ProtocolMechanism()
+    protocol_parts = StrategyParts(name="secagg(fedavg)", server=None, mechanisms=(protocol,))
     with pytest.raises(IncompatibleError, match="use --privacy-option placement=client"):
         dp(protocol_parts, CONFIG)
+    with pytest.raises(IncompatibleError, match="example-level dp accounts .* round protocol hides; use level=client"):
+        dp(protocol_parts, StrategyConfig(100, 10, 5, 0, {"level": "example"}))
     wrapped = dp(protocol_parts, StrategyConfig(100, 10, 5, 0, {"placement": "client"}))
-    assert wrapped.round_protocol is protocol_parts.round_protocol
-    assert wrapped.train_config["secagg-weighting"] == "uniform", "the protocol must sum the noised updates unweighted"
+    assert wrapped.mechanisms[0] is protocol and [m.name for m in wrapped.mechanisms] == ["protocol", "dp"]
+    assert wrapped.mechanism("dp").train_config() == {"secagg-weighting": "uniform"}, (
+        "the protocol must sum the noised updates unweighted"
+    )
     with pytest.raises(IncompatibleError, match="BatchNorm layer"):
         check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     check_per_example_safe(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)))
@@ -256,25 +271,25 @@ def test_incompatible_combinations_are_refused():
         check_per_example_safe(build_encoder("small", 64).eval())  # trains in training mode
     parts = dp(_fedavg_parts(), StrategyConfig(100, 10, 5, 0, {"level": "example"}))
     with pytest.raises(IncompatibleError, match="BatchNorm"):
-        parts.prepare_module(nn.Sequential(nn.BatchNorm1d(3)))
+        parts.mechanism("dp").prepare_module(nn.Sequential(nn.BatchNorm1d(3)))
 
 
 def test_budget_steps_once_per_round_stops_at_target_and_survives_resume():
     cfg = StrategyConfig(100, 10, 50, 0, {"noise-multiplier": 1.1, "target-epsilon": 2.0})
-    parts = dp(_fedavg_parts(), cfg)
+    mechanism = dp(_fedavg_parts(), cfg).mechanism("dp")
     rounds = 0
     with pytest.raises(PrivacyBudgetExhausted, match=r"would raise ε to .* > target-epsilon 2"):
         for r in range(1, 51):
-            parts.before_round(r)
+            mechanism.before_round(r)
             rounds = r
     assert epsilon(0.1, 1.1, rounds, 1e-5) <= 2.0 < epsilon(0.1, 1.1, rounds + 1, 1e-5)
-    assert parts.round_metrics(rounds) == {
+    assert mechanism.round_metrics(rounds) == {
         "epsilon": pytest.approx(epsilon(0.1, 1.1, rounds, 1e-5), rel=1e-9),
         "delta": 1e-5,
     }
-    resumed = dp(_fedavg_parts(), cfg)
-    resumed.set_state(parts.get_state())
-    assert resumed.round_metrics(rounds)["epsilon"] == parts.round_metrics(rounds)["epsilon"]
+    resumed = dp(_fedavg_parts(), cfg).mechanism("dp")
+    resumed.load_state_dict(mechanism.state_dict())
+    assert resumed.round_metrics(rounds)["epsilon"] == mechanism.round_metrics(rounds)["epsilon"]
     with pytest.raises(PrivacyBudgetExhausted):
         resumed.before_round(rounds + 1)
 
@@ -331,7 +346,8 @@ def test_cli_run_with_dp_records_epsilon_and_stops_at_target(tmp_path, pchmr_cac
     final = json.loads((out / "final.json").read_text())
     assert final["round"] == 2 and "ε to 17.7" in final["stopped"]
     config = json.loads((out / "config.json").read_text())
-    assert config["strategy"]["privacy"] == "dp" and config["strategy"]["placement"] == "client"
+    (described,) = config["strategy"]["mechanisms"]
+    assert described["name"] == "dp" and described["placement"] == "client"
     assert final["mpjpe_mm"] != final["round0"]["mpjpe_mm"]
     # the frozen public encoder carries no client data: no noise, exactly the pretrained weights
     assert config["encoder"]["frozen"] is True
@@ -405,5 +421,5 @@ def test_example_level_dp_sgd_run_accounts_each_clients_steps(groupnorm_backbone
     # per sampled client: ceil(n_i / B) DP-SGD steps at q = B / n_i; ε is the worst client's
     expected = max(epsilon(min(1.0, 4 / sizes[c]), 1.0, math.ceil(sizes[c] / 4), 1e-5) for c in rounds[1]["clients"])
     assert rounds[1]["epsilon"] == pytest.approx(expected, rel=1e-9)
-    assert json.loads(result.run_dir.config.read_text())["strategy"]["level"] == "example"
+    assert json.loads(result.run_dir.config.read_text())["strategy"]["mechanisms"][0]["level"] == "example"
     assert result.final["mpjpe_mm"] != result.final["round0"]["mpjpe_mm"]

@@ -155,7 +155,7 @@ def test_server_opt_adam_steps_on_the_harmonized_delta() -> None:
     eta_1 = 0.5 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
     np.testing.assert_allclose(aggregate["w"], eta_1 * 0.1 * h / (0.1 * h + 0.01), rtol=1e-12)
     assert parts.server.last_round_stats.conflicting_pairs == 1
-    state = parts.get_state()
+    state = parts.mechanism("fedgh").state_dict()
     np.testing.assert_allclose(state["m_t"]["w"].numpy(), 0.1 * h, rtol=1e-12)
 
 
@@ -203,13 +203,13 @@ def test_harmonize_keeps_float32_and_averages_integer_buffers() -> None:
 def test_fedgh_parts_declare_individual_updates_and_label_inferred_choices() -> None:
     parts = make(granularity="layer")
     assert parts.requires_individual_updates
-    assert parts.loss_terms == ()
     options = parts.describe["options"]
     assert options["granularity"] == {"value": "layer", "inferred": True}
     assert {"granularity", "weighting", "server-opt", "server-learning-rate"} <= set(options)
     assert all(entry["inferred"] for entry in options.values())
     assert {"discrepancy", "projection", "order", "reconstruction"} <= set(parts.describe["inferred"])
-    assert parts.get_state is None and make(**{"server-opt": "yogi"}).get_state is not None
+    assert parts.mechanisms == (), "without a server optimiser FedGH keeps no state"
+    assert [m.name for m in make(**{"server-opt": "yogi"}).mechanisms] == ["fedgh"]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
-"""The strategy runtime hooks privacy plugins use, in one real Simulation-Engine run.
+"""The mechanism hooks privacy plugins use, in one real Simulation-Engine run.
 
 A test-only privacy plugin (written to a temporary distribution that Ray's workers import
-through PYTHONPATH) wraps FedAvg with every hook at once:
+through PYTHONPATH) appends two mechanisms to FedAvg, which between them use every hook:
 
 * a round protocol with two client stages: ``ping`` (each client answers its partition id, no
   training) and ``train`` (the client handler calls :func:`train_locally`), averaged unweighted;
@@ -9,7 +9,9 @@ through PYTHONPATH) wraps FedAvg with every hook at once:
   tensors), so the aggregate is known exactly: the round's global model + 1e-3;
 * two client mods that log ``message id, type, stage, in/out`` to a file: the order must be
   A-in, B-in, B-out, A-out for every message, query messages included;
-* ``before_round`` that stops the run before round 2, ``round_metrics`` and ``get_state``.
+* ``before_round`` that stops the run before round 2, ``round_metrics`` and ``state_dict``;
+* a second mechanism whose ``loss`` and ``training_step`` record the :class:`RoundContext` they
+  receive in the clients (and change nothing).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pchmr.core.contracts.strategy import PrivacyBudgetExhausted, StrategyParts
 from pchmr.core.engine.config import RunConfig
 from pchmr.core.engine.federation.client import _chain
 from pchmr.core.engine.federation.common import sample_clients
+from pchmr.core.engine.federation.mechanisms import STATES_KEY, MechanismRuntime
 from pchmr.core.engine.registry import get_registry
 from pchmr.core.engine.run import execute
 from pchmr.core.kit.federation import failure_message, ordered_replies
@@ -36,7 +39,7 @@ STOP_MESSAGE = "hooktest: budget spent before round 2"
 
 PLUGIN = textwrap.dedent(
     '''
-    """Test-only privacy plugin exercising every StrategyParts runtime hook."""
+    """Test-only privacy plugin exercising every mechanism hook."""
     from pathlib import Path
 
     import torch
@@ -45,8 +48,7 @@ PLUGIN = textwrap.dedent(
 
     from pchmr.core.kit.federation import message_stage, ordered_replies, state_nbytes
     from pchmr.core.engine.federation.client import train_locally
-    from pchmr.core.contracts.hookspecs import hookimpl
-    from pchmr.core.contracts.strategy import STAGE_KEY, PrivacyBudgetExhausted, RoundResult, StrategyParts
+    from pchmr.api import STAGE_KEY, Mechanism, PrivacyBudgetExhausted, RoundResult, hookimpl
 
     SHIFT = %(shift)r
     STOP_MESSAGE = %(stop)r
@@ -109,29 +111,79 @@ PLUGIN = textwrap.dedent(
             return RoundResult(ArrayRecord(mean), metrics, model * len(states), sum(state_nbytes(s) for s in states))
 
 
-    def hooktest(parts, config):
-        log_dir = config.options["log-dir"]
-        seen = {"rounds": 0}
+    class Hooktest(Mechanism):
+        name = "hooktest"
 
-        def before_round(server_round):
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+            self.protocol = Protocol(log_dir)
+            self.rounds = 0
+
+        def describe(self):
+            return {"privacy": "hooktest"}
+
+        def before_round(self, server_round):
             if server_round >= 2:
                 raise PrivacyBudgetExhausted(STOP_MESSAGE)
-            seen["rounds"] += 1
+            self.rounds += 1
 
-        return StrategyParts(
-            name=f"hooktest({parts.name})",
-            server=parts.server,
-            loss_terms=parts.loss_terms,
-            client_mods=(_logging_mod("A", f"{log_dir}/mods.log"), _logging_mod("B", f"{log_dir}/mods.log")),
-            train_config=parts.train_config,
-            describe={"privacy": "hooktest", "inner": dict(parts.describe)},
-            get_state=lambda: {"rounds-seen": seen["rounds"]},
-            set_state=lambda state: seen.update(rounds=int(state["rounds-seen"])),
-            round_protocol=Protocol(log_dir),
-            client_handlers={"ping": ping, "train": train},
-            update_transforms=(shift_transform,),
-            before_round=before_round,
-            round_metrics=lambda server_round: {"hook-round": 10.0 * server_round},
+        def round_metrics(self, server_round):
+            return {"hook-round": 10.0 * server_round}
+
+        def state_dict(self):
+            return {"rounds-seen": self.rounds}
+
+        def load_state_dict(self, state):
+            self.rounds = int(state["rounds-seen"])
+
+        def round_protocol(self):
+            return self.protocol
+
+        def client_handlers(self):
+            return {"ping": ping, "train": train}
+
+        def client_mods(self):
+            return (_logging_mod("A", f"{self.log_dir}/mods.log"), _logging_mod("B", f"{self.log_dir}/mods.log"))
+
+        def transform_update(self, new_state, global_state, info):
+            return shift_transform(new_state, global_state, info)
+
+
+    class ContextRecorder(Mechanism):
+        """Saves the first RoundContext each (round, partition) hands ``loss``; logs ``training_step``'s."""
+
+        name = "context-recorder"
+
+        def __init__(self, log_dir):
+            self.log_dir = Path(log_dir)
+            self.saved = set()
+
+        def loss(self, module, batch, output, context):
+            key = (context.server_round, context.partition_id)
+            if key not in self.saved:
+                self.saved.add(key)
+                record = {
+                    "server_round": context.server_round,
+                    "partition_id": context.partition_id,
+                    "local_epochs": context.local_epochs,
+                    "lr": context.lr,
+                    "config": dict(context.config),
+                    "global_state": dict(context.global_state),
+                    "training_epoch": module.training_epoch,
+                }
+                torch.save(record, self.log_dir / f"context-{key[0]}-{key[1]}.pt")
+            return None
+
+        def training_step(self, module, batch, batch_idx, context):
+            with open(self.log_dir / "steps.log", "a") as fh:
+                fh.write(f"{context.server_round} {context.partition_id}\\n")
+            return None
+
+
+    def hooktest(parts, config):
+        log_dir = config.options["log-dir"]
+        return parts.with_mechanism(Hooktest(log_dir)).with_mechanism(
+            ContextRecorder(log_dir), name=f"hooktest({parts.name})"
         )
 
 
@@ -199,9 +251,28 @@ def test_budget_stop_is_clean_and_state_is_checkpointed(stopped_run):
     assert result.final["stopped"] == STOP_MESSAGE
     assert result.final["round"] == 1
     ckpt = result.run_dir.load_checkpoint()
-    assert ckpt["round"] == 1 and ckpt["strategy_state"] == {"rounds-seen": 1}
+    assert ckpt["round"] == 1 and ckpt[STATES_KEY] == {"hooktest": {"rounds-seen": 1}, "context-recorder": {}}
     config = json.loads(result.run_dir.config.read_text())
-    assert config["run"]["privacy"] == "hooktest" and config["strategy"]["privacy"] == "hooktest"
+    assert config["run"]["privacy"] == "hooktest"
+    described = config["strategy"]["mechanisms"]
+    assert described == [{"name": "hooktest", "privacy": "hooktest"}, {"name": "context-recorder"}]
+
+
+def test_loss_and_training_step_receive_the_round_context(stopped_run):
+    _, log_dir = stopped_run
+    sampled = sample_clients(CONFIG["seed"], 1, CONFIG["clients"], CONFIG["per_round"])
+    global_1 = torch.load(log_dir / "global-1.pt")
+    for pid in sampled:
+        record = torch.load(log_dir / f"context-1-{pid}.pt")
+        assert (record["server_round"], record["partition_id"]) == (1, pid)
+        assert record["local_epochs"] == RunConfig().local_epochs == record["config"]["local-epochs"]
+        assert record["lr"] == RunConfig().lr == record["config"]["lr"]  # the cosine schedule starts at --lr
+        assert record["config"]["server-round"] == 1 and record["training_epoch"] == 0
+        assert record["global_state"].keys() == global_1.keys()
+        assert all(torch.equal(record["global_state"][k], global_1[k]) for k in global_1), "the round's global model"
+    assert sorted(p.name for p in log_dir.glob("context-*.pt")) == [f"context-1-{p}.pt" for p in sampled]
+    steps = [tuple(map(int, line.split())) for line in (log_dir / "steps.log").read_text().splitlines()]
+    assert sorted(set(steps)) == [(1, p) for p in sampled] and len(steps) > len(sampled)
 
 
 def test_client_mods_wrap_every_message_in_order(stopped_run):
@@ -270,7 +341,8 @@ def test_mod_chain_runs_the_first_mod_outermost():
 
 
 def test_defaults_keep_plain_training():
-    parts = StrategyParts(name="x", server=None)
-    assert parts.round_protocol is None and parts.before_round is None and parts.round_metrics is None
-    assert not parts.client_mods and not parts.client_handlers and not parts.update_transforms
+    runtime = MechanismRuntime(StrategyParts(name="x", server=None))
+    assert runtime.mechanisms == () and runtime.round_protocol is None and runtime.protocol_owner is None
+    assert not runtime.client_mods and not runtime.client_handlers
+    assert runtime.train_config() == {} and runtime.round_metrics(1) == {} and runtime.state_dict() == {}
     assert PrivacyBudgetExhausted("spent").message == "spent"

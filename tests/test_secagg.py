@@ -174,12 +174,13 @@ def run_flower_round(
     trainer = FakeTrainer(num_clients)
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(num_clients, num_clients, 1, 0, options or {}))
-    handler = next(iter(wrapped.client_handlers.values()))
+    mechanism = wrapped.mechanism("secagg")
+    handler = next(iter(mechanism.client_handlers().values()))
     handler.train = trainer
     grid = InProcessGrid(dict.fromkeys(range(num_clients), handler), drop)
     arrays = global_arrays()
     config = ConfigRecord({"server-round": 1, "local-epochs": 1, **(extra_config or {})})
-    result = wrapped.round_protocol.run_round(grid, 1, arrays, config, 60.0)
+    result = mechanism.round_protocol().run_round(grid, 1, arrays, config, 60.0)
     return trainer, grid, arrays, result, wrapped
 
 
@@ -311,6 +312,13 @@ def test_strategies_comparing_individual_updates_are_refused():
         secagg(parts, StrategyConfig(10, 2, 1, 0, {}))
 
 
+def test_secure_aggregation_over_another_round_protocol_is_refused():
+    once = secagg(StrategyParts(name="fedavg", server=None), StrategyConfig(10, 2, 1, 0, {}))
+    assert once.name == "fedavg+secagg" and [m.name for m in once.mechanisms] == ["secagg"]
+    with pytest.raises(IncompatibleError, match="'fedavg\\+secagg' already runs its own round protocol"):
+        secagg(once, StrategyConfig(10, 2, 1, 0, {}))
+
+
 # --------------------------------------------------------------------------------------
 # the flower backend
 # --------------------------------------------------------------------------------------
@@ -381,21 +389,23 @@ def crypten_parts():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
     parts = StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
     wrapped = secagg(parts, StrategyConfig(5, 5, 2, 0, {"backend": "crypten", "parties": 2}))  # two rounds below
-    wrapped.round_protocol.start()
+    protocol = wrapped.mechanism("secagg").round_protocol()
+    protocol.start()
     yield wrapped
-    wrapped.round_protocol.close()
+    protocol.close()
 
 
 def run_crypten_round(
     wrapped: StrategyParts, num_clients: int, drop: dict[int, str] | None = None, server_round: int = 1
 ):
     trainer = FakeTrainer(num_clients, seed=server_round)
-    handler = next(iter(wrapped.client_handlers.values()))
+    mechanism = wrapped.mechanism("secagg")
+    handler = next(iter(mechanism.client_handlers().values()))
     handler.train = trainer
     grid = InProcessGrid(dict.fromkeys(range(num_clients), handler), drop)
     arrays = global_arrays()
     config = ConfigRecord({"server-round": server_round, "local-epochs": 1})
-    return trainer, grid, arrays, wrapped.round_protocol.run_round(grid, server_round, arrays, config, 120.0)
+    return trainer, grid, arrays, mechanism.round_protocol().run_round(grid, server_round, arrays, config, 120.0)
 
 
 def _crypten_tolerance(codec: FixedPointCodec, trainer: FakeTrainer, expected: np.ndarray) -> float:
@@ -456,7 +466,8 @@ def _check_secure_run(result) -> None:
 def test_simulation_run_with_strategy_secagg_flower(tmp_path, pchmr_cache):
     result = _simulate(tmp_path, strategy="secagg")
     _check_secure_run(result)
-    assert result.run_dir.read_config()["strategy"]["secagg"]["backend"] == "flower"
+    (described,) = result.run_dir.read_config()["strategy"]["mechanisms"]
+    assert described["name"] == "secagg" and described["backend"] == "flower"
 
 
 @pytest.mark.slow
@@ -466,4 +477,5 @@ def test_simulation_run_with_fedprox_under_crypten(tmp_path, pchmr_cache):
     result = _simulate(tmp_path, strategy="fedprox", privacy="secagg", privacy_options={"backend": "crypten"})
     _check_secure_run(result)
     described = result.run_dir.read_config()["strategy"]
-    assert described["secagg"]["backend"] == "crypten" and described["proximal-mu"] == 0.01
+    assert [m["name"] for m in described["mechanisms"]] == ["fedprox", "secagg"]
+    assert described["mechanisms"][1]["backend"] == "crypten" and described["proximal-mu"] == 0.01

@@ -11,15 +11,16 @@ import pytest
 import torch
 from torch import nn
 
+from pchmr.core.contracts.mechanism import RoundContext
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.strategies.fedavg import fedavg
 from pchmr.plugins.strategies.fedgh import fedgh
-from pchmr.plugins.strategies.fedopt import fedopt
+from pchmr.plugins.strategies.fedopt import ServerOptimizerState, fedopt
 from pchmr.plugins.strategies.fedprox import (
     DEFAULT_PROXIMAL_MU,
+    ProximalTerm,
     fedprox,
     proximal_penalty,
-    proximal_term,
 )
 from pchmr.testing.strategies import (
     StrategyContract,
@@ -132,21 +133,26 @@ def test_builtin_strategies_register_through_entry_points() -> None:
 # fedprox
 # --------------------------------------------------------------------------------------
 class TinyModule(nn.Module):
-    """A stand-in for HMRModule: one trainable vector, one frozen one, and the runtime's attributes."""
+    """A stand-in for HMRModule: one trainable vector and one frozen one."""
 
-    def __init__(self, weight: list[float], mu: float, global_weight: list[float]) -> None:
+    def __init__(self, weight: list[float]) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.tensor(weight, dtype=torch.float64))
         self.frozen = nn.Parameter(torch.tensor([5.0], dtype=torch.float64), requires_grad=False)
-        self.round_config = {"proximal-mu": mu, "local-epochs": 1}
-        self.global_state = {"weight": torch.tensor(global_weight, dtype=torch.float64), "frozen": torch.tensor([0.0])}
 
 
-def sgd_step(module: TinyModule, data_loss: Any, lr: float, with_term: bool) -> torch.Tensor:
+def round_context(mu: float | None, global_weight: list[float]) -> RoundContext:
+    """Round 1 of partition 0 starting from ``global_weight``; ``mu`` None leaves proximal-mu out."""
+    config = {"server-round": 1, "local-epochs": 1} | ({} if mu is None else {"proximal-mu": mu})
+    global_state = {"weight": torch.tensor(global_weight, dtype=torch.float64), "frozen": torch.tensor([0.0])}
+    return RoundContext(1, 0, 1, 0.1, config, global_state)
+
+
+def sgd_step(module: TinyModule, data_loss: Any, lr: float, context: RoundContext | None) -> torch.Tensor:
     module.zero_grad()
     loss = data_loss(module.weight)
-    if with_term:
-        loss = loss + proximal_term(module, {}, None)
+    if context is not None:
+        loss = loss + ProximalTerm().loss(module, {}, None, context)
     loss.backward()
     with torch.no_grad():
         module.weight -= lr * module.weight.grad
@@ -157,20 +163,21 @@ def test_proximal_term_at_mu_zero_is_exactly_zero_and_changes_no_step() -> None:
     def data_loss(w: torch.Tensor) -> torch.Tensor:
         return (w**2).sum() + w[0]
 
-    plain, proximal = TinyModule([1.0, 2.0], 0.0, [0.0, 4.0]), TinyModule([1.0, 2.0], 0.0, [0.0, 4.0])
-    assert proximal_term(proximal, {}, None).item() == 0.0
+    context = round_context(0.0, [0.0, 4.0])
+    plain, proximal = TinyModule([1.0, 2.0]), TinyModule([1.0, 2.0])
+    assert ProximalTerm().loss(proximal, {}, None, context).item() == 0.0
     torch.testing.assert_close(
-        sgd_step(proximal, data_loss, 0.1, True), sgd_step(plain, data_loss, 0.1, False), rtol=0, atol=0
+        sgd_step(proximal, data_loss, 0.1, context), sgd_step(plain, data_loss, 0.1, None), rtol=0, atol=0
     )
 
 
 def test_proximal_term_pulls_toward_the_global_weights_by_the_hand_computed_step() -> None:
     # Prepare: w = (1, 2), w_global = (0, 4), mu = 0.5, no data loss
-    module = TinyModule([1.0, 2.0], 0.5, [0.0, 4.0])
+    module, context = TinyModule([1.0, 2.0]), round_context(0.5, [0.0, 4.0])
     # term = mu/2 (1² + 2²) = 1.25 (the frozen parameter, 5 away from its global value, is not counted)
-    assert proximal_term(module, {}, None).item() == pytest.approx(1.25)
+    assert ProximalTerm().loss(module, {}, None, context).item() == pytest.approx(1.25)
     # Execute: one SGD step, lr 0.1: w ← w − lr · mu (w − w_global) = (1 − 0.05, 2 + 0.1)
-    updated = sgd_step(module, lambda w: w.sum() * 0.0, 0.1, True)
+    updated = sgd_step(module, lambda w: w.sum() * 0.0, 0.1, context)
     # Assert
     torch.testing.assert_close(updated, torch.tensor([0.95, 2.1], dtype=torch.float64))
 
@@ -180,18 +187,14 @@ def test_proximal_penalty_requires_every_trainable_parameter_in_the_global_state
         proximal_penalty([("weight", nn.Parameter(torch.ones(2)))], {}, 0.1)
 
 
-def test_proximal_term_outside_a_federated_round_names_what_is_missing() -> None:
-    module = nn.Linear(2, 1)
-    with pytest.raises(RuntimeError, match="round_config and module.global_state"):
-        proximal_term(module, {}, None)
-    module.round_config, module.global_state = {"local-epochs": 1}, dict(module.state_dict())
-    with pytest.raises(KeyError, match="no 'proximal-mu'"):
-        proximal_term(module, {}, None)
+def test_proximal_term_without_mu_in_the_round_config_names_the_server_half() -> None:
+    with pytest.raises(KeyError, match="no 'proximal-mu'.*the server half must be Flower's FedProx"):
+        ProximalTerm().loss(TinyModule([1.0, 2.0]), {}, None, round_context(None, [0.0, 4.0]))
 
 
 def test_fedprox_server_sends_mu_and_the_client_gets_the_term() -> None:
     parts = make(fedprox, **{"proximal-mu": 0.25})
-    assert parts.loss_terms == (proximal_term,)
+    assert [type(m) for m in parts.mechanisms] == [ProximalTerm]
     assert parts.describe["proximal-mu"] == 0.25
     assert make(fedprox).server.proximal_mu == DEFAULT_PROXIMAL_MU
     from flwr.app import ConfigRecord
@@ -317,12 +320,14 @@ def test_fedopt_defaults_are_flowers() -> None:
 
 def test_fedopt_state_holds_the_moments_and_refuses_another_optimiser() -> None:
     parts = make(fedopt, **{"server-opt": "adam"})
-    assert parts.get_state() == {"server-opt": "adam", "m_t": {}, "v_t": {}}
+    (mechanism,) = parts.mechanisms
+    assert isinstance(mechanism, ServerOptimizerState) and mechanism.name == "fedopt"
+    assert mechanism.state_dict() == {"server-opt": "adam", "m_t": {}, "v_t": {}}
     run_round(parts, 1, {"w": W0.copy()}, ROUND_UPDATES[0])
-    state = parts.get_state()
+    state = mechanism.state_dict()
     torch.testing.assert_close(state["m_t"]["w"], torch.from_numpy(0.1 * DELTAS[0]))
     with pytest.raises(ValueError, match="state is for server-opt 'adam', this run uses 'yogi'"):
-        make(fedopt, **{"server-opt": "yogi"}).set_state(state)
+        make(fedopt, **{"server-opt": "yogi"}).mechanism("fedopt").load_state_dict(state)
 
 
 @pytest.mark.parametrize(("factory", "options"), [(fedopt, {"server-opt": "adam"}), (fedgh, {"server-opt": "adam"})])

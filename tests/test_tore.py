@@ -11,6 +11,7 @@ from torch import nn
 from pchmr.core.contracts.backbone import BackboneOptions, HMROutput, InputError
 from pchmr.core.contracts.bodymodel import MeshPyramid
 from pchmr.core.contracts.errors import OptionError
+from pchmr.core.contracts.mechanism import RoundContext
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.kit.encoders import FeatureEncoder
 from pchmr.plugins.backbones.tore import (
@@ -300,8 +301,10 @@ def test_hmr_module_adds_the_pruning_term_with_tores_weight_and_warm_up(body: To
     # epoch 0 of training: 1e-3 * 16 * M, ramped by sigmoid(0 - 3)
     weight = 1e-3 * 16 * model_s.num_kept / (1 + math.exp(3))
     assert torch.allclose(terms["loss"], expected + weight * terms[PRUNING_LOSS], rtol=1e-5)
-    module.round_config = {"server-round": 3, "local-epochs": 2}  # a federated client at epoch (3 - 1) * 2 = 4
-    assert module.training_epoch == 4
+    context = RoundContext(3, 0, 2, 1e-3, {"server-round": 3, "local-epochs": 2}, {})
+    with module.round(context):  # a federated client at epoch (3 - 1) * 2 = 4
+        assert module.training_epoch == 4
+    assert module.training_epoch == 0, "outside a round the epoch is the local one"
     assert model_s.extra_loss_schedule(4)[PRUNING_LOSS] == pytest.approx(1 / (1 + math.exp(-1)))
 
 

@@ -1,5 +1,10 @@
 """Contract suite for strategy plugins (:class:`~pchmr.core.contracts.strategy.StrategyParts` factories).
 
+Besides aggregation, the suite checks what a third party's mechanism appended to the strategy (as
+a privacy wrapper does) relies on: it composes with the strategy's own mechanisms, its train-config
+values reach the clients, its state is checkpointed under its own name, and the strategy still
+aggregates when its server strategy is wrapped by a delegating wrapper.
+
 Subclass :class:`StrategyContract` in a test module and override the ``strategy_factory`` fixture
 (and ``strategy_options`` if the strategy needs options)::
 
@@ -38,6 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyFactory, StrategyParts
 from pchmr.core.kit.federation import wait_for_nodes
 
@@ -53,6 +59,7 @@ __all__ = [
     "run_in_flower_simulation",
     "run_round",
     "task_identity",
+    "train_config",
 ]
 
 NUM_EXAMPLES_KEY = "num-examples"
@@ -152,6 +159,14 @@ def make_reply(instruction: Any, arrays: Mapping[str, np.ndarray], num_examples:
     return Message(RecordDict({"arrays": array_record(arrays), "metrics": metrics}), reply_to=instruction)
 
 
+def train_config(parts: StrategyParts) -> dict[str, Any]:
+    """The values the runtime adds to every round's train config: the mechanisms' ``train_config``,
+    merged as the runtime merges them (a key from two mechanisms is refused)."""
+    from pchmr.core.engine.federation.mechanisms import MechanismRuntime
+
+    return MechanismRuntime(parts).train_config()
+
+
 def run_round(
     parts: StrategyParts, server_round: int, global_arrays: Mapping[str, np.ndarray], updates: Sequence[Update]
 ) -> tuple[Arrays, Any]:
@@ -164,7 +179,7 @@ def run_round(
     with task_identity():
         messages = list(
             parts.server.configure_train(
-                server_round, array_record(global_arrays), ConfigRecord(dict(parts.train_config)), FakeGrid(node_ids)
+                server_round, array_record(global_arrays), ConfigRecord(train_config(parts)), FakeGrid(node_ids)
             )
         )
     offered = sorted(m.metadata.dst_node_id for m in messages)
@@ -244,9 +259,7 @@ def _drive(parts: StrategyParts, grid: Any, rounds: int) -> list[SimulationRound
     history = []
     for server_round in range(1, rounds + 1):
         messages = list(
-            parts.server.configure_train(
-                server_round, array_record(arrays), ConfigRecord(dict(parts.train_config)), grid
-            )
+            parts.server.configure_train(server_round, array_record(arrays), ConfigRecord(train_config(parts)), grid)
         )
         replies = list(grid.send_and_receive(messages, timeout=_SIMULATION_TIMEOUT_S))
         failed = [r for r in replies if r.has_error()]
@@ -340,6 +353,38 @@ def check_simulation_rounds(name: str, history: Sequence[SimulationRound], avera
         assert changed, f"{name} round {rnd.server_round}: the global model did not change"
 
 
+class _Probe(Mechanism):
+    """A third party's mechanism: one train-config value and a round count as its state."""
+
+    name = "contract-probe"
+    KEY, VALUE = "contract-probe-value", 7
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def train_config(self) -> Mapping[str, Any]:
+        return {self.KEY: self.VALUE}
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.rounds = int(state["rounds"])
+
+
+class _Delegate:
+    """A server wrapper that forwards the two calls the runtime makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Any:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+        return self.inner.aggregate_train(server_round, replies)
+
+
 # --------------------------------------------------------------------------------------
 # the suite
 # --------------------------------------------------------------------------------------
@@ -389,10 +434,9 @@ class StrategyContract:
         assert parts.name, "StrategyParts.name is empty"
         for method in ("configure_train", "aggregate_train"):
             assert callable(getattr(parts.server, method, None)), f"the server strategy has no {method}()"
-        json.dumps(dict(parts.describe))  # must be JSON-able: written into the run's config
-        json.dumps(dict(parts.train_config))
-        assert (parts.get_state is None) == (parts.set_state is None), "get_state and set_state come as a pair"
-        assert all(callable(term) for term in parts.loss_terms), "loss_terms must be callables"
+        assert all(isinstance(m, Mechanism) for m in parts.mechanisms), "mechanisms must be Mechanism objects"
+        json.dumps(parts.description())  # must be JSON-able: written into the run's config
+        json.dumps(train_config(parts))
 
     def test_configure_train_sends_the_model_to_every_offered_node(
         self, make_parts: Callable[[], StrategyParts]
@@ -405,7 +449,7 @@ class StrategyContract:
         with task_identity():
             messages = list(
                 parts.server.configure_train(
-                    1, array_record(arrays), ConfigRecord(dict(parts.train_config)), FakeGrid([5, 6, 7])
+                    1, array_record(arrays), ConfigRecord(train_config(parts)), FakeGrid([5, 6, 7])
                 )
             )
         assert sorted(m.metadata.dst_node_id for m in messages) == [5, 6, 7]
@@ -413,7 +457,7 @@ class StrategyContract:
             sent = _numpy(next(iter(message.content.array_records.values())))
             _assert_arrays_close(sent, arrays, "the model sent to clients")
             config = next(iter(message.content.config_records.values()))
-            for key, value in parts.train_config.items():
+            for key, value in train_config(parts).items():
                 assert config.get(key) == value, f"train_config '{key}' did not reach the clients"
 
     def test_aggregate_keeps_entries_shapes_and_float_dtypes(self, make_parts: Callable[[], StrategyParts]) -> None:
@@ -460,21 +504,61 @@ class StrategyContract:
             _assert_arrays_close(weighted, expected, "weights 1 : 3")
 
     def test_state_round_trip_gives_identical_next_round(self, make_parts: Callable[[], StrategyParts]) -> None:
-        """A strategy restored from get_state() (through torch.save) aggregates round 2 exactly as
-        the uninterrupted one; a strategy without state must need none."""
+        """A strategy whose mechanisms are restored from their ``state_dict()`` (by name, through
+        torch.save, as a checkpoint keeps them) aggregates round 2 exactly as the uninterrupted one."""
+        from pchmr.core.engine.federation.mechanisms import MechanismRuntime
+
         first = [(contract_delta(20 + k, aligned=False), 3.0 + 2 * k) for k in range(CONTRACT_NODES)]
         second = [(contract_delta(30 + k, aligned=False), 4.0 + k) for k in range(CONTRACT_NODES)]
         running = make_parts()
         after_one, _ = run_round(running, 1, contract_arrays(), first)
         resumed = make_parts()
-        if running.get_state is not None:
-            state = running.get_state()
-            assert isinstance(state, Mapping), f"get_state() returned {type(state).__name__}, not a mapping"
-            resumed.set_state(_serialise(state))
+        states = MechanismRuntime(running).state_dict()
+        assert all(isinstance(state, Mapping) for state in states.values()), "state_dict() must return mappings"
+        MechanismRuntime(resumed).load_state_dict(_serialise(states))
         uninterrupted, _ = run_round(running, 2, after_one, second)
         restored, _ = run_round(resumed, 2, after_one, second)
         for key in uninterrupted:
             np.testing.assert_array_equal(restored[key], uninterrupted[key], err_msg=f"entry '{key}' after resuming")
+
+    def test_an_appended_mechanism_composes_and_its_config_reaches_the_clients(
+        self, make_parts: Callable[[], StrategyParts]
+    ) -> None:
+        """What a wrapper's mechanism relies on: appended last, it runs after the strategy's own
+        mechanisms, its train-config values reach every client, and its state is its own."""
+        from flwr.app import ConfigRecord
+
+        from pchmr.core.engine.federation.mechanisms import MechanismRuntime
+
+        parts = make_parts()
+        probe = _Probe()
+        wrapped = parts.with_mechanism(probe, name=f"probe({parts.name})")
+        runtime = MechanismRuntime(wrapped)
+        assert runtime.mechanisms == (*parts.mechanisms, probe), "with_mechanism must append, keeping the others"
+        assert probe not in parts.mechanisms, "with_mechanism must return new parts, leaving these unchanged"
+        with task_identity():
+            messages = list(
+                wrapped.server.configure_train(
+                    1, array_record(contract_arrays()), ConfigRecord(runtime.train_config()), FakeGrid([5, 6])
+                )
+            )
+        for message in messages:
+            config = next(iter(message.content.config_records.values()))
+            assert config.get(_Probe.KEY) == _Probe.VALUE, "an appended mechanism's train_config must reach clients"
+        states = runtime.state_dict()
+        assert states[probe.name] == {"rounds": 0}
+        MechanismRuntime(wrapped).load_state_dict(_serialise({probe.name: {"rounds": 3}}))
+        assert probe.rounds == 3
+
+    def test_a_delegating_server_wrapper_aggregates_identically(self, make_parts: Callable[[], StrategyParts]) -> None:
+        """A wrapper that forwards configure_train/aggregate_train (as server-side DP does) changes
+        nothing: the strategy's mechanisms do not depend on ``parts.server`` being their own."""
+        updates = [(contract_delta(40 + k, aligned=False), 2.0 + k) for k in range(CONTRACT_NODES)]
+        plain, _ = run_round(make_parts(), 1, contract_arrays(), updates)
+        inner = make_parts()
+        wrapped, _ = run_round(inner.with_server(_Delegate(inner.server)), 1, contract_arrays(), updates)
+        for key in plain:
+            np.testing.assert_array_equal(wrapped[key], plain[key], err_msg=f"entry '{key}' behind a wrapper")
 
     def test_runs_in_flower_simulation(
         self, make_parts: Callable[[], StrategyParts], flower_simulation: bool, averages_updates: bool

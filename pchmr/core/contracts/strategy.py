@@ -1,4 +1,4 @@
-"""The strategy contract: a Flower server strategy plus what the client side must add.
+"""The strategy contract: a Flower server strategy plus the mechanisms that add to it.
 
 pchmr's federated runtime (:mod:`pchmr.core.engine.federation`) samples the round's clients itself,
 from the run seed, and offers the strategy only those nodes; a strategy therefore aggregates
@@ -8,23 +8,26 @@ from the run seed, and offers the strategy only those nodes; a strategy therefor
 
 Config keys follow Flower's kebab-case (``"proximal-mu"``, ``"server-learning-rate"``).
 
-Privacy mechanisms (``pchmr_privacy`` plugins) wrap a :class:`StrategyParts` and use the runtime
-hooks it carries: a :class:`RoundProtocol` that replaces the whole train round on the server,
-client mods and named client handlers (messages whose ConfigRecord holds :data:`STAGE_KEY`),
-update transforms applied on the client after local training, and per-round callbacks
-(``before_round`` may raise :class:`PrivacyBudgetExhausted` to stop the run cleanly).
+Everything a strategy adds besides its Flower server strategy (a client loss term, the server
+optimiser's state, a privacy plugin's client mods, update transforms, round protocol and
+accountant) is a :class:`~pchmr.core.contracts.mechanism.Mechanism` in
+:attr:`StrategyParts.mechanisms`. Privacy plugins (``pchmr_privacy``) compose by appending one
+(:meth:`StrategyParts.with_mechanism`) and, where they must see every reply on the server, by
+wrapping the server strategy (:meth:`StrategyParts.with_server`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import (
     TYPE_CHECKING,
     Any,
     Protocol,
     runtime_checkable,
 )
+
+from pchmr.core.contracts.mechanism import Mechanism
 
 if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning (and Flower)
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -34,9 +37,9 @@ if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning (and Flower
 __all__ = [
     "STAGE_KEY",
     "ClientHandler",
+    "ClientMod",
     "ClientRuntime",
     "IncompatibleError",
-    "LossTerm",
     "PrivacyBudgetExhausted",
     "PrivacyFactory",
     "RoundProtocol",
@@ -45,7 +48,6 @@ __all__ = [
     "StrategyFactory",
     "StrategyParts",
     "UpdateInfo",
-    "UpdateTransform",
 ]
 
 
@@ -54,11 +56,12 @@ STAGE_KEY = "pchmr-stage"
 
 
 class IncompatibleError(ValueError):
-    """A privacy mechanism cannot wrap this strategy (the message says why)."""
+    """A privacy mechanism cannot wrap this strategy, or a strategy's mechanisms cannot run together
+    (the message says why)."""
 
 
 class PrivacyBudgetExhausted(Exception):
-    """Raised by ``StrategyParts.before_round``: the next round would exceed the privacy budget.
+    """Raised by a mechanism's ``before_round``: the next round would exceed the privacy budget.
 
     The runtime stops cleanly: it keeps the last global model, writes ``final.json`` with
     ``"stopped": <message>`` and the run exits with code 0.
@@ -91,7 +94,7 @@ class RoundProtocol(Protocol):
     ``grid`` is the runtime's view of the Flower grid holding only the round's sampled nodes
     (``grid.get_node_ids()``; ``grid.partition_id(node_id)`` maps a node to its partition);
     ``arrays`` is the current global model, ``train_config`` the round's train config (already
-    holding ``server-round``, ``local-epochs`` and the strategy's ``train_config``), ``timeout``
+    holding ``server-round``, ``local-epochs``, ``lr`` and the mechanisms' ``train_config``), ``timeout``
     the seconds a send_and_receive may wait. Reply checking and ordering:
     :func:`pchmr.core.kit.federation.ordered_replies`; local training inside a client handler:
     :func:`pchmr.core.engine.federation.client.train_locally`.
@@ -104,7 +107,8 @@ class RoundProtocol(Protocol):
 
 @dataclass(frozen=True)
 class UpdateInfo:
-    """What an update transform knows about the client update it transforms."""
+    """What :meth:`~pchmr.core.contracts.mechanism.Mechanism.transform_update` knows about the client
+    update it transforms."""
 
     server_round: int
     partition_id: int
@@ -114,13 +118,9 @@ class UpdateInfo:
     config: Mapping[str, Any]  # the round's train config as the client received it
 
 
-#: ``transform(new_state, global_state, info) -> new_state'`` applied on the client after local
-#: training (e.g. clip the update ``new - global`` and add noise).
-UpdateTransform = Callable[[dict[str, "Tensor"], dict[str, "Tensor"], UpdateInfo], dict[str, "Tensor"]]
-
-#: ``term(module, batch, output) -> scalar`` added to a client's local loss, already weighted by its
-#: owner; ``module`` is the engine's HMRModule, ``output`` the backbone's HMROutput.
-LossTerm = Callable[[Any, Mapping[str, "Tensor"], Any], "Tensor"]
+#: A Flower client mod: ``mod(msg, context, call_next) -> reply`` (``call_next(msg, context)`` runs
+#: the rest of the chain and the handler).
+ClientMod = Callable[["Message", "Context", Callable[["Message", "Context"], "Message"]], "Message"]
 
 
 class ClientRuntime(Protocol):
@@ -130,7 +130,7 @@ class ClientRuntime(Protocol):
 
     def train(self, msg: Message, context: Context) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Local training for a train message (the global model in ``"arrays"``, the round's config in
-        ``"config"``), then the strategy's update transforms: the new state dict and its metrics
+        ``"config"``), then the mechanisms' ``transform_update``: the new state dict and its metrics
         (``num-examples``, ``train-loss``, ``fit-seconds``, ``partition-id``)."""
         ...
 
@@ -154,57 +154,69 @@ class StrategyConfig:
         return self.options.get(key, default)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StrategyParts:
     """A strategy as the runtime uses it.
 
+    * ``name``: shown in errors (a privacy wrapper renames it, e.g. ``dp(fedavg)``);
     * ``server``: a Flower ``flwr.serverapp.strategy.Strategy`` (configure/aggregate train);
-    * ``loss_terms``: added to every client's local loss (e.g. FedProx's proximal term);
-    * ``train_config``: values put in every round's train ``ConfigRecord``;
+    * ``mechanisms``: what the strategy adds, in the order the runtime calls their hooks (see
+      :mod:`pchmr.core.contracts.mechanism`); their names are unique;
     * ``requires_individual_updates``: True when aggregation compares single clients' updates
       (secure aggregation must then refuse it);
-    * ``describe``: JSON-able description written into the run's config;
-    * ``get_state`` / ``set_state``: the server strategy's state between rounds (e.g. FedOpt's
-      moments) as a dict of tensors/numbers, saved in every round's checkpoint and restored on
-      resume. Stateless strategies leave them ``None``. A privacy wrapper composes its own state
-      with the wrapped strategy's (e.g. ``{"inner": inner_state, "accountant": steps}``).
+    * ``describe``: the strategy's JSON-able description; :meth:`description` adds the
+      mechanisms' and is written into the run's ``config.json``.
 
-    Runtime hooks (defaults keep plain federated training):
-
-    * ``round_protocol``: a :class:`RoundProtocol` run *instead of* configure_train →
-      send_and_receive → aggregate_train (e.g. secure aggregation);
-    * ``client_mods``: Flower client mods ``(msg, context, call_next) -> Message`` chained, in
-      order, around the client's handlers for every message type (query, train, protocol stages);
-    * ``client_handlers``: ``{stage: handler}``; a train message whose ConfigRecord holds
-      ``STAGE_KEY == stage`` goes to ``handler(msg, context, runtime)`` instead of local training;
-    * ``update_transforms``: applied in order on the client after local training to
-      ``(new_state, global_state, info)`` (client-side clipping/noise, composable with secure
-      aggregation since it happens before anything leaves the client);
-    * ``before_round(server_round)``: called before each round; may raise
-      :class:`PrivacyBudgetExhausted` to stop the run cleanly;
-    * ``round_metrics(server_round)``: numbers merged into that round's ``rounds.jsonl`` record
-      (e.g. ``epsilon``, ``delta``), called after the round.
-    * ``prepare_module(module)``: called once on every HMRModule the runtime builds (the server's
-      evaluation module and each client's training module), before any round; may raise
-      :class:`IncompatibleError` (e.g. DP-SGD with BatchNorm) or install
-      ``module.training_step_hook``.
+    Compose by appending (:meth:`with_mechanism`) or wrapping the server (:meth:`with_server`);
+    both return new parts and leave these unchanged.
     """
 
     name: str
     server: Any
-    loss_terms: Sequence[LossTerm] = ()
-    client_mods: Sequence[Any] = ()
-    train_config: Mapping[str, Any] = field(default_factory=dict)
+    mechanisms: tuple[Mechanism, ...] = ()
     requires_individual_updates: bool = False
     describe: Mapping[str, Any] = field(default_factory=dict)
-    get_state: Callable[[], Mapping[str, Any]] | None = None
-    set_state: Callable[[Mapping[str, Any]], None] | None = None
-    round_protocol: RoundProtocol | None = None
-    client_handlers: Mapping[str, ClientHandler] = field(default_factory=dict)
-    update_transforms: Sequence[UpdateTransform] = ()
-    before_round: Callable[[int], None] | None = None
-    round_metrics: Callable[[int], Mapping[str, float]] | None = None
-    prepare_module: Callable[[Any], None] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mechanisms", tuple(self.mechanisms))
+        seen: set[str] = set()
+        for mechanism in self.mechanisms:
+            if not isinstance(mechanism, Mechanism):
+                raise TypeError(
+                    f"strategy '{self.name}': {mechanism!r} is not a Mechanism; subclass "
+                    "pchmr.api.Mechanism and override the hooks it needs"
+                )
+            if mechanism.name in seen:
+                raise ValueError(
+                    f"strategy '{self.name}' has two mechanisms named '{mechanism.name}'; a mechanism's name keys "
+                    "its checkpointed state and must be unique: give one of them another name"
+                )
+            seen.add(mechanism.name)
+
+    def with_mechanism(self, mechanism: Mechanism, *, name: str | None = None) -> StrategyParts:
+        """These parts with ``mechanism`` appended (its hooks run after the others'), renamed to
+        ``name`` when given; a second mechanism of the same name is refused (ValueError)."""
+        return replace(self, name=name or self.name, mechanisms=(*self.mechanisms, mechanism))
+
+    def with_server(self, server: Any, *, name: str | None = None) -> StrategyParts:
+        """These parts with ``server`` (typically a wrapper of ``self.server``) as the Flower strategy."""
+        return replace(self, name=name or self.name, server=server)
+
+    def mechanism(self, name: str) -> Mechanism:
+        """The mechanism called ``name`` (KeyError naming the ones there are)."""
+        for mechanism in self.mechanisms:
+            if mechanism.name == name:
+                return mechanism
+        raise KeyError(
+            f"strategy '{self.name}' has no mechanism named '{name}'; it has: "
+            f"{', '.join(m.name for m in self.mechanisms) or 'none'}"
+        )
+
+    def description(self) -> dict[str, Any]:
+        """``describe`` plus ``"mechanisms"``: each mechanism's ``describe()`` with its ``name``, in
+        list order (what ``config.json`` records as the run's strategy)."""
+        mechanisms = [{"name": m.name, **dict(m.describe())} for m in self.mechanisms]
+        return {**dict(self.describe), "mechanisms": mechanisms}
 
 
 @runtime_checkable

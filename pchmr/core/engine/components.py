@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pchmr.core.contracts.backbone import BackboneOptions
 from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.partition import Partition
 from pchmr.core.engine.config import MIXED_DATASET, PUBLIC_BODY_MODEL, RunConfig
 from pchmr.core.engine.losses import LossWeights
-from pchmr.core.engine.module import HMRModule, LossTerm, OptimConfig
+from pchmr.core.engine.module import HMRModule, OptimConfig
 from pchmr.core.engine.pretrain import PUBLIC, pretrained_encoder
 from pchmr.core.engine.registry import get_registry
 from pchmr.core.kit.cache import default_cache_dir
@@ -40,8 +41,10 @@ class Components:
     encoder_weights: str | None = None  # the resolved file of --encoder-weights
     encoder_resolved: bool = True  # False: built for the data only (build_components(with_model=False))
 
-    def make_module(self, loss_terms: Sequence[LossTerm] = (), init_seed: int | None = None) -> HMRModule:
-        """A fresh HMRModule; weights initialised from ``init_seed`` (default: the run seed)."""
+    def make_module(self, mechanisms: Sequence[Mechanism] = (), init_seed: int | None = None) -> HMRModule:
+        """A fresh HMRModule; weights initialised from ``init_seed`` (default: the run seed);
+        ``mechanisms``: a federated client's (the strategy's), whose loss and training-step hooks
+        it calls inside ``module.round(context)``."""
         cfg = self.config
         if not self.encoder_resolved:
             raise RuntimeError("these components were built for the data only: call build_components(config)")
@@ -62,7 +65,7 @@ class Components:
             self.body_model,
             loss_weights=LossWeights.from_overrides(cfg.loss_weights),
             optim=OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay),
-            loss_terms=loss_terms,
+            mechanisms=mechanisms,
             alignment=self.applied_protocol().alignment,
         )
         if cfg.init_from is not None:

@@ -2,13 +2,16 @@
 
 Centralized training, naive single-device training, a federated client's local epochs and
 on-device personalization all fit this module with a Lightning Trainer (pchmr.core.engine.trainer);
-only the data and the mechanisms' loss terms (e.g. FedProx's proximal term) differ.
+only the data and the strategy's mechanisms (e.g. FedProx's proximal term, DP-SGD's step) differ.
+A federated client fits inside ``with module.round(context):``, which hands the mechanisms'
+``loss`` and ``training_step`` hooks the :class:`~pchmr.core.contracts.mechanism.RoundContext`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -17,7 +20,7 @@ from torch import Tensor, nn
 
 from pchmr.core.contracts.backbone import Backbone, HMROutput
 from pchmr.core.contracts.bodymodel import BodyModel, MeshPyramid
-from pchmr.core.contracts.strategy import LossTerm
+from pchmr.core.contracts.mechanism import Mechanism, RoundContext
 from pchmr.core.engine.losses import LossWeights, level_weights_for, weighted_l1
 from pchmr.core.engine.mesh_losses import edge_length_loss, normal_loss
 from pchmr.core.kit.geometry import project_weak_perspective
@@ -47,6 +50,10 @@ class HMRModule(pl.LightningModule):
     Only the backbone's parameters (and BatchNorm statistics) are state; the body model is used
     for its joint regressor and pyramid, which are kept as non-persistent buffers, so
     ``state_dict()`` is exactly what federated clients exchange.
+
+    ``mechanisms`` (a federated client's: the strategy's) add loss terms and may replace the
+    training step; their hooks need a round, so such a module trains only inside
+    :meth:`round`.
     """
 
     def __init__(
@@ -55,14 +62,15 @@ class HMRModule(pl.LightningModule):
         body_model: BodyModel,
         loss_weights: LossWeights | None = None,
         optim: OptimConfig | None = None,
-        loss_terms: Sequence[LossTerm] = (),
+        mechanisms: Sequence[Mechanism] = (),
         alignment: str = "mid-hip",
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.loss_weights = loss_weights or LossWeights()
         self.optim = optim or OptimConfig()
-        self.loss_terms = list(loss_terms)
+        self.mechanisms: tuple[Mechanism, ...] = tuple(mechanisms)
+        self._round: RoundContext | None = None
         self.root_joints = tuple(body_model.root_joints)
         self.pyramid: MeshPyramid = body_model.pyramid()
         self.register_buffer("joint_regressor", _regressor_matrix(body_model), persistent=False)
@@ -97,15 +105,37 @@ class HMRModule(pl.LightningModule):
                 "joints_3d, reg_joints_3d, vertices, joints_2d, edge, normal"
             )
         self.register_buffer("mesh_faces", self.pyramid.faces[self.mesh_level].clone(), persistent=False)
-        self.global_state: Mapping[str, Tensor] | None = None  # the round's global weights (proximal terms)
-        self.round_config: dict[str, object] = {}  # the round's train config (federated clients)
         self.val_metrics = nn.ModuleDict(
             {"mpjpe_mm": MPJPE(), "pa_mpjpe_mm": PAMPJPE(), "mpvpe_mm": MPVPE(), "pck": PCK()}
         )
         self.automatic_optimization = True
-        #: replaces training_step when set: ``hook(module, batch, batch_idx) -> loss`` (a privacy
-        #: plugin's DP-SGD step returns a surrogate whose gradient is the privatised gradient)
-        self.training_step_hook: Callable[[HMRModule, Mapping[str, Tensor], int], Tensor] | None = None
+
+    # -- the federated round ---------------------------------------------------------------
+    @contextmanager
+    def round(self, context: RoundContext) -> Iterator[RoundContext]:
+        """The block is one client's local fit in ``context``'s round: ``training_epoch`` counts from
+        the round's start, and the mechanisms' ``loss``/``training_step`` receive ``context``."""
+        if self._round is not None:
+            raise RuntimeError(f"HMRModule is already fitting round {self._round.server_round}; rounds do not nest")
+        self._round = context
+        try:
+            yield context
+        finally:
+            self._round = None
+
+    @property
+    def round_context(self) -> RoundContext | None:
+        """The round being fitted (inside :meth:`round`), else None."""
+        return self._round
+
+    def _active_round(self, hook: str) -> RoundContext:
+        if self._round is None:
+            names = ", ".join(m.name for m in self.mechanisms)
+            raise RuntimeError(
+                f"HMRModule's mechanisms ({names}) need a round for their {hook} hooks; fit inside "
+                "`with module.round(context):` (pchmr.core.engine.federation.client.local_fit does)"
+            )
+        return self._round
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, images: Tensor) -> HMROutput:
@@ -164,8 +194,12 @@ class HMRModule(pl.LightningModule):
         for name, value in self.backbone.extra_losses(out, batch).items():
             terms[name] = value
             loss = loss + w.extra.get(name, base.get(name, 1.0)) * ramp.get(name, 1.0) * value
-        for term in self.loss_terms:
-            loss = loss + term(self, batch, out)
+        if self.mechanisms:
+            context = self._active_round("loss")
+            for mechanism in self.mechanisms:
+                term = mechanism.loss(self, batch, out, context)
+                if term is not None:
+                    loss = loss + term
         terms["loss"] = loss
         return terms
 
@@ -174,15 +208,18 @@ class HMRModule(pl.LightningModule):
         """0-based epoch over the model's whole training: a federated client in round r with E
         local epochs is at ``(r - 1) * E`` + its local epoch (loss schedules depend on it)."""
         local = int(self.trainer.current_epoch) if self._trainer is not None else 0
-        server_round = self.round_config.get("server-round")
-        if server_round is None:
+        if self._round is None:
             return local
-        return (int(server_round) - 1) * int(self.round_config.get("local-epochs", 1)) + local  # type: ignore[arg-type]
+        return (self._round.server_round - 1) * self._round.local_epochs + local
 
     # -- Lightning hooks -----------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        if self.training_step_hook is not None:
-            return self.training_step_hook(self, batch, batch_idx)
+        if self.mechanisms:
+            context = self._active_round("training_step")
+            for mechanism in self.mechanisms:
+                replaced = mechanism.training_step(self, batch, batch_idx, context)
+                if replaced is not None:
+                    return replaced
         out = self(batch["image"])
         terms = self.compute_losses(batch, out)
         if not torch.isfinite(terms["loss"]):

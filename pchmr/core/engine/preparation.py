@@ -166,7 +166,7 @@ def write_run_config(rd: RunDir, config: RunConfig, components: Components, stra
         {
             "run": config.to_dict(),
             "plugins": describe_plugins(config),
-            "strategy": dict(strategy.describe),
+            "strategy": strategy.description(),
             "loss_weights": _effective_loss_weights(components),
             "encoder": _encoder_record(config, components),
             "protocol": components.protocol().as_dict(),

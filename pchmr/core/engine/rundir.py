@@ -7,7 +7,7 @@
       partition.json     client id -> training-sample ids (+ method, parameters, sha256)
       rounds.jsonl       one JSON object per evaluated round (round 0 = the untrained model)
       final.json         the last round's metrics, the mean-pose baselines and the protocol
-      checkpoints/last.pt  global weights, strategy state and round, rewritten every round
+      checkpoints/last.pt  global weights, the mechanisms' states and round, rewritten every round
       model.pt           the final global weights (a plain state dict)
       run.log            the log of the run (Flower's included)
 """

@@ -43,7 +43,7 @@ import dataclasses
 import math
 import secrets
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.mechanism import Mechanism, RoundContext
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import (
     IncompatibleError,
@@ -65,6 +66,7 @@ from pchmr.core.kit.state import fixed_state_keys, training_mode
 __all__ = [
     "DPOptions",
     "DPSGDStep",
+    "DifferentialPrivacy",
     "FixedEntries",
     "ServerSideDP",
     "clip_update",
@@ -336,17 +338,6 @@ def release_metrics_mod(extra: Callable[[], Mapping[str, float]] | None = None) 
     return mod
 
 
-def client_update_transform(options: DPOptions, fixed: FixedEntries | None = None) -> Callable[..., dict[str, Tensor]]:
-    """Client placement: clip the update to C and add N(0, (z·C)²/k) before it leaves the client."""
-    fixed = fixed or FixedEntries()
-
-    def transform(new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo) -> dict[str, Tensor]:
-        std = options.noise_multiplier * options.clip / math.sqrt(info.per_round)
-        return privatize_update(new_state, global_state, options.clip, std, _secure_generator(), fixed.keys)
-
-    return transform
-
-
 # --------------------------------------------------------------------------------------
 # example level: DP-SGD
 # --------------------------------------------------------------------------------------
@@ -369,7 +360,8 @@ def _example(batch: Any, i: int) -> Any:
 
 
 class DPSGDStep:
-    """``HMRModule.training_step_hook``: per-example clipped, noised gradient (Abadi et al. 2016).
+    """DP-SGD's step (what :class:`DifferentialPrivacy`'s ``training_step`` returns): per-example
+    clipped, noised gradient (Abadi et al. 2016).
 
     For a batch of B examples: g_i = ∇ loss(x_i) clipped to L2 norm C over all trainable
     parameters; ĝ = (Σ g_i + N(0, (z·C)² I)) / B. Returns the surrogate ``Σ_p ⟨p, ĝ_p⟩`` whose
@@ -431,15 +423,6 @@ def check_per_example_safe(module: nn.Module) -> None:
             "(backbone option encoder_norm=group), a frozen pretrained encoder (--freeze-encoder) or client-level DP "
             "(--privacy-option level=client)"
         )
-
-
-def _prepare_dp_sgd(options: DPOptions, counter: _StepCount) -> Callable[[Any], None]:
-    def prepare(module: Any) -> None:
-        check_per_example_safe(module)
-        module.training_step_hook = DPSGDStep(options.clip, options.noise_multiplier, counter)
-        module.optim = dataclasses.replace(module.optim, grad_clip=None)  # the per-example clip replaces it
-
-    return prepare
 
 
 # --------------------------------------------------------------------------------------
@@ -505,32 +488,84 @@ class _Budget:
             self.examples[int(pid)].load_state_dict(acc_state)
 
 
-def _refuse(parts: StrategyParts, options: DPOptions) -> None:
-    if parts.requires_individual_updates:
-        raise IncompatibleError(
-            f"dp cannot wrap '{parts.name}': it aggregates by comparing individual client updates, while "
-            "DP-FedAvg's guarantee covers only functions of the clipped, noised sum"
-        )
-    if parts.round_protocol is not None and options.level == "client" and options.placement == "server":
-        raise IncompatibleError(
-            f"dp placement=server clips each client's update on the server, which '{parts.name}''s round protocol "
-            "(e.g. secure aggregation) never shows it; use --privacy-option placement=client"
-        )
-    if parts.round_protocol is not None and options.level == "example":
-        raise IncompatibleError(
-            f"example-level dp accounts each client's DP-SGD steps from its reply, which '{parts.name}''s round "
-            "protocol hides; use level=client"
+class DifferentialPrivacy(Mechanism):
+    """dp's hooks (see the module docstring). Both levels: the accountant (``before_round``,
+    ``round_metrics``, ``state_dict``) and a client mod releasing only equal weights, the partition
+    id and, at example level, the DP-SGD step count and sample rate.
+
+    * client level: ``prepare_module`` learns the entries training cannot change (kept un-noised);
+      with ``placement=client``, ``transform_update`` clips the update to C and adds N(0, (z·C)²/k)
+      before it leaves the client (``placement=server``: the wrapped server strategy does);
+    * example level: ``prepare_module`` refuses BatchNorm in training mode and turns Lightning's
+      gradient clipping off (the per-example clip replaces it); ``training_step`` is
+      :class:`DPSGDStep`; ``transform_update`` records the client's example count.
+
+    Over a round protocol, ``train_config`` asks it to sum the k noised updates unweighted.
+    """
+
+    name = "dp"
+
+    def __init__(
+        self, options: DPOptions, budget: _Budget, fixed: FixedEntries, over_protocol: bool, describe: Mapping[str, Any]
+    ) -> None:
+        self.options = options
+        self.budget = budget
+        self.fixed = fixed
+        self.over_protocol = over_protocol
+        self._describe = dict(describe)
+        self.counter = _StepCount()
+        self.step = (
+            DPSGDStep(options.clip, options.noise_multiplier, self.counter) if options.level == "example" else None
         )
 
+    def describe(self) -> Mapping[str, Any]:
+        return self._describe
 
-def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
-    """Wrap ``parts`` with differential privacy (see the module docstring for the options)."""
-    options = parse_options(config.options, config)
-    _refuse(parts, options)
-    budget = _Budget(options, config)
-    counter = _StepCount()
+    def prepare_module(self, module: Any) -> None:
+        self.fixed.learn(module)
+        if self.step is not None:
+            check_per_example_safe(module)
+            module.optim = dataclasses.replace(module.optim, grad_clip=None)  # the per-example clip replaces it
 
-    def step_metrics() -> dict[str, float]:
+    def before_round(self, server_round: int) -> None:
+        self.budget.before_round(server_round)
+
+    def round_metrics(self, server_round: int) -> Mapping[str, float]:
+        return self.budget.round_metrics(server_round)
+
+    def train_config(self) -> Mapping[str, Any]:
+        return {PROTOCOL_WEIGHTING_KEY: "uniform"} if self.over_protocol else {}
+
+    def state_dict(self) -> Mapping[str, Any]:
+        return {"accountant": self.budget.state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.budget.load(state["accountant"])
+
+    def client_mods(self) -> Sequence[Callable[..., Any]]:
+        return (release_metrics_mod(self._step_metrics if self.step is not None else None),)
+
+    def training_step(
+        self, module: Any, batch: Mapping[str, Tensor], batch_idx: int, context: RoundContext
+    ) -> Tensor | None:
+        return None if self.step is None else self.step(module, batch, batch_idx)
+
+    def transform_update(
+        self, new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo
+    ) -> dict[str, Tensor]:
+        if self.step is not None:
+            self.counter.examples = info.num_examples
+            return new_state
+        if self.options.placement == "client":
+            std = self.options.noise_multiplier * self.options.clip / math.sqrt(info.per_round)
+            return privatize_update(
+                new_state, global_state, self.options.clip, std, _secure_generator(), self.fixed.keys
+            )
+        return new_state
+
+    def _step_metrics(self) -> dict[str, float]:
+        """The client's DP-SGD steps since the last reply and its sample rate B/n_i (for the accountant)."""
+        counter = self.counter
         out = {
             "dp-steps": float(counter.steps),
             "dp-sample-rate": min(1.0, counter.batch_size / max(counter.examples, 1)),
@@ -538,46 +573,37 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         counter.steps = 0
         return out
 
-    mods = list(parts.client_mods)
-    transforms = list(parts.update_transforms)
+
+def _refuse(parts: StrategyParts, options: DPOptions) -> bool:
+    """IncompatibleError for what dp cannot wrap; True when ``parts`` run a round protocol."""
+    if parts.requires_individual_updates:
+        raise IncompatibleError(
+            f"dp cannot wrap '{parts.name}': it aggregates by comparing individual client updates, while "
+            "DP-FedAvg's guarantee covers only functions of the clipped, noised sum"
+        )
+    over_protocol = any(m.round_protocol() is not None for m in parts.mechanisms)
+    if over_protocol and options.level == "client" and options.placement == "server":
+        raise IncompatibleError(
+            f"dp placement=server clips each client's update on the server, which '{parts.name}''s round protocol "
+            "(e.g. secure aggregation) never shows it; use --privacy-option placement=client"
+        )
+    if over_protocol and options.level == "example":
+        raise IncompatibleError(
+            f"example-level dp accounts each client's DP-SGD steps from its reply, which '{parts.name}''s round "
+            "protocol hides; use level=client"
+        )
+    return over_protocol
+
+
+def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
+    """Wrap ``parts`` with differential privacy (see the module docstring for the options): the
+    server strategy in :class:`ServerSideDP`, and a :class:`DifferentialPrivacy` mechanism appended."""
+    options = parse_options(config.options, config)
+    over_protocol = _refuse(parts, options)
+    budget = _Budget(options, config)
     fixed = FixedEntries()
-    inner_prepare = parts.prepare_module
-    dp_sgd = _prepare_dp_sgd(options, counter) if options.level == "example" else None
-
-    def prepare(module: Any) -> None:
-        if inner_prepare is not None:
-            inner_prepare(module)
-        fixed.learn(module)
-        if dp_sgd is not None:
-            dp_sgd(module)
-
-    if options.level == "example":
-        transforms.insert(0, _count_examples(counter))
-        mods.append(release_metrics_mod(step_metrics))
-    else:
-        mods.append(release_metrics_mod())
-        if options.placement == "client":
-            transforms.append(client_update_transform(options, fixed))
-    train_config = dict(parts.train_config)
-    if parts.round_protocol is not None:  # the protocol must sum the k noised updates unweighted
-        train_config[PROTOCOL_WEIGHTING_KEY] = "uniform"
-
-    inner_get, inner_set = parts.get_state, parts.set_state
-
-    def get_state() -> dict[str, Any]:
-        return {"inner": inner_get() if inner_get else None, "accountant": budget.state()}
-
-    def set_state(state: Mapping[str, Any]) -> None:
-        if state.get("inner") is not None:
-            if inner_set is None:
-                raise RuntimeError(f"the checkpoint holds state of '{parts.name}', which cannot restore it")
-            inner_set(state["inner"])
-        budget.load(state["accountant"])
-
-    server = ServerSideDP(parts.server, options, config.per_round, budget.on_replies, fixed)
     describe = {
         "privacy": "dp",
-        "inner": dict(parts.describe),
         "level": options.level,
         "placement": options.placement if options.level == "client" else "local DP-SGD",
         "clip": options.clip,
@@ -589,48 +615,10 @@ def dp(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         if options.level == "client"
         else "DP-SGD: (sum of clipped per-example gradients + N(0,(zC)^2)) / B",
     }
-    return dataclasses.replace(
-        parts,
-        name=f"dp({parts.name})",
-        server=server,
-        client_mods=tuple(mods),
-        update_transforms=tuple(transforms),
-        train_config=train_config,
-        describe=describe,
-        get_state=get_state,
-        set_state=set_state,
-        before_round=_chain_before(parts.before_round, budget.before_round),
-        round_metrics=_merge_metrics(parts.round_metrics, budget.round_metrics),
-        prepare_module=prepare,
-    )
-
-
-def _count_examples(counter: _StepCount) -> Callable[..., dict[str, Tensor]]:
-    """An identity update transform that records the client's example count for the accountant."""
-
-    def transform(new_state: dict[str, Tensor], global_state: dict[str, Tensor], info: UpdateInfo) -> dict[str, Tensor]:
-        counter.examples = info.num_examples
-        return new_state
-
-    return transform
-
-
-def _chain_before(first: Callable[[int], None] | None, second: Callable[[int], None]) -> Callable[[int], None]:
-    def before(server_round: int) -> None:
-        if first is not None:
-            first(server_round)
-        second(server_round)
-
-    return before
-
-
-def _merge_metrics(
-    first: Callable[[int], Mapping[str, float]] | None, second: Callable[[int], Mapping[str, float]]
-) -> Callable[[int], Mapping[str, float]]:
-    def merged(server_round: int) -> Mapping[str, float]:
-        return {**dict(first(server_round) if first else {}), **dict(second(server_round))}
-
-    return merged
+    mechanism = DifferentialPrivacy(options, budget, fixed, over_protocol, describe)
+    server = ServerSideDP(parts.server, options, config.per_round, budget.on_replies, fixed)
+    name = f"dp({parts.name})"
+    return parts.with_server(server).with_mechanism(mechanism, name=name)
 
 
 # --------------------------------------------------------------------------------------

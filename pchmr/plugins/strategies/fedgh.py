@@ -56,6 +56,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
@@ -63,9 +64,9 @@ from pchmr.plugins.strategies.fedopt import (
     NUM_EXAMPLES_KEY,
     SERVER_OPTIMIZERS,
     FedOptOptions,
+    ServerOptimizerState,
     make_server_optimizer,
     read_server_optimizer,
-    server_optimizer_hooks,
 )
 
 __all__ = [
@@ -440,14 +441,14 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
         server: FedAvg = FedGH(
             **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization
         )
-        get_state = set_state = None
+        mechanisms: tuple[Mechanism, ...] = ()
         chosen.update({"server-opt": "none", "server-learning-rate": eta})
         server_text = "pchmr.plugins.strategies.fedgh.FedGH (a flwr.serverapp.strategy.FedAvg subclass)"
     else:
         optimizer = read_server_optimizer(options)
         harmonization = Harmonization(granularity, weighting, 1.0, config.seed)
         server = make_server_optimizer(optimizer, HARMONIZED_OPTIMIZERS[server_opt], harmonization=harmonization)
-        get_state, set_state = server_optimizer_hooks(server, optimizer, "fedgh")
+        mechanisms = (ServerOptimizerState(server, optimizer, "fedgh"),)
         chosen.update(optimizer.describe())
         server_text = (
             f"pchmr.plugins.strategies.fedgh.{type(server).__name__} "
@@ -456,6 +457,7 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
     return StrategyParts(
         name="fedgh",
         server=server,
+        mechanisms=mechanisms,
         requires_individual_updates=True,
         describe={
             "server": server_text,
@@ -465,8 +467,6 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
             "inferred": dict(_INFERRED),
             "seed": config.seed,
         },
-        get_state=get_state,
-        set_state=set_state,
     )
 
 

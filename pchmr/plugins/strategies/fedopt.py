@@ -29,14 +29,14 @@ Options (``--strategy-option key=value``), defaults are Flower's for the chosen 
 =======================  ===================================  =====================
 
 The options (:class:`FedOptOptions`) and the server-optimiser pieces (:func:`read_server_optimizer`,
-:func:`make_server_optimizer`, :func:`server_optimizer_hooks`) are reused by :mod:`pchmr.plugins.strategies.fedgh`.
+:func:`make_server_optimizer`, :class:`ServerOptimizerState`) are reused by :mod:`pchmr.plugins.strategies.fedgh`.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
@@ -56,12 +57,12 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "FedOptOptions",
     "ServerOptimizer",
+    "ServerOptimizerState",
     "adapt_server_optimizer",
     "fedopt",
     "load_server_optimizer_state",
     "make_server_optimizer",
     "read_server_optimizer",
-    "server_optimizer_hooks",
     "server_optimizer_state",
 ]
 
@@ -273,37 +274,37 @@ def load_server_optimizer_state(server: FedOpt, state: Mapping[str, Any]) -> Non
 # --------------------------------------------------------------------------------------
 # the plugin
 # --------------------------------------------------------------------------------------
-def server_optimizer_hooks(
-    server: FedOpt, optimizer: ServerOptimizer, strategy: str
-) -> tuple[Callable[[], dict[str, Any]], Callable[[Mapping[str, Any]], None]]:
-    """``(get_state, set_state)`` for :class:`~pchmr.core.contracts.strategy.StrategyParts`: m_t, v_t and the
-    optimiser's name (a checkpoint of another server optimiser is refused)."""
+class ServerOptimizerState(Mechanism):
+    """The server optimiser's state between rounds as a mechanism: ``state_dict`` is m_t, v_t and
+    the optimiser's name (saved in every checkpoint), ``load_state_dict`` restores them and refuses
+    the state of another server optimiser. Named after the strategy (``fedopt``, ``fedgh``)."""
 
-    def get_state() -> dict[str, Any]:
-        return {"server-opt": optimizer.name, **server_optimizer_state(server)}
+    def __init__(self, server: FedOpt, optimizer: ServerOptimizer, strategy: str) -> None:
+        self.name = strategy
+        self.server = server
+        self.optimizer = optimizer
 
-    def set_state(state: Mapping[str, Any]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        return {"server-opt": self.optimizer.name, **server_optimizer_state(self.server)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         saved = state.get("server-opt")
-        if saved != optimizer.name:
+        if saved != self.optimizer.name:
             raise ValueError(
-                f"the saved {strategy} state is for server-opt {saved!r}, this run uses {optimizer.name!r}"
+                f"the saved {self.name} state is for server-opt {saved!r}, this run uses {self.optimizer.name!r}"
             )
-        load_server_optimizer_state(server, state)
-
-    return get_state, set_state
+        load_server_optimizer_state(self.server, state)
 
 
 def fedopt(config: StrategyConfig) -> StrategyParts:
     """Server: Flower's FedAdam, FedYogi or FedAdagrad (option ``server-opt``); the client adds nothing."""
     optimizer = read_server_optimizer(read_options(FedOptOptions, config.options, plugin="fedopt", kind="strategy"))
     server = make_server_optimizer(optimizer)
-    get_state, set_state = server_optimizer_hooks(server, optimizer, "fedopt")
     return StrategyParts(
         name="fedopt",
         server=server,
+        mechanisms=(ServerOptimizerState(server, optimizer, "fedopt"),),
         describe={"server": f"flwr.serverapp.strategy.{optimizer.flower_class.__name__}", **optimizer.describe()},
-        get_state=get_state,
-        set_state=set_state,
     )
 
 

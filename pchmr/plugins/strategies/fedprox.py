@@ -3,12 +3,13 @@
 Server: ``flwr.serverapp.strategy.FedProx``, which aggregates exactly like FedAvg (weights ∝
 ``num-examples``) and puts μ into every round's train config under ``"proximal-mu"``.
 
-Client: :func:`proximal_term`, a :data:`~pchmr.core.engine.module.LossTerm` added to the local loss::
+Client: :class:`ProximalTerm`, a mechanism whose ``loss`` adds to the local loss::
 
     μ/2 · Σ_i ‖w_i − w_i^global‖²      over the module's trainable parameters w_i
 
-μ is read from ``module.round_config["proximal-mu"]`` and w^global from ``module.global_state``,
-both set by the runtime before each local fit (:func:`pchmr.core.engine.federation.client.local_fit`). Its
+μ is read from the round's train config (``context.config["proximal-mu"]``) and w^global is the
+state the local fit started from (``context.global_state``), both from the
+:class:`~pchmr.core.contracts.mechanism.RoundContext` the runtime hands the hook. Its
 gradient is μ(w − w^global), so one SGD step of size lr moves a parameter by −lr·μ(w − w^global) on
 top of the data gradient; μ = 0 gives FedAvg exactly.
 
@@ -26,6 +27,7 @@ from flwr.serverapp.strategy import FedProx
 from torch import Tensor, nn
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.mechanism import Mechanism, RoundContext
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
@@ -37,9 +39,9 @@ __all__ = [
     "DEFAULT_PROXIMAL_MU",
     "PROXIMAL_MU_KEY",
     "FedProxOptions",
+    "ProximalTerm",
     "fedprox",
     "proximal_penalty",
-    "proximal_term",
     "read_proximal_mu",
 ]
 
@@ -89,35 +91,30 @@ def proximal_penalty(
     return 0.5 * mu * total
 
 
-def proximal_term(module: nn.Module, batch: Mapping[str, Tensor], output: HMROutput) -> Tensor:
-    """The FedProx :data:`~pchmr.core.engine.module.LossTerm`: ``μ/2 · Σ‖w − w_global‖²`` for ``module``.
+class ProximalTerm(Mechanism):
+    """FedProx's client half: ``loss`` is ``μ/2 · Σ‖w − w_global‖²`` over ``module``'s trainable
+    parameters, μ and w_global from the round's :class:`~pchmr.core.contracts.mechanism.RoundContext`;
+    ``batch`` and ``output`` are not used."""
 
-    Reads ``module.round_config["proximal-mu"]`` and ``module.global_state`` (set by the runtime
-    before each local fit); ``batch`` and ``output`` are not used.
-    """
-    round_config = getattr(module, "round_config", None)
-    global_state = getattr(module, "global_state", None)
-    if round_config is None or global_state is None:
-        raise RuntimeError(
-            "the FedProx proximal term needs module.round_config and module.global_state, which the "
-            "federated runtime sets before each local fit; it cannot be used outside a federated round"
-        )
-    if PROXIMAL_MU_KEY not in round_config:
-        raise KeyError(
-            f"the round's train config has no '{PROXIMAL_MU_KEY}' (keys: {sorted(round_config)}); "
-            "the server half must be Flower's FedProx"
-        )
-    return proximal_penalty(module.named_parameters(), global_state, float(round_config[PROXIMAL_MU_KEY]))
+    name = "fedprox"
+
+    def loss(self, module: nn.Module, batch: Mapping[str, Tensor], output: HMROutput, context: RoundContext) -> Tensor:
+        if PROXIMAL_MU_KEY not in context.config:
+            raise KeyError(
+                f"the round's train config has no '{PROXIMAL_MU_KEY}' (keys: {sorted(context.config)}); "
+                "the server half must be Flower's FedProx"
+            )
+        return proximal_penalty(module.named_parameters(), context.global_state, float(context.config[PROXIMAL_MU_KEY]))
 
 
 def fedprox(config: StrategyConfig) -> StrategyParts:
-    """Server: ``flwr.serverapp.strategy.FedProx``; client: :func:`proximal_term` in the local loss."""
+    """Server: ``flwr.serverapp.strategy.FedProx``; client: :class:`ProximalTerm` in the local loss."""
     mu = read_proximal_mu(config.options)
     server = FedProx(**flower_sampling_kwargs(), weighted_by_key="num-examples", proximal_mu=mu)
     return StrategyParts(
         name="fedprox",
         server=server,
-        loss_terms=(proximal_term,),
+        mechanisms=(ProximalTerm(),),
         describe={
             "server": "flwr.serverapp.strategy.FedProx",
             PROXIMAL_MU_KEY: mu,

@@ -10,6 +10,8 @@ wrap secure aggregation twice and is refused.
 
 from __future__ import annotations
 
+import dataclasses
+
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.privacy.secagg import secagg
@@ -22,9 +24,7 @@ __all__ = ["secagg_fedavg"]
 def secagg_fedavg(config: StrategyConfig) -> StrategyParts:
     """FedAvg (no options of its own) wrapped by secure aggregation configured from ``config.options``."""
     inner = fedavg(StrategyConfig(config.num_clients, config.per_round, config.num_rounds, config.seed, {}))
-    parts = secagg(inner, config)
-    parts.name = "secagg"
-    return parts
+    return dataclasses.replace(secagg(inner, config), name="secagg")
 
 
 secagg_fedavg.options = SecAggSettings  # type: ignore[attr-defined]  # DeclaresOptions: the privacy plugin's

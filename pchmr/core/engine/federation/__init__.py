@@ -14,10 +14,13 @@ A client is a Flower node whose ``node_config`` carries ``partition-id`` (the Si
 Engine sets it; a SuperNode gets it from ``--node-config``). The server learns which node
 holds which partition with one ``query`` message per node at start-up.
 
-Privacy hooks (see :class:`~pchmr.core.contracts.strategy.StrategyParts`): ``before_round`` runs before
+The strategy's mechanisms (:mod:`pchmr.core.contracts.mechanism`; the loops over them are
+:class:`~pchmr.core.engine.federation.mechanisms.MechanismRuntime`): ``before_round`` runs before
 step 1 (a :class:`~pchmr.core.contracts.strategy.PrivacyBudgetExhausted` stops the run cleanly, with
 ``"stopped"`` in final.json); a ``round_protocol`` replaces step 2; ``round_metrics`` are merged
-into the round's record. On the client, one mod chains the strategy's ``client_mods`` around
-every handler, train messages carrying ``pchmr-stage`` go to the strategy's ``client_handlers``,
-and :func:`train_locally` applies the ``update_transforms`` after local training.
+into the round's record and ``state_dict`` into the checkpoint. On the client, one mod chains the
+mechanisms' ``client_mods`` around every handler, train messages carrying ``pchmr-stage`` go to
+their ``client_handlers``, local training runs inside ``module.round(context)`` (``loss`` and
+``training_step`` receive the :class:`~pchmr.core.contracts.mechanism.RoundContext`), and
+:func:`train_locally` applies ``transform_update`` after it.
 """

@@ -14,6 +14,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from pchmr.core.contracts.mechanism import RoundContext
 from pchmr.core.contracts.partition import Partition, load_partition
 from pchmr.core.contracts.strategy import StrategyParts, UpdateInfo
 from pchmr.core.engine.components import Components, build_components, make_loader
@@ -23,6 +24,7 @@ from pchmr.core.engine.federation.common import (
     RUN_DIR_KEY,
     build_strategy,
 )
+from pchmr.core.engine.federation.mechanisms import MechanismRuntime
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.engine.trainer import LearningRate, make_trainer, quiet_lightning
@@ -47,12 +49,14 @@ __all__ = [
 @dataclass
 class ClientRuntime:
     """A client process's state, built once from the run directory: the run's components, the
-    partition, the (privacy-wrapped) strategy and the HMRModule local training reuses."""
+    partition, the (privacy-wrapped) strategy, the loops over its mechanisms and the HMRModule
+    local training reuses (built with the strategy's mechanisms)."""
 
     components: Components
     partition: Partition
     strategy: StrategyParts
     module: HMRModule
+    mechanisms: MechanismRuntime
     #: the optimizer state at the end of this process's last local fit (``client_optimizer="keep"``)
     last_optimizer_state: dict[str, Any] | None = None
 
@@ -79,10 +83,11 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
             config = RunConfig.from_saved(rd.read_config()["run"])
             components = build_components(config, pretrained=False)  # the server sends every weight
             strategy = build_strategy(config)  # quiet: the server half's construction warnings are not the client's
-            module = components.make_module(loss_terms=strategy.loss_terms)
-            if strategy.prepare_module is not None:
-                strategy.prepare_module(module)
-            _RUNTIMES[run_dir] = ClientRuntime(components, load_partition(rd.partition), strategy, module)
+            mechanisms = MechanismRuntime(strategy)
+            module = components.make_module(mechanisms=strategy.mechanisms)
+            mechanisms.prepare_module(module)
+            partition = load_partition(rd.partition)
+            _RUNTIMES[run_dir] = ClientRuntime(components, partition, strategy, module, mechanisms)
         return _RUNTIMES[run_dir]
 
 
@@ -130,7 +135,8 @@ def local_fit(
     config: Mapping[str, Any],
     optimizer_state: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """E local epochs of HMRModule on this client's data, starting from ``state``.
+    """E local epochs of HMRModule on this client's data, starting from ``state``, inside
+    ``module.round(RoundContext(...))`` (the mechanisms' loss and training-step hooks receive it).
 
     ``optimizer_state`` (an AdamW ``state_dict`` kept from the client's previous round) is loaded
     into the fit's optimizer; the optimizer's final state is left in ``runtime.last_optimizer_state``
@@ -138,8 +144,7 @@ def local_fit(
     cfg = runtime.components.config
     module = runtime.module
     module.load_state_dict(state)
-    module.global_state = {k: v.detach().clone() for k, v in state.items()}  # for proximal terms
-    module.round_config = dict(config)
+    global_state = {k: v.detach().clone() for k, v in state.items()}  # the round's start (proximal terms)
     seed = derive_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)
     dataset = runtime.components.client_dataset(runtime.partition, partition_id)
@@ -150,8 +155,17 @@ def local_fit(
     trainer = make_trainer(
         max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[carry, LearningRate(lambda _: lr)]
     )
+    context = RoundContext(
+        server_round=server_round,
+        partition_id=partition_id,
+        local_epochs=epochs,
+        lr=lr,
+        config=dict(config),
+        global_state=global_state,
+    )
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
+    with module.round(context):
+        trainer.fit(module, train_dataloaders=loader)
     fit_seconds = time.perf_counter() - start
     loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     new_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -168,7 +182,7 @@ def local_fit(
 
 def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Local training for a train message (content ``"arrays"``: the global model, ``"config"``:
-    the round's train config with ``server-round``), then the strategy's update transforms.
+    the round's train config with ``server-round``), then the mechanisms' ``transform_update``.
 
     Returns the new state dict (what the client would send) and its metrics
     (``num-examples``, ``train-loss``, ``fit-seconds``, ``partition-id``). Round protocols call
@@ -194,8 +208,7 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
         per_round=cfg.per_round,
         config=config,
     )
-    for transform in runtime.strategy.update_transforms:
-        new_state = transform(new_state, global_state, info)
+    new_state = runtime.mechanisms.transform_update(new_state, global_state, info)
     metrics["partition-id"] = float(pid)
     return new_state, metrics
 
@@ -210,8 +223,8 @@ def _chain(mods: Sequence[Callable[..., Any]], call_next: Callable[[Any, Any], A
 
 def make_client_app(run_dir: str | Path | None = None) -> Any:
     """The ClientApp: ``query`` answers the node's partition id, ``train`` runs :func:`train_locally`
-    (or the strategy's client handler named by the message's ``pchmr-stage``). Every message goes
-    through the strategy's ``client_mods`` (one mod of this app looks them up in the client runtime).
+    (or the mechanisms' client handler named by the message's ``pchmr-stage``). Every message goes
+    through the mechanisms' ``client_mods`` (one mod of this app looks them up in the client runtime).
 
     ``run_dir`` is baked in for the Simulation Engine; on the Deployment Engine it comes from
     the run config key ``pchmr-run-dir``.
@@ -232,7 +245,7 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
         return fixed_dir or str(context.run_config[RUN_DIR_KEY])
 
     def strategy_mods(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        mods = _client_runtime(_dir(context)).strategy.client_mods
+        mods = _client_runtime(_dir(context)).mechanisms.client_mods
         return _chain(mods, call_next)(msg, context) if mods else call_next(msg, context)
 
     app = ClientApp(mods=[strategy_mods])
@@ -247,11 +260,11 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
         runtime = _client_runtime(_dir(context))
         stage = message_stage(msg)
         if stage is not None:
-            handler = runtime.strategy.client_handlers.get(stage)
+            handler = runtime.mechanisms.client_handlers.get(stage)
             if handler is None:
                 raise KeyError(
                     f"a message asks for client stage '{stage}', but strategy '{runtime.strategy.name}' "
-                    f"has handlers only for {sorted(runtime.strategy.client_handlers)}"
+                    f"has handlers only for {sorted(runtime.mechanisms.client_handlers)}"
                 )
             return handler(msg, context, runtime)
         new_state, metrics = train_locally(runtime, msg, context)

@@ -13,6 +13,7 @@ import numpy as np
 
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.federation.mechanisms import MechanismRuntime
 from pchmr.core.engine.registry import get_registry
 from pchmr.core.kit.seeds import derive_seed
 
@@ -43,17 +44,20 @@ ROUND_TIMEOUT = 24 * 3600.0
 def build_strategy(config: RunConfig) -> StrategyParts:
     """The run's strategy, wrapped by its privacy plugin when ``config.privacy`` names one.
 
-    Raises the plugin's :class:`~pchmr.core.contracts.strategy.IncompatibleError` (a ValueError) when the
-    privacy mechanism cannot wrap the strategy, so a run is refused before any heavy work.
+    Raises :class:`~pchmr.core.contracts.strategy.IncompatibleError` (a ValueError) when the
+    privacy plugin cannot wrap the strategy or the mechanisms cannot run together
+    (:class:`~pchmr.core.engine.federation.mechanisms.MechanismRuntime`), so a run is refused
+    before any heavy work.
     """
     factory = get_registry().get("strategy", config.strategy)
     # Flower warns that fraction_evaluate=0 skips federated evaluation: pchmr evaluates on the server
     with quiet_flower():
         parts = factory(_strategy_config(config, config.strategy_options))
-        if config.privacy is None:
-            return parts
-        privacy = get_registry().get("privacy", config.privacy)
-        return privacy(parts, _strategy_config(config, config.privacy_options))
+        if config.privacy is not None:
+            privacy = get_registry().get("privacy", config.privacy)
+            parts = privacy(parts, _strategy_config(config, config.privacy_options))
+    MechanismRuntime(parts)  # refuses mechanisms that cannot run together
+    return parts
 
 
 @contextmanager

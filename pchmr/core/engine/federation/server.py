@@ -20,6 +20,7 @@ from pchmr.core.engine.federation.common import (
     RoundReport,
     sample_clients,
 )
+from pchmr.core.engine.federation.mechanisms import STATES_KEY, MechanismRuntime
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.engine.trainer import lr_factor
 from pchmr.core.kit.federation import (
@@ -112,9 +113,9 @@ class FederatedServer:
         self.strategy = strategy
         self.on_round = on_round or (lambda report: None)
         self.baselines = dict(baselines or {})
+        self.mechanisms = MechanismRuntime(strategy)
         self.module = components.make_module()
-        if strategy.prepare_module is not None:  # refuses an incompatible model before any round
-            strategy.prepare_module(self.module)
+        self.mechanisms.prepare_module(self.module)  # refuses an incompatible model before any round
         self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False)
         self.error: BaseException | None = None
 
@@ -189,24 +190,22 @@ class FederatedServer:
             start_round = 1
         stopped: str | None = None
         for server_round in range(start_round, cfg.rounds + 1):
-            if self.strategy.before_round is not None:
-                try:
-                    self.strategy.before_round(server_round)
-                except PrivacyBudgetExhausted as exc:
-                    stopped = exc.message
-                    log.warning("stopping before round %d: %s", server_round, stopped)
-                    break
+            try:
+                self.mechanisms.before_round(server_round)
+            except PrivacyBudgetExhausted as exc:
+                stopped = exc.message
+                log.warning("stopping before round %d: %s", server_round, stopped)
+                break
             t0 = time.perf_counter()
             sampled = sample_clients(cfg.seed, server_round, cfg.clients, cfg.per_round)
             random.seed(derive_seed(cfg.seed, server_round, 7))
             lr = cfg.lr * lr_factor(cfg.lr_schedule, server_round, cfg.rounds)
-            train_config = ConfigRecord(
-                {"local-epochs": cfg.local_epochs, "lr": lr, **dict(self.strategy.train_config)}
-            )
+            train_config = ConfigRecord({"local-epochs": cfg.local_epochs, "lr": lr, **self.mechanisms.train_config()})
             view = _SubsetGrid(grid, [node_of[p] for p in sampled], {node_of[p]: p for p in sampled})
-            if self.strategy.round_protocol is not None:
+            protocol = self.mechanisms.round_protocol
+            if protocol is not None:
                 train_config["server-round"] = server_round
-                result = self.strategy.round_protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
+                result = protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
                 arrays = result.arrays
                 sent += int(result.bytes_sent)
                 received += int(result.bytes_received)
@@ -228,7 +227,6 @@ class FederatedServer:
                 if evaluate_now
                 else None
             )
-            strategy_state = self.strategy.get_state() if self.strategy.get_state else None
             self.rd.save_checkpoint(
                 {
                     "round": server_round,
@@ -236,7 +234,7 @@ class FederatedServer:
                     "elapsed": elapsed,
                     "sent": sent,
                     "received": received,
-                    "strategy_state": strategy_state,
+                    STATES_KEY: self.mechanisms.state_dict(),
                 }
             )
             self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
@@ -260,9 +258,7 @@ class FederatedServer:
         return new_arrays, _round_extras(train_metrics), sent, received
 
     def _round_metrics(self, server_round: int) -> dict[str, float]:
-        if self.strategy.round_metrics is None:
-            return {}
-        return {key.replace("-", "_"): float(value) for key, value in self.strategy.round_metrics(server_round).items()}
+        return {key.replace("-", "_"): value for key, value in self.mechanisms.round_metrics(server_round).items()}
 
     def _record_stop(self, state: Mapping[str, torch.Tensor], elapsed: float, sent: int, received: int) -> None:
         """Before a clean stop: make sure the last completed round is evaluated in rounds.jsonl."""
@@ -298,12 +294,10 @@ class FederatedServer:
             return 0, {k: v.detach().clone() for k, v in self.module.state_dict().items()}, 0.0, 0, 0
         done = int(ckpt["round"])
         self.rd.truncate_rounds(done)
-        if ckpt.get("strategy_state") is not None:
-            if self.strategy.set_state is None:
-                raise RuntimeError(
-                    f"the checkpoint holds state of strategy '{self.strategy.name}', which cannot restore it"
-                )
-            self.strategy.set_state(ckpt["strategy_state"])
+        try:
+            self.mechanisms.restore(ckpt)
+        except ValueError as exc:
+            raise ValueError(f"cannot resume from {self.rd.checkpoint}: {exc}") from exc
         log.info("resuming after round %d", done)
         return done + 1, ckpt["state"], float(ckpt["elapsed"]), int(ckpt["sent"]), int(ckpt["received"])
 

@@ -1,8 +1,9 @@
 """``secagg``: secure aggregation — the server learns the round's weighted average, not one update.
 
-``--privacy secagg`` wraps an aggregation strategy (``fedavg``, ``fedprox``, ``fedopt``) with a
-:class:`~pchmr.core.contracts.strategy.RoundProtocol` that replaces the plain exchange of a round, and
-``--strategy secagg`` is FedAvg under it. Two backends (``--privacy-option backend=...``):
+``--privacy secagg`` appends a :class:`SecureAggregation` mechanism to an aggregation strategy
+(``fedavg``, ``fedprox``, ``fedopt``): its :class:`~pchmr.core.contracts.strategy.RoundProtocol`
+replaces the plain exchange of a round and its client handler is the client half; ``--strategy
+secagg`` is FedAvg under it. Two backends (``--privacy-option backend=...``):
 
 * ``flower`` (default) — Flower's SecAgg+ (:mod:`pchmr.plugins.privacy.secagg.flower`): pairwise
   masks agreed between clients, secrets Shamir-shared among neighbours so that dropouts are
@@ -42,22 +43,51 @@ the AES-256-CTR keystream — not NumPy's MT19937 seeded with 32 bits as in Flow
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.strategy import (
+    ClientHandler,
     IncompatibleError,
+    RoundProtocol,
     StrategyConfig,
     StrategyParts,
 )
 from pchmr.plugins.privacy.secagg.codec import SecAggSettings, read_settings
 
+__all__ = ["SecureAggregation", "secagg"]
+
 
 # --------------------------------------------------------------------------------------
 # the plugin
 # --------------------------------------------------------------------------------------
+class SecureAggregation(Mechanism):
+    """Secure aggregation as a mechanism: the backend's round protocol (server) and its client
+    handler (one stage), described by the settings."""
+
+    name = "secagg"
+
+    def __init__(
+        self, protocol: RoundProtocol, handlers: Mapping[str, ClientHandler], settings: SecAggSettings
+    ) -> None:
+        self.protocol = protocol
+        self.handlers = dict(handlers)
+        self.settings = settings
+
+    def describe(self) -> Mapping[str, Any]:
+        return self.settings.describe()
+
+    def round_protocol(self) -> RoundProtocol:
+        return self.protocol
+
+    def client_handlers(self) -> Mapping[str, ClientHandler]:
+        return self.handlers
+
+
 def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
-    """Wrap ``parts`` with secure aggregation (the backend chosen by option ``backend``).
+    """Append :class:`SecureAggregation` (the backend chosen by option ``backend``) to ``parts``.
 
     Refuses (IncompatibleError) a strategy that needs individual client updates, and one that
     already has a round protocol or client handlers (two protocols cannot both run a round).
@@ -67,7 +97,7 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
             f"strategy '{parts.name}' compares individual client updates on the server, which secure "
             "aggregation exists to hide (the server only ever sees the sum); use fedavg, fedprox or fedopt with --privacy secagg"
         )
-    if parts.round_protocol is not None or parts.client_handlers:
+    if any(m.round_protocol() is not None or m.client_handlers() for m in parts.mechanisms):
         raise IncompatibleError(
             f"strategy '{parts.name}' already runs its own round protocol; secure aggregation cannot replace it"
         )
@@ -91,23 +121,7 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
 
         protocol = CrypTenProtocol(parts.server, settings, codec, num_rounds=config.num_rounds)
         handlers = {STAGE: CrypTenClient(codec)}
-    return StrategyParts(
-        name=f"{parts.name}+secagg",
-        server=parts.server,
-        loss_terms=parts.loss_terms,
-        client_mods=parts.client_mods,
-        train_config=parts.train_config,
-        requires_individual_updates=False,
-        describe={**dict(parts.describe), "secagg": settings.describe()},
-        get_state=parts.get_state,
-        set_state=parts.set_state,
-        round_protocol=protocol,
-        client_handlers=handlers,
-        update_transforms=parts.update_transforms,
-        before_round=parts.before_round,
-        round_metrics=parts.round_metrics,
-        prepare_module=parts.prepare_module,
-    )
+    return parts.with_mechanism(SecureAggregation(protocol, handlers, settings), name=f"{parts.name}+secagg")
 
 
 secagg.options = SecAggSettings  # type: ignore[attr-defined]  # DeclaresOptions
