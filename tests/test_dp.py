@@ -274,6 +274,12 @@ def test_incompatible_combinations_are_refused():
         parts.mechanism("dp").prepare_module(nn.Sequential(nn.BatchNorm1d(3)))
 
 
+def test_dp_refuses_to_wrap_a_strategy_that_already_has_dp():
+    once = dp(_fedavg_parts(), CONFIG)
+    with pytest.raises(IncompatibleError, match=r"dp cannot wrap 'dp\(fedavg\)': it already has differential privacy"):
+        dp(once, CONFIG)
+
+
 def test_budget_steps_once_per_round_stops_at_target_and_survives_resume():
     cfg = StrategyConfig(100, 10, 50, 0, {"noise-multiplier": 1.1, "target-epsilon": 2.0})
     mechanism = dp(_fedavg_parts(), cfg).mechanism("dp")

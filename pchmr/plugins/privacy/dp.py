@@ -576,6 +576,11 @@ class DifferentialPrivacy(Mechanism):
 
 def _refuse(parts: StrategyParts, options: DPOptions) -> bool:
     """IncompatibleError for what dp cannot wrap; True when ``parts`` run a round protocol."""
+    if any(isinstance(m, DifferentialPrivacy) for m in parts.mechanisms):
+        raise IncompatibleError(
+            f"dp cannot wrap '{parts.name}': it already has differential privacy (mechanism 'dp'), and a second "
+            "layer's accountant would not count the first layer's noise; apply dp once"
+        )
     if parts.requires_individual_updates:
         raise IncompatibleError(
             f"dp cannot wrap '{parts.name}': it aggregates by comparing individual client updates, while "
