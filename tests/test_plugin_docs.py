@@ -20,11 +20,9 @@ from pchmr.core.contracts.hookspecs import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugins.md"
-#: Kinds whose suite is not written yet, with the reason (run as xfail: the day it exists, it xpasses).
-PENDING = {"privacy": "suite pending the mechanism contract"}
 #: A docs example block starts with a comment naming the file it is: ``# acme_plugins/bodymodel.py``.
 EXAMPLE_FILE = re.compile(r"\A# (\S+\.py)\n")
-#: Generous bound for the examples' own test run (eight suites on toy inputs, ~30 s of CPU).
+#: Generous bound for the examples' own test run (nine suites on toy inputs, ~30 s of CPU).
 EXAMPLES_TIMEOUT_S = 600
 
 
@@ -57,15 +55,8 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
 
 
-def _kinds_with_pending_xfail() -> list:
-    return [
-        pytest.param(kind, marks=pytest.mark.xfail(reason=PENDING[kind], strict=True)) if kind in PENDING else kind
-        for kind in KINDS
-    ]
-
-
 # ----------------------------------------------------------------------------- suites
-@pytest.mark.parametrize("kind", _kinds_with_pending_xfail())
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_every_kind_has_a_contract_suite_in_pchmr_testing(kind: str) -> None:
     name = suite_name(kind)
     assert name in suites(), f"pchmr.testing exports no {name} for plugin kind {kind!r}"
@@ -94,7 +85,7 @@ def test_every_kind_has_a_section_in_docs_plugins_md_naming_its_hook(kind: str) 
     assert python_blocks(section), f"the {kind} section has no example"
 
 
-@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind not in PENDING])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_the_docs_list_exactly_the_checks_of_the_kinds_suite(kind: str) -> None:
     section = sections()[kind]
     names = set(checks(suites()[suite_name(kind)]))
@@ -147,7 +138,7 @@ def test_the_docs_examples_pass_their_suites(tmp_path: Path) -> None:
         if match := EXAMPLE_FILE.match(block):
             files[match.group(1)] = block
     kinds_tested = {path for path in files if path.startswith("tests/")}
-    assert len(kinds_tested) >= len(KINDS) - len(PENDING), f"docs examples with tests: {sorted(kinds_tested)}"
+    assert len(kinds_tested) >= len(KINDS), f"docs examples with tests: {sorted(kinds_tested)}"
     for path, block in files.items():
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(block)

@@ -4,13 +4,13 @@ Public API (imported lazily, so that ``import pchmr.testing.strategies`` in a si
 client does not pay for torch):
 
 * suites, one per plugin kind (``<Kind>Contract`` for every kind of
-  :data:`~pchmr.core.contracts.hookspecs.KINDS` but ``privacy``, whose suite waits for the mechanism
-  contract; ``docs/plugins.md`` documents each): :class:`BackboneContract` (:mod:`.backbones`),
-  :class:`BodyModelContract` (:mod:`.bodymodels`), :class:`DatasetContract` (:mod:`.datasets`),
-  :class:`PartitionerContract` and its small :func:`contract_data` (:mod:`.partitioners`),
-  :class:`StrategyContract` (:mod:`.strategies`), :class:`AnnotatorContract` and
-  :func:`contract_observations` (:mod:`.annotators`), :class:`KeypointSourceContract` and
-  :class:`DepthSourceContract` (:mod:`.sources`);
+  :data:`~pchmr.core.contracts.hookspecs.KINDS`; ``docs/plugins.md`` documents each):
+  :class:`BackboneContract` (:mod:`.backbones`), :class:`BodyModelContract` (:mod:`.bodymodels`),
+  :class:`DatasetContract` (:mod:`.datasets`), :class:`PartitionerContract` and its small
+  :func:`contract_data` (:mod:`.partitioners`), :class:`StrategyContract` (:mod:`.strategies`),
+  :class:`PrivacyContract` (:mod:`.privacy`; its rounds in :mod:`.rounds`),
+  :class:`AnnotatorContract` and :func:`contract_observations` (:mod:`.annotators`),
+  :class:`KeypointSourceContract` and :class:`DepthSourceContract` (:mod:`.sources`);
 * doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
 * the machinery a plugin's own tests use: :func:`registered` (a plugin by kind and name, through
   the entry points), :func:`plugin_info`, :func:`hmr_module` (a backbone in the training loop)
@@ -32,6 +32,7 @@ __all__ = [
     "DepthSourceContract",
     "KeypointSourceContract",
     "PartitionerContract",
+    "PrivacyContract",
     "StrategyContract",
     "ToyBodyModel",
     "contract_data",
@@ -55,6 +56,7 @@ _HOMES = {
     "KeypointSourceContract": "sources",
     "DepthSourceContract": "sources",
     "StrategyContract": "strategies",
+    "PrivacyContract": "privacy",
     "PartitionerContract": "partitioners",
     "contract_data": "partitioners",
     "ToyBodyModel": "toys",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from pchmr.testing.partitioners import PartitionerContract, contract_data
     from pchmr.testing.plugins import hmr_module, plugin_info, registered
+    from pchmr.testing.privacy import PrivacyContract
     from pchmr.testing.sources import DepthSourceContract, KeypointSourceContract
     from pchmr.testing.strategies import StrategyContract
     from pchmr.testing.toys import ToyBodyModel, toy_batch
