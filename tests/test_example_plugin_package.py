@@ -31,6 +31,7 @@ PLUGINS = {
     "body_model": "example-ellipsoid",
     "dataset": "example-turntable",
     "annotator": "example-rest-fit",
+    "privacy": "example-clip",
 }
 #: rich wraps the plugin table to the terminal width; wide enough to keep every row on one line.
 TABLE_COLUMNS = "200"
@@ -103,7 +104,8 @@ def test_pchmr_plugins_lists_them_with_their_distribution(example: tuple[Path, P
 
 def test_the_package_passes_its_own_contract_tests(example: tuple[Path, Path]) -> None:
     """Its tests run pchmr's BackboneContract (toy body, Anny), PartitionerContract,
-    BodyModelContract, DatasetContract and AnnotatorContract on its plugins."""
+    BodyModelContract, DatasetContract, PrivacyContract (with a real Flower simulation) and
+    AnnotatorContract on its plugins."""
     source, site = example
     command = [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(source / "tests")]
     done = subprocess.run(command, capture_output=True, text=True, env=subprocess_env(site), cwd=source,

@@ -12,8 +12,14 @@ from pchmr.api import AnnotatorFactory, BodyModel, BodyModelSpec, ObservationBat
 from pchmr.testing import AnnotatorContract, ToyBodyModel, contract_observations, registered
 
 BAD_OPTIONS = {
-    "a zero depth floor": ({"min_depth_m": 0}, r"min_depth_m=0.0 must be > 0"),
-    "a depth floor that is not a number": ({"min_depth_m": "near"}, r"min_depth_m='near' must be a number > 0"),
+    "a zero depth floor": (
+        {"min_depth_m": 0},
+        r"example-rest-fit annotator option 'min_depth_m' must be a number > 0, got 0",
+    ),
+    "a depth floor that is not a number": (
+        {"min_depth_m": "near"},
+        r"option 'min_depth_m' must be a number > 0, got 'near'",
+    ),
 }
 
 

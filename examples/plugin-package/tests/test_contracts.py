@@ -53,6 +53,7 @@ def _maker(variant: str = "S") -> BackboneMaker:
         ("body_model", "example-ellipsoid"),
         ("dataset", "example-turntable"),
         ("annotator", "example-rest-fit"),
+        ("privacy", "example-clip"),
     ],
 )
 def test_the_registry_finds_our_plugins_through_entry_points(kind: str, name: str) -> None:
@@ -110,9 +111,9 @@ def test_variants_set_the_mlp_width(variant: str, hidden: int) -> None:
         (BackboneOptions(variant="XL"), r"unknown variant 'XL'; choose one of S, M, L"),
         (BackboneOptions(encoder="resnet50"), r"encoder 'resnet50' is not available.*'small'"),
         (BackboneOptions(encoder_weights="w.pt"), r"no pretrained weights to load from 'w.pt'"),
-        (BackboneOptions(extra={"depth": 3}), r"no backbone option \['depth'\]; its options are: dropout"),
-        (BackboneOptions(extra={"dropout": "lots"}), r"dropout='lots' must be a number"),
-        (BackboneOptions(extra={"dropout": 1.0}), r"dropout must lie in \[0, 1\), got 1.0"),
+        (BackboneOptions(extra={"depth": 3}), r"example-cnn backbone has no option 'depth'; its options are: dropout"),
+        (BackboneOptions(extra={"dropout": "lots"}), r"option 'dropout' must be a number in \[0, 1\), got 'lots'"),
+        (BackboneOptions(extra={"dropout": 1.0}), r"option 'dropout' must be a number in \[0, 1\), got 1.0"),
         (BackboneOptions(input_size=8), r"needs input_size >= 16 pixels, got 8"),
     ],
 )
@@ -146,8 +147,11 @@ def _round_robin() -> PartitionerFn:
 
 
 BAD_OPTIONS = {
-    "stratify by a missing label": ({"stratify": "colour"}, r"no label 'colour' to stratify by.*source"),
-    "stratify by a non-string": ({"stratify": 3}, r"no label 3 to stratify by"),
+    "stratify by a missing label": (
+        {"stratify": "colour"},
+        r"round-robin partitioner option 'stratify' must be a label of this dataset \(.*source.*\), got 'colour'",
+    ),
+    "stratify by a non-string": ({"stratify": 3}, r"option 'stratify' must be a string, got 3"),
 }
 
 

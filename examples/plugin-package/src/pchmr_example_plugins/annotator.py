@@ -17,13 +17,14 @@ alone; only :mod:`pchmr.api` is imported.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pchmr.api import BodyModel, FitResult, ObservationBatch, OptionError, hookimpl
+from pchmr.api import BodyModel, FitResult, ObservationBatch, hookimpl, option, read_options
 
-__all__ = ["NAME", "RestFit", "make_rest_fit", "pchmr_annotators"]
+__all__ = ["NAME", "RestFit", "RestFitOptions", "make_rest_fit", "pchmr_annotators"]
 
 NAME = "example-rest-fit"
 DEFAULT_MIN_DEPTH_M = 0.5
@@ -87,21 +88,22 @@ class RestFit:
         return {"annotator": NAME, "body_model": self.body_model.name, "min_depth_m": self.min_depth_m}
 
 
+@dataclass(frozen=True)
+class RestFitOptions:
+    """The options of ``example-rest-fit`` (``pchmr annotate --annotator-option``)."""
+
+    min_depth_m: float = option(
+        DEFAULT_MIN_DEPTH_M, low=0.0, low_open=True, key="min_depth_m", help="smallest camera distance tz, metres"
+    )
+
+
 def make_rest_fit(body_model: BodyModel, options: Mapping[str, object]) -> RestFit:
     """The factory registered as ``example-rest-fit``: ``options`` may hold ``min_depth_m`` (> 0)."""
-    unknown = sorted(set(options) - {"min_depth_m"})
-    if unknown:
-        raise OptionError(f"{NAME}: unknown options {unknown}; its options are: min_depth_m")
-    value = options.get("min_depth_m", DEFAULT_MIN_DEPTH_M)
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        min_depth = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise OptionError(f"{NAME}: min_depth_m={value!r} must be a number > 0") from None
-    if not min_depth > 0:
-        raise OptionError(f"{NAME}: min_depth_m={min_depth} must be > 0")
-    return RestFit(body_model, min_depth)
+    opts = read_options(RestFitOptions, options, plugin=NAME, kind="annotator")
+    return RestFit(body_model, opts.min_depth_m)
+
+
+make_rest_fit.options = RestFitOptions  # type: ignore[attr-defined]  # the DeclaresOptions capability
 
 
 @hookimpl

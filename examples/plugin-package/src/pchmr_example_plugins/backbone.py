@@ -27,14 +27,15 @@ Design choices, each for a stated reason:
 
 Public API used: :class:`~pchmr.api.Backbone`, :class:`~pchmr.api.HMROutput`,
 :class:`~pchmr.api.BackboneOptions`, :func:`~pchmr.api.check_images`,
-:class:`~pchmr.api.BodyModel` / :class:`~pchmr.api.MeshPyramid` and
-:func:`~pchmr.api.hookimpl`.
+:class:`~pchmr.api.BodyModel` / :class:`~pchmr.api.MeshPyramid`, :func:`~pchmr.api.option` /
+:func:`~pchmr.api.read_options` (its ``dropout`` option) and :func:`~pchmr.api.hookimpl`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,8 @@ from pchmr.api import (
     MeshPyramid,
     check_images,
     hookimpl,
+    option,
+    read_options,
 )
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "NAME",
     "ConvEncoder",
     "ExampleCNN",
+    "ExampleCNNOptions",
     "make_example_cnn",
     "pchmr_backbones",
 ]
@@ -74,8 +78,6 @@ HEAD_INIT_GAIN = 0.1
 BODY_HALF_HEIGHT_M = 0.85
 CROP_HALF_EXTENT = 0.9
 INIT_CAMERA_SCALE = CROP_HALF_EXTENT / BODY_HALF_HEIGHT_M
-#: Options this backbone reads from ``BackboneOptions.extra``, with their defaults.
-EXTRA_DEFAULTS: Mapping[str, float] = {"dropout": 0.0}
 #: The smallest input whose feature grid is at least 1×1 after the four stride-2 stages.
 MIN_INPUT_SIZE = 2 ** len(STAGE_WIDTHS)
 
@@ -174,20 +176,11 @@ class ExampleCNN(Backbone):
         return HMROutput(joints=joints, vertices=self._levels(coarse), camera=camera)
 
 
-def _extra_options(extra: Mapping[str, object]) -> dict[str, float]:
-    unknown = sorted(set(extra) - set(EXTRA_DEFAULTS))
-    if unknown:
-        raise ValueError(f"{NAME} has no backbone option {unknown}; its options are: {', '.join(EXTRA_DEFAULTS)}")
-    values = {}
-    for key, default in EXTRA_DEFAULTS.items():
-        raw = extra.get(key, default)
-        try:
-            if isinstance(raw, bool):
-                raise TypeError
-            values[key] = float(raw)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ValueError(f"{NAME}: backbone option {key}={raw!r} must be a number") from None
-    return values
+@dataclass(frozen=True)
+class ExampleCNNOptions:
+    """What ``example-cnn`` reads from ``BackboneOptions.extra`` (``--backbone-option``)."""
+
+    dropout: float = option(0.0, low=0.0, high=1.0, high_open=True, help="dropout rate of the MLP (training only)")
 
 
 def make_example_cnn(body_model: BodyModel, options: BackboneOptions) -> ExampleCNN:
@@ -204,14 +197,17 @@ def make_example_cnn(body_model: BodyModel, options: BackboneOptions) -> Example
         raise ValueError(
             f"{NAME}: its '{ENCODER_NAME}' encoder has no pretrained weights to load from {options.encoder_weights!r}"
         )
-    extra = _extra_options(options.extra)
+    extra = read_options(ExampleCNNOptions, options.extra, plugin=NAME, kind="backbone")
     return ExampleCNN(
         body_model.pyramid(),
         num_joints=body_model.num_joints,
         input_size=options.input_size,
         hidden=HIDDEN_WIDTHS[variant],
-        dropout=extra["dropout"],
+        dropout=extra.dropout,
     )
+
+
+make_example_cnn.options = ExampleCNNOptions  # type: ignore[attr-defined]  # the DeclaresOptions capability
 
 
 @hookimpl

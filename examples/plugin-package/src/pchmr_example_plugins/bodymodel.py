@@ -23,7 +23,17 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from pchmr.api import LSP_14, BodyModel, BodyModelSpec, BodyOutput, MeshPyramid, build_pyramid, hookimpl
+from pchmr.api import (
+    LSP_14,
+    BodyModel,
+    BodyModelSpec,
+    BodyOutput,
+    MeshPyramid,
+    NoOptions,
+    build_pyramid,
+    hookimpl,
+    read_options,
+)
 
 __all__ = ["NAME", "EllipsoidBody", "make_ellipsoid", "pchmr_body_models"]
 
@@ -129,9 +139,11 @@ class EllipsoidBody(BodyModel):
 
 def make_ellipsoid(spec: BodyModelSpec) -> EllipsoidBody:
     """The factory registered as ``example-ellipsoid``; it reads no files and takes no options."""
-    if spec.extra:
-        raise ValueError(f"{NAME} takes no options, got {sorted(spec.extra)}")
+    read_options(NoOptions, spec.extra, plugin=NAME, kind="body_model")
     return EllipsoidBody()
+
+
+make_ellipsoid.options = NoOptions  # type: ignore[attr-defined]  # the DeclaresOptions capability
 
 
 @hookimpl

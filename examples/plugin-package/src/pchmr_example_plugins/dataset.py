@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from pchmr.api import BodyModel, DatasetSpec, HMRData, OptionError, hookimpl, normalize_image
+from pchmr.api import BodyModel, DatasetSpec, HMRData, hookimpl, normalize_image, option, read_options
 
-__all__ = ["NAME", "make_turntable", "pchmr_datasets"]
+__all__ = ["NAME", "TurntableOptions", "make_turntable", "pchmr_datasets"]
 
 NAME = "example-turntable"
 DEFAULT_NUM_TRAIN, DEFAULT_NUM_TEST = 64, 16
@@ -44,20 +45,13 @@ _SPLIT_STREAM = {"train": 1, "test": 2}
 BODY_TO_CAMERA = (1.0, -1.0, -1.0)
 
 
-def _max_yaw(options: Mapping[str, object]) -> float:
-    unknown = sorted(set(options) - {"max_yaw_deg"})
-    if unknown:
-        raise OptionError(f"{NAME}: unknown options {unknown}; its options are: max_yaw_deg")
-    value = options.get("max_yaw_deg", DEFAULT_MAX_YAW_DEG)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise OptionError(f"{NAME}: max_yaw_deg={value!r} must be a number in [0, 180]")
-    try:
-        degrees = float(value)
-    except ValueError:
-        raise OptionError(f"{NAME}: max_yaw_deg={value!r} must be a number in [0, 180]") from None
-    if not 0.0 <= degrees <= 180.0:
-        raise OptionError(f"{NAME}: max_yaw_deg={degrees} is outside [0, 180]")
-    return math.radians(degrees)
+@dataclass(frozen=True)
+class TurntableOptions:
+    """The options of ``example-turntable`` (``spec.options``)."""
+
+    max_yaw_deg: float = option(
+        DEFAULT_MAX_YAW_DEG, low=0.0, high=180.0, key="max_yaw_deg", help="largest turn away from the camera, degrees"
+    )
 
 
 def _yaw_matrix(yaw: float) -> Tensor:
@@ -105,7 +99,7 @@ def _split(body_model: BodyModel, n: int, size: int, rng: np.random.Generator, m
 
 def make_turntable(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     """The factory registered as ``example-turntable``: both splits made from ``spec.seed``."""
-    max_yaw = _max_yaw(spec.options)
+    max_yaw = math.radians(read_options(TurntableOptions, spec.options, plugin=NAME, kind="dataset").max_yaw_deg)
     counts = {"train": spec.num_train, "test": spec.num_test}
     if any(n is not None and n < 1 for n in counts.values()):
         raise ValueError(
@@ -124,6 +118,9 @@ def make_turntable(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     protocol = {"dataset": NAME, "gt": "real", "image_size": spec.image_size, "seed": spec.seed,
                 "num_train": len(train), "num_test": len(splits["test"]), "body_model": body_model.name}  # fmt: skip
     return HMRData(train=train, test=splits["test"], labels=labels, protocol=protocol, train_mean_joints=mean_joints)
+
+
+make_turntable.options = TurntableOptions  # type: ignore[attr-defined]  # the DeclaresOptions capability
 
 
 @hookimpl

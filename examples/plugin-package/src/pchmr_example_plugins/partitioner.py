@@ -7,27 +7,36 @@ samples shuffled, one after the other: dealing then gives every client the same 
 value, up to one sample (a stratified IID split).
 
 Only pchmr's public API is used: :class:`~pchmr.api.Partition` and
-:class:`~pchmr.api.PartitionError` from :mod:`pchmr.api`, and
-:func:`~pchmr.api.hookimpl`. No torch import: a partitioner reads labels only.
+:class:`~pchmr.api.PartitionError`, :func:`~pchmr.api.option`, :func:`~pchmr.api.read_options` and
+:func:`~pchmr.api.option_error` for its one option, and :func:`~pchmr.api.hookimpl`. No torch
+import: a partitioner reads labels only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pchmr.api import Partition, PartitionError, hookimpl
+from pchmr.api import Partition, PartitionError, hookimpl, option, option_error, read_options
 
 if TYPE_CHECKING:  # HMRData's module imports torch; the partitioner itself does not need it
     from pchmr.api import HMRData
 
-__all__ = ["NAME", "OPTIONS", "deal_order", "pchmr_partitioners", "round_robin"]
+__all__ = ["NAME", "RoundRobinOptions", "deal_order", "pchmr_partitioners", "round_robin"]
 
 NAME = "round-robin"
-#: Option keys this partitioner understands.
-OPTIONS = ("stratify",)
+
+
+@dataclass(frozen=True)
+class RoundRobinOptions:
+    """The options of ``round-robin`` (``--partition-option``)."""
+
+    stratify: str | None = option(
+        None, default_text="none", help="a label key (e.g. source): every client gets the same share of its values"
+    )
 
 
 def deal_order(order: np.ndarray, num_clients: int) -> tuple[np.ndarray, ...]:
@@ -35,10 +44,7 @@ def deal_order(order: np.ndarray, num_clients: int) -> tuple[np.ndarray, ...]:
     return tuple(np.sort(order[client::num_clients]).astype(np.int64) for client in range(num_clients))
 
 
-def _check_request(num_clients: object, num_samples: int, options: Mapping[str, object]) -> None:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise PartitionError(f"{NAME}: unknown options {unknown}; its options are: {', '.join(OPTIONS)}")
+def _check_clients(num_clients: object, num_samples: int) -> None:
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise PartitionError(f"{NAME}: the number of clients must be an integer >= 1, got {num_clients!r}")
     if num_clients > num_samples:
@@ -49,14 +55,14 @@ def _check_request(num_clients: object, num_samples: int, options: Mapping[str, 
 
 
 def _shuffled_order(
-    labels: Mapping[str, np.ndarray], num_samples: int, stratify: object, rng: np.random.Generator
+    labels: Mapping[str, np.ndarray], num_samples: int, stratify: str | None, rng: np.random.Generator
 ) -> np.ndarray:
     """(N,) permutation of the sample indices: plain, or grouped by the ``stratify`` label's values."""
     if stratify is None:
         return rng.permutation(num_samples)
-    if not isinstance(stratify, str) or stratify not in labels:
+    if stratify not in labels:
         available = ", ".join(sorted(labels)) or "none"
-        raise PartitionError(f"{NAME}: no label {stratify!r} to stratify by; stratify= must be one of: {available}")
+        raise option_error(NAME, "partitioner", "stratify", f"a label of this dataset ({available})", stratify)
     values = np.asarray(labels[stratify]).astype(str)
     return np.concatenate([rng.permutation(np.flatnonzero(values == value)) for value in sorted(set(values.tolist()))])
 
@@ -65,15 +71,19 @@ def round_robin(data: HMRData, num_clients: int, seed: int, options: Mapping[str
     """Deal a seeded shuffle of the training samples to ``num_clients`` clients in turn.
 
     Only ``len(data.train)`` and ``data.labels`` are read;
-    ``options`` may hold ``stratify`` (a label key). Raises :class:`PartitionError` (a
-    ``ValueError``) for unknown options, an unknown label, or a client count outside [1, N].
+    ``options`` may hold ``stratify`` (a label key). Raises ``OptionError`` for a bad option or
+    an unknown label and :class:`PartitionError` for a client count outside [1, N] (both
+    are ``ValueError``).
     """
+    stratify = read_options(RoundRobinOptions, options, plugin=NAME, kind="partitioner").stratify
     num_samples = len(data.train)  # type: ignore[arg-type]
-    _check_request(num_clients, num_samples, options)
-    stratify = options.get("stratify")
+    _check_clients(num_clients, num_samples)
     order = _shuffled_order(data.labels, num_samples, stratify, np.random.default_rng(seed))
     params = {"seed": seed, "num_clients": int(num_clients), "num_samples": num_samples, "stratify": stratify}
     return Partition(deal_order(order, int(num_clients)), NAME, params)
+
+
+round_robin.options = RoundRobinOptions  # type: ignore[attr-defined]  # the DeclaresOptions capability
 
 
 @hookimpl
