@@ -242,6 +242,21 @@ def leaves_duplicates_to_the_parts(parts, config):
 leaves_duplicates_to_the_parts.options = NoOptions  # type: ignore[attr-defined]
 
 
+class CountedClip(Clip):
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.name = f"clip-{layer}"
+
+
+def stacks(parts, config):
+    """Wrapped again, it adds a second, uniquely named clip: sound for ``wraps_itself``."""
+    layer = sum(isinstance(m, CountedClip) for m in parts.mechanisms) + 1
+    return parts.with_mechanism(CountedClip(layer), name=f"clip({parts.name})")
+
+
+stacks.options = NoOptions  # type: ignore[attr-defined]
+
+
 class PlainExchange:
     """A round protocol that builds its own train config, losing the other mechanisms' values."""
 
@@ -361,6 +376,10 @@ def _run(check: str, factory: Any, **fixtures: Any) -> None:
 CHECKS = sorted(name for name in dir(PrivacyContract) if name.startswith("test_") and "simulation" not in name)
 
 
+def test_a_plugin_that_stacks_passes_the_wrapping_check_when_it_says_so() -> None:
+    _run("test_wrapping_its_own_output_is_refused_or_stacks", stacks, wraps_itself=True)
+
+
 @pytest.mark.parametrize("check", CHECKS)
 def test_a_sound_plugin_passes(check: str) -> None:
     _run(check, sound, bad_options={"a zero bound": ({"max-norm": 0}, r"'max-norm' must be a number > 0, got 0")})
@@ -381,6 +400,9 @@ def test_a_sound_plugin_passes(check: str) -> None:
          r"wrapping the built-in strategy 'fedgh': no IncompatibleError"),
         (leaves_duplicates_to_the_parts, "test_wrapping_its_own_output_is_refused_or_stacks", {},
          r"raised ValueError\(.*two mechanisms named 'clip'.*not IncompatibleError"),
+        (leaves_duplicates_to_the_parts, "test_wrapping_its_own_output_is_refused_or_stacks", {"wraps_itself": True},
+         r"wraps_itself is declared, but wrapping its own output again raised ValueError"),
+        (stacks, "test_wrapping_its_own_output_is_refused_or_stacks", {}, r"was accepted; declare wraps_itself=True"),
         (drops_the_train_config, "test_the_inner_mechanisms_keep_working", {}, r"seen: \[\(0, None\), \(1, None\), \(2, None\)\]"),
         (biased, "test_one_round_without_noise_aggregates_like_the_unwrapped_strategy", {}, r"lies 0.01 from the unwrapped"),
         (seeded_noise, "test_a_repeated_round_differs_only_by_fresh_noise", {"adds_fresh_noise": True}, r"same noised aggregate"),

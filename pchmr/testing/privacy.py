@@ -271,7 +271,12 @@ class PrivacyContract(ContractSuite):
         def twice() -> StrategyParts:
             return privacy_factory(make_parts(), config)
 
-        (outcome,) = run_rounds(twice(), InProcessGrid(ContractClient(twice)), 1)
+        try:
+            parts = twice()
+            MechanismRuntime(parts)
+        except Exception as exc:
+            pytest.fail(f"wraps_itself is declared, but wrapping its own output again raised {exc!r}")
+        (outcome,) = run_rounds(parts, InProcessGrid(ContractClient(twice)), 1)
         check_aggregate(outcome, "a round of the plugin wrapped twice")
 
     def test_the_inner_mechanisms_keep_working(self, make_parts: PartsMaker) -> None:
