@@ -22,6 +22,7 @@ CONTRACTS = (
     "The core, the CLI, the reports and the contract suites never import a plugin",
     "The contracts import neither Flower nor Lightning nor Ray at run time",
     "The plugin surface (pchmr.api) and the kit never reach the engine",
+    "Plugins use the contracts and the kit, never the engine, the CLI, the reports or the suites",
 )
 
 
