@@ -11,7 +11,6 @@ that failed once started (diverged, a client failed), as ``run.log`` explains.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +22,7 @@ from pchmr.cli._output import RUN_FAILED, console
 from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+from pchmr.core.engine.federation.common import route_flower_logs
 
 __all__ = ["run"]
 
@@ -71,7 +71,7 @@ def run(
 def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execute: Any) -> None:
     """Run ``execute`` (:func:`pchmr.core.engine.run.execute`) under a progress bar of rounds
     (baselines: epochs), then print the final table."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    route_flower_logs()
     progress = Progress(
         TextColumn("[bold]round"),
         MofNCompleteColumn(),

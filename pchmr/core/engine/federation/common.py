@@ -24,6 +24,7 @@ __all__ = [
     "RoundReport",
     "build_strategy",
     "quiet_flower",
+    "route_flower_logs",
     "sample_clients",
 ]
 
@@ -60,11 +61,22 @@ def build_strategy(config: RunConfig) -> StrategyParts:
     return parts
 
 
+def route_flower_logs(verbose: bool = False) -> None:
+    """Flower's log goes to run.log in full (its logger at INFO; :meth:`RunDir.attach_log` adds the
+    file), and to the console only when ``verbose``: otherwise Flower's console handler shows
+    nothing, so a client's error reaches the user as the one message the run raises, not as Ray's
+    tracebacks. With :func:`quiet_flower`, the only place pchmr sets Flower's logging."""
+    from flwr.supercore.logger import console_handler
+
+    if not verbose:
+        console_handler.setLevel(logging.CRITICAL)
+    logging.getLogger("flwr").setLevel(logging.INFO)
+
+
 @contextmanager
 def quiet_flower(level: int = logging.ERROR) -> Iterator[None]:
-    """Flower's logger at ``level`` (its warnings off) for the block, then as it was: the one place
-    pchmr quiets Flower (strategy construction; the Simulation Engine's console, see
-    :func:`~pchmr.core.engine.federation.simulation.run_simulation`, keeps run.log complete)."""
+    """Flower's logger at ``level`` (its warnings off) for the block, then as it was: strategy
+    construction warns about settings pchmr chose on purpose (``fraction_evaluate=0``)."""
     logger = logging.getLogger("flwr")
     previous = logger.level
     logger.setLevel(level)

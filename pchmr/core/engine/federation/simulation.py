@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pchmr.core.engine.federation.client import CLIENT_THREADS_ENV, make_client_app
+from pchmr.core.engine.federation.common import route_flower_logs
 from pchmr.core.engine.federation.server import FederatedServer
 from pchmr.core.engine.perf import tune_allocator
 
@@ -96,7 +97,6 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     Ray's console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
-    from flwr.supercore.logger import console_handler
 
     tune_allocator()  # before Ray starts its workers, which inherit the environment
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: keep Ray's notice quiet
@@ -118,9 +118,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             "logging_level": logging.INFO if verbose else logging.ERROR,
         },
     }
-    if not verbose:  # client errors reach the CLI as one message; their Ray tracebacks go to run.log
-        console_handler.setLevel(logging.CRITICAL)
-    logging.getLogger("flwr").setLevel(logging.INFO)
+    route_flower_logs(verbose)
     previous = os.environ.get(CLIENT_THREADS_ENV)
     os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)
     stop = threading.Event()
