@@ -45,4 +45,9 @@ python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | quiet
 # used at run time: install the pinned release without them (its run-time imports, omegaconf and onnx, are
 # pchmr dependencies); pchmr/plugins/privacy/secagg/crypten_compat.py adapts 0.4.1 to torch 2.13.
 python -m pip install -q -c constraints.txt --no-deps crypten==0.4.1 2>&1 | quiet
-python -c 'import torch, flwr, pytorch_lightning, anny, pchmr; cuda = torch.version.cuda; print(f"pchmr installed: torch {torch.__version__} ({\"CUDA \" + cuda if cuda else \"CPU\"}), flwr {flwr.__version__}")'
+python - <<'PY'
+import flwr, pytorch_lightning, torch  # noqa: F401 - every one must import
+import anny, pchmr  # noqa: F401
+build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
+print(f"pchmr installed: torch {torch.__version__} ({build}), flwr {flwr.__version__}")
+PY
