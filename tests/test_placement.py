@@ -170,3 +170,54 @@ def test_deterministic_with_loader_workers_gives_the_plain_cpu_runs_metrics_and_
     assert not torch.are_deterministic_algorithms_enabled(), "the run left torch's deterministic mode on"
     for key in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck"):
         assert result.final[key] == plain.final[key], key
+
+
+# --------------------------------------------------------------------------------------
+# The same logic on a CUDA GPU (skipped here; the CPU tests above check it on every machine)
+# --------------------------------------------------------------------------------------
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@CUDA
+def test_cuda_mixed_precision_fit_and_evaluation_through_the_engine(pchmr_cache):
+    config = RunConfig(num_train=32, num_test=16, accelerator="gpu", precision="bf16-mixed", seed=0)
+    placement = config.placement()
+    components = build_components(config)
+    module = components.make_module()
+    before = evaluate(module, make_loader(components.data.test, 8, False, placement=placement), placement)
+    loader = make_loader(components.data.train, 8, shuffle=True, seed=1, placement=placement)
+    make_trainer(max_epochs=3, grad_clip=module.optim.grad_clip, placement=placement).fit(module, loader)
+    after = evaluate(module, make_loader(components.data.test, 8, False, placement=placement), placement)
+    assert after["mpjpe_mm"] < before["mpjpe_mm"]
+    assert next(module.parameters()).device.type == "cpu"  # Lightning and evaluate hand the module back
+
+
+@CUDA
+def test_cuda_annotation_fits_like_the_cpu(pchmr_cache):
+    from pchmr.core.contracts.bodymodel import BodyModelSpec
+    from pchmr.core.engine.registry import get_registry
+    from pchmr.testing import contract_observations
+
+    registry = get_registry()
+    spec = BodyModelSpec(cache_dir=str(Path(pchmr_cache) / "pyramids"))
+    options = {"pose_prior": "l2", "iterations": 10, "orientations": 2, "camera_iterations": 10}
+    cpu = registry.get("annotator", "deposer")(registry.get("body_model", "anny")(spec), options)
+    gpu = registry.get("annotator", "deposer")(registry.get("body_model", "anny")(spec), options)
+    gpu.to_device(torch.device("cuda"))
+    rest = lambda b: {"pose": torch.zeros(b, 104, 3), "phenotype": torch.full((b, 6), 0.5)}  # noqa: E731
+    observations = contract_observations(cpu.fitter.body.body_model, rest)
+    on_cpu, on_gpu = cpu.fit(observations), gpu.fit(observations.to(torch.device("cuda")))
+    assert on_gpu.joints.device.type == "cuda"
+    assert float((on_gpu.joints.cpu() - on_cpu.joints).norm(dim=-1).mean()) < 0.01  # metres
+
+
+@CUDA
+def test_cuda_simulation_shares_the_gpu_and_records_the_placement(tmp_path, pchmr_cache):
+    config = RunConfig(
+        num_train=48, num_test=16, clients=4, per_round=2, rounds=1, batch_size=16, local_epochs=1, seed=3,
+        accelerator="gpu", out=str(tmp_path / "gpu"),
+    )  # fmt: skip
+    result = execute(config)
+    placement = json.loads(result.run_dir.config.read_text())["placement"]
+    assert placement["accelerator"] == "gpu" and placement["device_name"]
+    assert len(result.run_dir.read_rounds()[1]["client_img_s"]) == 2
