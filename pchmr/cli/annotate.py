@@ -19,6 +19,8 @@ from pchmr.cli._output import fail as _fail
 if TYPE_CHECKING:
     import numpy as np
 
+    from pchmr.core.engine.devices import Placement
+
 __all__ = ["annotate", "personalize", "resolve_local_data"]
 
 DEFAULT_CROP = 64
@@ -73,7 +75,7 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
 def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir: Optional[Path], depth_dir: Optional[Path],
                    options: dict[str, Any], keypoint_options: dict[str, Any], depth_options: dict[str, Any],
                    data_options: dict[str, Any], body_model_name: str, smpl_dir: Optional[Path], crop: int,
-                   batch_size: int, cache_dir: Path, placement: Any = None) -> dict[str, Any]:  # fmt: skip
+                   batch_size: int, cache_dir: Path, placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
     """Annotate an image folder or the synthetic dataset into ``out``, fitting on ``placement``
     (:func:`~pchmr.core.engine.annotation.annotation_placement`; default the CPU); returns the summary."""
     import numpy as np
@@ -234,7 +236,7 @@ def resolve_local_data(data: Path) -> Path:
 
 
 def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, batch_size: int, seed: int,
-              train_share: float = 0.8, placement: Any = None) -> dict[str, Any]:  # fmt: skip
+              train_share: float = 0.8, placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
     """Split the pseudo-labels 80/20 (seeded), evaluate the global model on the 20 %, fine-tune it
     on the 80 % for ``epochs`` with the same HMRModule, evaluate again, all on ``placement``
     (default: the CPU, 32-bit). Metrics against the pseudo-labels, and against real ground truth
