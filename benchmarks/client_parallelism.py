@@ -1,6 +1,6 @@
 """Two clients side by side with one thread each vs one client with every thread.
 
-The question behind :func:`pchmr.core.engine.federation.simulation.cpus_per_client`: on a machine with C cores
+The question behind :func:`pchmr.core.engine.devices.client_resources`: on a machine with C cores
 and k >= C sampled clients per round, does a round train more images per second when C clients
 run at once with one torch thread each, or when they run one after another with C threads?
 

@@ -136,6 +136,10 @@ class _Oracle:
 
     def __init__(self, body: ToyBodyModel, flaw: str = "none") -> None:
         self.body, self.flaw = body, flaw
+        self.moved = False
+
+    def to_device(self, device: torch.device) -> None:
+        self.moved = True
 
     def fit(self, batch: ObservationBatch) -> FitResult:
         index = [int(i.split("-")[1]) for i in batch.image_ids]
@@ -154,6 +158,8 @@ class _Oracle:
             translation = translation * 1000.0
         if self.flaw == "batch-coupled":
             translation = translation + 0.01 * b
+        if self.flaw == "moved differently" and self.moved:  # e.g. a constant left behind, another code path
+            translation = translation + 0.01
         zeros = {"total": torch.zeros(b), "reprojection_px": torch.zeros(b)}
         result = FitResult(vertices=vertices - root, joints=joints - root, translation=translation, params={},
                            losses=zeros)  # fmt: skip
@@ -182,6 +188,11 @@ def _run(check: str, flaw: str) -> None:
         ("body frame", "test_fitted_bodies_stand_upright_in_the_camera_frame", "y points down"),
         ("millimetres", "test_fit_reprojects_onto_the_confident_keypoints", r"exceed 10.0"),
         ("batch-coupled", "test_images_are_fitted_independently", r"image 0 alone vs in a batch of 2"),
+        (
+            "moved differently",
+            "test_optional_to_device_fits_the_same_on_the_device_it_was_moved_to",
+            r"translation differs after to_device",
+        ),
     ],
 )
 def test_the_suite_catches_a_broken_annotator(flaw: str, check: str, message: str) -> None:

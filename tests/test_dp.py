@@ -427,5 +427,6 @@ def test_example_level_dp_sgd_run_accounts_each_clients_steps(groupnorm_backbone
     # per sampled client: ceil(n_i / B) DP-SGD steps at q = B / n_i; ε is the worst client's
     expected = max(epsilon(min(1.0, 4 / sizes[c]), 1.0, math.ceil(sizes[c] / 4), 1e-5) for c in rounds[1]["clients"])
     assert rounds[1]["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert "client_img_s" not in rounds[1] and "train_img_s" not in rounds[1]  # DP releases equal weights only
     assert json.loads(result.run_dir.config.read_text())["strategy"]["mechanisms"][0]["level"] == "example"
     assert result.final["mpjpe_mm"] != result.final["round0"]["mpjpe_mm"]

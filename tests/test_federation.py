@@ -12,8 +12,9 @@ import torch
 
 from pchmr.core.contracts.partition import load_partition
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.devices import CPU
 from pchmr.core.engine.federation.common import sample_clients
-from pchmr.core.engine.federation.simulation import cpus_per_client
+from pchmr.core.engine.federation.simulation import ray_resources
 from pchmr.core.engine.run import execute
 
 CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=2, batch_size=16, local_epochs=1, seed=3)
@@ -36,16 +37,20 @@ def test_sampling_is_a_function_of_seed_and_round_only():
     assert sample_clients(4, 1, 100, 10) != a[0]
 
 
+def _cores(cpus: int, per_round: int) -> float:
+    return ray_resources(CPU, per_round, num_cpus=cpus)[1]["num_cpus"]
+
+
 def test_cores_are_split_among_the_rounds_clients():
     # two sampled clients on two cores train side by side, one thread each
-    assert cpus_per_client(2, 2) == 1
-    assert cpus_per_client(2, 5) == 1
+    assert _cores(2, 2) == 1
+    assert _cores(2, 5) == 1
     # one client per round keeps every core; spare cores are shared out evenly
-    assert cpus_per_client(2, 1) == 2
-    assert cpus_per_client(8, 3) == 2
-    assert cpus_per_client(1, 4) == 1
+    assert _cores(2, 1) == 2
+    assert _cores(8, 3) == 2
+    assert _cores(1, 4) == 1
     with pytest.raises(ValueError, match="at least one core and one client"):
-        cpus_per_client(0, 2)
+        ray_resources(CPU, 0, num_cpus=2)
 
 
 def test_run_directory_has_every_artifact(finished_run):
@@ -78,6 +83,21 @@ def test_rounds_record_metrics_bytes_and_sampled_clients(finished_run):
     assert [r["optimizer_steps"] for r in rounds[1:]] == [1.0, 1.0]
     # the default cosine schedule over 2 rounds: the full rate, then half of it
     assert [r["lr"] for r in rounds[1:]] == pytest.approx([1e-3, 5e-4])
+
+
+def test_rounds_record_each_sampled_clients_training_speed_and_config_its_placement(finished_run):
+    result, _ = finished_run
+    rounds = result.run_dir.read_rounds()
+    assert "client_img_s" not in rounds[0]  # round 0 trains nobody
+    for r in rounds[1:]:
+        speeds = r["client_img_s"]  # partition id -> images per second of that client's fit
+        assert sorted(int(p) for p in speeds) == sorted(r["clients"]) and all(v > 0 for v in speeds.values())
+        # 12 images per client, one local epoch: its speed is 12 / its fit seconds, averaged by FedAvg
+        assert min(speeds.values()) <= r["train_img_s"] <= max(speeds.values())
+    placement = json.loads(result.run_dir.config.read_text())["placement"]
+    expected = "gpu" if torch.cuda.is_available() else "cpu"
+    assert placement["accelerator"] == expected and placement["precision"] == "32-true"
+    assert placement["deterministic"] is False and placement["torch"] == torch.__version__
 
 
 def test_kept_client_optimizer_continues_where_the_last_round_stopped(tmp_path, pchmr_cache):
@@ -184,7 +204,7 @@ def test_a_failing_simulation_engine_is_reported_with_its_cause(tmp_path, pchmr_
     wrapped twice; the run reports the engine's own reason, promptly."""
     from pchmr.core.engine.federation import simulation as federation
 
-    monkeypatch.setattr(federation, "cpus_per_client", lambda cpus, per_round: 100.0)
+    monkeypatch.setattr(federation, "client_resources", lambda *args: {"num_cpus": 100.0, "num_gpus": 0.0})
     cfg = RunConfig(
         num_train=16, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=5, out=str(tmp_path / "run")
     )

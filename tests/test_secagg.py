@@ -460,6 +460,8 @@ def _check_secure_run(result) -> None:
     assert secure["bytes_received"] >= 2 * 8 * model_values  # two masked/shared vectors of 8-byte words
     assert math.isfinite(secure["train_loss"]) and math.isfinite(secure["mpjpe_mm"])
     assert secure["mpjpe_mm"] != rounds[0]["mpjpe_mm"]  # the secure aggregate moved the model
+    # the clients' training speed only as the protocol reveals it: their weighted average, no one's own
+    assert secure["train_img_s"] > 0 and "client_img_s" not in secure
 
 
 @pytest.mark.slow

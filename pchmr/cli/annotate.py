@@ -19,9 +19,14 @@ from pchmr.cli._output import fail as _fail
 if TYPE_CHECKING:
     import numpy as np
 
+    from pchmr.core.engine.devices import Placement
+
 __all__ = ["annotate", "personalize", "resolve_local_data"]
 
 DEFAULT_CROP = 64
+#: Help of the placement flags both commands take (the values of ``pchmr run``'s, see RunConfig).
+ACCELERATOR_HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, gpu or mps."
+DEVICES_HELP = "Devices to use (only 1: one device fits or fine-tunes)."
 SYNTHETIC_DATA_KEYS = ("seed", "split", "num_train", "num_test", "limit", "subject", "scene", "action", "source")
 
 
@@ -70,8 +75,9 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
 def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir: Optional[Path], depth_dir: Optional[Path],
                    options: dict[str, Any], keypoint_options: dict[str, Any], depth_options: dict[str, Any],
                    data_options: dict[str, Any], body_model_name: str, smpl_dir: Optional[Path], crop: int,
-                   batch_size: int, cache_dir: Path) -> dict[str, Any]:  # fmt: skip
-    """Annotate an image folder or the synthetic dataset into ``out``; returns the summary."""
+                   batch_size: int, cache_dir: Path, placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
+    """Annotate an image folder or the synthetic dataset into ``out``, fitting on ``placement``
+    (:func:`~pchmr.core.engine.annotation.annotation_placement`; default the CPU); returns the summary."""
     import numpy as np
 
     from pchmr.core.engine.annotation import (
@@ -113,7 +119,7 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
                         "vertices": np.asarray(split.array("vertices")[indices])}  # fmt: skip
     start = time.perf_counter()
     result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
-                            full_image=full_image, batch_size=batch_size, meta=meta)  # fmt: skip
+                            full_image=full_image, batch_size=batch_size, meta=meta, placement=placement)  # fmt: skip
     result.records[:0] = early
     if ground_truth is not None:
         kept = [i for i, item in enumerate(items) if item.image_id in set(result.image_ids)]
@@ -121,6 +127,8 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
     info = {"annotator": annotator.describe(), "target": target, "body_model": body_model.name, "crop_size": crop,
             "keypoint_options": keypoint_options, "depth_options": depth_options, "data_options": data_options,
             "seconds": time.perf_counter() - start}  # fmt: skip
+    if placement is not None:
+        info["placement"] = placement.describe()
     write_pseudo_labels(out, result, info, ground_truth)
     summary = {"annotated": len(result.image_ids), "failed": Counter(r.error for r in result.records if r.status != "ok"),
                "seconds": info["seconds"]}  # fmt: skip
@@ -159,17 +167,23 @@ def annotate(
     smpl_dir: Optional[Path] = typer.Option(None, help="Your SMPL files (for --body-model smpl)."),
     crop_size: int = typer.Option(DEFAULT_CROP, help="Square crop side in pixels of the written Samples."),
     batch_size: int = typer.Option(64, help="Images fitted together."),
+    accelerator: str = typer.Option("auto", help=f"Where the fits run: {ACCELERATOR_HELP}"),
+    devices: int = typer.Option(1, help=DEVICES_HELP),
+    precision: str = typer.Option("32-true", help="32-true (fits run in 32-bit: their line search needs it)."),
 ) -> None:
     """Fit a body model to local images: pseudo-labelled Samples plus one record per image."""
+    from pchmr.core.engine.annotation import annotation_placement
     from pchmr.core.kit.cache import default_cache_dir
 
     try:
+        placement = annotation_placement(accelerator, devices, precision)  # before any data is read
         summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth,
                                  options=_options(option, "--option"),
                                  keypoint_options=_options(keypoint_option, "--keypoint-option"),
                                  depth_options=_options(depth_option, "--depth-option"),
                                  data_options=_options(data_option, "--data-option"), body_model_name=body_model,
-                                 smpl_dir=smpl_dir, crop=crop_size, batch_size=batch_size, cache_dir=default_cache_dir())  # fmt: skip
+                                 smpl_dir=smpl_dir, crop=crop_size, batch_size=batch_size, cache_dir=default_cache_dir(),
+                                 placement=placement)  # fmt: skip
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(str(exc)) from None
     failed = ", ".join(f"{k}: {v}" for k, v in summary["failed"].items()) or "none"
@@ -222,10 +236,11 @@ def resolve_local_data(data: Path) -> Path:
 
 
 def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, batch_size: int, seed: int,
-              train_share: float = 0.8) -> dict[str, Any]:  # fmt: skip
+              train_share: float = 0.8, placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
     """Split the pseudo-labels 80/20 (seeded), evaluate the global model on the 20 %, fine-tune it
-    on the 80 % for ``epochs`` with the same HMRModule, evaluate again. Metrics against the
-    pseudo-labels, and against real ground truth when the labels directory has it."""
+    on the 80 % for ``epochs`` with the same HMRModule, evaluate again, all on ``placement``
+    (default: the CPU, 32-bit). Metrics against the pseudo-labels, and against real ground truth
+    when the labels directory has it."""
     import numpy as np
 
     from pchmr.core.engine.annotation import PseudoLabelSet
@@ -246,12 +261,13 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
     sets = {"pseudo": PseudoLabelSet(labels_dir, test_idx)}
     if has_gt:
         sets["real"] = PseudoLabelSet(labels_dir, test_idx, ground_truth=True)
-    loaders = {k: make_loader(v, 64, shuffle=False) for k, v in sets.items()}
-    before = {k: evaluate(module, loader) for k, loader in loaders.items()}
+    loaders = {k: make_loader(v, 64, shuffle=False, placement=placement) for k, v in sets.items()}
+    before = {k: evaluate(module, loader, placement) for k, loader in loaders.items()}
     module.optim = OptimConfig(lr=lr, weight_decay=module.optim.weight_decay, grad_clip=module.optim.grad_clip)
-    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True)
-    trainer.fit(module, train_dataloaders=make_loader(PseudoLabelSet(labels_dir, train_idx), batch_size, True, seed))
-    after = {k: evaluate(module, loader) for k, loader in loaders.items()}
+    trainer = make_trainer(max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, placement=placement)
+    train = make_loader(PseudoLabelSet(labels_dir, train_idx), batch_size, True, seed, placement=placement)
+    trainer.fit(module, train_dataloaders=train)
+    after = {k: evaluate(module, loader, placement) for k, loader in loaders.items()}
     return {"train": len(train_idx), "test": len(test_idx), "before": before, "after": after, "module": module}
 
 
@@ -265,12 +281,23 @@ def personalize(
     lr: float = typer.Option(1e-4, help="AdamW learning rate (the paper's appendix: 1e-4)."),
     batch_size: int = typer.Option(16, help="Fine-tuning batch size."),
     seed: int = typer.Option(0, help="Seed of the 80/20 split and the shuffling."),
+    accelerator: str = typer.Option("auto", help=f"Where fine-tuning runs: {ACCELERATOR_HELP}"),
+    devices: int = typer.Option(1, help=DEVICES_HELP),
+    precision: str = typer.Option(
+        "32-true", help="32-true, 16-mixed (float16 autocast, GPU only) or bf16-mixed (bfloat16 autocast)."
+    ),
 ) -> None:
     """Fine-tune the global model on local pseudo-labels; report before/after on the held-out 20 %."""
     import torch
 
+    from pchmr.core.engine.devices import DeviceError, resolve_placement
+
     try:
-        result = fine_tune(checkpoint, resolve_local_data(data), epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+        placement = resolve_placement(accelerator, devices, precision)  # before the model is loaded
+        if devices != 1:
+            raise DeviceError(f"--devices {devices}: personalization fine-tunes on one device, use --devices 1")
+        result = fine_tune(checkpoint, resolve_local_data(data), epochs=epochs, lr=lr, batch_size=batch_size,
+                           seed=seed, placement=placement)  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"personalization: {result['train']} train / {result['test']} held-out images, {epochs} epochs")
@@ -286,4 +313,5 @@ def personalize(
         out.mkdir(parents=True, exist_ok=True)
         torch.save(result["module"].state_dict(), out / "personalized.pt")
         summary = {k: v for k, v in result.items() if k != "module"}
-        (out / "personalize.json").write_text(json.dumps({**summary, "epochs": epochs, "lr": lr}, indent=1) + "\n")
+        record = {**summary, "epochs": epochs, "lr": lr, "placement": placement.describe()}
+        (out / "personalize.json").write_text(json.dumps(record, indent=1) + "\n")

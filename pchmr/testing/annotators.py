@@ -37,7 +37,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from pchmr.core.contracts.annotation import Annotator, AnnotatorFactory, FitResult, ObservationBatch
+from pchmr.core.contracts.annotation import (
+    Annotator,
+    AnnotatorFactory,
+    DeviceAnnotator,
+    FitResult,
+    ObservationBatch,
+)
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.testing.bodymodels import RestParams, zero_params
 from pchmr.testing.suite import ContractSuite, raises_matching
@@ -294,6 +300,22 @@ class AnnotatorContract(ContractSuite):
             assert distance > 0.0, "scrambled depths gave the same fit: set uses_depth False if depth is ignored"
         else:
             assert distance < 1e-6, f"scrambled depths moved the joints {distance:.3g} m: set uses_depth True"
+
+    def test_optional_to_device_fits_the_same_on_the_device_it_was_moved_to(
+        self, annotator: Annotator, observations: ObservationBatch, result: FitResult
+    ) -> None:
+        """An annotator with the optional DeviceAnnotator capability (``to_device``), moved to the
+        CPU it was built on, fits as before and returns its tensors there: the move a GPU run makes
+        (``pchmr annotate --accelerator gpu``), checked where every machine can."""
+        if not isinstance(annotator, DeviceAnnotator):
+            return
+        cpu = observations.keypoints.device
+        annotator.to_device(cpu)
+        moved = annotator.fit(observations.to(cpu))
+        for name in ("vertices", "joints", "translation"):
+            assert getattr(moved, name).device == cpu, f"{name} came back on {getattr(moved, name).device}"
+            torch.testing.assert_close(getattr(moved, name), getattr(result, name), rtol=1e-6, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name} differs after to_device: {m}")  # fmt: skip
 
     # -- checks: bad options --------------------------------------------------------------
     def test_rejects_unknown_options(self, annotator_factory: AnnotatorFactory, body_model: BodyModel) -> None:

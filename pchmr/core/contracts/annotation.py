@@ -44,6 +44,7 @@ __all__ = [
     "DepthError",
     "DepthObservation",
     "DepthSource",
+    "DeviceAnnotator",
     "FitResult",
     "KeypointLayoutError",
     "KeypointObservation",
@@ -201,6 +202,19 @@ class ObservationBatch:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def to(self, device: torch.device) -> ObservationBatch:
+        """This batch with every tensor on ``device`` (itself when they are there already)."""
+        if self.keypoints.device == device:
+            return self
+        return ObservationBatch(
+            image_ids=self.image_ids,
+            keypoints=self.keypoints.to(device),
+            intrinsics=self.intrinsics.to(device),
+            depth=self.depth.to(device),
+            depth_valid=self.depth_valid.to(device),
+            depth_invariance=self.depth_invariance,
+        )
+
     def select(self, index: Tensor | Sequence[int]) -> ObservationBatch:
         idx = torch.as_tensor(index, dtype=torch.int64)
         return ObservationBatch(
@@ -264,6 +278,18 @@ class Annotator(Protocol):
     def fit(self, batch: ObservationBatch) -> FitResult: ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class DeviceAnnotator(Protocol):
+    """Optional capability of an annotator that can fit on an accelerator (a GPU): ``to_device``
+    moves everything its fit computes with (the body model, priors, constants) to ``device``;
+    afterwards :meth:`Annotator.fit` receives batches on that device and may return its
+    :class:`FitResult` there (the pipeline reads it back on the CPU). ``pchmr annotate
+    --accelerator`` calls it once, before the first batch. An annotator without it fits on the
+    CPU whatever the accelerator (the pipeline says so in its log)."""
+
+    def to_device(self, device: torch.device) -> None: ...
 
 
 @runtime_checkable

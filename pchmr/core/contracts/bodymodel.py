@@ -14,6 +14,7 @@ the rest of pchmr never sees a Z-up or centimetre mesh.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -68,6 +69,18 @@ class MeshPyramid:
     def levels(self) -> int:
         return len(self.num_vertices)
 
+    def to(self, device: torch.device) -> MeshPyramid:
+        """This pyramid with every matrix on ``device`` (itself when they are there already)."""
+        if self.adjacency.device == device:
+            return self
+
+        def moved(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            return tuple(t.to(device) for t in tensors)
+
+        return dataclasses.replace(
+            self, down=moved(self.down), up=moved(self.up), adjacency=self.adjacency.to(device), faces=moved(self.faces)
+        )
+
     def downsample(self, vertices: Tensor, to_level: int = 0) -> Tensor:
         """Full-level (B, V_full, 3) vertices → (B, V_to_level, 3)."""
         out = vertices
@@ -85,7 +98,12 @@ class MeshPyramid:
 
 
 def sparse_bmm(matrix: Tensor, batch: Tensor) -> Tensor:
-    """(M, N) sparse or dense @ (B, N, C) → (B, M, C) without a Python loop over the batch."""
+    """(M, N) sparse or dense @ (B, N, C) → (B, M, C) without a Python loop over the batch, in the
+    matrix's dtype: under mixed precision (autocast) the product runs outside autocast with the
+    batch promoted, since a sparse product cast to bfloat16/float16 has no backward."""
+    if torch.is_autocast_enabled(batch.device.type):
+        with torch.autocast(batch.device.type, enabled=False):
+            return sparse_bmm(matrix, batch.to(matrix.dtype))
     b, n, c = batch.shape
     flat = batch.transpose(0, 1).reshape(n, b * c)
     out = torch.sparse.mm(matrix, flat) if matrix.is_sparse else matrix @ flat

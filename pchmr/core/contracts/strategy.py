@@ -131,7 +131,7 @@ class ClientRuntime(Protocol):
     def train(self, msg: Message, context: Context) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Local training for a train message (the global model in ``"arrays"``, the round's config in
         ``"config"``), then the mechanisms' ``transform_update``: the new state dict and its metrics
-        (``num-examples``, ``train-loss``, ``fit-seconds``, ``partition-id``)."""
+        (``num-examples``, ``train-loss``, ``fit-seconds``, ``train-img-s``, ``partition-id``)."""
         ...
 
 

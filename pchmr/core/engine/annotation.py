@@ -30,15 +30,18 @@ from pchmr.core.contracts.annotation import (
     AnnotationRecord,
     Annotator,
     DepthSource,
+    DeviceAnnotator,
+    FitResult,
     KeypointSource,
     Observation,
     ObservationBatch,
     pixels_to_crop,
 )
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
+from pchmr.core.engine.devices import DeviceError, Placement, resolve_placement
 
-__all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "crop_box", "items_from_dataset",
-           "items_from_folder", "write_pseudo_labels"]  # fmt: skip
+__all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "annotation_placement", "crop_box",
+           "items_from_dataset", "items_from_folder", "write_pseudo_labels"]  # fmt: skip
 
 log = logging.getLogger("pchmr.annotate")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -139,20 +142,57 @@ def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: Keypoin
     return obs, crop
 
 
+def annotation_placement(accelerator: str = "auto", devices: int = 1, precision: str = "32-true") -> Placement:
+    """Where ``pchmr annotate`` fits: :func:`~pchmr.core.engine.devices.resolve_placement`, one
+    device, in 32-bit. Mixed precision is refused (:class:`DeviceError`): the fits' L-BFGS
+    stages compare energies along a strong-Wolfe line search, which bfloat16/float16 round-off
+    (1e-3 relative: millimetres on a body) stalls."""
+    placement = resolve_placement(accelerator, devices, precision)
+    if precision != "32-true":
+        raise DeviceError(
+            f"--precision {precision}: annotation fits in 32-bit only (its L-BFGS line search needs exact "
+            "energies); mixed precision is for training (pchmr run, pchmr personalize)"
+        )
+    if devices != 1:
+        raise DeviceError(f"--devices {devices}: an annotator fits on one device, use --devices 1")
+    return placement
+
+
+def _place(annotator: Annotator, placement: Placement | None) -> torch.device | None:
+    """The device ``annotator`` fits on: ``placement``'s when it has the DeviceAnnotator
+    capability (moved there now), else None (the CPU, as it was built)."""
+    if placement is None or placement.accelerator == "cpu":
+        return None
+    if not isinstance(annotator, DeviceAnnotator):
+        log.warning("annotator %s cannot move to the %s (no to_device): fitting on the CPU", annotator.name,
+                    placement.accelerator)  # fmt: skip
+        return None
+    annotator.to_device(placement.device)
+    return placement.device
+
+
 def annotate_items(items: Iterable[AnnotationItem], annotator: Annotator, joint_names: Sequence[str],
                    keypoints: KeypointSource, depth: DepthSource | None = None, *, crop_size: int,
                    full_image: bool = False, batch_size: int = 64,
                    meta: Callable[[AnnotationItem], dict[str, str]] | None = None,
-                   progress: Callable[[int], None] | None = None) -> Annotated:  # fmt: skip
-    """Observe every item (failures recorded), fit the usable ones in batches of ``batch_size``."""
+                   progress: Callable[[int], None] | None = None,
+                   placement: Placement | None = None) -> Annotated:  # fmt: skip
+    """Observe every item (failures recorded), fit the usable ones in batches of ``batch_size``
+    on ``placement``'s device (:func:`annotation_placement`; default: the CPU) when the annotator
+    can move there (:class:`~pchmr.core.contracts.annotation.DeviceAnnotator`)."""
     out = Annotated()
     pending: list[tuple[AnnotationItem, Observation, np.ndarray]] = []
+    device = _place(annotator, placement)
 
     def flush() -> None:
         if not pending:
             return
         batch = ObservationBatch.stack([o for _, o, _ in pending])
-        fit = annotator.fit(batch)
+        fit = annotator.fit(batch if device is None else batch.to(device))
+        if device is not None:  # read back on the CPU, once per batch
+            fit = FitResult(fit.vertices.cpu(), fit.joints.cpu(), fit.translation.cpu(),
+                            {k: v.cpu() for k, v in fit.params.items()},
+                            {k: v.cpu() for k, v in fit.losses.items()})  # fmt: skip
         for k, (item, obs, crop) in enumerate(pending):
             losses = {name: float(v[k]) for name, v in fit.losses.items()}
             out.records.append(AnnotationRecord(item.image_id, "ok", annotator.name, losses=losses))

@@ -24,6 +24,7 @@ from torch.utils.data import Subset
 
 from pchmr.core.contracts.partition import Partition
 from pchmr.core.engine.components import Components, make_loader
+from pchmr.core.engine.devices import Placement
 from pchmr.core.engine.evaluation import evaluate
 from pchmr.core.engine.federation.common import RoundReport
 from pchmr.core.engine.rundir import RunDir
@@ -55,9 +56,13 @@ class _EpochRecorder(pl.Callback):
         elapsed: float,
         num_epochs: int,
         eval_every: int,
+        placement: Placement,
+        train_size: int,
     ) -> None:
         self.rd = rd
-        self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False)
+        self.placement = placement
+        self.train_size = train_size
+        self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=placement)
         self.on_round = on_round
         self.elapsed = elapsed
         self.num_epochs = num_epochs
@@ -73,7 +78,7 @@ class _EpochRecorder(pl.Callback):
         epoch = trainer.current_epoch + 1
         metrics = None
         if epoch % self.eval_every == 0 or epoch == self.num_epochs:
-            metrics = evaluate(module, self.test_loader)  # type: ignore[arg-type]
+            metrics = evaluate(module, self.test_loader, self.placement)  # type: ignore[arg-type]
             loss = trainer.callback_metrics.get("train/loss")
             self.rd.append_round(
                 {
@@ -85,6 +90,7 @@ class _EpochRecorder(pl.Callback):
                     "bytes_sent": 0,
                     "bytes_received": 0,
                     "train_loss": None if loss is None else float(loss),
+                    "train_img_s": round(self.train_size / seconds, 3) if seconds > 0 else None,
                     "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
                 }
             )
@@ -102,15 +108,20 @@ def run_baseline(
     on_round: Callable[[RoundReport], None] | None,
     baselines: Mapping[str, float],
 ) -> dict[str, Any]:
+    """Train the baseline's one device on ``partition``'s only client, on the run's placement
+    (:meth:`~pchmr.core.engine.config.RunConfig.placement`), evaluating every ``eval_every``
+    epochs; returns ``final.json``'s content."""
     cfg = components.config
     report = on_round or (lambda r: None)
+    placement = cfg.placement()
     module = components.make_module()
     train = Subset(components.data.train, partition.clients[0].tolist())
-    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0xB))
+    loader = make_loader(train, cfg.batch_size, shuffle=True, seed=derive_seed(cfg.seed, 0xB), placement=placement)
     ckpt_path: Path | None = rd.lightning_checkpoint if rd.lightning_checkpoint.exists() else None
     if ckpt_path is None:
         rd.truncate_rounds(-1)
-        metrics = evaluate(module, make_loader(components.data.test, _EVAL_BATCH, shuffle=False))
+        test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=placement)
+        metrics = evaluate(module, test_loader, placement)
         rd.append_round(
             {
                 "round": 0,
@@ -129,10 +140,14 @@ def run_baseline(
         rd.truncate_rounds(int(progress["epoch"]))
         elapsed = float(progress["elapsed"])
     torch.manual_seed(derive_seed(cfg.seed, 0xC))
-    recorder = _EpochRecorder(rd, components, report, elapsed, cfg.epochs, cfg.eval_every)
+    recorder = _EpochRecorder(rd, components, report, elapsed, cfg.epochs, cfg.eval_every, placement, len(train))
     schedule = LearningRate(lambda epoch: cfg.lr * lr_factor(cfg.lr_schedule, epoch + 1, cfg.epochs))
     trainer = make_trainer(
-        max_epochs=cfg.epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[recorder, schedule]
+        max_epochs=cfg.epochs,
+        grad_clip=module.optim.grad_clip,
+        quiet=True,
+        callbacks=[recorder, schedule],
+        placement=placement,
     )
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, rd.model)

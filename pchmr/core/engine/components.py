@@ -21,6 +21,7 @@ from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.partition import Partition
 from pchmr.core.engine.config import MIXED_DATASET, PUBLIC_BODY_MODEL, RunConfig
+from pchmr.core.engine.devices import Placement
 from pchmr.core.engine.losses import LossWeights
 from pchmr.core.engine.module import HMRModule, OptimConfig
 from pchmr.core.engine.pretrain import PUBLIC, pretrained_encoder
@@ -159,6 +160,7 @@ def build_components(
                 cache,
                 progress=progress,
                 extra=config.backbone_options,
+                placement=config.placement(),
             )
         )
     return Components(config=config, body_model=body_model, data=data, encoder_weights=weights)
@@ -178,6 +180,12 @@ def _body_model(name: str, cache_dir: str, model_dir: str | None) -> BodyModel:
     return factory(BodyModelSpec(cache_dir=cache_dir, model_dir=model_dir))
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, placement: Placement | None = None
+) -> DataLoader:
+    """A seeded loader of ``dataset``, fed as ``placement`` asks (:meth:`Placement.loader_kwargs`:
+    pinned memory on a GPU, ``--loader-workers``); without one, in this process. The shuffle
+    order depends on ``seed`` only, whatever the workers."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+    feed = {"num_workers": 0, **(placement.loader_kwargs() if placement is not None else {})}
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, **feed)

@@ -13,9 +13,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pchmr.core.engine.run_options import KeyValues, NameAndPath, NotOnCli, PathValue, Shortcut, Switch, run_option
+
+if TYPE_CHECKING:
+    from pchmr.core.engine.devices import Placement
 
 __all__ = [
     "CLIENT_OPTIMIZER_STATES",
@@ -168,6 +171,33 @@ class RunConfig:
     root_certificates: str | None = run_option(
         None, cli=PathValue(), help="Deployment: CA certificate for TLS to the SuperLink."
     )
+    # where it runs: pchmr.core.engine.devices (one helper resolves these into a Placement)
+    accelerator: str = run_option(
+        "auto",
+        help="Where every model of the run trains and is evaluated: auto (a CUDA GPU when torch sees one, else the "
+        "CPU), cpu, gpu or mps. Each simulated client and each SuperNode resolves auto on its own machine.",
+    )
+    devices: int = run_option(
+        1, help="Devices per trainer (only 1: each client, baseline and evaluation runs on one device)."
+    )
+    precision: str = run_option(
+        "32-true",
+        help="32-true, 16-mixed (float16 autocast, GPU only) or bf16-mixed (bfloat16 autocast, GPU or CPU).",
+    )
+    client_gpus: float | None = run_option(
+        None,
+        help="Simulation: the fraction of one GPU each client asks Ray for, in (0, 1] (default: the round's "
+        "sampled clients share the GPUs evenly, at most one each).",
+    )
+    deterministic: bool = run_option(
+        False,
+        cli=Switch(off="--no-deterministic"),
+        help="The same seed on the same GPU gives the same metrics: torch's deterministic algorithms, cuDNN "
+        "without autotuning, a fixed cuBLAS workspace (slower; the CPU path is deterministic anyway).",
+    )
+    loader_workers: int = run_option(
+        0, help="DataLoader worker processes per loader, training and evaluation (0: load in the process itself)."
+    )
     # bookkeeping
     seed: int = run_option(0, help="Seed of partitions, sampling and initialisation.")
     out: str | None = run_option(None, cli=PathValue(), help="Run directory (default runs/<time>-<setting>).")
@@ -186,6 +216,20 @@ class RunConfig:
     def loads_encoder_weights(self) -> bool:
         """Whether the CNN starts from ``encoder_weights`` (``--init-from`` replaces them all)."""
         return self.encoder_weights is not None and self.init_from is None
+
+    def placement(self) -> Placement:
+        """Where this process runs the run's models: :func:`~pchmr.core.engine.devices.resolve_placement`
+        of ``accelerator``, ``devices``, ``precision``, ``loader_workers`` and ``deterministic`` on
+        this machine (a :class:`~pchmr.core.engine.devices.DeviceError` names what it lacks)."""
+        from pchmr.core.engine.devices import resolve_placement  # imports torch: only when placing
+
+        return resolve_placement(
+            self.accelerator,
+            self.devices,
+            self.precision,
+            loader_workers=self.loader_workers,
+            deterministic=self.deterministic,
+        )
 
     @property
     def encoder_frozen(self) -> bool:
@@ -265,6 +309,30 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None:
                 _positive_int(name.replace("_", "-"), value)
+        self._validate_placement()
+
+    def _validate_placement(self) -> None:
+        from pchmr.core.engine.devices import DeviceError, check_placement_options  # imports torch
+
+        try:
+            check_placement_options(
+                self.accelerator, self.devices, self.precision, self.loader_workers, self.client_gpus
+            )
+        except DeviceError as exc:
+            raise ConfigError(str(exc)) from exc
+        if self.devices != 1:
+            raise ConfigError(
+                f"--devices {self.devices}: each trainer of a run uses one device (federated clients share the "
+                "GPUs through Ray, see --client-gpus); multi-device data parallelism is not supported, use --devices 1"
+            )
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"deterministic must be true or false, got {self.deterministic!r}")
+        if self.client_gpus is not None and (self.mode != "federated" or self.engine != "simulation"):
+            where = f"--mode {self.mode}" if self.mode != "federated" else f"--engine {self.engine}"
+            raise ConfigError(
+                f"--client-gpus shares GPUs among the Simulation Engine's clients; {where} has none "
+                "(a baseline trains on one device, a SuperNode uses its own)"
+            )
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
@@ -283,9 +351,11 @@ class RunConfig:
         """The config a run directory's ``config.json`` saved (its ``"run"`` table), including
         those written by older pchmr versions, read as they ran: no ``lr_schedule`` key means a
         constant rate; no ``freeze_encoder`` key means the CNN trained unless the backbone option
-        of that name (its former home) froze it."""
+        of that name (its former home) froze it; no ``accelerator`` key means the CPU (every run
+        trained there before the option existed; the other placement keys take their defaults)."""
         upgraded = dict(data)
         upgraded.setdefault("lr_schedule", "constant")
+        upgraded.setdefault("accelerator", "cpu")
         if "freeze_encoder" not in upgraded:
             options = dict(upgraded.get("backbone_options") or {})
             frozen = options.pop("freeze_encoder", False)

@@ -22,13 +22,17 @@ import torch
 
 __all__ = [
     "ACCELERATORS",
+    "CPU",
     "PRECISIONS",
     "DeviceError",
     "Placement",
     "available_accelerators",
+    "check_placement_options",
     "client_resources",
+    "determinism",
     "deterministic_algorithms",
     "resolve_placement",
+    "visible_gpus",
 ]
 
 #: What ``--accelerator`` accepts; ``auto`` is a CUDA GPU when torch sees one, else the CPU.
@@ -62,11 +66,15 @@ def _torch_build() -> str:
 
 @dataclass(frozen=True)
 class Placement:
-    """A resolved accelerator (``cpu``, ``gpu`` or ``mps``), device count and precision."""
+    """A resolved accelerator (``cpu``, ``gpu`` or ``mps``), device count and precision, and how
+    the device is fed (``loader_workers`` DataLoader processes) and whether it must repeat itself
+    exactly (``deterministic``)."""
 
     accelerator: str
     devices: int
     precision: str
+    loader_workers: int = 0
+    deterministic: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -78,13 +86,22 @@ class Placement:
         return self.accelerator == "gpu"
 
     def trainer_kwargs(self) -> dict[str, Any]:
-        """``accelerator``, ``devices`` and ``precision`` for a Lightning ``Trainer``."""
-        return {"accelerator": self.accelerator, "devices": self.devices, "precision": self.precision}
+        """``accelerator``, ``devices`` and ``precision`` for a Lightning ``Trainer``, and
+        ``deterministic=True`` when asked for (Lightning then switches torch's deterministic
+        algorithms on and fixes cuBLAS's workspace)."""
+        kwargs: dict[str, Any] = {"accelerator": self.accelerator, "devices": self.devices, "precision": self.precision}
+        if self.deterministic:
+            kwargs["deterministic"] = True
+        return kwargs
 
     def loader_kwargs(self) -> dict[str, Any]:
         """DataLoader settings that feed this device: pinned host memory on a GPU (so
-        :meth:`to` copies asynchronously), nothing special on the CPU."""
-        return {"pin_memory": self.on_gpu}
+        :meth:`to` copies asynchronously), and ``loader_workers`` worker processes (kept for
+        the loader's life) when asked for; on the CPU with no workers, DataLoader's defaults."""
+        kwargs: dict[str, Any] = {"pin_memory": self.on_gpu}
+        if self.loader_workers > 0:
+            kwargs.update(num_workers=self.loader_workers, persistent_workers=True)
+        return kwargs
 
     def to(self, batch: Any) -> Any:
         """``batch`` (a tensor, or a mapping/list/tuple of them) on this device; tensors from
@@ -111,7 +128,14 @@ class Placement:
 
     def describe(self) -> dict[str, Any]:
         """What ran where, for ``config.json`` and ``pchmr profile``."""
-        out: dict[str, Any] = {**self.trainer_kwargs(), "torch": torch.__version__}
+        out: dict[str, Any] = {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "precision": self.precision,
+            "loader_workers": self.loader_workers,
+            "deterministic": self.deterministic,
+            "torch": torch.__version__,
+        }
         if self.on_gpu:
             out["device_name"] = torch.cuda.get_device_name(0)
         else:
@@ -119,19 +143,48 @@ class Placement:
         return out
 
 
-def resolve_placement(accelerator: str = "auto", devices: int = 1, precision: str = "32-true") -> Placement:
-    """The :class:`Placement` for these options on this machine.
-
-    ``auto`` becomes ``gpu`` when torch sees a CUDA device, else ``cpu`` (never ``mps``: ask for it).
-    Raises :class:`DeviceError` for an accelerator the machine lacks, more devices than it has, or
-    an unknown value, naming the option and what is available.
-    """
+def check_placement_options(
+    accelerator: str, devices: int, precision: str, loader_workers: int = 0, client_gpus: float | None = None
+) -> None:
+    """Refuse values no machine accepts (:class:`DeviceError` naming the option and what is
+    allowed), without looking at this machine's hardware: what a saved config can be checked with
+    anywhere."""
     if accelerator not in ACCELERATORS:
         raise DeviceError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
     if precision not in PRECISIONS:
         raise DeviceError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise DeviceError(f"--devices must be a whole number >= 1, got {devices!r}")
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise DeviceError(f"--loader-workers must be a whole number >= 0, got {loader_workers!r}")
+    if client_gpus is not None and (
+        isinstance(client_gpus, bool) or not isinstance(client_gpus, (int, float)) or not 0.0 < client_gpus <= 1.0
+    ):
+        raise DeviceError(
+            f"--client-gpus must be a fraction of one GPU in (0, 1] (e.g. 0.25: four clients per GPU), got {client_gpus!r}"
+        )
+
+
+#: One CPU, 32-bit, no workers: where anything runs unless told otherwise (the tested default).
+CPU = Placement("cpu", 1, "32-true")
+
+
+def resolve_placement(
+    accelerator: str = "auto",
+    devices: int = 1,
+    precision: str = "32-true",
+    *,
+    loader_workers: int = 0,
+    deterministic: bool = False,
+) -> Placement:
+    """The :class:`Placement` for these options on this machine.
+
+    ``auto`` becomes ``gpu`` when torch sees a CUDA device, else ``cpu`` (never ``mps``: ask for it).
+    Raises :class:`DeviceError` for an accelerator the machine lacks, more devices than it has,
+    float16 mixed precision on a CPU (Lightning has no float16 autocast there), or an unknown
+    value, naming the option and what is available.
+    """
+    check_placement_options(accelerator, devices, precision, loader_workers)
     available = available_accelerators()
     chosen = ("gpu" if "gpu" in available else "cpu") if accelerator == "auto" else accelerator
     if chosen not in available:
@@ -144,7 +197,18 @@ def resolve_placement(accelerator: str = "auto", devices: int = 1, precision: st
         raise DeviceError(f"--devices {devices}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     if chosen != "gpu" and devices != 1:
         raise DeviceError(f"--devices {devices}: more than one device needs --accelerator gpu (got {chosen})")
-    return Placement(chosen, devices, precision)
+    if chosen == "cpu" and precision == "16-mixed":
+        raise DeviceError(
+            f"--precision 16-mixed: float16 mixed precision needs a GPU, and --accelerator {accelerator} "
+            "resolved to the cpu; use --precision bf16-mixed (bfloat16 autocast) or 32-true on the CPU"
+        )
+    return Placement(chosen, devices, precision, loader_workers=loader_workers, deterministic=bool(deterministic))
+
+
+def visible_gpus(placement: Placement) -> int:
+    """The CUDA devices this process may hand out (to Ray) on ``placement``: every GPU torch sees
+    when it is a GPU placement, else none."""
+    return torch.cuda.device_count() if placement.on_gpu else 0
 
 
 def client_resources(cpus: int, gpus: float, per_round: int, client_gpus: float | None = None) -> dict[str, float]:
@@ -180,3 +244,25 @@ def deterministic_algorithms(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=True)
     torch.backends.cudnn.benchmark = not enabled and torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic = enabled
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """:func:`deterministic_algorithms` for the block when ``enabled`` (a run with
+    ``--deterministic``), then torch's previous settings back (the cuBLAS variable stays set:
+    CUDA reads it once)."""
+    if not enabled:
+        yield
+        return
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+    )
+    deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]

@@ -2,27 +2,71 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pchmr.core.contracts.backbone import HMROutput
+from pchmr.core.engine.devices import Placement
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.kit.metrics import mpjpe, pa_mpjpe, procrustes_align
 
 __all__ = ["evaluate", "mean_pose_baselines"]
 
 
+@contextlib.contextmanager
+def _placed(module: HMRModule, placement: Placement | None) -> Iterator[None]:
+    """``module`` on ``placement``'s device for the block, then back where it was (a module
+    Lightning is fitting already is there: nothing moves)."""
+    home = next(module.parameters()).device
+    if placement is None or (home.type, home.index or 0) == (placement.device.type, placement.device.index or 0):
+        yield
+        return
+    module.to(placement.device)
+    try:
+        yield
+    finally:
+        module.to(home)
+
+
+def _full_precision(out: HMROutput) -> HMROutput:
+    """A prediction made under autocast, in float32 for the metrics."""
+    return dataclasses.replace(
+        out,
+        joints=out.joints.float(),
+        vertices=tuple(v.float() for v in out.vertices),
+        camera=out.camera.float(),
+    )
+
+
 @torch.no_grad()
-def evaluate(module: HMRModule, loader: DataLoader) -> dict[str, float]:
-    """Run the evaluation protocol of :meth:`HMRModule.update_metrics` over ``loader``."""
+def evaluate(module: HMRModule, loader: DataLoader, placement: Placement | None = None) -> dict[str, float]:
+    """Run the evaluation protocol of :meth:`HMRModule.update_metrics` over ``loader``, on
+    ``placement`` (default: where the module is, in 32-bit): batches are moved there, the forward
+    pass runs under its autocast, the metrics are computed in float32."""
+    with _placed(module, placement):
+        return _evaluate(module, loader, placement)
+
+
+def _evaluate(module: HMRModule, loader: DataLoader, placement: Placement | None) -> dict[str, float]:
     was_training = module.training
     module.eval()
     for m in module.val_metrics.values():
         m.reset()
+    mixed = placement is not None and placement.precision != "32-true"
     for batch in loader:
-        out = module(batch["image"])
+        if placement is not None:
+            batch = placement.to(batch)
+        if mixed:
+            with placement.autocast():  # type: ignore[union-attr]
+                out = _full_precision(module(batch["image"]))
+        else:
+            out = module(batch["image"])
         bad = ~torch.isfinite(out.vertices[-1]).flatten(1).all(dim=1)
         if bad.any():
             module.train(was_training)

@@ -138,6 +138,13 @@ class HMRModule(pl.LightningModule):
         return self._round
 
     # -- model ---------------------------------------------------------------------------
+    def pyramid_on(self, device: torch.device) -> MeshPyramid:
+        """The body model's mesh pyramid with its matrices on ``device`` (moved once per device:
+        the pyramid is a constant of the module, not a buffer of its state)."""
+        if self.pyramid.adjacency.device != device:
+            self.pyramid = self.pyramid.to(device)
+        return self.pyramid
+
     def forward(self, images: Tensor) -> HMROutput:
         return self.backbone(images)
 
@@ -165,9 +172,10 @@ class HMRModule(pl.LightningModule):
             "reg_joints_3d": weighted_l1(reg_joints, gt_joints, joint_valid),
         }
         gt_full = batch["vertices"]
+        pyramid = self.pyramid_on(gt_full.device)
         vertex_loss = full.new_zeros(())
         for level, level_weight in enumerate(w.vertex_levels):
-            gt_level = gt_full if level == self.pyramid.levels - 1 else self.pyramid.downsample(gt_full, level)
+            gt_level = gt_full if level == pyramid.levels - 1 else pyramid.downsample(gt_full, level)
             pred_level = out.vertices[level] - mesh_root
             mask = has_mesh[:, None].expand(-1, gt_level.shape[1])
             vertex_loss = vertex_loss + level_weight * weighted_l1(pred_level, gt_level, mask)
@@ -176,7 +184,7 @@ class HMRModule(pl.LightningModule):
         terms["joints_2d"] = weighted_l1(project_weak_perspective(pred_joints, out.camera), kp[..., :2], kp[..., 2])
         if w.edge > 0 or w.normal > 0:
             level = self.mesh_level
-            gt_mesh = gt_full if level == self.pyramid.levels - 1 else self.pyramid.downsample(gt_full, level)
+            gt_mesh = gt_full if level == pyramid.levels - 1 else pyramid.downsample(gt_full, level)
             terms["edge"] = edge_length_loss(out.vertices[level], gt_mesh, self.mesh_faces, has_mesh)
             terms["normal"] = normal_loss(out.vertices[level], gt_mesh, self.mesh_faces, has_mesh)
 
@@ -293,8 +301,13 @@ class HMRModule(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         # the fused kernel updates all parameters in one pass per tensor: ~6x faster than the
-        # per-op loop on this CPU for FastMETRO-S's 10 M parameters (same result to 1e-7)
-        fused = all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params)
+        # per-op loop on this CPU for FastMETRO-S's 10 M parameters (same result to 1e-7); CUDA
+        # has one too. Not under mixed precision: Lightning clips no fused optimizer's gradients there
+        trainer = getattr(self, "_trainer", None)
+        mixed = trainer is not None and str(trainer.precision).endswith("-mixed")
+        fused = not mixed and all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params
+        )
         return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay, fused=fused or None)
 
 

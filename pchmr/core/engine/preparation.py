@@ -10,6 +10,7 @@ the process that serves it (the Deployment Engine's ServerApp).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from pchmr.core.engine.components import (
     dataset_resolution,
 )
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.devices import DeviceError, Placement, client_resources, visible_gpus
 from pchmr.core.engine.evaluation import mean_pose_baselines
 from pchmr.core.engine.federation.common import build_strategy
 from pchmr.core.engine.registry import get_registry
@@ -43,6 +45,7 @@ __all__ = [
     "make_partition",
     "prepare",
     "resolve",
+    "run_placement",
     "write_run_config",
 ]
 
@@ -116,11 +119,33 @@ def describe_plugins(config: RunConfig) -> dict[str, Any]:
     }
 
 
+def run_placement(config: RunConfig) -> Placement | None:
+    """Where this process runs the run's server evaluation or baseline (``config.placement()``),
+    checked against what the run asks of it: a :class:`~pchmr.core.engine.devices.DeviceError`
+    naming the option for an accelerator this machine lacks, or a ``--client-gpus`` share Ray
+    cannot give here. None for a Deployment Engine run on a remote ``--superlink``: its ServerApp
+    and SuperNodes resolve the placement on their own machines."""
+    if config.mode == "federated" and config.engine == "deployment" and config.superlink is not None:
+        return None
+    placement = config.placement()
+    if config.client_gpus is not None:
+        if not placement.on_gpu:
+            raise DeviceError(
+                f"--client-gpus {config.client_gpus:g} gives each simulated client a share of a GPU, but "
+                f"--accelerator {config.accelerator} resolved to the {placement.accelerator}; use --accelerator gpu "
+                "on a machine with one, or leave --client-gpus out"
+            )
+        client_resources(os.cpu_count() or 1, visible_gpus(placement), config.per_round, config.client_gpus)
+    return placement
+
+
 def resolve(config: RunConfig) -> tuple[RunConfig, StrategyParts]:
     """The config with its cache directory made absolute (clients in other processes read the very
-    same cache) and the run's strategy; refuses unknown plugins and bad options (every chosen
-    plugin's, through its declared options class) before any data is prepared."""
+    same cache) and the run's strategy; refuses unknown plugins, bad options (every chosen
+    plugin's, through its declared options class) and a placement this machine cannot give
+    (:func:`run_placement`) before any data is prepared."""
     check_plugins(config)
+    run_placement(config)
     if config.cache_dir is None:
         config = config.replace(cache_dir=str(default_cache_dir().resolve()))
     return config, build_strategy(config)
@@ -172,8 +197,18 @@ def write_run_config(rd: RunDir, config: RunConfig, components: Components, stra
             "protocol": components.protocol().as_dict(),
             "body_model": components.body_model.describe(),
             "data": dict(components.data.protocol),
+            "placement": _placement_record(config),
         },
     )
+
+
+def _placement_record(config: RunConfig) -> dict[str, Any]:
+    """``config.json``'s ``placement``: what this process resolved (:meth:`Placement.describe`);
+    each simulated client and SuperNode resolves ``auto`` again on its own device."""
+    placement = run_placement(config)
+    if placement is None:
+        return {"accelerator": config.accelerator, "resolved": "by the ServerApp and each SuperNode on its machine"}
+    return placement.describe()
 
 
 def prepare(

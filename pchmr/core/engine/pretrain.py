@@ -15,8 +15,12 @@ Nothing can be downloaded here, so ``--encoder-weights public`` makes the public
   features themselves, where a transformer's attention (a weighted average of image tokens
   and a linear map) can read it; an MLP head would hold much of it instead;
 * the encoder's state dict cached under ``<cache>/encoders/`` keyed by everything that
-  determines it (encoder, input size, body model, public split, recipe version), written
-  atomically; later runs load the file like a user's ImageNet weights.
+  determines it (encoder, input size, body model, public split, recipe version, and the
+  accelerator when it is not the CPU: a GPU computes other round-off), written atomically;
+  later runs load the file like a user's ImageNet weights.
+
+Pretraining runs where the run's models run (the run's placement's device), always in 32-bit:
+the weights are cached and shared by runs of any ``--precision``.
 
 Only the CNN is pretrained: the transformer, the tokens and the heads start untrained, so a
 run's round 0 is still the untrained HMR model.
@@ -39,6 +43,7 @@ from pchmr.core.contracts.backbone import BackboneOptions
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec
 from pchmr.core.engine.config import PUBLIC_DATASET
+from pchmr.core.engine.devices import CPU, Placement
 from pchmr.core.engine.registry import get_registry
 
 __all__ = ["PRETRAIN_EPOCHS", "PUBLIC", "PUBLIC_SEED", "pretrain_encoder", "pretrained_encoder"]
@@ -75,7 +80,9 @@ def public_encoder(
     return cnn
 
 
-def _cache_key(encoder: str, input_size: int, body_model: BodyModel, cnn: nn.Module) -> str:
+def _cache_key(
+    encoder: str, input_size: int, body_model: BodyModel, cnn: nn.Module, placement: Placement | None = None
+) -> str:
     architecture = repr(cnn) + repr(sorted((k, tuple(v.shape)) for k, v in cnn.state_dict().items()))
     identity = {
         "recipe": RECIPE_VERSION,
@@ -91,6 +98,8 @@ def _cache_key(encoder: str, input_size: int, body_model: BodyModel, cnn: nn.Mod
         "batch": PRETRAIN_BATCH,
         "lr": PRETRAIN_LR,
     }
+    if placement is not None and placement.accelerator != "cpu":  # the CPU's key predates placements
+        identity["accelerator"] = placement.accelerator
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return f"{encoder}-{input_size}px-{body_model.name}-{digest}"
 
@@ -103,20 +112,25 @@ def pretrained_encoder(
     cache_dir: Path,
     progress: Callable[[str], None] | None = None,
     extra: Mapping[str, object] | None = None,
+    placement: Placement | None = None,
 ) -> Path:
-    """The cached public-pretrained weights of ``backbone``'s ``encoder`` (made on first use).
+    """The cached public-pretrained weights of ``backbone``'s ``encoder`` (made on first use,
+    on ``placement``'s device; default the CPU).
 
     ``extra`` are the run's backbone options; the cache is keyed by the CNN they build (its
     layers and tensor shapes), so options that leave the CNN alone share one file.
     """
     with torch.random.fork_rng():  # building the model draws from the global RNG: leave it as it was
         cnn = public_encoder(backbone, encoder, input_size, body_model, extra)
-    path = Path(cache_dir) / "encoders" / f"{_cache_key(encoder, input_size, body_model, cnn)}.pt"
+    key = _cache_key(encoder, input_size, body_model, cnn, placement)
+    path = Path(cache_dir) / "encoders" / f"{key}.pt"
     if path.is_file():
         return path
     if progress is not None:
         progress(f"pretraining the {encoder} encoder on the public synthetic split (once; cached in {path.parent})")
-    state, _ = pretrain_encoder(backbone, encoder, input_size, body_model, Path(cache_dir), extra=extra)
+    state, _ = pretrain_encoder(
+        backbone, encoder, input_size, body_model, Path(cache_dir), extra=extra, placement=placement
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(state, tmp)
@@ -134,9 +148,11 @@ def pretrain_encoder(
     samples: int = PUBLIC_SAMPLES,
     seed: int = PUBLIC_SEED,
     extra: Mapping[str, object] | None = None,
+    placement: Placement | None = None,
 ) -> tuple[dict[str, Tensor], list[float]]:
     """Train ``backbone``'s CNN encoder (built with backbone options ``extra``) on the public
-    split; returns its state dict and the mean training loss of every epoch."""
+    split, on ``placement``'s device in 32-bit (default: the CPU); returns its state dict (on the
+    CPU) and the mean training loss of every epoch."""
     registry = get_registry()
     spec = DatasetSpec(
         image_size=input_size, seed=seed, cache_dir=Path(cache_dir) / "datasets", num_train=samples, num_test=1
@@ -147,17 +163,23 @@ def pretrain_encoder(
         cnn = public_encoder(backbone, encoder, input_size, body_model, extra)
         joints = body_model.num_joints
         head = nn.Linear(cnn.out_channels, joints * 3)
+        where = placement or CPU
+        if where.accelerator != "cpu":
+            cnn.to(where.device)
+            head.to(where.device)
         params = list(cnn.parameters()) + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=PRETRAIN_LR, weight_decay=PRETRAIN_WEIGHT_DECAY, fused=True)
         generator = torch.Generator().manual_seed(seed)
-        loader = torch.utils.data.DataLoader(data.train, batch_size=PRETRAIN_BATCH, shuffle=True, generator=generator)
+        loader = torch.utils.data.DataLoader(
+            data.train, batch_size=PRETRAIN_BATCH, shuffle=True, generator=generator, **where.loader_kwargs()
+        )
         cnn.train()
         start = time.perf_counter()
         losses: list[float] = []
         for epoch in range(epochs):
             total, batches = 0.0, 0
             for batch in loader:
-                loss = pretraining_loss(cnn, head, batch, joints)
+                loss = pretraining_loss(cnn, head, where.to(batch), joints)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -169,7 +191,7 @@ def pretrain_encoder(
                 total / max(batches, 1),
                 time.perf_counter() - start,
             )
-    return {k: v.detach().clone() for k, v in cnn.state_dict().items()}, losses
+    return {k: v.detach().cpu().clone() for k, v in cnn.state_dict().items()}, losses
 
 
 def pretraining_loss(cnn: nn.Module, head: nn.Module, batch: dict, joints: int) -> Tensor:

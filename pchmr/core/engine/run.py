@@ -18,6 +18,7 @@ from typing import Any
 
 from pchmr.core.engine.baselines import run_baseline
 from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.devices import determinism
 from pchmr.core.engine.federation.common import RoundReport
 from pchmr.core.engine.federation.deployment import federate_on_deployment
 from pchmr.core.engine.federation.server import FederatedServer
@@ -72,25 +73,28 @@ def execute(
     started = time.perf_counter()
     set_up = False
     try:
-        prepared = prepare(config, strategy, rd, resume=resume, status=status)
-        set_up = True
-        if config.mode == "federated" and config.engine == "deployment":
-            status(f"federating {config.clients} clients on Flower's Deployment Engine")
-            federate_on_deployment(
-                rd.path.resolve(),
-                config.clients,
-                superlink=config.superlink,
-                root_certificates=Path(config.root_certificates) if config.root_certificates else None,
-                on_round=on_round,
-            )
-        elif config.mode == "federated":
-            server = FederatedServer(rd, prepared.components, strategy, on_round=on_round, baselines=prepared.baselines)
-            status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
-            run_simulation(server)
-        else:
-            size = prepared.partition.sizes()[0]
-            status(f"{config.mode} baseline: one trainer on {size} samples, {config.epochs} epochs")
-            run_baseline(rd, prepared.components, prepared.partition, on_round, prepared.baselines)
+        with determinism(config.deterministic):  # --deterministic: this process's part of the run
+            prepared = prepare(config, strategy, rd, resume=resume, status=status)
+            set_up = True
+            if config.mode == "federated" and config.engine == "deployment":
+                status(f"federating {config.clients} clients on Flower's Deployment Engine")
+                federate_on_deployment(
+                    rd.path.resolve(),
+                    config.clients,
+                    superlink=config.superlink,
+                    root_certificates=Path(config.root_certificates) if config.root_certificates else None,
+                    on_round=on_round,
+                )
+            elif config.mode == "federated":
+                server = FederatedServer(
+                    rd, prepared.components, strategy, on_round=on_round, baselines=prepared.baselines
+                )
+                status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
+                run_simulation(server)
+            else:
+                size = prepared.partition.sizes()[0]
+                status(f"{config.mode} baseline: one trainer on {size} samples, {config.epochs} epochs")
+                run_baseline(rd, prepared.components, prepared.partition, on_round, prepared.baselines)
     finally:
         detach_log(handler)
         if not set_up and created and not resume:

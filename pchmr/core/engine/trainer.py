@@ -10,12 +10,9 @@ from collections.abc import Callable, Iterable
 import pytorch_lightning as pl
 
 from pchmr.core.engine.config import LR_SCHEDULES
-from pchmr.core.engine.devices import Placement
+from pchmr.core.engine.devices import CPU, Placement
 
 __all__ = ["CPU", "LearningRate", "lr_factor", "make_trainer", "quiet_lightning"]
-
-#: Where a Trainer runs unless told otherwise: one CPU, 32-bit (the tested default).
-CPU = Placement("cpu", 1, "32-true")
 
 
 def lr_factor(schedule: str, index: int, total: int) -> float:

@@ -81,6 +81,15 @@ class FitBody:
     def shape_prior(self, shape: Tensor) -> Tensor:
         return (shape**2).sum(-1)
 
+    def to_device(self, device: torch.device) -> None:
+        """The body model, the pose prior and the fast joint path on ``device`` (the adapters'
+        other constants follow their inputs)."""
+        self.body_model.to(device)
+        if isinstance(self.pose_prior, nn.Module):
+            self.pose_prior.to(device)
+        if isinstance(self.fast_joints, _AnnyJoints):
+            self.fast_joints.to_device(device)
+
 
 def make_fit_body(body_model: BodyModel, pose_prior: str = "gmm", prior_file: str | None = None,
                   cache_dir: str | None = None) -> FitBody:  # fmt: skip
@@ -107,7 +116,7 @@ def _anny(body_model: Any, pose_prior: str, cache_dir: str | None) -> FitBody:
 
     def to_params(articulation: Tensor, shape: Tensor) -> dict[str, Tensor]:
         pose = articulation.new_zeros(articulation.shape[0], num_bones, 3)
-        pose = pose.index_copy(1, index, articulation.view(-1, len(ANNY_FIT_BONES), 3))
+        pose = pose.index_copy(1, index.to(pose.device), articulation.view(-1, len(ANNY_FIT_BONES), 3))
         return {"pose": pose, "phenotype": torch.sigmoid(mu.to(shape) + sigma.to(shape) * shape)}
 
     if pose_prior == "gmm":
@@ -171,13 +180,21 @@ class _AnnyJoints:
             return None
         return fast if float(error) < FAST_JOINT_TOLERANCE else None
 
+    def to_device(self, device: torch.device) -> None:
+        """The sub-mesh's own buffers and the joint weights on ``device`` (its bones are the
+        full model's, moved with it)."""
+        for name, buffer in self.sub._buffers.items():
+            if buffer is not None:
+                self.sub._buffers[name] = buffer.to(device)
+        self.weights = self.weights.to(device)
+
     def __call__(self, pose: Tensor, phenotype: Tensor | None = None) -> Tensor:
         from pchmr.plugins.bodymodels.anny import ANNY_TO_BODY, axis_angle_to_matrix
 
         batch = pose.shape[0]
         dtype = self.sub.template_vertices.dtype
-        conv = torch.as_tensor(ANNY_TO_BODY, dtype=dtype)
-        delta = torch.zeros(batch, pose.shape[1], 4, 4, dtype=dtype)
+        conv = torch.as_tensor(ANNY_TO_BODY, dtype=dtype, device=pose.device)
+        delta = torch.zeros(batch, pose.shape[1], 4, 4, dtype=dtype, device=pose.device)
         delta[..., :3, :3] = axis_angle_to_matrix(pose.to(dtype) @ conv)  # body-frame axes → Anny's
         delta[..., 3, 3] = 1.0
         if phenotype is None:
@@ -243,7 +260,7 @@ def _smpl(body_model: Any, pose_prior: str, prior_file: str | None) -> FitBody:
     sign = torch.tensor(SMPL_BEND_SIGN)
 
     def bending(articulation: Tensor) -> Tensor:
-        return torch.exp(articulation[:, index] * sign.to(articulation)).sum(-1)
+        return torch.exp(articulation[:, index.to(articulation.device)] * sign.to(articulation)).sum(-1)
 
     return FitBody(body_model, 69, SMPL_NUM_BETAS, to_params, prior, bending, pose_prior)
 

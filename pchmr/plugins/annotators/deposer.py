@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+import torch
+
 from pchmr.core.contracts.annotation import DEPTH_INVARIANCES, FitResult, ObservationBatch
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.hookspecs import hookimpl
@@ -126,6 +128,10 @@ class FittingAnnotator:
 
     def fit(self, batch: ObservationBatch) -> FitResult:
         return self.fitter.fit(batch)
+
+    def to_device(self, device: torch.device) -> None:
+        """Fit on ``device`` (the :class:`~pchmr.core.contracts.annotation.DeviceAnnotator` capability)."""
+        self.fitter.to_device(device)
 
     def describe(self) -> dict[str, object]:
         return {"annotator": self.name, **describe_fit_body(self.fitter.body), **describe_config(self.config)}

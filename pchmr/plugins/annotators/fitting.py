@@ -267,6 +267,8 @@ class Fitter:
         self.torso = [names.index(n) for n in TORSO]
         self.spheres = _sphere_setup(names)
         self.flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+        #: where the fit computes: where it was built (the CPU) until :meth:`to_device`; batches go there too
+        self.device = self.flip.device
         with torch.no_grad():
             rest = self._body_joints(torch.zeros(1, fit_body.articulation_dim), torch.zeros(1, fit_body.shape_dim))[0]
         self.rest_joints = rest
@@ -274,6 +276,14 @@ class Fitter:
         self.torso_m = config.default_torso_m or float(
             0.5 * ((shoulders_hips[0] - shoulders_hips[2]).norm() + (shoulders_hips[1] - shoulders_hips[3]).norm())
         )
+
+    def to_device(self, device: torch.device) -> None:
+        """Fit on ``device``: the body model, its priors and the fit's constants move there."""
+        self.body.to_device(device)
+        a, b, t, radius, pairs = self.spheres
+        self.spheres = (a.to(device), b.to(device), t.to(device), radius.to(device), pairs.to(device))
+        self.rest_joints = self.rest_joints.to(device)
+        self.device = device
 
     # -- geometry ------------------------------------------------------------------------
     def _body_frame(self, articulation: Tensor, shape: Tensor) -> tuple[Tensor, Tensor]:
@@ -407,13 +417,13 @@ class Fitter:
         prior = self.body.pose_prior
         if isinstance(prior, GaussianMixturePrior):
             return prior.means.clone()
-        return torch.zeros(1, self.body.articulation_dim)
+        return torch.zeros(1, self.body.articulation_dim, device=self.device)
 
     def fit(self, batch: ObservationBatch) -> FitResult:
         """Fit every image of ``batch``; returns camera-frame root-relative meshes and losses."""
         with torch.no_grad():
             poses = self.initial_poses()
-            pose_joints = self._body_joints(poses, torch.zeros(len(poses), self.body.shape_dim))
+            pose_joints = self._body_joints(poses, torch.zeros(len(poses), self.body.shape_dim, device=self.device))
             depth0, xy0 = self.initial_camera(batch)
         state = self._fit_camera(batch, pose_joints, poses, depth0, xy0)
         for stage in self.config.stages:
@@ -429,11 +439,12 @@ class Fitter:
         torso joints, then the hypothesis with the lowest energy over all joints (+ the pose
         prior's value of its starting pose) per image."""
         n, h, p = len(batch), self.config.orientations, len(poses)
-        yaws = torch.tensor([math.radians(y) for y in ORIENTATION_YAWS_DEG[:h]])
+        device = self.device
+        yaws = torch.tensor([math.radians(y) for y in ORIENTATION_YAWS_DEG[:h]], device=device)
         # hypothesis index = (orientation, pose, image), image fastest
-        orient = torch.zeros(h * p * n, 3)
+        orient = torch.zeros(h * p * n, 3, device=device)
         orient[:, 1] = yaws.repeat_interleave(p * n)
-        pose_of = torch.arange(p).repeat_interleave(n).repeat(h)
+        pose_of = torch.arange(p, device=device).repeat_interleave(n).repeat(h)
         rep = batch.select(list(range(n)) * (h * p))
         log_depth0 = depth0.log().repeat(h * p)
         state = _State(orient, xy0.repeat(h * p, 1), log_depth0.clone(), torch.zeros(0), torch.zeros(0))
@@ -448,9 +459,9 @@ class Fitter:
                 energy = energy + self.config.depth_weight * depth_energy(
                     cam_joints[..., 2], rep, rep.intrinsics[:, 0], self.config
                 )
-            best = energy.view(h * p, n).argmin(0) * n + torch.arange(n)
+            best = energy.view(h * p, n).argmin(0) * n + torch.arange(n, device=device)
         return _State(state.orient[best].clone(), state.transl_xy[best].clone(), state.log_depth[best].clone(),
-                      poses[pose_of[best]].clone(), torch.zeros(n, self.body.shape_dim))  # fmt: skip
+                      poses[pose_of[best]].clone(), torch.zeros(n, self.body.shape_dim, device=device))  # fmt: skip
 
     @torch.no_grad()
     def _result(self, state: _State, batch: ObservationBatch, stage: StageWeights) -> FitResult:

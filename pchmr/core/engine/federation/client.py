@@ -19,15 +19,17 @@ from pchmr.core.contracts.partition import Partition, load_partition
 from pchmr.core.contracts.strategy import StrategyParts, UpdateInfo
 from pchmr.core.engine.components import Components, build_components, make_loader
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.devices import Placement, deterministic_algorithms
 from pchmr.core.engine.federation.common import (
     PARTITION_KEY,
     RUN_DIR_KEY,
+    SPEED_METRIC,
     build_strategy,
 )
 from pchmr.core.engine.federation.mechanisms import MechanismRuntime
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.engine.rundir import RunDir
-from pchmr.core.engine.trainer import LearningRate, make_trainer, quiet_lightning
+from pchmr.core.engine.trainer import CPU, LearningRate, make_trainer, quiet_lightning
 from pchmr.core.kit.federation import message_stage
 from pchmr.core.kit.seeds import derive_seed
 
@@ -49,14 +51,16 @@ __all__ = [
 @dataclass
 class ClientRuntime:
     """A client process's state, built once from the run directory: the run's components, the
-    partition, the (privacy-wrapped) strategy, the loops over its mechanisms and the HMRModule
-    local training reuses (built with the strategy's mechanisms)."""
+    partition, the (privacy-wrapped) strategy, the loops over its mechanisms, the HMRModule
+    local training reuses (built with the strategy's mechanisms) and where it trains (resolved
+    in this process: a Ray actor sees the GPU share Ray gave it, a SuperNode its own machine)."""
 
     components: Components
     partition: Partition
     strategy: StrategyParts
     module: HMRModule
     mechanisms: MechanismRuntime
+    placement: Placement = CPU
     #: the optimizer state at the end of this process's last local fit (``client_optimizer="keep"``)
     last_optimizer_state: dict[str, Any] | None = None
 
@@ -81,13 +85,16 @@ def _client_runtime(run_dir: str) -> ClientRuntime:
                 torch.set_num_threads(int(threads))
             rd = RunDir(run_dir)
             config = RunConfig.from_saved(rd.read_config()["run"])
+            placement = config.placement()  # this process's device: `auto` resolves here
+            if placement.deterministic:
+                deterministic_algorithms(True)
             components = build_components(config, pretrained=False)  # the server sends every weight
             strategy = build_strategy(config)  # quiet: the server half's construction warnings are not the client's
             mechanisms = MechanismRuntime(strategy)
             module = components.make_module(mechanisms=strategy.mechanisms)
             mechanisms.prepare_module(module)
             partition = load_partition(rd.partition)
-            _RUNTIMES[run_dir] = ClientRuntime(components, partition, strategy, module, mechanisms)
+            _RUNTIMES[run_dir] = ClientRuntime(components, partition, strategy, module, mechanisms, placement=placement)
         return _RUNTIMES[run_dir]
 
 
@@ -140,7 +147,8 @@ def local_fit(
 
     ``optimizer_state`` (an AdamW ``state_dict`` kept from the client's previous round) is loaded
     into the fit's optimizer; the optimizer's final state is left in ``runtime.last_optimizer_state``
-    and its step count in the metrics (``optimizer-steps``)."""
+    and its step count in the metrics (``optimizer-steps``); the fit's speed, examples × epochs /
+    fit seconds, is ``train-img-s``. The fit runs on ``runtime.placement``."""
     cfg = runtime.components.config
     module = runtime.module
     module.load_state_dict(state)
@@ -148,12 +156,16 @@ def local_fit(
     seed = derive_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)
     dataset = runtime.components.client_dataset(runtime.partition, partition_id)
-    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed)
+    loader = make_loader(dataset, cfg.batch_size, shuffle=True, seed=seed, placement=runtime.placement)
     epochs = int(config.get("local-epochs", cfg.local_epochs))
     lr = float(config.get("lr", module.optim.lr))  # this round's rate (--lr-schedule), the same on every client
     carry = _OptimizerCarry(optimizer_state)
     trainer = make_trainer(
-        max_epochs=epochs, grad_clip=module.optim.grad_clip, quiet=True, callbacks=[carry, LearningRate(lambda _: lr)]
+        max_epochs=epochs,
+        grad_clip=module.optim.grad_clip,
+        quiet=True,
+        callbacks=[carry, LearningRate(lambda _: lr)],
+        placement=runtime.placement,
     )
     context = RoundContext(
         server_round=server_round,
@@ -176,6 +188,7 @@ def local_fit(
         "train-loss": loss,
         "fit-seconds": fit_seconds,
         "optimizer-steps": max(steps, default=0.0),
+        SPEED_METRIC: len(dataset) * epochs / fit_seconds if fit_seconds > 0 else 0.0,
     }
     return new_state, metrics
 
@@ -185,7 +198,7 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     the round's train config with ``server-round``), then the mechanisms' ``transform_update``.
 
     Returns the new state dict (what the client would send) and its metrics
-    (``num-examples``, ``train-loss``, ``fit-seconds``, ``partition-id``). Round protocols call
+    (``num-examples``, ``train-loss``, ``fit-seconds``, ``train-img-s``, ``partition-id``). Round protocols call
     this from their client handlers.
     """
     pid = int(context.node_config[PARTITION_KEY])

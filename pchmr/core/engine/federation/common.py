@@ -21,6 +21,7 @@ __all__ = [
     "PARTITION_KEY",
     "ROUND_TIMEOUT",
     "RUN_DIR_KEY",
+    "SPEED_METRIC",
     "RoundReport",
     "build_strategy",
     "quiet_flower",
@@ -36,6 +37,10 @@ PARTITION_KEY = "partition-id"
 
 
 RUN_DIR_KEY = "pchmr-run-dir"
+
+
+#: a client's training speed in its train reply's metrics: examples × local epochs / fit seconds
+SPEED_METRIC = "train-img-s"
 
 
 #: seconds a round's send_and_receive may wait for the slowest client

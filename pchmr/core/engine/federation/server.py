@@ -13,10 +13,12 @@ import torch
 
 from pchmr.core.contracts.strategy import PrivacyBudgetExhausted, StrategyParts
 from pchmr.core.engine.components import Components, make_loader
+from pchmr.core.engine.devices import deterministic_algorithms
 from pchmr.core.engine.evaluation import evaluate
 from pchmr.core.engine.federation.common import (
     PARTITION_KEY,
     ROUND_TIMEOUT,
+    SPEED_METRIC,
     RoundReport,
     sample_clients,
 )
@@ -31,7 +33,7 @@ from pchmr.core.kit.federation import (
 )
 from pchmr.core.kit.seeds import derive_seed
 
-__all__ = ["DISCOVERY_PROBES", "NODE_WAIT_SECONDS", "FederatedServer"]
+__all__ = ["CLIENT_SPEED_KEY", "DISCOVERY_PROBES", "NODE_WAIT_SECONDS", "FederatedServer", "client_speeds"]
 
 log = logging.getLogger("pchmr.federation")
 
@@ -116,13 +118,17 @@ class FederatedServer:
         self.mechanisms = MechanismRuntime(strategy)
         self.module = components.make_module()
         self.mechanisms.prepare_module(self.module)  # refuses an incompatible model before any round
-        self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False)
+        #: where this process evaluates the global model (the module waits on the CPU in between)
+        self.placement = self.config.placement()
+        if self.placement.deterministic:  # this process's evaluations (a Deployment ServerApp's too)
+            deterministic_algorithms(True)
+        self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=self.placement)
         self.error: BaseException | None = None
 
     # -- helpers -------------------------------------------------------------------------
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
         self.module.load_state_dict(state)
-        return evaluate(self.module, self.test_loader)
+        return evaluate(self.module, self.test_loader, self.placement)
 
     def _discover(self, grid: Any) -> dict[int, int]:
         """partition id → node id.
@@ -255,7 +261,11 @@ class FederatedServer:
             raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
         sent = state_nbytes(arrays.to_torch_state_dict()) * len(messages)
         received = sum(state_nbytes(r.content["arrays"].to_torch_state_dict()) for r in replies)
-        return new_arrays, _round_extras(train_metrics), sent, received
+        extras = _round_extras(train_metrics)
+        speeds = client_speeds(reply.content["metrics"] for reply in replies if "metrics" in reply.content)
+        if speeds:
+            extras[CLIENT_SPEED_KEY] = speeds  # type: ignore[assignment]  # one number per partition
+        return new_arrays, extras, sent, received
 
     def _round_metrics(self, server_round: int) -> dict[str, float]:
         return {key.replace("-", "_"): value for key, value in self.mechanisms.round_metrics(server_round).items()}
@@ -346,6 +356,21 @@ def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:
         return None
     ordered = [int(info.node_id) for info in get_node_info()]
     return ordered if sorted(ordered) == sorted(int(n) for n in node_ids) else None
+
+
+#: rounds.jsonl key of each sampled client's training images per second, by partition id
+CLIENT_SPEED_KEY = "client_img_s"
+
+
+def client_speeds(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """partition id (a string: a JSON key) → the ``train-img-s`` that client's reply reports
+    (:func:`~pchmr.core.engine.federation.client.local_fit`), for the replies that carry both;
+    a mechanism that releases less (DP's equal weights, secure aggregation's sums) leaves them out."""
+    out: dict[str, float] = {}
+    for record in metrics:
+        if SPEED_METRIC in record and PARTITION_KEY in record:
+            out[str(int(record[PARTITION_KEY]))] = round(float(record[SPEED_METRIC]), 3)
+    return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
 
 def _round_extras(train_metrics: Any) -> dict[str, float]:

@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from pchmr.core.engine.devices import Placement, client_resources, visible_gpus
 from pchmr.core.engine.federation.client import CLIENT_THREADS_ENV, make_client_app
 from pchmr.core.engine.federation.common import route_flower_logs
 from pchmr.core.engine.federation.server import FederatedServer
 from pchmr.core.engine.perf import tune_allocator
 
-__all__ = ["EngineStopped", "StoppableGrid", "cpus_per_client", "make_server_app", "run_simulation"]
+__all__ = ["EngineStopped", "StoppableGrid", "make_server_app", "ray_resources", "run_simulation"]
 
 
 class EngineStopped(RuntimeError):
@@ -77,42 +78,49 @@ def make_server_app(server: FederatedServer, stop: threading.Event | None = None
     return app
 
 
-def cpus_per_client(cpus: int, per_round: int) -> int:
-    """Cores each of a round's ``per_round`` clients gets when ``cpus`` cores are shared.
+def ray_resources(
+    placement: Placement, per_round: int, client_gpus: float | None = None, num_cpus: int | None = None
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(``num_cpus``/``num_gpus`` for ``ray.init``, one client's Ray resources) on this machine.
 
-    Two single-threaded FastMETRO-S clients side by side train ~1.2x as many images per second
-    as one client with two threads (``benchmarks/client_parallelism.py``): small matrices scale
-    poorly across threads, and Lightning's per-round set-up overlaps with the other's training.
+    Ray gets every core and, on a GPU placement, every GPU torch sees (none otherwise). Each
+    client asks for :func:`~pchmr.core.engine.devices.client_resources`: an equal share of the
+    cores, and ``client_gpus`` of a GPU or, by default, an equal share of the GPUs among the
+    round's ``per_round`` clients. Raises :class:`~pchmr.core.engine.devices.DeviceError` for a
+    GPU share Ray cannot give.
     """
-    if cpus < 1 or per_round < 1:
-        raise ValueError(f"need at least one core and one client per round, got {cpus} and {per_round}")
-    return max(1, cpus // min(per_round, cpus))
+    cpus = num_cpus or os.cpu_count() or 1
+    gpus = visible_gpus(placement)
+    return {"num_cpus": cpus, "num_gpus": gpus}, client_resources(cpus, gpus, per_round, client_gpus)
 
 
 def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Run the federation on Flower's Simulation Engine (Ray) on this machine.
 
-    The cores are split among the round's clients (:func:`cpus_per_client`): with k sampled
-    clients and at least k cores, k clients train side by side with one share each. Flower's and
-    Ray's console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
+    The cores and GPUs are split among the round's clients (:func:`ray_resources`): with k
+    sampled clients and at least k cores, k clients train side by side with one share each; on
+    a GPU, Ray sets each client's ``CUDA_VISIBLE_DEVICES`` to its share and the client process
+    resolves ``--accelerator auto`` there. Flower's and Ray's console output is kept to errors
+    unless ``verbose``; ``run.log`` gets Flower's log in full.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     tune_allocator()  # before Ray starts its workers, which inherit the environment
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs here: keep Ray's notice quiet
+    # a client asking for no GPU keeps the CUDA_VISIBLE_DEVICES it inherits (and Ray's notice quiet)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    placement = server.placement
     # Ray runs its workers 15 niceness levels below the driver; here the workers are the clients,
     # whose local training is the round's work
     os.environ.setdefault("RAY_worker_niceness", "0")
-    cpus = num_cpus or os.cpu_count() or 1
-    per_client = cpus_per_client(cpus, server.config.per_round)
+    machine, per_client = ray_resources(placement, server.config.per_round, server.config.client_gpus, num_cpus)
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {
-        "client_resources": {"num_cpus": per_client, "num_gpus": 0.0},
+        "client_resources": per_client,
         "init_args": {
             # always a private Ray: without an address, ray.init joins whatever cluster
             # /tmp/ray/ray_current_cluster names (a stale one refuses num_cpus)
             "address": "local",
-            "num_cpus": cpus,
+            **machine,
             "include_dashboard": False,
             "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.ERROR,
@@ -120,7 +128,8 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     }
     route_flower_logs(verbose)
     previous = os.environ.get(CLIENT_THREADS_ENV)
-    os.environ[CLIENT_THREADS_ENV] = str(per_client)  # read by each client process (Ray workers inherit it)
+    # read by each client process (Ray workers inherit it)
+    os.environ[CLIENT_THREADS_ENV] = str(int(per_client["num_cpus"]))
     stop = threading.Event()
     try:
         flwr_run_simulation(
