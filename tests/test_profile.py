@@ -53,6 +53,16 @@ def test_a_profile_of_a_backbone_measures_training_inference_and_communication(b
     assert any("1000-client partition, round 5 of 5 (1 images)" in event[2] for event in heard)
 
 
+def test_a_bf16_mixed_profile_trains_on_the_cpu() -> None:
+    """Mixed precision through Lightning with gradient clipping: the fused AdamW (which Lightning's
+    precision plugin cannot clip) is left out, and the mesh's sparse upsampling trains in float32."""
+    settings = ProfileSettings(images=50, batch_size=10)
+    result = profile_backbone(
+        "tore", ToyBodyModel(), placement=resolve_placement("cpu", 1, "bf16-mixed"), settings=settings
+    )
+    assert result.precision == "bf16-mixed" and result.step_img_s > 0 and result.images == {"100": 50, "1000": 5}
+
+
 def test_a_rounds_partial_last_batch_is_left_out_of_the_step_rate() -> None:
     """Rounds of 10 images at batch 4 make batches 4, 4, 2; only the 4s count: median 2 s → 2 img/s."""
     sizes = _batch_sizes(10, 4)
