@@ -221,10 +221,10 @@ def gpu_memory(measured: dict[str, Any]) -> Iterator[None]:
         measured["device_used_peak_mb"] = round(peak[0] / 2**20, 1)
 
 
-def federated_config(workdir: Path) -> dict[str, Any]:
-    """The federated step's RunConfig values: :data:`FEDERATED`, the GPU fields, a fresh run directory."""
+def federated_config(workdir: Path, accelerator: str = "gpu") -> dict[str, Any]:
+    """The federated step's RunConfig values: :data:`FEDERATED`, the placement fields, a fresh run directory."""
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    return {**FEDERATED, **GPU_FIELDS, "out": str(workdir / f"federated-{stamp}")}
+    return {**FEDERATED, **GPU_FIELDS, "accelerator": accelerator, "out": str(workdir / f"federated-{stamp}")}
 
 
 def summarise(record: dict[str, Any]) -> dict[str, Any]:
@@ -260,12 +260,22 @@ def summarise(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class Context:
-    """What the steps share: the work directory, the body model and the data (each loaded once)."""
+    """What the steps share: the work directory, the device (``gpu``; ``cpu`` lets the tests run
+    the same steps here), the body model and the data (each loaded once)."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
+    def __init__(self, workdir: Path, accelerator: str = "gpu") -> None:
+        self.workdir, self.accelerator = workdir, accelerator
         self._components: Any = None
         self._body: Any = None
+
+    def placement(self, precision: str = "32-true") -> Any:
+        from pchmr.core.engine.devices import resolve_placement
+
+        return resolve_placement(self.accelerator, 1, precision)
+
+    def memory(self, measured: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+        """:func:`gpu_memory` on a GPU; nothing to record on the CPU."""
+        return gpu_memory(measured) if self.accelerator == "gpu" else contextlib.nullcontext()
 
     def components(self) -> Any:
         """Body model and the federated run's synthetic data, as ``pchmr run`` builds them."""
@@ -318,13 +328,12 @@ def train(ctx: Context, backbone: str, precision: str) -> Callable[[dict[str, An
     def run(measured: dict[str, Any]) -> None:
         import torch
 
-        from pchmr.core.engine.devices import resolve_placement
         from pchmr.core.engine.profile import ProfileSettings, profile_backbone
 
-        if precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
+        placement = ctx.placement(precision)
+        if placement.on_gpu and precision == "bf16-mixed" and not torch.cuda.is_bf16_supported():
             raise StepSkipped(f"{torch.cuda.get_device_name(0)} has no bfloat16 support")
-        placement = resolve_placement("gpu", 1, precision)
-        with gpu_memory(measured):
+        with ctx.memory(measured):
             result = profile_backbone(backbone, ctx.body_model(), placement=placement,
                                       settings=ProfileSettings(**THROUGHPUT))  # fmt: skip
         measured.update(result.as_dict())
@@ -343,7 +352,7 @@ def federated(ctx: Context) -> Callable[[dict[str, Any]], None]:
 
         gc.collect()
         torch.cuda.empty_cache()  # the training steps' cached blocks, for the clients' processes
-        values = federated_config(ctx.workdir)
+        values = federated_config(ctx.workdir, ctx.accelerator)
         measured["config"] = values
         config = RunConfig.from_dict(values)  # the placement fields exist once that change is merged
         rounds: list[dict[str, Any]] = []
@@ -353,7 +362,7 @@ def federated(ctx: Context) -> Callable[[dict[str, Any]], None]:
             rounds.append({"round": report.server_round, "seconds": report.seconds, "metrics": report.metrics})
             print(f"  federated: round {report.server_round} in {report.seconds:.1f} s", flush=True)
 
-        with gpu_memory(measured):
+        with ctx.memory(measured):
             result = execute(config, on_round=on_round, on_status=lambda m: print(f"  federated: {m}", flush=True))
         measured.update(seconds=round(result.seconds, 2), final={k: v for k, v in result.final.items() if k != "protocol"},
                         run_dir=str(result.run_dir.path))  # fmt: skip
@@ -370,7 +379,6 @@ def deposer(ctx: Context) -> Callable[[dict[str, Any]], None]:
         import inspect
 
         from pchmr.core.engine.annotation import annotate_items, items_from_dataset
-        from pchmr.core.engine.devices import resolve_placement
         from pchmr.core.engine.registry import get_registry
         from pchmr.core.kit.cache import default_cache_dir
 
@@ -381,8 +389,8 @@ def deposer(ctx: Context) -> Callable[[dict[str, Any]], None]:
         items = items_from_dataset(parts.data.test, range(min(DEPOSER_IMAGES, len(parts.data.test))))
         extra: dict[str, Any] = {}
         if "placement" in inspect.signature(annotate_items).parameters:
-            extra["placement"] = resolve_placement("gpu")
-        measured["device"] = "gpu" if extra else "cpu: annotate_items takes no placement in this pchmr"
+            extra["placement"] = ctx.placement()
+        measured["device"] = ctx.accelerator if extra else "cpu: annotate_items takes no placement in this pchmr"
         batches: list[float] = []
         measured.update(images=len(items), batch_size=DEPOSER_BATCH, images_done=0, batch_seconds=batches)
         start = last = time.perf_counter()
@@ -395,7 +403,7 @@ def deposer(ctx: Context) -> Callable[[dict[str, Any]], None]:
             measured["images_done"] += count
             measured["s_per_image"] = round((now - start) / measured["images_done"], 4)
 
-        with gpu_memory(measured):
+        with ctx.memory(measured):
             annotate_items(items, annotator, parts.body_model.joint_names, keypoints, depth, crop_size=DEPOSER_CROP,
                            full_image=True, batch_size=DEPOSER_BATCH, progress=progress, **extra)  # fmt: skip
 

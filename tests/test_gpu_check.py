@@ -164,3 +164,33 @@ def test_the_summary_reads_rates_ratios_and_the_peak_memory(gpu_check: ModuleTyp
     assert summary["bf16_over_fp32"] == {"fastmetro-S": 1.5} and summary["tore_over_fastmetro"] == {"32-true": 1.25}
     assert summary["federated_seconds"] == 95.5 and summary["deposer_s_per_image"] == 0.4
     assert summary["peak_gpu_memory_mb"] == 3100.0
+
+
+def test_the_gpu_steps_run_on_the_cpu_when_pointed_there(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training and DePoser steps' own code, shrunk and on the CPU: what a GPU run executes
+    apart from the device (the federated step needs the placement fields of RunConfig)."""
+    monkeypatch.setattr(gpu_check, "THROUGHPUT", {"encoder": "small", "input_size": 64, "batch_size": 5, "images": 50})
+    monkeypatch.setattr(gpu_check, "FEDERATED", {**gpu_check.FEDERATED, "num_train": 16, "num_test": 16})
+    monkeypatch.setattr(gpu_check, "DEPOSER_IMAGES", 3)
+    monkeypatch.setattr(gpu_check, "DEPOSER_BATCH", 2)
+    ctx = gpu_check.Context(tmp_path, accelerator="cpu")
+    steps = [
+        gpu_check.Step("prepare", 120, gpu_check.prepare(ctx)),
+        gpu_check.Step("train-tore-S-bf16-mixed", 120, gpu_check.train(ctx, "tore", "bf16-mixed")),
+        gpu_check.Step("deposer", 120, gpu_check.deposer(ctx)),
+    ]
+    out = tmp_path / "check.json"
+    assert runner(gpu_check, out, 400).run(steps) == []
+    record = json.loads(out.read_text())
+    prepared, trained, fitted = (
+        record["steps"][name]["measured"] for name in ("prepare", "train-tore-S-bf16-mixed", "deposer")
+    )
+    assert prepared == {"train": 16, "test": 16, "body_model": "anny"}
+    assert trained["precision"] == "bf16-mixed" and trained["images"] == {"100": 50, "1000": 5}
+    assert trained["step_img_s"] > 0 and trained["device"].startswith("CPU (")
+    assert fitted["images_done"] == 3 and len(fitted["batch_seconds"]) == 2 and fitted["s_per_image"] > 0
+    summary = gpu_check.summarise(record)
+    assert summary["train_step_img_s"] == {"tore-S": {"bf16-mixed": round(trained["step_img_s"], 2)}}
+    assert summary["deposer_s_per_image"] == fitted["s_per_image"]
