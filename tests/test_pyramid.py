@@ -10,7 +10,7 @@ import scipy.sparse as sp
 import torch
 from scipy.spatial import cKDTree
 
-from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.contracts.bodymodel import MeshPyramid, sparse_bmm
 from pchmr.core.kit import pyramid as pyramid_module
 from pchmr.core.kit.pyramid import (
     PYRAMID_METHOD,
@@ -406,3 +406,22 @@ def test_graphcmr_file_without_faces_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="missing array\\(s\\) 'F'"):
         load_graphcmr_downsampling(path)
+
+
+def test_sparse_products_train_under_bf16_autocast():
+    """FastMETRO's and TORE's upsampling under ``--precision bf16-mixed``: two levels of sparse
+    products between bfloat16 layers run in float32 (sparse products have no bfloat16 backward),
+    and the gradients reach the first layer."""
+    up_0 = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]]).to_sparse()
+    up_1 = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.2, 0.8]]).to_sparse()
+    first, last = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coarse = first(torch.ones(4, 3, 2))  # (B, N, C), bfloat16
+        middle = sparse_bmm(up_0, coarse)
+        fine = sparse_bmm(up_1, middle)
+        loss = last(fine).float().square().sum()  # a bfloat16 layer over the float32 result
+    assert coarse.dtype == torch.bfloat16 and middle.dtype == fine.dtype == torch.float32
+    assert fine.shape == (4, 4, 2)
+    assert torch.allclose(middle, torch.einsum("mn,bnc->bmc", up_0.to_dense(), coarse.float()))
+    loss.backward()
+    assert first.weight.grad is not None and torch.isfinite(first.weight.grad).all()

@@ -1,6 +1,6 @@
 """The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
 beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
-``privacy.py``, ``annotate.py``)."""
+``privacy.py``, ``annotate.py``, ``profile.py``)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pchmr.cli.data import data_app
 from pchmr.cli.partition import partition
 from pchmr.cli.plugins import plugins
 from pchmr.cli.privacy import privacy_app
+from pchmr.cli.profile import profile
 from pchmr.cli.report import report
 from pchmr.cli.run import run
 
@@ -32,6 +33,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.command(name="annotate")(annotate)
 app.command(name="personalize")(personalize)
+app.command(name="profile")(profile)
 
 
 def main() -> None:

@@ -98,15 +98,20 @@ class MeshPyramid:
 
 
 def sparse_bmm(matrix: Tensor, batch: Tensor) -> Tensor:
-    """(M, N) sparse or dense @ (B, N, C) → (B, M, C) without a Python loop over the batch, in the
-    matrix's dtype: under mixed precision (autocast) the product runs outside autocast with the
-    batch promoted, since a sparse product cast to bfloat16/float16 has no backward."""
-    if torch.is_autocast_enabled(batch.device.type):
-        with torch.autocast(batch.device.type, enabled=False):
-            return sparse_bmm(matrix, batch.to(matrix.dtype))
+    """(M, N) sparse or dense @ (B, N, C) → (B, M, C) without a Python loop over the batch.
+
+    Under autocast (mixed precision) a sparse ``matrix`` multiplies outside it, in its own dtype
+    (float32): sparse products have no backward for a bfloat16/float16 operand or gradient. The
+    result is float32, as autocast gives a reduction; without autocast nothing changes."""
     b, n, c = batch.shape
     flat = batch.transpose(0, 1).reshape(n, b * c)
-    out = torch.sparse.mm(matrix, flat) if matrix.is_sparse else matrix @ flat
+    if not matrix.is_sparse:
+        out = matrix @ flat
+    elif torch.is_autocast_enabled(flat.device.type):
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            out = torch.sparse.mm(matrix, flat.to(matrix.dtype))
+    else:
+        out = torch.sparse.mm(matrix, flat)
     return out.reshape(-1, b, c).transpose(0, 1)
 
 
