@@ -28,6 +28,7 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "apply_scale",
+    "check_ray_address",
     "load_config_file",
 ]
 
@@ -170,6 +171,12 @@ class RunConfig:
     )
     root_certificates: str | None = run_option(
         None, cli=PathValue(), help="Deployment: CA certificate for TLS to the SuperLink."
+    )
+    ray_address: str | None = run_option(
+        None,
+        help="Simulation: HOST:PORT of a running Ray cluster to join (its head's GCS port, as `ray start --head "
+        "--port` printed) instead of a private Ray on this machine; clients then get the cluster's CPUs and GPUs, "
+        "and the run directory must be at the same path on every node. Unset: Ray's RAY_ADDRESS when set.",
     )
     # where it runs: pchmr.core.engine.devices (one helper resolves these into a Placement)
     accelerator: str = run_option(
@@ -327,6 +334,13 @@ class RunConfig:
             )
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"deterministic must be true or false, got {self.deterministic!r}")
+        if self.ray_address is not None:
+            check_ray_address(self.ray_address)
+            if self.mode != "federated" or self.engine != "simulation":
+                where = f"--mode {self.mode}" if self.mode != "federated" else f"--engine {self.engine}"
+                raise ConfigError(
+                    f"--ray-address joins a Ray cluster for the Simulation Engine's clients; {where} does not use Ray"
+                )
         if self.client_gpus is not None and (self.mode != "federated" or self.engine != "simulation"):
             where = f"--mode {self.mode}" if self.mode != "federated" else f"--engine {self.engine}"
             raise ConfigError(
@@ -387,6 +401,19 @@ def _check_loss_weights(weights: Mapping[str, Any]) -> None:
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def check_ray_address(address: str, given_as: str = "--ray-address") -> str:
+    """``address`` when it is HOST:PORT (a Ray head's GCS address, port 1-65535), else a
+    :class:`ConfigError` naming where it was ``given_as`` and what is expected. Ray Client's
+    ``ray://`` addresses are refused: the clients would run without the run directory's files."""
+    host, sep, port = str(address).rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536) or "/" in host:
+        raise ConfigError(
+            f"{given_as} must be HOST:PORT of a Ray cluster's head (e.g. 10.0.0.5:6379, the address "
+            f"`ray start --head` prints; not a ray:// Ray Client address), got {address!r}"
+        )
+    return address
 
 
 def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, Any]:

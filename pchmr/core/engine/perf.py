@@ -14,18 +14,18 @@ import ctypes
 import ctypes.util
 import os
 
-__all__ = ["tune_allocator"]
+__all__ = ["ALLOCATOR_ENV", "tune_allocator"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 #: keep up to 1 GiB of freed heap before trimming it back to the kernel
 _TRIM_THRESHOLD_BYTES = 1 << 30
-_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_BYTES)}
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD_BYTES)}
 
 
 def tune_allocator() -> bool:
     """Apply the settings above; returns False where glibc's ``mallopt`` is unavailable."""
-    for key, value in _ENV.items():
+    for key, value in ALLOCATOR_ENV.items():
         os.environ.setdefault(key, value)
     name = ctypes.util.find_library("c")
     if name is None:

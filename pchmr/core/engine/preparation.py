@@ -29,6 +29,7 @@ from pchmr.core.engine.components import (
 from pchmr.core.engine.config import RunConfig
 from pchmr.core.engine.devices import DeviceError, Placement, client_resources, visible_gpus
 from pchmr.core.engine.evaluation import mean_pose_baselines
+from pchmr.core.engine.federation.cluster import check_reachable, cluster_address
 from pchmr.core.engine.federation.common import build_strategy
 from pchmr.core.engine.registry import get_registry
 from pchmr.core.engine.rundir import RunDir
@@ -123,11 +124,17 @@ def run_placement(config: RunConfig) -> Placement | None:
     """Where this process runs the run's server evaluation or baseline (``config.placement()``),
     checked against what the run asks of it: a :class:`~pchmr.core.engine.devices.DeviceError`
     naming the option for an accelerator this machine lacks, or a ``--client-gpus`` share Ray
-    cannot give here. None for a Deployment Engine run on a remote ``--superlink``: its ServerApp
+    cannot give here; a Ray cluster to join (``--ray-address``/``$RAY_ADDRESS``) that nothing
+    answers at (a :class:`~pchmr.core.engine.config.ConfigError`). None for a Deployment Engine run on a remote ``--superlink``: its ServerApp
     and SuperNodes resolve the placement on their own machines."""
     if config.mode == "federated" and config.engine == "deployment" and config.superlink is not None:
         return None
     placement = config.placement()
+    if config.mode == "federated" and config.engine == "simulation":
+        address = cluster_address(config)
+        if address is not None:  # the clients' GPUs are the cluster's, checked when the run joins it
+            check_reachable(address)
+            return placement
     if config.client_gpus is not None:
         if not placement.on_gpu:
             raise DeviceError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -75,14 +77,30 @@ _RUNTIMES: dict[str, ClientRuntime] = {}
 _RUNTIME_LOCK = threading.Lock()
 
 
+def _ray_assigned_cpus() -> int | None:
+    """The CPUs Ray assigned this client's actor, on a joined Ray cluster (whose workers do not
+    inherit the driver's :data:`CLIENT_THREADS_ENV`); None outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return int(cpus) if cpus >= 1 else None
+
+
 def _client_runtime(run_dir: str) -> ClientRuntime:
     """Built once per process (Ray actor or SuperNode) from the run directory's files."""
     with _RUNTIME_LOCK:
         if run_dir not in _RUNTIMES:
             quiet_lightning()
-            threads = os.environ.get(CLIENT_THREADS_ENV)
+            threads = os.environ.get(CLIENT_THREADS_ENV) or _ray_assigned_cpus()
             if threads:
                 torch.set_num_threads(int(threads))
+            if not Path(run_dir).is_dir():
+                raise FileNotFoundError(
+                    f"the run directory {run_dir} is not on this node ({socket.gethostname()}): a client reads the "
+                    "run's config and partition from it, so on a Ray cluster it must be at the same path on every "
+                    "node (a shared filesystem)"
+                )
             rd = RunDir(run_dir)
             config = RunConfig.from_saved(rd.read_config()["run"])
             placement = config.placement()  # this process's device: `auto` resolves here

@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pchmr.core.engine.devices import Placement, client_resources, visible_gpus
 from pchmr.core.engine.federation.client import CLIENT_THREADS_ENV, make_client_app
-from pchmr.core.engine.federation.common import route_flower_logs
+from pchmr.core.engine.federation.cluster import check_reachable, cluster_address, cluster_resources
+from pchmr.core.engine.federation.common import log, route_flower_logs
 from pchmr.core.engine.federation.server import FederatedServer
-from pchmr.core.engine.perf import tune_allocator
+from pchmr.core.engine.perf import ALLOCATOR_ENV, tune_allocator
 
-__all__ = ["EngineStopped", "StoppableGrid", "make_server_app", "ray_resources", "run_simulation"]
+if TYPE_CHECKING:
+    from pchmr.core.engine.config import RunConfig
+
+__all__ = [
+    "EngineStopped",
+    "StoppableGrid",
+    "make_server_app",
+    "ray_resources",
+    "run_simulation",
+]
 
 
 class EngineStopped(RuntimeError):
@@ -94,14 +105,56 @@ def ray_resources(
     return {"num_cpus": cpus, "num_gpus": gpus}, client_resources(cpus, gpus, per_round, client_gpus)
 
 
-def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose: bool = False) -> None:
-    """Run the federation on Flower's Simulation Engine (Ray) on this machine.
+def _join_cluster(address: str, config: RunConfig, verbose: bool) -> dict[str, float]:
+    """Connect this process to the Ray cluster at ``address`` (Flower then uses that connection
+    instead of starting Ray) and return one client's resources from the cluster's.
 
-    The cores and GPUs are split among the round's clients (:func:`ray_resources`): with k
-    sampled clients and at least k cores, k clients train side by side with one share each; on
-    a GPU, Ray sets each client's ``CUDA_VISIBLE_DEVICES`` to its share and the client process
-    resolves ``--accelerator auto`` there. Flower's and Ray's console output is kept to errors
-    unless ``verbose``; ``run.log`` gets Flower's log in full.
+    The cluster's workers do not inherit this process's environment: Ray's runtime environment
+    carries the import path (as Flower's own ``ray.init`` does) and the allocator settings; each
+    client takes its thread count from the CPUs Ray assigned it."""
+    import ray
+
+    check_reachable(address)
+    env = {key: os.environ[key] for key in (*ALLOCATOR_ENV, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO") if key in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env},
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+        )
+    except (ConnectionError, RuntimeError) as exc:
+        raise RuntimeError(
+            f"could not join the Ray cluster at {address}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; is its head running "
+            f"(`ray start --head --port {address.rpartition(':')[2]}`) and reachable from here?"
+        ) from exc
+    try:
+        totals, per_client = cluster_resources(
+            ray.nodes(), config.accelerator in ("auto", "gpu"), config.per_round, config.client_gpus
+        )
+    except BaseException:
+        ray.shutdown()
+        raise
+    log.info(
+        "joined the Ray cluster at %s: %d CPU(s), %g GPU(s); each client asks for %s",
+        address,
+        int(totals["CPU"]),
+        totals["GPU"],
+        per_client,
+    )
+    return per_client
+
+
+def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Run the federation on Flower's Simulation Engine (Ray): on a private Ray on this machine,
+    or on the cluster :func:`cluster_address` names.
+
+    The cores and GPUs are split among the round's clients (:func:`ray_resources`, on a cluster
+    :func:`cluster_resources`): with k sampled clients and at least k cores, k clients train side
+    by side with one share each; on a GPU, Ray sets each client's ``CUDA_VISIBLE_DEVICES`` to its
+    share and the client process resolves ``--accelerator auto`` there. Flower's and Ray's
+    console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
     """
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -112,24 +165,29 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     # Ray runs its workers 15 niceness levels below the driver; here the workers are the clients,
     # whose local training is the round's work
     os.environ.setdefault("RAY_worker_niceness", "0")
-    machine, per_client = ray_resources(placement, server.config.per_round, server.config.client_gpus, num_cpus)
-    client_app = make_client_app(server.rd.path.resolve())
-    backend_config = {
-        "client_resources": per_client,
-        "init_args": {
-            # always a private Ray: without an address, ray.init joins whatever cluster
+    route_flower_logs(verbose)
+    address = cluster_address(server.config)
+    if address is None:
+        machine, per_client = ray_resources(placement, server.config.per_round, server.config.client_gpus, num_cpus)
+        init_args: dict[str, Any] = {
+            # a private Ray: without an address, ray.init joins whatever cluster
             # /tmp/ray/ray_current_cluster names (a stale one refuses num_cpus)
             "address": "local",
             **machine,
             "include_dashboard": False,
             "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.ERROR,
-        },
-    }
-    route_flower_logs(verbose)
+        }
+    else:
+        per_client = _join_cluster(address, server.config, verbose)
+        init_args = {}  # Flower starts no Ray when one is connected
+    client_app = make_client_app(server.rd.path.resolve())
+    backend_config = {"client_resources": per_client, "init_args": init_args}
     previous = os.environ.get(CLIENT_THREADS_ENV)
-    # read by each client process (Ray workers inherit it)
-    os.environ[CLIENT_THREADS_ENV] = str(int(per_client["num_cpus"]))
+    # read by each client process of a private Ray (its workers inherit it); a cluster's clients
+    # read the CPUs Ray assigned them
+    if address is None:
+        os.environ[CLIENT_THREADS_ENV] = str(int(per_client["num_cpus"]))
     stop = threading.Event()
     try:
         flwr_run_simulation(
@@ -150,9 +208,20 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             f"Flower's Simulation Engine (Ray) stopped before the run finished: {type(cause).__name__}: {cause}"
         ) from exc
     finally:
+        if address is not None:
+            _leave_cluster()
         if previous is None:
             os.environ.pop(CLIENT_THREADS_ENV, None)
         else:
             os.environ[CLIENT_THREADS_ENV] = previous
     if server.error is not None:
         raise server.error
+
+
+def _leave_cluster() -> None:
+    """Disconnect from the joined cluster (Flower does on a normal end; not when it failed
+    early); the cluster itself keeps running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
