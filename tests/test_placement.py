@@ -221,3 +221,45 @@ def test_cuda_simulation_shares_the_gpu_and_records_the_placement(tmp_path, pchm
     placement = json.loads(result.run_dir.config.read_text())["placement"]
     assert placement["accelerator"] == "gpu" and placement["device_name"]
     assert len(result.run_dir.read_rounds()[1]["client_img_s"]) == 2
+
+
+def test_channels_last_is_on_for_resnet50_by_default_and_either_way_by_choice():
+    assert not RunConfig().uses_channels_last, "the small CNN stays contiguous: the default run's numbers stand"
+    assert RunConfig(encoder="resnet50").uses_channels_last
+    assert not RunConfig(encoder="resnet50", channels_last=False).uses_channels_last
+    assert RunConfig(channels_last=True).uses_channels_last
+    old = RunConfig(encoder="resnet50").to_dict()
+    del old["channels_last"]
+    assert not RunConfig.from_saved(old).uses_channels_last, "a run saved before the option resumes as it ran"
+
+
+def test_a_channels_last_model_trains_evaluates_and_exchanges_weights_with_a_contiguous_one(pchmr_cache):
+    """The engine's channels-last module: its convolution weights are NHWC, a fit step and an
+    evaluation run, its state dict loads into a contiguous module and back (as the server and the
+    clients exchange weights), and its outputs equal the contiguous module's to round-off."""
+    config = RunConfig(num_train=16, num_test=8, seed=0, channels_last=True)
+    components = build_components(config)
+    module = components.make_module()
+    convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    plain = build_components(config.replace(channels_last=False)).make_module()
+    assert not any(
+        m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+        for m in plain.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    )
+    batch = next(iter(make_loader(components.data.test, 8, shuffle=False)))
+    module.eval()
+    plain.eval()
+    with torch.no_grad():
+        ours, theirs = module(batch["image"]), plain(batch["image"])
+    torch.testing.assert_close(ours.joints, theirs.joints, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.vertices[-1], theirs.vertices[-1], rtol=1e-4, atol=1e-5)
+    loader = make_loader(components.data.train, 8, shuffle=True, seed=1, placement=config.placement())
+    make_trainer(max_epochs=1, grad_clip=module.optim.grad_clip, placement=config.placement()).fit(module, loader)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs), "training kept the layout"
+    plain.load_state_dict(module.state_dict())
+    module.load_state_dict(plain.state_dict())
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs), "loading kept the layout"
+    metrics = evaluate(module, make_loader(components.data.test, 8, shuffle=False), placement=config.placement())
+    assert np.isfinite(metrics["mpjpe_mm"])

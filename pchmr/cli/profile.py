@@ -46,6 +46,12 @@ def profile(
     variant: str = typer.Option("S", "--variant", help="Backbone size: S, M or L."),
     encoder: str = typer.Option("small", "--encoder", help="CNN feature encoder: small or resnet50 (the papers')."),
     input_size: int = typer.Option(64, "--input-size", help="Square crop side in pixels (224 in the papers)."),
+    channels_last: Optional[bool] = typer.Option(
+        None,
+        "--channels-last/--no-channels-last",
+        help="Channels-last (NHWC) CNN, as pchmr run's option (default: on for resnet50, off for small).",
+        show_default=False,
+    ),
     batch_size: int = typer.Option(16, "--batch-size", help="Local batch size (FastMETRO's 16 per GPU)."),
     precision: str = typer.Option("32-true", "--precision", help="32-true, 16-mixed or bf16-mixed."),
     accelerator: str = typer.Option("auto", "--accelerator", help="auto (a GPU when present), cpu, gpu or mps."),
@@ -75,6 +81,7 @@ def profile(
             batch_size=batch_size,
             images=images,
             uplink_mbps=uplink_mbps,
+            channels_last=channels_last,
         )
         placement = resolve_placement(accelerator, 1, precision)
         if threads < 0:

@@ -71,6 +71,10 @@ class Components:
         )
         if cfg.init_from is not None:
             load_model_weights(module, cfg.init_from)
+        if cfg.uses_channels_last:
+            # 4-D tensors only (the convolutions' weights); loading a state dict copies into these
+            # strides, and moving to a device keeps them, so the whole run stays channels-last
+            module.to(memory_format=torch.channels_last)
         return module
 
     def applied_protocol(self) -> AppliedProtocol:

@@ -214,8 +214,10 @@ def _placement_record(config: RunConfig) -> dict[str, Any]:
     each simulated client and SuperNode resolves ``auto`` again on its own device."""
     placement = run_placement(config)
     if placement is None:
-        return {"accelerator": config.accelerator, "resolved": "by the ServerApp and each SuperNode on its machine"}
-    return placement.describe()
+        record = {"accelerator": config.accelerator, "resolved": "by the ServerApp and each SuperNode on its machine"}
+    else:
+        record = placement.describe()
+    return {**record, "channels_last": config.uses_channels_last}
 
 
 def prepare(

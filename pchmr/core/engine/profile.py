@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pchmr.core.contracts.backbone import BackboneOptions
 from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.engine.config import resolve_channels_last
 from pchmr.core.engine.devices import Placement
 from pchmr.core.engine.module import HMRModule
 from pchmr.core.engine.registry import get_registry
@@ -103,6 +104,7 @@ class ProfileSettings:
     batch_size: int = 16
     images: int = PAPER_IMAGES["100"]  # the 100-client partition's; the 1000-client one has a tenth
     uplink_mbps: float = PAPER_UPLINK_MBPS
+    channels_last: bool | None = None  # as `pchmr run --channels-last`: unset, on for resnet50
 
     def __post_init__(self) -> None:
         if not _whole(self.images) or self.images < MIN_IMAGES:
@@ -193,6 +195,7 @@ class ProfileResult:
     backbone: str
     variant: str
     encoder: str
+    channels_last: bool
     input_size: int
     batch_size: int
     precision: str
@@ -312,7 +315,10 @@ def build_profiled_module(backbone: str, body_model: BodyModel, settings: Profil
             f"backbone {backbone} refuses --variant {settings.variant} --encoder {settings.encoder} "
             f"--input-size {settings.input_size}: {exc}"
         ) from exc
-    return HMRModule(model, body_model)
+    module = HMRModule(model, body_model)
+    if resolve_channels_last(settings.encoder, settings.channels_last):
+        module.to(memory_format=torch.channels_last)  # as a run's Components.make_module does
+    return module
 
 
 def profile_module(
@@ -363,6 +369,7 @@ def profile_module(
         backbone=backbone,
         variant=settings.variant,
         encoder=settings.encoder,
+        channels_last=resolve_channels_last(settings.encoder, settings.channels_last),
         input_size=size,
         batch_size=batch,
         precision=placement.precision,
