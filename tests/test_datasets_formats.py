@@ -8,13 +8,14 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from pchmr.core.contracts.dataset import DatasetSpec
-from pchmr.core.contracts.sample import validate_sample
+from pchmr.core.contracts.sample import denormalize_image, validate_sample
 from pchmr.core.kit.joints import LSP_14
 from pchmr.plugins.datasets.coco import load_coco, make_coco
 from pchmr.plugins.datasets.metro_tsv import make_metro_tsv
-from pchmr.plugins.datasets.prepared import DatasetFormatError
+from pchmr.plugins.datasets.prepared import DatasetFormatError, decode_image
 from pchmr.plugins.datasets.pw3d import load_sequence, make_3dpw
 from pchmr.testing.fake_datasets import (
+    frame_blue,
     write_3dpw_sequence,
     write_coco_keypoints,
     write_metro_tsv,
@@ -120,7 +121,54 @@ def test_3dpw_global_orientation_is_rotated_into_the_camera_frame(pw3d):
     np.testing.assert_allclose(got, want, atol=1e-9)
     np.testing.assert_allclose(ann.pose[:, 3:], test.extra["poses"][valid, 3:])
     assert list(ann.gender[:2]) == ["male", "male"] and ann.gender[-1] == "female"
-    assert ann.image[1] == "imageFiles/courtyard_basketball_00/image_00002.jpg"  # img_frame_ids (0, 2, 4 …)
+    assert ann.image[1] == "imageFiles/courtyard_basketball_00/image_00001.jpg"  # frame 1, not img_frame_ids[1]
+
+
+def _background_blue(image):
+    """The blue level of the fake background: the median blue of the pixels whose red and green
+    are the dark gradient's (markers and zero padding excluded)."""
+    image = np.asarray(image, dtype=np.float64)
+    background = (image[..., 0] < 70) & (image[..., 1] < 70) & (image[..., 2] > 4) & (image[..., 2] < 245)
+    return float(np.median(image[..., 2][background])) if background.sum() > 0.2 * background.size else -1.0
+
+
+def _shows_frame(root, name, frame):
+    """The image ``name`` exists and is 3DPW frame ``frame``'s (its background's blue level)."""
+    path = root / name
+    return path.is_file() and abs(_background_blue(decode_image(path, str(path))) - frame_blue(frame)) < 6
+
+
+def test_3dpw_frame_f_reads_image_f_not_img_frame_ids(pw3d):
+    """Frame f's image is image_{f:05d}.jpg; img_frame_ids indexes the 60 Hz arrays. Each sample's
+    image is its own frame's (the fake images carry their frame in the background colour); the
+    image img_frame_ids would name (the old reading) is another frame's or does not exist, and
+    the same check refuses it."""
+    import pickle
+
+    _, test, root = pw3d
+    raw = pickle.loads(test.files["pkl"].read_bytes(), encoding="latin1")
+    ids = np.asarray(raw["img_frame_ids"])
+    for p in range(2):  # the fake file is in 3DPW's layout: the 60 Hz rows at img_frame_ids are the frames
+        assert len(raw["poses_60Hz"][p]) > 2 * len(raw["poses"][p]) - 1
+        np.testing.assert_allclose(np.asarray(raw["poses_60Hz"][p])[ids], raw["poses"][p])
+        np.testing.assert_allclose(np.asarray(raw["trans_60Hz"][p])[ids], raw["trans"][p])
+    ann = load_sequence(test.files["pkl"], LSP_14)
+    frames = [k % 6 for k in range(len(test.imgname)) if test.extra["valid"][k]]
+    assert list(ann.image) == [f"imageFiles/courtyard_basketball_00/image_{f:05d}.jpg" for f in frames]
+    for k, f in enumerate(frames):
+        assert _shows_frame(root, ann.image[k], f), (k, ann.image[k])
+        old = f"imageFiles/courtyard_basketball_00/image_{ids[f]:05d}.jpg"
+        assert not _shows_frame(root, old, f), f"the old reading's {old} passes the check"
+
+
+def test_3dpw_crops_show_their_own_frame(pw3d):
+    """Through the prepared store: every test crop is cut from its own frame's image."""
+    _, test, root = pw3d
+    data = make_3dpw(spec(root, root), StubBody())
+    written = [k for k in range(len(test.imgname)) if test.extra["valid"][k]]
+    for i, k in enumerate(written):
+        blue = _background_blue(denormalize_image(data.test[i]["image"]).numpy())
+        assert abs(blue - test.extra["blue"][k]) < 6, (i, test.imgname[k], blue, test.extra["blue"][k])
 
 
 def test_3dpw_missing_key_and_truncated_pickle(pw3d, tmp_path):
