@@ -70,6 +70,64 @@ def test_metro_truncated_tsv_names_the_file(tmp_path):
         make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
 
 
+def _keep_lineidx(scene, rewrite):
+    """Run ``rewrite()`` (which rewrites the TSVs and their .lineidx), then put the old .lineidx back."""
+    saved = {kind: p.with_suffix(".lineidx").read_bytes() for kind, p in scene.files.items() if kind != "yaml"}
+    rewrite()
+    for kind, data in saved.items():
+        scene.files[kind].with_suffix(".lineidx").write_bytes(data)
+
+
+@pytest.mark.parametrize("change", ["rows added", "rows rewritten", "rows removed"])
+def test_metro_stale_lineidx_is_named(tmp_path, change):
+    """A TSV rewritten after its .lineidx was written: the error names the stale .lineidx (with
+    rows added, the old reading asked for row 4 of a "4-row" file that has 6)."""
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4, seed=0)
+    count, seed = {"rows added": (6, 0), "rows rewritten": (4, 1), "rows removed": (3, 1)}[change]
+    _keep_lineidx(scene, lambda: write_metro_tsv(tmp_path / "up3d", "trainval", count, seed=seed))
+    with pytest.raises(DatasetFormatError, match=r"trainval\.\w+\.tsv: .*\.lineidx is stale") as info:
+        make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+    assert "file has 4 rows" not in str(info.value)
+
+
+def test_metro_stale_lineidx_of_one_row_read_is_named(tmp_path):
+    """A row whose offset lands inside another row: named when the row is read."""
+    from pchmr.plugins.datasets.metro_tsv import TSVFile
+
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    lineidx = scene.files["label"].with_suffix(".lineidx")
+    offsets = [int(o) for o in lineidx.read_text().split()]
+    offsets[2] += 5
+    lineidx.write_text("".join(f"{o}\n" for o in offsets))
+    tsv = TSVFile(scene.files["label"])
+    assert tsv.row(0)[0] == scene.imgname[0]
+    with pytest.raises(DatasetFormatError, match=r"row 1 spans bytes .* next row starts at .*lineidx is stale"):
+        tsv.row(1)
+    with pytest.raises(DatasetFormatError, match=r"row 2 starts at byte \d+, inside another row.*lineidx is stale"):
+        tsv.row(2)
+
+
+@pytest.mark.parametrize("lineidx", [True, False])
+@pytest.mark.parametrize("kind", ["label", "img"])
+def test_metro_cut_off_last_row_is_reported_as_truncated(tmp_path, kind, lineidx):
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    path = scene.files[kind]
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex(b"\t") + 40])  # inside the last row's value
+    if not lineidx:
+        path.with_suffix(".lineidx").unlink()
+    with pytest.raises(DatasetFormatError, match=rf"trainval\.{kind}\.tsv: row 3 is cut off: .* truncated"):
+        make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+
+
+def test_metro_last_row_without_its_newline_still_loads(tmp_path):
+    scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
+    for kind in ("label", "img"):
+        scene.files[kind].write_bytes(scene.files[kind].read_bytes()[:-1])
+    data = make_metro_tsv(spec(scene.files["yaml"], tmp_path), StubBody())
+    assert len(data.train) + len(data.test) == 4
+
+
 def test_metro_label_without_a_key_or_with_a_bad_shape(tmp_path):
     scene = write_metro_tsv(tmp_path / "up3d", "trainval", 4)
     label = scene.files["label"]
