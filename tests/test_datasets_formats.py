@@ -291,3 +291,60 @@ def test_coco_truncated_json_and_bad_keypoints(coco, tmp_path):
     (tmp_path / "annotations" / "person_keypoints_y.json").write_text(text)
     with pytest.raises(DatasetFormatError, match=r"annotation 0 'keypoints' must hold 51 numbers"):
         load_coco(tmp_path, "y", LSP_14)
+
+
+def test_coco_without_val_annotations_splits_train_by_image(tmp_path):
+    root = tmp_path / "coco"
+    train = write_coco_keypoints(root, "train2014", num_images=5, seed=7)
+    data = make_coco(spec(root, tmp_path), StubBody())
+    assert len(data.train) + len(data.test) == 10 and len(data.test) == 2, "1 of 5 images (2 people) is the test split"
+    assert "train2014 (seeded 80/20 split by image: no person_keypoints_val2014.json)" in data.protocol["dataset"]
+    train_images = set(data.train.store.arrays["image_ref"].tolist())
+    test_images = set(data.test.store.arrays["image_ref"].tolist())
+    assert not train_images & test_images and train_images | test_images == set(train.imgname)
+    with pytest.raises(FileNotFoundError, match=r"person_keypoints_val2014\.json: COCO keypoint annotations do not"):
+        make_coco(spec(f"root={root},test=val2014", tmp_path), StubBody())  # a named test split must exist
+
+
+def test_coco_spin_rule_keeps_people_with_all_12_body_joints(coco, tmp_path):
+    """people=spin (SPIN's preprocessing): every second fake person lacks its right ankle → dropped."""
+    from pchmr.plugins.datasets.coco import SPIN_BODY_JOINTS
+
+    _, _, root = coco
+    assert len(SPIN_BODY_JOINTS) == 12 and SPIN_BODY_JOINTS[0] == "left_shoulder"
+    default, _ = load_coco(root, "train2014", LSP_14)
+    spin, _ = load_coco(root, "train2014", LSP_14, people="spin")
+    assert len(default) == 6 and len(spin) == 3
+    assert (spin.keypoints[:, LSP_14.index("right_ankle"), 2] == 1).all()
+    data = make_coco(spec(f"root={root},people=spin", tmp_path), StubBody())
+    assert (
+        len(data.train) == 3 and len(data.test) == 2 and "people=spin: all 12 body joints" in data.protocol["dataset"]
+    )
+    # every key is read through the declared options: types, choices and the rule between them
+    from pchmr.core.contracts.errors import OptionError
+
+    for location, message in (
+        (f"root={root},people=spn", r"coco-json dataset option 'people' must be one of min-keypoints, spin, got 'spn'"),
+        (f"root={root},min_keypoints=abc", r"coco-json dataset option 'min_keypoints' must be an integer"),
+        (f"root={root},people=spin,min_keypoints=3", r"coco-json dataset option 'min_keypoints' applies to people="),
+    ):
+        with pytest.raises(OptionError, match=message):
+            make_coco(spec(location, tmp_path), StubBody())
+    with pytest.raises(DatasetFormatError, match=r"no person annotation with all 12 body joints"):
+        (tmp_path / "annotations").mkdir()
+        doc = json.loads((root / "annotations" / "person_keypoints_val2014.json").read_text())
+        for ann in doc["annotations"]:
+            ann["keypoints"][-1] = 0  # no right ankle anywhere
+        (tmp_path / "annotations" / "person_keypoints_x.json").write_text(json.dumps(doc))
+        load_coco(tmp_path, "x", LSP_14, people="spin")
+
+
+def test_coco_people_option_is_listed_by_pchmr_plugins():
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    result = CliRunner().invoke(app, ["plugins", "--options", "coco-json", "--kind", "dataset"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    line = next(row for row in result.stdout.splitlines() if "people" in row and "spin" in row)
+    assert "min-keypoints" in line and "all 12 body joints" in line
