@@ -96,7 +96,10 @@ class CocoOptions:
 
     def __post_init__(self) -> None:
         if self.people == "spin" and self.min_keypoints is not None:
-            raise ValueError("'min_keypoints' applies to people=min-keypoints; people=spin keeps all-12-joint people")
+            raise ValueError(
+                "'min_keypoints' applies to people=min-keypoints, not spin (which keeps the people whose 12 body "
+                "joints are all labelled)"
+            )
 
 
 def annotation_file(root: Path, split: str) -> Path:
