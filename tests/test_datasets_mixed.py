@@ -99,3 +99,75 @@ def test_mixed_protocol_combines_the_evaluated_members():
                     "test_with_3d": 9, "test_without_pelvis": 1}  # fmt: skip
     differ = _test_summary([("h36m", member("neutral", 5, 0)), ("pw3d", member("gendered", 4, 0))])
     assert differ["gt_mesh"] == "mixed (h36m: neutral, pw3d: gendered)"
+
+
+def _check_output(root, *names):
+    args = ["data", "check", str(root)] + [a for n in names for a in ("--dataset", n)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def _coco_root(tmp_path, state):
+    """A data root whose COCO is in ``state``: which of its files are there."""
+    root = tmp_path / state
+    coco = root / "coco"
+    write_coco_keypoints(coco, "train2014", num_images=5, seed=4)
+    if state in ("train and val", "val without images"):
+        write_coco_keypoints(coco, "val2014", num_images=2, seed=5)
+    if state == "val without images":
+        for image in (coco / "val2014").iterdir():
+            image.unlink()
+        (coco / "val2014").rmdir()
+    if state == "train without images":
+        for image in (coco / "train2014").iterdir():
+            image.unlink()
+        (coco / "train2014").rmdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    ("state", "usable", "missing"),
+    [
+        ("train and val", True, None),
+        ("train only", True, None),  # a seeded 80/20 split of train2014, by image
+        ("val without images", False, "coco/val2014"),
+        ("train without images", False, "coco/train2014"),
+    ],
+)
+def test_check_and_the_coco_loader_apply_one_rule(tmp_path, state, usable, missing):
+    """`pchmr data check` calls COCO usable exactly when `--dataset coco:ROOT` loads, and names
+    what an incomplete layout lacks, as the loader's error does."""
+    root = _coco_root(tmp_path, state)
+    out = _check_output(root, "coco")
+    spec = DatasetSpec(32, 0, tmp_path / "cache", str(root))
+    if usable:
+        assert "usable now: coco (coco-json)" in out
+        data = get_registry().get("dataset", "coco")(spec, StubBody())
+        assert len(data.train) > 0 and len(data.test) > 0
+        if state == "train only":
+            val = next(line for line in out.splitlines() if "person_keypoints_val2014.json" in line)
+            assert "missing (optional)" in val
+            assert "80/20" in data.protocol["dataset"]
+    else:
+        assert "usable now: none" in out and f"incomplete (not usable): coco (coco-json: no {missing})" in out
+        with pytest.raises(
+            FileNotFoundError, match=rf"coco: the coco-json layout .* is incomplete: .* not .*{missing}"
+        ):
+            get_registry().get("dataset", "coco")(spec, StubBody())
+
+
+def test_3dpw_raw_needs_its_test_split_in_check_and_loader(tmp_path):
+    from pchmr.testing.fake_datasets import write_3dpw_sequence
+
+    write_3dpw_sequence(tmp_path / "3DPW", "downtown_walking_00", "train", num_frames=4, seed=5)
+    out = _check_output(tmp_path, "3dpw")
+    assert "incomplete (not usable): 3dpw (3dpw-pkl: no 3DPW/sequenceFiles/test)" in out
+    with pytest.raises(
+        FileNotFoundError, match=r"3dpw: the 3dpw-pkl layout .* incomplete: .* not test .*sequenceFiles/test"
+    ):
+        find_layout("3dpw", tmp_path)
+    write_3dpw_sequence(tmp_path / "3DPW", "courtyard_basketball_00", "test", num_frames=4, seed=6)
+    assert "usable now: 3dpw (3dpw-pkl)" in _check_output(tmp_path, "3dpw")
+    data = get_registry().get("dataset", "3dpw")(DatasetSpec(32, 0, tmp_path / "cache", str(tmp_path)), StubBody())
+    assert len(data.test) == 7

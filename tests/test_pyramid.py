@@ -408,6 +408,71 @@ def test_graphcmr_file_without_faces_is_refused(tmp_path):
         load_graphcmr_downsampling(path)
 
 
+def test_graphcmr_file_shaped_like_the_real_one_is_used_as_it_is(tmp_path, caplog):
+    """GraphCMR's SMPL file (FastMETRO's): U rows with negative weights summing to 0.83–1.05, an
+    unreadable 'M', uint32 faces. It is accepted and its matrices used unchanged; the row-sum
+    ranges are logged."""
+    import logging
+
+    from pchmr.testing.fake_smpl import write_fake_graphcmr_downsampling
+
+    path = write_fake_graphcmr_downsampling(tmp_path / "mesh_downsampling.npz")
+    with np.load(path, allow_pickle=True, encoding="latin1") as data:
+        ups = [sp.csr_matrix(u) for u in data["U"]]
+        with pytest.raises(AttributeError, match="MyMesh"):
+            data["M"]  # as in the real file: never to be read
+    assert [u.shape for u in ups] == [(6890, 1723), (1723, 431)]
+    for u in ups:
+        sums = np.asarray(u.sum(axis=1)).ravel()
+        assert sums.min() == pytest.approx(0.83) and sums.max() == pytest.approx(1.05) and (u.data < 0).any()
+
+    with caplog.at_level(logging.INFO, logger="pchmr.core.kit.pyramid"):
+        pyr = load_graphcmr_downsampling(path)
+
+    assert pyr.num_vertices == (431, 1723, 6890) and pyr.method == "graphcmr-mesh-downsampling"
+    np.testing.assert_allclose(dense(pyr.up[1]), ups[0].toarray(), atol=1e-6)
+    np.testing.assert_allclose(dense(pyr.up[0]), ups[1].toarray(), atol=1e-6)
+    assert pyr.faces[2].dtype == torch.int64 and len(pyr.faces[2]) == 13776
+    assert "U[0] (6890 × 1723): rows sum to 0.83–1.05" in caplog.text
+    middle = sparse_bmm(pyr.up[0], torch.ones(1, 431, 3))
+    assert float(middle.min()) == pytest.approx(0.83, abs=1e-5), "rows are applied as they are"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("nan", r"U\[1\]: holds NaN or infinite weights"),
+        ("empty row", r"U\[1\]: row 5 has no weight"),
+        ("row sum 2", r"U\[1\]: row 5 sums to 2; rows must sum to about 1, between 0.5 and 1.5"),
+        ("transposed", r"U\[1\] must be 4 × 3 .*6 → 4 → 3 vertices.*got 3 × 4"),
+        ("dense", r"U\[1\]: expected a SciPy sparse matrix, got ndarray"),
+        ("faces", r"F\[1\]: indexes vertices 0..4, the level has 4"),
+    ],
+    ids=["nan", "empty-row", "row-sum-2", "transposed", "dense", "faces"],
+)
+def test_graphcmr_file_with_a_broken_matrix_is_refused(tmp_path, change, message):
+    path = tmp_path / "mesh_downsampling.npz"
+    layout = write_fake_graphcmr(path)
+    u1 = layout["U"][1].toarray()
+    if change == "nan":
+        u1[2, 0] = np.nan
+    elif change == "empty row":
+        layout["U"][0] = sp.csc_matrix(np.vstack([layout["U"][0].toarray()[:5], np.zeros((1, 4))]))
+        message = r"U\[0\]: row 5 has no weight"
+    elif change == "row sum 2":
+        layout["U"][0] = sp.csc_matrix(layout["U"][0].toarray() * np.array([[1], [1], [1], [1], [1], [2]]))
+        message = r"U\[0\]: row 5 sums to 2; rows must sum to about 1, between 0.5 and 1.5"
+    elif change == "transposed":
+        u1 = u1.T
+    elif change == "faces":
+        layout["F"][1] = np.array([[0, 1, 4]], dtype=np.uint32)
+    layout["U"][1] = u1 if change == "dense" else sp.csc_matrix(u1)
+    np.savez(path, **{name: object_array(items) for name, items in layout.items()})
+
+    with pytest.raises(ValueError, match=message):
+        load_graphcmr_downsampling(path)
+
+
 def test_sparse_products_train_under_bf16_autocast():
     """FastMETRO's and TORE's upsampling under ``--precision bf16-mixed``: two levels of sparse
     products between bfloat16 layers run in float32 (sparse products have no bfloat16 backward),

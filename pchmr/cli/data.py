@@ -6,7 +6,9 @@ Registered on the app in :mod:`pchmr.cli.app` with ``app.add_typer(data_app, nam
   (what ``pchmr run`` would do first), with a progress bar; an interrupted preparation resumes
   where it stopped. ``--verify`` re-checks every stored chunk against its checksum.
 * ``check ROOT`` lists, per named dataset and layout, the expected files under ROOT, whether each
-  is present and where it is obtained. Nothing is downloaded.
+  is present (a missing file the loader can do without is marked optional) and where it is
+  obtained, then the usable layouts — by the rule ``--dataset NAME:ROOT`` applies (``ExpectedFile.required``)
+  — and the incomplete ones with what they lack. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -93,16 +95,32 @@ def check(
     table = Table(title=f"datasets under {root}")
     for column in ("dataset", "format", "file", "status"):
         table.add_column(column)
-    usable: dict[str, list[str]] = {}
+    layouts: dict[tuple[str, str], list] = {}
     for row in rows:
-        status = "[green]present[/]" if row.present else "[red]missing[/]"
+        status = (
+            "[green]present[/]"
+            if row.present
+            else ("[red]missing[/]" if row.required else "[yellow]missing (optional)[/]")
+        )
         rel = row.path.relative_to(root) if row.path.is_relative_to(root) else row.path
         table.add_row(row.dataset, row.format, f"{row.role}: {rel}", status)
-        if row.present and row.role == "train":
-            usable.setdefault(row.dataset, []).append(row.format)
+        layouts.setdefault((row.dataset, row.format), []).append(row)
     _console.print(table)
     _console.print("[bold]where to obtain each layout[/] (nothing is downloaded):")
     for key in dict.fromkeys((r.dataset, r.format, r.obtain) for r in rows):
         _console.print(f"  {key[0]} ({key[1]}): {key[2]}", highlight=False)
+    # one rule with the loaders: a layout is usable when its training file and every file it needs are there
+    usable: dict[str, list[str]] = {}
+    incomplete = []
+    for (name, fmt), files in layouts.items():
+        lacking = [f for f in files if f.required and not f.present]
+        if any(f.role == "train" and f.present for f in files):
+            if lacking:
+                rel = [str(f.path.relative_to(root) if f.path.is_relative_to(root) else f.path) for f in lacking]
+                incomplete.append(f"{name} ({fmt}: no {', '.join(rel)})")
+            else:
+                usable.setdefault(name, []).append(fmt)
     ready = ", ".join(f"{k} ({'/'.join(v)})" for k, v in usable.items()) or "none"
-    _console.print(f"usable now: {ready}")
+    _console.print(f"usable now: {ready}", highlight=False)
+    if incomplete:
+        _console.print(f"incomplete (not usable): {'; '.join(incomplete)}", highlight=False)

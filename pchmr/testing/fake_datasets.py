@@ -36,6 +36,7 @@ __all__ = [
     "MARKER_COLORS",
     "FakeScene",
     "draw_people",
+    "frame_blue",
     "write_3dpw_sequence",
     "write_coco_keypoints",
     "write_metro_tsv",
@@ -105,12 +106,14 @@ def _box(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (lo + hi) / 2.0, BOX_FACTOR * (hi - lo).max(axis=1) / 200.0
 
 
-def draw_people(keypoints_px: np.ndarray, seed: int = 0) -> np.ndarray:
+def draw_people(keypoints_px: np.ndarray, seed: int = 0, blue: int | None = None) -> np.ndarray:
     """(P, 14, 2) pixel keypoints of the people in one image → (IMAGE_H, IMAGE_W, 3) uint8: a
-    dark gradient with a coloured square per joint (:data:`MARKER_COLORS`)."""
+    dark gradient (red and green; blue constant: ``blue``, else drawn from ``seed`` in 0..39)
+    with a coloured square per joint (:data:`MARKER_COLORS`)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:IMAGE_H, 0:IMAGE_W]
-    image = np.stack([x * 60 // IMAGE_W, y * 60 // IMAGE_H, np.full_like(x, rng.integers(0, 40))], -1).astype(np.uint8)
+    level = rng.integers(0, 40) if blue is None else blue
+    image = np.stack([x * 60 // IMAGE_W, y * 60 // IMAGE_H, np.full_like(x, level)], -1).astype(np.uint8)
     for person in keypoints_px:
         for j, (px, py) in enumerate(person):
             xi, yi = int(np.floor(px)), int(np.floor(py))
@@ -255,7 +258,13 @@ def write_3dpw_sequence(root: str | Path, sequence: str = "courtyard_basketball_
     ``genders``, ``betas`` (P × (10,)), ``poses`` (P × (F, 72), world frame), ``trans``,
     ``poses2d`` (P × (F, 3, 18) OpenPose-18 px), ``jointPositions`` (P × (F, 72) world metres),
     ``cam_poses`` (F, 4, 4) world → camera, ``cam_intrinsics`` (3, 3), ``campose_valid``
-    (P × (F,)), ``img_frame_ids`` (F,)) and ``imageFiles/<sequence>/image_%05d.jpg``.
+    (P × (F,)); the 60 Hz ``poses_60Hz``/``trans_60Hz`` (P × (2F + 1, ·)) and ``img_frame_ids``
+    (F,) = 2f + 1, the index of image frame f into them, so that ``poses_60Hz[p][img_frame_ids]``
+    equals ``poses[p]``) and one image per frame, ``imageFiles/<sequence>/image_{f:05d}.jpg``
+    for f = 0 … F-1, showing that frame's people (a marker of :data:`MARKER_COLORS` at each
+    keypoint) on a background whose blue level is :func:`frame_blue` (f) (``extra['blue']`` per
+    sample), so an image tells which frame it is. Reading ``img_frame_ids`` as image numbers
+    names another frame's image, or one that does not exist.
 
     The world frame is the camera's rotated by a known per-frame rotation about x, so the loader
     must apply ``cam_poses``. Person-frames that are not valid (the last frame of person 1) are
@@ -285,22 +294,23 @@ def write_3dpw_sequence(root: str | Path, sequence: str = "courtyard_basketball_
         Rotation.from_matrix(np.einsum("fji,pfjk->pfik", cam_rot, _rodrigues(orient_cam.reshape(-1, 3)).reshape(
             num_people, num_frames, 3, 3))[p]).as_rotvec() for p in range(num_people)])  # fmt: skip
     poses = np.concatenate([orient_world, rng.normal(0, 0.1, (num_people, num_frames, 69))], axis=2)
+    trans = [rng.normal(0, 1, (num_frames, 3)) for _ in range(num_people)]
     valid = np.ones((num_people, num_frames), dtype=np.float64)
     if num_people > 1:
         valid[1, -1] = 0
-    frame_ids = np.arange(num_frames) * 2
+    frame_ids = np.arange(num_frames) * 2 + 1  # image frame f → 60 Hz row 2f + 1 (3DPW's ≈ 2f)
     for f in range(num_frames):
-        path = root / "imageFiles" / sequence / f"image_{frame_ids[f]:05d}.jpg"
+        path = root / "imageFiles" / sequence / f"image_{f:05d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_jpeg(draw_people(keypoints[:, f], seed + f)))
+        path.write_bytes(_jpeg(draw_people(keypoints[:, f], seed + f, blue=frame_blue(f))))
     data = {
         "sequence": sequence, "genders": ["m", "f", "m"][:num_people],
         "betas": [rng.normal(0, 0.5, 10) for _ in range(num_people)],
         "betas_clothed": [np.zeros(10) for _ in range(num_people)],
         "poses": [poses[p] for p in range(num_people)],
-        "trans": [rng.normal(0, 1, (num_frames, 3)) for _ in range(num_people)],
-        "poses_60Hz": [np.repeat(poses[p], 2, axis=0) for p in range(num_people)],
-        "trans_60Hz": [np.zeros((2 * num_frames, 3)) for _ in range(num_people)],
+        "trans": trans,
+        "poses_60Hz": [_at_60hz(poses[p], frame_ids) for p in range(num_people)],
+        "trans_60Hz": [_at_60hz(trans[p], frame_ids) for p in range(num_people)],
         "poses2d": [poses2d[p] for p in range(num_people)],
         "jointPositions": [smpl_world[p].reshape(num_frames, 72) for p in range(num_people)],
         "cam_poses": cam_poses, "cam_intrinsics": np.array([[FOCAL_PX, 0, IMAGE_W / 2], [0, FOCAL_PX, IMAGE_H / 2],
@@ -312,15 +322,31 @@ def write_3dpw_sequence(root: str | Path, sequence: str = "courtyard_basketball_
     with pkl.open("wb") as stream:
         pickle.dump(data, stream, protocol=2)
     flat = lambda a: a.reshape(num_people * num_frames, *a.shape[2:])  # noqa: E731
-    names = [
-        f"imageFiles/{sequence}/image_{frame_ids[f]:05d}.jpg" for p in range(num_people) for f in range(num_frames)
-    ]
+    names = [f"imageFiles/{sequence}/image_{f:05d}.jpg" for p in range(num_people) for f in range(num_frames)]
     kp = flat(keypoints)
     center, scale = _box(kp)
     return FakeScene(names, kp, flat(joints_cam), center, scale, files={"pkl": pkl, "root": root},
-                     extra={"valid": flat(valid) > 0, "orient_cam": flat(orient_cam), "poses": flat(poses),
+                     extra={"blue": np.tile([frame_blue(f) for f in range(num_frames)], num_people),
+                            "valid": flat(valid) > 0, "orient_cam": flat(orient_cam), "poses": flat(poses),
                             "betas": np.repeat(np.stack(data["betas"]), num_frames, axis=0),
                             "gender": np.repeat(np.array(data["genders"]), num_frames)})  # fmt: skip
+
+
+def frame_blue(frame: int) -> int:
+    """The background's blue level in the image of 3DPW frame ``frame`` (:func:`write_3dpw_sequence`):
+    16, 40, 64 … 232, then again (ten frames apart)."""
+    return 16 + (24 * frame) % 240
+
+
+def _at_60hz(per_frame: np.ndarray, frame_ids: np.ndarray) -> np.ndarray:
+    """(F, D) per image frame → (2F + 1, D) at 60 Hz: row ``frame_ids[f]`` is frame f, the rows
+    between are the mean of their neighbours, the first is the first frame's."""
+    out = np.zeros((2 * len(per_frame) + 1, per_frame.shape[1]))
+    out[frame_ids] = per_frame
+    out[0] = per_frame[0]
+    out[2:-1:2] = (per_frame[:-1] + per_frame[1:]) / 2.0
+    out[-1] = per_frame[-1]
+    return out
 
 
 def write_coco_keypoints(root: str | Path, split: str = "train2014", num_images: int = 4, people_per_image: int = 2,

@@ -311,26 +311,66 @@ def write_fake_h36m_regressor(directory: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def write_fake_graphcmr_downsampling(path: str | Path, sizes: tuple[int, ...] = GRAPHCMR_SIZES) -> Path:
-    """Write a file in the layout of GraphCMR's ``mesh_downsampling.npz`` (full mesh first):
-    object arrays ``A`` (per-level adjacency), ``D`` ((V_{i+1}, V_i) downsampling), ``U``
-    ((V_i, V_{i+1}) upsampling), all SciPy sparse, and ``F`` (per-level faces).
+def write_fake_graphcmr_downsampling(path: str | Path, sizes: tuple[int, ...] = GRAPHCMR_SIZES, seed: int = 0) -> Path:
+    """Write a file in the layout of GraphCMR's ``mesh_downsampling.npz`` (full mesh first),
+    the one FastMETRO ships for SMPL: object arrays ``A`` (per-level adjacency, symmetric, every
+    edge stored as 2.0, zero diagonal), ``D`` ((V_{i+1}, V_i) one-hot downsampling), ``U``
+    ((V_i, V_{i+1}) upsampling), all SciPy sparse (CSR), ``F`` (per-level uint32 faces) and ``M``
+    (GraphCMR's pickled ``__main__.MyMesh`` objects, which cannot be unpickled elsewhere: no
+    loader may read them).
 
-    The matrices are valid but trivial (``D`` keeps the first V_{i+1} vertices, ``U`` maps each
-    fine vertex to coarse vertex ``i mod V_{i+1}``); level 0 has the fake SMPL faces when
-    ``sizes[0]`` is 6890, the others a strip of triangles. Only for tests of the loader path.
+    ``U`` is shaped like GraphCMR's: 3 weights per row (COMA's barycentric coordinates of a
+    projection onto a coarse triangle), one row in seven with a negative weight, row sums near 1
+    and spread over 0.83–1.05 (row 0 sums to 0.83, row 1 to 1.05), not exactly 1. ``D`` keeps
+    the first V_{i+1} vertices. Level 0 has the fake SMPL faces when ``sizes[0]`` is 6890, the
+    others a strip of triangles. Only for tests of the loader path: the values are not a
+    meaningful pyramid.
     """
+    rng = np.random.default_rng(seed)
     faces = [fake_smpl_mesh()[1].astype(np.int64) if sizes[0] == NUM_SMPL_VERTICES else _strip(sizes[0])]
     faces += [_strip(n) for n in sizes[1:]]
     downs, ups = [], []
     for fine, coarse in zip(sizes, sizes[1:]):
         downs.append(sp.csr_matrix((np.ones(coarse), (np.arange(coarse), np.arange(coarse))), shape=(coarse, fine)))
-        ups.append(sp.csr_matrix((np.ones(fine), (np.arange(fine), np.arange(fine) % coarse)), shape=(fine, coarse)))
-    adjacency = [_adjacency(f, n) for f, n in zip(faces, sizes)]
+        ups.append(_graphcmr_up(fine, coarse, rng))
+    adjacency = [2.0 * _adjacency(f, n) for f, n in zip(faces, sizes)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, A=_objects(adjacency), U=_objects(ups), D=_objects(downs), F=_objects(faces))
+    with _main_stand_in("MyMesh") as my_mesh:
+        meshes = _objects([my_mesh() for _ in sizes])
+        np.savez(path, A=_objects(adjacency), U=_objects(ups), M=meshes, D=_objects(downs),
+                 F=_objects([f.astype(np.uint32) for f in faces]))  # fmt: skip
     return path
+
+
+def _graphcmr_up(fine: int, coarse: int, rng: np.random.Generator) -> sp.csr_matrix:
+    """(fine, coarse) with 3 weights per row like GraphCMR's ``U`` (see the writer)."""
+    bary = rng.dirichlet((2.0, 2.0, 2.0), size=fine)
+    outside = np.arange(fine) % 7 == 3  # the projection falls outside the triangle
+    bary[outside] = bary[outside] @ np.array([[1.4, 0.0, -0.4], [0.0, 1.0, 0.0], [-0.2, 0.0, 1.2]])
+    sums = rng.uniform(0.99, 1.01, fine)
+    sums[rng.random(fine) < 0.01] = rng.uniform(0.83, 1.05)
+    sums[:2] = 0.83, 1.05
+    weights = bary / bary.sum(axis=1, keepdims=True) * sums[:, None]
+    columns = (np.arange(fine)[:, None] + np.arange(3)) % coarse
+    return sp.csr_matrix((weights.ravel(), (np.repeat(np.arange(fine), 3), columns.ravel())), shape=(fine, coarse))
+
+
+@contextlib.contextmanager
+def _main_stand_in(name: str) -> Iterator[type]:
+    """A class pickled as ``__main__.<name>`` (as GraphCMR's ``M`` objects were), resolvable
+    only inside this context: unpickling it later fails, as reading the real ``M`` does."""
+    main = sys.modules["__main__"]
+    stand_in = type(name, (), {"__module__": "__main__"})
+    had, previous = hasattr(main, name), getattr(main, name, None)
+    setattr(main, name, stand_in)
+    try:
+        yield stand_in
+    finally:
+        if had:
+            setattr(main, name, previous)
+        else:
+            delattr(main, name)
 
 
 def _strip(n: int) -> np.ndarray:

@@ -38,7 +38,9 @@ class MeshPyramid:
     * ``faces[l]`` (F_l, 3) int64 triangles of level l.
 
     Each row of ``down`` and ``up`` sums to 1 (convex combinations), so constant and
-    translated meshes are preserved across levels.
+    translated meshes are preserved across levels; the exception is a user's GraphCMR
+    ``mesh_downsampling.npz`` (``method`` ``graphcmr-mesh-downsampling``), used as it is, as
+    FastMETRO does: its ``up`` rows are COMA's weights, some negative, summing to 0.83–1.05.
     """
 
     num_vertices: tuple[int, ...]

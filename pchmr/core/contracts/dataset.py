@@ -73,8 +73,12 @@ class DatasetFactory(Protocol):
 class ExpectedFile:
     """One file (or image folder) a dataset reads under a data root, and whether it is there.
 
-    ``role`` is ``train``, ``test`` or ``images``; ``format`` the layout that reads it (a
-    dataset plugin's name); ``obtain`` says where a user gets it (nothing is downloaded)."""
+    ``role`` is ``train``, ``test``, ``images`` or ``test images``; ``format`` the layout that
+    reads it (a dataset plugin's name); ``obtain`` says where a user gets it (nothing is
+    downloaded). ``required``: the loader needs it, given what else is there (a test file the
+    format can do without, by splitting its training file, is not required; its images are when
+    it is present). A layout is usable when its training file is present and every required
+    file is: ``pchmr data check`` and the loader apply that one rule."""
 
     dataset: str
     format: str
@@ -82,6 +86,7 @@ class ExpectedFile:
     path: Path
     present: bool
     obtain: str
+    required: bool = True
 
 
 @runtime_checkable

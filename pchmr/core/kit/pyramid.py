@@ -24,6 +24,9 @@ full mesh towards the coarse one (full → ``level_sizes[-1]`` → … → ``lev
 So ``up @ down`` reproduces each fine vertex by its closest point on the coarse surface, and
 every row of every matrix sums to 1. ``adjacency`` is the coarse mesh's edge graph with the
 diagonal set. The pyramid is computed once per topology and stored by :func:`cached_pyramid`.
+
+A user's GraphCMR ``mesh_downsampling.npz`` is read instead by :func:`load_graphcmr_downsampling`,
+as it is: its upsampling rows (COMA's weights, some negative) sum to 0.83–1.05, not 1.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from pchmr.core.contracts.bodymodel import MeshPyramid
 
 __all__ = [
     "DEFAULT_LEVEL_SIZES",
+    "GRAPHCMR_METHOD",
+    "GRAPHCMR_ROW_SUM_RANGE",
     "PYRAMID_METHOD",
     "PYRAMID_VERSION",
     "build_pyramid",
@@ -82,8 +87,11 @@ _MIN_WEIGHT = 1e-6
 _HASH_DECIMALS = 6
 #: What reading a partial, corrupt or foreign cache file can raise.
 _UNREADABLE_CACHE = (OSError, EOFError, KeyError, ValueError, RuntimeError, zipfile.BadZipFile)
-#: A down/up row of a GraphCMR file may deviate this much from summing to 1.
-_ROW_SUM_TOLERANCE = 1e-3
+#: The row sums a GraphCMR file's ``D``/``U`` rows may have. GraphCMR's own SMPL file (the one
+#: FastMETRO ships) has one-hot ``D`` rows and ``U`` rows of COMA's barycentric weights of a
+#: projection, some negative, summing to 0.83–1.05; FastMETRO uses them as they are. Outside
+#: this band a row does not interpolate (a scaled, transposed or foreign matrix).
+GRAPHCMR_ROW_SUM_RANGE = (0.5, 1.5)
 
 
 def build_pyramid(
@@ -160,8 +168,14 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
     The file (user-supplied; it is not shipped with pchmr) holds object arrays of SciPy sparse
     matrices ordered from the full mesh down: ``A[i]`` the adjacency of level i, ``D[i]``
     (V_{i+1}, V_i) the downsampling and ``U[i]`` (V_i, V_{i+1}) the upsampling from level i+1
-    to i, and ``F[i]`` the faces of level i. pchmr orders levels coarse first, so the lists
-    are reversed. Loading it unpickles Python objects: only open files you trust.
+    to i, and ``F[i]`` the faces of level i (GraphCMR's file also has ``M``, pickled psbody
+    meshes, which is never read). pchmr orders levels coarse first, so the lists are reversed.
+    Loading it unpickles Python objects: only open files you trust.
+
+    The matrices are used as they are, as FastMETRO does: GraphCMR's ``U`` rows are COMA's
+    barycentric weights (some negative) summing to 0.83–1.05, not exactly 1. Refused: wrong
+    shapes, non-finite weights, a row without weight, and a row summing outside
+    :data:`GRAPHCMR_ROW_SUM_RANGE`. The row-sum range of each matrix is logged (INFO).
     """
     path = Path(path)
     try:
@@ -182,9 +196,26 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
             f"{path}: expected L face arrays and L-1 'U' and 'D' matrices (L >= 2), got "
             f"{len(faces)} faces, {len(ups)} U and {len(downs)} D"
         )
-    down = [_checked_rows(sp.csr_matrix(d), f"{path} D[{i}]") for i, d in enumerate(downs)]
-    up = [_checked_rows(sp.csr_matrix(u), f"{path} U[{i}]") for i, u in enumerate(ups)]
-    sizes = [int(m.shape[1]) for m in down] + [int(down[-1].shape[0])]
+    down = [_sparse(d, f"{path} D[{i}]") for i, d in enumerate(downs)]
+    up = [_sparse(u, f"{path} U[{i}]") for i, u in enumerate(ups)]
+    sizes = [int(down[0].shape[1])] + [int(m.shape[0]) for m in down]  # full first, from D
+    for i in range(levels - 1):
+        expected = {"D": (sizes[i + 1], sizes[i]), "U": (sizes[i], sizes[i + 1])}
+        for name, matrix in (("D", down[i]), ("U", up[i])):
+            if matrix.shape != expected[name]:
+                raise ValueError(
+                    f"{path}: {name}[{i}] must be {expected[name][0]} × {expected[name][1]} (levels of "
+                    f"{' → '.join(map(str, sizes))} vertices, from D), got {matrix.shape[0]} × {matrix.shape[1]}"
+                )
+    for name, matrices in (("D", down), ("U", up)):
+        for i, matrix in enumerate(matrices):
+            low, high = _checked_rows(matrix, f"{path} {name}[{i}]")
+            negative = int((matrix.data < 0).sum())
+            _log.info(
+                "%s %s[%d] (%d × %d): rows sum to %.4g–%.4g, %d negative weights; used as they are",
+                path.name, name, i, *matrix.shape, low, high, negative,
+            )  # fmt: skip
+    level_faces = [_faces(f, n, f"{path} F[{i}]") for i, (f, n) in enumerate(zip(faces, sizes))]
     coarse_adjacency = sp.csr_matrix(adjacency[-1]) if adjacency else None
     if coarse_adjacency is None or coarse_adjacency.shape != (sizes[-1], sizes[-1]):
         raise ValueError(f"{path}: the last 'A' entry must be the ({sizes[-1]}, {sizes[-1]}) coarse adjacency")
@@ -195,9 +226,27 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
         down=tuple(_to_torch_sparse(m) for m in reversed(down)),
         up=tuple(_to_torch_sparse(m) for m in reversed(up)),
         adjacency=dense,
-        faces=tuple(torch.from_numpy(np.asarray(f, dtype=np.int64).reshape(-1, 3)) for f in reversed(faces)),
+        faces=tuple(reversed(level_faces)),
         method=GRAPHCMR_METHOD,
     )
+
+
+def _sparse(matrix: object, what: str) -> sp.csr_matrix:
+    """A GraphCMR matrix as CSR float64, or a ValueError naming it."""
+    if not sp.issparse(matrix):
+        raise ValueError(f"{what}: expected a SciPy sparse matrix, got {type(matrix).__name__}")
+    return sp.csr_matrix(matrix, dtype=np.float64)
+
+
+def _faces(faces: object, num_vertices: int, what: str) -> torch.Tensor:
+    """A GraphCMR level's (F, 3) faces (GraphCMR stores uint32) as int64, indices checked."""
+    tris = np.asarray(faces)
+    if tris.ndim != 2 or tris.shape[1] != 3 or not np.issubdtype(tris.dtype, np.integer):
+        raise ValueError(f"{what}: expected (F, 3) integer triangles, got shape {tris.shape} dtype {tris.dtype}")
+    tris = tris.astype(np.int64)
+    if tris.size and (tris.min() < 0 or tris.max() >= num_vertices):
+        raise ValueError(f"{what}: indexes vertices {tris.min()}..{tris.max()}, the level has {num_vertices}")
+    return torch.from_numpy(tris)
 
 
 def mesh_adjacency(faces: np.ndarray | torch.Tensor, num_vertices: int) -> torch.Tensor:
@@ -480,12 +529,27 @@ def _to_torch_sparse(matrix: sp.spmatrix) -> torch.Tensor:
     return torch.sparse_coo_tensor(indices, values, coo.shape, check_invariants=True).coalesce()
 
 
-def _checked_rows(matrix: sp.csr_matrix, what: str) -> sp.csr_matrix:
+def _checked_rows(matrix: sp.csr_matrix, what: str) -> tuple[float, float]:
+    """The (lowest, highest) row sum of a GraphCMR matrix; a ValueError names a non-finite
+    weight, a row without weight or a row summing outside :data:`GRAPHCMR_ROW_SUM_RANGE`."""
+    if not np.isfinite(matrix.data).all():
+        raise ValueError(f"{what}: holds NaN or infinite weights; expected finite interpolation weights")
+    if matrix.shape[0] == 0:
+        return 1.0, 1.0
+    weight = np.asarray(abs(matrix).sum(axis=1)).ravel()
+    if (weight == 0).any():
+        row = int(np.argmax(weight == 0))
+        raise ValueError(f"{what}: row {row} has no weight; every row must interpolate from at least one vertex")
     sums = np.asarray(matrix.sum(axis=1)).ravel()
-    worst = float(np.abs(sums - 1.0).max()) if len(sums) else 0.0
-    if worst > _ROW_SUM_TOLERANCE:
-        raise ValueError(f"{what}: every row must sum to 1 (a convex combination), worst row is off by {worst:.3g}")
-    return matrix
+    low, high = GRAPHCMR_ROW_SUM_RANGE
+    outside = (sums < low) | (sums > high)
+    if outside.any():
+        row = int(np.argmax(outside))
+        raise ValueError(
+            f"{what}: row {row} sums to {sums[row]:.4g}; rows must sum to about 1, between {low} and {high} "
+            "(GraphCMR's own SMPL file: 0.83–1.05)"
+        )
+    return float(sums.min()), float(sums.max())
 
 
 def _cache_key(points: np.ndarray, faces: np.ndarray, sizes: tuple[int, ...]) -> str:

@@ -10,8 +10,10 @@ files as ``BodyModelSpec.model_dir`` (``--smpl-dir``). Accepted names, per gende
 * ``J_regressor_h36m.npy`` (17, 6890), the Human3.6M joint regressor of SPIN/GraphCMR/METRO:
   when present the evaluation joints come from it (the protocol of the FastMETRO paper) and its
   pelvis row (H36M joint 0) is exposed as ``pelvis_regressor`` for pelvis-aligned protocols;
-* ``mesh_downsampling.npz``, GraphCMR's SMPL pyramid (6890 → 1723 → 431): when present it is
-  the mesh pyramid, else pchmr builds and caches its own (:func:`pchmr.core.kit.pyramid.cached_pyramid`).
+* ``mesh_downsampling.npz``, GraphCMR's SMPL pyramid (6890 → 1723 → 431, the file FastMETRO
+  ships): when present it is the mesh pyramid, its matrices used as they are (its upsampling
+  rows sum to 0.83–1.05: :func:`pchmr.core.kit.pyramid.load_graphcmr_downsampling`), else pchmr
+  builds and caches its own (:func:`pchmr.core.kit.pyramid.cached_pyramid`).
 
 The pickles are read without chumpy: chumpy ``Ch`` arrays (SMPL v1.0.0 files) are replaced by
 their values while unpickling, so chumpy need not (and on NumPy 2 cannot) be installed.

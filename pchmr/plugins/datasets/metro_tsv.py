@@ -13,7 +13,9 @@ e.g. ``human3.6m/train.smpl.p1.yaml``, ``3dpw/test_has_gender.yaml``, ``up3d/tra
 * ``linelist``: the row numbers that form the split, one per line.
 
 Each TSV may have a ``<name>.lineidx`` beside it (byte offset of every row, METRO's
-``tsv_writer`` writes them); without it the offsets are found by one scan of the file.
+``tsv_writer`` writes them); without it the offsets are found by one scan of the file. A
+``.lineidx`` that does not match its TSV (rows added, removed or rewritten since) is named as
+stale; a last row cut off by a truncated copy is named as such (see :class:`TSVFile`).
 
 Location: ``--dataset metro-tsv:SPLIT.yaml`` (seeded 80/20 split) or
 ``metro-tsv:train=A.yaml,test=B.yaml[,source=NAME][,protocol=metro|spin|mid-hip]``. ``source``
@@ -63,28 +65,71 @@ _FOLDER_SOURCES = {"human3.6m": "h36m", "h36m": "h36m", "coco_smpl": "coco", "co
 
 
 class TSVFile:
-    """Random access to the rows of a TSV by row number (through ``.lineidx`` offsets)."""
+    """Random access to the rows of a TSV by row number (through ``.lineidx`` offsets).
+
+    A ``.lineidx`` written for another version of the file (stale) is named as the cause: its
+    offsets must start at 0 and grow, its last row must end the file, and every row read must
+    start after a newline and end where the next offset begins. A last row without the newline
+    that ends every row of METRO's TSVs is *cut off*: :meth:`is_cut_off` says so, and a value that
+    does not parse there is reported as a truncated file rather than as bad content."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: TSV file does not exist")
         self.size = self.path.stat().st_size
+        self.lineidx: Path | None = None
         lineidx = self.path.with_suffix(".lineidx")
         if lineidx.is_file():
+            self.lineidx = lineidx
             try:
                 self.offsets = [int(line) for line in lineidx.read_text().split()]
             except ValueError as exc:
                 raise DatasetFormatError(f"{lineidx}: expected one integer byte offset per line ({exc})") from exc
-            bad = [o for o in self.offsets if not 0 <= o < self.size]
-            if bad:
-                raise DatasetFormatError(
-                    f"{self.path}: is {self.size} bytes but {lineidx.name} points to offset {bad[0]}; "
-                    "the TSV is truncated (or the .lineidx belongs to another file)"
-                )
+            self._check_offsets()
         else:
             self.offsets = self._scan()
+        with self.path.open("rb") as stream:
+            stream.seek(max(self.size - 1, 0))
+            self._ends_with_newline = self.size == 0 or stream.read(1) == b"\n"
         self._stream: Any = None
+
+    def _stale(self, what: str) -> DatasetFormatError:
+        if self.lineidx is None:  # offsets from our own scan: the file changed since
+            return DatasetFormatError(f"{self.path}: {what}; the file changed while it was being read")
+        return DatasetFormatError(
+            f"{self.path}: {what}; its {self.lineidx.name} is stale (written for another version of this TSV): "
+            "delete it (pchmr then finds the rows by one scan) or regenerate it"
+        )
+
+    def _check_offsets(self) -> None:
+        assert self.lineidx is not None
+        bad = [o for o in self.offsets if not 0 <= o < self.size]
+        if bad:
+            raise DatasetFormatError(
+                f"{self.path}: is {self.size} bytes but {self.lineidx.name} points to offset {bad[0]}; "
+                "the TSV is truncated (or the .lineidx is stale: written for another version of this file)"
+            )
+        if not self.offsets:
+            if self.size:
+                raise self._stale(f"{self.lineidx.name} lists no rows but the file has {self.size} bytes")
+            return
+        steps = np.diff(np.asarray(self.offsets, dtype=np.int64))
+        if self.offsets[0] != 0 or (steps <= 0).any():
+            where = 0 if self.offsets[0] != 0 else int(np.argmax(steps <= 0)) + 1
+            raise self._stale(
+                f"{self.lineidx.name} row {where} starts at byte {self.offsets[where]}, expected offsets from 0 "
+                "growing row by row"
+            )
+        with self.path.open("rb") as stream:
+            stream.seek(self.offsets[-1])
+            stream.readline()
+            end = stream.tell()
+        if end < self.size:
+            raise self._stale(
+                f"{self.lineidx.name} lists {len(self.offsets)} rows but the file goes on after them "
+                f"(row {len(self.offsets) - 1} ends at byte {end} of {self.size})"
+            )
 
     def _scan(self) -> list[int]:
         offsets, pos = [], 0
@@ -97,18 +142,35 @@ class TSVFile:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def is_cut_off(self, index: int) -> bool:
+        """Row ``index`` is the file's last and lacks its newline: the file may end inside it."""
+        return not self._ends_with_newline and index == len(self.offsets) - 1
+
+    def cut_off_error(self, index: int, detail: str) -> DatasetFormatError:
+        """The error for a cut-off last row whose value does not parse (``detail``: why)."""
+        return DatasetFormatError(
+            f"{self.path}: row {index} is cut off: the file ends inside it (byte {self.size}) without the newline "
+            f"that ends every row; the TSV is truncated (an interrupted download or copy?) ({detail})"
+        )
+
     def row(self, index: int) -> list[str]:
         """The tab-separated columns of row ``index`` (stripped)."""
         if not 0 <= index < len(self.offsets):
             raise DatasetFormatError(f"{self.path}: row {index} requested but the file has {len(self.offsets)} rows")
         if self._stream is None:
             self._stream = self.path.open("rb")
-        self._stream.seek(self.offsets[index])
+        start = self.offsets[index]
+        self._stream.seek(max(start - 1, 0))
+        if start > 0 and self._stream.read(1) != b"\n":
+            raise self._stale(f"row {index} starts at byte {start}, inside another row")
         line = self._stream.readline()
-        if not line.endswith(b"\n") and self._stream.tell() < self.size:
-            raise DatasetFormatError(f"{self.path}: row {index} is cut short")
+        end = self.offsets[index + 1] if index + 1 < len(self.offsets) else self.size
+        if start + len(line) != end:
+            raise self._stale(f"row {index} spans bytes {start}..{start + len(line)}, but the next row starts at {end}")
         columns = line.decode("utf-8").rstrip("\n").split("\t")
         if len(columns) < 2:
+            if self.is_cut_off(index):
+                raise self.cut_off_error(index, "no tab after the key")
             raise DatasetFormatError(f"{self.path}: row {index} has no tab; expected '<key>\\t<value>'")
         return [c.strip() for c in columns]
 
@@ -131,10 +193,17 @@ class TSVImages:
         try:
             data = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError) as exc:
+            if self.tsv.is_cut_off(row):
+                raise self.tsv.cut_off_error(row, f"its base64 ends early: {exc}") from exc
             raise DatasetFormatError(
                 f"{self.tsv.path}: row {row} is not base64 ({exc}); expected a base64 JPEG"
             ) from exc
-        return decode_image(data, f"{self.tsv.path} row {row}")
+        try:
+            return decode_image(data, f"{self.tsv.path} row {row}")
+        except DatasetFormatError as exc:
+            if self.tsv.is_cut_off(row):
+                raise self.tsv.cut_off_error(row, f"its JPEG does not decode: {exc}") from exc
+            raise
 
 
 @dataclass(frozen=True)
@@ -176,6 +245,8 @@ def _row_label(tsv: TSVFile, row: int) -> tuple[str, dict[str, Any]]:
     try:
         labels = json.loads(value)
     except json.JSONDecodeError as exc:
+        if tsv.is_cut_off(row):
+            raise tsv.cut_off_error(row, f"its JSON ends early: {exc}") from exc
         raise DatasetFormatError(f"{tsv.path}: row {row} is not JSON ({exc})") from exc
     if not isinstance(labels, list) or not labels or not isinstance(labels[0], dict):
         raise DatasetFormatError(f"{tsv.path}: row {row} must hold a JSON list of label dicts, got {value[:60]!r}")

@@ -1,14 +1,14 @@
 """Named datasets under one data root, the manifest of their files, and mixed training sets.
 
-``--dataset h36m:ROOT`` finds Human3.6M under ROOT in the first layout of :data:`CATALOG` whose
-files are there (SPIN ``.npz`` files, METRO TSVs or the raw release) and loads it with that
-format's plugin, ``source`` set to the name. ``--dataset h36m,up3d,coco,mpii,mpi-inf-3dhp:ROOT``
+``--dataset h36m:ROOT`` finds Human3.6M under ROOT in the first layout of :data:`CATALOG` that is
+usable there (SPIN ``.npz`` files, METRO TSVs or the raw release: its training file and every
+file it needs, :func:`layout_files`) and loads it with that format's plugin, ``source`` set to the name. ``--dataset h36m,up3d,coco,mpii,mpi-inf-3dhp:ROOT``
 (``mixed``) concatenates the members' training sets — each sample keeps its member's
 ``source`` label, so ``--partitioner by-source`` and ``lda --partition-option label=source``
 reproduce the PCHMR paper's mixed and LDA settings — and evaluates on the members' test
 splits that carry 3D joints. :func:`check_root` is ``pchmr data check``: per dataset and
-layout, which files are present, which are missing and where each is obtained. Nothing is
-downloaded.
+layout, which files are present, which are missing (and whether the loader needs them) and
+where each is obtained; it calls a layout usable by the same rule. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ __all__ = [
     "MixedSplit",
     "check_root",
     "find_layout",
+    "layout_files",
     "make_mixed",
     "make_named",
+    "missing_files",
     "pchmr_datasets",
 ]
 
@@ -48,13 +50,19 @@ METRO_URL = "METRO's download_tsv.sh (github.com/microsoft/MeshTransformer, docs
 
 @dataclass(frozen=True)
 class Layout:
-    """One way a dataset can lie under the data root: its format plugin and files (relative)."""
+    """One way a dataset can lie under the data root: its format plugin and files (relative).
+
+    ``images`` is the training images' folder (and the test's, unless ``test_images`` names
+    another). Without its ``test`` file a layout is still usable — its format splits the
+    training file 80/20 with the run's seed — unless ``needs_test``."""
 
     format: str
     train: str
     test: str | None
     images: str | None
     obtain: str
+    test_images: str | None = None
+    needs_test: bool = False
 
     def files(self) -> list[str]:
         return [f for f in (self.train, self.test) if f]
@@ -68,8 +76,8 @@ CATALOG: Mapping[str, tuple[Layout, ...]] = {
         Layout("metro-tsv", "human3.6m/train.smpl.p1.yaml", "human3.6m/valid.protocol2.yaml", None, METRO_URL),
     ),
     "3dpw": (
-        Layout("3dpw-pkl", "3DPW/sequenceFiles/train", "3DPW/sequenceFiles/test", "3DPW",
-               "https://virtualhumans.mpi-inf.mpg.de/3DPW (sequenceFiles.zip, imageFiles.zip)"),
+        Layout("3dpw-pkl", "3DPW/sequenceFiles/train", "3DPW/sequenceFiles/test", "3DPW/imageFiles",
+               "https://virtualhumans.mpi-inf.mpg.de/3DPW (sequenceFiles.zip, imageFiles.zip)", needs_test=True),
         Layout("metro-tsv", "3dpw/train.yaml", "3dpw/test_has_gender.yaml", None, METRO_URL),
     ),
     "mpi-inf-3dhp": (
@@ -78,7 +86,8 @@ CATALOG: Mapping[str, tuple[Layout, ...]] = {
     ),
     "coco": (
         Layout("coco-json", "coco/annotations/person_keypoints_train2014.json",
-               "coco/annotations/person_keypoints_val2014.json", "coco", "https://cocodataset.org (2014 train/val)"),
+               "coco/annotations/person_keypoints_val2014.json", "coco/train2014",
+               "https://cocodataset.org (2014 train/val)", test_images="coco/val2014"),
         Layout("spin-npz", "dataset_extras/coco_2014_train.npz", None, "coco", SPIN_URL),
         Layout("metro-tsv", "coco_smpl/train.yaml", None, None, METRO_URL),
     ),
@@ -108,14 +117,51 @@ def _exists(root: Path, relative: str) -> bool:
     return p.is_file() or (p.is_dir() and any(p.glob("*.pkl")))
 
 
+def layout_files(name: str, layout: Layout, root: str | Path) -> list[ExpectedFile]:
+    """What ``layout`` of dataset ``name`` reads under ``root``: each file or folder, whether it
+    is there and whether the loader needs it given what else is (:class:`ExpectedFile`)."""
+    root = Path(root).expanduser()
+    has_test = bool(layout.test) and _exists(root, layout.test or "")
+    roles: list[tuple[str, str | None, bool]] = [
+        ("train", layout.train, True),
+        ("test", layout.test, layout.needs_test),
+        ("images", layout.images, True),
+        ("test images", layout.test_images, has_test or layout.needs_test),
+    ]
+    out = []
+    for role, rel, required in roles:
+        if rel is not None:
+            present = (root / rel).is_dir() if "images" in role else _exists(root, rel)
+            out.append(ExpectedFile(name, layout.format, role, root / rel, present, layout.obtain, required))
+    return out
+
+
+def missing_files(files: Sequence[ExpectedFile]) -> list[ExpectedFile]:
+    """The required files of one layout that are not there: it is usable when there are none."""
+    return [f for f in files if f.required and not f.present]
+
+
 def find_layout(name: str, root: str | Path) -> Layout:
-    """The first layout of ``name`` whose training file exists under ``root``."""
+    """The first layout of ``name`` usable under ``root`` (its training file and every file it
+    needs are there: :func:`layout_files`, the rule ``pchmr data check`` prints)."""
     if name not in CATALOG:
         raise DatasetFormatError(f"no named dataset {name!r}; known: {', '.join(CATALOG)}")
     root = Path(root).expanduser()
+    partial: list[tuple[Layout, list[ExpectedFile]]] = []
     for layout in CATALOG[name]:
-        if _exists(root, layout.train):
+        files = layout_files(name, layout, root)
+        lacking = missing_files(files)
+        if not lacking:
             return layout
+        if files[0].present:
+            partial.append((layout, lacking))
+    if partial:
+        layout, lacking = partial[0]
+        what = ", ".join(f"{f.role} {f.path}" for f in lacking)
+        raise FileNotFoundError(
+            f"{name}: the {layout.format} layout under {root} is incomplete: {root / layout.train} is there but "
+            f"not {what} (`pchmr data check {root}`; {layout.obtain})"
+        )
     expected = "; ".join(f"{layout.format}: {root / layout.train}" for layout in CATALOG[name])
     raise FileNotFoundError(
         f"{name}: no known layout under {root}; expected one of {expected} (`pchmr data check {root}`)"
@@ -126,13 +172,13 @@ def _member_spec(spec: DatasetSpec, name: str, layout: Layout, root: Path) -> Da
     """The location and options the layout's format plugin reads."""
     options: dict[str, object] = {}
     if layout.format == "3dpw-pkl":
-        path = f"root={root / (layout.images or '')},train={Path(layout.train).name}"
+        path = f"root={root / Path(layout.train).parent.parent},train={Path(layout.train).name}"
         path += f",test={Path(layout.test).name}" if layout.test else ""
         return dataclasses.replace(spec, path=path, options=options)
-    if layout.format == "coco-json":
+    if layout.format == "coco-json":  # without the test file: coco-json splits train 80/20
         split = lambda rel: Path(rel).stem.removeprefix("person_keypoints_")  # noqa: E731
         path = f"root={root / Path(layout.train).parent.parent},train={split(layout.train)}"
-        path += f",test={split(layout.test)}" if layout.test else ""
+        path += f",test={split(layout.test)}" if layout.test and _exists(root, layout.test) else ""
         return dataclasses.replace(spec, path=path, options=options)
     options["source"] = name
     if layout.images:
@@ -236,22 +282,14 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
 
 
 def check_root(root: str | Path, names: Sequence[str] | None = None) -> list[ExpectedFile]:
-    """Every expected file of every layout of ``names`` (default: all) under ``root``."""
-    root = Path(root).expanduser()
+    """Every expected file of every layout of ``names`` (default: all) under ``root``
+    (:func:`layout_files`: a layout is usable when none of its required files is missing)."""
     out = []
     for name in names or list(CATALOG):
         if name not in CATALOG:
             raise DatasetFormatError(f"no named dataset {name!r}; known: {', '.join(CATALOG)}")
         for layout in CATALOG[name]:
-            roles = [("train", layout.train), ("test", layout.test)]
-            if layout.images:
-                roles.append(("images", layout.images))
-            for role, rel in roles:
-                if rel is None:
-                    continue
-                path = root / rel
-                present = path.is_dir() if role == "images" else _exists(root, rel)
-                out.append(ExpectedFile(name, layout.format, role, path, present, layout.obtain))
+            out.extend(layout_files(name, layout, root))
     return out
 
 

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 from pchmr.core.contracts.bodymodel import BodyModel, BodyModelSpec
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.errors import DatasetFormatError
-from pchmr.core.contracts.options import read_options
+from pchmr.core.contracts.options import describe_options, read_options
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.core.kit.joints import get_protocol, root_relative
 from pchmr.core.kit.store import (
@@ -430,12 +430,22 @@ def location_keys(declared: type) -> tuple[str, ...]:
 
 def read_location(plugin: str, spec: DatasetSpec, declared: type) -> dict[str, str]:
     """Where a format plugin reads: the ``--dataset`` path (:func:`parse_path_spec`, keys
-    :func:`location_keys`), overridden by ``spec.options`` read through the plugin's options class
-    ``declared`` (a named dataset sets ``source`` and ``images`` that way). Values are strings."""
+    :func:`location_keys`) and ``spec.options`` (which win; a named dataset sets ``source`` and
+    ``images`` that way), read together through the plugin's options class ``declared``: types,
+    ranges, choices and its rules are checked (``OptionError``). Values are strings; a bare path
+    is ``main``."""
     where = parse_path_spec(spec.path, plugin, location_keys(declared))
-    options = read_options(declared, spec.options, plugin=plugin, kind="dataset")
-    where.update({key: str(value) for key, value in dataclasses.asdict(options).items() if value is not None})
-    return where
+    spelled = {}  # a field's name or key, normalised → its key as declared
+    for declared_field, info in zip(dataclasses.fields(declared), describe_options(declared)):
+        spelled[declared_field.name.replace("_", "-")] = spelled[info.key.replace("_", "-")] = info.key
+    values: dict[str, object] = {}
+    for source in ({k: v for k, v in where.items() if k != "main"}, spec.options or {}):
+        for key, value in source.items():
+            values[spelled.get(str(key).strip().replace("_", "-"), str(key))] = value
+    options = read_options(declared, values, plugin=plugin, kind="dataset")
+    out = {"main": where["main"]} if "main" in where else {}
+    out.update({key: str(value) for key, value in dataclasses.asdict(options).items() if value is not None})
+    return out
 
 
 def parse_path_spec(path: str | None, plugin: str, keys: Sequence[str]) -> dict[str, str]:

@@ -16,8 +16,13 @@ key                    type, shape                meaning
 ``cam_poses``          (F, 4, 4)                  world → camera extrinsics [R | t]
 ``cam_intrinsics``     (3, 3)
 ``campose_valid``      P × (F,)                   1 where the person's pose/camera is valid
-``img_frame_ids``      (F,)                       image number of each frame (default 0..F-1)
+``poses_60Hz``         P × (~2F, 72)              the poses at 60 Hz (not read)
+``img_frame_ids``      (F,)                       index of each image frame into the 60 Hz arrays (not read)
 =====================  =========================  ==================================================
+
+Every per-frame array above is per *image* frame (30 Hz): frame f's image is
+``imageFiles/<sequence>/image_{f:05d}.jpg``. ``img_frame_ids`` (≈ 2f) indexes ``poses_60Hz`` and
+``trans_60Hz`` (3DPW's readme; SPIN's and VIBE's preprocessing agree) and never names an image.
 
 A sample is one valid (person, frame). Its box is SPIN's (the extent of the confident 2D
 keypoints × 1.2); its 3D joints are ``jointPositions`` moved to the camera (``R x + t``) and
@@ -115,9 +120,6 @@ def load_sequence(path: str | Path, joint_names: tuple[str, ...], joints_from_me
         raise DatasetFormatError(f"{path}: 'cam_poses' must have shape (F, 4, 4), got {cams.shape}")
     frames = len(cams)
     people = len(data["poses"])
-    frame_ids = np.asarray(data.get("img_frame_ids", np.arange(frames))).astype(int)
-    if frame_ids.shape != (frames,):
-        raise DatasetFormatError(f"{path}: 'img_frame_ids' must have shape ({frames},), got {frame_ids.shape}")
     sequence = str(data["sequence"])
     m = _NAME.match(sequence)
     scene, action = (m.group(1), m.group(2)) if m else (sequence, "unknown")
@@ -142,7 +144,7 @@ def load_sequence(path: str | Path, joint_names: tuple[str, ...], joints_from_me
             if len(confident) < MIN_KEYPOINTS:
                 continue
             lo, hi = confident.min(0), confident.max(0)
-            rows["image"].append(f"imageFiles/{sequence}/image_{frame_ids[f]:05d}.jpg")
+            rows["image"].append(f"imageFiles/{sequence}/image_{f:05d}.jpg")
             rows["center"].append((lo + hi) / 2.0)
             rows["scale"].append(BOX_FACTOR * float((hi - lo).max()) / 200.0)
             rows["kp"].append(kp)
