@@ -261,7 +261,10 @@ def _resolve_path(source: Path, value: Any, where: str) -> Path:
 
 def _seeds(source: Path, data: Mapping[str, Any]) -> tuple[int, ...]:
     if "seeds" not in data:
-        raise _error(source, "has no seeds; give the seeds every row runs with, e.g. seeds = [0, 1, 2]")
+        inside = [k for k, v in data.items() if isinstance(v, Mapping) and "seeds" in v]
+        hint = (f" (a seeds key sits inside [{inside[0]}]: in TOML, top-level keys go before the first [table])"
+                if inside else "")  # fmt: skip
+        raise _error(source, f"has no seeds; give the seeds every row runs with, e.g. seeds = [0, 1, 2]{hint}")
     seeds = data["seeds"]
     ok = isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
     if not ok or any(s < 0 for s in seeds):
