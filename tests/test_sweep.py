@@ -470,3 +470,56 @@ def test_report_command_bad_sweep_input_exits_2(sweep_dir, args, message):
     result = CliRunner().invoke(app, ["report", *(a.replace("SWEEP", str(sweep_dir)) for a in args)])
     assert result.exit_code == 2, output(result)
     assert message in output(result)
+
+
+def test_realised_steps_count_the_sampled_clients_own_shares(tmp_path):
+    import numpy as np
+
+    from pchmr.core.contracts.partition import Partition, save_partition
+    from pchmr.core.engine.federation.common import sample_clients
+    from pchmr.core.engine.sweep import realised_steps
+
+    sizes = [5, 5, 4, 10]  # unequal clients, as lda makes them: ⌈size/4⌉ = 2, 2, 1, 3 steps an epoch
+    config = RunConfig(clients=4, per_round=2, local_epochs=2, batch_size=4, rounds=3, seed=3)
+    run = fake_cell(tmp_path, config, Cell("lda", 3), (1.0, 1.0, 1.0, 0.5))
+    chunks, start = [], 0
+    for size in sizes:
+        chunks.append(np.arange(start, start + size, dtype=np.int64))
+        start += size
+    save_partition(Partition(tuple(chunks), "lda", {}), run / "partition.json")
+    final = json.loads((run / "final.json").read_text())
+    (run / "final.json").write_text(json.dumps({**final, "round": 3}))
+    steps = {0: 2, 1: 2, 2: 1, 3: 3}
+    expected = sum(2 * steps[p] for r in (1, 2, 3) for p in sample_clients(3, r, 4, 2))
+    assert realised_steps(run) == expected
+    # a run that stopped early (e.g. out of privacy budget) counts the rounds it ran
+    (run / "final.json").write_text(json.dumps({**final, "round": 1}))
+    assert realised_steps(run) == sum(2 * steps[p] for p in sample_clients(3, 1, 4, 2))
+    # a baseline: epochs × ⌈size/batch⌉ of its one device
+    naive = fake_cell(tmp_path, RunConfig(mode="naive", batch_size=4, epochs=5), Cell("naive", 0), (1.0, 1.0, 1.0, 0.5))
+    save_partition(Partition((np.arange(9, dtype=np.int64),), "naive", {}), naive / "partition.json")
+    (naive / "final.json").write_text(json.dumps({**final, "round": 5, "unit": "epoch"}))
+    assert realised_steps(naive) == 5 * 3
+    assert realised_steps(tmp_path / "nowhere") is None
+
+
+def test_report_says_when_cells_ran_other_steps_than_planned(sweep_dir):
+    import numpy as np
+
+    from pchmr.core.contracts.partition import Partition, save_partition
+
+    def partition(cell: str, sizes: list[int]) -> None:
+        bounds = np.cumsum([0, *sizes])
+        chunks = tuple(np.arange(a, b, dtype=np.int64) for a, b in zip(bounds, bounds[1:]))
+        save_partition(Partition(chunks, "iid", {}), sweep_dir / cell / "partition.json")
+        final = json.loads((sweep_dir / cell / "final.json").read_text())
+        (sweep_dir / cell / "final.json").write_text(json.dumps({**final, "round": 2}))
+
+    partition("fedavg/seed-0", [12, 12, 12, 12])  # equal shares: 2 rounds × 2 clients × 3 steps, as planned
+    partition("fedprox/seed-0", [40, 4, 2, 2])  # one client holds most: other counts
+    report = load_sweep_report(sweep_dir)
+    fedavg, fedprox = report.tables[0].rows
+    assert fedavg.realised_steps[0] == 12 and fedavg.steps_text == "12"
+    assert fedprox.realised_steps[0] != 12 and fedprox.steps_text == f"12 (ran {fedprox.realised_steps[0]})"
+    assert any("row 'fedprox': the cells ran" in w and "not the planned 12" in w for w in report.warnings)
+    assert not any("row 'fedavg': the cells ran" in w for w in report.warnings)
