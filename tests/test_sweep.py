@@ -523,3 +523,17 @@ def test_report_says_when_cells_ran_other_steps_than_planned(sweep_dir):
     assert fedprox.realised_steps[0] != 12 and fedprox.steps_text == f"12 (ran {fedprox.realised_steps[0]})"
     assert any("row 'fedprox': the cells ran" in w and "not the planned 12" in w for w in report.warnings)
     assert not any("row 'fedavg': the cells ran" in w for w in report.warnings)
+
+
+def test_the_example_sweep_plans_at_full_scale_and_smoke():
+    example = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "strategies.toml"
+    full = {row.name: row for row in load_sweep(example).rows}
+    assert list(full) == ["fedavg", "fedprox", "fedopt", "fedgh", "fedavg-e2"]
+    # the whole dataset: matched in client epochs of the same unknown ⌈n/(N·B)⌉
+    assert [full[n].config.rounds for n in full] == [2000, 2000, 2000, 2000, 1000]
+    assert full["fedprox"].config.dataset == "h36m" and full["fedgh"].config.strategy == "fedgh"
+    smoke = load_sweep(example, scale="smoke")
+    assert smoke.seeds == (0, 1, 2) and smoke.baseline == "fedavg" and len(smoke.cells) == 15
+    assert {row.steps for row in smoke.rows} == {16}
+    assert [row.config.rounds for row in smoke.rows] == [4, 4, 4, 4, 2]
+    assert {row.config.dataset for row in smoke.rows} == {"synthetic"}
