@@ -100,6 +100,8 @@ def _print_plan(plan: SweepPlan, states: dict[Any, str]) -> None:
         steps = "?" if row.steps is None else str(row.steps)
         table.add_row(escape(name), escape(setting_label(row.config)), length, steps, escape(row.explain))
     console.print(table)
+    if plan.description:
+        console.print(escape(plan.description), highlight=False, soft_wrap=True)
     budget = plan.budget
     if budget is None:
         console.print("budget: none — every row runs as written (no [budget] table)", highlight=False)

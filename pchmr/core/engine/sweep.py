@@ -369,9 +369,9 @@ def _row_config(
     scale: str | None,
 ) -> tuple[RunConfig, dict[str, Any], set[str]]:
     where = f"row '{name}'"
-    if not isinstance(name, str) or not ROW_NAME.match(name):
+    if not isinstance(name, str) or not ROW_NAME.match(name) or name in (PLAN_FILE, LOG_FILE):
         raise _error(source, f"{where}: a row's name names its directory: letters, digits, '.', '_' and '-', "
-                     "starting with a letter or digit")  # fmt: skip
+                     "starting with a letter or digit (and not sweep.json or sweep.log)")  # fmt: skip
     if not isinstance(row, Mapping):
         raise _error(source, f'{where} must be a table of run options, e.g. [rows.{name}] strategy = "fedprox"')
     given = dict(row)
