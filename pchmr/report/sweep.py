@@ -252,6 +252,11 @@ def _notes(report: SweepReport) -> list[str]:
         "confidence interval by Student's t with n − 1 degrees of freedom over the n seeds (n = 1: the value alone, "
         "no interval); lower is better for the mm metrics, higher for PCK",
     ]
+    budget = report.plan.get("budget")
+    if budget:
+        notes.append(f"matched budget: {budget.get('explain')} (knob: {budget.get('knob')}; baseline rows: epochs)")
+    else:
+        notes.append("no matched budget: the rows ran as written (see the client steps column)")
     if report.baseline is not None:
         notes.append(
             f"Δ: paired difference row − {report.baseline}, per seed (the same seed draws the same partition, client "
