@@ -22,15 +22,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pchmr.cli._output import RUN_FAILED, console
+from pchmr.cli._output import RUN_FAILED, console, exit_interrupted
 from pchmr.cli._output import fail as _fail
 from pchmr.core.engine.config import ConfigError
 from pchmr.core.engine.sweep import LOG_FILE, PLAN_FILE, CellOutcome, SweepPlan, check_cells, load_sweep
 from pchmr.report.tables import setting_label
 
 __all__ = ["sweep"]
-
-INTERRUPTED = 130
 
 
 def sweep(
@@ -71,7 +69,7 @@ def sweep(
             "resumes from its last checkpoint)",
             highlight=False,
         )
-        raise typer.Exit(INTERRUPTED) from None
+        raise exit_interrupted() from None
     except (ConfigError, PluginError) as exc:
         raise _fail(str(exc)) from None
     _print_summary(outcomes, out)
