@@ -73,6 +73,17 @@ def test_readme_run_options_table_lists_exactly_the_flags_of_pchmr_run():
     assert in_readme - _run_flags() == set(), "README.md's options table names flags pchmr run does not have"
 
 
+def test_readme_commands_table_lists_every_command():
+    """Every command (and sub-app) of the pchmr app has a row in a table of README.md from "## Commands" on."""
+    lines = README.read_text().splitlines()
+    start = lines.index("## Commands")
+    rows = [line for line in lines[start:] if line.startswith("| `pchmr ")]
+    listed = {re.match(r"\| `pchmr ([a-z-]+)", row).group(1) for row in rows}
+    commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert commands - listed == set(), "commands missing from README.md's command tables"
+    assert listed - commands == set(), "README.md's command tables name commands pchmr does not have"
+
+
 @dataclasses.dataclass(frozen=True)
 class NextConfig:
     """Stands for RunConfig after someone adds options: one field each, nothing else."""

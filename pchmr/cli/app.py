@@ -1,6 +1,6 @@
 """The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
 beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
-``privacy.py``, ``annotate.py``, ``profile.py``)."""
+``privacy.py``, ``annotate.py``, ``profile.py``, ``sweep.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from pchmr.cli.privacy import privacy_app
 from pchmr.cli.profile import profile
 from pchmr.cli.report import report
 from pchmr.cli.run import run
+from pchmr.cli.sweep import sweep
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +28,7 @@ app = typer.Typer(
 )
 app.command(name="run")(run)
 app.command(name="report")(report)
+app.command(name="sweep")(sweep)
 app.command(name="plugins")(plugins)
 app.command(name="partition")(partition)
 app.add_typer(data_app, name="data")

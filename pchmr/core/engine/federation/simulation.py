@@ -207,6 +207,9 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
         raise RuntimeError(
             f"Flower's Simulation Engine (Ray) stopped before the run finished: {type(cause).__name__}: {cause}"
         ) from exc
+    except BaseException:  # Ctrl-C: the ServerApp thread would wait for the dead clients' replies (a day)
+        stop.set()
+        raise
     finally:
         if address is not None:
             _leave_cluster()
