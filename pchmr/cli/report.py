@@ -22,6 +22,7 @@ from pchmr.report.tables import (
     find_runs,
     load_run,
     to_csv,
+    to_json,
     to_latex,
     to_markdown,
     to_rich,
@@ -30,7 +31,7 @@ from pchmr.report.tables import (
 __all__ = ["FORMATS", "report"]
 
 #: --formats value → file written into --out.
-FORMATS = {"md": "report.md", "csv": "report.csv", "tex": "report.tex", "png": "convergence.png"}
+FORMATS = {"md": "report.md", "csv": "report.csv", "tex": "report.tex", "png": "convergence.png", "json": "report.json"}
 
 
 def _parse_formats(formats: str) -> list[str]:
@@ -52,7 +53,9 @@ def _load(paths: list[Path], include_unfinished: bool) -> list[RunSummary]:
 def report(
     runs: list[Path] = typer.Argument(..., help="Run directories (or directories holding run directories)."),
     group_by: str = typer.Option("setting-model", "--group-by", help=f"Rows × model columns: {', '.join(GROUP_BY)}."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Directory for report.md/.csv/.tex and convergence.png."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Directory for report.md/.csv/.tex, convergence.png (and report.json with --formats json)."
+    ),
     formats: str = typer.Option(
         "md,csv,tex,png", "--formats", help=f"Files to write with --out: {', '.join(FORMATS)}."
     ),
@@ -63,7 +66,8 @@ def report(
         False, "--include-unfinished", help="Report runs without final.json at their last evaluated round (marked *)."
     ),
 ) -> None:
-    """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol) and a convergence plot of runs."""
+    """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol; each model's final and best
+    round side by side) and a convergence plot of runs."""
     if group_by not in GROUP_BY:
         raise _fail(f"unknown --group-by '{group_by}'; choose one of: {', '.join(GROUP_BY)}")
     if metric not in CONVERGENCE_METRICS:
@@ -81,7 +85,7 @@ def report(
     if out.exists() and not out.is_dir():
         raise _fail(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
+    writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex, "json": to_json}
     for fmt in chosen:
         target = out / FORMATS[fmt]
         if fmt == "png":
