@@ -6,8 +6,7 @@ format's plugin, ``source`` set to the name. ``--dataset h36m,up3d,coco,mpii,mpi
 (``mixed``) concatenates the members' training sets — each sample keeps its member's
 ``source`` label, so ``--partitioner by-source`` and ``lda --partition-option label=source``
 reproduce the PCHMR paper's mixed and LDA settings — and evaluates on the members' test
-splits that carry 3D joints, or on those ``--eval-datasets`` names (option ``test``; the paper's
-mixed-set experiments evaluate on Human3.6M alone). :func:`check_root` is ``pchmr data check``: per dataset and
+splits that carry 3D joints. :func:`check_root` is ``pchmr data check``: per dataset and
 layout, which files are present, which are missing and where each is obtained. Nothing is
 downloaded.
 """
@@ -205,7 +204,9 @@ class MixedOptions:
 
 
 def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
-    """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
+    """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member;
+    evaluated on the members whose test splits have 3D joints, or on those ``--eval-datasets``
+    names (option ``test``: the PCHMR paper's mixed-set experiments evaluate on Human3.6M alone)."""
     options = read_options(MixedOptions, spec.options, plugin="mixed", kind="dataset")
     members = [m.strip() for m in options.datasets.split(",") if m.strip()]
     if len(members) < 2 or len(set(members)) != len(members):
