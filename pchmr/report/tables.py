@@ -14,7 +14,7 @@
 
 Every model column comes twice (:data:`VIEWS`): the **final** evaluated round of each run
 (``final.json``), and its **best round** — the evaluated round (epoch) after training began with
-the lowest MPJPE, the PCHMR paper's choice for Table 1 ("their best evaluation results"); the
+the lowest MPJPE, the PCHMR paper's choice for Table 1 (each run's best evaluation); the
 three metrics of that column all come from that round, which the cell names. A run without
 ``final.json`` (killed, or still running) is refused unless ``include_unfinished`` is set; it then
 contributes its last evaluated round (and its best so far) and its cell is marked with
