@@ -51,3 +51,41 @@ def test_config_file_toml_with_kebab_keys(tmp_path):
         load_config_file(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file(tmp_path / "missing.toml")
+
+
+def test_eval_datasets_name_members_of_the_mixed_dataset():
+    cfg = RunConfig(dataset="h36m,up3d,coco", eval_datasets="h36m")
+    assert cfg.eval_datasets == "h36m"
+    assert RunConfig(dataset="h36m,coco", eval_datasets="all").eval_datasets is None  # TOML's way to say unset
+    with pytest.raises(ConfigError, match="--eval-datasets must name distinct members of --dataset h36m,coco.*: 3dpw"):
+        RunConfig(dataset="h36m,coco", eval_datasets="3dpw")
+    with pytest.raises(ConfigError, match="--eval-datasets must name distinct members"):
+        RunConfig(dataset="h36m,coco", eval_datasets="h36m,h36m")
+
+
+def test_missing_model_files_are_refused_naming_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"no such file: .*resnet50-imagenet\.pth\)\. The resnet50 encoder starts from "
+                       r"torchvision's ImageNet ResNet-50 state dict: download https://download\.pytorch\.org/models/"
+                       r"resnet50-0676ba61\.pth .*pchmr downloads nothing, and save it as .*resnet50-imagenet\.pth"):  # fmt: skip
+        RunConfig(encoder="resnet50", input_size=224, encoder_weights="data/weights/resnet50-imagenet.pth")
+    with pytest.raises(ConfigError, match="does not exist yet: this run fine-tunes a trained model, so run the training "
+                       "that makes it first, with --out runs/pre"):  # fmt: skip
+        RunConfig(init_from="runs/pre")
+    (tmp_path / "runs" / "pre").mkdir(parents=True)
+    (tmp_path / "runs" / "pre" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"that run has not finished .* `pchmr run --resume runs/pre`"):
+        RunConfig(init_from="runs/pre")
+    (tmp_path / "runs" / "pre" / "model.pt").write_bytes(b"")
+    assert RunConfig(init_from="runs/pre").init_from == "runs/pre"
+
+
+def test_a_saved_config_reads_without_the_files_it_names(tmp_path):
+    """A report, a client on another node or a resume reads config.json; the weights and the model the
+    run started from served when it started and need not be there any more."""
+    saved = RunConfig(encoder="resnet50", input_size=224, encoder_weights="public").to_dict()
+    saved.update(encoder_weights=str(tmp_path / "gone.pth"), init_from=str(tmp_path / "gone-run"))
+    cfg = RunConfig.from_saved(saved)
+    assert (cfg.encoder_weights, cfg.init_from) == (str(tmp_path / "gone.pth"), str(tmp_path / "gone-run"))
+    with pytest.raises(ConfigError, match="--init-from must be a run directory"):
+        RunConfig.from_dict(saved)  # a new run still checks them

@@ -166,7 +166,7 @@ def test_3dpw_joints_are_moved_into_the_camera_and_invalid_frames_dropped(pw3d):
         validate_sample(sample, num_joints=14, num_vertices=5, image_size=SIZE)
         root_cam = test.joints_cam[k][HIPS].mean(0)
         np.testing.assert_allclose(sample["joints_3d"][:, :3].numpy(), test.joints_cam[k] - root_cam, atol=1e-5)
-    assert set(data.labels["scene"]) == {"downtown"} and set(data.labels["action"]) == {"walking"}
+    assert set(data.labels["scene"]) == {"downtown_walking"} and set(data.labels["action"]) == {"walking"}
     assert sorted(set(data.labels["subject"])) == ["downtown_walking_00/person0", "downtown_walking_00/person1"]
 
 

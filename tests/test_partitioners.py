@@ -198,7 +198,7 @@ def test_more_clusters_than_clients_are_dealt_round_robin_by_size():
 def test_cnn_cluster_refuses_fewer_clusters_than_clients_and_missing_weights():
     with pytest.raises(OptionError, match="option 'clusters' must be at least --clients 3 .*, got 2"):
         cnn_cluster(colour_groups(), 3, 0, {"clusters": 2})
-    with pytest.raises(OptionError, match="option 'weights' must be an existing file .*, got '/nowhere.pt'"):
+    with pytest.raises(OptionError, match="option 'weights' must be an existing file .* or 'none', got '/nowhere.pt'"):
         cnn_cluster(colour_groups(), 2, 0, {"weights": "/nowhere.pt"})
 
 
@@ -213,6 +213,11 @@ def test_cnn_cluster_loads_encoder_weights_and_records_their_hash(tmp_path):
     # with weights the encoder defaults to resnet50, which these small-encoder weights do not fit
     with pytest.raises(PartitionError, match="cannot build the resnet50 encoder: encoder weights in .* do not match"):
         cnn_cluster(colour_groups(), 2, 0, {"weights": str(path)})
+    # 'none' unsets a file's weights (a config scale cannot delete the key): the seeded random encoder
+    random = cnn_cluster(colour_groups(), 2, 0, {"weights": "none", "encoder": "small"})
+    assert (random.params["weights"], random.params["init"]) == (None, "he-normal from seed")
+    same = cnn_cluster(colour_groups(), 2, 0, {"encoder": "small"})
+    assert all(np.array_equal(a, b) for a, b in zip(random.clients, same.clients, strict=True))
 
 
 # ------------------------------------------------------------------------------ plots

@@ -20,6 +20,7 @@ from pchmr.report.tables import (
     load_run,
     setting_label,
     to_csv,
+    to_json,
     to_latex,
     to_markdown,
 )
@@ -166,11 +167,15 @@ def test_markdown(two_seed_report):
     lines = to_markdown(two_seed_report).splitlines()
     assert lines[0] == f"**Protocol:** {PROTOCOL_LABEL}"
     assert lines[2:6] == [
-        "| Setting | FastMETRO-S |",
-        "|---|---:|",
-        "| Centralized | 61.4 / 41.6 / 72.2 |",  # 72.25 → 72.2 (binary float, round-half-even)
-        "| FedAvg 10/10 IID | 60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) |",
+        "| Setting | FastMETRO-S · final | FastMETRO-S · best round |",
+        "|---|---:|---:|",
+        # 72.25 → 72.2 (binary float, round-half-even); make_run's final round is also its best
+        "| Centralized | 61.4 / 41.6 / 72.2 | 61.4 / 41.6 / 72.2 @ epoch 2 |",
+        "| FedAvg 10/10 IID | 60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) | "
+        "60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) @ rounds 2, 2 |",
     ]
+    assert "_final: the last evaluated round/epoch; best round: the evaluated round/epoch after training began " \
+        "with the lowest MPJPE (the PCHMR paper's Table 1 choice)" in to_markdown(two_seed_report)  # fmt: skip
 
 
 def test_csv(two_seed_report):
@@ -184,15 +189,48 @@ def test_csv(two_seed_report):
     assert fed["mpjpe_mm_mean"] == "60.000"
     assert fed["mpjpe_mm_std"] == "1.414"
     assert rows[0]["mpjpe_mm_std"] == ""
+    assert fed["best_mpjpe_mm_mean"] == "60.000" and fed["best_rounds"] == "2;2"
+    assert fed["best_cell"] == "60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) @ rounds 2, 2"
 
 
 def test_latex(two_seed_report):
     tex = to_latex(two_seed_report)
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
-    assert r"\begin{tabular}{lr}" in tex
-    assert r"Setting & FastMETRO-S \\" in tex
-    assert r"FedAvg 10/10 IID & 60.0 $\pm$ 1.4 / 42.0 $\pm$ 1.4 / 71.0 $\pm$ 1.4 (n=2) \\" in tex
+    assert r"\begin{tabular}{lrr}" in tex
+    assert r"Setting & FastMETRO-S $\cdot$ final & FastMETRO-S $\cdot$ best round \\" in tex
+    assert r"FedAvg 10/10 IID & 60.0 $\pm$ 1.4 / 42.0 $\pm$ 1.4 / 71.0 $\pm$ 1.4 (n=2) & 60.0" in tex
     assert r"Protocol: synthetic $\cdot$ anny-14" in tex
+
+
+def _rewrite_rounds(path, mpjpe_by_round):
+    """Give the run's evaluated rounds these MPJPEs (PA-MPJPE = MPJPE / 2, MPVPE = MPJPE + 10)."""
+    records = [json.loads(line) for line in (path / "rounds.jsonl").read_text().splitlines()]
+    records = [{**records[-1], "round": i, "mpjpe_mm": m, "pa_mpjpe_mm": m / 2, "mpvpe_mm": m + 10}
+               for i, m in enumerate(mpjpe_by_round)]  # fmt: skip
+    (path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_best_round_is_the_lowest_mpjpe_after_training_began_beside_the_final_one(tmp_path):
+    # round 0 (the untrained model) is never the best, even when lowest; a tie keeps the earlier round
+    path = make_run(tmp_path, "fed", (62.0, 31.0, 72.0), clients=10, per_round=10)
+    _rewrite_rounds(path, [40.0, 70.0, 58.0, 61.0, 58.0, 62.0])
+    run = load_run(path)
+    assert run.best["round"] == 2 and run.metric("mpjpe_mm", "best") == 58.0 and run.metric("mpjpe_mm") == 62.0
+    assert run.metric("pa_mpjpe_mm", "best") == 29.0, "all three metrics come from the best round"
+    rep = build_report([run])
+    (table,) = rep.tables
+    assert table.cell_text("FedAvg 10/10 IID", "FastMETRO-S") == "62.0 / 31.0 / 72.0"
+    assert table.cell_text("FedAvg 10/10 IID", "FastMETRO-S", "best") == "58.0 / 29.0 / 68.0 @ round 2"
+    assert "| FedAvg 10/10 IID | 62.0 / 31.0 / 72.0 | 58.0 / 29.0 / 68.0 @ round 2 |" in to_markdown(rep)
+    document = json.loads(to_json(rep))
+    (cell,) = document["tables"][0]["cells"]
+    assert cell["final"]["metrics"]["mpjpe_mm"]["mean"] == 62.0
+    assert cell["best"]["metrics"]["mpjpe_mm"]["mean"] == 58.0 and cell["best"]["rounds"] == [2]
+    assert (cell["best"]["unit"], cell["best"]["chosen_by"]) == ("round", "mpjpe_mm")
+    assert document["tables"][0]["views"] == {"final": "final", "best": "best round"}
+    _rewrite_rounds(path, [40.0])  # nothing evaluated after training began
+    assert load_run(path).best is None
+    assert build_report([load_run(path)]).tables[0].cell_text("FedAvg 10/10 IID", "FastMETRO-S", "best") == "— / — / —"
 
 
 # -- unfinished and bad runs ----------------------------------------------------------------
@@ -206,6 +244,7 @@ def test_unfinished_run_needs_the_flag_and_is_marked(tmp_path):
     assert run.protocol == PROTOCOL  # from config.json
     (table,) = build_report([run]).tables
     assert table.cell_text("FedAvg 10/2 IID", "FastMETRO-S") == "60.0 / 40.0 / 70.0*"
+    assert table.cell_text("FedAvg 10/2 IID", "FastMETRO-S", "best") == "60.0 / 40.0 / 70.0 @ round 2*"
     assert "unfinished" in to_markdown(build_report([run]))
 
 
@@ -262,6 +301,16 @@ def test_command_writes_every_format(tmp_path):
     # `a` given twice (itself and inside runs/) counts once
     assert "| FedAvg 10/2 IID | 60.0 ± 1.4 / 42.0 ± 1.4 / 71.0 ± 1.4 (n=2) |" in (out / "report.md").read_text()
     assert (out / "convergence.png").stat().st_size > 10_000
+
+
+def test_command_writes_json_on_request(tmp_path):
+    a = make_run(tmp_path, "a", (59.0, 41.0, 70.0))
+    result = CliRunner().invoke(_app(), ["report", str(a), "--out", str(tmp_path / "o"), "--formats", "md,json"])
+    assert result.exit_code == 0, _all_output(result)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["report.json", "report.md"]
+    cell = json.loads((tmp_path / "o" / "report.json").read_text())["tables"][0]["cells"][0]
+    assert cell["best"]["rounds"] == [2] and cell["final"]["text"] == "59.0 / 41.0 / 70.0"
+    assert "best round" in result.output
 
 
 def test_command_formats_subset(tmp_path):

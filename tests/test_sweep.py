@@ -463,7 +463,7 @@ def test_report_command_on_a_sweep_directory(sweep_dir, tmp_path):
         (["SWEEP", "--group-by", "clients-model"], "a sweep directory's rows are the sweep file's rows"),
         (["SWEEP", "SWEEP/fedavg/seed-0"], "is a sweep directory (it holds sweep.json): report it alone"),
         (["SWEEP/fedavg/seed-0", "--baseline", "fedavg"], "--baseline names a row of a sweep directory"),
-        (["SWEEP/fedavg/seed-0", "--formats", "json"], "--formats json is written for a sweep directory only"),
+        (["SWEEP/fedavg/seed-0", "--formats", "yaml"], "--formats 'yaml' has unknown or no formats"),
     ],
 )
 def test_report_command_bad_sweep_input_exits_2(sweep_dir, args, message):

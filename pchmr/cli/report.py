@@ -26,6 +26,7 @@ from pchmr.report.tables import (
     find_runs,
     load_run,
     to_csv,
+    to_json,
     to_latex,
     to_markdown,
     to_rich,
@@ -38,19 +39,13 @@ FORMATS = {"md": "report.md", "csv": "report.csv", "tex": "report.tex", "png": "
 #: --formats when not given: run directories, a sweep directory.
 DEFAULT_FORMATS = "md,csv,tex,png"
 DEFAULT_SWEEP_FORMATS = "md,json,csv,tex,png"
-#: Formats only a sweep directory's report writes.
-SWEEP_ONLY = ("json",)
 
 
-def _parse_formats(formats: str, sweep: bool = False) -> list[str]:
+def _parse_formats(formats: str) -> list[str]:
     chosen = [f.strip().lower().lstrip(".") for f in formats.split(",") if f.strip()]
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
         raise _fail(f"--formats '{formats}' has unknown or no formats {unknown}; choose from: {', '.join(FORMATS)}")
-    only = [f for f in chosen if f in SWEEP_ONLY]
-    if only and not sweep:
-        raise _fail(f"--formats {', '.join(only)} is written for a sweep directory only; "
-                    f"for run directories choose from: {DEFAULT_FORMATS.replace(',', ', ')}")  # fmt: skip
     return list(dict.fromkeys(chosen))
 
 
@@ -70,7 +65,9 @@ def report(
         None, "--group-by", help=f"Rows × model columns: {', '.join(GROUP_BY)} (default setting-model)."
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Directory for report.md/.csv/.tex, convergence.png (and a sweep's report.json)."
+        None,
+        "--out",
+        help="Directory for report.md/.csv/.tex, convergence.png (report.json with --formats json; a sweep writes it by default).",
     ),
     formats: Optional[str] = typer.Option(
         None,
@@ -89,8 +86,9 @@ def report(
         help="Sweep directory: the row every other row is compared with, per seed (default: the sweep file's baseline).",
     ),
 ) -> None:
-    """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol) and a convergence plot of runs;
-    for a sweep directory, mean ± 95 % CI per row and paired differences against a baseline row."""
+    """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol; each model's final and best
+    round side by side) and a convergence plot of runs; for a sweep directory, mean ± 95 % CI per row and paired
+    differences against a baseline row."""
     if metric not in CONVERGENCE_METRICS:
         raise _fail(f"unknown --metric '{metric}'; choose one of: {', '.join(CONVERGENCE_METRICS)}")
     sweeps = [p for p in runs if is_sweep_dir(p)]
@@ -101,7 +99,7 @@ def report(
             )
         if group_by is not None:
             raise _fail("--group-by groups run directories; a sweep directory's rows are the sweep file's rows")
-        _report_sweep(sweeps[0], out, _parse_formats(formats or DEFAULT_SWEEP_FORMATS, sweep=True), metric,
+        _report_sweep(sweeps[0], out, _parse_formats(formats or DEFAULT_SWEEP_FORMATS), metric,
                       include_unfinished, baseline)  # fmt: skip
         return
     if baseline is not None:
@@ -120,7 +118,7 @@ def report(
     if out is None:
         return
     _out_dir(out)
-    writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex}
+    writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex, "json": to_json}
     for fmt in chosen:
         target = out / FORMATS[fmt]
         if fmt == "png":

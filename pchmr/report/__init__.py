@@ -6,7 +6,7 @@ that summarise it (:func:`label_entropy`, :func:`gini`). Plots use matplotlib's 
 directly (no pyplot, no global backend switch) and are imported lazily.
 
 :mod:`pchmr.report.tables`: result tables of run directories (:func:`load_run`,
-:func:`build_report`, Markdown/CSV/LaTeX/rich renderers); :mod:`pchmr.report.convergence`: a
+:func:`build_report`, Markdown/CSV/LaTeX/JSON/rich renderers; each model's final and best round); :mod:`pchmr.report.convergence`: a
 metric against rounds/epochs (:func:`plot_convergence`). Both back ``pchmr report``.
 """
 
@@ -25,6 +25,7 @@ from pchmr.report.tables import (
     load_run,
     setting_label,
     to_csv,
+    to_json,
     to_latex,
     to_markdown,
     to_rich,
@@ -43,6 +44,7 @@ __all__ = [
     "plot_partition",
     "setting_label",
     "to_csv",
+    "to_json",
     "to_latex",
     "to_markdown",
     "to_rich",

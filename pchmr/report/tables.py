@@ -12,9 +12,13 @@
 * Renderers, each a pure function of a :class:`Report`: :func:`to_rich`, :func:`to_markdown`,
   :func:`to_csv`, :func:`to_latex` (booktabs).
 
-The numbers are the final evaluated round of each run (``final.json``). A run without
+Every model column comes twice (:data:`VIEWS`): the **final** evaluated round of each run
+(``final.json``), and its **best round** — the evaluated round (epoch) after training began with
+the lowest MPJPE, the PCHMR paper's choice for Table 1 (each run's best evaluation); the
+three metrics of that column all come from that round, which the cell names. A run without
 ``final.json`` (killed, or still running) is refused unless ``include_unfinished`` is set; it then
-contributes its last evaluated round and its cell is marked with :data:`UNFINISHED_MARK`.
+contributes its last evaluated round (and its best so far) and its cell is marked with
+:data:`UNFINISHED_MARK`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "GROUP_BY",
     "TABLE_METRICS",
     "UNFINISHED_MARK",
+    "VIEWS",
     "Cell",
     "Report",
     "ReportError",
@@ -48,6 +53,7 @@ __all__ = [
     "protocol_label",
     "setting_label",
     "to_csv",
+    "to_json",
     "to_latex",
     "to_markdown",
     "to_rich",
@@ -57,6 +63,12 @@ __all__ = [
 TABLE_METRICS = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
 METRIC_TITLES = {"mpjpe_mm": "MPJPE", "pa_mpjpe_mm": "PA-MPJPE", "mpvpe_mm": "MPVPE"}
 CELL_TITLE = " / ".join(METRIC_TITLES[m] for m in TABLE_METRICS) + " (mm)"
+#: The two numbers of each run a table shows, per model column: the final evaluated round, and the
+#: best round (lowest MPJPE among the evaluated rounds after training began, the paper's Table 1 choice).
+VIEWS = ("final", "best")
+VIEW_TITLES = {"final": "final", "best": "best round"}
+#: The metric that picks the best round.
+BEST_BY = "mpjpe_mm"
 #: Appended to a cell holding at least one unfinished run.
 UNFINISHED_MARK = "*"
 MISSING = "—"
@@ -113,9 +125,34 @@ class RunSummary:
         return str(self.final.get("unit") or (self.rounds[-1].get("unit") if self.rounds else None) or
                    ("round" if self.config.mode == "federated" else "epoch"))  # fmt: skip
 
-    def metric(self, key: str) -> float | None:
-        value = self.final.get(key)
-        return None if value is None or not math.isfinite(float(value)) else float(value)
+    def metric(self, key: str, view: str = "final") -> float | None:
+        """``key`` (mm) of the final round, or with ``view="best"`` of :attr:`best` (None if none)."""
+        record = self.final if view == "final" else self.best
+        return None if record is None else _finite(record.get(key))
+
+    @property
+    def best(self) -> Mapping[str, Any] | None:
+        """The evaluated round (epoch) with the lowest MPJPE after training began (round >= 1; round 0
+        is the model before any training), the earliest on a tie: the paper's Table 1 choice. For an
+        unfinished run, the best so far; None when no such round has a finite MPJPE (e.g. a run
+        directory of another pchmr version without ``rounds.jsonl``)."""
+        scored = [r for r in self.rounds if _round_number(r) >= 1 and _finite(r.get(BEST_BY)) is not None]
+        return min(scored, key=lambda r: (_finite(r.get(BEST_BY)), _round_number(r))) if scored else None
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _round_number(record: Mapping[str, Any]) -> int:
+    try:
+        return int(record.get("round", -1))
+    except (TypeError, ValueError):
+        return -1
 
 
 def _read_json(path: Path, run: Path) -> Any:
@@ -321,14 +358,36 @@ class Stat:
 
 @dataclass(frozen=True)
 class Cell:
-    """The runs of one (row, model) cell and their statistics per :data:`TABLE_METRICS`."""
+    """The runs of one (row, model) cell and their statistics per :data:`TABLE_METRICS`: ``stats``
+    of their final rounds, ``best_stats`` of their best rounds (:attr:`RunSummary.best`)."""
 
     runs: tuple[RunSummary, ...]
     stats: Mapping[str, Stat]
+    best_stats: Mapping[str, Stat] = field(default_factory=dict)
 
     @classmethod
     def of(cls, runs: Sequence[RunSummary]) -> Cell:
-        return cls(tuple(runs), {m: Stat.of([r.metric(m) for r in runs]) for m in TABLE_METRICS})
+        return cls(
+            tuple(runs),
+            {m: Stat.of([r.metric(m) for r in runs]) for m in TABLE_METRICS},
+            {m: Stat.of([r.metric(m, "best") for r in runs]) for m in TABLE_METRICS},
+        )
+
+    def stats_of(self, view: str = "final") -> Mapping[str, Stat]:
+        return self.stats if view == "final" else self.best_stats
+
+    @property
+    def best_rounds(self) -> tuple[int | None, ...]:
+        """Each run's best round (None for a run without one), in the cell's run order."""
+        return tuple(None if r.best is None else _round_number(r.best) for r in self.runs)
+
+    def best_where(self) -> str:
+        """``"round 180"``, ``"epochs 55, 60"``: where the best-round numbers come from."""
+        rounds = [str(n) for n in self.best_rounds if n is not None]
+        if not rounds:
+            return ""
+        unit = self.runs[0].unit
+        return f"{unit}{'s' if len(rounds) > 1 else ''} {', '.join(rounds)}"
 
     @property
     def n(self) -> int:
@@ -338,12 +397,16 @@ class Cell:
     def unfinished(self) -> bool:
         return any(not r.finished for r in self.runs)
 
-    def text(self) -> str:
+    def text(self, view: str = "final") -> str:
         """``"59.3 / 41.5 / 70.2"``; several runs: ``"59.3 ± 0.4 / 41.5 ± 0.2 / 70.2 ± 0.3 (n=3)"``;
-        :data:`UNFINISHED_MARK` appended when a run is unfinished."""
-        body = " / ".join(self.stats[m].text() for m in TABLE_METRICS)
+        :data:`UNFINISHED_MARK` appended when a run is unfinished. ``view="best"``: the best rounds'
+        numbers followed by where they come from, ``"58.9 / 41.0 / 70.1 @ round 180"``."""
+        stats = self.stats_of(view)
+        body = " / ".join(stats[m].text() for m in TABLE_METRICS)
         if self.n > 1:
             body += f" (n={self.n})"
+        if view == "best" and self.best_where():
+            body += f" @ {self.best_where()}"
         return body + (UNFINISHED_MARK if self.unfinished else "")
 
 
@@ -361,9 +424,18 @@ class ResultTable:
     def protocol_label(self) -> str:
         return protocol_label(self.protocol)
 
-    def cell_text(self, row: str, column: str) -> str:
+    def cell_text(self, row: str, column: str, view: str = "final") -> str:
         cell = self.cells.get((row, column))
-        return cell.text() if cell is not None else MISSING
+        return cell.text(view) if cell is not None else MISSING
+
+    def headers(self) -> list[str]:
+        """The row header, then each model's columns, one per :data:`VIEWS`: ``"FastMETRO-S · final"``,
+        ``"FastMETRO-S · best round"``."""
+        return [self.row_header, *(f"{column} · {VIEW_TITLES[view]}" for column in self.columns for view in VIEWS)]
+
+    def row_texts(self, row: str) -> list[str]:
+        """``row``'s label, then its cells in :meth:`headers` order."""
+        return [row, *(self.cell_text(row, column, view) for column in self.columns for view in VIEWS)]
 
 
 @dataclass(frozen=True)
@@ -443,8 +515,15 @@ def build_report(runs: Sequence[RunSummary], group_by: str = "setting-model") ->
 # --------------------------------------------------------------------------------------
 # renderers
 # --------------------------------------------------------------------------------------
+#: What the two columns of a model hold (a footnote of every rendering).
+VIEWS_NOTE = (
+    "final: the last evaluated round/epoch; best round: the evaluated round/epoch after training began with the "
+    "lowest MPJPE (the PCHMR paper's Table 1 choice), all three metrics from that round, named after @"
+)
+
+
 def _footnotes(report: Report) -> list[str]:
-    notes = [f"cells: {CELL_TITLE}, final evaluated round; mean ± sample std over runs (seeds) when n > 1"]
+    notes = [f"cells: {CELL_TITLE}; mean ± sample std over runs (seeds) when n > 1", VIEWS_NOTE]
     if report.has_unfinished:
         notes.append(f"{UNFINISHED_MARK} includes an unfinished run (no final.json): its last evaluated round")
     return notes
@@ -458,11 +537,12 @@ def to_rich(report: Report) -> list[Any]:
     out: list[Any] = []
     for table in report.tables:
         t = Table(title=f"protocol: {table.protocol_label}", caption=CELL_TITLE, title_justify="left")
-        t.add_column(table.row_header, style="bold")
-        for column in table.columns:
+        header, *columns = table.headers()
+        t.add_column(header, style="bold")
+        for column in columns:
             t.add_column(column, justify="right")
         for row in table.rows:
-            t.add_row(row, *(table.cell_text(row, c) for c in table.columns))
+            t.add_row(*table.row_texts(row))
         out.append(t)
     out += [Text(f"warning: {w}", style="yellow") for w in report.warnings]
     out += [Text(n, style="dim") for n in _footnotes(report)[1:]]
@@ -478,11 +558,11 @@ def to_markdown(report: Report) -> str:
     lines: list[str] = []
     for table in report.tables:
         lines += [f"**Protocol:** {_md_escape(table.protocol_label)}", ""]
-        lines.append("| " + " | ".join(_md_escape(h) for h in (table.row_header, *table.columns)) + " |")
-        lines.append("|---" + "|---:" * len(table.columns) + "|")
+        headers = table.headers()
+        lines.append("| " + " | ".join(_md_escape(h) for h in headers) + " |")
+        lines.append("|---" + "|---:" * (len(headers) - 1) + "|")
         for row in table.rows:
-            cells = (row, *(table.cell_text(row, column) for column in table.columns))
-            lines.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
+            lines.append("| " + " | ".join(_md_escape(c) for c in table.row_texts(row)) + " |")
         lines.append("")
     lines += [f"> **Warning:** {_md_escape(w)}" for w in report.warnings]
     if report.warnings:
@@ -492,7 +572,9 @@ def to_markdown(report: Report) -> str:
 
 
 CSV_HEADER = ("protocol", "row", "model", "n", "unfinished", "cell",
-              *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")), "runs")  # fmt: skip
+              *(f"{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")),
+              "best_cell", *(f"best_{m}_{s}" for m in TABLE_METRICS for s in ("mean", "std")), "best_rounds",
+              "runs")  # fmt: skip
 
 
 def _num(value: float | None) -> str:
@@ -501,7 +583,8 @@ def _num(value: float | None) -> str:
 
 def to_csv(report: Report) -> str:
     """Long format, one line per non-empty cell: protocol, row, model, n, unfinished, the cell
-    text, mean and std (mm, 3 decimals) of each metric, and the run directories (``;``-joined)."""
+    text, mean and std (mm, 3 decimals) of each metric of the final rounds, the same of the best
+    rounds (``best_…``) with each run's best round (``;``-joined), and the run directories."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -512,8 +595,10 @@ def to_csv(report: Report) -> str:
                 if cell is None:
                     continue
                 stats = [_num(x) for m in TABLE_METRICS for x in (cell.stats[m].mean, cell.stats[m].std)]
+                best = [_num(x) for m in TABLE_METRICS for x in (cell.best_stats[m].mean, cell.best_stats[m].std)]
+                rounds = ";".join("" if n is None else str(n) for n in cell.best_rounds)
                 writer.writerow([table.protocol_label, row, column, cell.n, int(cell.unfinished), cell.text(), *stats,
-                                 ";".join(str(r.path) for r in cell.runs)])  # fmt: skip
+                                 cell.text("best"), *best, rounds, ";".join(str(r.path) for r in cell.runs)])  # fmt: skip
     return buf.getvalue()
 
 
@@ -530,15 +615,15 @@ def to_latex(report: Report) -> str:
     """One booktabs ``table`` per protocol, the protocol in the caption; needs ``\\usepackage{booktabs}``."""
     blocks: list[str] = []
     for table in report.tables:
-        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * len(table.columns) + "}",
+        headers = table.headers()
+        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
                  r"\toprule",
-                 " & ".join(latex_escape(h) for h in (table.row_header, *table.columns)) + r" \\",
+                 " & ".join(latex_escape(h) for h in headers) + r" \\",
                  r"\midrule"]  # fmt: skip
         for row in table.rows:
-            cells = (row, *(table.cell_text(row, c) for c in table.columns))
-            lines.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
+            lines.append(" & ".join(latex_escape(c) for c in table.row_texts(row)) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}"]
-        caption = f"{CELL_TITLE}. Protocol: {table.protocol_label}."
+        caption = f"{CELL_TITLE}. Protocol: {table.protocol_label}. {VIEWS_NOTE}."
         if any(cell.unfinished for cell in table.cells.values()):
             caption += f" {UNFINISHED_MARK}: includes an unfinished run."
         lines += [r"\caption{" + latex_escape(caption) + "}", r"\end{table}"]
@@ -547,3 +632,34 @@ def to_latex(report: Report) -> str:
     if report.warnings:
         out = "".join(f"% warning: {w}\n" for w in report.warnings) + out
     return out
+
+
+def _stats_json(stats: Mapping[str, Stat]) -> dict[str, dict[str, float | None]]:
+    return {m: {"mean": stats[m].mean, "std": stats[m].std, "n": stats[m].n} for m in TABLE_METRICS}
+
+
+def to_json(report: Report) -> str:
+    """The report as JSON: per table its protocol, rows, models and one record per non-empty cell
+    with ``final`` and ``best`` (mean, sample std and count per metric, mm; ``best`` also ``rounds``,
+    each run's best round, and ``unit``), the run directories; the warnings and notes."""
+    tables = []
+    for table in report.tables:
+        cells = []
+        for row in table.rows:
+            for column in table.columns:
+                cell = table.cells.get((row, column))
+                if cell is None:
+                    continue
+                cells.append({
+                    "row": row, "model": column, "n": cell.n, "unfinished": cell.unfinished,
+                    "final": {"text": cell.text(), "metrics": _stats_json(cell.stats)},
+                    "best": {"text": cell.text("best"), "metrics": _stats_json(cell.best_stats),
+                             "rounds": list(cell.best_rounds), "unit": cell.runs[0].unit, "chosen_by": BEST_BY},
+                    "runs": [str(r.path) for r in cell.runs],
+                })  # fmt: skip
+        tables.append({"protocol": dict(table.protocol), "protocol_label": table.protocol_label,
+                       "row_header": table.row_header, "rows": list(table.rows), "models": list(table.columns),
+                       "views": {view: VIEW_TITLES[view] for view in VIEWS}, "cells": cells})  # fmt: skip
+    document = {"group_by": report.group_by, "cell_metrics": list(TABLE_METRICS), "tables": tables,
+                "warnings": list(report.warnings), "notes": _footnotes(report)}  # fmt: skip
+    return json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n"

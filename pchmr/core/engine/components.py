@@ -135,7 +135,7 @@ def build_components(
     registry = get_registry()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     body_model = _body_model(config.body_model, str(cache), config.smpl_dir)
-    dataset_plugin, dataset_options = dataset_resolution(config.dataset)
+    dataset_plugin, dataset_options = dataset_resolution(config.dataset, config.eval_datasets)
     data_factory = registry.get("dataset", dataset_plugin)
     spec = DatasetSpec(
         image_size=config.input_size,
@@ -170,11 +170,12 @@ def build_components(
     return Components(config=config, body_model=body_model, data=data, encoder_weights=weights)
 
 
-def dataset_resolution(name: str) -> tuple[str, dict[str, object]]:
+def dataset_resolution(name: str, eval_datasets: str | None = None) -> tuple[str, dict[str, object]]:
     """``--dataset`` name → (plugin name, DatasetSpec options): ``a,b,c`` is the ``mixed``
-    plugin with ``options["datasets"] = "a,b,c"`` (each member's samples keep ``source`` = its name)."""
+    plugin with ``options["datasets"] = "a,b,c"`` (each member's samples keep ``source`` = its name)
+    and, with ``--eval-datasets``, ``options["test"]``: the members it evaluates on."""
     if "," in name:
-        return MIXED_DATASET, {"datasets": name}
+        return MIXED_DATASET, {"datasets": name, **({"test": eval_datasets} if eval_datasets else {})}
     return name, {}
 
 

@@ -6,6 +6,7 @@ Bad values are refused here, before any data is prepared or any model is built, 
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import math
@@ -25,6 +26,7 @@ __all__ = [
     "ENGINES",
     "LR_SCHEDULES",
     "MODES",
+    "RESNET50_IMAGENET_URL",
     "ConfigError",
     "RunConfig",
     "apply_scale",
@@ -44,6 +46,18 @@ LR_SCHEDULES = ("cosine", "constant")
 CHANNELS_LAST_ENCODER = "resnet50"
 #: Values of ``encoder_weights`` meaning "from scratch" (a TOML file cannot write None).
 NO_ENCODER_WEIGHTS = ("none", "scratch")
+#: The value of ``eval_datasets`` meaning its default, every member with 3D joints (a TOML file cannot write None).
+ALL_EVAL_DATASETS = "all"
+#: torchvision's ImageNet ResNet-50 (``ResNet50_Weights.IMAGENET1K_V1``, what ``resnet50(pretrained=True)``
+#: loads, as FastMETRO's training code does): named when a ``resnet50`` run's weights file is missing.
+#: pchmr never downloads it.
+RESNET50_IMAGENET_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+#: The encoder whose weights file is torchvision's ImageNet ResNet-50.
+IMAGENET_ENCODER = "resnet50"
+#: Set while :meth:`RunConfig.from_saved` reads a run directory's config: the files it names (weights,
+#: the model it started from) were checked when the run started, and reading the config again (a
+#: report, a client on another node, a resume) needs none of them.
+_READING_SAVED: contextvars.ContextVar[bool] = contextvars.ContextVar("pchmr_reading_saved_config", default=False)
 
 # The only built-in plugins the engine names, besides RunConfig's defaults below:
 #: the dataset plugin that combines a comma-separated ``--dataset`` list (each sample's ``source``
@@ -113,6 +127,12 @@ class RunConfig:
         None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."
     )
     num_test: int | None = run_option(None, help="Test samples to use (all when unset; synthetic renders 200).")
+    eval_datasets: str | None = run_option(
+        None,
+        help="A mixed --dataset A,B,C: the members whose test splits the model is evaluated on, comma-separated "
+        "(default, or 'all': every member whose test split has 3D joints), e.g. h36m for the PCHMR paper's "
+        "Human3.6M (protocol 2) evaluation of its mixed-set experiments.",
+    )
     # how to federate
     mode: str = run_option(  # baselines: pchmr.core.engine.baselines
         "federated", help="federated, or a baseline: centralized, naive."
@@ -227,7 +247,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in NO_ENCODER_WEIGHTS:
             object.__setattr__(self, "encoder_weights", None)
-        self.validate()
+        if isinstance(self.eval_datasets, str) and self.eval_datasets.strip().lower() == ALL_EVAL_DATASETS:
+            object.__setattr__(self, "eval_datasets", None)
+        self.validate(files=not _READING_SAVED.get())
 
     @property
     def loads_encoder_weights(self) -> bool:
@@ -258,7 +280,9 @@ class RunConfig:
         """``freeze_encoder``, resolved: by default frozen exactly when pretrained weights are loaded."""
         return self.loads_encoder_weights if self.freeze_encoder is None else self.freeze_encoder
 
-    def validate(self) -> None:
+    def validate(self, files: bool = True) -> None:
+        """Refuse a bad value (a :class:`ConfigError` naming the option); with ``files``, also a file
+        the run reads that is not there (:meth:`check_files`)."""
         _positive_int("clients", self.clients)
         _positive_int("per-round", self.per_round)
         _positive_int("rounds", self.rounds)
@@ -309,17 +333,9 @@ class RunConfig:
                 "device and has no updates to protect"
             )
         _check_loss_weights(self.loss_weights)
-        if self.init_from is not None and not (
-            Path(self.init_from).is_file() or (Path(self.init_from) / "model.pt").is_file()
-        ):
-            raise ConfigError(
-                f"--init-from must be a run directory holding model.pt or a model file, got '{self.init_from}'"
-            )
-        if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
-            raise ConfigError(
-                f"--encoder-weights must be 'public', 'none' or an existing weights file, got "
-                f"'{self.encoder_weights}' (no such file)"
-            )
+        self._validate_eval_datasets()
+        if files:
+            self.check_files()
         if self.freeze_encoder is not None and not isinstance(self.freeze_encoder, bool):
             raise ConfigError(f"freeze_encoder must be true or false, got {self.freeze_encoder!r}")
         if self.freeze_encoder and self.encoder_weights is None and self.init_from is None:
@@ -332,6 +348,43 @@ class RunConfig:
             if value is not None:
                 _positive_int(name.replace("_", "-"), value)
         self._validate_placement()
+
+    def check_files(self) -> None:
+        """Refuse a model file the run would start from that is not there, before any data is read:
+        ``--init-from`` (a fine-tuning run's trained model; it names the run to make first) and
+        ``--encoder-weights`` (a ``resnet50`` run's refusal says where to get torchvision's ImageNet file)."""
+        if self.init_from is not None:
+            _check_init_from(self.init_from)
+        if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
+            where = Path(self.encoder_weights).expanduser().absolute()
+            text = (
+                f"--encoder-weights must be 'public', 'none' or an existing weights file, got "
+                f"'{self.encoder_weights}' (no such file: {where})"
+            )
+            if self.encoder == IMAGENET_ENCODER:  # the papers' initialisation
+                text += (
+                    f". The resnet50 encoder starts from torchvision's ImageNet ResNet-50 state dict: download "
+                    f"{RESNET50_IMAGENET_URL} (IMAGENET1K_V1) yourself, pchmr downloads nothing, and save it as "
+                    f"{where}; or run with --encoder-weights public (the CPU stand-in) or none (from scratch)"
+                )
+            else:
+                text += "; give a weights file in torchvision's key layout, 'public' or 'none'"
+            raise ConfigError(text)
+
+    def _validate_eval_datasets(self) -> None:
+        if self.eval_datasets is None:
+            return
+        if not isinstance(self.eval_datasets, str):
+            raise ConfigError(f"--eval-datasets must name datasets, comma-separated, got {self.eval_datasets!r}")
+        chosen = [name.strip() for name in self.eval_datasets.split(",") if name.strip()]
+        members = [name.strip() for name in str(self.dataset).split(",") if name.strip()]
+        outside = [name for name in chosen if name not in members]
+        if not chosen or outside or len(set(chosen)) != len(chosen):
+            raise ConfigError(
+                f"--eval-datasets must name distinct members of --dataset {self.dataset} (whose test splits are "
+                f"evaluated), or be 'all'; got '{self.eval_datasets}'"
+                + (f": {', '.join(outside)} not a member" if outside else "")
+            )
 
     def _validate_placement(self) -> None:
         from pchmr.core.engine.devices import DeviceError, check_placement_options  # imports torch
@@ -384,7 +437,8 @@ class RunConfig:
         constant rate; no ``freeze_encoder`` key means the CNN trained unless the backbone option
         of that name (its former home) froze it; no ``accelerator`` key means the CPU (every run
         trained there before the option existed; the other placement keys take their defaults), and no
-        ``channels_last`` key means contiguous convolutions."""
+        ``channels_last`` key means contiguous convolutions. The files it names (``--init-from``,
+        ``--encoder-weights``) are not looked for: they served when the run started."""
         upgraded = dict(data)
         upgraded.setdefault("lr_schedule", "constant")
         upgraded.setdefault("accelerator", "cpu")
@@ -394,7 +448,11 @@ class RunConfig:
             frozen = options.pop("freeze_encoder", False)
             upgraded["backbone_options"] = options
             upgraded["freeze_encoder"] = frozen if isinstance(frozen, bool) else str(frozen).lower() == "true"
-        return cls.from_dict(upgraded)
+        token = _READING_SAVED.set(True)  # the files it names were there when the run started
+        try:
+            return cls.from_dict(upgraded)
+        finally:
+            _READING_SAVED.reset(token)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
@@ -420,6 +478,27 @@ def _check_loss_weights(weights: Mapping[str, Any]) -> None:
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"--{name} must be a whole number >= 1, got {value!r}")
+
+
+def _check_init_from(init_from: str) -> None:
+    """``--init-from`` names a model file or a finished run directory (its ``model.pt``); else a
+    :class:`ConfigError` saying what to run first."""
+    path = Path(init_from)
+    if path.is_file() or (path / "model.pt").is_file():
+        return
+    head = f"--init-from must be a run directory holding model.pt or a model file, got '{init_from}'"
+    if (path / "config.json").is_file():
+        raise ConfigError(
+            f"{head}: that run has not finished (no model.pt yet); finish it with `pchmr run --resume {init_from}`, "
+            "then start this one"
+        )
+    if path.is_dir():
+        raise ConfigError(f"{head}: the directory holds no model.pt")
+    raise ConfigError(
+        f"{head}, which does not exist yet: this run fine-tunes a trained model, so run the training that makes it "
+        f"first, with --out {init_from} (a configs/paper fine-tuning config names its pretraining config), "
+        "then start this one"
+    )
 
 
 def resolve_channels_last(encoder: str, channels_last: bool | None) -> bool:

@@ -242,17 +242,27 @@ class MixedOptions:
     """``DatasetSpec.options`` of ``mixed`` (the engine sets them from ``--dataset A,B,C``)."""
 
     datasets: str = option(help="the member datasets, comma-separated (two or more registered names)")
+    test: str | None = option(
+        None,
+        default_text="every member whose test split has 3D joints",
+        help="the members whose test splits are evaluated, comma-separated (--eval-datasets)",
+    )
 
 
 def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
-    """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member."""
+    """``--dataset A,B,C:ROOT``: the members' training sets concatenated, ``source`` per member;
+    evaluated on the members whose test splits have 3D joints, or on those ``--eval-datasets``
+    names (option ``test``: the PCHMR paper's mixed-set experiments evaluate on Human3.6M alone)."""
     options = read_options(MixedOptions, spec.options, plugin="mixed", kind="dataset")
     members = [m.strip() for m in options.datasets.split(",") if m.strip()]
     if len(members) < 2 or len(set(members)) != len(members):
         raise DatasetFormatError(f"a mixed dataset needs two or more distinct names, got {members}")
+    chosen = [m.strip() for m in options.test.split(",") if m.strip()] if options.test else None
+    if chosen is not None and (not chosen or any(name not in members for name in chosen)):
+        raise DatasetFormatError(f"mixed: the evaluated members {chosen} must be members of {members}")
     registry = get_registry()
     per_train = None if spec.num_train is None else max(1, spec.num_train // len(members))
-    per_test = None if spec.num_test is None else max(1, spec.num_test // len(members))
+    per_test = None if spec.num_test is None else max(1, spec.num_test // len(chosen or members))
     parts: list[tuple[str, HMRData]] = []
     for name in members:
         member_spec = dataclasses.replace(spec, num_train=per_train, num_test=per_test, options={})
@@ -261,7 +271,16 @@ def make_mixed(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         parts.append((name, data))
     train = MixedSplit([d.train for _, d in parts])
     with_3d = [(n, d) for n, d in parts if d.protocol.get("test_has_3d_joints")]
-    tests = with_3d or parts
+    if chosen is not None:
+        lacking = [n for n, _ in parts if n in chosen and n not in dict(with_3d)]
+        if lacking:
+            raise DatasetFormatError(
+                f"mixed: {', '.join(lacking)} cannot be evaluated on: its test split has no 3D joints "
+                "(--eval-datasets names members with 3D ground truth)"
+            )
+        tests = [(n, d) for n, d in parts if n in chosen]
+    else:
+        tests = with_3d or parts
     test = MixedSplit([d.test for _, d in tests])
     labels = {key: np.concatenate([np.asarray(d.labels[key]).astype(str) for _, d in parts])
               for key in parts[0][1].labels}  # fmt: skip

@@ -31,9 +31,11 @@ the ``smpl`` body model the joints are instead regressed from the GT mesh, as SP
 evaluate, and the GT pelvis of the pelvis-aligned protocols is the GT mesh's Human3.6M pelvis;
 with other body models there is no GT pelvis and those protocols fall back to the mid-hip);
 the SMPL global orientation is rotated into the camera frame (``R · R_global``).
-Labels: ``scene`` = the location prefix (``courtyard``, ``downtown`` …) — the natural
-partition by scene is ``--partitioner natural --partition-option label=scene`` — ``action`` =
-the activity, ``subject`` = ``<sequence>/person<p>``, ``source`` = ``3dpw``.
+Labels (:func:`sequence_labels`): ``scene`` = the sequence name without its take index
+(``courtyard_relaxOnBench_01`` → ``courtyard_relaxOnBench``; the location is its prefix) — the
+natural partition by scene, ``--partitioner natural --partition-option label=scene``, gives the
+PCHMR paper's 20 devices on 3DPW's 24 training sequences, where the location prefix alone gives 2
+— ``action`` = the activity, ``subject`` = ``<sequence>/person<p>``, ``source`` = ``3dpw``.
 
 Location: ``--dataset 3dpw-pkl:ROOT`` (the ``3DPW`` folder; ``--dataset 3dpw:DATA_ROOT`` finds it as ``DATA_ROOT/3DPW``) (train = ``train``, test = ``test``) or
 ``3dpw-pkl:root=ROOT,train=train,test=validation[,protocol=spin|metro|mid-hip]``.
@@ -68,7 +70,15 @@ from pchmr.plugins.datasets.prepared import (
     read_location,
 )
 
-__all__ = ["REQUIRED_KEYS", "PW3DOptions", "load_3dpw_split", "load_sequence", "make_3dpw", "pchmr_datasets"]
+__all__ = [
+    "REQUIRED_KEYS",
+    "PW3DOptions",
+    "load_3dpw_split",
+    "load_sequence",
+    "make_3dpw",
+    "pchmr_datasets",
+    "sequence_labels",
+]
 
 REQUIRED_KEYS = ("sequence", "genders", "betas", "poses", "poses2d", "jointPositions", "cam_poses", "campose_valid")
 BOX_FACTOR = 1.2
@@ -86,6 +96,14 @@ class PW3DOptions:
     protocol: str | None = option(
         None, default_text="metro", help="the evaluation protocol (a name of pchmr.core.kit.joints.PROTOCOLS)"
     )
+
+
+def sequence_labels(sequence: str) -> tuple[str, str]:
+    """``(scene, action)`` of a 3DPW sequence name ``<location>_<activity>_NN``: the scene is the
+    name without its take index ``NN`` (``courtyard_relaxOnBench_01`` → ``courtyard_relaxOnBench``),
+    the action the activity (``relaxOnBench``). A name of another form is its own scene."""
+    m = _NAME.match(sequence)
+    return (f"{m.group(1)}_{m.group(2)}", m.group(2)) if m else (sequence, "unknown")
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
@@ -121,8 +139,7 @@ def load_sequence(path: str | Path, joint_names: tuple[str, ...], joints_from_me
     frames = len(cams)
     people = len(data["poses"])
     sequence = str(data["sequence"])
-    m = _NAME.match(sequence)
-    scene, action = (m.group(1), m.group(2)) if m else (sequence, "unknown")
+    scene, action = sequence_labels(sequence)
     genders = gender_names(np.asarray(data["genders"]))
     rows: dict[str, list[Any]] = {
         k: [] for k in ("image", "center", "scale", "kp", "joints", "pose", "betas", "gender", "subject")

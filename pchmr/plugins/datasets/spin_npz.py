@@ -24,8 +24,10 @@ Location: ``--dataset spin-npz:FILE.npz`` (a seeded 80/20 train/test split of on
 relative to the file's folder) or ``spin-npz:train=A.npz,test=B.npz,images=DIR[,source=NAME]
 [,protocol=metro|spin|mid-hip]`` (the evaluation protocol, :mod:`pchmr.core.kit.joints`; default
 ``metro``). Meta labels come from the image names (Human3.6M ``S9_Directions_1…``: subject and
-action; 3DPW ``imageFiles/<scene>_<activity>_NN/…``; MPI-INF-3DHP ``S1/Seq1/…``); ``source``
-is the file's dataset name (``h36m``, ``3dpw``, ``coco`` …) unless given. Human3.6M's pelvis
+action; 3DPW ``imageFiles/<location>_<activity>_NN/…``, or METRO's ``<location>_<activity>_NN/…``:
+scene ``<location>_<activity>`` (the sequence without its take index), action and subject the
+sequence; MPI-INF-3DHP ``S1/Seq1/…``); ``source`` is the file's dataset name (``h36m``, ``3dpw``,
+``coco`` …) unless given. Human3.6M's pelvis
 (``S`` J24 index 14) is kept as the GT pelvis of the pelvis-aligned protocols.
 """
 
@@ -130,7 +132,9 @@ def _open(path: Path) -> Any:
 
 
 _H36M = re.compile(r"(S\d+)_([A-Za-z]+)")
-_PW3D = re.compile(r"imageFiles/(([a-z]+)_([a-zA-Z_]+?)_\d+)/")
+#: a 3DPW image: SPIN's ``imageFiles/<sequence>/…`` or METRO's TSV key ``<sequence>/image_…``, the
+#: sequence ``<location>_<activity>_NN`` (groups: sequence, location, activity)
+_PW3D = re.compile(r"(?:^|/)(([a-z]+)_([a-zA-Z_]+?)_\d+)/")
 _MPI = re.compile(r"(S\d+)/(Seq\d+)/")
 
 
@@ -141,7 +145,8 @@ def labels_from_imgnames(imgnames: np.ndarray, source: str) -> dict[str, np.ndar
     for i, name in enumerate(imgnames):
         s = str(name)
         if m := _PW3D.search(s):
-            scene[i], action[i], subject[i] = m.group(2), m.group(3), m.group(1)
+            # the scene is the sequence without its take index, as pw3d.sequence_labels names it
+            scene[i], action[i], subject[i] = f"{m.group(2)}_{m.group(3)}", m.group(3), m.group(1)
         elif m := _MPI.search(s):
             subject[i], scene[i] = m.group(1), m.group(2)
         elif m := _H36M.search(Path(s).name):

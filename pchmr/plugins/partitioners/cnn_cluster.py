@@ -14,7 +14,8 @@ and texture; on the synthetic data they cluster only weakly by source or scene);
 defaults to ``resnet50``; its sha256 is recorded). Nothing is cached: :func:`cluster_partition`
 returns the features with the partition (``pchmr partition`` plots them).
 
-Options: ``clusters`` (int ≥ ``num_clients``, default ``num_clients``), ``weights`` (path),
+Options: ``clusters`` (int ≥ ``num_clients``, default ``num_clients``), ``weights`` (path, or
+``none``: unset, for a config scale overriding a file's path),
 ``encoder`` (``small`` or ``resnet50``), ``batch-size`` (default :data:`DEFAULT_BATCH_SIZE`).
 """
 
@@ -56,6 +57,8 @@ STD_EPS = 1e-8
 SKLEARN_SEED_MODULUS = 2**32
 TORCH_SEED_MODULUS = 2**63
 ENCODER_NAMES = ("small", "resnet50")
+#: ``weights`` meaning no file: a seeded random encoder (a config file cannot write None).
+NO_WEIGHTS = "none"
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,9 @@ class CNNClusterOptions:
         help="k-means clusters (>= --clients), dealt to the clients largest first",
     )
     weights: str | None = option(
-        None, help="a local state dict of the encoder (torchvision's resnet50 layout for encoder=resnet50)"
+        None,
+        help="a local state dict of the encoder (torchvision's resnet50 layout for encoder=resnet50); "
+        "'none': a seeded random encoder (a config file's way to unset it)",
     )
     encoder: str | None = option(
         None, choices=ENCODER_NAMES, default_text="resnet50 with weights, else small", help="the CNN feature encoder"
@@ -170,12 +175,13 @@ def _options(options: Mapping[str, object], num_clients: int) -> tuple[int, str,
     if clusters < num_clients:
         rule = f"at least --clients {num_clients} (every client needs a cluster)"
         raise option_error("cnn-cluster", "partitioner", "clusters", rule, clusters)
-    if opts.weights is not None and not Path(opts.weights).is_file():
+    weights = None if opts.weights is None or opts.weights.strip().lower() == NO_WEIGHTS else opts.weights
+    if weights is not None and not Path(weights).is_file():
         raise option_error(
-            "cnn-cluster", "partitioner", "weights", "an existing file (the encoder's state dict)", opts.weights
+            "cnn-cluster", "partitioner", "weights", "an existing file (the encoder's state dict) or 'none'", weights
         )
-    encoder = opts.encoder or ("resnet50" if opts.weights is not None else "small")
-    return clusters, encoder, opts.weights, opts.batch_size
+    encoder = opts.encoder or ("resnet50" if weights is not None else "small")
+    return clusters, encoder, weights, opts.batch_size
 
 
 def cnn_cluster(data: HMRData, num_clients: int, seed: int, options: Mapping[str, object]) -> Partition:
