@@ -184,7 +184,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         mesh_adjacency,
     )
     from pchmr.core.kit.seeds import derive_seed
-    from pchmr.core.kit.state import fixed_state_keys, training_mode
+    from pchmr.core.kit.state import fixed_state_keys, trainable_state_keys, training_mode
     from pchmr.core.kit.store import (
         STORE_VERSION,
         ChecksumMismatchError,
@@ -382,6 +382,7 @@ _EXPORTS: dict[str, str] = {
     "sine_position_encoding": "kit.transformer",
     # kit.state
     "fixed_state_keys": "kit.state",
+    "trainable_state_keys": "kit.state",
     "training_mode": "kit.state",
     # kit.federation
     "state_nbytes": "kit.federation",

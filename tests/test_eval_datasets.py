@@ -23,14 +23,14 @@ def test_eval_datasets_choose_the_members_evaluated_on(tmp_path):
     mixed = get_registry().get("dataset", "mixed")
 
     def load(eval_datasets):
-        _name, options = dataset_resolution("h36m,mpi-inf-3dhp,mpii", eval_datasets)
+        _name, options = dataset_resolution("h36m,mpi-inf-3dhp,mpii", eval_datasets=eval_datasets)
         return mixed(DatasetSpec(32, 0, tmp_path / "cache", str(root), options=options), StubBody())
 
     everything = load(None)
     assert len(everything.test) == 3 + 2
     assert "test h36m+mpi-inf-3dhp" in everything.protocol["dataset"]
     h36m = load("h36m")
-    assert dataset_resolution("h36m,mpii", "h36m")[1] == {"datasets": "h36m,mpii", "test": "h36m"}
+    assert dataset_resolution("h36m,mpii", eval_datasets="h36m")[1] == {"datasets": "h36m,mpii", "test": "h36m"}
     assert len(h36m.train) == len(everything.train), "the training set is every member's"
     assert len(h36m.test) == 3 and "test h36m," in h36m.protocol["dataset"]
     with pytest.raises(DatasetFormatError, match="mpii cannot be evaluated on: its test split has no 3D joints"):

@@ -7,10 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.plugins.strategies.fedavg import fedavg
 from pchmr.plugins.strategies.fedgh import (
+    TOP_LAYERS_KEY,
     fedgh,
     harmonize,
     pcgrad_coefficients,
@@ -208,8 +211,11 @@ def test_fedgh_parts_declare_individual_updates_and_label_inferred_choices() -> 
     assert {"granularity", "weighting", "server-opt", "server-learning-rate"} <= set(options)
     assert all(entry["inferred"] for entry in options.values())
     assert {"discrepancy", "projection", "order", "reconstruction"} <= set(parts.describe["inferred"])
-    assert parts.mechanisms == (), "without a server optimiser FedGH keeps no state"
-    assert [m.name for m in make(**{"server-opt": "yogi"}).mechanisms] == ["fedgh"]
+    assert [m.name for m in parts.mechanisms] == ["fedgh-entries"]
+    assert parts.mechanisms[0].state_dict() == {}, "without a server optimiser FedGH keeps no state"
+    assert [m.name for m in make(**{"server-opt": "yogi"}).mechanisms] == ["fedgh", "fedgh-entries"]
+    assert options["restore-norm"] == {"value": False, "inferred": True}
+    assert make(**{"restore-norm": "true"}).describe["options"]["restore-norm"]["value"] is True
 
 
 @pytest.mark.parametrize(
@@ -226,8 +232,231 @@ def test_fedgh_parts_declare_individual_updates_and_label_inferred_choices() -> 
         ({"server-learning-rate": -1.0}, r"fedgh strategy option 'server-learning-rate' must be a number > 0"),
         ({"server-opt": "adam", "beta-2": 1.5}, r"fedgh strategy option 'beta-2' must be a number in \[0, 1\)"),
         ({"threshold": 0.1}, r"fedgh strategy has no option 'threshold'"),
+        ({"restore-norm": "maybe"}, r"fedgh strategy option 'restore-norm' must be"),
     ],
 )
 def test_fedgh_rejects_bad_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make(**options)
+
+
+# --------------------------------------------------------------------------------------
+# trainable parameters only; buffers averaged as in FedAvg
+# --------------------------------------------------------------------------------------
+class TinyModel(nn.Module):
+    """One trainable vector ``w``, a frozen parameter and two buffers (a statistic and a counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+        self.frozen = nn.Parameter(torch.full((2,), 0.3), requires_grad=False)
+        self.register_buffer("running_mean", torch.zeros(2))
+        self.register_buffer("num_batches_tracked", torch.tensor(4))
+
+
+TINY_GLOBAL = {
+    "w": np.zeros(2, np.float32),
+    "frozen": np.full(2, 0.3, np.float32),
+    "running_mean": np.zeros(2, np.float32),
+    "num_batches_tracked": np.array(4, np.int64),
+}
+
+
+def tiny_updates(*w_deltas: tuple[float, float]) -> list[tuple[dict, float]]:
+    """Client k moves ``w`` by ``w_deltas[k]``, its running mean by (3, 0) + k (0, 1) (all aligned,
+    large) and counts 2 (k + 1) more batches; the frozen parameter does not move."""
+    return [
+        (
+            {
+                "w": np.array(d, np.float32),
+                "frozen": np.zeros(2, np.float32),
+                "running_mean": np.array([3.0, k], np.float32),
+                "num_batches_tracked": np.array(2 * (k + 1), np.int64),
+            },
+            1.0,
+        )
+        for k, d in enumerate(w_deltas)
+    ]
+
+
+def tiny_parts(**options: Any) -> StrategyParts:
+    parts = make(**options)
+    parts.mechanism("fedgh-entries").prepare_module(TinyModel())  # as the server does with its module
+    return parts
+
+
+def test_trainable_state_keys_name_the_parameters_training_updates() -> None:
+    from pchmr.core.kit.state import trainable_state_keys
+
+    assert trainable_state_keys(TinyModel()) == {"w"}
+    bn = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert trainable_state_keys(bn) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    bn[1].eval()  # a frozen BatchNorm (its submodule stays in eval mode) keeps its parameters trainable
+    assert "1.weight" in trainable_state_keys(bn) and "1.running_mean" not in trainable_state_keys(bn)
+
+
+def test_two_conflicting_and_one_aligned_update_with_buffers_untouched_by_projection() -> None:
+    # w: Δ1 = (1, 0) and Δ2 = (−1, 1) conflict (⟨Δ1, Δ2⟩ = −1); Δ3 = (1, 2) conflicts with neither
+    #   (⟨Δ1, Δ3⟩ = 1, ⟨Δ2, Δ3⟩ = 1), so whatever the order:
+    #   Δ1' = Δ1 − (−1/2) Δ2 = (0.5, 0.5)    (then ⟨Δ1', Δ3⟩ = 1.5 > 0: no second projection)
+    #   Δ2' = Δ2 − (−1/1) Δ1 = (0, 1)        (then ⟨Δ2', Δ3⟩ = 2 > 0)
+    #   Δ3' = Δ3 = (1, 2)
+    #   equal weights: w = ⅓((0.5, 0.5) + (0, 1) + (1, 2)) = (0.5, 7/6)   (FedAvg: (1/3, 1))
+    # buffers: the running mean moves by (3, 0), (3, 1), (3, 2): aligned and large; were it part of
+    #   the harmonized deltas, ⟨Δ1, Δ2⟩ = −1 + 9 > 0 and nothing would be projected. It is averaged:
+    #   (3, 1); the counter 4 + ⅓(2 + 4 + 6) = 8; the frozen parameter stays 0.3.
+    parts = tiny_parts()
+    out, metrics = run_round(parts, 1, TINY_GLOBAL, tiny_updates((1, 0), (-1, 1), (1, 2)))
+    np.testing.assert_allclose(out["w"], [0.5, 7 / 6], rtol=1e-6)
+    np.testing.assert_allclose(out["running_mean"], [3.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(out["frozen"], [0.3, 0.3], rtol=1e-6)
+    assert float(out["num_batches_tracked"]) == pytest.approx(8.0)
+    assert out["w"].dtype == out["running_mean"].dtype == np.float32
+    stats = parts.server.last_round_stats
+    assert (stats.pairs, stats.conflicting_pairs, stats.projections) == (3, 1, 2)
+    assert (stats.harmonized_entries, stats.averaged_entries) == (1, 3)
+    assert metrics["fedgh-conflict-fraction"] == pytest.approx(1 / 3)
+    assert (metrics["fedgh-harmonized-entries"], metrics["fedgh-averaged-entries"]) == (1.0, 3.0)
+    # without the module (bare arrays) every floating-point entry is harmonized: no conflict left
+    bare, _ = run_round(make(), 1, TINY_GLOBAL, tiny_updates((1, 0), (-1, 1), (1, 2)))
+    np.testing.assert_allclose(bare["w"], [1 / 3, 1.0], rtol=1e-6)
+
+
+def test_buffers_take_no_server_step() -> None:
+    # η = 0.5 scales the harmonized step of w only: w = 0.5 (0.5, 7/6); the running mean is the average
+    parts = tiny_parts(**{"server-learning-rate": 0.5})
+    out, _ = run_round(parts, 1, TINY_GLOBAL, tiny_updates((1, 0), (-1, 1), (1, 2)))
+    np.testing.assert_allclose(out["w"], [0.25, 7 / 12], rtol=1e-6)
+    np.testing.assert_allclose(out["running_mean"], [3.0, 1.0], rtol=1e-6)
+    # with a server optimiser: Flower's FedAdam steps w from the harmonized delta h = (0.5, 7/6)
+    # (round 1: w = η √(1 − 0.99²)/(1 − 0.9²) · 0.1 h / (0.1 h + τ), η = 0.1, τ = 0.001, as in
+    # test_server_opt_adam_steps_on_the_harmonized_delta), never the running mean: the clients' average
+    parts = tiny_parts(**{"server-opt": "adam"})
+    out, _ = run_round(parts, 1, TINY_GLOBAL, tiny_updates((1, 0), (-1, 1), (1, 2)))
+    h = np.array([0.5, 7 / 6])
+    np.testing.assert_allclose(
+        out["w"], 0.1 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2) * 0.1 * h / (0.1 * h + 0.001), rtol=1e-6
+    )
+    np.testing.assert_allclose(out["running_mean"], [3.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(out["frozen"], [0.3, 0.3], rtol=1e-6)
+
+
+def test_restore_norm_gives_the_harmonized_step_the_average_norm() -> None:
+    # the pair Δ1 = (1, 0), Δ2 = (−1, 1): average (0, 0.5), norm 0.5; harmonized h = (0.25, 0.75),
+    # norm √0.625; restored: h · 0.5 / √0.625 = (0.158114, 0.474342)
+    parts = make(**{"restore-norm": True})
+    out, metrics = run_round(parts, 1, ORIGIN, updates_of((1, 0), (-1, 1)))
+    np.testing.assert_allclose(out["w"], [0.25, 0.75] / np.sqrt(0.625) * 0.5, rtol=1e-12)
+    assert np.linalg.norm(out["w"]) == pytest.approx(0.5)
+    assert metrics["fedgh-norm-ratio"] == pytest.approx(np.sqrt(0.625) / 0.5), "the ratio before restoring"
+    # without a projection nothing is rescaled: exactly FedAvg
+    out, _ = run_round(make(**{"restore-norm": True}), 1, ORIGIN, updates_of((1, 0), (1, 1), (0, 1)))
+    np.testing.assert_array_equal(out["w"], [2 / 3, 2 / 3])
+    # per layer: entry "a" (no conflict) keeps its step, entry "b" is restored to its own average's norm
+    start = {"a": np.zeros(1), "b": np.zeros(2)}
+    updates = [
+        ({"a": np.array([3.0]), "b": np.array([1.0, 0.0])}, 1.0),
+        ({"a": np.array([3.0]), "b": np.array([-1.0, 1.0])}, 1.0),
+    ]
+    layer, _ = run_round(make(granularity="layer", **{"restore-norm": True}), 1, start, updates)
+    np.testing.assert_allclose(layer["a"], [3.0], rtol=1e-12)
+    np.testing.assert_allclose(layer["b"], [0.25, 0.75] / np.sqrt(0.625) * 0.5, rtol=1e-12)
+
+
+def test_layer_granularity_reports_per_layer_conflicts(caplog: pytest.LogCaptureFixture) -> None:
+    # three clients, three entries:
+    #   "a" (3 values): every client moves it by (3, 3, 3): no conflict
+    #   "b" (2 values): (1, 0), (−1, 1), (1, 2): pair 12 conflicts → 1/3, 2 projections (as above)
+    #   "c" (1 value): 1, −1, −1: pairs 12 and 13 conflict → 2/3; each client projects once, onto 0
+    start = {"a": np.zeros(3), "b": np.zeros(2), "c": np.zeros(1)}
+    deltas = [((3, 3, 3), (1, 0), (1,)), ((3, 3, 3), (-1, 1), (-1,)), ((3, 3, 3), (1, 2), (-1,))]
+    updates = [({"a": np.array(a, float), "b": np.array(b, float), "c": np.array(c, float)}, 1.0) for a, b, c in deltas]
+    parts = make(granularity="layer")
+    with caplog.at_level("INFO", logger="pchmr.strategies.fedgh"):
+        out, metrics = run_round(parts, 4, start, updates)
+    np.testing.assert_allclose(out["b"], [0.5, 7 / 6], rtol=1e-12)
+    np.testing.assert_allclose(out["c"], [0.0], atol=1e-12)
+    stats = parts.server.last_round_stats
+    assert [(layer.name, layer.size, layer.conflicting_pairs, layer.projections) for layer in stats.layers] == [
+        ("a", 3, 0, 0),
+        ("b", 2, 1, 2),
+        ("c", 1, 2, 3),
+    ]
+    assert metrics["fedgh-projections"] == 5
+    assert metrics["fedgh-layers-in-conflict"] == 2
+    assert metrics["fedgh-layer-conflict-fraction-mean"] == pytest.approx((0 + 1 / 3 + 2 / 3) / 3)
+    assert metrics["fedgh-layer-conflict-fraction-max"] == pytest.approx(2 / 3)
+    assert metrics["fedgh-layer-conflict-fraction-weighted"] == pytest.approx((0 * 3 + 2 / 3 + 2 / 3) / 6)
+    # the most conflicting layers by name reach rounds.jsonl through the mechanism, for that round only
+    entries = parts.mechanism("fedgh-entries")
+    assert entries.round_metrics(4) == {TOP_LAYERS_KEY: {"c": pytest.approx(2 / 3), "b": pytest.approx(1 / 3)}}
+    assert entries.round_metrics(3) == {}
+    # the full table goes to the log (run.log in a run)
+    table = next(r.getMessage() for r in caplog.records if "per-layer conflicts" in r.getMessage())
+    assert "round 4 per-layer conflicts (2 of 3 layers have a conflicting pair)" in table
+    assert [line.split()[:4] for line in table.splitlines()[2:]] == [
+        ["a", "3", "0", "3"],
+        ["b", "2", "1", "3"],
+        ["c", "1", "2", "3"],
+    ]
+    # model granularity: no per-layer statistics, no top layers
+    model = make()
+    _, model_metrics = run_round(model, 4, start, updates)
+    assert "fedgh-layers-in-conflict" not in model_metrics
+    assert model.mechanism("fedgh-entries").round_metrics(4) == {}
+
+
+# --------------------------------------------------------------------------------------
+# end to end: `pchmr run --strategy fedgh`
+# --------------------------------------------------------------------------------------
+E2E = ["--num-train", "16", "--num-test", "8", "--clients", "2", "--per-round", "2", "--rounds", "1"]
+
+
+@pytest.mark.parametrize(
+    ("granularity", "extra"),
+    [("model", ["--strategy-option", "restore-norm=true"]), ("layer", [])],
+)
+def test_cli_run_records_conflict_statistics(tmp_path, pchmr_cache, granularity: str, extra: list[str]) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    out = tmp_path / "run"
+    args = ["run", "--strategy", "fedgh", "--strategy-option", f"granularity={granularity}", *extra]
+    result = CliRunner().invoke(app, [*args, *E2E, "--batch-size", "8", "--seed", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1]
+    record = rounds[1]
+    assert record["fedgh_pairs"] == 1 and record["fedgh_clients"] == 2
+    assert 0.0 <= record["fedgh_conflict_fraction"] <= 1.0 and record["fedgh_projections"] >= 0
+    assert -1.0 <= record["fedgh_mean_cosine"] <= 1.0 and record["fedgh_norm_ratio"] > 0
+    # trainable parameters harmonized; the frozen encoder and every BatchNorm statistic averaged
+    state = torch.load(out / "model.pt", weights_only=True)
+    statistics = [key for key in state if key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and record["fedgh_averaged_entries"] >= len(statistics)
+    assert record["fedgh_harmonized_entries"] > 0
+    assert record["fedgh_harmonized_entries"] + record["fedgh_averaged_entries"] == len(state)
+    config = json.loads((out / "config.json").read_text())
+    assert [m["name"] for m in config["strategy"]["mechanisms"]] == ["fedgh-entries"]
+    assert config["strategy"]["options"]["granularity"]["value"] == granularity
+    log = (out / "run.log").read_text()
+    assert "client pairs conflict" in log
+    if granularity == "model":
+        assert config["strategy"]["options"]["restore-norm"]["value"] is True
+        assert "fedgh_layers_in_conflict" not in record and "fedgh_top_conflict_layers" not in record
+        assert "per-layer conflicts" not in log
+        return
+    layers = int(record["fedgh_harmonized_entries"])
+    assert 0 <= record["fedgh_layers_in_conflict"] <= layers
+    assert 0.0 <= record["fedgh_layer_conflict_fraction_mean"] <= record["fedgh_layer_conflict_fraction_max"] <= 1.0
+    top = record["fedgh_top_conflict_layers"]  # name -> conflict fraction, the most conflicting first
+    assert len(top) == min(5, int(record["fedgh_layers_in_conflict"]))
+    assert set(top) <= set(state) and all(0.0 < rate <= 1.0 for rate in top.values())
+    # the full per-layer table (a header and one line per harmonized entry) is in run.log
+    table = log.split("round 1 per-layer conflicts", 1)[1].split("\n")
+    assert f"of {layers} layers have a conflicting pair" in table[0]
+    rows = table[2 : 2 + layers]
+    assert all(line.split()[0] in state for line in rows) and len(rows) == layers

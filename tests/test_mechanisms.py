@@ -114,6 +114,19 @@ def test_mechanisms_appended_by_two_wrappers_compose_without_knowing_each_others
     assert described["server"] == "flwr.serverapp.strategy.FedAdam"
 
 
+def test_round_metrics_may_map_names_to_numbers() -> None:
+    class PerLayer(Mechanism):
+        name = "per-layer"
+
+        def round_metrics(self, server_round: int) -> Mapping[str, Any]:
+            return {"count": 2, "top-layers": {"head.weight": np.float64(0.5), "head.bias": 1}}
+
+    runtime = MechanismRuntime(fedavg(CONFIG).with_mechanism(PerLayer()))
+    metrics = runtime.round_metrics(1)
+    assert metrics == {"count": 2.0, "top-layers": {"head.weight": 0.5, "head.bias": 1.0}}
+    assert type(metrics["count"]) is float and all(type(v) is float for v in metrics["top-layers"].values())
+
+
 def test_every_hook_runs_in_list_order() -> None:
     log: list[str] = []
     parts = wrapper("b", log, shift=1.0)(wrapper("a", log)(fedavg(CONFIG), CONFIG), CONFIG)

@@ -185,10 +185,26 @@ def test_the_engine_refuses_a_bad_option_of_any_chosen_plugin_before_data_are_pr
         (RunConfig(strategy="fedprox", strategy_options={"proximal-mu": -1}), r"fedprox strategy option 'proximal-mu'"),
         (RunConfig(privacy="dp", privacy_options={"clip": "big"}), r"dp privacy option 'clip' must be a number > 0"),
         (RunConfig(strategy="secagg", strategy_options={"backend": "x"}), r"secagg strategy option 'backend' must be"),
+        (RunConfig(dataset_options={"2d-only": "beach"}), r"synthetic dataset option '2d-only' must name sources"),
+        (
+            RunConfig(dataset_options={"2donly": "studio"}),
+            r"synthetic dataset has no option '2donly' \(did you mean '2d-only'",
+        ),
+        (RunConfig(dataset="h36m,coco", dataset_options={"2d-only": "coco"}), r"mixed dataset has no option '2d-only'"),
     ]
     for config, message in cases:
         with pytest.raises(OptionError, match=message):
             check_plugins(config)  # reads names and options only: no body model, no data
+
+
+def test_dataset_options_reach_the_factory_with_mixeds_member_list() -> None:
+    from pchmr.core.engine.components import dataset_resolution
+
+    check_plugins(RunConfig(dataset_options={"2d_only": "outdoor,sports"}))
+    check_plugins(RunConfig(dataset="h36m,coco"))  # mixed's own option, set by the engine
+    assert dataset_resolution("synthetic", {"2d-only": "outdoor"}) == ("synthetic", {"2d-only": "outdoor"})
+    assert dataset_resolution("h36m,coco") == ("mixed", {"datasets": "h36m,coco"})
+    assert RunConfig(dataset_options={"2d-only": "indoor"}).to_dict()["dataset_options"] == {"2d-only": "indoor"}
 
 
 def test_the_config_keeps_the_options_as_the_user_gave_them() -> None:

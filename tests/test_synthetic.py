@@ -261,3 +261,36 @@ def test_body_model_without_samplers_is_refused(tmp_path):
 
 def test_hook_registers_the_factory():
     assert synthetic.pchmr_datasets() == {"synthetic": synthetic.make_synthetic}
+
+
+def test_2d_only_sources_keep_their_keypoints_and_lose_their_3d_labels(data, body, cache_dir, monkeypatch):
+    import dataclasses
+
+    from pchmr.core.contracts.errors import OptionError
+
+    sources = data.labels["source"]
+    chosen = sorted(set(sources))[:2]  # two of the sources the 16 samples have
+    monkeypatch.setattr(synthetic, "render_mesh", lambda *a, **k: pytest.fail("the option must not re-render"))
+    spec = dataclasses.replace(spec_for(cache_dir), options={"2d-only": f" {chosen[0]},{chosen[1]} ,{chosen[0]}"})
+    masked = synthetic.make_synthetic(spec, body)
+    assert masked.extra["cache_path"] == data.extra["cache_path"], "the same cache, masked when read"
+    withheld = np.isin(sources, chosen)
+    assert withheld.any() and not withheld.all()
+    np.testing.assert_array_equal(masked.train.only_2d, withheld)
+    for i in range(NUM_TRAIN):
+        sample, full = masked.train[i], data.train[i]
+        validate_sample(sample, num_joints=body.num_joints, num_vertices=body.num_vertices)
+        torch.testing.assert_close(sample["keypoints_2d"], full["keypoints_2d"])
+        torch.testing.assert_close(sample["image"], full["image"])
+        if withheld[i]:
+            assert sample["joints_3d"][:, 3].sum() == 0 and sample["has_vertices"] == 0
+            assert not sample["vertices"].any() and not sample["joints_3d"].any()
+        else:
+            torch.testing.assert_close(sample["joints_3d"], full["joints_3d"])
+            assert sample["has_vertices"] == 1
+    # the test split keeps everything; the mean pose comes from the samples with 3D labels
+    assert not masked.test.only_2d.any()
+    expected = np.array(data.train.array("joints_3d"))[~withheld, :, :3].mean(axis=0)
+    np.testing.assert_allclose(masked.train_mean_joints, expected, atol=1e-6)
+    with pytest.raises(OptionError, match=r"synthetic dataset option '2d-only' must name sources among studio"):
+        synthetic.make_synthetic(dataclasses.replace(spec, options={"2d-only": "studio,beach"}), body)

@@ -42,6 +42,7 @@ PREFERRED_LABEL = "source"
 #: The RunConfig fields a partition depends on: each is a flag of ``pchmr partition``, as of ``pchmr run``.
 PARTITION_FIELDS = (
     "dataset",
+    "dataset_options",
     "partitioner",
     "partition_options",
     "clients",

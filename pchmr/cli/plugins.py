@@ -23,7 +23,7 @@ __all__ = ["plugins"]
 OPTION_FLAGS = {
     "backbone": "pchmr run --backbone-option key=value",
     "body_model": "BodyModelSpec.extra (no command-line flag)",
-    "dataset": "DatasetSpec.options (no command-line flag)",
+    "dataset": "pchmr run / pchmr partition --dataset-option key=value",
     "partitioner": "pchmr run / pchmr partition --partition-option key=value",
     "strategy": "pchmr run --strategy-option key=value",
     "privacy": "pchmr run --privacy-option key=value",

@@ -109,10 +109,11 @@ class Mechanism:
         server runs it)."""
         return None
 
-    def round_metrics(self, server_round: int) -> Mapping[str, float]:
+    def round_metrics(self, server_round: int) -> Mapping[str, float | Mapping[str, float]]:
         """Server, after round ``server_round`` (and for the last completed round of a run that
         stops early): numbers merged into that round's ``rounds.jsonl`` record (``-`` becomes
-        ``_`` in keys), e.g. ``epsilon``."""
+        ``_`` in keys), e.g. ``epsilon``; a value may also be a mapping of names to numbers,
+        written as a JSON object (e.g. FedGH's most conflicting layers, name → conflict rate)."""
         return {}
 
     def state_dict(self) -> Mapping[str, Any]:

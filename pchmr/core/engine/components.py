@@ -8,7 +8,7 @@ run directory and the prepared data cache.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +135,7 @@ def build_components(
     registry = get_registry()
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     body_model = _body_model(config.body_model, str(cache), config.smpl_dir)
-    dataset_plugin, dataset_options = dataset_resolution(config.dataset, config.eval_datasets)
+    dataset_plugin, dataset_options = dataset_resolution(config.dataset, config.dataset_options, config.eval_datasets)
     data_factory = registry.get("dataset", dataset_plugin)
     spec = DatasetSpec(
         image_size=config.input_size,
@@ -170,13 +170,17 @@ def build_components(
     return Components(config=config, body_model=body_model, data=data, encoder_weights=weights)
 
 
-def dataset_resolution(name: str, eval_datasets: str | None = None) -> tuple[str, dict[str, object]]:
-    """``--dataset`` name → (plugin name, DatasetSpec options): ``a,b,c`` is the ``mixed``
-    plugin with ``options["datasets"] = "a,b,c"`` (each member's samples keep ``source`` = its name)
-    and, with ``--eval-datasets``, ``options["test"]``: the members it evaluates on."""
+def dataset_resolution(
+    name: str, options: Mapping[str, object] | None = None, eval_datasets: str | None = None
+) -> tuple[str, dict[str, object]]:
+    """``--dataset`` name and ``--dataset-option`` values → (plugin name, DatasetSpec options):
+    ``a,b,c`` is the ``mixed`` plugin with ``options["datasets"] = "a,b,c"`` (each member's samples
+    keep ``source`` = its name) besides the given ones and, with ``--eval-datasets``,
+    ``options["test"]``: the members it evaluates on."""
+    given = dict(options or {})
     if "," in name:
-        return MIXED_DATASET, {"datasets": name, **({"test": eval_datasets} if eval_datasets else {})}
-    return name, {}
+        return MIXED_DATASET, {"datasets": name, **given, **({"test": eval_datasets} if eval_datasets else {})}
+    return name, given
 
 
 @functools.lru_cache(maxsize=4)

@@ -123,6 +123,13 @@ class RunConfig:
     dataset_path: str | None = run_option(
         None, cli=NotOnCli("the PATH of --dataset NAME:PATH"), help="Where the dataset plugin reads its files."
     )
+    dataset_options: Mapping[str, Any] = run_option(
+        factory=dict,
+        flag="--dataset-option",
+        cli=KeyValues(),
+        help="Dataset option key=value (repeatable), e.g. 2d-only=outdoor,sports (synthetic: those sources' "
+        "training samples keep their 2D keypoints only).",
+    )
     num_train: int | None = run_option(
         None, help="Training samples to use (all of the dataset when unset; synthetic renders 2000)."
     )
@@ -320,6 +327,8 @@ class RunConfig:
             raise ConfigError(f"--fraction must lie in (0, 1] (e.g. 0.05, 0.10, 0.20), got {self.fraction!r}")
         if self.privacy is not None and (not isinstance(self.privacy, str) or not self.privacy):
             raise ConfigError(f"--privacy must name a privacy plugin (e.g. dp, secagg), got {self.privacy!r}")
+        if not isinstance(self.dataset_options, Mapping):
+            raise ConfigError(f"dataset options must be a table of key = value, got {self.dataset_options!r}")
         if not isinstance(self.privacy_options, Mapping):
             raise ConfigError(f"privacy options must be a table of key = value, got {self.privacy_options!r}")
         if self.privacy_options and self.privacy is None:
@@ -423,6 +432,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["dataset_options"] = dict(self.dataset_options)
         out["partition_options"] = dict(self.partition_options)
         out["strategy_options"] = dict(self.strategy_options)
         out["loss_weights"] = dict(self.loss_weights)

@@ -81,6 +81,7 @@ def chosen_plugins(config: RunConfig) -> dict[str, str]:
 #: plugin kind → the RunConfig field holding the options a user gives it.
 OPTION_FIELDS = {
     "backbone": "backbone_options",
+    "dataset": "dataset_options",
     "partitioner": "partition_options",
     "strategy": "strategy_options",
     "privacy": "privacy_options",
@@ -107,8 +108,12 @@ def check_options(config: RunConfig) -> None:
         if kind not in chosen:
             continue
         declared = declared_options(registry.get(kind, chosen[kind]))
-        if declared is not None:
-            read_options(declared, getattr(config, field_name), plugin=chosen[kind], kind=kind)
+        if declared is None:
+            continue
+        options = getattr(config, field_name)
+        if kind == "dataset":  # as the factory receives them, with mixed's member list
+            options = dataset_resolution(config.dataset, options, config.eval_datasets)[1]
+        read_options(declared, options, plugin=chosen[kind], kind=kind)
 
 
 def describe_plugins(config: RunConfig) -> dict[str, Any]:

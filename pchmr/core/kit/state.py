@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-__all__ = ["fixed_state_keys", "training_mode"]
+__all__ = ["fixed_state_keys", "trainable_state_keys", "training_mode"]
 
 
 def fixed_state_keys(module: nn.Module) -> frozenset[str]:
@@ -24,6 +24,17 @@ def fixed_state_keys(module: nn.Module) -> frozenset[str]:
             if not sub.training:
                 fixed.update(f"{prefix}.{name}" if prefix else name for name, _ in sub.named_buffers(recurse=False))
     return frozenset(fixed & keys)
+
+
+def trainable_state_keys(module: nn.Module) -> frozenset[str]:
+    """The ``state_dict`` entries of ``module`` that are parameters local training updates by
+    gradient: parameters with ``requires_grad`` (every name of a shared one), minus what
+    :func:`fixed_state_keys` calls fixed. Every other entry is a buffer (BatchNorm's running
+    statistics and ``num_batches_tracked``, constants) or a frozen parameter: statistics and
+    fixed values, not a direction of descent. Decided by the model's structure alone."""
+    keys = set(module.state_dict())
+    trainable = {name for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return frozenset((trainable & keys) - fixed_state_keys(module))
 
 
 @contextmanager

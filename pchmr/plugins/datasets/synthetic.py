@@ -23,6 +23,12 @@ absolute root position and the intrinsics are kept in the cache (``root_cam``, `
 (f, cx, cy) in pixels, continuous coordinates) so that ``project(joints_3d + root_cam)`` gives
 ``keypoints_2d`` back.
 
+Option (``--dataset-option``, :class:`SyntheticOptions`): ``2d-only`` = comma-separated sources
+whose *training* samples keep only their 2D keypoints: ``joints_3d`` all invalid (validity 0),
+``vertices`` zeros and ``has_vertices`` 0, as a 2D-only dataset (COCO, MPII) gives them; the loss
+then trains those samples on the 2D reprojection term alone. The test split keeps everything. The
+cache is not affected (the labels are masked when read).
+
 Preparation runs once per (seed, sizes, image size, body model, :data:`DATASET_VERSION`): the
 arrays are written as ``.npy`` files into a temporary directory renamed into place when
 complete, then always read back with ``np.load(mmap_mode="r")``.
@@ -48,7 +54,7 @@ from torch.utils.data import Dataset
 from pchmr.core.contracts.bodymodel import BodyModel
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
-from pchmr.core.contracts.options import NoOptions, read_options
+from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.plugins.datasets.render import PinholeCamera, render_mesh
 
@@ -57,6 +63,7 @@ __all__ = [
     "SCENES",
     "SOURCES",
     "SourceStyle",
+    "SyntheticOptions",
     "SyntheticSplit",
     "make_synthetic",
     "pchmr_datasets",
@@ -131,6 +138,32 @@ SOURCES = (
         {"diagonal_bands": 3, "soft_blobs": 3, "horizon_floor": 2, "checker": 1},
     ),
 )  # fmt: skip
+
+
+SOURCE_NAMES = tuple(style.name for style in SOURCES)
+
+
+@dataclass(frozen=True)
+class SyntheticOptions:
+    """``--dataset-option`` values of ``synthetic``."""
+
+    only_2d: str = option(
+        "",
+        key="2d-only",
+        help=f"comma-separated sources ({', '.join(SOURCE_NAMES)}) whose training samples keep only their 2D "
+        "keypoints (no 3D joints, no mesh); the test split keeps everything",
+    )
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.sources_2d if name not in SOURCE_NAMES]
+        if unknown:
+            raise ValueError(f"'2d-only' must name sources among {', '.join(SOURCE_NAMES)}, got {', '.join(unknown)}")
+
+    @property
+    def sources_2d(self) -> tuple[str, ...]:
+        """The sources of ``2d-only``, as given (without blanks and repeats)."""
+        names = [name.strip() for name in self.only_2d.split(",") if name.strip()]
+        return tuple(dict.fromkeys(names))
 
 
 @runtime_checkable
@@ -471,11 +504,13 @@ class SyntheticSplit(Dataset):
     (:mod:`pchmr.core.contracts.sample`). :meth:`array` exposes the stored arrays (``pose``,
     ``shape``, ``root_cam``, ``camera`` …) for tests and annotators."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, sources_2d: Sequence[str] = ()) -> None:
         self.directory = Path(directory)
         self.labels = {key: np.load(self.directory / f"label_{key}.npy") for key in META_KEYS}
         self._length = len(self.labels[META_KEYS[0]])
         self._arrays: dict[str, np.ndarray] = {}
+        #: (N,) bool: the samples whose 3D labels are withheld (their source is in ``sources_2d``)
+        self.only_2d = np.isin(self.labels["source"], list(sources_2d))
 
     def __len__(self) -> int:
         return self._length
@@ -493,13 +528,17 @@ class SyntheticSplit(Dataset):
         if not -self._length <= index < self._length:
             raise IndexError(f"sample {index} out of range for a split of {self._length}")
         index = int(index) % self._length
+        joints, vertices = np.array(self.array("joints_3d")[index]), np.array(self.array("vertices")[index])
+        has_3d = not self.only_2d[index]
+        if not has_3d:  # a 2D-only sample: no valid joint, no mesh
+            joints, vertices = np.zeros_like(joints), np.zeros_like(vertices)
         return {
             "image": normalize_image(torch.from_numpy(np.array(self.array("images")[index]))),
             "keypoints_2d": torch.from_numpy(np.array(self.array("keypoints_2d")[index])),
-            "joints_3d": torch.from_numpy(np.array(self.array("joints_3d")[index])),
+            "joints_3d": torch.from_numpy(joints),
             "pelvis_3d": torch.zeros(4),  # no Human3.6M pelvis: invalid (synthetic is evaluated mid-hip aligned)
-            "vertices": torch.from_numpy(np.array(self.array("vertices")[index])),
-            "has_vertices": torch.tensor(1.0),
+            "vertices": torch.from_numpy(vertices),
+            "has_vertices": torch.tensor(1.0 if has_3d else 0.0),
             "index": torch.tensor(index, dtype=torch.int64),
             "meta": {key: str(self.labels[key][index]) for key in META_KEYS},
         }
@@ -512,8 +551,9 @@ class SyntheticSplit(Dataset):
 
 
 def make_synthetic(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
-    """The factory registered as ``synthetic``: prepare once (cached), then read (no options)."""
-    read_options(NoOptions, spec.options, plugin="synthetic", kind="dataset")
+    """The factory registered as ``synthetic``: prepare once (cached), then read, withholding the 3D
+    labels of the ``2d-only`` sources' training samples."""
+    options = read_options(SyntheticOptions, spec.options, plugin="synthetic", kind="dataset")
     num_train = DEFAULT_NUM_TRAIN if spec.num_train is None else int(spec.num_train)
     num_test = DEFAULT_NUM_TEST if spec.num_test is None else int(spec.num_test)
     if num_train < 1 or num_test < 1:
@@ -521,18 +561,20 @@ def make_synthetic(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     if spec.image_size < 8:
         raise ValueError(f"synthetic renders square crops of at least 8 px, got image_size={spec.image_size}")
     directory = prepare(spec, body_model, num_train, num_test)
-    train, test = SyntheticSplit(directory / "train"), SyntheticSplit(directory / "test")
+    train, test = SyntheticSplit(directory / "train", options.sources_2d), SyntheticSplit(directory / "test")
     protocol = {"dataset": "synthetic", "gt": "real", "image_size": spec.image_size, "seed": spec.seed,
                 "num_train": num_train, "num_test": num_test, "body_model": body_model.name,
                 "version": DATASET_VERSION}  # fmt: skip
-    mean_joints = np.asarray(train.array("joints_3d")[..., :3], dtype=np.float64).mean(axis=0).astype(np.float32)
+    with_3d = np.flatnonzero(~train.only_2d)  # the mean-pose baseline sees the 3D labels training sees
+    stored = np.asarray(train.array("joints_3d")[..., :3], dtype=np.float64)
+    mean_joints = stored[with_3d].mean(axis=0).astype(np.float32) if len(with_3d) else None
     return HMRData(
         train=train, test=test, labels=dict(train.labels), protocol=protocol,
         train_mean_joints=mean_joints, extra={"cache_path": str(directory)},
     )  # fmt: skip
 
 
-make_synthetic.options = NoOptions  # type: ignore[attr-defined]  # DeclaresOptions
+make_synthetic.options = SyntheticOptions  # type: ignore[attr-defined]  # DeclaresOptions
 
 
 @hookimpl

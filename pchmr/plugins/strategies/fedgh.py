@@ -10,28 +10,49 @@ harmonization (arXiv 2309.06692), i.e. PCGrad applied to client updates. Every c
 
 Round t, with global model w and the K replies sorted by partition id:
 
-1. Deltas. Δ_k = w_k − w for every floating-point entry of the state dict. Integer entries (e.g.
-   BatchNorm's ``num_batches_tracked``) are not harmonized: they are averaged with the weights p_k
-   of step 5, as FedAvg does *(inferred)*.
-2. Discrepancy. The Gram matrix G_ij = ⟨Δ_i, Δ_j⟩ over the whole flattened model gives the pairwise
-   cosines cos_ij = G_ij / (‖Δ_i‖‖Δ_j‖) *(inferred: cosine similarity as the measure)*. A pair
-   conflicts when G_ij < 0. Logged every round and returned as metrics (:class:`RoundStats`).
+1. Deltas. Δ_k = w_k − w for every *trainable parameter* of the model: the state-dict entries
+   :func:`pchmr.core.kit.state.trainable_state_keys` names, learnt from the module the runtime
+   builds (the ``fedgh-entries`` mechanism's ``prepare_module``). Every other entry (BatchNorm's
+   running statistics and ``num_batches_tracked``, frozen parameters, constant buffers) is a
+   statistic, not a descent direction: it gets the weighted average Σ_k p_k b_k of step 5, as
+   FedAvg gives it, never a projection, η or a server-optimiser step. Without a module (FedGH
+   used on bare arrays, as in the strategy contract suite) every floating-point entry is
+   harmonized and integer ones averaged.
+2. Discrepancy. The Gram matrix G_ij = ⟨Δ_i, Δ_j⟩ over the whole flattened trainable model gives
+   the pairwise cosines cos_ij = G_ij / (‖Δ_i‖‖Δ_j‖) *(inferred: cosine similarity as the
+   measure)*. A pair conflicts when G_ij < 0. Logged every round and returned as metrics
+   (:class:`RoundStats`); with ``granularity`` = ``layer`` also per entry (:class:`LayerStats`).
 3. Projection order. For each client i, a permutation of the other clients drawn from a generator
    seeded by (run seed, t) *(inferred; as PCGrad shuffles its tasks)*. It only matters with K ≥ 3.
 4. Gradient-projection correction (PCGrad against the *original* deltas, *inferred*). Start from
    Δ'_i = Δ_i; for j in i's order, if ⟨Δ'_i, Δ_j⟩ < 0 then Δ'_i ← Δ'_i − ⟨Δ'_i, Δ_j⟩/‖Δ_j‖² · Δ_j.
    Option ``granularity``: ``model`` (default) projects the whole flattened update; ``layer``
-   runs steps 2–4 separately for each floating-point state-dict entry (a weight and its bias are
+   runs steps 2–4 separately for each trainable state-dict entry (a weight and its bias are
    separate entries), with the same orders *(inferred)*.
 5. Weights. p_k ∝ n_k (the reply's ``num-examples``) — option ``weighting`` = ``examples``
    (default) | ``uniform`` (p_k = 1/K) *(inferred)*.
-6. Parameter reconstruction. w ← w + η Σ_k p_k Δ'_k, η = option ``server-learning-rate``
-   (default 1.0) *(inferred reading of "parameter reconstruction")*. With option ``server-opt`` =
-   ``adam`` | ``yogi`` | ``adagrad`` the harmonized delta Σ_k p_k Δ'_k is instead Flower's FedOpt
-   pseudo-gradient (see :mod:`pchmr.plugins.strategies.fedopt`; ``server-learning-rate``,
-   ``beta-1``, ``beta-2``, ``tau`` then configure that optimiser). Default ``none``.
+6. Parameter reconstruction. h = Σ_k p_k Δ'_k; with option ``restore-norm`` (default false) h is
+   rescaled to the norm of the plain average, h ← h · ‖Σ_k p_k Δ_k‖ / ‖h‖, per projected group
+   (the whole model, or each entry with ``granularity=layer``; a group without projections or with
+   h = 0 is left as it is) *(inferred: one reading of "parameter reconstruction": projection
+   removes the conflicting components and so shortens the step, the reconstruction gives the
+   step FedAvg's length back in the harmonized direction)*. Then w ← w + η h, η = option
+   ``server-learning-rate`` (default 1.0). With option ``server-opt`` = ``adam`` | ``yogi`` |
+   ``adagrad`` h is instead Flower's FedOpt pseudo-gradient (see
+   :mod:`pchmr.plugins.strategies.fedopt`; ``server-learning-rate``, ``beta-1``, ``beta-2``,
+   ``tau`` then configure that optimiser). Default ``none``.
 
 When no pair conflicts, Δ'_k = Δ_k and (η = 1, no server optimiser) FedGH is FedAvg.
+
+Statistics (every round, on the trainable entries; the ``fedgh-*`` keys of the MetricRecord
+``aggregate_train`` returns, which the runtime writes into ``rounds.jsonl`` as ``fedgh_*``):
+``conflict-fraction`` (conflicting pairs / pairs), ``conflicting-pairs``, ``pairs``,
+``mean-cosine``, ``min-cosine``, ``projections``, ``norm-ratio`` (‖h‖ / ‖Σ p_k Δ_k‖ before
+``restore-norm``), ``harmonized-entries`` and ``averaged-entries``. With ``granularity=layer``
+also ``layers-in-conflict`` (entries with a conflicting pair), ``layer-conflict-fraction-mean``,
+``-max`` and ``-weighted`` (by entry size), the five entries with the highest conflict fraction
+(``fedgh-top-conflict-layers``, a name → fraction mapping, from the ``fedgh-entries`` mechanism:
+a Flower MetricRecord holds no names), and the full per-entry table in the log (``run.log``).
 
 Cost: every Δ'_i stays in the span of the original deltas, Δ'_i = Σ_m A_im Δ_m, and
 ⟨Δ'_i, Δ_j⟩ = (A G)_ij, so step 4 runs on K×K matrices; the model is touched by one Gram product
@@ -45,8 +66,8 @@ aggregation refuses it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -60,6 +81,7 @@ from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
 from pchmr.core.kit.federation import flower_sampling_kwargs
+from pchmr.core.kit.state import trainable_state_keys
 from pchmr.plugins.strategies.fedopt import (
     NUM_EXAMPLES_KEY,
     SERVER_OPTIMIZERS,
@@ -76,6 +98,8 @@ __all__ = [
     "FedGHOptions",
     "FedGHYogi",
     "Harmonization",
+    "HarmonizedEntries",
+    "LayerStats",
     "RoundStats",
     "fedgh",
     "harmonize",
@@ -95,6 +119,10 @@ _ORDER_STREAM = 0x6647
 _SEED_MASK = (1 << 64) - 1
 #: Metric names FedGH adds to the aggregated train metrics.
 METRIC_PREFIX = "fedgh-"
+#: The ``fedgh-entries`` mechanism's round metric: the most conflicting layers, name → conflict fraction.
+TOP_LAYERS_KEY = "fedgh-top-conflict-layers"
+#: How many layers :data:`TOP_LAYERS_KEY` names.
+TOP_LAYERS = 5
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,7 @@ class Harmonization:
     weighting: str = "examples"
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE
     seed: int = 0
+    restore_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -116,13 +145,34 @@ class Harmonization:
 
 
 @dataclass(frozen=True)
+class LayerStats:
+    """One trainable state-dict entry's discrepancy in one round (``granularity=layer``).
+
+    ``size`` is its number of values; the other fields as in :class:`RoundStats`, on this
+    entry's deltas alone; ``norm_ratio`` is ‖Σ p_k Δ'_k‖ / ‖Σ p_k Δ_k‖ of the entry."""
+
+    name: str
+    size: int
+    pairs: int
+    conflicting_pairs: int
+    conflict_fraction: float
+    mean_cosine: float
+    min_cosine: float
+    projections: int
+    norm_ratio: float
+
+
+@dataclass(frozen=True)
 class RoundStats:
-    """One round's update discrepancy (whole-model deltas, whatever the granularity).
+    """One round's update discrepancy over the trainable entries (whole-model deltas, whatever the
+    granularity), and with ``granularity=layer`` each entry's (:attr:`layers`, state-dict order).
 
     ``conflict_fraction`` = conflicting pairs / pairs (pairs with a negative dot product);
     ``mean_cosine`` and ``min_cosine`` over the K(K−1)/2 pairs (a zero delta has cosine 0 with
-    everything; NaN with fewer than 2 clients); ``projections`` = projections applied in step 4;
-    ``norm_ratio`` = ‖Σ p_k Δ'_k‖ / ‖Σ p_k Δ_k‖ (1 when the average delta is 0).
+    everything; NaN with fewer than 2 clients); ``projections`` = projections applied in step 4
+    (summed over the layers with ``granularity=layer``); ``norm_ratio`` = ‖Σ p_k Δ'_k‖ / ‖Σ p_k Δ_k‖
+    before ``restore-norm`` (1 when the average delta is 0); ``harmonized_entries`` /
+    ``averaged_entries``: state-dict entries harmonized / averaged as FedAvg does (buffers).
     """
 
     server_round: int
@@ -134,11 +184,41 @@ class RoundStats:
     min_cosine: float
     projections: int
     norm_ratio: float
+    harmonized_entries: int = 0
+    averaged_entries: int = 0
+    layers: tuple[LayerStats, ...] = ()
 
     def as_metrics(self) -> dict[str, float]:
-        fields = asdict(self)
-        del fields["server_round"]
-        return {METRIC_PREFIX + name.replace("_", "-"): float(value) for name, value in fields.items()}
+        """The ``fedgh-*`` numbers of the round's MetricRecord (layer summary with ``layers``)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("server_round", "layers")}
+        if self.layers:
+            rates = np.array([layer.conflict_fraction for layer in self.layers])
+            sizes = np.array([layer.size for layer in self.layers], dtype=np.float64)
+            values["layers_in_conflict"] = int(sum(layer.conflicting_pairs > 0 for layer in self.layers))
+            values["layer_conflict_fraction_mean"] = float(rates.mean())
+            values["layer_conflict_fraction_max"] = float(rates.max())
+            values["layer_conflict_fraction_weighted"] = float(rates @ sizes / sizes.sum()) if sizes.sum() else 0.0
+        return {METRIC_PREFIX + name.replace("_", "-"): float(value) for name, value in values.items()}
+
+    def top_layers(self, count: int = TOP_LAYERS) -> dict[str, float]:
+        """Up to ``count`` entries with a conflicting pair, name → conflict fraction, the most
+        conflicting first (ties: the lower mean cosine, then the name)."""
+        conflicting = [layer for layer in self.layers if layer.conflicting_pairs > 0]
+        ranked = sorted(conflicting, key=lambda layer: (-layer.conflict_fraction, layer.mean_cosine, layer.name))
+        return {layer.name: layer.conflict_fraction for layer in ranked[:count]}
+
+    def layer_table(self) -> str:
+        """Every entry's statistics as a text table (one line per entry, state-dict order)."""
+        width = max([len("layer"), *(len(layer.name) for layer in self.layers)])
+        head = f"{'layer':<{width}} {'size':>10} {'conflicting':>11} {'pairs':>5} {'rate':>6} "
+        head += f"{'mean cos':>9} {'min cos':>8} {'proj':>5} {'norm ratio':>10}"
+        rows = [
+            f"{layer.name:<{width}} {layer.size:>10d} {layer.conflicting_pairs:>11d} {layer.pairs:>5d} "
+            f"{layer.conflict_fraction:>6.3f} {layer.mean_cosine:>9.4f} {layer.min_cosine:>8.4f} "
+            f"{layer.projections:>5d} {layer.norm_ratio:>10.4f}"
+            for layer in self.layers
+        ]
+        return "\n".join([head, *rows])
 
 
 # --------------------------------------------------------------------------------------
@@ -220,6 +300,20 @@ def _pair_stats(gram: np.ndarray) -> tuple[int, int, float, float]:
     return len(dots), int(np.sum(dots < 0)), float(cosines.mean()), float(cosines.min())
 
 
+def _ratio(numerator_sq: float, denominator_sq: float) -> float:
+    """sqrt(numerator_sq / denominator_sq), 1 when the denominator is 0."""
+    return float(np.sqrt(max(numerator_sq, 0.0) / denominator_sq)) if denominator_sq > 0 else 1.0
+
+
+def harmonized_keys(
+    global_arrays: Mapping[str, np.ndarray], parameter_keys: Collection[str] | None = None
+) -> list[str]:
+    """The entries FedGH harmonizes, in state-dict order: the floating-point ones among
+    ``parameter_keys`` (every floating-point entry when None)."""
+    floating = [key for key, value in global_arrays.items() if np.issubdtype(np.asarray(value).dtype, np.floating)]
+    return floating if parameter_keys is None else [key for key in floating if key in parameter_keys]
+
+
 def harmonize(
     global_arrays: Mapping[str, np.ndarray],
     clients: Sequence[Mapping[str, np.ndarray]],
@@ -228,34 +322,58 @@ def harmonize(
     granularity: str = "model",
     server_learning_rate: float = DEFAULT_SERVER_LEARNING_RATE,
     server_round: int = 0,
+    *,
+    parameter_keys: Collection[str] | None = None,
+    restore_norm: bool = False,
 ) -> tuple[dict[str, np.ndarray], RoundStats]:
-    """Steps 1–6 on numpy arrays: the new global arrays (the global dtypes; integer entries become
-    float64 weighted averages, as in Flower's FedAvg) and the round's :class:`RoundStats`.
+    """Steps 1–6 on numpy arrays: the new global arrays and the round's :class:`RoundStats`.
 
     ``clients[k]`` maps the same names as ``global_arrays`` to arrays of the same shapes; ``weights``
-    (K,) are the p_k; ``orders`` come from :func:`projection_orders`.
+    (K,) are the p_k; ``orders`` come from :func:`projection_orders`; ``parameter_keys`` names the
+    trainable parameters (None: every floating-point entry). Harmonized entries keep the global
+    dtypes; the others are the weighted average Σ p_k b_k of the clients' values (floating ones in
+    their dtype, integer ones as float64, as Flower's FedAvg returns them).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}; got {granularity!r}")
     _check_shapes(global_arrays, clients)
     weights = np.asarray(weights, dtype=np.float64)
     k = len(clients)
-    float_keys = [key for key, value in global_arrays.items() if np.issubdtype(np.asarray(value).dtype, np.floating)]
+    keys = harmonized_keys(global_arrays, parameter_keys)
     grams = {}
-    for key in float_keys:
+    for key in keys:
         deltas = _deltas(global_arrays[key], clients, key)
         grams[key] = deltas @ deltas.T
     model_gram = sum(grams.values(), np.zeros((k, k)))
-    groups = {"model": float_keys} if granularity == "model" else {key: [key] for key in float_keys}
-    combined: dict[str, np.ndarray] = {}  # key → c = pᵀA of its group (K,)
+    groups = {"model": keys} if granularity == "model" else {key: [key] for key in keys}
+    combined: dict[str, np.ndarray] = {}  # key → c = pᵀA of its group (K,), rescaled by restore-norm
     projections, harmonized_sq = 0, 0.0
-    for members in groups.values():
+    layers: list[LayerStats] = []
+    for name, members in groups.items():
         gram = sum((grams[key] for key in members), np.zeros((k, k)))
         coeffs, count = pcgrad_coefficients(gram, orders)
         c = weights @ coeffs
+        group_sq, average_sq = float(c @ gram @ c), float(weights @ gram @ weights)
         projections += count
-        harmonized_sq += float(c @ gram @ c)
+        harmonized_sq += group_sq
+        if restore_norm and count and group_sq > 0:
+            c = c * np.sqrt(average_sq / group_sq)
         combined.update(dict.fromkeys(members, c))
+        if granularity == "layer":
+            pairs, conflicting, mean_cos, min_cos = _pair_stats(gram)
+            layers.append(
+                LayerStats(
+                    name=name,
+                    size=int(np.asarray(global_arrays[name]).size),
+                    pairs=pairs,
+                    conflicting_pairs=conflicting,
+                    conflict_fraction=conflicting / pairs if pairs else 0.0,
+                    mean_cosine=mean_cos,
+                    min_cosine=min_cos,
+                    projections=count,
+                    norm_ratio=_ratio(group_sq, average_sq),
+                )
+            )
     out: dict[str, np.ndarray] = {}
     for key, value in global_arrays.items():
         value = np.asarray(value)
@@ -263,9 +381,10 @@ def harmonize(
             step = combined[key] @ _deltas(value, clients, key)
             new = value.astype(np.float64).reshape(-1) + server_learning_rate * step
             out[key] = new.reshape(value.shape).astype(value.dtype)
-        else:  # integer buffers: FedAvg's weighted average
-            out[key] = sum(w * np.asarray(client[key]) for w, client in zip(weights, clients))
-    average_sq = float(weights @ model_gram @ weights)
+        else:  # buffers, frozen and integer entries: FedAvg's weighted average
+            average = sum(w * np.asarray(client[key], dtype=np.float64) for w, client in zip(weights, clients))
+            floating = np.issubdtype(value.dtype, np.floating)
+            out[key] = np.asarray(average).astype(value.dtype) if floating else np.asarray(average)
     pairs, conflicting, mean_cos, min_cos = _pair_stats(model_gram)
     stats = RoundStats(
         server_round=server_round,
@@ -276,7 +395,10 @@ def harmonize(
         mean_cosine=mean_cos,
         min_cosine=min_cos,
         projections=projections,
-        norm_ratio=float(np.sqrt(max(harmonized_sq, 0.0) / average_sq)) if average_sq > 0 else 1.0,
+        norm_ratio=_ratio(harmonized_sq, float(weights @ model_gram @ weights)),
+        harmonized_entries=len(keys),
+        averaged_entries=len(global_arrays) - len(keys),
+        layers=tuple(layers),
     )
     return out, stats
 
@@ -298,14 +420,16 @@ def _by_partition(replies: list[Message]) -> list[Message]:
 class FedGH(FedAvg):
     """Flower's FedAvg with :func:`harmonize` as its aggregation (see the module docstring).
 
-    ``last_round_stats`` holds the latest :class:`RoundStats` (``round_stats`` all of them); the
-    MetricRecord returned by ``aggregate_train`` carries them as ``fedgh-*`` keys besides the
-    clients' averaged metrics.
+    ``parameter_keys`` names the trainable entries (set by the ``fedgh-entries`` mechanism from
+    the server's module; None: every floating-point entry is harmonized). ``last_round_stats``
+    holds the latest :class:`RoundStats` (``round_stats`` all of them); the MetricRecord returned
+    by ``aggregate_train`` carries them as ``fedgh-*`` keys besides the clients' averaged metrics.
     """
 
     def __init__(self, *, harmonization: Harmonization | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.harmonization = harmonization or Harmonization()
+        self.parameter_keys: frozenset[str] | None = None
         self.global_arrays: dict[str, np.ndarray] | None = None
         self.last_round_stats: RoundStats | None = None
         self.round_stats: list[RoundStats] = []
@@ -313,6 +437,14 @@ class FedGH(FedAvg):
     def summary(self) -> None:
         log.info("FedGH settings: %s", self.harmonization)
         super().summary()
+
+    def averaged_keys(self) -> frozenset[str]:
+        """The floating-point entries of the round's global model that FedGH averages instead of
+        harmonizing (buffers, frozen parameters); a server optimiser must not step them either."""
+        if self.global_arrays is None:
+            return frozenset()
+        floating = set(harmonized_keys(self.global_arrays))
+        return frozenset(floating - set(harmonized_keys(self.global_arrays, self.parameter_keys)))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Any
@@ -339,12 +471,21 @@ class FedGH(FedAvg):
         weights = client_weights([float(_metric_record(c)[self.weighted_by_key]) for c in contents], h.weighting)
         orders = projection_orders(len(clients), h.seed, server_round)
         new_arrays, stats = harmonize(
-            self.global_arrays, clients, weights, orders, h.granularity, h.server_learning_rate, server_round
+            self.global_arrays,
+            clients,
+            weights,
+            orders,
+            h.granularity,
+            h.server_learning_rate,
+            server_round,
+            parameter_keys=self.parameter_keys,
+            restore_norm=h.restore_norm,
         )
         self.last_round_stats = stats
         self.round_stats.append(stats)
         log.info(
-            "round %d: %d of %d client pairs conflict (%.0f%%), mean cosine %.3f, %d projections, norm ratio %.3f",
+            "round %d: %d of %d client pairs conflict (%.0f%%), mean cosine %.3f, %d projections, norm ratio %.3f "
+            "(%d entries harmonized, %d averaged)",
             server_round,
             stats.conflicting_pairs,
             stats.pairs,
@@ -352,12 +493,52 @@ class FedGH(FedAvg):
             stats.mean_cosine,
             stats.projections,
             stats.norm_ratio,
+            stats.harmonized_entries,
+            stats.averaged_entries,
         )
+        if stats.layers:
+            in_conflict = sum(layer.conflicting_pairs > 0 for layer in stats.layers)
+            log.info(
+                "round %d per-layer conflicts (%d of %d layers have a conflicting pair):\n%s",
+                server_round,
+                in_conflict,
+                len(stats.layers),
+                stats.layer_table(),
+            )
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         for name, value in stats.as_metrics().items():
             metrics[name] = value
         record = ArrayRecord({key: Array(np.asarray(value, order="C")) for key, value in new_arrays.items()})
         return record, metrics
+
+
+class HarmonizedEntries(Mechanism):
+    """FedGH's view of the model, as a mechanism: ``prepare_module`` tells the server which entries
+    are trainable parameters (:func:`~pchmr.core.kit.state.trainable_state_keys`; the others are
+    averaged), and with ``granularity=layer`` ``round_metrics`` puts the round's most conflicting
+    layers into ``rounds.jsonl`` (:data:`TOP_LAYERS_KEY`, name → conflict fraction). Keeps no state."""
+
+    name = "fedgh-entries"
+
+    def __init__(self, server: FedGH) -> None:
+        self.server = server
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "harmonized": "trainable parameters (pchmr.core.kit.state.trainable_state_keys of the server's module)",
+            "averaged": "every other entry (BatchNorm statistics and counters, frozen parameters): "
+            "weighted average as in FedAvg",
+            "round-metrics": f"{TOP_LAYERS_KEY} (granularity=layer): up to {TOP_LAYERS} layers, name -> conflict fraction",
+        }
+
+    def prepare_module(self, module: Any) -> None:
+        self.server.parameter_keys = trainable_state_keys(module)
+
+    def round_metrics(self, server_round: int) -> Mapping[str, Any]:
+        stats = self.server.last_round_stats
+        if stats is None or stats.server_round != server_round or not stats.layers:
+            return {}
+        return {TOP_LAYERS_KEY: stats.top_layers()}
 
 
 def _harmonized_optimizer(base: type[FedOpt]) -> type[FedOpt]:
@@ -396,7 +577,10 @@ _INFERRED = {
     "then delta'_i -= <delta'_i, delta_j>/|delta_j|^2 delta_j (after Zhang et al., arXiv 2309.06692)",
     "order": "each client projects against the others in a permutation seeded by (seed, round)",
     "reconstruction": "w <- w + server-learning-rate * sum_k p_k delta'_k (or a FedOpt step on that delta)",
-    "integer-buffers": "weighted average as in FedAvg (not harmonized)",
+    "parameters": "only trainable parameters are harmonized; buffers (BatchNorm statistics, counters) and frozen "
+    "entries get the weighted average as in FedAvg",
+    "restore-norm": "an option: the harmonized delta rescaled to the norm of the plain weighted average, per "
+    "projected group (one reading of 'parameter reconstruction')",
 }
 
 
@@ -417,6 +601,11 @@ class FedGHOptions(FedOptOptions):
     )
     granularity: str = option("model", choices=GRANULARITIES, help="project the whole model's update or each layer's")
     weighting: str = option("examples", choices=WEIGHTINGS, help="client weights p_k: by sample count or uniform")
+    restore_norm: bool = option(
+        False,
+        help="rescale the harmonized delta to the plain average's norm (per projected group): one reading of "
+        "the paper's 'parameter reconstruction'",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -430,24 +619,25 @@ class FedGHOptions(FedOptOptions):
 
 
 def fedgh(config: StrategyConfig) -> StrategyParts:
-    """Server: :class:`FedGH` (or FedGHAdam/Yogi/Adagrad with ``server-opt``); the client adds nothing."""
+    """Server: :class:`FedGH` (or FedGHAdam/Yogi/Adagrad with ``server-opt``); mechanisms: the
+    optimiser's state (``fedgh``, with ``server-opt``) and :class:`HarmonizedEntries`; the client
+    adds nothing."""
     options = read_options(FedGHOptions, config.options, plugin="fedgh", kind="strategy")
     granularity, weighting, server_opt = options.granularity, options.weighting, options.server_opt
-    chosen: dict[str, Any] = {"granularity": granularity, "weighting": weighting}
+    restore = options.restore_norm
+    chosen: dict[str, Any] = {"granularity": granularity, "weighting": weighting, "restore-norm": restore}
     if server_opt == "none":
         given_eta = options.server_learning_rate
         eta = DEFAULT_SERVER_LEARNING_RATE if given_eta is None else given_eta
-        harmonization = Harmonization(granularity, weighting, eta, config.seed)
-        server: FedAvg = FedGH(
-            **flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization
-        )
+        harmonization = Harmonization(granularity, weighting, eta, config.seed, restore)
+        server: FedGH = FedGH(**flower_sampling_kwargs(), weighted_by_key=NUM_EXAMPLES_KEY, harmonization=harmonization)
         mechanisms: tuple[Mechanism, ...] = ()
         chosen.update({"server-opt": "none", "server-learning-rate": eta})
         server_text = "pchmr.plugins.strategies.fedgh.FedGH (a flwr.serverapp.strategy.FedAvg subclass)"
     else:
         optimizer = read_server_optimizer(options)
-        harmonization = Harmonization(granularity, weighting, 1.0, config.seed)
-        server = make_server_optimizer(optimizer, HARMONIZED_OPTIMIZERS[server_opt], harmonization=harmonization)
+        harmonization = Harmonization(granularity, weighting, 1.0, config.seed, restore)
+        server = make_server_optimizer(optimizer, HARMONIZED_OPTIMIZERS[server_opt], harmonization=harmonization)  # type: ignore[assignment]  # a FedGH subclass
         mechanisms = (ServerOptimizerState(server, optimizer, "fedgh"),)
         chosen.update(optimizer.describe())
         server_text = (
@@ -457,7 +647,7 @@ def fedgh(config: StrategyConfig) -> StrategyParts:
     return StrategyParts(
         name="fedgh",
         server=server,
-        mechanisms=mechanisms,
+        mechanisms=(*mechanisms, HarmonizedEntries(server)),
         requires_individual_updates=True,
         describe={
             "server": server_text,

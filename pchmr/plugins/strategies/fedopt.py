@@ -186,7 +186,9 @@ def adapt_server_optimizer(cls: type[FedOpt]) -> type[FedOpt]:
       numpy float64 (the bias correction), which would turn a float32 model into float64 (twice the
       bytes sent to clients and checkpointed);
     * other entries (counters such as BatchNorm's ``num_batches_tracked``) take the clients'
-      weighted average, as in FedAvg, instead of an optimiser step meant for parameters.
+      weighted average, as in FedAvg, instead of an optimiser step meant for parameters; so do
+      the floating-point entries a strategy names in ``averaged_keys()`` when it has that method
+      (FedGH: buffers such as BatchNorm's running statistics, frozen parameters).
 
     m_t and v_t are Flower's (they also hold the counters' entries, unused).
     """
@@ -207,9 +209,10 @@ def adapt_server_optimizer(cls: type[FedOpt]) -> type[FedOpt]:
                 "pchmr.plugins.strategies.fedopt.adapt_server_optimizer needs updating for this Flower version"
             )
         out = {}
+        averaged = self.averaged_keys() if hasattr(self, "averaged_keys") else frozenset()
         for key, array in arrays.items():
             like = self.current_arrays[key]
-            if not np.issubdtype(like.dtype, np.floating):
+            if not np.issubdtype(like.dtype, np.floating) or key in averaged:
                 out[key] = average[key]
                 continue
             value = array.numpy()

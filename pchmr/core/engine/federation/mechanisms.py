@@ -85,10 +85,11 @@ class MechanismRuntime:
     def train_config(self) -> dict[str, Any]:
         return _merged(self.name, "train-config", [(m.name, m.train_config()) for m in self.mechanisms])
 
-    def round_metrics(self, server_round: int) -> dict[str, float]:
-        """The mechanisms' metrics for ``server_round``, merged, keys as they gave them."""
+    def round_metrics(self, server_round: int) -> dict[str, float | dict[str, float]]:
+        """The mechanisms' metrics for ``server_round``, merged, keys as they gave them: numbers as
+        floats, a mapping of names to numbers as a dict of floats."""
         parts = [(m.name, m.round_metrics(server_round)) for m in self.mechanisms]
-        return {key: float(value) for key, value in _merged(self.name, "round-metrics", parts).items()}
+        return {key: _metric_value(value) for key, value in _merged(self.name, "round-metrics", parts).items()}
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """``{mechanism name: its state_dict()}`` for the checkpoint."""
@@ -124,6 +125,13 @@ class MechanismRuntime:
         for mechanism in self.mechanisms:
             new_state = mechanism.transform_update(new_state, global_state, info)
         return new_state
+
+
+def _metric_value(value: Any) -> float | dict[str, float]:
+    """A round metric as rounds.jsonl holds it: a float, or names → floats (e.g. per-layer values)."""
+    if isinstance(value, Mapping):
+        return {str(name): float(number) for name, number in value.items()}
+    return float(value)
 
 
 def _merged(strategy: str, what: str, parts: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:

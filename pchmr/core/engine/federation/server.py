@@ -267,7 +267,7 @@ class FederatedServer:
             extras[CLIENT_SPEED_KEY] = speeds  # type: ignore[assignment]  # one number per partition
         return new_arrays, extras, sent, received
 
-    def _round_metrics(self, server_round: int) -> dict[str, float]:
+    def _round_metrics(self, server_round: int) -> dict[str, Any]:
         return {key.replace("-", "_"): value for key, value in self.mechanisms.round_metrics(server_round).items()}
 
     def _record_stop(self, state: Mapping[str, torch.Tensor], elapsed: float, sent: int, received: int) -> None:
