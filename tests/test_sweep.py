@@ -525,8 +525,12 @@ def test_report_says_when_cells_ran_other_steps_than_planned(sweep_dir):
     assert not any("row 'fedavg': the cells ran" in w for w in report.warnings)
 
 
-def test_the_example_sweep_plans_at_full_scale_and_smoke():
+def test_the_example_sweep_plans_at_full_scale_and_smoke(tmp_path, monkeypatch):
     example = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "strategies.toml"
+    # the full scale names the user's ImageNet ResNet-50 under ./data (planning checks it exists)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "weights").mkdir(parents=True)
+    (tmp_path / "data" / "weights" / "resnet50-imagenet.pth").write_bytes(b"")
     full = {row.name: row for row in load_sweep(example).rows}
     assert list(full) == ["fedavg", "fedprox", "fedopt", "fedgh", "fedavg-e2"]
     # the whole dataset: matched in client epochs of the same unknown ⌈n/(N·B)⌉
