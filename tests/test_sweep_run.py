@@ -29,6 +29,7 @@ baseline = "central"
 num_train = 16
 num_test = 8
 batch_size = 8
+encoder_weights = "none"   # no public-encoder pretraining on a cold cache: the test stays a few tiny runs
 
 [budget]
 steps = 2
@@ -45,7 +46,7 @@ mode = "centralized"
 def pchmr(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The ``pchmr`` console entry in a process of its own, in ``cwd``."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([*PCHMR, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    return subprocess.run([*PCHMR, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
 
 
 def pchmr_here(*args: str, cwd: Path) -> SimpleNamespace:
@@ -68,6 +69,7 @@ def mtimes(path: Path) -> dict[str, int]:
 @pytest.mark.slow  # five tiny baseline runs and a resumed one: about a minute of CPU
 def test_a_sweep_runs_reports_and_reruns_only_what_is_missing(tmp_path, pchmr_cache):
     (tmp_path / "sweep.toml").write_text(SWEEP)
+    # in a process of its own, through the console entry
     first = pchmr("sweep", "sweep.toml", "--out", "out", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "4 cells run, 0 skipped (finished before), 0 failed" in " ".join(first.stdout.split())
