@@ -164,7 +164,8 @@ def partition(
     from pchmr.report.partition_plots import plot_embedding, plot_partition
 
     try:
-        cfg = RunConfig.from_dict(_fit_per_round(_load_values(config, scale, flags)))
+        # a partition trains nothing: the model files a config names (--init-from) need not exist yet
+        cfg = RunConfig.from_dict(_fit_per_round(_load_values(config, scale, flags)), check_files=False)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} exists and is not a directory")
         part, data, clusters = _make(cfg)

@@ -465,13 +465,22 @@ class RunConfig:
             _READING_SAVED.reset(token)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, check_files: bool = True) -> RunConfig:
+        """The config of ``data`` (keys with ``-`` or ``_``), validated; ``check_files=False`` does not
+        look for the model files it names (``--init-from``, ``--encoder-weights``): for commands that
+        read the config's data or partition without training (``pchmr partition``)."""
         known = {f.name for f in dataclasses.fields(cls)}
         normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(normalised) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**normalised)
+        if check_files:
+            return cls(**normalised)
+        token = _READING_SAVED.set(True)
+        try:
+            return cls(**normalised)
+        finally:
+            _READING_SAVED.reset(token)
 
 
 def _check_loss_weights(weights: Mapping[str, Any]) -> None:
