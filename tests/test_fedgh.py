@@ -91,6 +91,10 @@ def test_records_the_conflict_rate_and_cosines_every_round() -> None:
     assert metrics["fedgh-conflict-fraction"] == pytest.approx(2 / 3)
     assert metrics["fedgh-mean-cosine"] == pytest.approx(-0.44069, abs=1e-5)
     assert metrics["fedgh-projections"] == stats.projections > 0
+    np.testing.assert_allclose(
+        stats.cosines, [[1, -0.70711, 0.24254], [-0.70711, 1, -0.85749], [0.24254, -0.85749, 1]], atol=1e-5
+    )
+    assert "fedgh-cosines" not in metrics, "the matrix goes to the log only"
     # a second round without conflicts is recorded too
     run_round(parts, 2, ORIGIN, updates_of((1, 0), (1, 1), (0, 1)))
     assert [s.conflicting_pairs for s in parts.server.round_stats] == [2, 0]
@@ -446,6 +450,7 @@ def test_cli_run_records_conflict_statistics(tmp_path, pchmr_cache, granularity:
     assert config["strategy"]["options"]["granularity"]["value"] == granularity
     log = (out / "run.log").read_text()
     assert "client pairs conflict" in log
+    assert "round 1 pairwise cosines of the clients' updates (partitions [0, 1])" in log
     if granularity == "model":
         assert config["strategy"]["options"]["restore-norm"]["value"] is True
         assert "fedgh_layers_in_conflict" not in record and "fedgh_top_conflict_layers" not in record
