@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -89,6 +91,10 @@ def test_records_the_conflict_rate_and_cosines_every_round() -> None:
     assert metrics["fedgh-conflict-fraction"] == pytest.approx(2 / 3)
     assert metrics["fedgh-mean-cosine"] == pytest.approx(-0.44069, abs=1e-5)
     assert metrics["fedgh-projections"] == stats.projections > 0
+    np.testing.assert_allclose(
+        stats.cosines, [[1, -0.70711, 0.24254], [-0.70711, 1, -0.85749], [0.24254, -0.85749, 1]], atol=1e-5
+    )
+    assert "fedgh-cosines" not in metrics, "the matrix goes to the log only"
     # a second round without conflicts is recorded too
     run_round(parts, 2, ORIGIN, updates_of((1, 0), (1, 1), (0, 1)))
     assert [s.conflicting_pairs for s in parts.server.round_stats] == [2, 0]
@@ -444,6 +450,7 @@ def test_cli_run_records_conflict_statistics(tmp_path, pchmr_cache, granularity:
     assert config["strategy"]["options"]["granularity"]["value"] == granularity
     log = (out / "run.log").read_text()
     assert "client pairs conflict" in log
+    assert "round 1 pairwise cosines of the clients' updates (partitions [0, 1])" in log
     if granularity == "model":
         assert config["strategy"]["options"]["restore-norm"]["value"] is True
         assert "fedgh_layers_in_conflict" not in record and "fedgh_top_conflict_layers" not in record
@@ -460,3 +467,43 @@ def test_cli_run_records_conflict_statistics(tmp_path, pchmr_cache, granularity:
     assert f"of {layers} layers have a conflicting pair" in table[0]
     rows = table[2 : 2 + layers]
     assert all(line.split()[0] in state for line in rows) and len(rows) == layers
+
+
+# --------------------------------------------------------------------------------------
+# configs/noniid-conflict.toml: the setting where clients conflict
+# --------------------------------------------------------------------------------------
+NONIID = Path(__file__).resolve().parents[1] / "configs" / "noniid-conflict.toml"
+
+
+@pytest.mark.parametrize(
+    ("scale", "num_clients", "allocation"),
+    [(None, 8, [2, 2, 1, 3]), ("cpu", 8, [1, 3, 1, 3]), ("smoke", 4, [1, 1, 1, 1])],
+)
+def test_noniid_conflict_config_gives_one_source_per_client_with_its_label_type(scale, num_clients, allocation) -> None:
+    from pchmr.core.engine.config import RunConfig, load_config_file
+    from pchmr.core.engine.preparation import check_plugins
+    from pchmr.plugins.bodymodels.anny import make_anny
+    from pchmr.plugins.datasets import synthetic
+    from pchmr.plugins.partitioners.by_source import by_source
+
+    config = RunConfig.from_dict(load_config_file(NONIID, scale=scale))
+    check_plugins(config)  # plugin names and every option, the dataset's included
+    assert (config.dataset, config.partitioner, config.clients) == ("synthetic", "by-source", num_clients)
+    options = synthetic.SyntheticOptions(only_2d=config.dataset_options["2d-only"], tilt=config.dataset_options["tilt"])
+    assert (options.sources_2d, options.tilted_sources) == (("outdoor",), ("indoor", "sports"))
+    # the sources of the training split as the dataset draws them (labels only, nothing rendered)
+    body = make_anny()
+    shapes = body.sample_shape(synthetic.NUM_SUBJECTS, synthetic.split_generator(config.seed, "subjects"))
+    plan = synthetic.plan_split(config.num_train, synthetic.split_generator(config.seed, "train"), body, shapes)
+    sources = np.array([synthetic.SOURCES[i].name for i in plan.source])
+
+    labels = SimpleNamespace(labels={"source": sources}, train=range(len(sources)))
+    partition = by_source(labels, config.clients, config.seed, dict(config.partition_options))
+    values = partition.params["client_values"]
+    assert [values.count(name) for name in ("indoor", "outdoor", "sports", "studio")] == allocation
+    # about a third of the samples each: 3D in the camera frame, tilted 3D, 2D only
+    shares = {
+        kind: np.isin(sources, names).mean()
+        for kind, names in (("3d", ["studio"]), ("tilted", ["indoor", "sports"]), ("2d", ["outdoor"]))
+    }
+    assert all(0.25 < share < 0.42 for share in shares.values()), shares

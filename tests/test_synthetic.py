@@ -294,3 +294,41 @@ def test_2d_only_sources_keep_their_keypoints_and_lose_their_3d_labels(data, bod
     np.testing.assert_allclose(masked.train_mean_joints, expected, atol=1e-6)
     with pytest.raises(OptionError, match=r"synthetic dataset option '2d-only' must name sources among studio"):
         synthetic.make_synthetic(dataclasses.replace(spec, options={"2d-only": "studio,beach"}), body)
+
+
+def test_tilted_sources_give_their_3d_labels_in_a_rotated_frame(data, body, cache_dir):
+    import dataclasses
+
+    from pchmr.core.contracts.errors import OptionError
+
+    sources = data.labels["source"]
+    tilted_source, other = sorted(set(sources))[:2]
+    spec = dataclasses.replace(spec_for(cache_dir), options={"tilt": tilted_source, "tilt-degrees": "90"})
+    tilted = synthetic.make_synthetic(spec, body)
+    # 90° about the camera's x axis: (x, y, z) → (x, −z, y)
+    rotate = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    for i in range(NUM_TRAIN):
+        sample, full = tilted.train[i], data.train[i]
+        torch.testing.assert_close(sample["keypoints_2d"], full["keypoints_2d"])
+        if sources[i] == tilted_source:
+            torch.testing.assert_close(
+                sample["joints_3d"][:, :3], full["joints_3d"][:, :3] @ rotate.T, atol=1e-6, rtol=0
+            )
+            torch.testing.assert_close(sample["vertices"], full["vertices"] @ rotate.T, atol=1e-6, rtol=0)
+            torch.testing.assert_close(sample["joints_3d"][:, 3], full["joints_3d"][:, 3])
+        else:
+            torch.testing.assert_close(sample["joints_3d"], full["joints_3d"])
+    # the default 180° is OpenGL's frame: y and z negated; tests are never tilted
+    opengl = synthetic.make_synthetic(dataclasses.replace(spec, options={"tilt": tilted_source}), body)
+    i = int(np.flatnonzero(sources == tilted_source)[0])
+    torch.testing.assert_close(
+        opengl.train[i]["joints_3d"][:, :3],
+        data.train[i]["joints_3d"][:, :3] * torch.tensor([1.0, -1.0, -1.0]),
+        atol=1e-6,
+        rtol=0,
+    )
+    assert not opengl.test.tilted.any()
+    with pytest.raises(OptionError, match=r"'tilt' must name sources with 3D labels, got .*which '2d-only' names"):
+        synthetic.make_synthetic(dataclasses.replace(spec, options={"tilt": other, "2d-only": other}), body)
+    with pytest.raises(OptionError, match=r"'tilt-degrees' must be a number in \[-180, 180\]"):
+        synthetic.make_synthetic(dataclasses.replace(spec, options={"tilt": other, "tilt-degrees": 200}), body)

@@ -27,7 +27,11 @@ Option (``--dataset-option``, :class:`SyntheticOptions`): ``2d-only`` = comma-se
 whose *training* samples keep only their 2D keypoints: ``joints_3d`` all invalid (validity 0),
 ``vertices`` zeros and ``has_vertices`` 0, as a 2D-only dataset (COCO, MPII) gives them; the loss
 then trains those samples on the 2D reprojection term alone. The test split keeps everything. The
-cache is not affected (the labels are masked when read).
+cache is not affected (the labels are masked when read). ``tilt`` = comma-separated sources whose
+training 3D labels (joints and mesh, root-relative) are rotated about the camera's x axis by
+``tilt-degrees`` (default 180: OpenGL's y-up, z-backward camera frame against OpenCV's): labels
+in another frame convention, or from a miscalibrated camera, for the same kind of images, so
+that those clients' updates oppose the others'.
 
 Preparation runs once per (seed, sizes, image size, body model, :data:`DATASET_VERSION`): the
 arrays are written as ``.npy`` files into a temporary directory renamed into place when
@@ -154,16 +158,44 @@ class SyntheticOptions:
         "keypoints (no 3D joints, no mesh); the test split keeps everything",
     )
 
+    tilt: str = option(
+        "",
+        help="comma-separated sources whose training 3D labels (joints, mesh) are given in a camera frame "
+        "pitched by tilt-degrees about its x axis (another frame convention, a miscalibrated camera); "
+        "images and 2D keypoints unchanged",
+    )
+    tilt_degrees: float = option(
+        180.0, low=-180.0, high=180.0, help="the pitch of the tilted sources' label frame; 180 = OpenGL's y up, z back"
+    )
+
     def __post_init__(self) -> None:
-        unknown = [name for name in self.sources_2d if name not in SOURCE_NAMES]
-        if unknown:
-            raise ValueError(f"'2d-only' must name sources among {', '.join(SOURCE_NAMES)}, got {', '.join(unknown)}")
+        for key, names in (("2d-only", self.sources_2d), ("tilt", self.tilted_sources)):
+            unknown = [name for name in names if name not in SOURCE_NAMES]
+            if unknown:
+                raise ValueError(f"'{key}' must name sources among {', '.join(SOURCE_NAMES)}, got {', '.join(unknown)}")
+        both = [name for name in self.tilted_sources if name in self.sources_2d]
+        if both:
+            raise ValueError(f"'tilt' must name sources with 3D labels, got {', '.join(both)}, which '2d-only' names")
 
     @property
     def sources_2d(self) -> tuple[str, ...]:
         """The sources of ``2d-only``, as given (without blanks and repeats)."""
-        names = [name.strip() for name in self.only_2d.split(",") if name.strip()]
-        return tuple(dict.fromkeys(names))
+        return _names(self.only_2d)
+
+    @property
+    def tilted_sources(self) -> tuple[str, ...]:
+        """The sources of ``tilt``, as given (without blanks and repeats)."""
+        return _names(self.tilt)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
+def label_tilt(degrees: float) -> np.ndarray:
+    """(3, 3) rotation about the camera's x axis by ``degrees``: camera-frame labels → the tilted frame."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
 
 
 @runtime_checkable
@@ -504,13 +536,29 @@ class SyntheticSplit(Dataset):
     (:mod:`pchmr.core.contracts.sample`). :meth:`array` exposes the stored arrays (``pose``,
     ``shape``, ``root_cam``, ``camera`` …) for tests and annotators."""
 
-    def __init__(self, directory: Path, sources_2d: Sequence[str] = ()) -> None:
+    def __init__(
+        self, directory: Path, sources_2d: Sequence[str] = (), tilted: Sequence[str] = (), tilt_degrees: float = 0.0
+    ) -> None:
         self.directory = Path(directory)
         self.labels = {key: np.load(self.directory / f"label_{key}.npy") for key in META_KEYS}
         self._length = len(self.labels[META_KEYS[0]])
         self._arrays: dict[str, np.ndarray] = {}
         #: (N,) bool: the samples whose 3D labels are withheld (their source is in ``sources_2d``)
         self.only_2d = np.isin(self.labels["source"], list(sources_2d))
+        #: (N,) bool: the samples whose 3D labels are rotated by :attr:`tilt` (their source is in ``tilted``)
+        self.tilted = np.isin(self.labels["source"], list(tilted))
+        self.tilt = label_tilt(tilt_degrees).astype(np.float32)
+
+    def labels_3d(self, index: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Sample ``index``'s ``joints_3d`` (J, 4), ``vertices`` (V, 3) as training sees them (tilted,
+        or zeros for a 2D-only sample) and whether it has 3D labels."""
+        joints, vertices = np.array(self.array("joints_3d")[index]), np.array(self.array("vertices")[index])
+        if self.only_2d[index]:
+            return np.zeros_like(joints), np.zeros_like(vertices), False
+        if self.tilted[index]:
+            joints[:, :3] = joints[:, :3] @ self.tilt.T
+            vertices = vertices @ self.tilt.T
+        return joints, vertices, True
 
     def __len__(self) -> int:
         return self._length
@@ -528,10 +576,7 @@ class SyntheticSplit(Dataset):
         if not -self._length <= index < self._length:
             raise IndexError(f"sample {index} out of range for a split of {self._length}")
         index = int(index) % self._length
-        joints, vertices = np.array(self.array("joints_3d")[index]), np.array(self.array("vertices")[index])
-        has_3d = not self.only_2d[index]
-        if not has_3d:  # a 2D-only sample: no valid joint, no mesh
-            joints, vertices = np.zeros_like(joints), np.zeros_like(vertices)
+        joints, vertices, has_3d = self.labels_3d(index)
         return {
             "image": normalize_image(torch.from_numpy(np.array(self.array("images")[index]))),
             "keypoints_2d": torch.from_numpy(np.array(self.array("keypoints_2d")[index])),
@@ -561,13 +606,16 @@ def make_synthetic(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
     if spec.image_size < 8:
         raise ValueError(f"synthetic renders square crops of at least 8 px, got image_size={spec.image_size}")
     directory = prepare(spec, body_model, num_train, num_test)
-    train, test = SyntheticSplit(directory / "train", options.sources_2d), SyntheticSplit(directory / "test")
+    train = SyntheticSplit(directory / "train", options.sources_2d, options.tilted_sources, options.tilt_degrees)
+    test = SyntheticSplit(directory / "test")
     protocol = {"dataset": "synthetic", "gt": "real", "image_size": spec.image_size, "seed": spec.seed,
                 "num_train": num_train, "num_test": num_test, "body_model": body_model.name,
                 "version": DATASET_VERSION}  # fmt: skip
-    with_3d = np.flatnonzero(~train.only_2d)  # the mean-pose baseline sees the 3D labels training sees
+    # the mean-pose baseline sees the 3D labels training sees (tilted ones tilted, none of the 2D-only)
     stored = np.asarray(train.array("joints_3d")[..., :3], dtype=np.float64)
-    mean_joints = stored[with_3d].mean(axis=0).astype(np.float32) if len(with_3d) else None
+    stored[train.tilted] = stored[train.tilted] @ train.tilt.T.astype(np.float64)
+    with_3d = ~train.only_2d
+    mean_joints = stored[with_3d].mean(axis=0).astype(np.float32) if with_3d.any() else None
     return HMRData(
         train=train, test=test, labels=dict(train.labels), protocol=protocol,
         train_mean_joints=mean_joints, extra={"cache_path": str(directory)},

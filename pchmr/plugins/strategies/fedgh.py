@@ -53,6 +53,7 @@ also ``layers-in-conflict`` (entries with a conflicting pair), ``layer-conflict-
 ``-max`` and ``-weighted`` (by entry size), the five entries with the highest conflict fraction
 (``fedgh-top-conflict-layers``, a name → fraction mapping, from the ``fedgh-entries`` mechanism:
 a Flower MetricRecord holds no names), and the full per-entry table in the log (``run.log``).
+The log also holds every round's K×K cosine matrix with the clients' partition ids.
 
 Cost: every Δ'_i stays in the span of the original deltas, Δ'_i = Σ_m A_im Δ_m, and
 ⟨Δ'_i, Δ_j⟩ = (A G)_ij, so step 4 runs on K×K matrices; the model is touched by one Gram product
@@ -172,7 +173,8 @@ class RoundStats:
     everything; NaN with fewer than 2 clients); ``projections`` = projections applied in step 4
     (summed over the layers with ``granularity=layer``); ``norm_ratio`` = ‖Σ p_k Δ'_k‖ / ‖Σ p_k Δ_k‖
     before ``restore-norm`` (1 when the average delta is 0); ``harmonized_entries`` /
-    ``averaged_entries``: state-dict entries harmonized / averaged as FedAvg does (buffers).
+    ``averaged_entries``: state-dict entries harmonized / averaged as FedAvg does (buffers);
+    ``cosines``: the K×K pairwise cosines (clients in partition order; logged, not a metric).
     """
 
     server_round: int
@@ -187,10 +189,12 @@ class RoundStats:
     harmonized_entries: int = 0
     averaged_entries: int = 0
     layers: tuple[LayerStats, ...] = ()
+    cosines: tuple[tuple[float, ...], ...] = ()
 
     def as_metrics(self) -> dict[str, float]:
         """The ``fedgh-*`` numbers of the round's MetricRecord (layer summary with ``layers``)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("server_round", "layers")}
+        skip = ("server_round", "layers", "cosines")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         if self.layers:
             rates = np.array([layer.conflict_fraction for layer in self.layers])
             sizes = np.array([layer.size for layer in self.layers], dtype=np.float64)
@@ -300,6 +304,13 @@ def _pair_stats(gram: np.ndarray) -> tuple[int, int, float, float]:
     return len(dots), int(np.sum(dots < 0)), float(cosines.mean()), float(cosines.min())
 
 
+def _cosines(gram: np.ndarray) -> np.ndarray:
+    """(K, K) cosines of a Gram matrix (0 where a delta is zero)."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    scale = np.outer(norms, norms)
+    return np.divide(gram, scale, out=np.zeros_like(gram), where=scale > 0)
+
+
 def _ratio(numerator_sq: float, denominator_sq: float) -> float:
     """sqrt(numerator_sq / denominator_sq), 1 when the denominator is 0."""
     return float(np.sqrt(max(numerator_sq, 0.0) / denominator_sq)) if denominator_sq > 0 else 1.0
@@ -399,6 +410,7 @@ def harmonize(
         harmonized_entries=len(keys),
         averaged_entries=len(global_arrays) - len(keys),
         layers=tuple(layers),
+        cosines=tuple(map(tuple, _cosines(model_gram).tolist())),
     )
     return out, stats
 
@@ -495,6 +507,13 @@ class FedGH(FedAvg):
             stats.norm_ratio,
             stats.harmonized_entries,
             stats.averaged_entries,
+        )
+        partitions = [int(float(_metric_record(c).get(PARTITION_KEY, index))) for index, c in enumerate(contents)]
+        log.info(
+            "round %d pairwise cosines of the clients' updates (partitions %s):\n%s",
+            server_round,
+            partitions,
+            "\n".join(" ".join(f"{value:7.3f}" for value in row) for row in stats.cosines),
         )
         if stats.layers:
             in_conflict = sum(layer.conflicting_pairs > 0 for layer in stats.layers)
