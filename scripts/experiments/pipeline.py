@@ -10,7 +10,14 @@ is evaluated against real ground truth — beside the same federation trained on
        pchmr annotate synthetic --annotator deposer --data-option seed=d --data-option split=train \\
            --data-option num_train=IMAGES --data-option num_test=1 --crop-size 64 --out OUT/labels/deposer/device-d
 
-2. Federations, identical but for the labels, one per (labels, seed)::
+2. The global model the devices start from (``--base-images`` > 0; the paper's appendix C
+   pre-trains federatedly, then fine-tunes on locally annotated data at lr 1e-4): a federation on
+   the synthetic training split of ``--base-seed`` (100: people no device and no test image has)::
+
+       pchmr run --dataset synthetic --num-train BASE_IMAGES --clients 10 --per-round 3 ... --seed 100 --out OUT/base
+
+3. Federations, identical but for the labels, one per (labels, seed), each starting from the base
+   model (``--init-from OUT/base --freeze-encoder``; from scratch with ``--base-images 0``)::
 
        pchmr run --dataset pseudo-labels:root=OUT/labels/deposer,test-seed=0 --partitioner natural \\
            --partition-option label=device --clients D --per-round D ... --seed S --out OUT/runs/deposer-sS
@@ -18,10 +25,11 @@ is evaluated against real ground truth — beside the same federation trained on
    ``smplifyx`` reads OUT/labels/smplifyx; ``gt`` reads OUT/labels/deposer with ``labels=gt``:
    the images DePoser annotated, with their true labels (3D joints, mesh, 2D keypoints).
 
-3. The table (``OUT/pipeline.md``, ``OUT/pipeline.json``): per label source the final real-GT
+4. The table (``OUT/pipeline.md``, ``OUT/pipeline.json``): per label source the final real-GT
    MPJPE / PA-MPJPE, mean ± 95 % Student-t interval over the seeds (n − 1 degrees of freedom),
-   the paired per-seed differences (same seed = same initial weights, client sampling and
-   shuffling), and the training labels' own error against the truth.
+   the start (round 0: the base model, or the untrained one), the paired per-seed differences
+   (same seed = same initial weights, client sampling and shuffling), and the training labels'
+   own error against the truth.
 
 Everything finished is reused (an annotated device, a run with final.json; a started run is
 resumed), so an interrupted study continues where it stopped. Commands and wall times go to
@@ -114,7 +122,19 @@ def run_command(labels: str, seed: int, args: argparse.Namespace) -> list[str]:
             "--partition-option", "label=device", "--clients", str(args.devices), "--per-round", str(args.per_round),
             "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--batch-size", str(args.batch_size),
             "--backbone", args.backbone, "--variant", args.variant, "--input-size", str(args.crop),
-            "--num-test", str(args.test_images), "--seed", str(seed), "--out", str(run_dir(labels, seed, args))]  # fmt: skip
+            "--num-test", str(args.test_images), "--lr", str(args.lr), "--seed", str(seed),
+            "--out", str(run_dir(labels, seed, args))] + (
+        ["--init-from", str(args.out / "base"), "--freeze-encoder"] if args.base_images else [])  # fmt: skip
+
+
+def base_command(args: argparse.Namespace) -> list[str]:
+    """The global model every federation starts from: a federation on the synthetic dataset of ``--base-seed``."""
+    return [pchmr_executable(), "run", "--dataset", "synthetic", "--num-train", str(args.base_images),
+            "--num-test", str(args.base_test_images), "--clients", str(args.base_clients),
+            "--per-round", str(args.base_per_round), "--rounds", str(args.base_rounds),
+            "--local-epochs", str(args.base_local_epochs), "--batch-size", str(args.base_batch_size),
+            "--backbone", args.backbone, "--variant", args.variant, "--input-size", str(args.crop),
+            "--seed", str(args.base_seed), "--out", str(args.out / "base")]  # fmt: skip
 
 
 def run_dir(labels: str, seed: int, args: argparse.Namespace) -> Path:
@@ -157,6 +177,16 @@ def annotate_devices(annotator: str, args: argparse.Namespace) -> None:
             continue
         shutil.rmtree(directory, ignore_errors=True)  # an interrupted annotation
         execute_step(f"annotate-{annotator}-device-{device}", annotate_command(annotator, device, args), args)
+
+
+def train_base(args: argparse.Namespace) -> None:
+    out = args.out / "base"
+    if not args.base_images or (out / "final.json").is_file():
+        return
+    command = (
+        [pchmr_executable(), "run", "--resume", str(out)] if (out / "config.json").is_file() else base_command(args)
+    )
+    execute_step("base", command, args)
 
 
 def federate(labels: str, seed: int, args: argparse.Namespace) -> None:
@@ -205,29 +235,44 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             final = json.loads(final_path.read_text())
             runs.setdefault(labels, {})[seed] = {key: final[key] for key in METRICS} | {
-                "round0_mpjpe_mm": final["round0"]["mpjpe_mm"], "mean_pose_mpjpe_mm": final.get("mean_pose_mpjpe_mm")}  # fmt: skip
+                "round0_mpjpe_mm": final["round0"]["mpjpe_mm"], "round0_pa_mpjpe_mm": final["round0"]["pa_mpjpe_mm"],
+                "mean_pose_mpjpe_mm": final.get("mean_pose_mpjpe_mm"),
+                "mean_pose_pa_mpjpe_mm": final.get("mean_pose_pa_mpjpe_mm")}  # fmt: skip
             p = final["protocol"]
             protocols[labels] = (f"{p['dataset']} · {p['joint_set']} · {p['alignment']} aligned · {p['body_model']} · "
                                  f"{p['ground_truth']} GT")  # fmt: skip
     errors = {a: label_error(args.out / "labels" / a) for a in ANNOTATORS if (args.out / "labels" / a).is_dir()}
+    base = None
+    if (args.out / "base" / "final.json").is_file():
+        final = json.loads((args.out / "base" / "final.json").read_text())
+        base = {key: final[key] for key in METRICS} | {"protocol": final["protocol"]["dataset"]}
     steps = []
     if (args.out / "steps.jsonl").is_file():
         steps = [json.loads(line) for line in (args.out / "steps.jsonl").read_text().splitlines() if line.strip()]
-    return {"runs": runs, "protocols": protocols, "label_errors": errors, "steps": steps}
+    return {"runs": runs, "protocols": protocols, "label_errors": errors, "base": base, "steps": steps}
 
 
 def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
     """The markdown table, the paired differences, the protocols and the wall times."""
     runs, errors = result["runs"], result["label_errors"]
-    lines = ["| training labels | seeds | real-GT MPJPE (mm) | real-GT PA-MPJPE (mm) | labels' own MPJPE / PA-MPJPE (mm) |",
-             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = ["| training labels | seeds | real-GT MPJPE (mm) | real-GT PA-MPJPE (mm) | start (round 0) MPJPE / PA-MPJPE | "
+             "labels' own MPJPE / PA-MPJPE (mm) |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for labels in args.labels:
         seeds = sorted(runs.get(labels, {}))
         cells = [mean_ci_text([runs[labels][s][key] for s in seeds]) for key in METRICS]
         source = LABELS[labels][0]
         own = "0 / 0" if labels == "gt" else (
             f"{errors[source]['mpjpe_mm']:.1f} / {errors[source]['pa_mpjpe_mm']:.1f}" if source in errors else "—")  # fmt: skip
-        lines.append(f"| {LABEL_NAMES[labels]} | {len(seeds)} | {cells[0]} | {cells[1]} | {own} |")
+        start = " / ".join(mean_ci_text([runs[labels][s][f"round0_{key}"] for s in seeds]) for key in METRICS)
+        lines.append(f"| {LABEL_NAMES[labels]} | {len(seeds)} | {cells[0]} | {cells[1]} | {start} | {own} |")
+    some = next((run for by_seed in runs.values() for run in by_seed.values()), None)
+    if some is not None and some.get("mean_pose_mpjpe_mm") is not None:
+        lines += ["", f"Mean-pose baseline (the training labels' mean joints, every test image): MPJPE "
+                  f"{some['mean_pose_mpjpe_mm']:.1f}, PA-MPJPE {some['mean_pose_pa_mpjpe_mm']:.1f} mm (of the first run)."]  # fmt: skip
+    if result.get("base"):
+        base = result["base"]
+        lines += ["", f"Base model on its own test split ({base['protocol']}): MPJPE {base['mpjpe_mm']:.1f}, "
+                  f"PA-MPJPE {base['pa_mpjpe_mm']:.1f} mm."]  # fmt: skip
     pairs = [(a, b) for a, b in PAIRS if a in args.labels and b in args.labels]
     if pairs:
         lines += ["", "Paired differences (same seed), mean ± 95 % t-interval, mm:", "",
@@ -261,14 +306,18 @@ def setting_text(args: argparse.Namespace) -> str:
             f"of seed d); test: the synthetic test split of seed {args.test_seed} ({args.test_images} images, real GT); "
             f"{args.backbone}-{args.variant}, FedAvg, natural partition by device ({args.devices} clients, "
             f"{args.per_round} per round), {args.rounds} rounds × {args.local_epochs} local epochs, batch "
-            f"{args.batch_size}; seeds {', '.join(map(str, args.seeds))}")  # fmt: skip
+            f"{args.batch_size}, lr {args.lr:g}; seeds {', '.join(map(str, args.seeds))}; "
+            + (f"starting from a base model trained federatedly on {args.base_images} synthetic images of seed "
+               f"{args.base_seed} ({args.base_clients} clients, {args.base_per_round} per round, {args.base_rounds} rounds "
+               f"× {args.base_local_epochs} local epochs, batch {args.base_batch_size}), encoder frozen"
+               if args.base_images else "from scratch (the public-pretrained CNN, frozen)"))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/pipeline"))
-    parser.add_argument("--devices", type=int, default=4)
+    parser.add_argument("--devices", type=int, default=3)
     parser.add_argument("--images", type=int, default=64, help="synthetic images per device")
     parser.add_argument("--crop", type=int, default=64, help="crop side in pixels (the run's --input-size)")
     parser.add_argument("--annotate-batch", type=int, default=64)
@@ -276,9 +325,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", default=",".join(LABELS), help="label sources to train on: deposer,smplifyx,gt")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=3)
     parser.add_argument("--per-round", type=int, default=None, help="clients per round (default: every device)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4, help="the federations' AdamW learning rate")
+    parser.add_argument("--base-images", type=int, default=1000, help="base model's training images (0: from scratch)")
+    parser.add_argument(
+        "--base-seed", type=int, default=100, help="the base model's run seed = its synthetic data's seed"
+    )
+    parser.add_argument("--base-clients", type=int, default=10)
+    parser.add_argument("--base-per-round", type=int, default=3)
+    parser.add_argument("--base-rounds", type=int, default=4)
+    parser.add_argument("--base-local-epochs", type=int, default=2)
+    parser.add_argument("--base-batch-size", type=int, default=8)
+    parser.add_argument("--base-test-images", type=int, default=50)
     parser.add_argument("--backbone", default="tore")
     parser.add_argument("--variant", default="S")
     parser.add_argument("--test-images", type=int, default=200)
@@ -293,6 +353,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.per_round = args.devices if args.per_round is None else args.per_round
     if 1 <= args.test_seed <= args.devices:
         parser.error(f"--test-seed {args.test_seed} is a device's seed (devices use 1..{args.devices})")
+    if args.base_images and args.base_seed in (args.test_seed, *range(1, args.devices + 1)):
+        parser.error(f"--base-seed {args.base_seed} renders the test split's or a device's people; use another seed")
     return args
 
 
@@ -305,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("RAY_worker_niceness", "0")
         for annotator in sorted({LABELS[labels][0] for labels in args.labels}):
             annotate_devices(annotator, args)
+        train_base(args)
         for seed in args.seeds:  # seed-major: an interrupted study has every label source at the first seeds
             for labels in args.labels:
                 federate(labels, seed, args)
