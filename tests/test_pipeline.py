@@ -47,7 +47,7 @@ def test_the_test_seed_may_not_be_a_devices_seed() -> None:
 def test_devices_annotate_then_federate_on_their_pseudo_labels_against_real_ground_truth(tmp_path, pchmr_cache):
     out = tmp_path / "study"
     args = ["--out", str(out), "--devices", "2", "--images", "8", "--annotate-option", "iterations=20",
-            "--labels", "deposer", "--seeds", "0", "--base-images", "0", "--rounds", "1", "--local-epochs", "1", "--batch-size", "8",
+            "--labels", "deposer", "--seeds", "0", "--base-images", "0", "--backbone", "tore", "--rounds", "1", "--local-epochs", "1", "--batch-size", "8",
             "--test-images", "8"]  # fmt: skip
     assert pipeline.main(args) == 0
 

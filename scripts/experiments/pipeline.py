@@ -14,7 +14,7 @@ is evaluated against real ground truth — beside the same federation trained on
    pre-trains federatedly, then fine-tunes on locally annotated data at lr 1e-4): a federation on
    the synthetic training split of ``--base-seed`` (100: people no device and no test image has)::
 
-       pchmr run --dataset synthetic --num-train BASE_IMAGES --clients 10 --per-round 3 ... --seed 100 --out OUT/base
+       pchmr run --dataset synthetic --num-train BASE_IMAGES --clients 10 --per-round 2 ... --seed 100 --out OUT/base
 
 3. Federations, identical but for the labels, one per (labels, seed), each starting from the base
    model (``--init-from OUT/base --freeze-encoder``; from scratch with ``--base-images 0``)::
@@ -325,21 +325,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", default=",".join(LABELS), help="label sources to train on: deposer,smplifyx,gt")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--per-round", type=int, default=None, help="clients per round (default: every device)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4, help="the federations' AdamW learning rate")
-    parser.add_argument("--base-images", type=int, default=1000, help="base model's training images (0: from scratch)")
+    parser.add_argument("--base-images", type=int, default=2000, help="base model's training images (0: from scratch)")
     parser.add_argument(
         "--base-seed", type=int, default=100, help="the base model's run seed = its synthetic data's seed"
     )
     parser.add_argument("--base-clients", type=int, default=10)
-    parser.add_argument("--base-per-round", type=int, default=3)
-    parser.add_argument("--base-rounds", type=int, default=4)
+    parser.add_argument("--base-per-round", type=int, default=2)
+    parser.add_argument("--base-rounds", type=int, default=3)
     parser.add_argument("--base-local-epochs", type=int, default=2)
     parser.add_argument("--base-batch-size", type=int, default=8)
     parser.add_argument("--base-test-images", type=int, default=50)
-    parser.add_argument("--backbone", default="tore")
+    parser.add_argument("--backbone", default="fastmetro")
     parser.add_argument("--variant", default="S")
     parser.add_argument("--test-images", type=int, default=200)
     parser.add_argument("--test-seed", type=int, default=0)
