@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -183,6 +184,21 @@ class TestPseudoLabelsTestedOnHeldOutImages(_Devices):
     def dataset_options(cls) -> Mapping[str, object]:
         return {"labels": "gt", "test": "held-out", "held-out": 0.4}
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def bad_specs(cls, tmp_path_factory: pytest.TempPathFactory, body_model: BodyModel,
+                  pchmr_cache: str) -> Mapping[str, tuple[Mapping[str, object], str]]:  # fmt: skip
+        bad = tmp_path_factory.mktemp("bad-held-out")
+        write_device(bad / "one-image" / "phone-a", body_model, pchmr_cache, seed=1)
+        write_device(bad / "one-image" / "phone-b", body_model, pchmr_cache, seed=2, n=2, failed=1)
+        write_device(bad / "no-gt" / "phone-a", body_model, pchmr_cache, seed=1, ground_truth=False)
+        return {
+            "a device with one image": ({"path": str(bad / "one-image")},
+                                        r"test=held-out keeps at least one image to train and one to test per device; phone-b"),
+            "no ground truth": ({"path": str(bad / "no-gt")}, r"labels=gt and test=held-out needs the devices' ground truth"),
+            "a held-out share of 1": ({"options": {"held-out": 1}}, r"option 'held-out' must be a number in \(0, 1\)"),
+        }  # fmt: skip
+
 
 # ------------------------------------------------------------------------------ behaviour
 def test_each_training_sample_carries_its_device_and_the_counts_are_reported(root: Path, body: BodyModel,
@@ -258,6 +274,16 @@ def test_a_truncated_archive_is_named(tmp_path: Path, root: Path, body: BodyMode
     archive.write_bytes(archive.read_bytes()[:100])
     with pytest.raises(DatasetFormatError, match=r"phone-b/labels.npz: not a readable .npz archive"):
         make_pseudo_labels(spec_for(tmp_path / "devices", pchmr_cache), body)
+
+
+def test_the_splits_pickle_without_their_arrays(root: Path, body: BodyModel, pchmr_cache: str) -> None:
+    """Loader workers and Ray receive the dataset pickled: the archive is reopened, nothing copied."""
+    data = make_pseudo_labels(spec_for(root, pchmr_cache, options={"test": "held-out"}), body)
+    for split in (data.train, data.test):
+        first = split[1]
+        copy = pickle.loads(pickle.dumps(split))
+        assert all(not labels._arrays for labels in copy.devices.values())
+        assert (copy[1]["vertices"] == first["vertices"]).all() and copy[1]["meta"] == first["meta"]
 
 
 def test_personalization_still_reads_a_device(root: Path) -> None:

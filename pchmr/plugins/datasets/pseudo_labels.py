@@ -266,8 +266,14 @@ def make_pseudo_labels(spec: DatasetSpec, body_model: BodyModel) -> HMRData:
         test_counts = dict(zip(names, kept_test))
     else:
         num_test = DEFAULT_NUM_TEST if spec.num_test is None else int(spec.num_test)
-        synthetic = make_synthetic(DatasetSpec(image_size=spec.image_size, seed=options.test_seed,
-                                               cache_dir=spec.cache_dir, num_train=1, num_test=num_test), body_model)  # fmt: skip
+        test_spec = DatasetSpec(image_size=spec.image_size, seed=options.test_seed, cache_dir=spec.cache_dir,
+                                num_train=1, num_test=num_test)  # fmt: skip
+        try:
+            synthetic = make_synthetic(test_spec, body_model)
+        except TypeError as exc:  # a body model the synthetic renderer cannot pose
+            raise ValueError(
+                f"test=synthetic renders its test images with the body model: {exc}; or use test=held-out"
+            ) from exc
         test = synthetic.test
         test_text = f"synthetic test split (seed {options.test_seed}, {len(test)} images)"
         test_counts = dict.fromkeys(names, 0)
