@@ -174,6 +174,7 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         procrustes_align,
         root_align,
     )
+    from pchmr.core.kit.pseudo_labels import LabelDirectory, read_label_directory
     from pchmr.core.kit.pyramid import (
         DEFAULT_LEVEL_SIZES,
         PYRAMID_METHOD,
@@ -338,6 +339,9 @@ _EXPORTS: dict[str, str] = {
     "PCK": "kit.metrics",
     # kit.geometry
     "project_weak_perspective": "kit.geometry",
+    # kit.pseudo_labels
+    "LabelDirectory": "kit.pseudo_labels",
+    "read_label_directory": "kit.pseudo_labels",
     # kit.pyramid
     "DEFAULT_LEVEL_SIZES": "kit.pyramid",
     "PYRAMID_METHOD": "kit.pyramid",

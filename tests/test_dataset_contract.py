@@ -24,7 +24,8 @@ from pchmr.testing.fake_datasets import write_3dpw_sequence, write_coco_keypoint
 
 #: Built-in datasets this module runs the suite on. The other named datasets of the catalogue
 #: (``3dpw``, ``coco``, ``up3d`` …) are the same factory as ``h36m`` over other layouts.
-COVERED = {"synthetic", "spin-npz", "metro-tsv", "3dpw-pkl", "coco-json", "h36m", "mixed"}
+#: ``pseudo-labels`` runs the suite in tests/test_pseudo_labels.py (its devices are written there).
+COVERED = {"synthetic", "spin-npz", "metro-tsv", "3dpw-pkl", "coco-json", "h36m", "mixed", "pseudo-labels"}
 
 
 def test_every_registered_builtin_dataset_is_covered() -> None:

@@ -115,8 +115,10 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
         def meta(item: Any) -> dict[str, str]:
             return {k: str(split.labels[k][item.index]) for k in split.labels}
 
+        # the crop is the whole synthetic image (rendered at the crop size): its keypoints are the true 2D labels
         ground_truth = {"joints_3d": np.asarray(split.array("joints_3d")[indices]),
-                        "vertices": np.asarray(split.array("vertices")[indices])}  # fmt: skip
+                        "vertices": np.asarray(split.array("vertices")[indices]),
+                        "keypoints_2d": np.asarray(split.array("keypoints_2d")[indices])}  # fmt: skip
     start = time.perf_counter()
     result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
                             full_image=full_image, batch_size=batch_size, meta=meta, placement=placement)  # fmt: skip
@@ -257,7 +259,7 @@ def fine_tune(checkpoint: Path, labels_dir: Path, *, epochs: int, lr: float, bat
     order = np.random.default_rng(seed).permutation(n)
     cut = round(train_share * n)
     train_idx, test_idx = sorted(order[:cut].tolist()), sorted(order[cut:].tolist())
-    has_gt = "gt_joints_3d" in full.arrays
+    has_gt = full.labels.has_ground_truth
     sets = {"pseudo": PseudoLabelSet(labels_dir, test_idx)}
     if has_gt:
         sets["real"] = PseudoLabelSet(labels_dir, test_idx, ground_truth=True)

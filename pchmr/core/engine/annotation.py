@@ -1,14 +1,15 @@
 """The annotation pipeline: items → sources → crops → batched fits → pseudo-labelled Samples and
 one record per image (annotated or failed, never dropped).
 
-Output directory of :func:`write_pseudo_labels` (read back by :class:`PseudoLabelSet`)::
+Output directory of :func:`write_pseudo_labels` (the layout and its one reader:
+:mod:`pchmr.core.kit.pseudo_labels`; :class:`PseudoLabelSet` serves it as Samples)::
 
     OUT/
-      info.json          annotator, its options, body model, counts, "gt": "pseudo"
+      info.json          annotator, its options, body model, crop size, counts, "gt": "pseudo"
       records.jsonl      one AnnotationRecord per input image (status, losses or error)
       labels.npz         the annotated images' Samples: images (N, H, W, 3) uint8,
                          keypoints_2d, joints_3d, vertices, image_ids, meta_* (+ gt_* when
-                         the input had ground truth, for evaluation only)
+                         the input had ground truth: joints_3d, vertices, keypoints_2d)
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from pchmr.core.contracts.annotation import (
     ObservationBatch,
     pixels_to_crop,
 )
-from pchmr.core.contracts.sample import META_KEYS, normalize_image
+from pchmr.core.contracts.sample import META_KEYS
 from pchmr.core.engine.devices import DeviceError, Placement, resolve_placement
+from pchmr.core.kit.pseudo_labels import LABELS_FILE, read_label_directory
 
 __all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "annotation_placement", "crop_box",
            "items_from_dataset", "items_from_folder", "write_pseudo_labels"]  # fmt: skip
@@ -249,41 +251,33 @@ def write_pseudo_labels(out_dir: str | Path, annotated: Annotated, info: Mapping
 
 
 class PseudoLabelSet(Dataset):
-    """Samples (:mod:`pchmr.core.contracts.sample`) of a pseudo-label directory, ``has_vertices`` 1 and
+    """Samples (:mod:`pchmr.core.contracts.sample`) of a pseudo-label directory (read and checked by
+    :func:`pchmr.core.kit.pseudo_labels.read_label_directory`), ``has_vertices`` 1 and
     ``meta['label']`` = ``"pseudo"``; ``ground_truth=True`` serves the ``gt_*`` arrays instead
-    (synthetic inputs only: real ground truth for evaluation)."""
+    (synthetic inputs only: real ground truth for evaluation). ``index`` is the image's position
+    in the directory."""
 
     def __init__(self, directory: str | Path, indices: Sequence[int] | None = None, ground_truth: bool = False) -> None:
         self.directory = Path(directory)
-        path = self.directory / "labels.npz"
-        if not path.is_file():
+        if not (self.directory / LABELS_FILE).is_file():
             raise FileNotFoundError(
-                f"{self.directory} holds no labels.npz; run `pchmr annotate ... --out {self.directory}`"
+                f"{self.directory} holds no {LABELS_FILE}; run `pchmr annotate ... --out {self.directory}`"
             )
-        data = np.load(path)
-        self.arrays = {k: data[k] for k in data.files}
-        if ground_truth and "gt_joints_3d" not in self.arrays:
+        self.labels = read_label_directory(self.directory, require_info=False)
+        if ground_truth and not self.labels.has_ground_truth:
             raise ValueError(f"{self.directory} has no ground truth (gt_*): its images were not synthetic")
-        self.prefix = "gt_" if ground_truth else ""
-        n = len(self.arrays["image_ids"])
-        self.indices = list(range(n)) if indices is None else list(indices)
+        self.ground_truth = ground_truth
+        self.indices = list(range(len(self.labels))) if indices is None else list(indices)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of labels.npz by name (each read once)."""
+        return {key: self.labels.array(key) for key in self.labels.keys}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        k = self.indices[i]
-        joints = torch.from_numpy(np.asarray(self.arrays[f"{self.prefix}joints_3d"][k], dtype=np.float32))
-        if joints.shape[-1] == 3:
-            joints = torch.cat([joints, torch.ones(len(joints), 1)], dim=1)
-        meta = {key: str(self.arrays[f"meta_{key}"][k]) for key in META_KEYS}
-        meta["label"] = "ground-truth" if self.prefix else "pseudo"
-        return {
-            "image": normalize_image(torch.from_numpy(np.array(self.arrays["images"][k]))),
-            "keypoints_2d": torch.from_numpy(np.asarray(self.arrays["keypoints_2d"][k], dtype=np.float32)),
-            "joints_3d": joints,
-            "vertices": torch.from_numpy(np.asarray(self.arrays[f"{self.prefix}vertices"][k], dtype=np.float32)),
-            "has_vertices": torch.tensor(1.0),
-            "index": torch.tensor(k, dtype=torch.int64),
-            "meta": meta,
-        }
+        sample = self.labels.sample(self.indices[i], ground_truth=self.ground_truth)
+        sample["meta"]["label"] = "ground-truth" if self.ground_truth else "pseudo"
+        return sample
