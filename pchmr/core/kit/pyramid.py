@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from pchmr.core.contracts.bodymodel import MeshPyramid
+from pchmr.core.kit.safe_pickle import SPARSE, safe_load_npz
 
 __all__ = [
     "DEFAULT_LEVEL_SIZES",
@@ -170,7 +172,9 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
     (V_{i+1}, V_i) the downsampling and ``U[i]`` (V_i, V_{i+1}) the upsampling from level i+1
     to i, and ``F[i]`` the faces of level i (GraphCMR's file also has ``M``, pickled psbody
     meshes, which is never read). pchmr orders levels coarse first, so the lists are reversed.
-    Loading it unpickles Python objects: only open files you trust.
+    Its object arrays are unpickled allowing NumPy arrays and SciPy sparse matrices only
+    (:func:`~pchmr.core.kit.safe_pickle.safe_load_npz`): a file naming any other class or
+    function raises :class:`~pchmr.core.kit.safe_pickle.UnsafeFileError` before it runs.
 
     The matrices are used as they are, as FastMETRO does: GraphCMR's ``U`` rows are COMA's
     barycentric weights (some negative) summing to 0.83–1.05, not exactly 1. Refused: wrong
@@ -179,16 +183,16 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=True, encoding="latin1") as data:
-            missing = [name for name in _GRAPHCMR_ARRAYS if name not in data.files]
-            if missing:
-                raise ValueError(
-                    f"{path} is not a GraphCMR mesh_downsampling.npz: missing array(s) "
-                    f"{', '.join(repr(m) for m in missing)}; expected {', '.join(map(repr, _GRAPHCMR_ARRAYS))}"
-                )
-            arrays = {name: list(data[name]) for name in _GRAPHCMR_ARRAYS}
-    except (OSError, EOFError) as exc:
+        read = safe_load_npz(path, _GRAPHCMR_ARRAYS, what="GraphCMR mesh_downsampling.npz", allowed=SPARSE)
+    except (OSError, EOFError, pickle.UnpicklingError) as exc:
         raise ValueError(f"cannot read GraphCMR mesh downsampling file {path}: {exc}") from exc
+    missing = [name for name in _GRAPHCMR_ARRAYS if name not in read]
+    if missing:
+        raise ValueError(
+            f"{path} is not a GraphCMR mesh_downsampling.npz: missing array(s) "
+            f"{', '.join(repr(m) for m in missing)}; expected {', '.join(map(repr, _GRAPHCMR_ARRAYS))}"
+        )
+    arrays = {name: list(read[name]) for name in _GRAPHCMR_ARRAYS}
     adjacency, ups, downs, faces = arrays["A"], arrays["U"], arrays["D"], arrays["F"]
     levels = len(faces)
     if levels < 2 or len(downs) != levels - 1 or len(ups) != levels - 1:

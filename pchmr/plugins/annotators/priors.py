@@ -15,14 +15,14 @@ Anny has no published pose prior. Two are offered (``pose_prior`` option of the 
   on the in-distribution mixture.
 
 For SMPL, :func:`load_smplify_gmm` reads SMPLify's ``gmm_08.pkl`` (keys ``means`` (K, 69),
-``covars`` (K, 69, 69), ``weights`` (K,)) from the user's files.
+``covars`` (K, 69, 69), ``weights`` (K,)) from the user's files, allowing NumPy arrays and
+plain containers only (:func:`pchmr.core.kit.safe_pickle.safe_load`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from pchmr.core.kit.safe_pickle import UnsafeFileError, safe_load
 
 __all__ = ["ANNY_LIMITS_DEG", "GaussianMixturePrior", "JointLimitPrior", "fit_anny_gmm", "load_smplify_gmm"]
 
@@ -154,11 +156,14 @@ def load_smplify_gmm(path: str | Path) -> GaussianMixturePrior:
             f"SMPLify pose prior {path} does not exist; download gmm_08.pkl from the SMPLify website "
             "(https://smplify.is.tue.mpg.de, registration required) and pass its path as pose_prior_file="
         )
-    with path.open("rb") as fh:
-        try:
-            data: Mapping[str, Any] = pickle.load(fh, encoding="latin1")
-        except Exception as exc:
-            raise ValueError(f"{path} is not a readable pickle: {type(exc).__name__}: {exc}") from exc
+    try:
+        data: Mapping[str, Any] = safe_load(path, what="SMPLify pose prior")  # numpy arrays and containers only
+    except UnsafeFileError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable pickle: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} holds a {type(data).__name__}; SMPLify's gmm pickle is a dict of arrays")
     missing = [k for k in ("means", "covars", "weights") if k not in data]
     if missing:
         raise ValueError(f"{path} lacks {missing}; SMPLify's gmm pickle holds means, covars and weights")

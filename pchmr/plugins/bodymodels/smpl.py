@@ -16,7 +16,10 @@ files as ``BodyModelSpec.model_dir`` (``--smpl-dir``). Accepted names, per gende
   builds and caches its own (:func:`pchmr.core.kit.pyramid.cached_pyramid`).
 
 The pickles are read without chumpy: chumpy ``Ch`` arrays (SMPL v1.0.0 files) are replaced by
-their values while unpickling, so chumpy need not (and on NumPy 2 cannot) be installed.
+their values while unpickling, so chumpy need not (and on NumPy 2 cannot) be installed. Nothing
+else is allowed to load (:data:`SMPL_PICKLE`: NumPy arrays, SciPy sparse matrices, plain
+containers): a model file naming any other class or function is refused before it runs, and
+smplx is handed the values, never the file.
 
 Frame. SMPL's template is in metres, y up, the body facing +z, its left side at +x (SMPL's left
 hip, joint 1, has x > 0) — already pchmr's body frame (:mod:`pchmr.core.contracts.bodymodel`), so
@@ -46,6 +49,7 @@ The root (:meth:`BodyModel.root`) is the mid-hip of the evaluation joints. Optio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -67,12 +71,14 @@ from pchmr.core.contracts.bodymodel import (
 )
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.options import option, read_options
+from pchmr.core.kit.safe_pickle import SPARSE, UnsafeFileError, safe_load
 
 __all__ = [
     "GENDERS",
     "H36M_REGRESSOR_NAMES",
     "JOINT_NAMES",
     "MODEL_FILE_NAMES",
+    "SMPL_PICKLE",
     "SMPL_TO_BODY",
     "SMPL_URL",
     "InvalidSMPLFileError",
@@ -249,25 +255,13 @@ class _ChumpyValue:
         return None if x is None else np.asarray(x)
 
 
-#: Modules of Python-2-era pickles that moved: old name → where to look now.
-_MOVED_MODULES = {"numpy.core.multiarray": "numpy._core.multiarray", "numpy.core.numeric": "numpy._core.numeric"}
-
-
-class _SMPLUnpickler(pickle.Unpickler):
-    """Unpickles SMPL's files without chumpy: chumpy classes become :class:`_ChumpyValue`, and
-    SciPy's and NumPy's old private module paths resolve to today's."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "chumpy" or module.startswith("chumpy."):
-            return _ChumpyValue
-        if module.startswith("scipy.sparse.") and hasattr(sp, name):
-            return getattr(sp, name)
-        if module in _MOVED_MODULES:
-            try:
-                return super().find_class(_MOVED_MODULES[module], name)
-            except (ImportError, AttributeError):
-                pass
-        return super().find_class(module, name)
+#: What a SMPL model pickle may ask for: NumPy arrays, SciPy sparse matrices, plain containers, and
+#: chumpy objects, which become :class:`_ChumpyValue` (holding their pickled state) without chumpy.
+SMPL_PICKLE = dataclasses.replace(
+    SPARSE,
+    describes="numpy arrays, SciPy sparse matrices, chumpy arrays and plain Python containers",
+    stand_ins={"chumpy": _ChumpyValue},
+)
 
 
 def _plain(value: object) -> object:
@@ -281,13 +275,16 @@ def load_smpl_pickle(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read one SMPL model pickle into plain values (numpy arrays, SciPy sparse matrices, str).
 
     Python 2 pickles are decoded with ``encoding="latin1"``; chumpy objects are replaced by their
-    arrays. Unpickling runs code named in the file: only open files you trust (SMPL's own).
+    arrays. Only :data:`SMPL_PICKLE`'s globals are allowed: a file naming any other class or
+    function raises :class:`~pchmr.core.kit.safe_pickle.UnsafeFileError` before anything runs.
+    smplx never opens the file: it receives these values (:func:`_build_layer`).
     Raises :class:`InvalidSMPLFileError` if the file is not a SMPL model dictionary.
     """
     path = Path(path)
     try:
-        with path.open("rb") as stream:
-            raw = _SMPLUnpickler(stream, encoding="latin1").load()
+        raw = safe_load(path, what="SMPL model file", allowed=SMPL_PICKLE)
+    except UnsafeFileError:
+        raise
     except (pickle.UnpicklingError, EOFError, ImportError, AttributeError, ValueError, TypeError) as exc:
         raise InvalidSMPLFileError(f"{path} is not a readable SMPL model pickle: {type(exc).__name__}: {exc}") from exc
     if not isinstance(raw, dict):

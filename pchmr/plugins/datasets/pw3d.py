@@ -2,7 +2,8 @@
 
 Layout under ROOT (the unpacked ``3DPW`` folder): ``sequenceFiles/{train,validation,test}/*.pkl``
 and ``imageFiles/<sequence>/image_%05d.jpg``. Each pickle (Python 2, read with
-``encoding='latin1'``) holds, for P people and F frames:
+``encoding='latin1'``, allowing NumPy arrays and plain containers only: a file naming any other
+class or function is refused before it runs) holds, for P people and F frames:
 
 =====================  =========================  ==================================================
 key                    type, shape                meaning
@@ -58,6 +59,7 @@ from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import OPENPOSE_18, SMPL_24, remap
+from pchmr.core.kit.safe_pickle import UnsafeFileError, safe_load
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -107,11 +109,15 @@ def sequence_labels(sequence: str) -> tuple[str, str]:
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:
+    """One sequence file, unpickled with only NumPy arrays and plain containers allowed
+    (:func:`~pchmr.core.kit.safe_pickle.safe_load`): a file naming any other class or function
+    is refused (:class:`~pchmr.core.kit.safe_pickle.UnsafeFileError`) before it runs."""
     try:
-        with path.open("rb") as stream:
-            data = pickle.load(stream, encoding="latin1")
+        data = safe_load(path, what="3DPW sequence file")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: 3DPW sequence file does not exist") from None
+    except UnsafeFileError:
+        raise
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as exc:
         raise DatasetFormatError(f"{path}: not a readable 3DPW pickle (truncated or corrupt?): {exc}") from exc
     if not isinstance(data, dict):
