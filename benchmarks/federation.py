@@ -168,7 +168,7 @@ def run_setting(setting: Setting, pool: int, seed: int, out: Path) -> dict[str, 
     handler.close()
 
     rounds = [r for r in rd.read_rounds() if r["round"] > 0]
-    state = torch.load(rd.model, map_location="cpu")
+    state = torch.load(rd.model, map_location="cpu", weights_only=True)
     serialisation = _serialisation_seconds(state)
     return {
         "label": setting.label,

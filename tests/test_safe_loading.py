@@ -24,13 +24,21 @@ import pytest
 import torch
 
 from pchmr.core.contracts.dataset import DatasetSpec
+from pchmr.core.contracts.mechanism import Mechanism
+from pchmr.core.contracts.strategy import StrategyConfig, StrategyParts
+from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.federation.mechanisms import LEGACY_STATE_KEY, STATES_KEY, MechanismRuntime
+from pchmr.core.engine.rundir import RunDir
 from pchmr.core.kit.pyramid import load_graphcmr_downsampling
-from pchmr.core.kit.safe_pickle import SPARSE, UnsafeFileError, safe_load, safe_load_npz
+from pchmr.core.kit.safe_pickle import SPARSE, UnsafeFileError, checkpoint_values, safe_load, safe_load_npz
 from pchmr.plugins.annotators.priors import load_smplify_gmm
 from pchmr.plugins.bodymodels.smpl import load_smpl_pickle
 from pchmr.plugins.datasets.pw3d import make_3dpw
+from pchmr.plugins.privacy.dp import dp
+from pchmr.plugins.strategies.fedopt import fedopt
 from pchmr.testing.fake_datasets import write_3dpw_sequence
 from pchmr.testing.fake_smpl import fake_smpl_data, write_fake_graphcmr_downsampling, write_fake_smpl
+from pchmr.testing.strategies import contract_arrays, contract_delta, run_round
 from tests.test_datasets_spin import StubBody
 
 #: how each payload's refused global is spelled (pickle records the function's own module)
@@ -196,3 +204,134 @@ def test_python2_names_and_numpy_scalars_resolve(tmp_path):
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+# -- checkpoints: checkpoints/last.pt and the baselines' last.ckpt ------------------------------
+CONFIG = StrategyConfig(num_clients=6, per_round=3, num_rounds=4, seed=0)
+
+
+def _dp_fedopt() -> StrategyParts:
+    return dp(fedopt(CONFIG), StrategyConfig(6, 3, 4, 0, {"placement": "client", "noise-multiplier": 1.1}))
+
+
+def _one_round() -> tuple[StrategyParts, dict[str, Any]]:
+    parts = _dp_fedopt()
+    parts.mechanism("dp").before_round(1)
+    arrays, _ = run_round(parts, 1, contract_arrays(), [(contract_delta(50 + k, aligned=False), 1.0) for k in range(3)])
+    return parts, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+
+
+def _checkpoint(state: dict[str, torch.Tensor], states: Any, key: str = STATES_KEY) -> dict[str, Any]:
+    """The layout FederatedServer saves after a round."""
+    return {"round": 1, "state": state, "elapsed": 1.25, "sent": 100, "received": 200, key: states}
+
+
+def test_a_checkpoint_the_server_writes_loads_weights_only_and_resumes_every_state(tmp_path):
+    running, state = _one_round()
+    rd = RunDir(tmp_path / "run").create()
+    rd.save_checkpoint(_checkpoint(state, MechanismRuntime(running).state_dict()))
+    rd.check_resumable()
+    ckpt = rd.load_checkpoint()
+    assert ckpt is not None and ckpt["round"] == 1 and ckpt["elapsed"] == 1.25
+    assert all(torch.equal(ckpt["state"][k], state[k]) for k in state)
+    resumed = _dp_fedopt()
+    MechanismRuntime(resumed).restore(ckpt)
+    assert resumed.mechanism("dp").round_metrics(1) == running.mechanism("dp").round_metrics(1)
+    for key in ("m_t", "v_t"):
+        restored, saved = resumed.mechanism("fedopt").state_dict()[key], running.mechanism("fedopt").state_dict()[key]
+        assert restored and all(torch.equal(restored[k], saved[k]) for k in saved)
+
+
+def test_an_old_checkpoint_of_safe_types_still_resumes(tmp_path):
+    # before this change: torch.save(dict(state)) of the layout before mechanisms
+    running, state = _one_round()
+    fedopt_state, dp_state = running.mechanism("fedopt").state_dict(), running.mechanism("dp").state_dict()
+    rd = RunDir(tmp_path / "run").create()
+    torch.save(_checkpoint(state, {"inner": fedopt_state, **dp_state}, LEGACY_STATE_KEY), rd.checkpoint)
+    resumed = _dp_fedopt()
+    MechanismRuntime(resumed).restore(rd.load_checkpoint())
+    assert resumed.mechanism("dp").round_metrics(1) == running.mechanism("dp").round_metrics(1)
+
+
+def test_an_old_checkpoint_holding_numpy_is_refused_with_what_to_do(tmp_path):
+    rd = RunDir(tmp_path / "run").create()
+    torch.save(_checkpoint({}, {"someone": {"m": np.zeros(3)}}), rd.checkpoint)
+    with pytest.raises(UnsafeFileError, match=r"it asks to import numpy\._?core\.multiarray\._reconstruct") as caught:
+        rd.load_checkpoint()
+    assert "Start the run again in a new --out directory" in str(caught.value)
+
+
+class _NumpyState(Mechanism):
+    name = "numpy-state"
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state
+
+
+def test_numpy_in_a_mechanism_state_is_saved_as_tensors_and_numbers(tmp_path):
+    state = {"m": np.arange(3.0), "n": np.float64(0.5), "k": np.int64(4), "nested": [{"s": {1, 2}}, (np.ones(2),)]}
+    rd = RunDir(tmp_path / "run").create()
+    rd.save_checkpoint(_checkpoint({}, {"numpy-state": _NumpyState(state).state_dict()}))
+    saved = rd.load_checkpoint()[STATES_KEY]["numpy-state"]
+    assert torch.equal(saved["m"], torch.arange(3.0, dtype=torch.float64))
+    assert type(saved["n"]) is float and saved["n"] == 0.5 and type(saved["k"]) is int
+    assert saved["nested"][0] == {"s": {1, 2}} and torch.equal(
+        saved["nested"][1][0], torch.ones(2, dtype=torch.float64)
+    )
+
+
+def test_an_object_a_safe_load_cannot_read_is_refused_when_the_checkpoint_is_written(tmp_path):
+    rd = RunDir(tmp_path / "run").create()
+    with pytest.raises(TypeError, match=r"checkpoint\['mechanism_states'\]\['x'\]\['when'\] is a pathlib\.PosixPath"):
+        rd.save_checkpoint(_checkpoint({}, {"x": {"when": Path("/tmp")}}))
+    assert not rd.checkpoint.exists()
+    with pytest.raises(TypeError, match="numpy object array"):
+        checkpoint_values({"a": _objects([1])})
+
+
+def _craft_run_dir(tmp_path: Path, evil: RunsCode, checkpoint: str) -> RunDir:
+    """A run directory as someone else would send it: config.json and a crafted checkpoint."""
+    rd = RunDir(tmp_path / "received").create()
+    config = RunConfig(num_train=16, num_test=8, clients=2, per_round=2, rounds=2, out=str(rd.path))
+    rd.write_json(rd.config, {"run": config.to_dict()})
+    path = rd.path / "checkpoints" / checkpoint
+    torch.save({**_checkpoint({"w": torch.zeros(2)}, {}), "x": evil}, path)
+    return rd
+
+
+def test_resuming_a_run_directory_whose_checkpoint_runs_code_is_refused_before_any_work(payload, tmp_path):
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    evil, marker, refused = payload
+    rd = _craft_run_dir(tmp_path, evil, "last.pt")
+    result = CliRunner().invoke(app, ["run", "--resume", str(rd.path)])
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2, output
+    assert re.search(_refused(rd.checkpoint, "pchmr checkpoint", refused), " ".join(output.split())), output
+    assert not marker.exists()
+    assert not rd.partition.exists()  # stopped before the data and the partition
+
+
+def test_a_lightning_checkpoint_that_runs_code_is_refused(payload, tmp_path):
+    evil, marker, refused = payload
+    rd = _craft_run_dir(tmp_path, evil, "last.ckpt")
+    with pytest.raises(UnsafeFileError, match=_refused(rd.lightning_checkpoint, "Lightning checkpoint", refused)):
+        rd.check_resumable()
+    assert not marker.exists()
+
+
+def test_a_trained_model_that_runs_code_is_refused(payload, tmp_path):
+    from pchmr.core.engine.components import load_model_weights
+
+    evil, marker, refused = payload
+    run_dir = tmp_path / "pretrained"
+    run_dir.mkdir()
+    torch.save({"w": torch.zeros(2), "x": evil}, run_dir / "model.pt")
+    with pytest.raises(UnsafeFileError, match=_refused(run_dir / "model.pt", "trained model (model.pt)", refused)):
+        load_model_weights(None, run_dir)  # type: ignore[arg-type]  # refused before the module is touched
+    assert not marker.exists()

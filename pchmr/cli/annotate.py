@@ -214,18 +214,20 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
     Only the body model and the backbone are rebuilt (from ``config.json``'s RunConfig through
     the registry): the device does not need the training data, and the run's ``cache_dir`` is
     the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid."""
-    import torch
-
     from pchmr.core.engine.components import Components
     from pchmr.core.engine.config import RunConfig
     from pchmr.core.kit.cache import default_cache_dir
+    from pchmr.core.kit.safe_pickle import load_torch_file
 
     config_path, model_path = resolve_checkpoint(checkpoint)
     stored = json.loads(config_path.read_text())
     cfg = RunConfig.from_saved(stored.get("run", stored))
     body_model = _body_model(cfg.body_model, default_cache_dir(), Path(cfg.smpl_dir) if cfg.smpl_dir else None)
     module = Components(config=cfg, body_model=body_model, data=None).make_module()  # type: ignore[arg-type]
-    module.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    state = load_torch_file(
+        model_path, what="trained model (model.pt)", advice="A model.pt pchmr writes is a plain state dict of tensors."
+    )
+    module.load_state_dict(state)
     return module, body_model
 
 

@@ -212,10 +212,12 @@ def _serialise(state: Mapping[str, Any]) -> Mapping[str, Any]:
     """``state`` after a torch.save / torch.load round trip, as a checkpoint stores it."""
     import torch  # not at module level: simulated clients import this module, and torch takes seconds
 
+    from pchmr.core.kit.safe_pickle import checkpoint_values
+
     buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
+    torch.save(checkpoint_values(dict(state)), buffer)  # as RunDir.save_checkpoint writes it
     buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=False)
+    return torch.load(buffer, map_location="cpu", weights_only=True)  # as a resume reads it
 
 
 # --------------------------------------------------------------------------------------

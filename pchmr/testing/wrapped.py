@@ -132,10 +132,12 @@ def through_checkpoint(states: Mapping[str, Any]) -> Any:
     """``states`` after torch.save / torch.load, as a checkpoint keeps them."""
     import torch
 
+    from pchmr.core.kit.safe_pickle import checkpoint_values
+
     buffer = io.BytesIO()
-    torch.save(dict(states), buffer)
+    torch.save(checkpoint_values(dict(states)), buffer)  # as RunDir.save_checkpoint writes it
     buffer.seek(0)
-    return torch.load(buffer, map_location="cpu", weights_only=False)
+    return torch.load(buffer, map_location="cpu", weights_only=True)  # as a resume reads it
 
 
 def assert_same_state(a: Any, b: Any, where: str) -> None:

@@ -118,12 +118,15 @@ class Mechanism:
 
     def state_dict(self) -> Mapping[str, Any]:
         """Server, after every round: what must survive a kill (tensors, numbers, strings, nested
-        mappings of them), saved in the checkpoint under this mechanism's name. Empty: nothing."""
+        mappings of them), saved in the checkpoint under this mechanism's name. Empty: nothing.
+        The checkpoint is read back with ``torch.load(weights_only=True)``, so it holds only such
+        values: NumPy arrays come back as tensors and NumPy scalars as Python numbers; any other
+        object is refused, by its key, when the checkpoint is written."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Server, once on ``--resume``, before any round: ``state`` is what :meth:`state_dict`
-        returned (after ``torch.save``/``torch.load``). The default refuses a non-empty state,
+        returned (after ``torch.save``/``torch.load(weights_only=True)``). The default refuses a non-empty state,
         which a mechanism that keeps none cannot restore."""
         if state:
             raise ValueError(

@@ -149,6 +149,7 @@ def run_baseline(
         callbacks=[recorder, schedule],
         placement=placement,
     )
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    # weights_only: the checkpoint of a received run directory runs no code (RunDir.check_resumable read it)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, rd.model)
     return rd.summarize(baselines, components.protocol().as_dict())

@@ -29,6 +29,7 @@ from pchmr.core.engine.registry import get_registry
 from pchmr.core.kit.cache import default_cache_dir
 from pchmr.core.kit.joints import AppliedProtocol, apply_protocol
 from pchmr.core.kit.metrics import Protocol
+from pchmr.core.kit.safe_pickle import load_torch_file
 from pchmr.core.kit.seeds import derive_seed
 
 __all__ = ["Components", "build_components", "dataset_resolution", "load_model_weights", "make_loader"]
@@ -100,6 +101,10 @@ class Components:
         return Subset(self.data.train, partition.clients[client].tolist())
 
 
+#: model.pt holds a plain state dict (tensors under string keys); anything more is not pchmr's.
+_MODEL_ADVICE = "A model.pt pchmr writes is a plain state dict of tensors; use the run directory's own model.pt."
+
+
 def load_model_weights(module: HMRModule, source: str | Path) -> None:
     """Load a trained HMRModule state (a run directory's ``model.pt``, or the file itself) into
     ``module``; a state of another backbone, variant or body model is refused by name."""
@@ -108,7 +113,7 @@ def load_model_weights(module: HMRModule, source: str | Path) -> None:
         path = path / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (expected a run directory with model.pt, or the file)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, what="trained model (model.pt)", advice=_MODEL_ADVICE)
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -73,6 +73,8 @@ def execute(
     started = time.perf_counter()
     set_up = False
     try:
+        if resume:  # a checkpoint that asks to run code is refused before any data or engine starts
+            rd.check_resumable()
         with determinism(config.deterministic):  # --deterministic: this process's part of the run
             prepared = prepare(config, strategy, rd, resume=resume, status=status)
             set_up = True

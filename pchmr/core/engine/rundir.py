@@ -8,6 +8,7 @@
       rounds.jsonl       one JSON object per evaluated round (round 0 = the untrained model)
       final.json         the last round's metrics, the mean-pose baselines and the protocol
       checkpoints/last.pt  global weights, the mechanisms' states and round, rewritten every round
+                         (tensors, numbers and strings only: read with torch.load(weights_only=True))
       model.pt           the final global weights (a plain state dict)
       run.log            the log of the run (Flower's included)
 """
@@ -23,6 +24,8 @@ from typing import Any
 
 import torch
 
+from pchmr.core.kit.safe_pickle import checkpoint_values, load_torch_file
+
 __all__ = ["METRIC_KEYS", "RunDir"]
 
 #: The metrics of every evaluated round (see :mod:`pchmr.core.kit.metrics`).
@@ -30,6 +33,13 @@ __all__ = ["METRIC_KEYS", "RunDir"]
 _LOGGERS = ("pchmr", "flwr")
 
 METRIC_KEYS = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck")
+
+_UNSAFE_CHECKPOINT_ADVICE = (
+    "A checkpoint pchmr writes holds tensors, numbers and strings only, so this one was written by "
+    "something else, or by a plugin that saved other objects in an older version: it cannot be "
+    "resumed. Start the run again in a new --out directory; if you wrote the file yourself and "
+    "trust it, convert its values to tensors, numbers and strings first."
+)
 
 
 class RunDir:
@@ -132,14 +142,27 @@ class RunDir:
         return kept
 
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Write ``checkpoints/last.pt`` (atomically) in types ``torch.load(weights_only=True)``
+        reads back (:func:`~pchmr.core.kit.safe_pickle.checkpoint_values`: NumPy arrays become
+        tensors, NumPy scalars numbers; any other object is refused by its key, before writing)."""
+        values = checkpoint_values(dict(state))
         tmp = self.checkpoint.with_name("last.pt.tmp")
-        torch.save(dict(state), tmp)
+        torch.save(values, tmp)
         tmp.replace(self.checkpoint)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """``checkpoints/last.pt`` (None if absent), loaded with ``weights_only=True``: a file
+        that asks to run code raises :class:`~pchmr.core.kit.safe_pickle.UnsafeFileError`."""
         if not self.checkpoint.exists():
             return None
-        return torch.load(self.checkpoint, map_location="cpu", weights_only=False)
+        return load_torch_file(self.checkpoint, what="pchmr checkpoint", advice=_UNSAFE_CHECKPOINT_ADVICE)
+
+    def check_resumable(self) -> None:
+        """Load the checkpoints a resume reads (``last.pt``, the baselines' ``last.ckpt``) the
+        safe way, so that a refused file stops ``--resume`` before any data or engine starts."""
+        self.load_checkpoint()
+        if self.lightning_checkpoint.exists():
+            load_torch_file(self.lightning_checkpoint, what="Lightning checkpoint", advice=_UNSAFE_CHECKPOINT_ADVICE)
 
     def read_config(self) -> dict[str, Any]:
         if not self.config.exists():
