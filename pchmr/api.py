@@ -184,6 +184,14 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         load_graphcmr_downsampling,
         mesh_adjacency,
     )
+    from pchmr.core.kit.safe_pickle import (
+        NUMPY_PICKLE,
+        SPARSE_PICKLE,
+        PickleAllowlist,
+        UnsafeFileError,
+        safe_load,
+        safe_load_npz,
+    )
     from pchmr.core.kit.seeds import derive_seed
     from pchmr.core.kit.state import fixed_state_keys, trainable_state_keys, training_mode
     from pchmr.core.kit.store import (
@@ -350,6 +358,13 @@ _EXPORTS: dict[str, str] = {
     "cached_pyramid": "kit.pyramid",
     "load_graphcmr_downsampling": "kit.pyramid",
     "mesh_adjacency": "kit.pyramid",
+    # kit.safe_pickle
+    "NUMPY_PICKLE": "kit.safe_pickle",
+    "SPARSE_PICKLE": "kit.safe_pickle",
+    "PickleAllowlist": "kit.safe_pickle",
+    "UnsafeFileError": "kit.safe_pickle",
+    "safe_load": "kit.safe_pickle",
+    "safe_load_npz": "kit.safe_pickle",
     # kit.store
     "STORE_VERSION": "kit.store",
     "ChecksumMismatchError": "kit.store",

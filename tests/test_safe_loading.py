@@ -30,7 +30,7 @@ from pchmr.core.engine.config import RunConfig
 from pchmr.core.engine.federation.mechanisms import LEGACY_STATE_KEY, STATES_KEY, MechanismRuntime
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.kit.pyramid import load_graphcmr_downsampling
-from pchmr.core.kit.safe_pickle import SPARSE, UnsafeFileError, checkpoint_values, safe_load, safe_load_npz
+from pchmr.core.kit.safe_pickle import SPARSE_PICKLE, UnsafeFileError, checkpoint_values, safe_load, safe_load_npz
 from pchmr.plugins.annotators.priors import load_smplify_gmm
 from pchmr.plugins.bodymodels.smpl import load_smpl_pickle
 from pchmr.plugins.datasets.pw3d import make_3dpw
@@ -184,7 +184,7 @@ def test_a_plain_pickle_named_like_an_npz_is_not_unpickled(payload, tmp_path):
 def test_npz_members_are_read_plain_or_through_the_allowlist(tmp_path):
     path = tmp_path / "x.npz"
     np.savez(path, plain=np.arange(3), objects=_objects([np.zeros(2), {"k": (1, 2.5)}]))
-    read = safe_load_npz(path, ["plain", "objects", "absent"], what="test file", allowed=SPARSE)
+    read = safe_load_npz(path, ["plain", "objects", "absent"], what="test file", allowed=SPARSE_PICKLE)
     assert sorted(read) == ["objects", "plain"]
     np.testing.assert_array_equal(read["plain"], np.arange(3))
     assert read["objects"][1] == {"k": (1, 2.5)}
@@ -334,4 +334,15 @@ def test_a_trained_model_that_runs_code_is_refused(payload, tmp_path):
     torch.save({"w": torch.zeros(2), "x": evil}, run_dir / "model.pt")
     with pytest.raises(UnsafeFileError, match=_refused(run_dir / "model.pt", "trained model (model.pt)", refused)):
         load_model_weights(None, run_dir)  # type: ignore[arg-type]  # refused before the module is touched
+    assert not marker.exists()
+
+
+def test_encoder_weights_that_run_code_are_refused(payload, tmp_path):
+    from pchmr.core.kit.encoders import build_encoder, load_encoder_weights
+
+    evil, marker, refused = payload
+    path = tmp_path / "resnet50.pth"
+    torch.save({"fc.weight": torch.zeros(2), "x": evil}, path)
+    with pytest.raises(UnsafeFileError, match=_refused(path, "encoder weights file", refused)):
+        load_encoder_weights(build_encoder("small", 64), path)
     assert not marker.exists()

@@ -23,7 +23,6 @@ import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -226,17 +225,24 @@ def build_encoder(name: str, input_size: int, norm: str = "batch", weights: str 
     return encoder
 
 
+_WEIGHTS_ADVICE = "Encoder weights are a state dict of tensors (torchvision's files are); use such a file."
+
+
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     """Load a local state dict (e.g. torchvision's ``resnet50`` ImageNet file) into ``encoder``.
 
     Classifier keys (``fc.*``) are ignored; any other missing or unexpected key, or a shape
     mismatch, raises :class:`ValueError` naming the file and the keys.
     """
+    from pchmr.core.kit.safe_pickle import UnsafeFileError, load_torch_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, what="encoder weights file", advice=_WEIGHTS_ADVICE)
+    except UnsafeFileError:
+        raise
     except Exception as exc:  # unpickling errors come in many types
         raise ValueError(f"cannot read encoder weights from {path}: {exc}") from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):

@@ -48,7 +48,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from pchmr.core.contracts.bodymodel import MeshPyramid
-from pchmr.core.kit.safe_pickle import SPARSE, safe_load_npz
+from pchmr.core.kit.safe_pickle import SPARSE_PICKLE, safe_load_npz
 
 __all__ = [
     "DEFAULT_LEVEL_SIZES",
@@ -183,7 +183,7 @@ def load_graphcmr_downsampling(path: str | Path) -> MeshPyramid:
     """
     path = Path(path)
     try:
-        read = safe_load_npz(path, _GRAPHCMR_ARRAYS, what="GraphCMR mesh_downsampling.npz", allowed=SPARSE)
+        read = safe_load_npz(path, _GRAPHCMR_ARRAYS, what="GraphCMR mesh_downsampling.npz", allowed=SPARSE_PICKLE)
     except (OSError, EOFError, pickle.UnpicklingError) as exc:
         raise ValueError(f"cannot read GraphCMR mesh downsampling file {path}: {exc}") from exc
     missing = [name for name in _GRAPHCMR_ARRAYS if name not in read]

@@ -4,9 +4,9 @@ A pickle names the functions and classes it needs, and unpickling imports and ca
 3DPW sequence, a SMPL model or a checkpoint received from someone else could name ``os.system``.
 Every reader of such a file goes through this module:
 
-* :func:`safe_load` unpickles with an allowlist of ``module.name`` globals (an :class:`Allowlist`):
-  :data:`NUMPY` (arrays, dtypes and scalars of NumPy, and plain containers: dict, list, tuple,
-  set, frozenset, OrderedDict, slice, complex, bytearray) by default, :data:`SPARSE` adding
+* :func:`safe_load` unpickles with an allowlist of ``module.name`` globals (a :class:`PickleAllowlist`):
+  :data:`NUMPY_PICKLE` (arrays, dtypes and scalars of NumPy, and plain containers: dict, list, tuple,
+  set, frozenset, OrderedDict, slice, complex, bytearray) by default, :data:`SPARSE_PICKLE` adding
   SciPy's csc/csr/coo matrices. Python 2 names (``__builtin__``, ``copy_reg``), NumPy's moved
   module (``numpy.core`` ↔ ``numpy._core``) and SciPy's private sparse modules
   (``scipy.sparse.csc``, ``scipy.sparse._csr``) resolve to today's objects. Any other global is
@@ -47,9 +47,9 @@ except ImportError:  # pragma: no cover - NumPy 1
     from numpy.core import numeric as _numeric  # type: ignore[no-redef]
 
 __all__ = [
-    "NUMPY",
-    "SPARSE",
-    "Allowlist",
+    "NUMPY_PICKLE",
+    "SPARSE_PICKLE",
+    "PickleAllowlist",
     "UnsafeFileError",
     "checkpoint_values",
     "load_torch_file",
@@ -64,7 +64,7 @@ class UnsafeFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class Allowlist:
+class PickleAllowlist:
     """The globals a reader lets a pickle use: canonical ``module.name`` → the object, and what
     they are in words (for the refusal message)."""
 
@@ -72,8 +72,8 @@ class Allowlist:
     describes: str
     stand_ins: Mapping[str, type] = field(default_factory=dict)
 
-    def plus(self, extra: Mapping[str, Any], describes: str) -> Allowlist:
-        return Allowlist({**self.globals, **extra}, describes, dict(self.stand_ins))
+    def plus(self, extra: Mapping[str, Any], describes: str) -> PickleAllowlist:
+        return PickleAllowlist({**self.globals, **extra}, describes, dict(self.stand_ins))
 
 
 _CONTAINERS: dict[str, Any] = {
@@ -85,7 +85,7 @@ _CONTAINERS["_codecs.encode"] = _codecs.encode
 
 #: NumPy arrays (any dtype, object arrays' items unpickled by the same rules), dtypes, scalars and
 #: plain Python containers: what 3DPW's sequence files and SMPLify's pose prior hold.
-NUMPY = Allowlist(
+NUMPY_PICKLE = PickleAllowlist(
     {
         **_CONTAINERS,
         "numpy.ndarray": np.ndarray,
@@ -97,10 +97,10 @@ NUMPY = Allowlist(
     "numpy arrays and plain Python containers",
 )
 
-#: :data:`NUMPY` plus SciPy's sparse matrices (SMPL's ``J_regressor``, GraphCMR's pyramid).
+#: :data:`NUMPY_PICKLE` plus SciPy's sparse matrices (SMPL's ``J_regressor``, GraphCMR's pyramid).
 #: ``copyreg._reconstructor`` (with ``object``) rebuilds them from protocol 0/1 pickles; it can
 #: only instantiate classes this list allows.
-SPARSE = NUMPY.plus(
+SPARSE_PICKLE = NUMPY_PICKLE.plus(
     {
         "scipy.sparse.csc_matrix": sp.csc_matrix,
         "scipy.sparse.csr_matrix": sp.csr_matrix,
@@ -127,7 +127,7 @@ def canonical_name(module: str, name: str) -> str:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, stream: IO[bytes], allowed: Allowlist, refuse: Any, encoding: str) -> None:
+    def __init__(self, stream: IO[bytes], allowed: PickleAllowlist, refuse: Any, encoding: str) -> None:
         super().__init__(stream, encoding=encoding)
         self._allowed = allowed
         self._refuse = refuse
@@ -149,7 +149,7 @@ def safe_load(
     source: str | os.PathLike[str] | IO[bytes],
     *,
     what: str,
-    allowed: Allowlist = NUMPY,
+    allowed: PickleAllowlist = NUMPY_PICKLE,
     encoding: str = "latin1",
     name: str | None = None,
 ) -> Any:
@@ -178,7 +178,7 @@ def safe_load(
 
 
 def safe_load_npz(
-    path: str | os.PathLike[str], names: Iterable[str], *, what: str, allowed: Allowlist = NUMPY
+    path: str | os.PathLike[str], names: Iterable[str], *, what: str, allowed: PickleAllowlist = NUMPY_PICKLE
 ) -> dict[str, np.ndarray]:
     """The arrays ``names`` of the ``.npz`` at ``path`` (those it has; the caller checks for missing
     ones): plain arrays read with ``allow_pickle=False``, object arrays unpickled by

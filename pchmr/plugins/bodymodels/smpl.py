@@ -71,7 +71,7 @@ from pchmr.core.contracts.bodymodel import (
 )
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.options import option, read_options
-from pchmr.core.kit.safe_pickle import SPARSE, UnsafeFileError, safe_load
+from pchmr.core.kit.safe_pickle import SPARSE_PICKLE, UnsafeFileError, safe_load
 
 __all__ = [
     "GENDERS",
@@ -258,7 +258,7 @@ class _ChumpyValue:
 #: What a SMPL model pickle may ask for: NumPy arrays, SciPy sparse matrices, plain containers, and
 #: chumpy objects, which become :class:`_ChumpyValue` (holding their pickled state) without chumpy.
 SMPL_PICKLE = dataclasses.replace(
-    SPARSE,
+    SPARSE_PICKLE,
     describes="numpy arrays, SciPy sparse matrices, chumpy arrays and plain Python containers",
     stand_ins={"chumpy": _ChumpyValue},
 )
