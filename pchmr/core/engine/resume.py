@@ -52,7 +52,8 @@ def check_resumable(rd: RunDir, config: RunConfig) -> None:
     last_done = -1 if done is None else done
     beyond = [int(r["round"]) for r in records if int(r["round"]) > last_done + 1]
     if beyond:
-        held = f"{unit} {done} in {source}" if done is not None else f"no checkpoint ({source.name} is missing)"
+        weights = rd.checkpoint if config.mode == "federated" else rd.lightning_checkpoint
+        held = f"{unit} {done} in {source}" if done is not None else f"no checkpoint ({weights} is missing)"
         raise HistoryError(
             f"{rd.rounds} has records up to {unit} {beyond[-1]}, but the run directory holds {held}: resuming would "
             f"drop {len(beyond)} record(s) the checkpoint cannot reproduce; {_UNCHANGED}"
