@@ -249,3 +249,22 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
         r"1 of other shapes \(first: w \(2, 3\) instead of \(3, 3\)\); the checkpoint is not this run's",
     ):
         check_checkpoint_state(rd, {"w": torch.ones(3, 3), "b": torch.ones(1)})
+
+
+# -- pchmr report --out: no silent overwrite --------------------------------------------------------
+def test_report_refuses_a_non_empty_out_unless_overwrite(finished, tmp_path):
+    out = tmp_path / "report"
+    first = CliRunner().invoke(app, ["report", str(finished), "--out", str(out), "--formats", "md,csv"])
+    assert first.exit_code == 0, first.output
+    before = files(out)
+    assert sorted(before) == ["report.csv", "report.md"]
+    again = CliRunner().invoke(app, ["report", str(finished), "--out", str(out), "--formats", "md,json"])
+    assert again.exit_code == 2, again.output
+    assert (
+        f"error: --out {out} is not empty (it holds report.csv, report.md); pass --overwrite to replace its files, "
+        "or choose another --out"
+    ) in one_line(again.output)
+    assert files(out) == before
+    replaced = CliRunner().invoke(app, ["report", str(finished), "--out", str(out), "--formats", "json", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert sorted(files(out)) == ["report.csv", "report.json", "report.md"]
