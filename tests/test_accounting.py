@@ -138,4 +138,4 @@ def test_cli_budget_refuses_bad_input():
     both = _budget("--sample-rate", "0.1", "--rounds", "5", "--noise-multiplier", "1", "--target-epsilon", "2")
     assert both.exit_code == 2 and "exactly one of --noise-multiplier" in both.output
     bad_q = _budget("--sample-rate", "1.5", "--rounds", "5", "--noise-multiplier", "1")
-    assert bad_q.exit_code == 2 and "sample rate q must lie in [0, 1], got 1.5" in bad_q.output
+    assert bad_q.exit_code == 2 and "--sample-rate must lie in (0, 1], got 1.5" in bad_q.output

@@ -158,8 +158,8 @@ def test_key_value_flags_replace_the_file_table_and_a_shortcut_sets_one_key_of_i
     [
         (["--strategy-option", "server-opt=yogi", "--server-opt", "adam"],
          "--server-opt adam contradicts --strategy-option server-opt=yogi; give one of them"),
-        (["--backbone-option", "dropout"], "--backbone-option expects key=value, got 'dropout'"),
-        (["--loss-weight", "edge"], "--loss-weight expects key=value, got 'edge'"),
+        (["--backbone-option", "dropout"], "--backbone-option expects key=value (e.g. --backbone-option name=3), got 'dropout' (no '=')"),
+        (["--loss-weight", "edge"], "--loss-weight expects key=value (e.g. --loss-weight name=3), got 'edge' (no '=')"),
     ],
 )  # fmt: skip
 def test_pchmr_run_refuses_malformed_or_contradicting_option_flags(tmp_path, args, message):

@@ -451,8 +451,9 @@ def test_report_command_on_a_sweep_directory(sweep_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["convergence.png", "report.csv", "report.json", "report.md",
                                                      "report.tex"]  # fmt: skip
     assert json.loads((out / "report.json").read_text())["baseline"] == "fedavg"
-    one = CliRunner().invoke(app, ["report", str(sweep_dir), "--baseline", "fedprox", "--out", str(out),
-                                   "--formats", "json"])  # fmt: skip
+    one = CliRunner().invoke(
+        app, ["report", str(sweep_dir), "--baseline", "fedprox", "--out", str(out), "--formats", "json", "--overwrite"]
+    )  # fmt: skip (a written --out needs --overwrite)
     assert one.exit_code == 0 and json.loads((out / "report.json").read_text())["baseline"] == "fedprox"
 
 

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from rich.table import Table
 
-from pchmr.cli._options import parse_options
-from pchmr.cli._output import console
+from pchmr.cli._options import check_number, parse_options
+from pchmr.cli._outdir import OVERWRITE_HELP, check_out_dir, output_dir
+from pchmr.cli._output import RUN_FAILED, console
 from pchmr.cli._output import fail as _fail
+from pchmr.core.kit.atomic import WriteError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -172,20 +174,30 @@ def annotate(
     accelerator: str = typer.Option("auto", help=f"Where the fits run: {ACCELERATOR_HELP}"),
     devices: int = typer.Option(1, help=DEVICES_HELP),
     precision: str = typer.Option("32-true", help="32-true (fits run in 32-bit: their line search needs it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Fit a body model to local images: pseudo-labelled Samples plus one record per image."""
     from pchmr.core.engine.annotation import annotation_placement
     from pchmr.core.kit.cache import default_cache_dir
 
+    for problem in (check_number("--batch-size", batch_size, 1, whole=True),
+                    check_number("--crop-size", crop_size, 1, whole=True)):  # fmt: skip
+        if problem:
+            raise _fail(problem)
+    check_out_dir(out, overwrite)
     try:
         placement = annotation_placement(accelerator, devices, precision)  # before any data is read
-        summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth,
-                                 options=_options(option, "--option"),
-                                 keypoint_options=_options(keypoint_option, "--keypoint-option"),
-                                 depth_options=_options(depth_option, "--depth-option"),
-                                 data_options=_options(data_option, "--data-option"), body_model_name=body_model,
-                                 smpl_dir=smpl_dir, crop=crop_size, batch_size=batch_size, cache_dir=default_cache_dir(),
-                                 placement=placement)  # fmt: skip
+        parsed = {"options": _options(option, "--option"),
+                  "keypoint_options": _options(keypoint_option, "--keypoint-option"),
+                  "depth_options": _options(depth_option, "--depth-option"),
+                  "data_options": _options(data_option, "--data-option")}  # fmt: skip
+        with output_dir(out, overwrite):  # a refusal below leaves no directory this call made
+            summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth, **parsed,
+                                     body_model_name=body_model, smpl_dir=smpl_dir, crop=crop_size,
+                                     batch_size=batch_size, cache_dir=default_cache_dir(),
+                                     placement=placement)  # fmt: skip
+    except WriteError as exc:
+        raise _fail(str(exc), code=RUN_FAILED) from None
     except (ValueError, FileNotFoundError, KeyError) as exc:
         raise _fail(str(exc)) from None
     failed = ", ".join(f"{k}: {v}" for k, v in summary["failed"].items()) or "none"
@@ -290,12 +302,19 @@ def personalize(
     precision: str = typer.Option(
         "32-true", help="32-true, 16-mixed (float16 autocast, GPU only) or bf16-mixed (bfloat16 autocast)."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Fine-tune the global model on local pseudo-labels; report before/after on the held-out 20 %."""
-    import torch
-
     from pchmr.core.engine.devices import DeviceError, resolve_placement
+    from pchmr.core.kit.atomic import torch_save_atomic, write_text_atomic
 
+    checks = (check_number("--epochs", epochs, 1, whole=True), check_number("--lr", lr, 0, low_open=True),
+              check_number("--batch-size", batch_size, 1, whole=True), check_number("--seed", seed, 0, whole=True))  # fmt: skip
+    for problem in checks:
+        if problem:
+            raise _fail(problem)
+    if out is not None:
+        check_out_dir(out, overwrite)
     try:
         placement = resolve_placement(accelerator, devices, precision)  # before the model is loaded
         if devices != 1:
@@ -314,8 +333,11 @@ def personalize(
                           f"{after:.1f}" if key != "pck" else f"{after:.3f}", f"{after - value:+.2f}")  # fmt: skip
     console.print(table)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save(result["module"].state_dict(), out / "personalized.pt")
         summary = {k: v for k, v in result.items() if k != "module"}
         record = {**summary, "epochs": epochs, "lr": lr, "placement": placement.describe()}
-        (out / "personalize.json").write_text(json.dumps(record, indent=1) + "\n")
+        try:
+            with output_dir(out, overwrite):
+                torch_save_atomic(result["module"].state_dict(), out / "personalized.pt")
+                write_text_atomic(out / "personalize.json", json.dumps(record, indent=1) + "\n")
+        except WriteError as exc:
+            raise _fail(str(exc), code=RUN_FAILED) from None

@@ -25,12 +25,15 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from pchmr.cli._outdir import OVERWRITE_HELP, output_dir
+from pchmr.cli._output import RUN_FAILED
 from pchmr.cli._output import console as _console
 from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.partition import Partition, PartitionError
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.kit.atomic import WriteError, write_text_atomic
 
 __all__ = ["partition", "partition_summary", "plot_label_key"]
 
@@ -154,11 +157,11 @@ def partition(
         Path("partition"), "--out", help="Directory for partition.json, the PNGs and summary.json."
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="Write the PNG plots."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     *,
     flags: GivenFlags,
 ) -> None:
     """Make a client partition exactly as `pchmr run` would, save partition.json and plot it (no training)."""
-    from pchmr.core.contracts.partition import save_partition
     from pchmr.core.engine.config import ConfigError
     from pchmr.core.engine.registry import PluginError
     from pchmr.report.partition_plots import plot_embedding, plot_partition
@@ -166,20 +169,24 @@ def partition(
     try:
         # a partition trains nothing: the model files a config names (--init-from) need not exist yet
         cfg = RunConfig.from_dict(_fit_per_round(_load_values(config, scale, flags)), check_files=False)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"--out {out} exists and is not a directory")
-        part, data, clusters = _make(cfg)
-        key = plot_label_key(part, data.labels, label)
-        summary = partition_summary(part, data.labels)
-    except (ConfigError, PluginError, PartitionError, OptionError, FileNotFoundError) as exc:
+    except (ConfigError, PluginError, OptionError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    save_partition(part, out / PARTITION_FILE)
-    written = [out / PARTITION_FILE]
-    if plots:
-        written += plot_partition(part, data.labels, key, out)
-        if clusters is not None:
-            written.append(plot_embedding(clusters.features, clusters.cluster_ids, out / EMBEDDING_FILE))
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    written.append(out / SUMMARY_FILE)
+    try:
+        with output_dir(out, overwrite):  # a refusal below leaves no directory this call made
+            try:
+                part, data, clusters = _make(cfg)
+                key = plot_label_key(part, data.labels, label)
+                summary = partition_summary(part, data.labels)
+            except (ConfigError, PluginError, PartitionError, OptionError, FileNotFoundError) as exc:
+                raise _fail(str(exc)) from None
+            write_text_atomic(out / PARTITION_FILE, part.to_json())
+            written = [out / PARTITION_FILE]
+            if plots:
+                written += plot_partition(part, data.labels, key, out)
+                if clusters is not None:
+                    written.append(plot_embedding(clusters.features, clusters.cluster_ids, out / EMBEDDING_FILE))
+            write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+            written.append(out / SUMMARY_FILE)
+    except WriteError as exc:
+        raise _fail(str(exc), code=RUN_FAILED) from None
     _print_summary(summary, written)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from pchmr.cli._options import check_number
 from pchmr.cli._output import fail as _fail
 from pchmr.core.kit.accounting import (
     DEFAULT_ORDERS,
@@ -49,8 +50,19 @@ def budget(
         raise _fail(
             "give exactly one of --noise-multiplier (prints ε) and --target-epsilon (prints the noise multiplier)"
         )
-    if rounds < 1 or steps_per_round < 1:
-        raise _fail(f"--rounds and --steps-per-round must be >= 1, got {rounds} and {steps_per_round}")
+    checks = [
+        check_number("--sample-rate", sample_rate, 0, 1, low_open=True),
+        check_number("--rounds", rounds, 1, whole=True),
+        check_number("--steps-per-round", steps_per_round, 1, whole=True),
+        check_number("--delta", delta, 0, 1, low_open=True, high_open=True),
+    ]
+    if noise_multiplier is not None:
+        checks.append(check_number("--noise-multiplier", noise_multiplier, 0, low_open=True))
+    if target_epsilon is not None:
+        checks.append(check_number("--target-epsilon", target_epsilon, 0, low_open=True))
+    for problem in checks:
+        if problem:
+            raise _fail(problem)
     steps = rounds * steps_per_round
     try:
         if noise_multiplier is not None:

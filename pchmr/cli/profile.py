@@ -190,12 +190,13 @@ def _write(rows: list[Any], meta: dict[str, Any], settings: Any, placement: Any,
     from dataclasses import asdict
 
     from pchmr.core.engine.profile import PAPER_TABLE13
+    from pchmr.core.kit.atomic import write_text_atomic
     from pchmr.report.profile_table import to_markdown
 
     meta = {**meta, "load_after": ", ".join(f"{x:.1f}" for x in os.getloadavg())}
     out.mkdir(parents=True, exist_ok=True)
     paper = [dict(zip(("model", "device", "img_s_100", "seconds_100", "img_s_1000", "seconds_1000"), r)) for r in PAPER_TABLE13]  # fmt: skip
     payload = {"meta": meta, "settings": asdict(settings), "rows": [r.as_dict() for r in rows], "paper_table13": paper}
-    (out / JSON_FILE).write_text(json.dumps(payload, indent=1) + "\n")
-    (out / MARKDOWN_FILE).write_text(to_markdown(rows, meta))
+    write_text_atomic(out / JSON_FILE, json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(out / MARKDOWN_FILE, to_markdown(rows, meta))
     return [out / JSON_FILE, out / MARKDOWN_FILE]

@@ -9,13 +9,17 @@ paired per-seed difference (:mod:`pchmr.report.sweep`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
+from pchmr.cli._outdir import OVERWRITE_HELP, check_out_dir, output_dir
+from pchmr.cli._output import RUN_FAILED
 from pchmr.cli._output import console as _console
 from pchmr.cli._output import fail as _fail
+from pchmr.core.kit.atomic import WriteError, write_text_atomic
 from pchmr.report.convergence import CONVERGENCE_METRICS, plot_convergence
 from pchmr.report.sweep import is_sweep_dir
 from pchmr.report.tables import (
@@ -85,10 +89,13 @@ def report(
         "--baseline",
         help="Sweep directory: the row every other row is compared with, per seed (default: the sweep file's baseline).",
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol; each model's final and best
     round side by side) and a convergence plot of runs; for a sweep directory, mean ± 95 % CI per row and paired
     differences against a baseline row."""
+    if out is not None:
+        check_out_dir(out, overwrite)  # before any run is read
     if metric not in CONVERGENCE_METRICS:
         raise _fail(f"unknown --metric '{metric}'; choose one of: {', '.join(CONVERGENCE_METRICS)}")
     sweeps = [p for p in runs if is_sweep_dir(p)]
@@ -100,7 +107,7 @@ def report(
         if group_by is not None:
             raise _fail("--group-by groups run directories; a sweep directory's rows are the sweep file's rows")
         _report_sweep(sweeps[0], out, _parse_formats(formats or DEFAULT_SWEEP_FORMATS), metric,
-                      include_unfinished, baseline)  # fmt: skip
+                      include_unfinished, baseline, overwrite)  # fmt: skip
         return
     if baseline is not None:
         raise _fail("--baseline names a row of a sweep directory (one holding sweep.json, written by `pchmr sweep`)")
@@ -117,28 +124,38 @@ def report(
         _console.print(renderable)
     if out is None:
         return
-    _out_dir(out)
     writers = {"md": to_markdown, "csv": to_csv, "tex": to_latex, "json": to_json}
-    for fmt in chosen:
-        target = out / FORMATS[fmt]
-        if fmt == "png":
-            try:
-                plot_convergence(summaries, target, metric)
-            except ReportError as exc:
-                raise _fail(str(exc)) from exc
-        else:
-            target.write_text(writers[fmt](result))
-        _console.print(f"wrote {target}", highlight=False)
+    _write_report(out, overwrite, chosen, writers, result, lambda target: plot_convergence(summaries, target, metric))
 
 
-def _out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+def _write_report(out: Path, overwrite: bool, chosen: list[str], writers: dict[str, Any], result: Any,
+                  plot: Callable[[Path], Any]) -> None:  # fmt: skip
+    """Write the ``chosen`` formats into ``out`` (:func:`~pchmr.cli._outdir.output_dir`: refused when
+    it is not empty without ``--overwrite``, removed again when this call made it and a write fails)."""
+    try:
+        with output_dir(out, overwrite):
+            for fmt in chosen:
+                target = out / FORMATS[fmt]
+                if fmt == "png":
+                    try:
+                        plot(target)
+                    except ReportError as exc:
+                        raise _fail(str(exc)) from exc
+                else:
+                    write_text_atomic(target, writers[fmt](result))
+                _console.print(f"wrote {target}", highlight=False)
+    except WriteError as exc:
+        raise _fail(str(exc), code=RUN_FAILED) from None
 
 
 def _report_sweep(
-    path: Path, out: Path | None, chosen: list[str], metric: str, include_unfinished: bool, baseline: str | None
+    path: Path,
+    out: Path | None,
+    chosen: list[str],
+    metric: str,
+    include_unfinished: bool,
+    baseline: str | None,
+    overwrite: bool = False,
 ) -> None:
     from pchmr.report import sweep as sweep_report
 
@@ -150,16 +167,6 @@ def _report_sweep(
         _console.print(renderable)
     if out is None:
         return
-    _out_dir(out)
     writers = {"md": sweep_report.to_markdown, "csv": sweep_report.to_csv, "tex": sweep_report.to_latex,
                "json": sweep_report.to_json}  # fmt: skip
-    for fmt in chosen:
-        target = out / FORMATS[fmt]
-        if fmt == "png":
-            try:
-                plot_convergence(result.runs, target, metric)
-            except ReportError as exc:
-                raise _fail(str(exc)) from exc
-        else:
-            target.write_text(writers[fmt](result))
-        _console.print(f"wrote {target}", highlight=False)
+    _write_report(out, overwrite, chosen, writers, result, lambda target: plot_convergence(result.runs, target, metric))

@@ -23,6 +23,7 @@ from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
 from pchmr.core.engine.federation.common import route_flower_logs
+from pchmr.core.kit.atomic import WriteError
 
 __all__ = ["run"]
 
@@ -62,6 +63,8 @@ def run(
         _run_with_progress(cfg, run_dir, resume is not None, execute)
     except (ConfigError, PluginError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
+    except WriteError as exc:  # a full disk or a file system gone read-only: the files before it are whole
+        raise _fail(str(exc), code=RUN_FAILED) from None
     except ValueError as exc:
         raise _fail(str(exc)) from None
     except (FloatingPointError, RuntimeError) as exc:  # the run failed (diverged, a client failed)

@@ -40,6 +40,7 @@ from pchmr.core.contracts.annotation import (
 )
 from pchmr.core.contracts.sample import META_KEYS
 from pchmr.core.engine.devices import DeviceError, Placement, resolve_placement
+from pchmr.core.kit.atomic import savez_atomic, write_text_atomic
 from pchmr.core.kit.pseudo_labels import LABELS_FILE, read_label_directory
 
 __all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "annotation_placement", "crop_box",
@@ -233,10 +234,8 @@ def write_pseudo_labels(out_dir: str | Path, annotated: Annotated, info: Mapping
     out.mkdir(parents=True, exist_ok=True)
     ok = sum(r.status == "ok" for r in annotated.records)
     info = {**dict(info), "gt": "pseudo", "annotated": ok, "failed": len(annotated.records) - ok}
-    (out / "info.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
-    with (out / "records.jsonl").open("w") as fh:
-        for record in annotated.records:
-            fh.write(json.dumps(record.as_dict()) + "\n")
+    write_text_atomic(out / "info.json", json.dumps(info, indent=1, default=str) + "\n")
+    write_text_atomic(out / "records.jsonl", "".join(json.dumps(r.as_dict()) + "\n" for r in annotated.records))
     arrays: dict[str, np.ndarray] = {"image_ids": np.array(annotated.image_ids, dtype=str)}
     if annotated.image_ids:
         arrays.update(images=np.stack(annotated.crops).astype(np.uint8), keypoints_2d=np.stack(annotated.keypoints),
@@ -246,7 +245,7 @@ def write_pseudo_labels(out_dir: str | Path, annotated: Annotated, info: Mapping
             arrays[f"meta_{key}"] = np.array([m.get(key, "unknown") for m in annotated.meta], dtype=str)
     for key, value in (ground_truth or {}).items():
         arrays[f"gt_{key}"] = value
-    np.savez(out / "labels.npz", **arrays)
+    savez_atomic(out / LABELS_FILE, **arrays)
     return out
 
 

@@ -29,6 +29,7 @@ from pchmr.core.engine.evaluation import evaluate
 from pchmr.core.engine.federation.common import RoundReport
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.engine.trainer import LearningRate, lr_factor, make_trainer
+from pchmr.core.kit.atomic import describe_error
 from pchmr.core.kit.seeds import derive_seed
 
 __all__ = ["baseline_partition", "run_baseline"]
@@ -95,8 +96,12 @@ class _EpochRecorder(pl.Callback):
                 }
             )
         tmp = self.rd.lightning_checkpoint.with_name("last.ckpt.tmp")
-        trainer.save_checkpoint(tmp)
-        tmp.replace(self.rd.lightning_checkpoint)
+        try:
+            trainer.save_checkpoint(tmp)
+            tmp.replace(self.rd.lightning_checkpoint)
+        except OSError as exc:  # a full disk: the checkpoint of the epoch before stays whole
+            tmp.unlink(missing_ok=True)
+            raise describe_error(exc, self.rd.lightning_checkpoint, hint=self.rd.resume_hint) from exc
         self.rd.write_json(self.rd.path / "checkpoints" / "progress.json", {"epoch": epoch, "elapsed": self.elapsed})
         self.on_round(RoundReport(epoch, self.num_epochs, metrics, seconds))
 
@@ -151,5 +156,5 @@ def run_baseline(
     )
     # weights_only: the checkpoint of a received run directory runs no code (RunDir.check_resumable read it)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
-    torch.save({k: v.detach().clone() for k, v in module.state_dict().items()}, rd.model)
+    rd.save_model({k: v.detach().clone() for k, v in module.state_dict().items()})
     return rd.summarize(baselines, components.protocol().as_dict())

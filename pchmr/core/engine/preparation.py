@@ -18,7 +18,7 @@ from typing import Any
 
 from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.contracts.options import declared_options, read_options
-from pchmr.core.contracts.partition import Partition, load_partition, save_partition
+from pchmr.core.contracts.partition import Partition, load_partition
 from pchmr.core.contracts.strategy import StrategyParts
 from pchmr.core.engine.baselines import baseline_partition
 from pchmr.core.engine.components import (
@@ -244,7 +244,7 @@ def prepare(
         partition = load_partition(rd.partition)
     else:
         partition = make_partition(config, components.data)
-        save_partition(partition, rd.partition)
+        rd.write_text(rd.partition, partition.to_json())
     if not resume or not rd.config.exists():
         write_run_config(rd, config, components, strategy)
     baselines = _baselines(components) if with_baselines else {}

@@ -24,6 +24,7 @@ from pchmr.core.engine.federation.deployment import federate_on_deployment
 from pchmr.core.engine.federation.server import FederatedServer
 from pchmr.core.engine.federation.simulation import run_simulation
 from pchmr.core.engine.preparation import prepare, resolve
+from pchmr.core.engine.resume import check_checkpoint_state, check_resumable
 from pchmr.core.engine.rundir import RunDir, detach_log
 
 __all__ = ["RunResult", "default_run_dir", "execute", "resume_config"]
@@ -63,12 +64,21 @@ def execute(
     if run_dir is None:
         run_dir = Path(config.out) if config.out else default_run_dir(config)
     rd = RunDir(run_dir)
-    if not resume and rd.path.exists() and any(rd.path.iterdir()):
+    if rd.path.exists() and not rd.path.is_dir():
+        raise ConfigError(f"run directory {rd.path} is a file, not a directory; choose another --out")
+    if resume:
+        check_resumable(rd, config)  # before anything is written, the log included
+    elif rd.path.exists() and any(rd.path.iterdir()):
         raise ConfigError(
             f"run directory {rd.path} already exists and is not empty; pass --resume to continue it or choose another --out"
         )
     created = not rd.path.exists()
-    rd.create()
+    try:
+        rd.create()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the run directory {rd.path}: {exc.strerror or exc} ({exc.filename}); choose another --out"
+        ) from None
     handler = rd.attach_log()
     started = time.perf_counter()
     set_up = False
@@ -77,8 +87,8 @@ def execute(
             rd.check_resumable()
         with determinism(config.deterministic):  # --deterministic: this process's part of the run
             prepared = prepare(config, strategy, rd, resume=resume, status=status)
-            set_up = True
             if config.mode == "federated" and config.engine == "deployment":
+                set_up = True
                 status(f"federating {config.clients} clients on Flower's Deployment Engine")
                 federate_on_deployment(
                     rd.path.resolve(),
@@ -91,17 +101,26 @@ def execute(
                 server = FederatedServer(
                     rd, prepared.components, strategy, on_round=on_round, baselines=prepared.baselines
                 )
+                if resume:
+                    check_checkpoint_state(rd, server.module.state_dict())
+                set_up = True  # the server accepted the model (mechanisms, checkpoint): the run starts
                 status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
                 run_simulation(server)
             else:
+                set_up = True
                 size = prepared.partition.sizes()[0]
                 status(f"{config.mode} baseline: one trainer on {size} samples, {config.epochs} epochs")
                 run_baseline(rd, prepared.components, prepared.partition, on_round, prepared.baselines)
     finally:
         detach_log(handler)
-        if not set_up and created and not resume:
-            # refused before anything ran (bad data, partition or model options): leave no half-made
-            # directory behind, so the same --out works once the input is fixed
-            shutil.rmtree(rd.path, ignore_errors=True)
+        if not set_up and not resume:
+            # refused before anything ran (bad data, partition, model options or a mechanism the model
+            # cannot take): leave no half-made directory behind, so the same --out works once the input
+            # is fixed; a directory that existed (empty) before stays, emptied of what this run wrote
+            if created:
+                shutil.rmtree(rd.path, ignore_errors=True)
+            else:
+                for child in rd.path.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     final = json.loads(rd.final.read_text())
     return RunResult(rd, final, time.perf_counter() - started)

@@ -11,6 +11,12 @@
                          (tensors, numbers and strings only: read with torch.load(weights_only=True))
       model.pt           the final global weights (a plain state dict)
       run.log            the log of the run (Flower's included)
+
+Every file is written atomically (:mod:`pchmr.core.kit.atomic`: a temporary file, fsync, rename):
+a kill or a full disk leaves the previous version whole, and a ``rounds.jsonl`` record is either
+all there or not at all. :meth:`RunDir.read_rounds` therefore refuses any line it cannot read
+(:class:`HistoryError`, naming the file, the line and what was expected) instead of dropping it
+and what follows.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Any
 
 import torch
 
+from pchmr.core.kit.atomic import append_line_atomic, torch_save_atomic, write_text_atomic
 from pchmr.core.kit.safe_pickle import checkpoint_values, load_torch_file
 
-__all__ = ["METRIC_KEYS", "RunDir"]
+__all__ = ["METRIC_KEYS", "HistoryError", "RunDir"]
 
 #: The metrics of every evaluated round (see :mod:`pchmr.core.kit.metrics`).
 #: the loggers a run directory's run.log receives
@@ -40,6 +47,12 @@ _UNSAFE_CHECKPOINT_ADVICE = (
     "resumed. Start the run again in a new --out directory; if you wrote the file yourself and "
     "trust it, convert its values to tensors, numbers and strings first."
 )
+
+
+class HistoryError(ValueError):
+    """A run directory's history cannot be read or does not fit the run: a malformed
+    ``rounds.jsonl`` line, a ``partition.json`` or checkpoint that is not the config's. Nothing
+    was changed on disk."""
 
 
 class RunDir:
@@ -84,11 +97,18 @@ class RunDir:
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         return self
 
-    # -- writing -------------------------------------------------------------------------
+    @property
+    def resume_hint(self) -> str:
+        """What a failed write's message ends with: how to continue the run."""
+        return f"free space and resume with pchmr run --resume {self.path}"
+
+    # -- writing (every write atomic: pchmr.core.kit.atomic) ------------------------------
     def write_json(self, path: Path, data: Mapping[str, Any]) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
-        tmp.replace(path)
+        text = json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+        write_text_atomic(path, text, hint=self.resume_hint)
+
+    def write_text(self, path: Path, text: str) -> None:
+        write_text_atomic(path, text, hint=self.resume_hint)
 
     def read_json(self, path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
@@ -114,41 +134,32 @@ class RunDir:
         return final
 
     def append_round(self, record: Mapping[str, Any]) -> None:
-        with self.rounds.open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True, default=_json_default) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        line = json.dumps(record, sort_keys=True, default=_json_default)
+        append_line_atomic(self.rounds, line, hint=self.resume_hint)
 
     def read_rounds(self) -> list[dict[str, Any]]:
+        """Every record of ``rounds.jsonl`` (none when it is missing); a :class:`HistoryError`
+        naming the line for anything that is not one JSON object per line with an integer
+        ``round`` greater than the line before's. Blank lines are skipped."""
         if not self.rounds.exists():
             return []
-        out = []
-        for line in self.rounds.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: everything after it is dropped
-                break
-        return out
+        return parse_rounds(self.rounds.read_bytes(), self.rounds)
 
     def truncate_rounds(self, last_round: int) -> list[dict[str, Any]]:
         """Keep only records up to ``last_round`` (used when resuming)."""
         kept = [r for r in self.read_rounds() if int(r["round"]) <= last_round]
-        tmp = self.rounds.with_name("rounds.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        tmp.replace(self.rounds)
+        self.write_text(self.rounds, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         return kept
 
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        """Write ``checkpoints/last.pt`` (atomically) in types ``torch.load(weights_only=True)``
+        """Write ``checkpoints/last.pt`` atomically in types ``torch.load(weights_only=True)``
         reads back (:func:`~pchmr.core.kit.safe_pickle.checkpoint_values`: NumPy arrays become
         tensors, NumPy scalars numbers; any other object is refused by its key, before writing)."""
-        values = checkpoint_values(dict(state))
-        tmp = self.checkpoint.with_name("last.pt.tmp")
-        torch.save(values, tmp)
-        tmp.replace(self.checkpoint)
+        torch_save_atomic(checkpoint_values(dict(state)), self.checkpoint, hint=self.resume_hint)
+
+    def save_model(self, state: Mapping[str, torch.Tensor]) -> None:
+        """``model.pt``: the final global weights (a plain state dict)."""
+        torch_save_atomic(dict(state), self.model, hint=self.resume_hint)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """``checkpoints/last.pt`` (None if absent), loaded with ``weights_only=True``: a file
@@ -167,7 +178,13 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         if not self.config.exists():
             raise FileNotFoundError(f"{self.path} is not a pchmr run directory: {self.config.name} is missing")
-        return json.loads(self.config.read_text())
+        try:
+            data = json.loads(self.config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise HistoryError(f"{self.config} is not valid JSON ({exc}); it is not a config pchmr wrote") from None
+        if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
+            raise HistoryError(f"{self.config} has no 'run' table of options; it is not a config pchmr wrote")
+        return data
 
     def attach_log(self) -> logging.Handler:
         handler = logging.FileHandler(self.log)
@@ -183,6 +200,55 @@ def detach_log(handler: logging.Handler) -> None:
     for name in _LOGGERS:
         logging.getLogger(name).removeHandler(handler)
     handler.close()
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+_CUT_OFF_FIX = "delete that line (the records before it are kept) and resume again"
+
+
+def parse_rounds(raw: bytes, path: Path) -> list[dict[str, Any]]:
+    """The records of a ``rounds.jsonl`` whose bytes are ``raw`` (see :meth:`RunDir.read_rounds`)."""
+    lines = raw.split(b"\n")
+    cut_off = bool(lines) and lines[-1].strip() != b""  # the file does not end with a newline
+    out: list[dict[str, Any]] = []
+    previous: tuple[int, int] | None = None  # (round, line number)
+    for number, raw_line in enumerate(lines, start=1):
+        if not raw_line.strip():
+            continue
+        where = f"{path} line {number}"
+        last = number == len(lines)
+        try:
+            record = json.loads(raw_line.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if last and cut_off:
+                raise HistoryError(
+                    f"{where} is cut off (the file ends in the middle of a record, as after a crash while it "
+                    f"was written): expected one whole JSON object per line; {_CUT_OFF_FIX}"
+                ) from None
+            what = (
+                f"not JSON ({exc.msg} at column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            )
+            raise HistoryError(
+                f"{where} is {what}, expected one JSON object per line with an integer 'round'; nothing was changed"
+            ) from None
+        if not isinstance(record, dict):
+            raise HistoryError(
+                f"{where} is a JSON {_JSON_TYPES.get(type(record), 'value')}, expected a JSON object with an integer 'round'; "
+                "nothing was changed"
+            )
+        value = record.get("round")
+        if "round" not in record or isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            got = "has no 'round'" if "round" not in record else f"has 'round': {json.dumps(value)}"
+            raise HistoryError(f"{where} {got}, expected an integer 'round' >= 0; nothing was changed")
+        if previous is not None and value <= previous[0]:
+            kind = "repeats" if value == previous[0] else "goes back to"
+            raise HistoryError(
+                f"{where} {kind} round {value} after round {previous[0]} on line {previous[1]}, expected rounds in "
+                "increasing order; nothing was changed"
+            )
+        previous = (value, number)
+        out.append(record)
+    return out
 
 
 def _json_default(value: Any) -> Any:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+from pchmr.core.kit.atomic import write_text_atomic
 
 __all__ = [
     "KNOBS",
@@ -639,9 +640,7 @@ def write_sweep_json(plan: SweepPlan, out: Path, cells: Mapping[Cell, Mapping[st
         "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         "cells": [{"row": c.row, "seed": c.seed, "path": str(c.path), **dict(cells.get(c, {}))} for c in plan.cells],
     }
-    tmp = target.with_name(PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, default=str) + "\n")
-    tmp.replace(target)
+    write_text_atomic(target, json.dumps(body, indent=2, default=str) + "\n")
     return target
 
 

@@ -246,7 +246,7 @@ class FederatedServer:
             self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
         if stopped is not None:
             self._record_stop(state, elapsed, sent, received)
-        torch.save(state, self.rd.model)
+        self.rd.save_model(state)
         self._finish(state, stopped)
 
     def _train_round(
