@@ -229,9 +229,10 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     server_round = int(config["server-round"])
     cfg = runtime.components.config
     if drops_out(cfg.seed, server_round, pid, cfg.client_dropout):
-        # before any training, like a device that went away: Flower returns the error as the reply
+        # before any training, like a device that went away: Flower returns the error as the reply (the
+        # server names the partition)
         raise ClientDropout(
-            f"partition {pid}: simulated device failure in round {server_round} (--client-dropout {cfg.client_dropout:g})"
+            f"simulated device failure in round {server_round} (--client-dropout {cfg.client_dropout:g})"
         )
     keep = cfg.client_optimizer == "keep"
     new_state, metrics = local_fit(
