@@ -114,7 +114,7 @@ class _SubsetGrid:
                 self._fail(reply.metadata.src_node_id, short_reason(reply.error.reason))
         for message in outgoing:
             if message.metadata.dst_node_id not in answered:
-                self._fail(message.metadata.dst_node_id, f"no reply within {timeout:.0f} s")
+                self._fail(message.metadata.dst_node_id, "no reply" + (f" within {timeout:.0f} s" if timeout else ""))
         return replies
 
     def _fail(self, node_id: int, reason: str) -> None:
