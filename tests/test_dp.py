@@ -114,8 +114,44 @@ def test_server_side_wrapper_clips_weights_equally_and_hides_client_metrics(monk
     assert all(
         dict(r.content["metrics"]) == {"num-examples": 1.0, "partition-id": float(i)} for i, r in enumerate(seen[0])
     )
-    with pytest.raises(RuntimeError, match="calibrated for 2 updates, got 1"):
-        server.aggregate_train(2, [reply([0.0, 0.0], 1.0, 0.0)])
+    with pytest.raises(RuntimeError, match="2 updates arrived|the missing clients are unknown: DP-FedAvg cannot pad"):
+        server.aggregate_train(2, [reply([0.0, 0.0], 1.0, 0.0)])  # no configure_train: whom to pad is unknown
+    with pytest.raises(RuntimeError, match="calibrated for 2 updates, got 3"):
+        server.aggregate_train(2, [reply([0.0, 0.0], 1.0, float(i)) for i in range(3)])
+
+
+def test_client_level_dp_pads_a_failed_client_with_a_noise_only_zero_update(monkeypatch):
+    """k = 4 sampled, one failed: the aggregate is (Σ clip(Δ_i) + 0 for the missing one + noise) / 4,
+    the fixed denominator k the noise is calibrated for; ``dp-padded-updates`` says so."""
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    for placement in ("server", "client"):
+        options = DPOptions(placement=placement, clip=10.0, noise_multiplier=1e-9)
+        server = ServerSideDP(_fedavg_parts().server, options, per_round=4, on_replies=lambda replies: None)
+        server.set_global(ArrayRecord({"w": torch.zeros(2)}))
+        sent = [Message(RecordDict({}), dst_node_id=10 + i, message_type="train") for i in range(4)]
+        for i, message in enumerate(sent):
+            message.metadata.__dict__["_message_id"] = f"m{i}"
+        server._sent = sent  # what configure_train handed out
+        replies = [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": ArrayRecord({"w": torch.tensor([4.0, 0.0])}),
+                        "metrics": MetricRecord({"num-examples": 9.0}),
+                    }
+                ),
+                reply_to=sent[i],
+            )
+            for i in (0, 1, 3)
+        ]
+        arrays, metrics = server.aggregate_train(1, replies)
+        torch.testing.assert_close(arrays.to_torch_state_dict()["w"], torch.tensor([3.0, 0.0]), atol=1e-6, rtol=0)
+        assert dict(metrics) == {"dp-padded-updates": 1.0}, placement
 
 
 class _FrozenBNNet(nn.Module):

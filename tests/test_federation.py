@@ -147,7 +147,8 @@ def test_existing_run_directory_is_not_overwritten(finished_run):
 
 def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_of_it(tmp_path, pchmr_cache):
     """lr 1e30 turns the clients' losses into NaN in round 1: each client refuses to send NaN
-    weights, and the CLI prints one message naming the round, the clients and their reason (not
+    weights; with every sampled client failed even the default tolerance (one reply) is not met, and
+    the CLI prints one message naming the round, the partitions and their reason (not
     Ray's tracebacks), exits 1, and keeps round 0's record only."""
     from typer.testing import CliRunner
 
@@ -178,7 +179,10 @@ def test_a_diverged_round_stops_the_run_with_one_clear_error_and_saves_nothing_o
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
     message = " ".join(result.output.split())
-    assert "error: round 1: 2 of 2 clients failed (train): node" in message, message
+    assert (
+        "error: round 1: 2 of 2 sampled clients failed (train), 0 replied and at least one is needed "
+        "(--min-fit-fraction unset): partition 0:" in message
+    ), message
     assert "training loss became nan" in message and "lower the learning rate" in message
     assert "Traceback" not in result.output and "ClientAppActor" not in result.output
     assert "Traceback" in (out / "run.log").read_text(), "the tracebacks are kept in the run's log"

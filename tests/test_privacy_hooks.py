@@ -310,7 +310,7 @@ def test_ordered_replies_sorts_by_partition_and_reports_failures():
     replies = [_Reply(10), _Reply(11), _Reply(12)]
     assert [r.metadata.src_node_id for r in ordered_replies(replies, _Grid(), 1)] == [11, 12, 10]
     broken = [_Reply(10), _Reply(11, "out of memory")]
-    with pytest.raises(RuntimeError, match=r"round 4: 1 of 2 clients failed \(mask\): node 11: out of memory"):
+    with pytest.raises(RuntimeError, match=r"round 4: 1 of 2 clients failed \(mask\): partition 0: out of memory"):
         ordered_replies(broken, _Grid(), 4, stage="mask")
     assert [r.metadata.src_node_id for r in ordered_replies(broken, _Grid(), 4, allow_failures=True)] == [10]
     assert failure_message(2, broken[1:], 5) == "round 2: 1 of 5 clients failed (train): node 11: out of memory"

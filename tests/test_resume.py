@@ -337,3 +337,75 @@ def test_discovery_names_partitions_without_a_node(monkeypatch):
     grid = _Grid({n: i for i, n in enumerate(NODES[:39])}, listed=None)
     with pytest.raises(RuntimeError, match=r"1 of 40 client partitions have no node \(first: \[39\]\); 39 nodes"):
         FederatedServer._discover(_server(40), grid)
+
+
+# --------------------------------------------------------------------------------------
+# Ctrl-C: the first SIGINT stops the run at once, cleanly, and the run resumes exactly
+# --------------------------------------------------------------------------------------
+INTERRUPT_EXIT_SECONDS = 60.0
+
+
+def _session_processes(sid: int) -> list[str]:
+    """The processes still alive in session ``sid`` (the pchmr process and whatever Ray started in it)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split(None, 2)[1:2] == [str(sid)]]
+
+
+def _interrupt_after_round_one(args: list[str], cwd: Path, log: Path) -> tuple[int, float, subprocess.Popen]:
+    """Start ``pchmr run ARGS``, wait for round 1's record, send SIGINT to its process group (what
+    a terminal's Ctrl-C does: Ray's workers get it too); (exit code, seconds to exit, the process)."""
+    run = Path(args[args.index("--out") + 1])
+    for attempt in range(1, ATTEMPTS + 1):
+        shutil.rmtree(run, ignore_errors=True)
+        proc = _start(args, cwd, _env(cwd, None), log)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        try:
+            while not ((run / "rounds.jsonl").exists() and len((run / "rounds.jsonl").read_text().splitlines()) >= 2):
+                if proc.poll() is not None:
+                    raise _exited(proc, log, "before round 1 was recorded")
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(POLL)
+        except RayStartupFailed:
+            if attempt == ATTEMPTS:
+                raise
+            time.sleep(5.0)
+            continue
+        except BaseException:
+            _kill(proc)
+            raise
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=INTERRUPT_EXIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+            raise AssertionError(
+                f"still running {INTERRUPT_EXIT_SECONDS:.0f} s after SIGINT:\n{log.read_text()[-3000:]}"
+            ) from None
+        return code, time.monotonic() - start, proc
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.slow  # one interrupted run, its resume, and the uninterrupted reference
+def test_ctrl_c_exits_130_at_once_without_traceback_and_the_resumed_run_equals_an_uninterrupted_one(
+    reference, tmp_path, pchmr_cache
+):
+    run, log = tmp_path / "run", tmp_path / "interrupted.txt"
+    code, seconds, proc = _interrupt_after_round_one([*RUN_ARGS, "--out", str(run)], tmp_path, log)
+    text = log.read_text(errors="replace")
+    assert code == 130, text[-3000:]
+    assert f"interrupted; resume with `pchmr run --resume {run}`" in " ".join(text.split()), text[-2000:]
+    assert "Traceback" not in text, text[-3000:]
+    deadline = time.monotonic() + 30
+    while _session_processes(proc.pid) and time.monotonic() < deadline:  # Ray's helpers end with the run
+        time.sleep(0.5)
+    assert not _session_processes(proc.pid), _session_processes(proc.pid)
+    # nothing half-written: the checkpoint is a complete round, every record a whole line
+    done = _checkpoint_round(run)
+    assert done >= 1 and not (run / "final.json").exists()
+    rounds = [json.loads(line)["round"] for line in (run / "rounds.jsonl").read_text().splitlines()]
+    assert rounds[: done + 1] == list(range(done + 1))
+    print(f"SIGINT → exit 130 in {seconds:.1f} s, checkpoint of round {done}")
+
+    _phase(["--resume", str(run)], tmp_path, tmp_path / "resumed.txt")
+    assert _round_metrics(run) == _round_metrics(reference)

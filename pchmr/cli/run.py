@@ -6,11 +6,14 @@ the command line reads it (:mod:`pchmr.cli.config_flags` builds them); ``--confi
 ``--resume`` are the command's own. A config file's values come first, flags win.
 
 Exit codes: 2 for a refused configuration (bad value, unknown plugin, missing file), 1 for a run
-that failed once started (diverged, a client failed), as ``run.log`` explains.
+that failed once started (diverged, too many clients failed), as ``run.log`` explains, 130 after
+Ctrl-C (``interrupted; resume with `pchmr run --resume RUN_DIR```, no traceback).
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +21,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pchmr.cli._output import RUN_FAILED, console
+from pchmr.cli._output import RUN_FAILED, console, err_console, exit_interrupted
 from pchmr.cli._output import fail as _fail
 from pchmr.cli.config_flags import GivenFlags, with_config_flags
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
@@ -48,19 +51,22 @@ def run(
 ) -> None:
     """Run one experiment and write its run directory."""
     from pchmr.core.engine.registry import PluginError
-    from pchmr.core.engine.run import execute, resume_config
+    from pchmr.core.engine.run import default_run_dir, execute, resume_config
 
+    run_dir: Path | None = None
     try:
         if resume is not None:
             cfg = resume_config(resume)
-            run_dir: Path | None = resume
+            run_dir = resume
         else:
             if scale is not None and config is None:
                 raise ConfigError("--scale needs --config: a scale is a table of overrides inside a config file")
             values = load_config_file(config, scale=scale) if config else {}
             cfg = RunConfig.from_dict(flags.over(values))
-            run_dir = None
+            run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         _run_with_progress(cfg, run_dir, resume is not None, execute)
+    except KeyboardInterrupt:
+        raise _interrupted(run_dir) from None
     except (ConfigError, PluginError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     except WriteError as exc:  # a full disk or a file system gone read-only: the files before it are whole
@@ -69,6 +75,20 @@ def run(
         raise _fail(str(exc)) from None
     except (FloatingPointError, RuntimeError) as exc:  # the run failed (diverged, a client failed)
         raise _fail(f"{exc} (the run directory's run.log has the tracebacks)", code=RUN_FAILED) from None
+
+
+def _interrupted(run_dir: Path | None) -> typer.Exit:
+    """After Ctrl-C: the resume hint (the run directory when it holds a started run; nothing is
+    half-written: every file a run resumes from is replaced atomically, a round is recorded whole
+    or not at all) and exit code 130, without a traceback; a further Ctrl-C is ignored while the
+    process exits."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if run_dir is not None and (run_dir / "config.json").is_file():
+        hint = f"interrupted; resume with `pchmr run --resume {shlex.quote(str(run_dir))}`"
+    else:
+        hint = "interrupted before the run started: nothing to resume"
+    err_console.print(hint, highlight=False, soft_wrap=True)
+    return exit_interrupted()
 
 
 def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execute: Any) -> None:
@@ -95,6 +115,10 @@ def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execu
                 f"{_METRIC_LABELS[k].split(' ')[0]} {report.metrics[k]:.1f}"
                 for k in ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm")
             )
+        failures = getattr(report, "failures", None)
+        if failures:
+            failed = ", ".join(str(f["partition"]) for f in failures[:8]) + ("…" if len(failures) > 8 else "")
+            status += f"  [yellow]{len(failures)} of {len(report.sampled)} failed (partition {failed})[/]"
         progress.update(task, completed=report.server_round, status=status)
 
     def on_status(message: str) -> None:

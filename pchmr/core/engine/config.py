@@ -174,6 +174,18 @@ class RunConfig:
         help="reset (a fresh AdamW every round: stateless clients) or keep (each client keeps its AdamW state "
         "on the device, in Flower's node context, for the next round it is sampled in).",
     )
+    min_fit_fraction: float | None = run_option(  # pchmr.core.engine.federation.common.required_replies
+        None,
+        help="Dropout tolerance: a round aggregates the replies that arrived when at least ceil(F x sampled) "
+        "sampled clients trained successfully, else the run stops naming the failed partitions (the last "
+        "checkpoint kept). F in (0, 1]; 1 fails on any failure. Unset: at least one reply, Flower's "
+        "accept_failures semantics.",
+    )
+    client_dropout: float = run_option(  # pchmr.core.engine.federation.client.simulated_dropout
+        0.0,
+        help="Simulated device churn: each sampled client fails its fit with this probability P in [0, 1), "
+        "drawn from the run seed, the round and its partition id (reproducible, also on --resume).",
+    )
     batch_size: int = run_option(8, help="Local batch size.")
     lr: float = run_option(1e-3, help="AdamW learning rate.")
     lr_schedule: str = run_option(  # pchmr.core.engine.trainer.lr_factor
@@ -317,6 +329,24 @@ class RunConfig:
         if self.client_optimizer not in CLIENT_OPTIMIZER_STATES:
             raise ConfigError(
                 f"--client-optimizer must be one of {', '.join(CLIENT_OPTIMIZER_STATES)}, got '{self.client_optimizer}'"
+            )
+        if self.min_fit_fraction is not None and (
+            isinstance(self.min_fit_fraction, bool)
+            or not isinstance(self.min_fit_fraction, (int, float))
+            or not 0.0 < self.min_fit_fraction <= 1.0
+        ):
+            raise ConfigError(
+                "--min-fit-fraction must lie in (0, 1]: the share of a round's sampled clients that must train "
+                f"successfully (e.g. 0.5; 1: any failure stops the run; unset: one reply is enough), got {self.min_fit_fraction!r}"
+            )
+        if (
+            isinstance(self.client_dropout, bool)
+            or not isinstance(self.client_dropout, (int, float))
+            or not 0.0 <= self.client_dropout < 1.0
+        ):
+            raise ConfigError(
+                "--client-dropout must lie in [0, 1): the probability that a sampled client fails its fit "
+                f"(e.g. 0.2; 0: no simulated failures), got {self.client_dropout!r}"
             )
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got '{self.engine}'")

@@ -4,7 +4,7 @@ and ordering, the client's own reason out of a Flower error, message sizes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,9 +34,27 @@ def message_stage(msg: Any) -> str | None:
     return None
 
 
-def failure_message(server_round: int, failed: Sequence[Any], total: int, stage: str = "train") -> str:
-    """``round r: f of n clients failed (stage): node …: reason; …`` for replies with errors."""
-    reasons = "; ".join(f"node {r.metadata.src_node_id}: {short_reason(r.error.reason)}" for r in failed[:3])
+def failure_message(
+    server_round: int,
+    failed: Sequence[Any],
+    total: int,
+    stage: str = "train",
+    partition_of: Callable[[int], int] | None = None,
+) -> str:
+    """``round r: f of n clients failed (stage): partition …: reason; …`` for replies with errors
+    (``node …`` without ``partition_of``, a node id → partition id map such as a round view's
+    ``partition_id``)."""
+
+    def who(reply: Any) -> str:
+        node = reply.metadata.src_node_id
+        if partition_of is not None:
+            try:
+                return f"partition {partition_of(node)}"
+            except KeyError:
+                pass
+        return f"node {node}"
+
+    reasons = "; ".join(f"{who(r)}: {short_reason(r.error.reason)}" for r in failed[:3])
     return f"round {server_round}: {len(failed)} of {total} clients failed ({stage}): {reasons}"
 
 
@@ -46,13 +64,15 @@ def ordered_replies(
     """The successful replies sorted by their node's partition id (reproducible sums).
 
     ``grid`` is the round's view (it maps nodes to partitions). A reply with an error raises
-    RuntimeError naming the round, stage and reasons, unless ``allow_failures`` (protocols that
-    tolerate dropouts then see only the successful replies).
+    RuntimeError naming the round, stage, partitions and reasons, unless ``allow_failures``
+    (protocols that tolerate dropouts then see only the successful replies).
     """
     replies = list(replies)
     failed = [r for r in replies if r.has_error()]
     if failed and not allow_failures:
-        raise RuntimeError(failure_message(server_round, failed, len(replies), stage))
+        raise RuntimeError(
+            failure_message(server_round, failed, len(replies), stage, getattr(grid, "partition_id", None))
+        )
     ok = [r for r in replies if not r.has_error()]
     return sorted(ok, key=lambda r: grid.partition_id(r.metadata.src_node_id))
 

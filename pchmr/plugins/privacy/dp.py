@@ -293,21 +293,50 @@ class ServerSideDP:
 
     def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any) -> Iterable[Any]:
         self.set_global(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return list(self._sent)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
-        from flwr.app import ArrayRecord, MetricRecord
+        """Equal weights; at client level, noise as calibrated. Fewer replies than the k sampled
+        (clients that failed, tolerated by ``--min-fit-fraction``): at client level each missing
+        one is replaced by a zero update carrying the noise share the missing client would have
+        added, N(0, (z·C)²/k) (``dp-padded-updates`` in the round's metrics), so the estimator
+        keeps its fixed denominator k and the sum its N(0, (z·C)²): the accountant's analysis
+        (one sampled-Gaussian step at q = k/N) still holds, a dropped client contributing Δ = 0.
+        At example level the replies are averaged as they are (each client's DP-SGD is its own)."""
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
         replies = list(replies)
         if self._global is None:
             raise RuntimeError("aggregate_train before configure_train: the round's global model is unknown")
-        if len(replies) != self.per_round:
+        if len(replies) > self.per_round or not replies:
             raise RuntimeError(
                 f"round {server_round}: DP-FedAvg's noise is calibrated for {self.per_round} updates, got {len(replies)}"
             )
         self.on_replies(replies)
         generator = _secure_generator()
         std = self.options.noise_multiplier * self.options.clip / math.sqrt(self.per_round)
+        pads = []
+        if self.options.level == "client" and len(replies) < self.per_round:
+            answered = {reply.metadata.src_node_id for reply in replies}
+            missing = [m for m in getattr(self, "_sent", []) if m.metadata.dst_node_id not in answered]
+            missing = missing[: self.per_round - len(replies)]
+            if len(missing) != self.per_round - len(replies):
+                raise RuntimeError(
+                    f"round {server_round}: {len(replies)} of {self.per_round} updates arrived and the messages of "
+                    "the missing clients are unknown: DP-FedAvg cannot pad them"
+                )
+            for message in missing:  # the server adds the missing clients' noise: both placements
+                noise_only = privatize_update(
+                    self._global, self._global, self.options.clip, std, generator, self.fixed.keys
+                )
+                content = RecordDict(
+                    {
+                        "arrays": ArrayRecord(noise_only),
+                        "metrics": MetricRecord({"num-examples": 1.0, "partition-id": -1.0}),
+                    }
+                )
+                pads.append(Message(content, reply_to=message))
         for reply in replies:
             if self.options.level == "client" and self.options.placement == "server":
                 state = reply.content["arrays"].to_torch_state_dict()
@@ -316,8 +345,8 @@ class ServerSideDP:
                 )
             pid = reply.content["metrics"].get("partition-id", -1.0)
             reply.content["metrics"] = MetricRecord({"num-examples": 1.0, "partition-id": float(pid)})
-        arrays, _ = self.inner.aggregate_train(server_round, replies)
-        return arrays, None
+        arrays, _ = self.inner.aggregate_train(server_round, [*replies, *pads])
+        return arrays, (MetricRecord({"dp-padded-updates": float(len(pads))}) if pads else None)
 
 
 def release_metrics_mod(extra: Callable[[], Mapping[str, float]] | None = None) -> Callable[..., Any]:

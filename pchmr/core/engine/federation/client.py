@@ -26,7 +26,9 @@ from pchmr.core.engine.federation.common import (
     PARTITION_KEY,
     RUN_DIR_KEY,
     SPEED_METRIC,
+    ClientDropout,
     build_strategy,
+    drops_out,
 )
 from pchmr.core.engine.federation.mechanisms import MechanismRuntime
 from pchmr.core.engine.module import HMRModule
@@ -215,6 +217,8 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     """Local training for a train message (content ``"arrays"``: the global model, ``"config"``:
     the round's train config with ``server-round``), then the mechanisms' ``transform_update``.
 
+    A client that ``--client-dropout`` drops this round raises :class:`ClientDropout` before training.
+
     Returns the new state dict (what the client would send) and its metrics
     (``num-examples``, ``train-loss``, ``fit-seconds``, ``train-img-s``, ``partition-id``). Round protocols call
     this from their client handlers.
@@ -224,6 +228,12 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     global_state = msg.content["arrays"].to_torch_state_dict()
     server_round = int(config["server-round"])
     cfg = runtime.components.config
+    if drops_out(cfg.seed, server_round, pid, cfg.client_dropout):
+        # before any training, like a device that went away: Flower returns the error as the reply (the
+        # server names the partition)
+        raise ClientDropout(
+            f"simulated device failure in round {server_round} (--client-dropout {cfg.client_dropout:g})"
+        )
     keep = cfg.client_optimizer == "keep"
     new_state, metrics = local_fit(
         runtime, global_state, pid, server_round, config, load_optimizer_state(context) if keep else None

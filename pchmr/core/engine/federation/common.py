@@ -4,6 +4,7 @@ the keys of Flower's configs, the round report and the quieting of Flower's cons
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,9 +23,13 @@ __all__ = [
     "ROUND_TIMEOUT",
     "RUN_DIR_KEY",
     "SPEED_METRIC",
+    "ClientDropout",
+    "EngineStopped",
     "RoundReport",
     "build_strategy",
+    "drops_out",
     "quiet_flower",
+    "required_replies",
     "route_flower_logs",
     "sample_clients",
 ]
@@ -108,6 +113,34 @@ def sample_clients(seed: int, server_round: int, num_clients: int, per_round: in
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
+def required_replies(sampled: int, fraction: float | None) -> int:
+    """How many of a round's ``sampled`` clients must train successfully for it to be aggregated:
+    ``ceil(fraction × sampled)`` (``--min-fit-fraction``), at least one; ``fraction`` None: one,
+    Flower's ``accept_failures`` semantics (aggregate whatever arrived)."""
+    if fraction is None:
+        return 1
+    return max(1, math.ceil(round(float(fraction) * sampled, 9)))  # round: 0.3 × 10 is 3.0000000000000004
+
+
+class EngineStopped(RuntimeError):
+    """The engine under the server stopped (or the run was interrupted) while the server waited for it."""
+
+
+class ClientDropout(RuntimeError):
+    """A simulated device failure (``--client-dropout``), raised inside the client app so that it
+    reaches the server through Flower's error path, as a real device's failure does."""
+
+
+def drops_out(seed: int, server_round: int, partition_id: int, probability: float) -> bool:
+    """Whether partition ``partition_id`` fails its fit in ``server_round`` under ``--client-dropout
+    probability``: one uniform draw from (run seed, round, partition id) alone, so the same run,
+    resumed or not, on any engine and in any scheduling order, loses the same clients."""
+    if probability <= 0.0:
+        return False
+    rng = np.random.default_rng(derive_seed(seed, server_round, partition_id, 0xD209))
+    return bool(rng.random() < probability)
+
+
 @dataclass
 class RoundReport:
     """What the server reports to the CLI after every round (for the progress display)."""
@@ -117,3 +150,5 @@ class RoundReport:
     metrics: dict[str, float] | None
     seconds: float
     sampled: list[int] = field(default_factory=list)
+    #: the sampled clients that failed this round: ``{"partition": id, "error": reason}``
+    failures: list[dict[str, Any]] = field(default_factory=list)

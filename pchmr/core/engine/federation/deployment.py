@@ -236,6 +236,7 @@ class _RoundRelay:
                         metrics,
                         float(record.get("round_seconds", 0.0)),
                         list(record.get("clients", [])),
+                        list(record.get("failures", [])),
                     )
                 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -19,7 +20,9 @@ from pchmr.core.engine.federation.common import (
     PARTITION_KEY,
     ROUND_TIMEOUT,
     SPEED_METRIC,
+    EngineStopped,
     RoundReport,
+    required_replies,
     sample_clients,
 )
 from pchmr.core.engine.federation.mechanisms import STATES_KEY, MechanismRuntime
@@ -55,6 +58,18 @@ _NOTHING_SAVED = (
 )
 
 
+_ROUND_NOT_SAVED = (
+    "nothing of this round was saved: the checkpoint of the round before is kept; `pchmr run --resume RUN_DIR` "
+    "runs the round again with the same clients (and --client-dropout's same draws)"
+)
+
+
+def _describe(failures: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
+    """``partition 7: reason; partition 9: reason`` (the first ``limit``, then how many more)."""
+    text = "; ".join(f"partition {f['partition']}: {f['error']}" for f in failures[:limit])
+    return text + (f"; and {len(failures) - limit} more (run.log)" if len(failures) > limit else "")
+
+
 def _check_finite(server_round: int, state: Mapping[str, torch.Tensor]) -> None:
     """FloatingPointError naming the entries of an aggregated model that hold NaN or ±inf."""
     bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
@@ -78,6 +93,7 @@ class _SubsetGrid:
         self._grid = grid
         self._nodes = list(node_ids)
         self._partition_of = dict(partition_of or {})
+        self._failed: dict[int, str] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self._nodes)
@@ -86,6 +102,30 @@ class _SubsetGrid:
         if node_id not in self._partition_of:
             raise KeyError(f"node {node_id} is not one of this round's sampled nodes {self._nodes}")
         return self._partition_of[node_id]
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        """The wrapped grid's, noting every sampled client that failed: a reply with an error, or
+        no reply at all before ``timeout`` (:attr:`failures`, by partition id)."""
+        outgoing = list(messages)
+        replies = list(self._grid.send_and_receive(outgoing, timeout=timeout))
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for reply in replies:
+            if reply.has_error():
+                self._fail(reply.metadata.src_node_id, short_reason(reply.error.reason))
+        for message in outgoing:
+            if message.metadata.dst_node_id not in answered:
+                self._fail(message.metadata.dst_node_id, "no reply" + (f" within {timeout:.0f} s" if timeout else ""))
+        return replies
+
+    def _fail(self, node_id: int, reason: str) -> None:
+        partition = self._partition_of.get(node_id)
+        if partition is not None:
+            self._failed.setdefault(partition, reason)  # its first failure: later stages only follow from it
+
+    @property
+    def failures(self) -> list[dict[str, Any]]:
+        """``{"partition": id, "error": reason}`` of each sampled client that failed this round, by partition."""
+        return [{"partition": p, "error": self._failed[p]} for p in sorted(self._failed)]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -124,6 +164,8 @@ class FederatedServer:
             deterministic_algorithms(True)
         self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=self.placement)
         self.error: BaseException | None = None
+        #: set when :meth:`main` returns, whatever way
+        self.finished = threading.Event()
 
     # -- helpers -------------------------------------------------------------------------
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -180,9 +222,14 @@ class FederatedServer:
     def main(self, grid: Any) -> None:
         try:
             self._main(grid)
+        except EngineStopped as exc:  # the engine failed or the run was interrupted: its caller says which
+            log.info("server stopped: %s", exc)
+            self.error = exc
         except BaseException as exc:  # surfaced by run_simulation's caller
             log.exception("server failed")
             self.error = exc
+        finally:
+            self.finished.set()
 
     def _main(self, grid: Any) -> None:
         from flwr.app import ArrayRecord, ConfigRecord
@@ -211,7 +258,13 @@ class FederatedServer:
             protocol = self.mechanisms.round_protocol
             if protocol is not None:
                 train_config["server-round"] = server_round
-                result = protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
+                try:
+                    result = protocol.run_round(view, server_round, arrays, train_config, ROUND_TIMEOUT)
+                except Exception as exc:  # e.g. secure aggregation below its own threshold: name the partitions
+                    if not view.failures:
+                        raise
+                    raise RuntimeError(f"{exc} (failed: {_describe(view.failures)}); {_ROUND_NOT_SAVED}") from exc
+                self._check_replies(server_round, len(sampled), view.failures)
                 arrays = result.arrays
                 sent += int(result.bytes_sent)
                 received += int(result.bytes_received)
@@ -220,6 +273,18 @@ class FederatedServer:
                 arrays, extra, round_sent, round_received = self._train_round(view, server_round, arrays, train_config)
                 sent += round_sent
                 received += round_received
+            failures = view.failures
+            extra["aggregated"] = len(sampled) - len(failures)
+            extra["failures"] = failures  # type: ignore[assignment]  # a list of {partition, error}
+            if failures:
+                log.warning(
+                    "round %d: %d of %d sampled clients failed, %d replies aggregated: %s",
+                    server_round,
+                    len(failures),
+                    len(sampled),
+                    len(sampled) - len(failures),
+                    _describe(failures, limit=len(failures)),
+                )
             state = self._module_dtypes(arrays.to_torch_state_dict())
             _check_finite(server_round, state)
             arrays = ArrayRecord(state)
@@ -243,7 +308,7 @@ class FederatedServer:
                     STATES_KEY: self.mechanisms.state_dict(),
                 }
             )
-            self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled))
+            self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled, failures))
         if stopped is not None:
             self._record_stop(state, elapsed, sent, received)
         self.rd.save_model(state)
@@ -255,7 +320,10 @@ class FederatedServer:
         """configure_train → send_and_receive → aggregate_train; returns the new global arrays,
         the round's extra metrics and the bytes sent/received."""
         messages = list(self.strategy.server.configure_train(server_round, arrays, train_config, view))
-        replies = ordered_replies(view.send_and_receive(messages, timeout=ROUND_TIMEOUT), view, server_round)
+        replies = ordered_replies(
+            view.send_and_receive(messages, timeout=ROUND_TIMEOUT), view, server_round, allow_failures=True
+        )
+        self._check_replies(server_round, len(messages), view.failures)
         new_arrays, train_metrics = self.strategy.server.aggregate_train(server_round, replies)
         if new_arrays is None:
             raise RuntimeError(f"round {server_round}: the strategy returned no aggregate")
@@ -266,6 +334,26 @@ class FederatedServer:
         if speeds:
             extras[CLIENT_SPEED_KEY] = speeds  # type: ignore[assignment]  # one number per partition
         return new_arrays, extras, sent, received
+
+    def _check_replies(self, server_round: int, sampled: int, failures: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse to aggregate a round in which fewer than :func:`required_replies` of the
+        ``sampled`` clients trained (``--min-fit-fraction``): a RuntimeError naming the failed
+        partitions and their errors; nothing of the round is saved."""
+        if not failures:
+            return
+        fraction = self.config.min_fit_fraction
+        need, got = required_replies(sampled, fraction), sampled - len(failures)
+        if got >= need:
+            return
+        rule = (
+            f"--min-fit-fraction {fraction:g} needs {need}"
+            if fraction is not None
+            else "at least one is needed (--min-fit-fraction unset)"
+        )
+        raise RuntimeError(
+            f"round {server_round}: {len(failures)} of {sampled} sampled clients failed (train), {got} replied and "
+            f"{rule}: {_describe(failures)}; {_ROUND_NOT_SAVED}"
+        )
 
     def _round_metrics(self, server_round: int) -> dict[str, Any]:
         return {key.replace("-", "_"): value for key, value in self.mechanisms.round_metrics(server_round).items()}

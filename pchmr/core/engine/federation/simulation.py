@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from pchmr.core.engine.devices import Placement, client_resources, visible_gpus
 from pchmr.core.engine.federation.client import CLIENT_THREADS_ENV, make_client_app
 from pchmr.core.engine.federation.cluster import check_reachable, cluster_address, cluster_resources
-from pchmr.core.engine.federation.common import log, route_flower_logs
+from pchmr.core.engine.federation.common import EngineStopped, log, route_flower_logs
 from pchmr.core.engine.federation.server import FederatedServer
 from pchmr.core.engine.perf import ALLOCATOR_ENV, tune_allocator
 
@@ -21,16 +23,13 @@ if TYPE_CHECKING:
     from pchmr.core.engine.config import RunConfig
 
 __all__ = [
+    "STOP_WAIT_SECONDS",
     "EngineStopped",
     "StoppableGrid",
     "make_server_app",
     "ray_resources",
     "run_simulation",
 ]
-
-
-class EngineStopped(RuntimeError):
-    """The engine under the server stopped while the server waited for it."""
 
 
 class StoppableGrid:
@@ -68,6 +67,9 @@ class StoppableGrid:
                 break
             self._check()
             time.sleep(getattr(self._grid, "pull_interval", 0.1))
+        # also after the last reply: a Ctrl-C sets ``stop`` before the clients it killed can report
+        # failing, so replies that arrive after it never reach an aggregate
+        self._check()
         return replies
 
     def __getattr__(self, name: str) -> Any:
@@ -190,13 +192,14 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
         os.environ[CLIENT_THREADS_ENV] = str(int(per_client["num_cpus"]))
     stop = threading.Event()
     try:
-        flwr_run_simulation(
-            server_app=make_server_app(server, stop),
-            client_app=client_app,
-            num_supernodes=server.config.clients,
-            backend_name="ray",
-            backend_config=backend_config,
-        )
+        with _stop_on_interrupt(stop):
+            flwr_run_simulation(
+                server_app=make_server_app(server, stop),
+                client_app=client_app,
+                num_supernodes=server.config.clients,
+                backend_name="ray",
+                backend_config=backend_config,
+            )
     except RuntimeError as exc:  # the engine itself failed: Flower wraps the cause twice
         stop.set()  # the ServerApp thread is still waiting for replies: end its wait now
         if server.error is not None:
@@ -209,6 +212,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
         ) from exc
     except BaseException:  # Ctrl-C: the ServerApp thread would wait for the dead clients' replies (a day)
         stop.set()
+        server.finished.wait(STOP_WAIT_SECONDS)  # its last words go to run.log, not to a detached logger
         raise
     finally:
         if address is not None:
@@ -219,6 +223,33 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             os.environ[CLIENT_THREADS_ENV] = previous
     if server.error is not None:
         raise server.error
+
+
+#: seconds an interrupted run waits for the ServerApp thread to notice (it may be evaluating)
+STOP_WAIT_SECONDS = 5.0
+
+
+@contextmanager
+def _stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
+    """While the block runs, SIGINT sets ``stop`` first and then does what it did before (Python's
+    KeyboardInterrupt). Set at the signal itself, ``stop`` is seen by the ServerApp thread before
+    any reply of a client the same Ctrl-C killed (a terminal sends it to Ray's workers too), so an
+    interrupted round is never aggregated with those as failures; Flower's clean-up (``ray.shutdown``)
+    runs after. Only in the main thread (where Python delivers signals)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield  # SIGINT ignored (SIG_IGN) or not Python's to handle: nothing to chain
+        return
+
+    def interrupted(signum: int, frame: Any) -> None:
+        stop.set()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _leave_cluster() -> None:
