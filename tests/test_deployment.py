@@ -111,7 +111,8 @@ def test_local_deployment_needs_a_node(tmp_path):
 def test_a_failed_submission_raises_with_the_log_tail(tmp_path, pchmr_cache):
     rd = tmp_path / "run"
     rd.mkdir()
-    (rd / "config.json").write_text("{}")
+    # a prepared run's config.json has its options under "run" (a bare {} is refused as not pchmr's)
+    (rd / "config.json").write_text('{"run": {"rounds": 1}}')
     # nothing listens on this port: `flwr run` fails to connect and exits without final.json
     with pytest.raises(DeploymentError, match="without writing"):
         run_deployment(rd, "127.0.0.1:9", timeout=120)
