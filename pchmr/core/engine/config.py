@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import ipaddress
 import json
 import math
 import tomllib
@@ -31,6 +32,7 @@ __all__ = [
     "RunConfig",
     "apply_scale",
     "check_ray_address",
+    "is_loopback",
     "load_config_file",
     "resolve_channels_last",
 ]
@@ -214,6 +216,12 @@ class RunConfig:
     )
     root_certificates: str | None = run_option(
         None, cli=PathValue(), help="Deployment: CA certificate for TLS to the SuperLink."
+    )
+    insecure: bool = run_option(
+        False,
+        cli=Switch(off="--no-insecure"),
+        help="Deployment: talk to a --superlink that is not on loopback without TLS (plaintext: anyone on the "
+        "path reads and alters the models); without it such a SuperLink needs --root-certificates.",
     )
     ray_address: str | None = run_option(
         None,
@@ -443,6 +451,15 @@ class RunConfig:
             raise ConfigError(f"channels_last must be true or false (or unset), got {self.channels_last!r}")
         if not isinstance(self.deterministic, bool):
             raise ConfigError(f"deterministic must be true or false, got {self.deterministic!r}")
+        if self.mode == "federated" and self.engine == "deployment" and self.superlink is not None:
+            if self.insecure and self.root_certificates is not None:
+                raise ConfigError("--insecure and --root-certificates contradict each other: give one of them")
+            if not self.insecure and self.root_certificates is None and not is_loopback(self.superlink):
+                raise ConfigError(
+                    f"--superlink {self.superlink} is not on this machine and no --root-certificates is given: the "
+                    "models would travel in plaintext, readable and alterable on the way; give --root-certificates "
+                    "CA.pem (the CA that signed the SuperLink's certificate) or, to accept that, --insecure"
+                )
         if self.ray_address is not None:
             check_ray_address(self.ray_address)
             if self.mode != "federated" or self.engine != "simulation":
@@ -554,6 +571,22 @@ def resolve_channels_last(encoder: str, channels_last: bool | None) -> bool:
     """Whether a model with ``encoder`` runs its CNN channels-last: ``channels_last`` when given,
     else exactly for :data:`CHANNELS_LAST_ENCODER`."""
     return encoder == CHANNELS_LAST_ENCODER if channels_last is None else bool(channels_last)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``HOST:PORT`` (or ``[V6]:PORT``, or a bare host) names this machine's loopback:
+    ``localhost``, 127.0.0.0/8, ``::1``."""
+    host = address.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.rpartition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_ray_address(address: str, given_as: str = "--ray-address") -> str:

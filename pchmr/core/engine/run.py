@@ -95,6 +95,7 @@ def execute(
                     config.clients,
                     superlink=config.superlink,
                     root_certificates=Path(config.root_certificates) if config.root_certificates else None,
+                    insecure=config.insecure,
                     on_round=on_round,
                 )
             elif config.mode == "federated":

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +42,14 @@ from pchmr.core.kit.seeds import derive_seed
 __all__ = [
     "CLIENT_THREADS_ENV",
     "OPTIMIZER_STATE_KEY",
+    "ClientFailed",
     "ClientRuntime",
     "load_optimizer_state",
     "local_fit",
     "make_client_app",
     "store_optimizer_state",
     "train_locally",
+    "withheld_errors",
 ]
 
 
@@ -254,6 +258,35 @@ def train_locally(runtime: ClientRuntime, msg: Any, context: Any) -> tuple[dict[
     return new_state, metrics
 
 
+class ClientFailed(RuntimeError):
+    """What leaves a client that failed under a round protocol (secure aggregation): that it
+    failed and in which stage, nothing of its error (see :func:`withheld_errors`)."""
+
+
+@contextmanager
+def withheld_errors(stage: str) -> Iterator[None]:
+    """Under a round protocol the server is to learn only aggregates, so a client's own error
+    text (a diverged loss names every loss term's value, other errors its data or paths) stays on
+    the device: the error is logged here (the SuperNode's log; a Ray worker's log in a
+    simulation) and :class:`ClientFailed`, naming only the stage, is raised in its place, without
+    the original as its cause (Flower sends the reply's reason and its traceback to the server).
+    A :class:`ClientDropout` passes as it is: its text follows from the run's config alone."""
+    try:
+        yield
+    except ClientDropout:
+        raise
+    except Exception:
+        _client_log.error("this client failed in stage '%s' (its error stays on this device)", stage, exc_info=True)
+        failed = ClientFailed(
+            f"the client failed in stage '{stage}'; under secure aggregation its error stays on the device "
+            "(the SuperNode's log)"
+        )
+        raise failed from None
+
+
+_client_log = logging.getLogger("pchmr.federation.client")
+
+
 def _chain(mods: Sequence[Callable[..., Any]], call_next: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     """``call_next`` wrapped by ``mods`` so that ``mods[0]`` runs first (outermost)."""
     handler = call_next
@@ -307,7 +340,10 @@ def make_client_app(run_dir: str | Path | None = None) -> Any:
                     f"a message asks for client stage '{stage}', but strategy '{runtime.strategy.name}' "
                     f"has handlers only for {sorted(runtime.mechanisms.client_handlers)}"
                 )
-            return handler(msg, context, runtime)
+            if runtime.mechanisms.round_protocol is None:
+                return handler(msg, context, runtime)
+            with withheld_errors(stage):
+                return handler(msg, context, runtime)
         new_state, metrics = train_locally(runtime, msg, context)
         content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=msg)

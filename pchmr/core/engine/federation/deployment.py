@@ -37,7 +37,7 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.config import RunConfig, is_loopback
 from pchmr.core.engine.federation.client import make_client_app
 from pchmr.core.engine.federation.common import (
     RUN_DIR_KEY,
@@ -294,17 +294,32 @@ def federate_on_deployment(
     root_certificates: Path | None = None,
     on_round: Callable[[RoundReport], None] | None = None,
     timeout: float = 7 * 24 * 3600.0,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """``pchmr run --engine deployment``: federate a prepared run directory on the Deployment Engine.
 
     Without ``superlink``, start a SuperLink and ``num_clients`` SuperNodes on loopback
     (:class:`LocalDeployment`, logs in ``RUN/deployment/``) for the run and stop them after;
     with ``superlink`` (``host:port`` of a running SuperLink whose SuperNodes are started on
-    the devices), submit to it — over TLS verified with ``root_certificates`` when given,
-    insecure otherwise. Returns ``final.json``'s content.
+    the devices), submit to it — over TLS verified with ``root_certificates`` when given. A
+    SuperLink on loopback may be reached without TLS; any other needs ``root_certificates`` or
+    ``insecure`` (then plaintext, with a warning in the log), else a ValueError says so.
+    Returns ``final.json``'s content.
     """
     rd = RunDir(run_dir)
     if superlink is not None:
+        if root_certificates is None and not is_loopback(superlink):
+            if not insecure:
+                raise ValueError(
+                    f"the SuperLink {superlink} is not on this machine and no root certificates are given: the "
+                    "models would travel in plaintext; pass root_certificates (--root-certificates CA.pem) or "
+                    "insecure=True (--insecure)"
+                )
+            log.warning(
+                "talking to the SuperLink at %s WITHOUT TLS (--insecure): the models travel in plaintext, anyone on "
+                "the path can read and alter them",
+                superlink,
+            )
         return run_deployment(
             rd.path,
             superlink,

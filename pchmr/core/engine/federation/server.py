@@ -36,7 +36,14 @@ from pchmr.core.kit.federation import (
 )
 from pchmr.core.kit.seeds import derive_seed
 
-__all__ = ["CLIENT_SPEED_KEY", "DISCOVERY_PROBES", "NODE_WAIT_SECONDS", "FederatedServer", "client_speeds"]
+__all__ = [
+    "CLIENT_SPEED_KEY",
+    "DISCOVERY_PROBES",
+    "NODE_WAIT_SECONDS",
+    "FederatedServer",
+    "client_speeds",
+    "partition_claims",
+]
 
 log = logging.getLogger("pchmr.federation")
 
@@ -210,13 +217,13 @@ class FederatedServer:
             Message(RecordDict({"info": ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY)
             for nid in node_ids
         ]
-        mapping: dict[int, int] = {}
+        claims: list[tuple[int, int]] = []
         for reply in grid.send_and_receive(messages, timeout=600):
             if reply.has_error():
                 reason = short_reason(reply.error.reason)
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reason}")
-            mapping[int(reply.content["info"][PARTITION_KEY])] = reply.metadata.src_node_id
-        return mapping
+            claims.append((int(reply.metadata.src_node_id), int(reply.content["info"][PARTITION_KEY])))
+        return partition_claims(claims)
 
     # -- the loop ------------------------------------------------------------------------
     def main(self, grid: Any) -> None:
@@ -434,6 +441,35 @@ class FederatedServer:
         final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
         if stopped is not None:
             self.rd.write_json(self.rd.final, {**final, "stopped": stopped})
+
+
+def partition_claims(claims: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """partition id → node id from the nodes' own claims, ``(node id, partition id)`` pairs.
+
+    A node's partition id is what it says it holds (its ``--node-config partition-id``): nothing
+    else ties a SuperNode to a partition. When several nodes claim one partition, the one with the
+    smallest node id keeps it (a fixed rule: which one holds the partition's data cannot be told
+    from here) and every other claimant is refused: it is never sampled, so none of its replies
+    is aggregated, and an error in the run's log names the partition and the nodes.
+    """
+    by_partition: dict[int, list[int]] = {}
+    for node, partition in claims:
+        by_partition.setdefault(partition, []).append(node)
+    mapping: dict[int, int] = {}
+    for partition, nodes in sorted(by_partition.items()):
+        kept, *refused = sorted(set(nodes))
+        mapping[partition] = kept
+        if refused:
+            log.error(
+                "partition %d is claimed by %d nodes: node %d keeps it, node(s) %s are refused (never sampled, none "
+                "of their replies aggregated); two SuperNodes were started with the same --node-config partition-id, "
+                "or one impersonates another: stop the duplicate",
+                partition,
+                1 + len(refused),
+                kept,
+                ", ".join(str(n) for n in refused),
+            )
+    return mapping
 
 
 def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:

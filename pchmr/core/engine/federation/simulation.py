@@ -177,6 +177,9 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             "address": "local",
             **machine,
             "include_dashboard": False,
+            # every Ray server (GCS, raylets, workers, agents) listens on the node's address:
+            # loopback, with _loopback_ray keeping Ray from swapping it for a routable one
+            "_node_ip_address": LOOPBACK_IP,
             "log_to_driver": verbose,
             "logging_level": logging.INFO if verbose else logging.ERROR,
         }
@@ -192,7 +195,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
         os.environ[CLIENT_THREADS_ENV] = str(int(per_client["num_cpus"]))
     stop = threading.Event()
     try:
-        with _stop_on_interrupt(stop):
+        with _stop_on_interrupt(stop), _loopback_ray(address is None):
             flwr_run_simulation(
                 server_app=make_server_app(server, stop),
                 client_app=client_app,
@@ -223,6 +226,45 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
             os.environ[CLIENT_THREADS_ENV] = previous
     if server.error is not None:
         raise server.error
+
+
+#: the address a private Ray's servers listen on: nothing outside this machine reaches them
+LOOPBACK_IP = "127.0.0.1"
+
+
+@contextmanager
+def _loopback_ray(private: bool) -> Iterator[None]:
+    """While the block runs (``private``: Flower starts a Ray of this run's own), Ray keeps a
+    loopback ``_node_ip_address``.
+
+    Ray's servers listen on the node's address, but ``ray.init`` replaces a loopback one with
+    this machine's routable address unless Ray's single-machine mode is on (its default on
+    macOS and Windows: ``ray_constants.ENABLE_RAY_CLUSTER`` False, environment variable
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``). That mode is switched on here for this process
+    (the constant is read when ``ray.init`` runs) and the processes Ray starts (the variable),
+    and restored after. A joined cluster (``private`` False) is left as it is.
+    """
+    if not private:
+        yield
+        return
+    from ray._private import ray_constants
+
+    name = getattr(ray_constants, "ENABLE_RAY_CLUSTERS_ENV_VAR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    previous_env = os.environ.get(name)
+    previous = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if previous is None:
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = previous
+        if previous_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous_env
 
 
 #: seconds an interrupted run waits for the ServerApp thread to notice (it may be evaluating)

@@ -144,6 +144,9 @@ class SecAggSettings:
                     "parties": self.parties,
                     "precision-bits": self.precision_bits,
                     "protocol": "additive sharing among CrypTen parties (crypten 0.4.1)",
+                    # the parties are the server's child processes: whoever runs the server holds every
+                    # party's key, so the non-collusion the protocol assumes does not hold (docs/privacy.md)
+                    "secagg_parties": "simulated (server's process tree)",
                 }
             )
         return out
