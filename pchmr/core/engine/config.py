@@ -223,6 +223,20 @@ class RunConfig:
         help="Deployment: talk to a --superlink that is not on loopback without TLS (plaintext: anyone on the "
         "path reads and alters the models); without it such a SuperLink needs --root-certificates.",
     )
+    node_auth: bool = run_option(
+        False,
+        cli=Switch(off="--no-node-auth"),
+        help="Deployment on loopback: the SuperLink pchmr starts speaks TLS and authenticates SuperNodes; pchmr makes a "
+        "CA and one key per SuperNode in RUN/deployment/pki, registers the keys and binds partition i to node i's key "
+        "(a node claiming a partition whose key it does not hold is refused).",
+    )
+    node_keys: str | None = run_option(
+        None,
+        cli=PathValue(),
+        help="Deployment with --superlink (started with --enable-supernode-auth): a TOML file binding each partition "
+        'id to its SuperNode\'s public key (0 = "node0.pub", paths relative to the file); the server accepts a '
+        "partition's claim only from the node registered with that key.",
+    )
     ray_address: str | None = run_option(
         None,
         help="Simulation: HOST:PORT of a running Ray cluster to join (its head's GCS port, as `ray start --head "
@@ -396,10 +410,45 @@ class RunConfig:
                 _positive_int(name.replace("_", "-"), value)
         self._validate_placement()
 
+    def _validate_node_auth(self) -> None:
+        if not isinstance(self.node_auth, bool):
+            raise ConfigError(f"node_auth must be true or false, got {self.node_auth!r}")
+        deployment = self.mode == "federated" and self.engine == "deployment"
+        for flag, given in (("--node-auth", self.node_auth), ("--node-keys", self.node_keys is not None)):
+            if given and not deployment:
+                where = f"--mode {self.mode}" if self.mode != "federated" else f"--engine {self.engine}"
+                raise ConfigError(
+                    f"{flag} authenticates the Deployment Engine's SuperNodes; {where} has none (use --engine deployment)"
+                )
+        if self.node_auth and self.superlink is not None:
+            raise ConfigError(
+                f"--node-auth sets up the SuperLink pchmr starts on loopback; the SuperLink {self.superlink} is "
+                "configured by its operator: register each SuperNode's key there (`flwr supernode register`) and give "
+                "--node-keys FILE binding the partitions to those keys"
+            )
+        if self.node_keys is not None:
+            if self.superlink is None:
+                raise ConfigError(
+                    "--node-keys binds partitions to the keys registered at a running SuperLink (--superlink "
+                    "HOST:PORT); for the SuperLink pchmr starts on loopback use --node-auth, which makes the keys"
+                )
+            if self.root_certificates is None:
+                raise ConfigError(
+                    "--node-keys needs TLS: Flower authenticates SuperNodes only over TLS, so give --root-certificates "
+                    "CA.pem (the CA that signed the SuperLink's certificate)"
+                )
+
     def check_files(self) -> None:
         """Refuse a model file the run would start from that is not there, before any data is read:
         ``--init-from`` (a fine-tuning run's trained model; it names the run to make first) and
         ``--encoder-weights`` (a ``resnet50`` run's refusal says where to get torchvision's ImageNet file)."""
+        if self.node_keys is not None and self.engine == "deployment" and self.superlink and self.root_certificates:
+            from pchmr.core.engine.federation.nodeauth import NodeKeyError, read_node_keys
+
+            try:
+                read_node_keys(self.node_keys, self.clients)
+            except NodeKeyError as exc:
+                raise ConfigError(str(exc)) from None
         if self.init_from is not None:
             _check_init_from(self.init_from)
         if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
@@ -460,6 +509,7 @@ class RunConfig:
                     "models would travel in plaintext, readable and alterable on the way; give --root-certificates "
                     "CA.pem (the CA that signed the SuperLink's certificate) or, to accept that, --insecure"
                 )
+        self._validate_node_auth()
         if self.ray_address is not None:
             check_ray_address(self.ray_address)
             if self.mode != "federated" or self.engine != "simulation":

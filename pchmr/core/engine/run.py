@@ -96,6 +96,8 @@ def execute(
                     superlink=config.superlink,
                     root_certificates=Path(config.root_certificates) if config.root_certificates else None,
                     insecure=config.insecure,
+                    node_auth=config.node_auth,
+                    node_keys=Path(config.node_keys) if config.node_keys else None,
                     on_round=on_round,
                 )
             elif config.mode == "federated":

@@ -43,7 +43,15 @@ from pchmr.core.engine.federation.common import (
     RUN_DIR_KEY,
     RoundReport,
 )
+from pchmr.core.engine.federation.nodeauth import (
+    NODE_KEYS_FILE,
+    LocalPKI,
+    read_binding,
+    read_node_keys,
+    write_binding,
+)
 from pchmr.core.engine.federation.processes import (
+    CONNECTION_NAME,
     POLL_SECONDS,
     DeploymentError,
     LocalDeployment,
@@ -52,6 +60,7 @@ from pchmr.core.engine.federation.processes import (
     _stop_all,
     deployment_env,
     tail,
+    write_flwr_home,
 )
 from pchmr.core.engine.federation.server import FederatedServer
 from pchmr.core.engine.preparation import load_prepared, prepare, resolve
@@ -74,8 +83,6 @@ __all__ = [
 
 log = logging.getLogger("pchmr.deployment")
 
-#: The SuperLink connection name written into the private ``$FLWR_HOME/config.toml``.
-CONNECTION_NAME = "pchmr"
 #: Subdirectory of the run directory that holds the generated app, FLWR_HOME and logs.
 DEPLOY_SUBDIR = "deployment"
 APP_PUBLISHER = "pchmr"
@@ -94,6 +101,7 @@ def build_server(run_dir: str | os.PathLike[str]) -> FederatedServer:
     prepared = load_prepared(run_dir)
     server = FederatedServer(prepared.run_dir, prepared.components, prepared.strategy, baselines=prepared.baselines)
     server.node_wait_seconds = NODE_WAIT_SECONDS
+    server.node_binding = read_binding(prepared.run_dir.path)  # node-keys.json: partitions bound to node keys
     clients = prepared.config.clients
     server.missing_nodes_hint = (
         f"; start one flower-supernode per client partition (--node-config partition-id=0..{clients - 1})"
@@ -189,26 +197,6 @@ clientapp = "pchmr.core.engine.federation.deployment:client_app"
     return app_dir
 
 
-def write_flwr_home(
-    flwr_home: Path, connection_address: str, insecure: bool = True, root_certificates: Path | None = None
-) -> Path:
-    """``$FLWR_HOME/config.toml`` with one SuperLink connection ``pchmr`` set as default."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION_NAME}"',
-        "",
-        f"[superlink.{CONNECTION_NAME}]",
-        f'address = "{connection_address}"',
-        f"insecure = {'true' if insecure else 'false'}",
-    ]
-    if root_certificates is not None:
-        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
-    path = flwr_home / "config.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 class _RoundRelay:
     """Turns new lines of ``rounds.jsonl`` into :class:`RoundReport` calls (the CLI's progress)."""
 
@@ -295,19 +283,26 @@ def federate_on_deployment(
     on_round: Callable[[RoundReport], None] | None = None,
     timeout: float = 7 * 24 * 3600.0,
     insecure: bool = False,
+    node_auth: bool = False,
+    node_keys: Path | None = None,
 ) -> dict[str, Any]:
     """``pchmr run --engine deployment``: federate a prepared run directory on the Deployment Engine.
 
     Without ``superlink``, start a SuperLink and ``num_clients`` SuperNodes on loopback
     (:class:`LocalDeployment`, logs in ``RUN/deployment/``) for the run and stop them after;
-    with ``superlink`` (``host:port`` of a running SuperLink whose SuperNodes are started on
-    the devices), submit to it — over TLS verified with ``root_certificates`` when given. A
-    SuperLink on loopback may be reached without TLS; any other needs ``root_certificates`` or
-    ``insecure`` (then plaintext, with a warning in the log), else a ValueError says so.
+    with ``node_auth`` that SuperLink speaks TLS and authenticates the SuperNodes with keys made
+    in ``RUN/deployment/pki`` (kept for a resumed run), partition ``i`` bound to node ``i``'s key.
+    With ``superlink`` (``host:port`` of a running SuperLink whose SuperNodes are started on
+    the devices), submit to it — over TLS verified with ``root_certificates`` when given, with
+    the partitions bound to the keys of ``node_keys`` (a TOML file) when given. A SuperLink on
+    loopback may be reached without TLS; any other needs ``root_certificates`` or ``insecure``
+    (then plaintext, with a warning in the log), else a ValueError says so.
     Returns ``final.json``'s content.
     """
     rd = RunDir(run_dir)
     if superlink is not None:
+        if node_auth:
+            raise ValueError("node_auth sets up the SuperLink started on loopback; for a remote one give node_keys")
         if root_certificates is None and not is_loopback(superlink):
             if not insecure:
                 raise ValueError(
@@ -320,6 +315,12 @@ def federate_on_deployment(
                 "the path can read and alter them",
                 superlink,
             )
+        if node_keys is not None:
+            if root_certificates is None:
+                raise ValueError(
+                    "node_keys needs TLS (root_certificates): Flower authenticates SuperNodes over TLS only"
+                )
+            _bind(rd, read_node_keys(node_keys, num_clients), f"--node-keys {node_keys}")
         return run_deployment(
             rd.path,
             superlink,
@@ -328,5 +329,33 @@ def federate_on_deployment(
             root_certificates=root_certificates,
             on_round=on_round,
         )
-    with LocalDeployment(num_nodes=num_clients, log_dir=rd.path / DEPLOY_SUBDIR) as link:
-        return run_deployment(rd.path, link.address, timeout=timeout, on_round=on_round)
+    if node_keys is not None:
+        raise ValueError("node_keys binds partitions at a remote SuperLink (superlink=...); on loopback use node_auth")
+    pki = None
+    if node_auth:
+        pki = LocalPKI(rd.path / DEPLOY_SUBDIR / "pki").ensure(num_clients)
+        _bind(rd, pki.binding(num_clients), f"the keys in {pki.directory}")
+    with LocalDeployment(num_nodes=num_clients, log_dir=rd.path / DEPLOY_SUBDIR, pki=pki) as link:
+        return run_deployment(
+            rd.path,
+            link.address,
+            timeout=timeout,
+            insecure=pki is None,
+            root_certificates=None if pki is None else pki.ca_certificate,
+            on_round=on_round,
+        )
+
+
+def _bind(rd: RunDir, binding: dict[int, str], source: str) -> None:
+    """Write the run's ``node-keys.json``; a resumed run whose binding changes says so in the log."""
+    earlier = read_binding(rd.path)
+    if earlier is not None and earlier != binding:
+        changed = sorted(p for p in set(earlier) | set(binding) if earlier.get(p) != binding.get(p))
+        log.warning(
+            "%s rebinds partition(s) %s to other node keys than this run's %s had",
+            source,
+            ", ".join(str(p) for p in changed),
+            NODE_KEYS_FILE,
+        )
+    write_binding(rd.path, binding)
+    log.info("%d partitions bound to SuperNode keys (%s, from %s)", len(binding), NODE_KEYS_FILE, source)

@@ -18,6 +18,7 @@ from typing import IO, Any
 from pchmr.core.engine.federation.common import (
     PARTITION_KEY,
 )
+from pchmr.core.engine.federation.nodeauth import LocalPKI
 
 __all__ = [
     "LOG_TAIL_LINES",
@@ -31,6 +32,7 @@ __all__ = [
     "free_port",
     "live_in_group",
     "tail",
+    "write_flwr_home",
 ]
 
 log = logging.getLogger("pchmr.deployment")
@@ -55,6 +57,10 @@ _NODE_REGISTERED = "SuperNode ID:"  # what flower-supernode logs once the SuperL
 
 
 _NO_UV_SYNC = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+
+
+#: The SuperLink connection name written into a private ``$FLWR_HOME/config.toml``.
+CONNECTION_NAME = "pchmr"
 
 
 class DeploymentError(RuntimeError):
@@ -190,6 +196,26 @@ def _wait_until(predicate: Any, proc: _Process, what: str, timeout: float) -> No
         time.sleep(POLL_SECONDS)
 
 
+def write_flwr_home(
+    flwr_home: Path, connection_address: str, insecure: bool = True, root_certificates: Path | None = None
+) -> Path:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection ``pchmr`` set as default."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION_NAME}"',
+        "",
+        f"[superlink.{CONNECTION_NAME}]",
+        f'address = "{connection_address}"',
+        f"insecure = {'true' if insecure else 'false'}",
+    ]
+    if root_certificates is not None:
+        lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"')
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @dataclass
 class LocalDeployment:
     """A SuperLink and ``num_nodes`` SuperNodes on loopback, for as long as the ``with`` lasts.
@@ -198,11 +224,18 @@ class LocalDeployment:
     ``log_dir`` (``superlink.log``, ``supernode-<i>.log``). ``address`` is the SuperLink's one
     HTTP address (Fleet, Control and Runtime APIs), usable as :func:`run_deployment`'s
     ``connection_address``.
+
+    With ``pki`` (:class:`~pchmr.core.engine.federation.nodeauth.LocalPKI`) the SuperLink speaks
+    TLS with the PKI's server certificate and authenticates SuperNodes
+    (``--enable-supernode-auth``): node ``i``'s public key is registered through the Control API
+    (:meth:`register`) and the node signs with its private key. Without it everything is
+    plaintext on loopback and any node is accepted.
     """
 
     num_nodes: int
     log_dir: Path
     flwr_home: Path | None = None
+    pki: LocalPKI | None = None
     start_timeout: float = START_TIMEOUT_SECONDS
     processes: list[_Process] = field(default_factory=list, init=False)
     address: str = field(default="", init=False)
@@ -226,11 +259,23 @@ class LocalDeployment:
     def _start_all(self, env: dict[str, str]) -> None:
         port = free_port()
         self.address = f"{LOOPBACK}:{port}"
+        if self.pki is None:
+            security = ["--insecure"]
+        else:
+            security = [
+                "--ssl-ca-certfile",
+                str(self.pki.ca_certificate),
+                "--ssl-certfile",
+                str(self.pki.server_certificate),
+                "--ssl-keyfile",
+                str(self.pki.server_key),
+                "--enable-supernode-auth",
+            ]
         link = _start(
             "superlink",
             [
                 _flower_exe("flower-superlink"),
-                "--insecure",
+                *security,
                 "--disable-runtime-dependency-installation",
                 "--host",
                 LOOPBACK,
@@ -242,23 +287,58 @@ class LocalDeployment:
         )
         self.processes.append(link)
         _wait_until(lambda: _port_open(LOOPBACK, port), link, f"listening on {self.address}", self.start_timeout)
-        nodes = [self._start_node(i, env) for i in range(self.num_nodes)]
+        write_flwr_home(
+            Path(self.flwr_home),  # type: ignore[arg-type]  # set by __enter__
+            self.address,
+            insecure=self.pki is None,
+            root_certificates=None if self.pki is None else self.pki.ca_certificate,
+        )
+        if self.pki is not None:
+            for index in range(self.num_nodes):
+                self.register(self.pki.node_public_key(index))
+        nodes = [self.start_node(i, env=env) for i in range(self.num_nodes)]
         for node in nodes:
-            _wait_until(
-                lambda node=node: _NODE_REGISTERED in node.log_path.read_text(errors="replace"),
-                node,
-                "registering with the SuperLink",
-                self.start_timeout,
-            )
+            self.wait_registered(node)
 
-    def _start_node(self, index: int, env: dict[str, str]) -> _Process:
-        log_path = self.log_dir / f"supernode-{index}.log"
+    def register(self, public_key: Path) -> int:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``);
+        returns the node id Flower ties to that key."""
+        import json
+
+        argv = [_flower_exe("flwr"), "supernode", "register", str(public_key), CONNECTION_NAME, "--format", "json"]
+        done = subprocess.run(
+            argv, env=deployment_env(self.flwr_home), capture_output=True, text=True, timeout=self.start_timeout
+        )
+        try:
+            return int(json.loads(done.stdout)["node-id"])
+        except (ValueError, KeyError, TypeError):
+            raise DeploymentError(
+                f"registering the SuperNode key {public_key} failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr)[-2000:]}"
+            ) from None
+
+    def start_node(
+        self,
+        partition: int,
+        private_key: Path | None = None,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> _Process:
+        """Start a SuperNode claiming ``partition``; with a PKI it signs with ``private_key``
+        (default: node ``partition``'s key). Logs to ``supernode-<name or partition>.log``."""
+        name = str(partition) if name is None else name
+        log_path = self.log_dir / f"supernode-{name}.log"
         log_path.write_bytes(b"")  # a fresh log, so registration is detected for this process only
+        if self.pki is None:
+            security = ["--insecure"]
+        else:
+            key = self.pki.node_private_key(partition) if private_key is None else private_key
+            security = ["--root-certificates", str(self.pki.ca_certificate), "--auth-supernode-private-key", str(key)]
         node = _start(
-            f"supernode-{index}",
+            f"supernode-{name}",
             [
                 _flower_exe("flower-supernode"),
-                "--insecure",
+                *security,
                 "--superlink",
                 self.address,
                 "--host",
@@ -266,13 +346,22 @@ class LocalDeployment:
                 "--port",
                 str(free_port()),
                 "--node-config",
-                f"{PARTITION_KEY}={index} num-partitions={self.num_nodes}",
+                f"{PARTITION_KEY}={partition} num-partitions={self.num_nodes}",
             ],
             log_path,
-            env,
+            deployment_env(self.flwr_home) if env is None else env,
         )
         self.processes.append(node)
         return node
+
+    def wait_registered(self, node: _Process) -> None:
+        """Wait until ``node`` logged that the SuperLink accepted it."""
+        _wait_until(
+            lambda: _NODE_REGISTERED in node.log_path.read_text(errors="replace"),
+            node,
+            "registering with the SuperLink",
+            self.start_timeout,
+        )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

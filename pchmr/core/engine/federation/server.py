@@ -26,6 +26,7 @@ from pchmr.core.engine.federation.common import (
     sample_clients,
 )
 from pchmr.core.engine.federation.mechanisms import STATES_KEY, MechanismRuntime
+from pchmr.core.engine.federation.nodeauth import bind_claims
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.engine.trainer import lr_factor
 from pchmr.core.kit.federation import (
@@ -147,6 +148,9 @@ class FederatedServer:
     node_wait_seconds: float | None = None
     #: appended to the error naming partitions without a node (e.g. how to start SuperNodes)
     missing_nodes_hint: str = ""
+    #: partition id → fingerprint of the SuperNode key bound to it (the Deployment Engine with node
+    #: authentication, :mod:`~pchmr.core.engine.federation.nodeauth`); None: claims are trusted
+    node_binding: dict[int, str] | None = None
 
     def __init__(
         self,
@@ -191,7 +195,8 @@ class FederatedServer:
         """
         timeout = NODE_WAIT_SECONDS if self.node_wait_seconds is None else self.node_wait_seconds
         node_ids = wait_for_nodes(grid, self.config.clients, timeout)
-        ordered = _registration_order(grid, node_ids) if self.fast_discovery else None
+        fast = self.fast_discovery and self.node_binding is None
+        ordered = _registration_order(grid, node_ids) if fast else None
         if ordered is not None and len(ordered) == self.config.clients:
             rng = np.random.default_rng(derive_seed(self.config.seed, 0xD15C))
             probes = [int(i) for i in rng.choice(len(ordered), size=min(DISCOVERY_PROBES, len(ordered)), replace=False)]
@@ -205,6 +210,12 @@ class FederatedServer:
             raise RuntimeError(
                 f"{len(missing)} of {self.config.clients} client partitions have no node (first: {missing[:5]}); "
                 f"{len(node_ids)} nodes are connected{self.missing_nodes_hint}"
+                + (
+                    "; only a node registered with the key bound to a partition (node-keys.json) may hold it, the "
+                    "log names every refused claim"
+                    if self.node_binding is not None
+                    else ""
+                )
             )
         return mapping
 
@@ -223,6 +234,9 @@ class FederatedServer:
                 reason = short_reason(reply.error.reason)
                 raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: {reason}")
             claims.append((int(reply.metadata.src_node_id), int(reply.content["info"][PARTITION_KEY])))
+        if self.node_binding is not None:  # a claim counts only from the node registered with the partition's key
+            keys = {int(node.node_id): bytes(node.public_key) for node in grid.get_nodes()}
+            claims = bind_claims(claims, keys, self.node_binding)
         return partition_claims(claims)
 
     # -- the loop ------------------------------------------------------------------------
