@@ -594,7 +594,9 @@ def _check_loss_weights(weights: Mapping[str, Any]) -> None:
     try:
         LossWeights.from_overrides(weights)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--loss-weight: {exc} (a term name from pchmr.core.engine.losses, e.g. edge=500)") from exc
+        raise ConfigError(
+            f"--loss-weight: {exc} (give term=weight, e.g. edge=500; the terms: pchmr.core.engine.losses)"
+        ) from exc
 
 
 def _positive_int(name: str, value: Any) -> None:
