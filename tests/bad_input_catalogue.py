@@ -55,6 +55,10 @@ Setup = Callable[[Path, Path], None]  # (workspace, finished base run directory)
 
 @dataclass(frozen=True)
 class Case:
+    """One bad input: ``pchmr *argv`` after ``setup`` (each called with the workspace and the base
+    run) must exit ``code`` with every one of ``words`` in its output, change nothing in the
+    workspace (``keep``: the files it is about), create none of ``absent``, print no traceback."""
+
     id: str
     argv: tuple[str, ...]
     words: tuple[str, ...]
@@ -259,7 +263,7 @@ def _cases() -> list[Case]:
     whole = "must be a whole number >= 1, got"
     for flag, value in [("--clients", "0"), ("--clients", "-3"), ("--rounds", "0"), ("--local-epochs", "0"),
                         ("--batch-size", "0"), ("--eval-every", "0"), ("--num-train", "0")]:  # fmt: skip
-        add(f"run{flag}-{value}", ["run", flag, value], f"error: {flag} {whole} {value}")
+        add(f"run-{flag[2:]}-{value}", ["run", flag, value], f"error: {flag} {whole} {value}")
     add(
         "run-epochs-0",
         ["run", "--mode", "naive", "--epochs", "0"],
@@ -297,7 +301,7 @@ def _cases() -> list[Case]:
                                  ("--client-optimizer", "nosuch", "reset, keep"),
                                  ("--accelerator", "tpu", "auto, cpu, gpu, mps"),
                                  ("--precision", "8-bit", "32-true, 16-mixed, bf16-mixed")]:  # fmt: skip
-        add(f"run{flag}-unknown", ["run", flag, value], f"{flag} must be one of {allowed}, got '{value}'")
+        add(f"run-{flag[2:]}-unknown", ["run", flag, value], f"{flag} must be one of {allowed}, got '{value}'")
     add("run-eval-datasets-not-a-member", ["run", "--eval-datasets", "h36m"],
         "--eval-datasets must name distinct members of --dataset synthetic", "h36m not a member")  # fmt: skip
     add("run-freeze-encoder-from-scratch", ["run", "--freeze-encoder", "--encoder-weights", "none"],
