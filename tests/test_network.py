@@ -39,15 +39,17 @@ def test_loopback_addresses_are_told_from_remote_ones(address, loopback):
     assert is_loopback(address) is loopback
 
 
-def test_a_remote_superlink_without_root_certificates_needs_insecure():
+def test_a_remote_superlink_without_root_certificates_needs_insecure(tmp_path):
     remote = dict(engine="deployment", superlink="link.example.org:8000")
+    ca = tmp_path / "ca.pem"  # --root-certificates must name an existing file
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     with pytest.raises(ConfigError, match=r"plaintext.*--root-certificates CA\.pem.*--insecure"):
         RunConfig(**remote)
     assert RunConfig(**remote, insecure=True).insecure
-    assert RunConfig(**remote, root_certificates="ca.pem").root_certificates == "ca.pem"
+    assert RunConfig(**remote, root_certificates=str(ca)).root_certificates == str(ca)
     assert RunConfig(engine="deployment", superlink="127.0.0.1:8000").superlink  # loopback: no TLS needed
     with pytest.raises(ConfigError, match="contradict"):
-        RunConfig(**remote, insecure=True, root_certificates="ca.pem")
+        RunConfig(**remote, insecure=True, root_certificates=str(ca))
 
 
 def test_the_refusal_is_exit_2_on_the_command_line():

@@ -125,7 +125,7 @@ def test_a_claim_counts_only_from_the_node_registered_with_the_partitions_key(pk
         (dict(node_auth=True), "--node-auth authenticates the Deployment Engine's SuperNodes; --engine simulation"),
         (dict(node_keys="k.toml"), "--node-keys authenticates the Deployment Engine's SuperNodes; --engine simulation"),
         (
-            dict(engine="deployment", node_auth=True, superlink="10.0.0.1:9092", root_certificates="ca.crt"),
+            dict(engine="deployment", node_auth=True, superlink="10.0.0.1:9092", root_certificates=__file__),
             "the SuperLink 10.0.0.1:9092 is configured by its operator",
         ),
         (dict(engine="deployment", node_keys="k.toml"), "--node-keys binds partitions to the keys registered at a "),

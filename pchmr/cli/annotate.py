@@ -45,6 +45,21 @@ def _body_model(name: str, cache_dir: Path, smpl_dir: Optional[Path]) -> Any:
     return factory(BodyModelSpec(cache_dir=str(cache_dir), model_dir=str(smpl_dir) if smpl_dir else None))
 
 
+def check_data_options(options: dict[str, Any]) -> None:
+    """Refuse (exit 2) a ``--data-option`` the synthetic split does not know or a value it cannot
+    take, before any image is rendered."""
+    unknown = sorted(set(options) - set(SYNTHETIC_DATA_KEYS))
+    if unknown:
+        raise _fail(f"--data-option does not know {unknown}; known: {list(SYNTHETIC_DATA_KEYS)}")
+    split_name = str(options.get("split", "test"))
+    if split_name not in ("train", "test"):
+        raise _fail(f"--data-option split must be train or test, got {split_name!r}")
+    for key, low in (("seed", 0), ("num_train", 1), ("num_test", 1), ("limit", 1)):
+        value = options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise _fail(f"--data-option {key} must be a whole number >= {low}, got {value!r}")
+
+
 def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_dir: Path) -> tuple[Any, list[int]]:
     """The synthetic split named by ``options`` and the indices kept by its label filters."""
     import numpy as np
@@ -52,15 +67,11 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
     from pchmr.core.contracts.dataset import DatasetSpec
     from pchmr.core.engine.registry import get_registry
 
-    unknown = sorted(set(options) - set(SYNTHETIC_DATA_KEYS))
-    if unknown:
-        raise _fail(f"--data-option does not know {unknown}; known: {list(SYNTHETIC_DATA_KEYS)}")
+    check_data_options(options)
     spec = DatasetSpec(image_size=crop, seed=int(options.get("seed", 0)), cache_dir=cache_dir / "datasets",
                        num_train=options.get("num_train"), num_test=options.get("num_test"))  # fmt: skip
     data = get_registry().get("dataset", "synthetic")(spec, body_model)
     split_name = str(options.get("split", "test"))
-    if split_name not in ("train", "test"):
-        raise _fail(f"--data-option split must be train or test, got {split_name!r}")
     split = data.train if split_name == "train" else data.test
     keep = np.ones(len(split), dtype=bool)
     for key in ("subject", "scene", "action", "source"):
@@ -108,10 +119,10 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
             raise _fail(f"the {annotator_name} annotator needs --depth DIR (per-image depth maps)")
         items, early = items_from_folder(target, kp_source.stems())
         full_image, meta = False, None
-    else:
-        split, indices = _synthetic_split(body_model, data_options, crop, cache_dir)
+    else:  # the sources first: their options are refused before any image is rendered
         kp_source = registry.get("keypoint_source", "synthetic")(**keypoint_options)
         dep_source = registry.get("depth_source", "synthetic")(**depth_options) if uses_depth else None
+        split, indices = _synthetic_split(body_model, data_options, crop, cache_dir)
         items, early, full_image = items_from_dataset(split, indices), [], True
 
         def meta(item: Any) -> dict[str, str]:
@@ -185,12 +196,19 @@ def annotate(
         if problem:
             raise _fail(problem)
     check_out_dir(out, overwrite)
+    from pchmr.core.engine.registry import PluginError, get_registry
+
     try:
         placement = annotation_placement(accelerator, devices, precision)  # before any data is read
         parsed = {"options": _options(option, "--option"),
                   "keypoint_options": _options(keypoint_option, "--keypoint-option"),
                   "depth_options": _options(depth_option, "--depth-option"),
                   "data_options": _options(data_option, "--data-option")}  # fmt: skip
+        if target == "synthetic":
+            check_data_options(parsed["data_options"])
+        registry = get_registry()  # unknown plugin names, before the body model loads
+        registry.info("annotator", annotator)
+        registry.info("body_model", body_model)
         with output_dir(out, overwrite):  # a refusal below leaves no directory this call made
             summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth, **parsed,
                                      body_model_name=body_model, smpl_dir=smpl_dir, crop=crop_size,
@@ -198,7 +216,7 @@ def annotate(
                                      placement=placement)  # fmt: skip
     except WriteError as exc:
         raise _fail(str(exc), code=RUN_FAILED) from None
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, PluginError) as exc:
         raise _fail(str(exc)) from None
     failed = ", ".join(f"{k}: {v}" for k, v in summary["failed"].items()) or "none"
     console.print(f"annotated {summary['annotated']} images in {summary['seconds']:.1f} s; failed: {failed} → {out}")
@@ -226,20 +244,15 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
     Only the body model and the backbone are rebuilt (from ``config.json``'s RunConfig through
     the registry): the device does not need the training data, and the run's ``cache_dir`` is
     the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid."""
-    from pchmr.core.engine.components import Components
-    from pchmr.core.engine.config import RunConfig
+    from pchmr.core.engine.components import Components, load_model_weights
+    from pchmr.core.engine.rundir import RunDir
     from pchmr.core.kit.cache import default_cache_dir
-    from pchmr.core.kit.safe_pickle import load_torch_file
 
     config_path, model_path = resolve_checkpoint(checkpoint)
-    stored = json.loads(config_path.read_text())
-    cfg = RunConfig.from_saved(stored.get("run", stored))
+    cfg = RunDir(config_path.parent).run_config()  # a refusal names config.json
     body_model = _body_model(cfg.body_model, default_cache_dir(), Path(cfg.smpl_dir) if cfg.smpl_dir else None)
     module = Components(config=cfg, body_model=body_model, data=None).make_module()  # type: ignore[arg-type]
-    state = load_torch_file(
-        model_path, what="trained model (model.pt)", advice="A model.pt pchmr writes is a plain state dict of tensors."
-    )
-    module.load_state_dict(state)
+    load_model_weights(module, model_path)  # weights only; another model's state is refused by name
     return module, body_model
 
 
@@ -306,6 +319,7 @@ def personalize(
 ) -> None:
     """Fine-tune the global model on local pseudo-labels; report before/after on the held-out 20 %."""
     from pchmr.core.engine.devices import DeviceError, resolve_placement
+    from pchmr.core.engine.registry import PluginError
     from pchmr.core.kit.atomic import torch_save_atomic, write_text_atomic
 
     checks = (check_number("--epochs", epochs, 1, whole=True), check_number("--lr", lr, 0, low_open=True),
@@ -321,7 +335,7 @@ def personalize(
             raise DeviceError(f"--devices {devices}: personalization fine-tunes on one device, use --devices 1")
         result = fine_tune(checkpoint, resolve_local_data(data), epochs=epochs, lr=lr, batch_size=batch_size,
                            seed=seed, placement=placement)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, PluginError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"personalization: {result['train']} train / {result['test']} held-out images, {epochs} epochs")
     for column in ("against", "metric", "before", "after", "change"):

@@ -107,8 +107,16 @@ def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execu
     unit, total = ("round", cfg.rounds) if cfg.mode == "federated" else ("epoch", cfg.epochs)
     progress.columns[0].text_format = f"[bold]{unit}"  # type: ignore[attr-defined]
     task = progress.add_task("rounds", total=total, status="starting")
+    started = False
+
+    def start() -> None:  # on the run's first word: a refusal before it shows no progress bar
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
 
     def on_round(report: Any) -> None:
+        start()
         status = f"{report.seconds:5.1f} s"
         if report.metrics:
             status += "  " + "  ".join(
@@ -122,10 +130,13 @@ def _run_with_progress(cfg: RunConfig, run_dir: Path | None, resume: bool, execu
         progress.update(task, completed=report.server_round, status=status)
 
     def on_status(message: str) -> None:
-        console.print(f"[dim]{message}[/]")
+        start()
+        progress.console.print(f"[dim]{message}[/]")
 
-    with progress:
+    try:
         result = execute(cfg, run_dir=run_dir, resume=resume, on_round=on_round, on_status=on_status)
+    finally:
+        progress.stop()
     _print_final(result.final, result.run_dir.path, result.seconds)
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pchmr.core.engine.config import RunConfig
+from pchmr.core.engine.rundir import HistoryError, parse_rounds
 
 __all__ = [
     "GROUP_BY",
@@ -158,22 +159,34 @@ def _round_number(record: Mapping[str, Any]) -> int:
 def _read_json(path: Path, run: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportError(f"{run}: {path.name} is not valid JSON ({exc})") from exc
 
 
-def _read_rounds(path: Path) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _read_rounds(path: Path, run: Path) -> list[dict[str, Any]]:
+    """``rounds.jsonl`` read as a resume reads it (:func:`~pchmr.core.engine.rundir.parse_rounds`):
+    every record is written whole, so a line that cannot be read is named, never dropped."""
     if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill: the rest is dropped (as RunDir does)
-            break
-    return out
+        return []
+    try:
+        return parse_rounds(path.read_bytes(), path)
+    except HistoryError as exc:
+        raise ReportError(f"{run}: cannot report a run whose history cannot be read: {exc}") from None
+
+
+def _check_final(final: Any, run: Path) -> dict[str, Any]:
+    """``final.json``'s content when it is the JSON object ``pchmr run`` writes (the metrics as
+    numbers), else a :class:`ReportError` naming what it holds."""
+    expected = "expected the JSON object `pchmr run` writes (round, metrics, protocol)"
+    if not isinstance(final, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(final), "number")
+        raise ReportError(f"{run}: final.json is a JSON {kind}, {expected}")
+    for key in ("mpjpe_mm", "pa_mpjpe_mm"):
+        value = final.get(key)
+        if key not in final or isinstance(value, bool) or not isinstance(value, (int, float)):
+            got = "no" if key not in final else f"a non-number {json.dumps(value)} as"
+            raise ReportError(f"{run}: final.json has {got} '{key}', {expected}")
+    return final
 
 
 def _run_config(data: Mapping[str, Any], run: Path) -> RunConfig:
@@ -197,9 +210,9 @@ def load_run(path: str | Path, include_unfinished: bool = False) -> RunSummary:
     if not isinstance(raw, dict) or not isinstance(raw.get("run"), dict):
         raise ReportError(f"{path}: config.json has no 'run' table (expected the file `pchmr run` writes)")
     config = _run_config(raw["run"], path)
-    rounds = tuple(_read_rounds(path / "rounds.jsonl"))
+    rounds = tuple(_read_rounds(path / "rounds.jsonl", path))
     if final_path.is_file():
-        final = _read_json(final_path, path)
+        final = _check_final(_read_json(final_path, path), path)
         finished = True
     elif include_unfinished:
         if not rounds:

@@ -38,6 +38,7 @@ from pchmr.core.contracts.annotation import (
     ObservationBatch,
     pixels_to_crop,
 )
+from pchmr.core.contracts.errors import DatasetFormatError
 from pchmr.core.contracts.sample import META_KEYS
 from pchmr.core.engine.devices import DeviceError, Placement, resolve_placement
 from pchmr.core.kit.atomic import savez_atomic, write_text_atomic
@@ -89,7 +90,19 @@ def items_from_folder(
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    items = [AnnotationItem(p.stem, image=np.asarray(Image.open(p).convert("RGB")), path=str(p)) for p in files]
+    items, unreadable = [], []
+    for p in files:
+        try:
+            with Image.open(p) as image:
+                items.append(AnnotationItem(p.stem, image=np.asarray(image.convert("RGB")), path=str(p)))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL's UnidentifiedImageError is an OSError
+            unreadable.append(f"{p} ({exc})")
+    if unreadable:  # refused before any fit: nothing is lost, and no image is silently left out
+        shown = "; ".join(unreadable[:3]) + (f"; and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        raise DatasetFormatError(
+            f"{len(unreadable)} file(s) in {folder} cannot be read as an image: {shown}; "
+            f"replace or remove them (images are {', '.join(IMAGE_SUFFIXES)} files PIL opens)"
+        )
     orphans = sorted((keypoint_stems or set()) - {p.stem for p in files})
     records = [AnnotationRecord(s, "failed", "", error="CountMismatchError",
                                 message=f"keypoint file {s}.json has no image {s}.* in {folder}") for s in orphans]  # fmt: skip

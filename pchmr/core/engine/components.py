@@ -114,6 +114,8 @@ def load_model_weights(module: HMRModule, source: str | Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"no trained model at {path} (expected a run directory with model.pt, or the file)")
     state = load_torch_file(path, what="trained model (model.pt)", advice=_MODEL_ADVICE)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors. {_MODEL_ADVICE}")
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import math
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "is_loopback",
     "load_config_file",
     "resolve_channels_last",
+    "value_type_problem",
 ]
 
 ENGINES = ("simulation", "deployment")
@@ -324,6 +326,10 @@ class RunConfig:
     def validate(self, files: bool = True) -> None:
         """Refuse a bad value (a :class:`ConfigError` naming the option); with ``files``, also a file
         the run reads that is not there (:meth:`check_files`)."""
+        for f in dataclasses.fields(self):
+            problem = value_type_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ConfigError(problem)
         _positive_int("clients", self.clients)
         _positive_int("per-round", self.per_round)
         _positive_int("rounds", self.rounds)
@@ -439,9 +445,10 @@ class RunConfig:
                 )
 
     def check_files(self) -> None:
-        """Refuse a model file the run would start from that is not there, before any data is read:
-        ``--init-from`` (a fine-tuning run's trained model; it names the run to make first) and
-        ``--encoder-weights`` (a ``resnet50`` run's refusal says where to get torchvision's ImageNet file)."""
+        """Refuse a file the run would read that is not there, before any data is read: ``--init-from``
+        (a fine-tuning run's trained model; it names the run to make first), ``--encoder-weights`` (a
+        ``resnet50`` run's refusal says where to get torchvision's ImageNet file), ``--root-certificates``
+        and ``--node-keys`` (read whole: every partition bound to a distinct EC public key)."""
         if self.node_keys is not None and self.engine == "deployment" and self.superlink and self.root_certificates:
             from pchmr.core.engine.federation.nodeauth import NodeKeyError, read_node_keys
 
@@ -451,6 +458,11 @@ class RunConfig:
                 raise ConfigError(str(exc)) from None
         if self.init_from is not None:
             _check_init_from(self.init_from)
+        if self.root_certificates is not None and not Path(self.root_certificates).is_file():
+            raise ConfigError(
+                f"--root-certificates {self.root_certificates} does not exist or is not a file: give the CA "
+                "certificate (PEM) that signed the SuperLink's certificate"
+            )
         if self.encoder_weights not in (None, "public") and not Path(self.encoder_weights).is_file():
             where = Path(self.encoder_weights).expanduser().absolute()
             text = (
@@ -580,6 +592,50 @@ class RunConfig:
             _READING_SAVED.reset(token)
 
 
+def value_type_problem(name: str, value: Any) -> str | None:
+    """None when ``value`` has the type :class:`RunConfig` field ``name`` holds, else the refusal,
+    e.g. ``backbone must be a string (e.g. backbone = "fastmetro"), got 3``: text, true/false and
+    tables, as a config file writes them (numbers are checked with their ranges by
+    :meth:`RunConfig.validate`). None for a name that is not a field."""
+    expected = _FIELD_KINDS.get(name)
+    if expected is None:
+        return None
+    kind, optional, default = expected
+    if value is None and optional:
+        return None
+    unset = " or unset" if optional else ""
+    if kind is str and not isinstance(value, str):
+        example = f' (e.g. {name} = "{default}")' if isinstance(default, str) else ""
+        return f"{name} must be a string{unset}{example}, got {value!r}"
+    if kind is bool and not isinstance(value, bool):
+        return f"{name} must be true or false, got {value!r}"  # unset: leave the key out
+    if kind is Mapping and not isinstance(value, Mapping):
+        return f"{name} must be a table of key = value (e.g. {name} = {{ key = 1 }} in a TOML file), got {value!r}"
+    return None
+
+
+def _field_kinds() -> dict[str, tuple[type, bool, Any]]:
+    """RunConfig field → (str, bool or Mapping, whether None is allowed, its default) for the fields
+    whose type :func:`value_type_problem` checks."""
+    import typing
+
+    hints = typing.get_type_hints(RunConfig)
+    kinds: dict[str, tuple[type, bool, Any]] = {}
+    for f in dataclasses.fields(RunConfig):
+        hint = hints[f.name]
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        if typing.get_origin(base) in (Mapping, dict) or base in (Mapping, dict):
+            base = Mapping
+        if base in (str, bool, Mapping):
+            kinds[f.name] = (base, optional, f.default)
+    return kinds
+
+
+_FIELD_KINDS = _field_kinds()
+
+
 def _check_loss_weights(weights: Mapping[str, Any]) -> None:
     from pchmr.core.engine.losses import (
         LossWeights,  # imports torch: only when weights are validated
@@ -588,7 +644,9 @@ def _check_loss_weights(weights: Mapping[str, Any]) -> None:
     try:
         LossWeights.from_overrides(weights)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"--loss-weight: {exc} (a term name from pchmr.core.engine.losses, e.g. edge=500)") from exc
+        raise ConfigError(
+            f"--loss-weight: {exc} (give term=weight, e.g. edge=500; the terms: pchmr.core.engine.losses)"
+        ) from exc
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -660,9 +718,14 @@ def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, An
     such as ``partition_options`` is merged key by key). See :func:`apply_scale`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a TOML or JSON file of options")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as text: {exc}") from exc
     try:
         if path.suffix == ".json":
             data = json.loads(text)
@@ -674,7 +737,12 @@ def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, An
         ) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a table of options")
-    return apply_scale(data, scale, str(path))
+    values = apply_scale(data, scale, str(path))
+    for key, value in values.items():  # named with the file here; ranges are checked with the flags given
+        problem = value_type_problem(str(key).replace("-", "_"), value)
+        if problem:
+            raise ConfigError(f"config file {path}: {problem}")
+    return values
 
 
 def apply_scale(data: Mapping[str, Any], scale: str | None, source: str = "the config") -> dict[str, Any]:

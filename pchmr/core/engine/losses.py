@@ -23,6 +23,7 @@ mesh edge 100 × 5.0 = 500 and normal 100 × 0.1 = 10.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
@@ -65,13 +66,17 @@ class LossWeights:
         for key, value in overrides.items():
             name = str(key).replace("-", "_")
             if name == "vertex_levels":
-                fields[name] = tuple(float(v) for v in value)  # type: ignore[union-attr]
+                if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                    raise ValueError(f"vertex_levels must be a list of weights >= 0, got {value!r}")
+                fields[name] = tuple(_weight(name, v) for v in value)
             elif name == "mesh_level":
-                fields[name] = int(value)  # type: ignore[call-overload]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"mesh_level must be a whole number (a pyramid level, e.g. -2), got {value!r}")
+                fields[name] = value
             elif name in known:
-                fields[name] = float(value)  # type: ignore[arg-type]
+                fields[name] = _weight(name, value)
             else:
-                extra[str(key)] = float(value)  # type: ignore[arg-type]
+                extra[str(key)] = _weight(str(key), value)
         return cls(**fields, extra=extra)  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, object]:
@@ -79,6 +84,13 @@ class LossWeights:
         out["vertex_levels"] = list(self.vertex_levels)
         out["extra"] = dict(self.extra)
         return out
+
+
+def _weight(name: str, value: object) -> float:
+    """``value`` as a loss weight: a number (ints and floats, not bools or text) that is finite and >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"loss weight '{name}' must be a number >= 0, got {value!r}")
+    return float(value)
 
 
 def weighted_l1(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:

@@ -48,7 +48,8 @@ def default_run_dir(config: RunConfig) -> Path:
 
 
 def resume_config(run_dir: Path) -> RunConfig:
-    return RunConfig.from_saved(RunDir(run_dir).read_config()["run"])
+    """The config of the run in ``run_dir`` (:meth:`RunDir.run_config`: refusals name its config.json)."""
+    return RunDir(run_dir).run_config()
 
 
 def execute(
@@ -72,10 +73,12 @@ def execute(
         raise ConfigError(
             f"run directory {rd.path} already exists and is not empty; pass --resume to continue it or choose another --out"
         )
-    created = not rd.path.exists()
+    made = _topmost_missing(rd.path)  # what a refusal below removes again: runs/ too when this made it
     try:
         rd.create()
     except OSError as exc:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise ConfigError(
             f"cannot create the run directory {rd.path}: {exc.strerror or exc} ({exc.filename}); choose another --out"
         ) from None
@@ -120,10 +123,20 @@ def execute(
             # refused before anything ran (bad data, partition, model options or a mechanism the model
             # cannot take): leave no half-made directory behind, so the same --out works once the input
             # is fixed; a directory that existed (empty) before stays, emptied of what this run wrote
-            if created:
-                shutil.rmtree(rd.path, ignore_errors=True)
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
             else:
                 for child in rd.path.iterdir():
                     shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
     final = json.loads(rd.final.read_text())
     return RunResult(rd, final, time.perf_counter() - started)
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The top-most directory of ``path`` that does not exist yet (``path`` itself, or a parent such
+    as the default ``runs/``), None when ``path`` exists."""
+    made = None
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        made, probe = probe, probe.parent
+    return made

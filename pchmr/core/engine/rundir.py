@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from pchmr.core.engine.config import ConfigError, RunConfig
 from pchmr.core.kit.atomic import append_line_atomic, torch_save_atomic, write_text_atomic
 from pchmr.core.kit.safe_pickle import checkpoint_values, load_torch_file
 
@@ -46,6 +47,13 @@ _UNSAFE_CHECKPOINT_ADVICE = (
     "something else, or by a plugin that saved other objects in an older version: it cannot be "
     "resumed. Start the run again in a new --out directory; if you wrote the file yourself and "
     "trust it, convert its values to tensors, numbers and strings first."
+)
+
+#: what to do about a checkpoint torch cannot read at all (empty, truncated, not from torch.save)
+_DAMAGED_CHECKPOINT_ADVICE = (
+    "pchmr writes its checkpoints atomically, so this one was changed after it was written (a disk error, a "
+    "copy cut short, another program): it cannot be resumed. Restore it from a copy, or start the run again "
+    "in a new --out directory."
 )
 
 
@@ -166,16 +174,29 @@ class RunDir:
         that asks to run code raises :class:`~pchmr.core.kit.safe_pickle.UnsafeFileError`."""
         if not self.checkpoint.exists():
             return None
-        return load_torch_file(self.checkpoint, what="pchmr checkpoint", advice=_UNSAFE_CHECKPOINT_ADVICE)
+        return load_torch_file(
+            self.checkpoint,
+            what="pchmr checkpoint",
+            advice=_UNSAFE_CHECKPOINT_ADVICE,
+            damaged=_DAMAGED_CHECKPOINT_ADVICE,
+        )
 
     def check_resumable(self) -> None:
         """Load the checkpoints a resume reads (``last.pt``, the baselines' ``last.ckpt``) the
         safe way, so that a refused file stops ``--resume`` before any data or engine starts."""
         self.load_checkpoint()
         if self.lightning_checkpoint.exists():
-            load_torch_file(self.lightning_checkpoint, what="Lightning checkpoint", advice=_UNSAFE_CHECKPOINT_ADVICE)
+            load_torch_file(
+                self.lightning_checkpoint,
+                what="Lightning checkpoint",
+                advice=_UNSAFE_CHECKPOINT_ADVICE,
+                damaged=_DAMAGED_CHECKPOINT_ADVICE,
+            )
 
     def read_config(self) -> dict[str, Any]:
+        """``config.json``, checked to be the file pchmr writes (a JSON object with a ``run`` table)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is a file, not a run directory (expected a pchmr run's --out)")
         if not self.config.exists():
             raise FileNotFoundError(f"{self.path} is not a pchmr run directory: {self.config.name} is missing")
         try:
@@ -185,6 +206,16 @@ class RunDir:
         if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
             raise HistoryError(f"{self.config} has no 'run' table of options; it is not a config pchmr wrote")
         return data
+
+    def run_config(self) -> RunConfig:
+        """The :class:`RunConfig` ``config.json`` saved (:meth:`RunConfig.from_saved`); a
+        :class:`~pchmr.core.engine.config.ConfigError` naming the file when it holds a value pchmr
+        cannot run with (the file was edited or not written by pchmr)."""
+        data = self.read_config()
+        try:
+            return RunConfig.from_saved(data["run"])
+        except ConfigError as exc:
+            raise ConfigError(f"{self.config} holds a run config pchmr cannot read: {exc}") from None
 
     def attach_log(self) -> logging.Handler:
         handler = logging.FileHandler(self.log)

@@ -223,11 +223,13 @@ def _norm(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    if path.is_dir():
+        raise SweepError(f"{what} {path} is a directory; give a TOML file (docs/sweep.md)")
     if not path.is_file():
         raise SweepError(f"{what} {path} does not exist")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SweepError(f"{what} {path} is not valid TOML: {exc}") from exc
 
 

@@ -234,14 +234,14 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     Classifier keys (``fc.*``) are ignored; any other missing or unexpected key, or a shape
     mismatch, raises :class:`ValueError` naming the file and the keys.
     """
-    from pchmr.core.kit.safe_pickle import UnsafeFileError, load_torch_file
+    from pchmr.core.kit.safe_pickle import UnreadableFileError, UnsafeFileError, load_torch_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file {path} does not exist")
     try:
         state = load_torch_file(path, what="encoder weights file", advice=_WEIGHTS_ADVICE)
-    except UnsafeFileError:
+    except (UnsafeFileError, UnreadableFileError):
         raise
     except Exception as exc:  # unpickling errors come in many types
         raise ValueError(f"cannot read encoder weights from {path}: {exc}") from exc

@@ -33,6 +33,7 @@ import torch
 
 from pchmr.core.contracts.errors import DatasetFormatError
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
+from pchmr.core.kit.safe_pickle import not_an_npz
 
 __all__ = ["INFO_FILE", "LABELS_FILE", "RECORDS_FILE", "LabelDirectory", "read_label_directory"]
 
@@ -166,6 +167,11 @@ def read_label_directory(path: str | Path, *, require_info: bool = True) -> Labe
                     f"{path / RECORDS_FILE}: line {number} is not an annotation record (no status)"
                 )
             records.append(record)
+    problem = not_an_npz(path / LABELS_FILE)
+    if problem:
+        raise DatasetFormatError(
+            f"{path / LABELS_FILE}: not a readable .npz archive: {problem} (pchmr annotate writes one)"
+        )
     try:
         npz = np.load(path / LABELS_FILE, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:

@@ -16,7 +16,9 @@ Every reader of such a file goes through this module:
 * :func:`safe_load_npz` reads members of an ``.npz``: plain arrays with ``allow_pickle=False``,
   object arrays through :func:`safe_load`.
 * :func:`load_torch_file` is ``torch.load(weights_only=True)`` (tensors, numbers, strings,
-  containers of them), its refusal turned into an :class:`UnsafeFileError` that says what to do;
+  containers of them), its refusal turned into an :class:`UnsafeFileError` that says what to do,
+  and a file it cannot read at all (empty, truncated, not from ``torch.save``) into an
+  :class:`UnreadableFileError`;
   :func:`checkpoint_values` turns what a checkpoint is given into types that load that way
   (NumPy arrays → tensors, NumPy scalars → Python numbers) and refuses anything else by its key.
 """
@@ -50,9 +52,11 @@ __all__ = [
     "NUMPY_PICKLE",
     "SPARSE_PICKLE",
     "PickleAllowlist",
+    "UnreadableFileError",
     "UnsafeFileError",
     "checkpoint_values",
     "load_torch_file",
+    "not_an_npz",
     "safe_load",
     "safe_load_npz",
 ]
@@ -61,6 +65,11 @@ __all__ = [
 class UnsafeFileError(ValueError):
     """A file asks to run code (a function or class outside its reader's allowlist) when loaded;
     the message names the file, what it is, and the refused ``module.name``."""
+
+
+class UnreadableFileError(ValueError):
+    """A file is not one its reader can read at all: empty, truncated or corrupt, or of another
+    format; the message names the file, what it should be, what was found and what to do."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +220,22 @@ def safe_load_npz(
     return out
 
 
+def not_an_npz(path: str | os.PathLike[str]) -> str | None:
+    """None when ``path`` is a zip archive (what ``numpy.savez`` writes), else why it cannot be an
+    ``.npz`` (e.g. ``the file is empty; a .npz is a zip archive of .npy arrays ...``), for its
+    reader's refusal: ``np.load`` would otherwise take the file for a pickle and suggest loading it
+    with ``allow_pickle=True``."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return None
+    found = (
+        "the file is empty"
+        if path.stat().st_size == 0
+        else "it is not a zip archive (truncated or corrupt, or of another format)"
+    )
+    return f"{found}; a .npz is a zip archive of .npy arrays, as numpy.savez writes"
+
+
 def _read_header(stream: IO[bytes], version: tuple[int, int]) -> tuple[Any, bool, np.dtype]:
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(stream)
@@ -226,13 +251,28 @@ def _read_header(stream: IO[bytes], version: tuple[int, int]) -> tuple[Any, bool
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_torch_file(path: str | os.PathLike[str], *, what: str, advice: str) -> Any:
+#: the first bytes of what torch.save writes: a zip archive (since torch 1.6) or a pickle (before)
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def load_torch_file(path: str | os.PathLike[str], *, what: str, advice: str, damaged: str | None = None) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, numbers, strings,
     None and lists, tuples, sets and dicts of them; nothing in the file is called. A file that
     asks for more raises :class:`UnsafeFileError` naming it, the refused global (when torch names
-    one) and ``advice`` (what to do instead); there is no fallback to ``weights_only=False``."""
+    one) and ``advice`` (what to do instead); there is no fallback to ``weights_only=False``. A
+    file torch cannot read at all (empty, truncated, corrupt, not written by ``torch.save``)
+    raises :class:`UnreadableFileError` naming it, what it is and ``damaged`` (default ``advice``)."""
     import torch  # not at module level: the pickle readers need no torch
 
+    with Path(path).open("rb") as stream:
+        head = stream.read(8)
+    if not head:
+        raise UnreadableFileError(f"cannot read {path} ({what}): the file is empty. {damaged or advice}")
+    if not head.startswith(_TORCH_FILE_STARTS):
+        raise UnreadableFileError(
+            f"cannot read {path} ({what}): it is not a file torch.save writes (it starts with {head!r}, neither "
+            f"a zip archive nor a pickle). {damaged or advice}"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -241,13 +281,25 @@ def load_torch_file(path: str | os.PathLike[str], *, what: str, advice: str) -> 
         if found:
             asks = f"it asks to import {found.group(1)}, which a {what} never contains"
         else:
-            lines = [line.strip() for line in message.splitlines() if line.strip()]
-            reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[-1] if lines else "")
-            asks = f"it holds more than tensors, numbers, strings and containers of them ({reason})"
+            asks = f"it holds more than tensors, numbers, strings and containers of them ({_unpickler_reason(message)})"
         raise UnsafeFileError(
             f"refusing to load {path} ({what}): {asks}; pchmr loads it with torch.load(weights_only=True), which "
             f"runs nothing from the file. {advice}"
         ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        reason = str(exc).split(". ")[0].strip() or type(exc).__name__
+        if "magic number" in reason:  # a pickle, but not one torch.save wrote (no torch header)
+            found = f"it is not a file torch.save writes ({reason})"
+        else:
+            found = f"it is truncated or corrupt ({reason})"
+        raise UnreadableFileError(f"cannot read {path} ({what}): {found}. {damaged or advice}") from None
+
+
+def _unpickler_reason(message: str) -> str:
+    """What torch's weights-only unpickler objected to (the text after ``WeightsUnpickler error:``)."""
+    _, _, rest = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest or message).splitlines() if line.strip()]
+    return lines[0] if lines else "an object it does not allow"
 
 
 def checkpoint_values(value: Any, where: str = "checkpoint") -> Any:

@@ -47,6 +47,7 @@ from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.options import option
 from pchmr.core.kit.joints import J24, J24_PELVIS, OPENPOSE_25, remap
+from pchmr.core.kit.safe_pickle import not_an_npz
 from pchmr.plugins.datasets.prepared import (
     Annotations,
     DatasetFormatError,
@@ -109,7 +110,14 @@ def source_from_filename(path: Path) -> str:
 def _read(npz: Any, key: str, path: Path, n: int | None) -> np.ndarray:
     try:
         value = np.asarray(npz[key])
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # an object array: a pickle inside the archive, never loaded
+            raise DatasetFormatError(
+                f"{path}: '{key}' is an object array (a pickle inside the archive), which pchmr does not load; a "
+                "SPIN .npz holds plain arrays (image names as fixed-width strings)"
+            ) from None
+        raise DatasetFormatError(f"{path}: key '{key}' cannot be read (truncated or corrupt file?): {exc}") from exc
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
         raise DatasetFormatError(f"{path}: key '{key}' cannot be read (truncated or corrupt file?): {exc}") from exc
     shape = KEY_SHAPES[key]
     if key == "scale" and value.ndim == 2 and value.shape[1] == 1:
@@ -119,12 +127,23 @@ def _read(npz: Any, key: str, path: Path, n: int | None) -> np.ndarray:
         raise DatasetFormatError(f"{path}: '{key}' must have shape {expected}, got {value.shape}")
     if key not in ("imgname", "gender") and not np.issubdtype(value.dtype, np.number):
         raise DatasetFormatError(f"{path}: '{key}' must be numeric, got dtype {value.dtype}")
+    if np.issubdtype(value.dtype, np.inexact) and value.size:
+        bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise DatasetFormatError(
+                f"{path}: '{key}' holds NaN or infinite values (sample {first} first, {int(bad.sum())} sample(s) in "
+                "all); a SPIN .npz holds finite numbers (a missing keypoint has confidence 0)"
+            )
     return value
 
 
 def _open(path: Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: SPIN .npz annotation file does not exist")
+    problem = not_an_npz(path)
+    if problem:
+        raise DatasetFormatError(f"{path}: not an .npz archive: {problem}")
     try:
         return np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
