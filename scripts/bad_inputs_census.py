@@ -76,7 +76,7 @@ def census(pchmr: str, timeout: float, only: str | None, keep_going: bool) -> li
     for case in catalogue.CASES:
         if only and only not in case.id:
             continue
-        if case.needs_read_only and _writable(catalogue.READ_ONLY):
+        if case.needs_read_only and catalogue.read_only_is_writable():
             continue
         ws = work / "cases" / case.id
         ws.mkdir(parents=True)
@@ -114,16 +114,6 @@ def census(pchmr: str, timeout: float, only: str | None, keep_going: bool) -> li
     if not keep_going:
         _remove(work)
     return outcomes
-
-
-def _writable(path: Path) -> bool:
-    probe = path / "pchmr-census-probe"
-    try:
-        probe.mkdir()
-    except OSError:
-        return False
-    probe.rmdir()
-    return True
 
 
 def _remove(path: Path) -> None:

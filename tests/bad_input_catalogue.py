@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BASE_RUN_ARGS", "CASES", "READ_ONLY", "SMALL", "Case", "normalise"]
+__all__ = ["BASE_RUN_ARGS", "CASES", "READ_ONLY", "SMALL", "Case", "normalise", "read_only_is_writable"]
 
 #: A run small enough to render and partition in a second or two, for cases refused after the
 #: data are prepared (a fresh cache renders only these samples).
@@ -49,6 +49,19 @@ BASE_RUN_ARGS = (
 #: Where nothing can be created, even by root (a container's /sys); cases writing there are
 #: skipped when it is writable.
 READ_ONLY = Path("/sys")
+
+
+def read_only_is_writable() -> bool:
+    """Whether this process can create a directory in :data:`READ_ONLY` after all (then the cases
+    that need an unwritable folder are skipped)."""
+    probe = READ_ONLY / "pchmr-catalogue-probe"
+    try:
+        probe.mkdir()
+    except OSError:
+        return False
+    probe.rmdir()
+    return True
+
 
 Setup = Callable[[Path, Path], None]  # (workspace, finished base run directory)
 

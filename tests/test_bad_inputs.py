@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pchmr.cli.app import app
-from tests.bad_input_catalogue import BASE_RUN_ARGS, CASES, READ_ONLY, Case, normalise
+from tests.bad_input_catalogue import BASE_RUN_ARGS, CASES, READ_ONLY, Case, normalise, read_only_is_writable
 
 _DIGESTS: dict[tuple[int, int, int, int], str] = {}
 
@@ -37,16 +37,6 @@ def snapshot(root: Path) -> dict[str, str]:
         str(path.relative_to(root)): "<dir>" if path.is_dir() and not path.is_symlink() else _digest(path)
         for path in sorted(root.rglob("*"))
     }
-
-
-def _read_only_is_writable() -> bool:
-    probe = READ_ONLY / "pchmr-catalogue-probe"
-    try:
-        probe.mkdir()
-    except OSError:
-        return False
-    probe.rmdir()
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +66,7 @@ def no_training(base):
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input_is_refused_cleanly(case: Case, base: Path, tmp_path: Path, monkeypatch) -> None:
-    if case.needs_read_only and _read_only_is_writable():
+    if case.needs_read_only and read_only_is_writable():
         pytest.skip(f"{READ_ONLY} is writable here")
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -238,8 +238,8 @@ def write_fake_smpl(
         chumpy: store ``v_template``, ``weights``, ``posedirs`` and ``shapedirs`` as chumpy
             ``Ch`` objects, as SMPL's v1.0.0 files do (chumpy need not be installed).
 
-    The pickle uses protocol 2 (SMPL's files were written by Python 2); read it with
-    ``pickle.load(f, encoding="latin1")``.
+    The pickle uses protocol 2 (SMPL's files were written by Python 2); pchmr reads it, as it reads
+    the real files, through ``pchmr.core.kit.safe_pickle.safe_load`` (latin-1, allowlisted types only).
     """
     data = fake_smpl_data(gender, seed)
     path = Path(directory) / (file_name or FAKE_SMPL_FILE_NAMES[gender])
