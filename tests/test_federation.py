@@ -92,8 +92,10 @@ def test_rounds_record_each_sampled_clients_training_speed_and_config_its_placem
     for r in rounds[1:]:
         speeds = r["client_img_s"]  # partition id -> images per second of that client's fit
         assert sorted(int(p) for p in speeds) == sorted(r["clients"]) and all(v > 0 for v in speeds.values())
-        # 12 images per client, one local epoch: its speed is 12 / its fit seconds, averaged by FedAvg
-        assert min(speeds.values()) <= r["train_img_s"] <= max(speeds.values())
+        # 12 images per client, one local epoch: its speed is 12 / its fit seconds, averaged by FedAvg;
+        # rounds.jsonl keeps each client's speed to 3 decimals (server.client_speeds), the average unrounded
+        half_unit = 5e-4
+        assert min(speeds.values()) - half_unit <= r["train_img_s"] <= max(speeds.values()) + half_unit
     placement = json.loads(result.run_dir.config.read_text())["placement"]
     expected = "gpu" if torch.cuda.is_available() else "cpu"
     assert placement["accelerator"] == expected and placement["precision"] == "32-true"
