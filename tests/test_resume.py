@@ -298,6 +298,7 @@ def _server(clients: int, fast: bool = True) -> SimpleNamespace:
         fast_discovery=fast,
         node_wait_seconds=None,
         missing_nodes_hint="",
+        node_binding=None,  # claims trusted, as on the Simulation Engine
     )
     server._query_partitions = lambda grid, ids: FederatedServer._query_partitions(server, grid, ids)
     return server
