@@ -414,7 +414,7 @@ def test_a_centralized_baseline_logs_its_epochs(tmp_path, pchmr_cache):
 
     run = tmp_path / "central"
     cfg = RunConfig(
-        mode="centralized", epochs=2, num_train=48, num_test=16, batch_size=16, encoder_weights=None, out=str(run)
+        mode="centralized", epochs=2, num_train=16, num_test=16, batch_size=16, encoder_weights=None, out=str(run)
     )
     execute(cfg.replace(loggers=ALL))
     rounds = RunDir(run).read_rounds()
