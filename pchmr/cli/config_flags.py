@@ -31,6 +31,7 @@ from pchmr.core.engine.run_options import (
     NameAndPath,
     NotOnCli,
     PathValue,
+    Repeated,
     RunOption,
     Shortcut,
     Switch,
@@ -117,6 +118,10 @@ def _parameter_type(
         if typing.get_origin(base) not in (Mapping, dict):
             raise TypeError(f"field '{name}' reads key=value pairs but is a {hint}, not a mapping")
         return list[str], []
+    if isinstance(form, Repeated):
+        if typing.get_origin(base) is not tuple:
+            raise TypeError(f"field '{name}' reads a repeatable flag but is a {hint}, not a tuple")
+        return list[str], []
     if isinstance(form, Switch):
         if base is not bool:
             raise TypeError(f"field '{name}' is a --flag/--off switch but is a {hint}, not a bool")
@@ -183,6 +188,8 @@ class GivenFlags:
                 )
             elif isinstance(form, KeyValues):
                 out[flag.field] = parse_options(list(given), flag.names[0], ConfigError)
+            elif isinstance(form, Repeated):
+                out[flag.field] = list(given)
             elif isinstance(form, NameAndPath):
                 name, _, path = str(given).partition(":")
                 out[flag.field], out[form.path_field] = name, path or None

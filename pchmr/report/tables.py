@@ -75,8 +75,9 @@ UNFINISHED_MARK = "*"
 MISSING = "—"
 DECIMALS = 1
 PROTOCOL_KEYS = ("dataset", "joint_set", "alignment", "body_model", "ground_truth")
-#: RunConfig fields that may differ between runs sharing a cell (they are repetitions).
-REPEAT_FIELDS = ("seed", "out", "cache_dir", "dataset_path")
+#: RunConfig fields that may differ between runs sharing a cell (they are repetitions; the trackers
+#: a run logged to change nothing it computes).
+REPEAT_FIELDS = ("seed", "out", "cache_dir", "dataset_path", "loggers")
 
 STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedopt": "FedOpt", "fedgh": "FedGH"}
 PARTITION_NAMES = {"iid": "IID", "lda": "LDA", "cnn-cluster": "CNN Cluster", "by-source": "By source",

@@ -28,6 +28,7 @@ from pchmr.core.engine.devices import Placement
 from pchmr.core.engine.evaluation import evaluate
 from pchmr.core.engine.federation.common import RoundReport
 from pchmr.core.engine.rundir import RunDir
+from pchmr.core.engine.tracking import Tracker, open_tracker
 from pchmr.core.engine.trainer import LearningRate, lr_factor, make_trainer
 from pchmr.core.kit.atomic import describe_error
 from pchmr.core.kit.seeds import derive_seed
@@ -59,8 +60,10 @@ class _EpochRecorder(pl.Callback):
         eval_every: int,
         placement: Placement,
         train_size: int,
+        tracker: Tracker,
     ) -> None:
         self.rd = rd
+        self.tracker = tracker
         self.placement = placement
         self.train_size = train_size
         self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=placement)
@@ -78,23 +81,23 @@ class _EpochRecorder(pl.Callback):
         self.elapsed += seconds
         epoch = trainer.current_epoch + 1
         metrics = None
+        record: dict[str, Any] | None = None
         if epoch % self.eval_every == 0 or epoch == self.num_epochs:
             metrics = evaluate(module, self.test_loader, self.placement)  # type: ignore[arg-type]
             loss = trainer.callback_metrics.get("train/loss")
-            self.rd.append_round(
-                {
-                    "round": epoch,
-                    "unit": "epoch",
-                    **metrics,
-                    "wall_seconds": round(self.elapsed, 3),
-                    "round_seconds": round(seconds, 3),
-                    "bytes_sent": 0,
-                    "bytes_received": 0,
-                    "train_loss": None if loss is None else float(loss),
-                    "train_img_s": round(self.train_size / seconds, 3) if seconds > 0 else None,
-                    "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
-                }
-            )
+            record = {
+                "round": epoch,
+                "unit": "epoch",
+                **metrics,
+                "wall_seconds": round(self.elapsed, 3),
+                "round_seconds": round(seconds, 3),
+                "bytes_sent": 0,
+                "bytes_received": 0,
+                "train_loss": None if loss is None else float(loss),
+                "train_img_s": round(self.train_size / seconds, 3) if seconds > 0 else None,
+                "lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
+            }
+            self.rd.append_round(record)
         tmp = self.rd.lightning_checkpoint.with_name("last.ckpt.tmp")
         try:
             trainer.save_checkpoint(tmp)
@@ -103,6 +106,8 @@ class _EpochRecorder(pl.Callback):
             tmp.unlink(missing_ok=True)
             raise describe_error(exc, self.rd.lightning_checkpoint, hint=self.rd.resume_hint) from exc
         self.rd.write_json(self.rd.path / "checkpoints" / "progress.json", {"epoch": epoch, "elapsed": self.elapsed})
+        if record is not None:  # the epoch is saved: it is never trained again
+            self.tracker.log_round(record)
         self.on_round(RoundReport(epoch, self.num_epochs, metrics, seconds))
 
 
@@ -125,10 +130,16 @@ def run_baseline(
     ckpt_path: Path | None = rd.lightning_checkpoint if rd.lightning_checkpoint.exists() else None
     if ckpt_path is None:
         rd.truncate_rounds(-1)
-        test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=placement)
-        metrics = evaluate(module, test_loader, placement)
-        rd.append_round(
-            {
+        elapsed = 0.0
+    else:
+        progress = rd.read_json(rd.path / "checkpoints" / "progress.json")
+        rd.truncate_rounds(int(progress["epoch"]))
+        elapsed = float(progress["elapsed"])
+    with open_tracker(cfg, rd) as tracker:  # after the records were cut to the checkpoint
+        if ckpt_path is None:
+            test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=placement)
+            metrics = evaluate(module, test_loader, placement)
+            record = {
                 "round": 0,
                 "unit": "epoch",
                 **metrics,
@@ -137,24 +148,22 @@ def run_baseline(
                 "bytes_sent": 0,
                 "bytes_received": 0,
             }
+            rd.append_round(record)
+            tracker.log_round(record)
+            report(RoundReport(0, cfg.epochs, metrics, 0.0))
+        torch.manual_seed(derive_seed(cfg.seed, 0xC))
+        recorder = _EpochRecorder(
+            rd, components, report, elapsed, cfg.epochs, cfg.eval_every, placement, len(train), tracker
         )
-        report(RoundReport(0, cfg.epochs, metrics, 0.0))
-        elapsed = 0.0
-    else:
-        progress = rd.read_json(rd.path / "checkpoints" / "progress.json")
-        rd.truncate_rounds(int(progress["epoch"]))
-        elapsed = float(progress["elapsed"])
-    torch.manual_seed(derive_seed(cfg.seed, 0xC))
-    recorder = _EpochRecorder(rd, components, report, elapsed, cfg.epochs, cfg.eval_every, placement, len(train))
-    schedule = LearningRate(lambda epoch: cfg.lr * lr_factor(cfg.lr_schedule, epoch + 1, cfg.epochs))
-    trainer = make_trainer(
-        max_epochs=cfg.epochs,
-        grad_clip=module.optim.grad_clip,
-        quiet=True,
-        callbacks=[recorder, schedule],
-        placement=placement,
-    )
-    # weights_only: the checkpoint of a received run directory runs no code (RunDir.check_resumable read it)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
-    rd.save_model({k: v.detach().clone() for k, v in module.state_dict().items()})
-    return rd.summarize(baselines, components.protocol().as_dict())
+        schedule = LearningRate(lambda epoch: cfg.lr * lr_factor(cfg.lr_schedule, epoch + 1, cfg.epochs))
+        trainer = make_trainer(
+            max_epochs=cfg.epochs,
+            grad_clip=module.optim.grad_clip,
+            quiet=True,
+            callbacks=[recorder, schedule],
+            placement=placement,
+        )
+        # weights_only: the checkpoint of a received run directory runs no code (RunDir.check_resumable read it)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+        rd.save_model({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return rd.summarize(baselines, components.protocol().as_dict())

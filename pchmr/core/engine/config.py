@@ -18,7 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pchmr.core.engine.run_options import KeyValues, NameAndPath, NotOnCli, PathValue, Shortcut, Switch, run_option
+from pchmr.core.engine.run_options import (
+    KeyValues,
+    NameAndPath,
+    NotOnCli,
+    PathValue,
+    Repeated,
+    Shortcut,
+    Switch,
+    run_option,
+)
 
 if TYPE_CHECKING:
     from pchmr.core.engine.devices import Placement
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIENT_OPTIMIZER_STATES",
     "ENGINES",
+    "LOGGERS",
     "LR_SCHEDULES",
     "MODES",
     "RESNET50_IMAGENET_URL",
@@ -43,6 +53,8 @@ ENGINES = ("simulation", "deployment")
 #: What a client does with its AdamW state between the rounds it is sampled in.
 CLIENT_OPTIMIZER_STATES = ("reset", "keep")
 MODES = ("federated", "centralized", "naive")
+#: Experiment trackers ``--logger`` names: Lightning's CSV, TensorBoard and MLflow loggers (pchmr.core.engine.tracking).
+LOGGERS = ("csv", "tensorboard", "mlflow")
 #: Learning-rate schedules over rounds (federated) or epochs (baselines); pchmr.core.engine.trainer.lr_factor.
 LR_SCHEDULES = ("cosine", "constant")
 #: The encoder whose training step channels-last memory measured faster on the CPU (1.18-1.26x;
@@ -286,8 +298,18 @@ class RunConfig:
         cli=NotOnCli("set in a config file (cache_dir = ...) or for every command by $PCHMR_CACHE_DIR"),
         help="Where prepared data, mesh pyramids and pretrained encoders are kept (unset: pchmr.core.kit.cache).",
     )
+    loggers: tuple[str, ...] = run_option(  # pchmr.core.engine.tracking
+        (),
+        flag="--logger",
+        cli=Repeated(),
+        help="Experiment tracker (repeatable): csv, tensorboard (pip install 'pchmr[tensorboard]') or mlflow "
+        "(pip install 'pchmr[mlflow]'; $MLFLOW_TRACKING_URI, else a file store). Each evaluated round's rounds.jsonl "
+        "values, every client's training loss and img/s and the privacy budget, by round, the config as "
+        "hyperparameters, under RUN/logs/KIND.",
+    )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "loggers", _check_loggers(self.loggers))
         if isinstance(self.encoder_weights, str) and self.encoder_weights.lower() in NO_ENCODER_WEIGHTS:
             object.__setattr__(self, "encoder_weights", None)
         if isinstance(self.eval_datasets, str) and self.eval_datasets.strip().lower() == ALL_EVAL_DATASETS:
@@ -647,6 +669,18 @@ def _check_loss_weights(weights: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"--loss-weight: {exc} (give term=weight, e.g. edge=500; the terms: pchmr.core.engine.losses)"
         ) from exc
+
+
+def _check_loggers(loggers: Any) -> tuple[str, ...]:
+    """``loggers`` (a name or a list of them) as a tuple of distinct names of :data:`LOGGERS`, in the
+    order given; a :class:`ConfigError` naming the choices for anything else."""
+    names = [loggers] if isinstance(loggers, str) else loggers
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"--logger must name trackers ({', '.join(LOGGERS)}), got {loggers!r}")
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"--logger must be one of {', '.join(LOGGERS)} (repeatable), got '{unknown[0]}'")
+    return tuple(dict.fromkeys(names))
 
 
 def _positive_int(name: str, value: Any) -> None:

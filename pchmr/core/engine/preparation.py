@@ -33,6 +33,7 @@ from pchmr.core.engine.federation.cluster import check_reachable, cluster_addres
 from pchmr.core.engine.federation.common import build_strategy
 from pchmr.core.engine.registry import get_registry
 from pchmr.core.engine.rundir import RunDir
+from pchmr.core.engine.tracking import check_loggers
 from pchmr.core.kit.cache import default_cache_dir
 
 __all__ = [
@@ -90,11 +91,13 @@ OPTION_FIELDS = {
 
 def check_plugins(config: RunConfig) -> None:
     """Raise :class:`~pchmr.core.engine.registry.UnknownPluginError` for any unknown plugin name,
-    then :func:`check_options`."""
+    then :func:`check_options`; a :class:`~pchmr.core.engine.config.ConfigError` for a ``--logger``
+    whose package is not installed (naming the pchmr extra that installs it)."""
     registry = get_registry()
     for kind, name in chosen_plugins(config).items():
         registry.info(kind, name)
     check_options(config)
+    check_loggers(config.loggers)
 
 
 def check_options(config: RunConfig) -> None:

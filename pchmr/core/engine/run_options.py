@@ -25,6 +25,7 @@ __all__ = [
     "NameAndPath",
     "NotOnCli",
     "PathValue",
+    "Repeated",
     "RunOption",
     "Shortcut",
     "Switch",
@@ -73,6 +74,12 @@ class KeyValues:
 
 
 @dataclass(frozen=True)
+class Repeated:
+    """``--flag VALUE``, repeatable, into a tuple of text values (a list in a config file). Given at
+    all, the flags replace the config file's list."""
+
+
+@dataclass(frozen=True)
 class NameAndPath:
     """``--flag NAME[:PATH]``: NAME into the field, PATH (None when absent) into ``path_field``,
     itself declared :class:`NotOnCli`."""
@@ -88,7 +95,7 @@ class NotOnCli:
 
 
 #: How the command line reads a field.
-CliForm = Value | PathValue | Switch | KeyValues | NameAndPath | NotOnCli
+CliForm = Value | PathValue | Switch | KeyValues | Repeated | NameAndPath | NotOnCli
 
 
 @dataclass(frozen=True)

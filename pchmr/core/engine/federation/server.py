@@ -28,6 +28,7 @@ from pchmr.core.engine.federation.common import (
 from pchmr.core.engine.federation.mechanisms import STATES_KEY, MechanismRuntime
 from pchmr.core.engine.federation.nodeauth import bind_claims
 from pchmr.core.engine.rundir import RunDir
+from pchmr.core.engine.tracking import Tracker, open_tracker
 from pchmr.core.engine.trainer import lr_factor
 from pchmr.core.kit.federation import (
     ordered_replies,
@@ -38,10 +39,12 @@ from pchmr.core.kit.federation import (
 from pchmr.core.kit.seeds import derive_seed
 
 __all__ = [
+    "CLIENT_LOSS_KEY",
     "CLIENT_SPEED_KEY",
     "DISCOVERY_PROBES",
     "NODE_WAIT_SECONDS",
     "FederatedServer",
+    "client_losses",
     "client_speeds",
     "partition_claims",
 ]
@@ -175,6 +178,9 @@ class FederatedServer:
             deterministic_algorithms(True)
         self.test_loader = make_loader(components.data.test, _EVAL_BATCH, shuffle=False, placement=self.placement)
         self.error: BaseException | None = None
+        #: the run's loggers (``--logger``), opened once the run directory is resumed
+        self.tracker = Tracker()
+        self._untracked: list[dict[str, Any]] = []  # records not logged yet: each is, once its round is saved
         #: set when :meth:`main` returns, whatever way
         self.finished = threading.Event()
 
@@ -241,15 +247,20 @@ class FederatedServer:
 
     # -- the loop ------------------------------------------------------------------------
     def main(self, grid: Any) -> None:
+        status = "failed"
         try:
             self._main(grid)
+            status = "success"
         except EngineStopped as exc:  # the engine failed or the run was interrupted: its caller says which
             log.info("server stopped: %s", exc)
             self.error = exc
+            status = "interrupted"
         except BaseException as exc:  # surfaced by run_simulation's caller
             log.exception("server failed")
             self.error = exc
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         finally:
+            self.tracker.close(status)
             self.finished.set()
 
     def _main(self, grid: Any) -> None:
@@ -257,10 +268,12 @@ class FederatedServer:
 
         cfg = self.config
         start_round, state, elapsed, sent, received = self._restore()
+        self.tracker = open_tracker(cfg, self.rd)  # after the restore cut rounds.jsonl to the checkpoint
         node_of = self._discover(grid)
         arrays = ArrayRecord(state)
         if start_round == 0:
             self._record(0, state, elapsed, 0.0, sent, received, [])
+            self._track()
             start_round = 1
         stopped: str | None = None
         for server_round in range(start_round, cfg.rounds + 1):
@@ -329,9 +342,11 @@ class FederatedServer:
                     STATES_KEY: self.mechanisms.state_dict(),
                 }
             )
+            self._track()  # the round is saved: it is never trained again
             self.on_round(RoundReport(server_round, cfg.rounds, metrics, round_seconds, sampled, failures))
         if stopped is not None:
             self._record_stop(state, elapsed, sent, received)
+            self._track()
         self.rd.save_model(state)
         self._finish(state, stopped)
 
@@ -351,9 +366,13 @@ class FederatedServer:
         sent = state_nbytes(arrays.to_torch_state_dict()) * len(messages)
         received = sum(state_nbytes(r.content["arrays"].to_torch_state_dict()) for r in replies)
         extras = _round_extras(train_metrics)
-        speeds = client_speeds(reply.content["metrics"] for reply in replies if "metrics" in reply.content)
+        released = [reply.content["metrics"] for reply in replies if "metrics" in reply.content]
+        speeds = client_speeds(released)
         if speeds:
             extras[CLIENT_SPEED_KEY] = speeds  # type: ignore[assignment]  # one number per partition
+        losses = client_losses(released)
+        if losses:
+            extras[CLIENT_LOSS_KEY] = losses  # type: ignore[assignment]
         return new_arrays, extras, sent, received
 
     def _check_replies(self, server_round: int, sampled: int, failures: Sequence[Mapping[str, Any]]) -> None:
@@ -447,9 +466,15 @@ class FederatedServer:
             **dict(extra or {}),
         }
         self.rd.append_round(record)
+        self._untracked.append(record)
         if server_round == 0:
             self.on_round(RoundReport(0, self.config.rounds, metrics, 0.0, []))
         return metrics
+
+    def _track(self) -> None:
+        """Hand the records written since the last call to the run's loggers."""
+        pending, self._untracked = self._untracked, []
+        self.tracker.log_rounds(pending)
 
     def _finish(self, state: Mapping[str, torch.Tensor], stopped: str | None = None) -> None:
         final = self.rd.summarize(self.baselines, self.components.protocol().as_dict())
@@ -500,14 +525,27 @@ def _registration_order(grid: Any, node_ids: Sequence[int]) -> list[int] | None:
 CLIENT_SPEED_KEY = "client_img_s"
 
 
+#: rounds.jsonl key of each sampled client's training loss (its last epoch's mean), by partition id
+CLIENT_LOSS_KEY = "client_loss"
+
+
 def client_speeds(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     """partition id (a string: a JSON key) → the ``train-img-s`` that client's reply reports
     (:func:`~pchmr.core.engine.federation.client.local_fit`), for the replies that carry both;
     a mechanism that releases less (DP's equal weights, secure aggregation's sums) leaves them out."""
+    return {partition: round(value, 3) for partition, value in _per_client(metrics, SPEED_METRIC).items()}
+
+
+def client_losses(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """partition id → the ``train-loss`` that client's reply reports, as :func:`client_speeds`."""
+    return _per_client(metrics, "train-loss")
+
+
+def _per_client(metrics: Iterable[Mapping[str, Any]], key: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for record in metrics:
-        if SPEED_METRIC in record and PARTITION_KEY in record:
-            out[str(int(record[PARTITION_KEY]))] = round(float(record[SPEED_METRIC]), 3)
+        if key in record and PARTITION_KEY in record:
+            out[str(int(record[PARTITION_KEY]))] = float(record[key])
     return dict(sorted(out.items(), key=lambda item: int(item[0])))
 
 
