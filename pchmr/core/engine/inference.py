@@ -225,3 +225,113 @@ def predict_batch(
         "vertices": (vertices - root).cpu().numpy(),
         "camera": out.camera.float().cpu().numpy(),
     }
+
+
+# --------------------------------------------------------------------------------------
+# predicting on a user's images
+# --------------------------------------------------------------------------------------
+#: Image files ``pchmr predict`` reads from a folder.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: A person box is enlarged by this factor into the square crop (SPIN's convention).
+BOX_MARGIN = 1.2
+
+
+@dataclass(frozen=True)
+class PersonBox:
+    """The square crop of one image: top-left corner and side in pixels, and where it came from
+    (``box``, ``keypoints`` or ``centre``)."""
+
+    x0: float
+    y0: float
+    side: float
+    source: str
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.x0, self.y0, self.side)
+
+
+def centre_box(width: int, height: int) -> PersonBox:
+    """The whole image, centred: a square of the longer side (padded)."""
+    side = float(max(width, height))
+    return PersonBox((width - side) / 2.0, (height - side) / 2.0, side, "centre")
+
+
+def square_box(x: float, y: float, w: float, h: float, source: str, margin: float = BOX_MARGIN) -> PersonBox:
+    """The square crop around a person box ``(x, y, w, h)``: its centre, side ``margin · max(w, h)``."""
+    side = margin * max(w, h)
+    return PersonBox(x + w / 2.0 - side / 2.0, y + h / 2.0 - side / 2.0, side, source)
+
+
+def read_person_boxes(path: str | Path) -> dict[str, PersonBox]:
+    """file name → its crop, from a COCO-layout JSON (``images`` with ``id`` and ``file_name``,
+    ``annotations`` with ``image_id`` and ``bbox`` [x, y, w, h] or ``keypoints`` [x, y, v, …]).
+    An image with several people gets the largest; a keypoints-only annotation is boxed around
+    its visible keypoints. ValueError names what is malformed."""
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--boxes {path} is not readable JSON ({exc})") from None
+    if not isinstance(coco, Mapping) or not isinstance(coco.get("images"), list):
+        raise ValueError(
+            f'--boxes {path} is not in COCO layout: expected {{"images": [{{"id", "file_name"}}], '
+            '"annotations": [{"image_id", "bbox": [x, y, w, h]}]}'
+        )
+    names: dict[Any, str] = {}
+    for entry in coco["images"]:
+        if not isinstance(entry, Mapping) or "id" not in entry or "file_name" not in entry:
+            raise ValueError(f"--boxes {path}: every image needs 'id' and 'file_name', got {entry!r}")
+        names[entry["id"]] = Path(str(entry["file_name"])).name
+    best: dict[str, tuple[float, PersonBox]] = {}
+    for ann in coco.get("annotations", []):
+        if not isinstance(ann, Mapping) or ann.get("image_id") not in names:
+            raise ValueError(f"--boxes {path}: an annotation names no listed image: {ann!r}")
+        box = _annotation_box(ann, path)
+        if box is None:
+            continue
+        area = box.side * box.side
+        name = names[ann["image_id"]]
+        if name not in best or area > best[name][0]:
+            best[name] = (area, box)
+    return {name: box for name, (_, box) in best.items()}
+
+
+def _annotation_box(ann: Mapping[str, Any], path: Path) -> PersonBox | None:
+    bbox = ann.get("bbox")
+    if bbox is not None:
+        values = np.asarray(bbox, dtype=np.float64) if isinstance(bbox, list) else np.zeros(0)
+        if values.shape != (4,) or not np.isfinite(values).all() or values[2] <= 0 or values[3] <= 0:
+            raise ValueError(f"--boxes {path}: bbox must be [x, y, w, h] with w, h > 0, got {bbox!r}")
+        return square_box(*values.tolist(), source="box")
+    keypoints = ann.get("keypoints")
+    if keypoints is None:
+        return None
+    values = np.asarray(keypoints, dtype=np.float64) if isinstance(keypoints, list) else np.zeros(1)
+    if values.size % 3 or not np.isfinite(values).all():
+        raise ValueError(f"--boxes {path}: keypoints must be [x, y, v, …] triples, got {len(values)} numbers")
+    triples = values.reshape(-1, 3)
+    seen = triples[triples[:, 2] > 0]
+    if len(seen) < 2:
+        return None
+    lo, hi = seen[:, :2].min(axis=0), seen[:, :2].max(axis=0)
+    return square_box(lo[0], lo[1], max(hi[0] - lo[0], 1.0), max(hi[1] - lo[1], 1.0), source="keypoints")
+
+
+def crop(image: np.ndarray, box: PersonBox, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 → (size, size, 3) uint8: the square ``box`` (zero outside the image), bilinear."""
+    from PIL import Image
+
+    x0, y0, side = box.as_tuple()
+    patch = Image.fromarray(image).crop((round(x0), round(y0), round(x0 + side), round(y0 + side)))
+    return np.array(patch.resize((size, size), Image.BILINEAR), dtype=np.uint8)  # writable: torch.from_numpy
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB; ValueError names a file that is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"not a readable image ({exc.__class__.__name__}: {exc})") from None

@@ -36,28 +36,36 @@ GT_COLOR = (0.95, 0.7, 0.45)
 SIDE_BACKGROUND = 235
 
 
-def _weak_perspective(camera: np.ndarray, height: int, width: int) -> PinholeCamera:
+Box = tuple[float, float, float]  # (x0, y0, side): the square crop the camera's [-1, 1] spans, in image pixels
+
+
+def _weak_perspective(camera: np.ndarray, height: int, width: int, box: Box | None = None) -> PinholeCamera:
+    """The pinhole camera at :data:`FAR` that renders ``camera`` (s, tx, ty in crop coordinates)
+    into an ``height`` x ``width`` image whose crop is ``box`` (default: the whole image, square)."""
     s, tx, ty = (float(c) for c in camera)
     if not np.isfinite([s, tx, ty]).all() or s <= 0:
         raise ValueError(f"a weak-perspective camera needs a positive finite scale, got (s, tx, ty) = {camera}")
+    x0, y0, side = (0.0, 0.0, float(width)) if box is None else (float(b) for b in box)
+    if box is None and height != width:
+        raise ValueError(f"a {height}x{width} image is not a square crop: give the crop box (x0, y0, side)")
+    focal = s * side / 2.0 * FAR
     return PinholeCamera(
-        fx=s * width / 2.0 * FAR,
-        fy=s * height / 2.0 * FAR,
-        cx=(tx + 1.0) * width / 2.0,
-        cy=(ty + 1.0) * height / 2.0,
-        height=height,
-        width=width,
+        fx=focal, fy=focal, cx=x0 + (tx + 1.0) * side / 2.0, cy=y0 + (ty + 1.0) * side / 2.0, height=height, width=width
     )
 
 
-def _faces_buffer(vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray, height: int, width: int) -> np.ndarray:
+def _faces_buffer(
+    vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray, height: int, width: int, box: Box | None = None
+) -> np.ndarray:
     far = np.asarray(vertices, dtype=np.float64) + np.array([0.0, 0.0, FAR])
-    return rasterize_faces(far, faces, _weak_perspective(camera, height, width))
+    return rasterize_faces(far, faces, _weak_perspective(camera, height, width, box))
 
 
-def mesh_mask(vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W) bool: the pixels the mesh covers through ``camera`` (s, tx, ty)."""
-    return _faces_buffer(vertices, faces, camera, height, width) >= 0
+def mesh_mask(
+    vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray, height: int, width: int, box: Box | None = None
+) -> np.ndarray:
+    """(H, W) bool: the pixels the mesh covers through ``camera`` (s, tx, ty) of crop ``box``."""
+    return _faces_buffer(vertices, faces, camera, height, width, box) >= 0
 
 
 def _shade(
@@ -78,13 +86,15 @@ def overlay_mesh(
     camera: np.ndarray,
     color: tuple[float, float, float] = MESH_COLOR,
     alpha: float = 0.7,
+    box: Box | None = None,
 ) -> np.ndarray:
-    """``image`` (H, W, 3) uint8 with the shaded mesh blended over it (``alpha`` of the mesh)."""
+    """``image`` (H, W, 3) uint8 with the shaded mesh blended over it (``alpha`` of the mesh);
+    ``camera`` is the prediction's, for the crop ``box`` of the image (default: the whole image)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     height, width = image.shape[:2]
     faces = np.asarray(faces, dtype=np.int64)
-    buffer = _faces_buffer(vertices, faces, camera, height, width)
+    buffer = _faces_buffer(vertices, faces, camera, height, width, box)
     out = image.astype(np.float64) / 255.0
     covered = buffer >= 0
     out[covered] = (1.0 - alpha) * out[covered] + alpha * _shade(vertices, faces, buffer, color)
@@ -98,27 +108,38 @@ def side_view(
     height: int,
     width: int,
     color: tuple[float, float, float] = MESH_COLOR,
+    box: Box | None = None,
 ) -> np.ndarray:
     """The mesh turned 90° about the vertical axis (seen from its right), at the front view's
-    scale, centred, on a light background: depth errors the front view hides show here."""
+    scale and height, centred, on a light background: depth errors the front view hides show here."""
     v = np.asarray(vertices, dtype=np.float64)
     centre = v.mean(axis=0)
     turned = v - centre
-    turned = np.stack([-turned[:, 2], turned[:, 1], turned[:, 0]], axis=1)  # rotate about y: z → x
-    side_camera = np.array([float(camera[0]), 0.0, float(camera[2]) + float(camera[0]) * centre[1]])
+    turned = np.stack([-turned[:, 2], turned[:, 1], turned[:, 0]], axis=1)  # rotate about y: depth → x
+    front = _weak_perspective(camera, height, width, box)
+    s_px = front.fx / FAR
+    pixel = PinholeCamera(
+        fx=front.fx, fy=front.fy, cx=width / 2.0, cy=front.cy + s_px * centre[1], height=height, width=width
+    )
     faces = np.asarray(faces, dtype=np.int64)
-    buffer = _faces_buffer(turned, faces, side_camera, height, width)
+    buffer = rasterize_faces(turned + np.array([0.0, 0.0, FAR]), faces, pixel)
     out = np.full((height, width, 3), SIDE_BACKGROUND / 255.0)
     covered = buffer >= 0
     out[covered] = _shade(turned, faces, buffer, color)
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def front_and_side(image: np.ndarray, vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray) -> np.ndarray:
+def front_and_side(
+    image: np.ndarray, vertices: np.ndarray, faces: np.ndarray, camera: np.ndarray, box: Box | None = None
+) -> np.ndarray:
     """(H, 2W, 3) uint8: the mesh over the image, and its side view beside it."""
     height, width = image.shape[:2]
     return np.concatenate(
-        [overlay_mesh(image, vertices, faces, camera), side_view(vertices, faces, camera, height, width)], axis=1
+        [
+            overlay_mesh(image, vertices, faces, camera, box=box),
+            side_view(vertices, faces, camera, height, width, box=box),
+        ],
+        axis=1,
     )
 
 
