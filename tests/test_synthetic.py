@@ -10,15 +10,15 @@ import torch
 
 from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.sample import META_KEYS, denormalize_image, validate_sample
-from pchmr.plugins.bodymodels.anny import ACTIONS, make_anny
-from pchmr.plugins.datasets import synthetic
-from pchmr.plugins.datasets.render import (
+from pchmr.core.kit.render import (
     PinholeCamera,
     project_points,
     rasterize_faces,
     render_mesh,
     to_crop_coordinates,
 )
+from pchmr.plugins.bodymodels.anny import ACTIONS, make_anny
+from pchmr.plugins.datasets import synthetic
 
 SIZE = 64
 NUM_TRAIN, NUM_TEST = 16, 8

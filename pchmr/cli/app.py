@@ -12,8 +12,10 @@ import typer
 from pchmr.cli._output import err_console
 from pchmr.cli.annotate import annotate, personalize
 from pchmr.cli.data import data_app
+from pchmr.cli.evaluate import evaluate_command
 from pchmr.cli.partition import partition
 from pchmr.cli.plugins import plugins
+from pchmr.cli.predict import predict
 from pchmr.cli.privacy import privacy_app
 from pchmr.cli.profile import profile
 from pchmr.cli.report import report
@@ -36,6 +38,8 @@ app.add_typer(privacy_app, name="privacy")
 app.command(name="annotate")(annotate)
 app.command(name="personalize")(personalize)
 app.command(name="profile")(profile)
+app.command(name="eval")(evaluate_command)
+app.command(name="predict")(predict)
 
 
 def main() -> None:

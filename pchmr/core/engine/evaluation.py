@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -45,15 +45,26 @@ def _full_precision(out: HMROutput) -> HMROutput:
 
 
 @torch.no_grad()
-def evaluate(module: HMRModule, loader: DataLoader, placement: Placement | None = None) -> dict[str, float]:
+def evaluate(
+    module: HMRModule,
+    loader: DataLoader,
+    placement: Placement | None = None,
+    on_batch: Callable[[Mapping[str, torch.Tensor], HMROutput], None] | None = None,
+) -> dict[str, float]:
     """Run the evaluation protocol of :meth:`HMRModule.update_metrics` over ``loader``, on
     ``placement`` (default: where the module is, in 32-bit): batches are moved there, the forward
-    pass runs under its autocast, the metrics are computed in float32."""
+    pass runs under its autocast, the metrics are computed in float32. ``on_batch`` sees every
+    batch and its float32 prediction (``pchmr eval``'s per-sample errors)."""
     with _placed(module, placement):
-        return _evaluate(module, loader, placement)
+        return _evaluate(module, loader, placement, on_batch)
 
 
-def _evaluate(module: HMRModule, loader: DataLoader, placement: Placement | None) -> dict[str, float]:
+def _evaluate(
+    module: HMRModule,
+    loader: DataLoader,
+    placement: Placement | None,
+    on_batch: Callable[[Mapping[str, torch.Tensor], HMROutput], None] | None = None,
+) -> dict[str, float]:
     was_training = module.training
     module.eval()
     for m in module.val_metrics.values():
@@ -75,6 +86,8 @@ def _evaluate(module: HMRModule, loader: DataLoader, placement: Placement | None
                 "batch (diverged training, or a normalisation statistic pushed out of range)"
             )
         module.update_metrics(batch, out)
+        if on_batch is not None:
+            on_batch(batch, out)
     # a metric with no update (MPVPE on a test set without GT meshes) is NaN, without torchmetrics' warning
     result = {k: float(m.compute()) if m.update_called else math.nan for k, m in module.val_metrics.items()}
     for m in module.val_metrics.values():

@@ -26,7 +26,7 @@ from pchmr.core.engine.mesh_losses import edge_length_loss, normal_loss
 from pchmr.core.kit.geometry import project_weak_perspective
 from pchmr.core.kit.metrics import MPJPE, MPVPE, PAMPJPE, PCK
 
-__all__ = ["HMRModule", "OptimConfig"]
+__all__ = ["AlignedPrediction", "HMRModule", "OptimConfig"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,19 @@ class OptimConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay!r}")
+
+
+@dataclass(frozen=True)
+class AlignedPrediction:
+    """One batch's prediction and ground truth, rooted as the evaluation protocol roots them
+    (metres, camera-frame axes): what the metrics compare (:meth:`HMRModule.aligned_for_metrics`)."""
+
+    pred_joints: Tensor  # (B, J, 3)
+    gt_joints: Tensor  # (B, J, 3)
+    valid: Tensor  # (B, J) 1 where the GT joint is annotated
+    pred_vertices: Tensor  # (B, V, 3) the full mesh
+    gt_vertices: Tensor  # (B, V, 3)
+    has_mesh: Tensor  # (B,) bool: the sample has a GT mesh
 
 
 class HMRModule(pl.LightningModule):
@@ -256,6 +269,16 @@ class HMRModule(pl.LightningModule):
         are aligned at their own regressed pelvis. Samples without a valid GT pelvis keep the
         mid-hip on both sides and are counted in :attr:`mid_hip_fallbacks`. PA-MPJPE does not
         depend on the root."""
+        a = self.aligned_for_metrics(batch, out)
+        self.val_metrics["mpjpe_mm"].update(a.pred_joints, a.gt_joints, a.valid)
+        self.val_metrics["pa_mpjpe_mm"].update(a.pred_joints, a.gt_joints, a.valid)
+        self.val_metrics["pck"].update(a.pred_joints, a.gt_joints, a.valid)
+        if a.has_mesh.any():
+            self.val_metrics["mpvpe_mm"].update(a.pred_vertices[a.has_mesh], a.gt_vertices[a.has_mesh])
+
+    def aligned_for_metrics(self, batch: Mapping[str, Tensor], out: HMROutput) -> AlignedPrediction:
+        """The prediction and the ground truth as :meth:`update_metrics` scores them: joints
+        regressed from the full mesh, both sides rooted by the protocol's alignment."""
         pred_full = out.vertices[-1]
         pred_joints = self.regress_joints(pred_full)
         root = self._root(pred_joints)
@@ -263,13 +286,9 @@ class HMRModule(pl.LightningModule):
         gt_full = batch["vertices"]
         if self.alignment == "pelvis":
             root, gt_joints, gt_full = self._pelvis_aligned(batch, pred_full, root, gt_joints, gt_full, valid)
-        pred_joints, pred_full = pred_joints - root, pred_full - root
-        self.val_metrics["mpjpe_mm"].update(pred_joints, gt_joints, valid)
-        self.val_metrics["pa_mpjpe_mm"].update(pred_joints, gt_joints, valid)
-        self.val_metrics["pck"].update(pred_joints, gt_joints, valid)
-        has_mesh = batch["has_vertices"] > 0
-        if has_mesh.any():
-            self.val_metrics["mpvpe_mm"].update(pred_full[has_mesh], gt_full[has_mesh])
+        return AlignedPrediction(
+            pred_joints - root, gt_joints, valid, pred_full - root, gt_full, batch["has_vertices"] > 0
+        )
 
     def _pelvis_aligned(
         self,

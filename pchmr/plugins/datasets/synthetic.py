@@ -3,7 +3,7 @@
 Every sample is a posed body (one of :data:`NUM_SUBJECTS` fixed subjects, one action family of
 the body model's pose sampler) rendered with one colour per body part (left limbs warm, right
 limbs cool, torso front white and back dark grey, face skin and back of the head dark) over a
-patterned background, by the CPU rasteriser of :mod:`pchmr.plugins.datasets.render`.
+patterned background, by the CPU rasteriser of :mod:`pchmr.core.kit.render`.
 
 Labels, chosen for non-IID federated splits (``meta`` of every sample, ``HMRData.labels``):
 
@@ -60,7 +60,7 @@ from pchmr.core.contracts.dataset import DatasetSpec, HMRData
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.options import option, read_options
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
-from pchmr.plugins.datasets.render import PinholeCamera, render_mesh
+from pchmr.core.kit.render import PinholeCamera, render_mesh
 
 __all__ = [
     "DATASET_VERSION",
