@@ -131,7 +131,8 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
         # the crop is the whole synthetic image (rendered at the crop size): its keypoints are the true 2D labels
         ground_truth = {"joints_3d": np.asarray(split.array("joints_3d")[indices]),
                         "vertices": np.asarray(split.array("vertices")[indices]),
-                        "keypoints_2d": np.asarray(split.array("keypoints_2d")[indices])}  # fmt: skip
+                        "keypoints_2d": np.asarray(split.array("keypoints_2d")[indices]),
+                        "translation": np.asarray(split.array("root_cam")[indices], dtype=np.float32)}  # fmt: skip
     start = time.perf_counter()
     result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
                             full_image=full_image, batch_size=batch_size, meta=meta, placement=placement)  # fmt: skip
