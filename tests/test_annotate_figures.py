@@ -178,6 +178,65 @@ def test_deposers_side_views_are_closer_to_the_truth_than_smplifyxs(annotated, o
     assert summary["mean"]["deposer"]["depth_mm"] == pytest.approx(depth["deposer"], rel=1e-6)
 
 
+def _image_folder(annotated: Path, folder: Path, count: int) -> None:
+    """Real-image inputs made of the first synthetic crops: each pasted into a larger noisy image
+    at its own offset, its true joints written as COCO-17 keypoints (ears at the head; nose and
+    eyes missing), so the fit's camera is the default one, not the renderer's."""
+    from pchmr.plugins.annotators.sources import COCO17
+    from pchmr.plugins.bodymodels.anny import JOINT_NAMES
+
+    (folder / "images").mkdir(parents=True)
+    (folder / "keypoints").mkdir()
+    rng = np.random.default_rng(0)
+    with np.load(annotated / "labels.npz") as npz:
+        crops, truth = npz["images"][:count], npz["gt_keypoints_2d"][:count]
+    for k in range(count):
+        size, (left, top) = crops[k].shape[0], (20 + 15 * k, 30)
+        canvas = rng.integers(40, 220, (150, 200, 3), dtype=np.uint8)
+        canvas[top : top + size, left : left + size] = crops[k]
+        pixels = (truth[k][:, :2] + 1.0) * size / 2.0 + (left, top)
+        coco = np.zeros((17, 3))
+        for j, name in enumerate(COCO17):
+            joint = name if name in JOINT_NAMES else "head" if name.endswith("ear") else None
+            if joint is not None:
+                coco[j] = [*pixels[JOINT_NAMES.index(joint)], 0.9]
+        Image.fromarray(canvas).save(folder / "images" / f"person{k}.png")
+        (folder / "keypoints" / f"person{k}.json").write_text(json.dumps({"keypoints": coco.tolist()}))
+
+
+def test_an_image_folder_is_drawn_over_its_source_image(annotated, faces, tmp_path):
+    """On real images the front view's background is the crop's box cut from the source image at
+    the panel's resolution (sharper than the stored crop) and the fit, through the default camera
+    it was fitted with, lies on the person; without the source folder the stored crop is used."""
+    from pchmr.core.engine.annotation import crop_image
+
+    _image_folder(annotated["deposer"], tmp_path / "inputs", 3)
+    out = tmp_path / "labels"
+    args = ["annotate", str(tmp_path / "inputs" / "images"), "--keypoints", str(tmp_path / "inputs" / "keypoints"),
+            "--annotator", "smplifyx", "--option", "iterations=20", "--figures", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "figures" / FIGURES_FILE).read_text())
+    assert [r["background"] for r in summary["per_image"]] == ["source image"] * 3 and not summary["ground_truth"]
+    annotation = open_annotation(out, lambda _: faces)
+    for image_id in ("person0", "person1", "person2"):
+        k = annotation.position[image_id]
+        source = np.asarray(Image.open(tmp_path / "inputs" / "images" / f"{image_id}.png"))
+        box = tuple(float(v) for v in annotation.labels.array("crop_box")[k])
+        png = out / "figures" / f"{image_id}.png"
+        np.testing.assert_array_equal(panel(png, 0), crop_image(source, box, PANEL_SIZE))
+        view = draw_fit(annotation, image_id)
+        np.testing.assert_array_equal(panel(png, 1), view.front)
+        assert view.truth_side_mask is None
+        observed = annotation.labels.array("keypoints_2d")[k]  # the true joints, in the crop
+        assert _inside(view.front_mask, observed[observed[:, 2] > 0], PANEL_SIZE) >= 0.7
+    shutil.move(tmp_path / "inputs", tmp_path / "elsewhere")
+    result = CliRunner().invoke(app, ["annotate-compare", str(out), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "again" / FIGURES_FILE).read_text())
+    assert [r["background"] for r in summary["per_image"]] == ["crop"] * 3
+
+
 def _subset(source: Path, target: Path, ids: list[str], **changes: np.ndarray) -> Path:
     """A copy of the annotate directory ``source`` holding only ``ids``, in that order, with
     ``changes`` replacing arrays (after the selection)."""
