@@ -150,6 +150,8 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
             "seconds": time.perf_counter() - start}  # fmt: skip
     if placement is not None:
         info["placement"] = placement.describe()
+    if Path(target).is_dir():  # where the figures find the source images again, wherever they are drawn
+        info["image_folder"] = str(Path(target).resolve())
     write_pseudo_labels(out, result, info, ground_truth)
     summary = {"annotated": len(result.image_ids), "failed": Counter(r.error for r in result.records if r.status != "ok"),
                "seconds": info["seconds"]}  # fmt: skip

@@ -114,6 +114,12 @@ class Annotation:
 
     @property
     def has_ground_truth(self) -> bool:
+        """Whether the true meshes are stored (synthetic images): drawn under the fits' side views."""
+        return self.labels.has_ground_truth
+
+    @property
+    def has_true_camera(self) -> bool:
+        """Whether the true root positions are stored too, so the truth has a front view."""
         return self.labels.has_ground_truth and "gt_translation" in self.labels.keys
 
     def source_image(self, image_id: str) -> Path | None:
@@ -122,9 +128,10 @@ class Annotation:
         if self._sources is None:
             from pchmr.core.engine.annotation import IMAGE_SUFFIXES
 
-            target = Path(str(self.labels.info.get("target", "")))
+            info = self.labels.info
+            target = Path(str(info.get("image_folder") or info.get("target") or ""))
             self._sources = {}
-            if self.labels.info.get("target") not in (None, "synthetic") and target.is_dir():
+            if info.get("target") not in (None, "synthetic") and target.is_dir():
                 self._sources = {p.stem: p for p in sorted(target.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         return self._sources.get(image_id)
 
@@ -288,7 +295,7 @@ def draw_truth(annotation: Annotation, image_id: str, size: int = PANEL_SIZE, *,
     """The ground truth of ``image_id`` drawn like a fit (front through the true root position
     and the camera the fit used — a synthetic image's own —, side alone at its own scale)."""
     labels, k = annotation.labels, annotation.position[image_id]
-    if not annotation.has_ground_truth:
+    if not annotation.has_true_camera:
         raise FigureInputError(f"{annotation.path / LABELS_FILE} has no ground truth (gt_vertices, gt_translation)")
     if picture is None:
         picture, _ = background(annotation, image_id, size)
@@ -392,6 +399,7 @@ def _caption(annotation: Annotation, numbers: dict[str, float]) -> str:
 class _Drawn:
     """One image's row: panels, column titles, caption, per-annotation numbers."""
 
+    image_id: str
     panels: list[np.ndarray]
     titles: list[str]
     caption: str
@@ -410,13 +418,13 @@ def _draw_image(annotations: Sequence[Annotation], image_id: str, size: int) -> 
                    if view.truth_side_mask is not None else "")]  # fmt: skip
         numbers[annotation.name] = fit_numbers(annotation, image_id, view)
         captions.append(_caption(annotation, numbers[annotation.name]))
-    truth = next((a for a in annotations if a.has_ground_truth), None)
+    truth = next((a for a in annotations if a.has_true_camera), None)
     if truth is not None:
         view = draw_truth(truth, image_id, size, picture=background(truth, image_id, size)[0])
         panels += [view.front, view.side]
         titles += ["ground truth front", "ground truth side"]
     caption = " | ".join(captions) + "   (side views: the camera is on the right)"
-    return _Drawn(panels, titles, caption, numbers, kind)
+    return _Drawn(image_id, panels, titles, caption, numbers, kind)
 
 
 def _figure(rows: Sequence[_Drawn], size: int) -> np.ndarray:
@@ -472,7 +480,7 @@ def write_figures(annotations: Sequence[Annotation], out: str | Path, *, size: i
         "only_in": {path: ids for path, ids in only.items() if ids},
         "ground_truth": any(a.has_ground_truth for a in annotations),
         "panel_size": size,
-        "overview": [drawn.titles[0].removeprefix("image ") for drawn in rows],
+        "overview": [drawn.image_id for drawn in rows],
         "mean": means,
         "per_image": per_image,
     }

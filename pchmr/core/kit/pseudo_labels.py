@@ -6,7 +6,8 @@ this module is its one reader, used by ``pchmr personalize`` (through the engine
 
     DIR/
       info.json       annotator (and its options), target, body_model, crop_size, the data and
-                      source options, "gt": "pseudo", counts "annotated" / "failed"
+                      source options, "gt": "pseudo", counts "annotated" / "failed"; an image
+                      folder's absolute path (image_folder) for the figures
       records.jsonl   one record per input image: image_id, status ok/failed, the error's class
                       name and message (failed images are recorded, never silently dropped)
       labels.npz      the annotated images only, N of them:
