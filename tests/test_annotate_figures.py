@@ -103,6 +103,23 @@ def test_annotate_figures_draw_every_fit_front_and_side_with_the_truth(annotated
     assert summary["mean"]["deposer"]["mpjpe_mm"] == pytest.approx(errors.mean() * 1000, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ANNOTATORS)
+def test_the_stored_camera_is_the_one_the_fit_used(opened, name):
+    """The joints at the stored translation, projected through the stored intrinsics, miss the
+    observed keypoints by exactly the 2D error the fit recorded: the front view is drawn through
+    the fit's own projection."""
+    labels = opened[name].labels
+    for k, image_id in enumerate(labels.image_ids):
+        joints = labels.array("joints_3d")[k][:, :3] + labels.array("translation")[k]
+        f, cx, cy = labels.array("intrinsics")[k]
+        projected = np.stack([f * joints[:, 0] / joints[:, 2] + cx, f * joints[:, 1] / joints[:, 2] + cy], axis=1)
+        observed = labels.array("keypoints_2d")[k]
+        seen = observed[:, 2] > 0
+        error = np.linalg.norm(projected[seen] - observed[seen, :2], axis=1).mean() * 112.0  # pixels of 224
+        recorded = opened[name].records[str(image_id)]["losses"]["reprojection_px"]
+        assert error == pytest.approx(recorded, rel=1e-3, abs=1e-3)
+
+
 def _inside(mask: np.ndarray, keypoints: np.ndarray, size: int) -> float:
     """Share of the (J, 2+) crop-coordinate keypoints that fall on ``mask``."""
     pixels = np.clip(np.floor((keypoints[:, :2] + 1.0) * size / 2.0).astype(int), 0, size - 1)
