@@ -33,6 +33,7 @@ from pchmr.report.annotation_figures import (
     fit_numbers,
     name_columns,
     open_annotation,
+    torso_angles,
 )
 
 N = 6
@@ -252,6 +253,18 @@ def test_an_image_folder_is_drawn_over_its_source_image(annotated, faces, tmp_pa
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "again" / FIGURES_FILE).read_text())
     assert [r["background"] for r in summary["per_image"]] == ["crop"] * 3
+
+
+def test_torso_angles_measure_a_turn_about_the_vertical_and_a_lean_in_depth(opened):
+    truth = opened["deposer"].labels.array("gt_joints_3d")[0][:, :3].astype(np.float64)
+    yaw, lean = torso_angles(truth)
+    for degrees in (30.0, 150.0):
+        t = np.radians(degrees)
+        turned = truth @ np.array([[np.cos(t), 0, -np.sin(t)], [0, 1, 0], [np.sin(t), 0, np.cos(t)]])
+        assert abs((torso_angles(turned)[0] - yaw + 180) % 360 - 180) == pytest.approx(degrees, abs=1e-6)
+    t = np.radians(20.0)
+    leaning = truth @ np.array([[1, 0, 0], [0, np.cos(t), np.sin(t)], [0, -np.sin(t), np.cos(t)]])
+    assert abs(torso_angles(leaning)[1] - lean) == pytest.approx(20.0, abs=1e-6)
 
 
 def _subset(source: Path, target: Path, ids: list[str], **changes: np.ndarray) -> Path:

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pchmr.core.kit.atomic import write_bytes_atomic, write_text_atomic
+from pchmr.core.kit.joints import LSP_14
 from pchmr.core.kit.overlay import GT_COLOR, MESH_COLOR, MeshLayer, draw_mesh, side_layers
 from pchmr.core.kit.pseudo_labels import CAMERA_ARRAYS, LABELS_FILE, LabelDirectory, read_label_directory
 from pchmr.core.kit.render import PinholeCamera
@@ -50,6 +51,7 @@ __all__ = [
     "match_images",
     "name_columns",
     "open_annotation",
+    "torso_angles",
     "write_figures",
 ]
 
@@ -311,10 +313,22 @@ def draw_truth(annotation: Annotation, image_id: str, size: int = PANEL_SIZE, *,
 
 
 # ------------------------------------------------------------------------------ numbers
+def torso_angles(joints: np.ndarray) -> tuple[float, float]:
+    """(yaw, lean) in degrees of a camera-frame LSP-14 skeleton: the yaw of the hips' and
+    shoulders' left-to-right direction about the vertical axis (0: across the image), and the
+    lean of the mid-hip → neck direction in depth (positive: the top away from the camera). What
+    a 2D fit gets wrong and a side view shows: a body turned about the vertical or leaning in depth."""
+    j = {name: np.asarray(joints[i], dtype=np.float64) for i, name in enumerate(LSP_14)}
+    across = j["left_shoulder"] - j["right_shoulder"] + j["left_hip"] - j["right_hip"]
+    up = j["neck"] - (j["left_hip"] + j["right_hip"]) / 2.0
+    return math.degrees(math.atan2(across[2], across[0])), math.degrees(math.atan2(up[2], -up[1]))
+
+
 def fit_numbers(annotation: Annotation, image_id: str, view: View | None = None) -> dict[str, float]:
     """Per image: the fit's 2D reprojection error (pixels of a 224-pixel crop, from its record)
     and, with ground truth, MPJPE and the mean absolute depth error of the root-relative joints
-    (mm), and the side view's overlap (IoU) of the fit with the truth."""
+    (mm), how far the torso is turned and leaning from the truth's (:func:`torso_angles`,
+    degrees; LSP-14 joints), and the side view's overlap (IoU) of the fit with the truth."""
     k = annotation.position[image_id]
     numbers: dict[str, float] = {}
     losses = annotation.records.get(image_id, {}).get("losses") or {}
@@ -325,6 +339,10 @@ def fit_numbers(annotation: Annotation, image_id: str, view: View | None = None)
         truth = np.asarray(annotation.labels.array("gt_joints_3d")[k], dtype=np.float64)[:, :3]
         numbers["mpjpe_mm"] = float(np.linalg.norm(joints - truth, axis=1).mean() * 1000.0)
         numbers["depth_mm"] = float(np.abs(joints[:, 2] - truth[:, 2]).mean() * 1000.0)
+        if len(joints) == len(LSP_14) == len(truth):
+            (yaw, lean), (true_yaw, true_lean) = torso_angles(joints), torso_angles(truth)
+            numbers["torso_yaw_deg"] = float(abs((yaw - true_yaw + 180.0) % 360.0 - 180.0))
+            numbers["torso_lean_deg"] = float(abs(lean - true_lean))
     if view is not None and view.truth_side_mask is not None:
         union = int((view.side_mask | view.truth_side_mask).sum())
         numbers["side_iou"] = float((view.side_mask & view.truth_side_mask).sum() / union) if union else 0.0
@@ -388,6 +406,8 @@ def _caption(annotation: Annotation, numbers: dict[str, float]) -> str:
     parts = [annotation.name]
     if "mpjpe_mm" in numbers:
         parts.append(f"MPJPE {numbers['mpjpe_mm']:.0f} mm, depth {numbers['depth_mm']:.0f} mm")
+    if "torso_yaw_deg" in numbers:
+        parts.append(f"torso turned {numbers['torso_yaw_deg']:.0f}°, leaning {numbers['torso_lean_deg']:.0f}°")
     if "side_iou" in numbers:
         parts.append(f"side IoU {numbers['side_iou']:.2f}")
     if "reprojection_px" in numbers:
