@@ -30,9 +30,10 @@ def annotate_compare(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
-    """Draw the fits of several annotations of the same images side by side, matched by image name:
-    per image the image, each annotation's mesh over it and turned 90° (the ground truth under it
-    when known), and an overview of the first images."""
+    """Draw the fits of several annotations of the same images side by side, front and side view.
+
+    Images are matched by name; per image the image, each annotation's mesh over it and turned 90°
+    (the ground truth under it when known); an overview of the first images; figures.json."""
     from pchmr.core.engine.registry import PluginError
 
     for problem in (check_number("--size", size, 32, whole=True), check_number("--overview", overview, 0, whole=True)):

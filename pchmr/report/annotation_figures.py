@@ -167,7 +167,8 @@ def match_images(annotations: Sequence[Annotation]) -> tuple[list[str], dict[str
     no common image, and an id whose ground truth differs between two annotations (the same
     name, not the same image: synthetic images of another seed or split)."""
     common = [i for i in annotations[0].position if all(i in a.position for a in annotations[1:])]
-    only = {str(a.path): [i for i in a.position if i not in set(common)] for a in annotations}
+    shared = set(common)
+    only = {str(a.path): [i for i in a.position if i not in shared] for a in annotations}
     if not common:
         shown = "; ".join(f"{a.path}: {_some(list(a.position))}" for a in annotations)
         raise FigureInputError(
@@ -428,11 +429,17 @@ class _Drawn:
 
 
 def _draw_image(annotations: Sequence[Annotation], image_id: str, size: int) -> _Drawn:
-    picture, kind = background(annotations[0], image_id, size)
-    panels, titles, captions, numbers = [picture], [f"image {image_id}"], [], {}
+    pictures: dict[int, tuple[np.ndarray, str]] = {}
+
+    def picture_of(annotation: Annotation) -> np.ndarray:
+        if id(annotation) not in pictures:
+            pictures[id(annotation)] = background(annotation, image_id, size)
+        return pictures[id(annotation)][0]
+
+    panels, titles, captions, numbers = [picture_of(annotations[0])], [f"image {image_id}"], [], {}
+    kind = pictures[id(annotations[0])][1]
     for annotation in annotations:
-        own = picture if annotation is annotations[0] else background(annotation, image_id, size)[0]
-        view = draw_fit(annotation, image_id, size, picture=own)
+        view = draw_fit(annotation, image_id, size, picture=picture_of(annotation))
         panels += [view.front, view.side]
         titles += [f"{annotation.name} front", f"{annotation.name} side" + (" (GT under it)"
                    if view.truth_side_mask is not None else "")]  # fmt: skip
@@ -440,7 +447,7 @@ def _draw_image(annotations: Sequence[Annotation], image_id: str, size: int) -> 
         captions.append(_caption(annotation, numbers[annotation.name]))
     truth = next((a for a in annotations if a.has_true_camera), None)
     if truth is not None:
-        view = draw_truth(truth, image_id, size, picture=background(truth, image_id, size)[0])
+        view = draw_truth(truth, image_id, size, picture=picture_of(truth))
         panels += [view.front, view.side]
         titles += ["ground truth front", "ground truth side"]
     caption = " | ".join(captions) + "   (side views: the camera is on the right)"
