@@ -248,6 +248,32 @@ def zip_of(**members: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def annotate_dir(name: str, ids: Sequence[str] = ("000000", "000001"), camera: bool = True) -> Setup:
+    """A small ``pchmr annotate --out`` directory (4-vertex meshes, 8-pixel crops) holding ``ids``;
+    without ``camera`` as annotate wrote it before the fitted camera was stored."""
+
+    def make(ws: Path, base: Path) -> None:
+        n = len(ids)
+        arrays: dict[str, np.ndarray] = {
+            "image_ids": np.array(ids), "images": np.zeros((n, 8, 8, 3), np.uint8),
+            "keypoints_2d": np.zeros((n, 14, 3), np.float32), "joints_3d": np.zeros((n, 14, 3), np.float32),
+            "vertices": np.zeros((n, 4, 3), np.float32),
+            **{f"meta_{key}": np.array(["unknown"] * n) for key in ("subject", "scene", "action", "source")},
+        }  # fmt: skip
+        if camera:
+            arrays.update(translation=np.tile(np.float32([0, 0, 3]), (n, 1)),
+                          intrinsics=np.tile(np.float32([2, 0, 0]), (n, 1)), crop_box=np.zeros((n, 3), np.float32))  # fmt: skip
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        _fresh(ws / name / "labels.npz").write_bytes(buffer.getvalue())
+        info = {"annotator": {"annotator": "deposer"}, "body_model": "anny", "target": "synthetic", "annotated": n}
+        (ws / name / "info.json").write_text(json.dumps(info))
+        records = [{"image_id": i, "status": "ok", "annotator": "deposer"} for i in ids]
+        (ws / name / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    return make
+
+
 TAKEN = write("taken", "my own file\n")
 EMPTY = folder("empty")
 ROW = '[rows.a]\nstrategy = "fedavg"\n'
@@ -615,6 +641,27 @@ def _cases() -> list[Case]:
         "--accelerator must be one of auto, cpu, gpu, mps, got 'tpu'")  # fmt: skip
     add("annotate-devices-2", ["annotate", "synthetic", "--out", "o", "--devices", "2"],
         "--devices 2: more than one device needs --accelerator gpu")  # fmt: skip
+
+    # ---------------------------------------------------------------- annotate-compare
+    add("annotate-compare-not-annotate-output", ["annotate-compare", "a", "empty", "--out", "f"],
+        "empty is not a `pchmr annotate --out` directory", "it lacks info.json, records.jsonl, labels.npz",
+        setup=(annotate_dir("a"), EMPTY), keep=("a",))  # fmt: skip
+    add("annotate-compare-missing", ["annotate-compare", "a", "missing", "--out", "f"],
+        "missing: pseudo-label directory does not exist", setup=(annotate_dir("a"),), keep=("a",))  # fmt: skip
+    add("annotate-compare-no-camera", ["annotate-compare", "a", "old", "--out", "f"],
+        "old/labels.npz has no fitted camera (translation, intrinsics)", "annotate the images again",
+        setup=(annotate_dir("a"), annotate_dir("old", camera=False)), keep=("a", "old"))  # fmt: skip
+    add("annotate-compare-no-common-images", ["annotate-compare", "a", "b", "--out", "f"],
+        "the annotations share no annotated image", "b: x7 (1 images)",
+        setup=(annotate_dir("a"), annotate_dir("b", ("x7",))), keep=("a", "b"))  # fmt: skip
+    add("annotate-compare-size-small", ["annotate-compare", "a", "--out", "f", "--size", "8"],
+        "--size must be a whole number >= 32, got 8", setup=(annotate_dir("a"),))  # fmt: skip
+    add("annotate-compare-out-is-input", ["annotate-compare", "a", "b", "--out", "a", "--overwrite"],
+        "--out a is one of the annotations it would draw", setup=(annotate_dir("a"), annotate_dir("b")),
+        keep=("a", "b"))  # fmt: skip
+    add("annotate-compare-out-not-empty", ["annotate-compare", "a", "--out", "old"],
+        "--out old is not empty (it holds labels.npz)", "pass --overwrite",
+        setup=(annotate_dir("a"), write("old/labels.npz", "earlier results")), keep=("old",))  # fmt: skip
 
     # ---------------------------------------------------------------- personalize
     def labels(name: str = "labels") -> Setup:

@@ -94,7 +94,7 @@ def test_bad_input_is_refused_cleanly(case: Case, base: Path, tmp_path: Path, mo
 
 def test_the_catalogue_covers_every_command() -> None:
     commands = {case.command for case in CASES}
-    expected = {"run", "report", "sweep", "plugins", "partition", "annotate", "personalize", "profile",
+    expected = {"run", "report", "sweep", "plugins", "partition", "annotate", "annotate-compare", "personalize", "profile",
                 "data prepare", "data check", "privacy budget"}  # fmt: skip
     assert expected <= commands, sorted(expected - commands)
     assert len(CASES) >= 60

@@ -29,6 +29,8 @@ DEFAULT_CROP = 64
 #: Help of the placement flags both commands take (the values of ``pchmr run``'s, see RunConfig).
 ACCELERATOR_HELP = "auto (a CUDA GPU when torch sees one, else the CPU), cpu, gpu or mps."
 DEVICES_HELP = "Devices to use (only 1: one device fits or fine-tunes)."
+#: Where ``pchmr annotate --figures`` draws, inside ``--out``.
+FIGURES_DIR = "figures"
 SYNTHETIC_DATA_KEYS = ("seed", "split", "num_train", "num_test", "limit", "subject", "scene", "action", "source")
 
 
@@ -88,9 +90,12 @@ def _synthetic_split(body_model: Any, options: dict[str, Any], crop: int, cache_
 def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir: Optional[Path], depth_dir: Optional[Path],
                    options: dict[str, Any], keypoint_options: dict[str, Any], depth_options: dict[str, Any],
                    data_options: dict[str, Any], body_model_name: str, smpl_dir: Optional[Path], crop: int,
-                   batch_size: int, cache_dir: Path, placement: Placement | None = None) -> dict[str, Any]:  # fmt: skip
+                   batch_size: int, cache_dir: Path, placement: Placement | None = None,
+                   figures: bool = False) -> dict[str, Any]:  # fmt: skip
     """Annotate an image folder or the synthetic dataset into ``out``, fitting on ``placement``
-    (:func:`~pchmr.core.engine.annotation.annotation_placement`; default the CPU); returns the summary."""
+    (:func:`~pchmr.core.engine.annotation.annotation_placement`; default the CPU), and with
+    ``figures`` draw every fit into ``out/figures`` (:mod:`pchmr.report.annotation_figures`);
+    returns the summary."""
     import numpy as np
 
     from pchmr.core.engine.annotation import (
@@ -131,7 +136,8 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
         # the crop is the whole synthetic image (rendered at the crop size): its keypoints are the true 2D labels
         ground_truth = {"joints_3d": np.asarray(split.array("joints_3d")[indices]),
                         "vertices": np.asarray(split.array("vertices")[indices]),
-                        "keypoints_2d": np.asarray(split.array("keypoints_2d")[indices])}  # fmt: skip
+                        "keypoints_2d": np.asarray(split.array("keypoints_2d")[indices]),
+                        "translation": np.asarray(split.array("root_cam")[indices], dtype=np.float32)}  # fmt: skip
     start = time.perf_counter()
     result = annotate_items(items, annotator, body_model.joint_names, kp_source, dep_source, crop_size=crop,
                             full_image=full_image, batch_size=batch_size, meta=meta, placement=placement)  # fmt: skip
@@ -144,11 +150,19 @@ def run_annotation(target: str, annotator_name: str, out: Path, *, keypoints_dir
             "seconds": time.perf_counter() - start}  # fmt: skip
     if placement is not None:
         info["placement"] = placement.describe()
+    if Path(target).is_dir():  # where the figures find the source images again, wherever they are drawn
+        info["image_folder"] = str(Path(target).resolve())
     write_pseudo_labels(out, result, info, ground_truth)
     summary = {"annotated": len(result.image_ids), "failed": Counter(r.error for r in result.records if r.status != "ok"),
                "seconds": info["seconds"]}  # fmt: skip
     if ground_truth is not None and result.image_ids:
         summary["accuracy"] = accuracy(np.stack(result.joints), np.stack(result.vertices), ground_truth)
+    if figures and result.image_ids:
+        from pchmr.report.annotation_figures import open_annotation, write_figures
+
+        faces = body_model.faces.cpu().numpy()
+        drawn = write_figures([open_annotation(out, lambda name: faces)], out / FIGURES_DIR)
+        summary["figures"] = drawn["images"]
     return summary
 
 
@@ -185,6 +199,12 @@ def annotate(
     accelerator: str = typer.Option("auto", help=f"Where the fits run: {ACCELERATOR_HELP}"),
     devices: int = typer.Option(1, help=DEVICES_HELP),
     precision: str = typer.Option("32-true", help="32-true (fits run in 32-bit: their line search needs it)."),
+    figures: bool = typer.Option(
+        False,
+        "--figures",
+        help="Also draw each fit, front and side view (and the ground truth on synthetic "
+        "images): OUT/figures/<image>.png, overview.png, figures.json.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Fit a body model to local images: pseudo-labelled Samples plus one record per image."""
@@ -213,7 +233,7 @@ def annotate(
             summary = run_annotation(target, annotator, out, keypoints_dir=keypoints, depth_dir=depth, **parsed,
                                      body_model_name=body_model, smpl_dir=smpl_dir, crop=crop_size,
                                      batch_size=batch_size, cache_dir=default_cache_dir(),
-                                     placement=placement)  # fmt: skip
+                                     placement=placement, figures=figures)  # fmt: skip
     except WriteError as exc:
         raise _fail(str(exc), code=RUN_FAILED) from None
     except (ValueError, FileNotFoundError, KeyError, PluginError) as exc:
@@ -223,6 +243,8 @@ def annotate(
     if "accuracy" in summary:
         acc = summary["accuracy"]
         console.print("against ground truth: " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items()))
+    if "figures" in summary:
+        console.print(f"drew {summary['figures']} figures → {out / FIGURES_DIR}")
 
 
 # ------------------------------------------------------------------------ personalize

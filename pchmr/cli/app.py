@@ -1,6 +1,7 @@
 """The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
 beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
-``privacy.py``, ``annotate.py``, ``profile.py``, ``sweep.py``)."""
+``privacy.py``, ``annotate.py``, ``annotate_compare.py``, ``profile.py``, ``sweep.py``, ``evaluate.py``,
+``predict.py``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import typer
 
 from pchmr.cli._output import err_console
 from pchmr.cli.annotate import annotate, personalize
+from pchmr.cli.annotate_compare import annotate_compare
 from pchmr.cli.data import data_app
 from pchmr.cli.evaluate import evaluate_command
 from pchmr.cli.partition import partition
@@ -36,6 +38,7 @@ app.command(name="partition")(partition)
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
 app.command(name="annotate")(annotate)
+app.command(name="annotate-compare")(annotate_compare)
 app.command(name="personalize")(personalize)
 app.command(name="profile")(profile)
 app.command(name="eval")(evaluate_command)

@@ -8,6 +8,10 @@ directly (no pyplot, no global backend switch) and are imported lazily.
 :mod:`pchmr.report.tables`: result tables of run directories (:func:`load_run`,
 :func:`build_report`, Markdown/CSV/LaTeX/JSON/rich renderers; each model's final and best round); :mod:`pchmr.report.convergence`: a
 metric against rounds/epochs (:func:`plot_convergence`). Both back ``pchmr report``.
+
+:mod:`pchmr.report.annotation_figures` (imported on use): ``pchmr annotate`` fits drawn front and
+side, several annotations of the same images side by side (``pchmr annotate --figures``,
+``pchmr annotate-compare``).
 """
 
 from pchmr.report.convergence import plot_convergence

@@ -8,8 +8,10 @@ Output directory of :func:`write_pseudo_labels` (the layout and its one reader:
       info.json          annotator, its options, body model, crop size, counts, "gt": "pseudo"
       records.jsonl      one AnnotationRecord per input image (status, losses or error)
       labels.npz         the annotated images' Samples: images (N, H, W, 3) uint8,
-                         keypoints_2d, joints_3d, vertices, image_ids, meta_* (+ gt_* when
-                         the input had ground truth: joints_3d, vertices, keypoints_2d)
+                         keypoints_2d, joints_3d, vertices, image_ids, meta_*; the fit's camera
+                         (translation, intrinsics) and each crop's box in its image (crop_box);
+                         gt_* when the input had ground truth (joints_3d, vertices,
+                         keypoints_2d, translation)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pchmr.core.engine.devices import DeviceError, Placement, resolve_placement
 from pchmr.core.kit.atomic import savez_atomic, write_text_atomic
 from pchmr.core.kit.pseudo_labels import LABELS_FILE, read_label_directory
 
-__all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "annotation_placement", "crop_box",
+__all__ = ["Annotated", "PseudoLabelSet", "annotate_items", "annotation_placement", "crop_box", "crop_image",
            "items_from_dataset", "items_from_folder", "write_pseudo_labels"]  # fmt: skip
 
 log = logging.getLogger("pchmr.annotate")
@@ -58,7 +60,10 @@ DEFAULT_FOCAL_FACTOR = 1.0
 @dataclass
 class Annotated:
     """The result of :func:`annotate_items`: per image a record; for the annotated ones the
-    crop (H, W, 3) uint8, observation and fit (camera-frame root-relative metres)."""
+    crop (H, W, 3) uint8, observation and fit (camera-frame root-relative metres), the fit's
+    root position in the camera frame (``translations``, metres), the crop-unit intrinsics it
+    was fitted through (``intrinsics``: f, cx, cy) and the crop's box in its image
+    (``boxes``: left, top, side in pixels)."""
 
     records: list[AnnotationRecord] = field(default_factory=list)
     image_ids: list[str] = field(default_factory=list)
@@ -68,6 +73,9 @@ class Annotated:
     joints: list[np.ndarray] = field(default_factory=list)
     meta: list[dict[str, str]] = field(default_factory=list)
     items: list[AnnotationItem] = field(default_factory=list)
+    translations: list[np.ndarray] = field(default_factory=list)
+    intrinsics: list[np.ndarray] = field(default_factory=list)
+    boxes: list[tuple[float, float, float]] = field(default_factory=list)
 
 
 def items_from_dataset(split: Any, indices: Sequence[int] | None = None, prefix: str = "") -> list[AnnotationItem]:
@@ -122,7 +130,9 @@ def crop_box(keypoints: np.ndarray, image_size: tuple[int, int], full_image: boo
     return float(centre[0] - side / 2), float(centre[1] - side / 2), side
 
 
-def _crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+def crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -> np.ndarray:
+    """The square ``box`` (left, top, side) of ``image`` resampled to ``size`` x ``size`` pixels
+    (bilinear; the part of the box outside the image is black)."""
     from PIL import Image
 
     left, top, side = box
@@ -131,9 +141,10 @@ def _crop_image(image: np.ndarray, box: tuple[float, float, float], size: int) -
 
 
 def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: KeypointSource, depth: DepthSource | None,
-            crop_size: int, full_image: bool) -> tuple[Observation, np.ndarray]:  # fmt: skip
-    """One item → its crop-coordinate :class:`Observation` and (crop_size, crop_size, 3) crop;
-    raises :class:`AnnotationInputError` for an unusable image."""
+            crop_size: int, full_image: bool) -> tuple[Observation, np.ndarray, tuple[float, float, float]]:  # fmt: skip
+    """One item → its crop-coordinate :class:`Observation`, (crop_size, crop_size, 3) crop and
+    the crop's box in the image (left, top, side pixels); raises :class:`AnnotationInputError`
+    for an unusable image."""
     kp = keypoints(item, joint_names)
     h, w = item.size
     intrinsics = kp.intrinsics
@@ -146,7 +157,7 @@ def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: Keypoin
         depth_values, depth_valid, invariance = np.zeros(len(kp.keypoints)), np.zeros(len(kp.keypoints)), "scale"
     box = crop_box(kp.keypoints, (h, w), full_image)
     crop_kp, crop_k = pixels_to_crop(kp.keypoints, intrinsics, box)
-    crop = item.image if full_image and h == w == crop_size else _crop_image(item.image, box, crop_size)
+    crop = item.image if full_image and h == w == crop_size else crop_image(item.image, box, crop_size)
     obs = Observation(
         image_id=item.image_id,
         keypoints=torch.from_numpy(crop_kp),
@@ -155,7 +166,7 @@ def observe(item: AnnotationItem, joint_names: Sequence[str], keypoints: Keypoin
         depth_valid=torch.as_tensor(depth_valid, dtype=torch.float32),
         depth_invariance=invariance,
     )
-    return obs, crop
+    return obs, crop, box
 
 
 def annotation_placement(accelerator: str = "auto", devices: int = 1, precision: str = "32-true") -> Placement:
@@ -197,19 +208,19 @@ def annotate_items(items: Iterable[AnnotationItem], annotator: Annotator, joint_
     on ``placement``'s device (:func:`annotation_placement`; default: the CPU) when the annotator
     can move there (:class:`~pchmr.core.contracts.annotation.DeviceAnnotator`)."""
     out = Annotated()
-    pending: list[tuple[AnnotationItem, Observation, np.ndarray]] = []
+    pending: list[tuple[AnnotationItem, Observation, np.ndarray, tuple[float, float, float]]] = []
     device = _place(annotator, placement)
 
     def flush() -> None:
         if not pending:
             return
-        batch = ObservationBatch.stack([o for _, o, _ in pending])
+        batch = ObservationBatch.stack([o for _, o, _, _ in pending])
         fit = annotator.fit(batch if device is None else batch.to(device))
         if device is not None:  # read back on the CPU, once per batch
             fit = FitResult(fit.vertices.cpu(), fit.joints.cpu(), fit.translation.cpu(),
                             {k: v.cpu() for k, v in fit.params.items()},
                             {k: v.cpu() for k, v in fit.losses.items()})  # fmt: skip
-        for k, (item, obs, crop) in enumerate(pending):
+        for k, (item, obs, crop, box) in enumerate(pending):
             losses = {name: float(v[k]) for name, v in fit.losses.items()}
             out.records.append(AnnotationRecord(item.image_id, "ok", annotator.name, losses=losses))
             out.image_ids.append(item.image_id)
@@ -219,13 +230,16 @@ def annotate_items(items: Iterable[AnnotationItem], annotator: Annotator, joint_
             out.joints.append(fit.joints[k].numpy())
             out.meta.append(meta(item) if meta else dict.fromkeys(META_KEYS, "unknown"))
             out.items.append(item)
+            out.translations.append(fit.translation[k].numpy())
+            out.intrinsics.append(obs.intrinsics.numpy())
+            out.boxes.append(box)
         if progress:
             progress(len(pending))
         pending.clear()
 
     for item in items:
         try:
-            obs, crop = observe(item, joint_names, keypoints, depth, crop_size, full_image)
+            obs, crop, box = observe(item, joint_names, keypoints, depth, crop_size, full_image)
         except AnnotationInputError as exc:
             log.warning("%s", exc)
             out.records.append(AnnotationRecord(item.image_id, "failed", annotator.name,
@@ -233,7 +247,7 @@ def annotate_items(items: Iterable[AnnotationItem], annotator: Annotator, joint_
             if progress:
                 progress(1)
             continue
-        pending.append((item, obs, crop))
+        pending.append((item, obs, crop, box))
         if len(pending) >= batch_size:
             flush()
     flush()
@@ -254,6 +268,11 @@ def write_pseudo_labels(out_dir: str | Path, annotated: Annotated, info: Mapping
         arrays.update(images=np.stack(annotated.crops).astype(np.uint8), keypoints_2d=np.stack(annotated.keypoints),
                       vertices=np.stack(annotated.vertices).astype(np.float32),
                       joints_3d=np.stack(annotated.joints).astype(np.float32))  # fmt: skip
+        n = len(annotated.image_ids)
+        if len(annotated.translations) == len(annotated.intrinsics) == len(annotated.boxes) == n:
+            arrays.update(translation=np.stack(annotated.translations).astype(np.float32),
+                          intrinsics=np.stack(annotated.intrinsics).astype(np.float32),
+                          crop_box=np.asarray(annotated.boxes, dtype=np.float32).reshape(n, 3))  # fmt: skip
         for key in META_KEYS:
             arrays[f"meta_{key}"] = np.array([m.get(key, "unknown") for m in annotated.meta], dtype=str)
     for key, value in (ground_truth or {}).items():

@@ -7,10 +7,16 @@ in [-1, 1] across the image. The weak-perspective projection is rendered with th
 rasteriser of :mod:`pchmr.core.kit.render` by moving the mesh :data:`FAR` metres away and
 scaling the focal length to match, which is orthographic to within ``depth / FAR`` (0.1 % for a
 body 1 m deep).
+
+A fit with a perspective camera (``pchmr annotate``'s annotators) is drawn with
+:func:`draw_mesh` through its own :class:`~pchmr.core.kit.render.PinholeCamera`, and its side
+view with :func:`side_layers`: several root-relative meshes (a fit and its ground truth) turned
+90° about the vertical axis through their common root, orthographic at a given scale.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +25,16 @@ from pchmr.core.kit.render import PinholeCamera, face_shading, rasterize_faces
 
 __all__ = [
     "FAR",
+    "GT_COLOR",
     "MESH_COLOR",
+    "MeshLayer",
+    "draw_mesh",
     "front_and_side",
     "mesh_mask",
     "overlay_mesh",
+    "side_layers",
     "side_view",
+    "turn_to_side",
     "write_mesh",
 ]
 
@@ -127,6 +138,80 @@ def side_view(
     covered = buffer >= 0
     out[covered] = _shade(turned, faces, buffer, color)
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
+
+
+def draw_mesh(
+    canvas: np.ndarray,
+    vertices: np.ndarray,
+    faces: np.ndarray,
+    camera: PinholeCamera,
+    color: tuple[float, float, float] = MESH_COLOR,
+    alpha: float = 0.7,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``canvas`` (H, W, 3) uint8 with the shaded mesh drawn through the pinhole ``camera`` (the
+    camera's H and W are the canvas's), ``alpha`` of the mesh over the canvas, and the (H, W) bool
+    mask of the pixels the mesh covers. ``vertices`` are camera-frame points in metres in front
+    of the camera (a fit's root-relative vertices plus its translation)."""
+    if canvas.ndim != 3 or canvas.shape[2] != 3 or canvas.dtype != np.uint8:
+        raise ValueError(f"canvas must be (H, W, 3) uint8, got {canvas.shape} {canvas.dtype}")
+    if canvas.shape[:2] != (camera.height, camera.width):
+        raise ValueError(f"canvas is {canvas.shape[:2]}, the camera renders {(camera.height, camera.width)}")
+    v = np.asarray(vertices, dtype=np.float64)
+    faces = np.asarray(faces, dtype=np.int64)
+    buffer = rasterize_faces(v, faces, camera)
+    covered = buffer >= 0
+    out = canvas.astype(np.float64) / 255.0
+    if covered.any():
+        visible = buffer[covered]
+        used = np.unique(visible)
+        shade = np.zeros(len(faces))
+        shade[used] = face_shading(v, faces[used])
+        out[covered] = (1.0 - alpha) * out[covered] + alpha * np.asarray(color)[None, :] * shade[visible][:, None]
+    return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8), covered
+
+
+def turn_to_side(vertices: np.ndarray) -> np.ndarray:
+    """Camera-frame ``vertices`` turned 90° about the vertical axis through the origin (their
+    root, for root-relative vertices): depth becomes x, points nearer the camera to the right,
+    seen from the body's right side as :func:`side_view` does."""
+    v = np.asarray(vertices, dtype=np.float64)
+    return np.stack([-v[..., 2], v[..., 1], v[..., 0]], axis=-1)
+
+
+@dataclass(frozen=True)
+class MeshLayer:
+    """One root-relative mesh of a side view (:func:`side_layers`), drawn ``alpha`` over what
+    lies under it."""
+
+    vertices: np.ndarray
+    faces: np.ndarray
+    color: tuple[float, float, float] = MESH_COLOR
+    alpha: float = 1.0
+
+
+def side_layers(
+    layers: list[MeshLayer] | tuple[MeshLayer, ...],
+    *,
+    scale: float,
+    origin: tuple[float, float],
+    height: int,
+    width: int,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The side view of root-relative meshes, each turned by :func:`turn_to_side` about the
+    common root, orthographic at ``scale`` pixels per metre with the root at pixel ``origin``
+    (u, v), drawn in order over a light background. Returns the (H, W, 3) uint8 picture and each
+    layer's (H, W) bool mask (its own pixels, whatever covers them later)."""
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"a side view needs a positive finite scale (pixels per metre), got {scale}")
+    camera = PinholeCamera(fx=scale * FAR, fy=scale * FAR, cx=float(origin[0]), cy=float(origin[1]),
+                           height=height, width=width)  # fmt: skip
+    canvas = np.full((height, width, 3), SIDE_BACKGROUND, dtype=np.uint8)
+    masks = []
+    for layer in layers:
+        turned = turn_to_side(layer.vertices) + np.array([0.0, 0.0, FAR])
+        canvas, mask = draw_mesh(canvas, turned, layer.faces, camera, layer.color, layer.alpha)
+        masks.append(mask)
+    return canvas, masks
 
 
 def front_and_side(

@@ -6,7 +6,8 @@ this module is its one reader, used by ``pchmr personalize`` (through the engine
 
     DIR/
       info.json       annotator (and its options), target, body_model, crop_size, the data and
-                      source options, "gt": "pseudo", counts "annotated" / "failed"
+                      source options, "gt": "pseudo", counts "annotated" / "failed"; an image
+                      folder's absolute path (image_folder) for the figures
       records.jsonl   one record per input image: image_id, status ok/failed, the error's class
                       name and message (failed images are recorded, never silently dropped)
       labels.npz      the annotated images only, N of them:
@@ -14,8 +15,14 @@ this module is its one reader, used by ``pchmr personalize`` (through the engine
                         keypoints_2d (N, J, 3) the observed keypoints (crop coordinates, confidence),
                         joints_3d (N, J, 3|4), vertices (N, V, 3): the fit, camera-frame metres,
                         root-relative; meta_<key> (N,) str for each META_KEYS label;
-                        gt_joints_3d, gt_vertices (+ gt_keypoints_2d) when the images came with
-                        ground truth (synthetic): for evaluation, and for training on true labels
+                        the fit's camera (written since the annotation figures; older
+                        directories lack it): translation (N, 3) the root's camera-frame
+                        position in metres, intrinsics (N, 3) the crop-unit (f, cx, cy) it was
+                        fitted through, crop_box (N, 3) the crop's (left, top, side) in its
+                        image's pixels;
+                        gt_joints_3d, gt_vertices (+ gt_keypoints_2d, gt_translation) when the
+                        images came with ground truth (synthetic): for evaluation, and for
+                        training on true labels
 """
 
 from __future__ import annotations
@@ -35,13 +42,15 @@ from pchmr.core.contracts.errors import DatasetFormatError
 from pchmr.core.contracts.sample import META_KEYS, normalize_image
 from pchmr.core.kit.safe_pickle import not_an_npz
 
-__all__ = ["INFO_FILE", "LABELS_FILE", "RECORDS_FILE", "LabelDirectory", "read_label_directory"]
+__all__ = ["CAMERA_ARRAYS", "INFO_FILE", "LABELS_FILE", "RECORDS_FILE", "LabelDirectory", "read_label_directory"]
 
 INFO_FILE, RECORDS_FILE, LABELS_FILE = "info.json", "records.jsonl", "labels.npz"
 #: What ``pchmr annotate --out`` writes; a directory without any of them is not its output.
 ANNOTATE_FILES = (INFO_FILE, RECORDS_FILE, LABELS_FILE)
 _PER_SAMPLE = ("images", "keypoints_2d", "joints_3d", "vertices")
 _GROUND_TRUTH = ("gt_joints_3d", "gt_vertices")
+#: The fit's camera: without them a fit cannot be drawn over its image (``pchmr annotate --figures``).
+CAMERA_ARRAYS = ("translation", "intrinsics")
 
 
 @dataclass
@@ -67,6 +76,12 @@ class LabelDirectory:
     def has_ground_truth(self) -> bool:
         """Whether the images came with ground truth (``gt_joints_3d`` and ``gt_vertices``)."""
         return all(key in self._npz.files for key in _GROUND_TRUTH)
+
+    @property
+    def has_camera(self) -> bool:
+        """Whether the fit's camera is stored (:data:`CAMERA_ARRAYS`), so the meshes can be drawn
+        over their crops."""
+        return all(key in self._npz.files for key in CAMERA_ARRAYS)
 
     def array(self, key: str) -> np.ndarray:
         """The (N, ...) array ``key`` of labels.npz (read once)."""
