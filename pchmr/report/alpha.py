@@ -35,6 +35,7 @@ from pchmr.report.tables import (
     config_differences,
     model_label,
     protocol_label,
+    run_names,
     setting_label,
     strategy_label,
 )
@@ -186,11 +187,12 @@ def alpha_data(runs: Sequence[RunSummary], metric: str = "mpjpe_mm", view: str =
     if view not in ("final", "best"):
         raise ReportError(f"unknown view '{view}'; choose final or best")
     left_out: list[str] = []
+    names = run_names(runs)
     groups: dict[tuple[str, str], list[tuple[float, RunSummary]]] = {}
     central: dict[tuple[str, str], list[RunSummary]] = {}
     for run in runs:
         alpha = alpha_of(run)
-        what = f"{run.path.name} ({setting_label(run.config)} · {model_label(run.config)})"
+        what = f"{names[run.path]} ({setting_label(run.config)} · {model_label(run.config)})"
         if run.metric(metric, view) is None:
             left_out.append(f"{what} has no {view} {metric}")
         elif alpha is not None:
@@ -218,7 +220,7 @@ def alpha_data(runs: Sequence[RunSummary], metric: str = "mpjpe_mm", view: str =
     for members in central.values():
         first = members[0]
         if (_key(dict(first.protocol)), model_label(first.config)) not in shown:
-            left_out += [f"{r.path.name} (Centralized · {model_label(r.config)}) has no LDA series of its protocol and model"
+            left_out += [f"{names[r.path]} (Centralized · {model_label(r.config)}) has no LDA series of its protocol and model"
                          for r in members]  # fmt: skip
             continue
         values = [r.metric(metric, view) for r in members]

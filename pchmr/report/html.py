@@ -29,6 +29,7 @@ from pchmr.report.tables import (
     RunSummary,
     model_label,
     protocol_label,
+    run_names,
     setting_label,
 )
 
@@ -167,13 +168,14 @@ def _metric(run: RunSummary, key: str) -> str:
 
 
 def _runs_table(runs: Sequence[RunSummary]) -> str:
+    names = run_names(runs)
     headers = ["run directory", "setting", "model", "seed", "protocol", "status", "MPJPE (mm)", "PA-MPJPE (mm)"]
     rows = []
     for i, run in enumerate(runs):
         status = (f"finished, {run.unit} {run.final.get('round', '?')}" if run.finished
                   else f"unfinished{UNFINISHED_MARK}, last evaluated {run.unit} {run.final.get('round', '?')}")  # fmt: skip
         cells = [
-            f'<td><a href="#config-{i}" title="{_e(run.path)}"><code>{_e(run.path.name)}</code></a></td>',
+            f'<td><a href="#config-{i}" title="{_e(run.path)}"><code>{_e(names[run.path])}</code></a></td>',
             f"<td>{_e(setting_label(run.config))}</td>",
             f"<td>{_e(model_label(run.config))}</td>",
             f'<td class="num">{_e(run.config.seed)}</td>',
@@ -198,8 +200,11 @@ def _config_text(run: RunSummary) -> str:
 
 def _configs(runs: Sequence[RunSummary]) -> str:
     parts = []
+    names = run_names(runs)
     for i, run in enumerate(runs):
-        summary = f"<code>{_e(run.path.name)}</code> — {_e(setting_label(run.config))} · {_e(model_label(run.config))}"
+        summary = (
+            f"<code>{_e(names[run.path])}</code> — {_e(setting_label(run.config))} · {_e(model_label(run.config))}"
+        )
         parts.append(f'<details id="config-{i}"><summary>{summary}</summary>\n<p class="meta">{_e(run.path)}/config.json'
                      f"</p>\n<pre>{_e(_config_text(run))}</pre></details>")  # fmt: skip
     return "\n".join(parts)

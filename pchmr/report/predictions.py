@@ -37,6 +37,7 @@ from pchmr.report.tables import (
     model_label,
     protocol_label,
     repetition_groups,
+    run_names,
     setting_label,
 )
 
@@ -102,19 +103,20 @@ def fit_weak_perspective(joints: np.ndarray, keypoints: np.ndarray, weights: np.
 def grid_runs(runs: Sequence[RunSummary]) -> tuple[list[RunSummary], list[str]]:
     """The runs a grid shows (one per setting and model: the first of each group of repetitions,
     finished with a ``model.pt``) and, for every other run, why it is not shown."""
+    names = run_names(runs)
     chosen: list[RunSummary] = []
     left_out: list[str] = []
     for group in repetition_groups(runs):
         usable = [r for r in group if (r.path / "model.pt").is_file()]
         for run in group:
             if run not in usable:
-                left_out.append(f"{run.path.name} has no model.pt (unfinished, or its model was not kept)")
+                left_out.append(f"{names[run.path]} has no model.pt (unfinished, or its model was not kept)")
         if not usable:
             continue
         chosen.append(usable[0])
         if len(usable) > 1:
-            others = ", ".join(f"{r.path.name} (seed {r.config.seed})" for r in usable[1:])
-            left_out.append(f"{others}: repetitions of {usable[0].path.name}, which stands for them")
+            others = ", ".join(f"{names[r.path]} (seed {r.config.seed})" for r in usable[1:])
+            left_out.append(f"{others}: repetitions of {names[usable[0].path]}, which stands for them")
     return chosen, left_out
 
 
@@ -178,6 +180,7 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ReportError(f"a prediction grid shows k >= 1 test images per run, got {samples!r}")
     chosen, left_out = grid_runs(runs)
+    names = run_names(runs)
     if not chosen:
         raise ReportError("no run to draw a prediction grid of: " + "; ".join(left_out))
     placement = resolve_placement("cpu")
@@ -199,9 +202,9 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
     for run in chosen:
         cfg = run.config
         if (cfg.body_model, cfg.input_size) != (reference.config.body_model, reference.config.input_size):
-            left_out.append(f"{run.path.name} predicts {cfg.body_model} meshes from {cfg.input_size} px crops, not the "
+            left_out.append(f"{names[run.path]} predicts {cfg.body_model} meshes from {cfg.input_size} px crops, not the "
                             f"{reference.config.body_model} meshes from {reference.config.input_size} px crops of "
-                            f"{first.path.name}'s test images")  # fmt: skip
+                            f"{names[first.path]}'s test images")  # fmt: skip
             continue
         try:
             trained = reference if run is first else load_trained(run.path, data=data)
@@ -246,11 +249,11 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
         truth_front.append(overlay_mesh(picture, gt_vertices, faces, camera, color=GT_COLOR))
         truth_side.append(side_view(gt_vertices, faces, camera, picture.shape[0], picture.shape[1], color=GT_COLOR))
     if fallback:
-        notes.append(f"{fallback} ground-truth mesh(es) drawn through {first.path.name}'s predicted camera "
+        notes.append(f"{fallback} ground-truth mesh(es) drawn through {names[first.path]}'s predicted camera "
                      f"(fewer than {MIN_KEYPOINTS} confident 2D keypoints to fit one)")  # fmt: skip
     notes.append(
         f"test images: samples {', '.join(str(int(s['index'])) for s in picked)} (evenly spaced over the "
-        f"{len(data.test)} of {first.path.name}'s test split); every row predicts these same images, scored by that "
+        f"{len(data.test)} of {names[first.path]}'s test split); every row predicts these same images, scored by that "
         "split's protocol"
     )
     return PredictionGrid(first.path, dict(first.protocol), tuple(int(s["index"]) for s in picked), tuple(pictures),

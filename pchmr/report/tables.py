@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
     "protocol_label",
     "repetition_groups",
     "repetition_key",
+    "run_names",
     "setting_label",
     "to_csv",
     "to_json",
@@ -232,6 +234,16 @@ def load_run(path: str | Path, include_unfinished: bool = False) -> RunSummary:
         )
     protocol = final.get("protocol") or raw.get("protocol") or {}
     return RunSummary(path, config, final, rounds, dict(protocol), finished)
+
+
+def run_names(runs: Sequence[RunSummary]) -> dict[Path, str]:
+    """A short name per run directory for messages and figures: its path below the directory all of
+    ``runs`` share (``fedavg/seed-0`` in a sweep), or its own name when that is all they share."""
+    paths = [r.path for r in runs]
+    if len(paths) < 2:
+        return {p: p.name for p in paths}
+    common = Path(os.path.commonpath([str(p) for p in paths]))
+    return {p: (str(p.relative_to(common)) if p != common else p.name) for p in paths}
 
 
 def find_runs(path: str | Path) -> list[Path]:
