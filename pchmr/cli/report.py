@@ -36,6 +36,7 @@ from pchmr.report.tables import (
     find_runs,
     footnotes,
     load_run,
+    repetition_groups,
     to_csv,
     to_json,
     to_latex,
@@ -261,16 +262,21 @@ def _page(shown: _Result, metric: str, samples: int, cache: list[PredictionGrid 
 
     ci = f"{CONFIDENCE * 100:g} %"
     png, why = attempt("png")
+    caption = (f"{CONVERGENCE_METRICS[metric]} of every run per evaluated round (federated) or epoch (baselines), "
+               "one row of panels per protocol.")  # fmt: skip
+    if any(len(group) > 1 for group in repetition_groups(shown.runs)):
+        caption += f" Runs repeated over seeds: their mean with a shaded {ci} confidence band (Student's t)."
     figures = [PageFigure("convergence", "Convergence", png, f"{CONVERGENCE_METRICS[metric]} against rounds and epochs",
-                          f"{CONVERGENCE_METRICS[metric]} of every run per evaluated round (federated) or epoch "
-                          f"(baselines), one row of panels per protocol; runs repeated over seeds: their mean with a "
-                          f"shaded {ci} confidence band (Student's t).", why)]  # fmt: skip
+                          caption, why)]  # fmt: skip
     data = alpha_data(shown.runs, next(iter(ALPHA_METRICS)))
     png, why = attempt("alpha")
+    caption = (f"Mean over seeds of the {VIEW_TEXT[data.view]} per α (log axis), bars: {ci} confidence interval "
+               "(Student's t; one seed: no bar).")  # fmt: skip
+    if data.references:
+        caption += " Dashed: centralized runs of the same protocol and model, for reference."
+    left_out = [f"not on the plot: {n}" for n in data.left_out] if png else []
     figures.append(PageFigure("alpha", "Metric vs LDA α", png, "MPJPE and PA-MPJPE against the LDA α of the partition",
-                              f"Mean over seeds of the {VIEW_TEXT[data.view]} per α (log axis), bars: {ci} confidence "
-                              "interval (Student's t; one seed: no bar); dashed: centralized runs of the same protocol "
-                              "and model.", why, [f"not on the plot: {n}" for n in data.left_out] if png else []))  # fmt: skip
+                              caption, why, left_out))  # fmt: skip
     if samples >= 1:
         png, why = attempt("grid")
         grid = cache[0] if cache and isinstance(cache[0], PredictionGrid) else None

@@ -175,6 +175,7 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
     from pchmr.core.contracts.sample import denormalize_image
     from pchmr.core.engine.devices import resolve_placement
     from pchmr.core.engine.inference import load_trained, predict_batch, score_samples
+    from pchmr.core.engine.registry import PluginError
     from pchmr.core.kit.overlay import GT_COLOR, overlay_mesh, side_view
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -187,7 +188,7 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
     first = chosen[0]
     try:
         reference = load_trained(first.path, with_data=True)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError, PluginError) as exc:  # missing or damaged data, model or plugin
         raise ReportError(f"cannot read the test images of {first.path} for the prediction grid: {exc}") from None
     data = reference.components.data  # type: ignore[union-attr]
     positions = sample_positions(len(data.test), samples)
@@ -208,7 +209,7 @@ def prediction_grid(runs: Sequence[RunSummary], samples: int = GRID_SAMPLES) -> 
             continue
         try:
             trained = reference if run is first else load_trained(run.path, data=data)
-        except (FileNotFoundError, ValueError) as exc:
+        except (OSError, ValueError, PluginError) as exc:
             raise ReportError(f"cannot load the model of {run.path} for the prediction grid: {exc}") from None
         scores = score_samples(trained, Subset(data.test, positions), batch_size=len(positions), placement=placement)
         predicted = predict_batch(trained, images)
