@@ -461,7 +461,7 @@ def test_report_command_writes_a_page_of_a_sweep(sweep_dir, tmp_path):
     site = tmp_path / "site"
     result = CliRunner().invoke(app, ["report", str(sweep_dir), "--html", str(site)])
     assert result.exit_code == 0, output(result)
-    html = (site / "index.html").read_text()
+    html = (site / "index.html").read_text().replace("\u00a0", " ")
     assert "<h3>Protocol: synthetic · anny-14 · mid-hip (root) aligned · anny · real GT</h3>" in html
     assert "<td>fedavg (baseline)</td><td>FedAvg 4/2 IID</td>" in html
     assert "<h3>Paired difference vs fedavg (row − fedavg, matched by seed)</h3>" in html

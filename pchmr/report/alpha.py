@@ -267,6 +267,9 @@ def _draw(ax: Axes, data: AlphaData, protocol: str) -> None:
         line = ax.axhline(ref.interval.mean, linestyle="--", linewidth=1.2, color="0.35", label=ref.label)
         if ref.interval.half_width:
             ax.axhspan(ref.interval.low, ref.interval.high, color=line.get_color(), alpha=0.12, linewidth=0)
+    low, high = ax.get_ylim()
+    if low < 0 < high:  # errors are >= 0: an interval reaching below 0 is cut at the axis
+        ax.set_ylim(0, high)
     alphas = sorted({p.alpha for s in members for p in s.points})
     ax.set_xscale("log")
     ax.set_xticks(alphas, [_num(a) for a in alphas])

@@ -139,12 +139,21 @@ def _draw_panel(ax: Axes, runs: Sequence[RunSummary], metric: str, unit: str, wi
     baseline = _mean_pose(runs, metric)
     if baseline is not None:
         ax.axhline(baseline, color="0.5", linestyle=":", linewidth=1.2, label="mean-pose baseline")
+    _from_zero(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(CONVERGENCE_METRICS[metric])
     ax.set_title(textwrap.fill(f"{title} (x: {unit}) — protocol: {protocol}", TITLE_WIDTH), fontsize=8)
     ax.grid(True, alpha=0.3)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=LEGEND_FONTSIZE, loc="best")
+
+
+def _from_zero(ax: Axes) -> None:
+    """Every plotted metric is >= 0: a confidence band (symmetric, so wide for few seeds) reaching
+    below 0 is cut at the axis instead of stretching it."""
+    low, high = ax.get_ylim()
+    if low < 0 < high:
+        ax.set_ylim(0, high)
 
 
 def plot_convergence(runs: Sequence[RunSummary], path: str | Path, metric: str = "pa_mpjpe_mm") -> Path:

@@ -124,7 +124,9 @@ nav a { margin-right: 1.2em; }
 table { border-collapse: collapse; margin: 0.4em 0 0.3em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid #d6d6d6; padding: 0.3em 0.6em; vertical-align: top; }
 th { background: #f3f4f6; text-align: left; }
-td.num { text-align: right; white-space: nowrap; }
+td.num { text-align: right; }
+td.name, th:first-child, td:first-child { white-space: nowrap; }
+.scroll { overflow-x: auto; max-width: 100%; }
 tbody tr:nth-child(even) { background: #fafafa; }
 .warning { background: #fff7e0; border-left: 4px solid #e0a800; padding: 0.4em 0.8em; margin: 0.4em 0; }
 .skipped { background: #f3f4f6; border-left: 4px solid #888; padding: 0.5em 0.8em; }
@@ -137,16 +139,24 @@ code { font-size: 0.95em; }
 """
 
 
+def _numbers(text: str) -> str:
+    """A cell of numbers that breaks only between its metrics (``" / "``) and before ``" @ "``:
+    ``"62.0 ± 2.8 / 43.4 ± 2.0 (n=2) @ rounds 3, 3"``, each part kept on one line."""
+    head, *where = text.split(" @ ")
+    parts = [p.replace(" ", "\u00a0") for p in head.split(" / ")]
+    return " @ ".join([" / ".join(parts), *(w.replace(" ", "\u00a0") for w in where)])
+
+
 def _table(block: TableBlock) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in block.headers)
     body = []
     for row in block.rows:
-        cells = "".join(f"<td>{_e(c)}</td>" if i < block.left else f'<td class="num">{_e(c)}</td>'
+        cells = "".join(f"<td>{_e(c)}</td>" if i < block.left else f'<td class="num">{_e(_numbers(c))}</td>'
                         for i, c in enumerate(row))  # fmt: skip
         body.append(f"<tr>{cells}</tr>")
     caption = f'<p class="caption">{_e(block.caption)}</p>' if block.caption else ""
-    return (f"<h3>{_e(block.title)}</h3>\n<table><thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body)
-            + f"\n</tbody></table>\n{caption}")  # fmt: skip
+    return (f'<h3>{_e(block.title)}</h3>\n<div class="scroll"><table><thead><tr>{head}</tr></thead>\n<tbody>\n'
+            + "\n".join(body) + f"\n</tbody></table></div>\n{caption}")  # fmt: skip
 
 
 def _figure(fig: PageFigure) -> str:
@@ -175,9 +185,9 @@ def _runs_table(runs: Sequence[RunSummary]) -> str:
         status = (f"finished, {run.unit} {run.final.get('round', '?')}" if run.finished
                   else f"unfinished{UNFINISHED_MARK}, last evaluated {run.unit} {run.final.get('round', '?')}")  # fmt: skip
         cells = [
-            f'<td><a href="#config-{i}" title="{_e(run.path)}"><code>{_e(names[run.path])}</code></a></td>',
+            f'<td class="name"><a href="#config-{i}" title="{_e(run.path)}"><code>{_e(names[run.path])}</code></a></td>',
             f"<td>{_e(setting_label(run.config))}</td>",
-            f"<td>{_e(model_label(run.config))}</td>",
+            f'<td class="name">{_e(model_label(run.config))}</td>',
             f'<td class="num">{_e(run.config.seed)}</td>',
             f"<td>{_e(protocol_label(run.protocol))}</td>",
             f"<td>{_e(status)}</td>",
@@ -186,7 +196,11 @@ def _runs_table(runs: Sequence[RunSummary]) -> str:
         ]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    return f"<table><thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>"
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>\n<tbody>\n'
+        + "\n".join(rows)
+        + "\n</tbody></table></div>"
+    )
 
 
 def _config_text(run: RunSummary) -> str:
