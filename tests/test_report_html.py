@@ -179,6 +179,10 @@ def test_html_and_out_share_the_rules_and_may_be_one_directory(runs, tmp_path):
     again = CliRunner().invoke(app, ["report", *lda, "--html", str(site)])
     assert again.exit_code == 2
     assert f"--html {site} is not empty (it holds index.html, metric_vs_alpha.png, report.md)" in one_line(again.output)
+    replaced = CliRunner().invoke(app, ["report", *lda[:2], "--html", str(site), "--grid-samples", "0", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert "pchmr report · 2 runs in " in (site / "index.html").read_text()  # replaced; the other files stay
+    assert sorted(p.name for p in site.iterdir()) == ["index.html", "metric_vs_alpha.png", "report.md"]
 
 
 def test_a_page_without_lda_runs_says_why_there_is_no_alpha_plot(runs, tmp_path):

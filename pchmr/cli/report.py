@@ -129,7 +129,7 @@ def report(
         "--grid-samples",
         help="Test images per run in the prediction grid (--formats grid and --html; 0 leaves it out of --html).",
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP.replace("--out", "--out or --html")),
 ) -> None:
     """Tables (MPJPE / PA-MPJPE / MPVPE, mean ± std over seeds, one per protocol; each model's final and best
     round side by side) and a convergence plot of runs; for a sweep directory, mean ± 95 % CI per row and paired
