@@ -524,6 +524,20 @@ def _cases() -> list[Case]:
         "--out taken is a file, not a directory; choose another --out", setup=(run_copy(), TAKEN), keep=("taken",))  # fmt: skip
     add("report-out-not-empty", ["report", "run", "--out", "old"], "--out old is not empty (it holds report.md)",
         "pass --overwrite", setup=(run_copy(), write("old/report.md", "earlier\n")), keep=("old",))  # fmt: skip
+    add("report-html-is-a-file", ["report", "run", "--html", "taken"],
+        "--html taken is a file, not a directory; choose another --html", setup=(run_copy(), TAKEN), keep=("taken",))  # fmt: skip
+    add("report-html-not-empty", ["report", "run", "--html", "old"], "--html old is not empty (it holds index.html)",
+        "pass --overwrite", setup=(run_copy(), write("old/index.html", "<p>earlier</p>\n")), keep=("old",))  # fmt: skip
+    add("report-alpha-without-lda-runs", ["report", "run", "--out", "o", "--formats", "md,alpha"],
+        "metric_vs_alpha.png: the metric-vs-α plot needs runs at 2 or more LDA α values",
+        "the runs give no LDA-partitioned run", "is not LDA-partitioned", setup=(run_copy(),))  # fmt: skip
+    add("report-grid-samples-negative", ["report", "run", "--grid-samples", "-1"],
+        "--grid-samples must be a whole number >= 0, got -1", setup=(run_copy(),))  # fmt: skip
+    add("report-grid-of-no-samples", ["report", "run", "--out", "o", "--formats", "grid", "--grid-samples", "0"],
+        "--formats grid draws --grid-samples test images per run: give 1 or more, got 0", setup=(run_copy(),))  # fmt: skip
+    add("report-grid-without-model", ["report", "r", "--out", "o", "--formats", "md,grid"],
+        "predictions.png: no run to draw a prediction grid of: r has no model.pt",
+        setup=(run_copy("r", lambda p: (p / "model.pt").unlink()),), keep=("r",))  # fmt: skip
     add("report-sweep-json-corrupt", ["report", "sw"], "sw/sweep.json is not valid JSON",
         setup=(write("sw/sweep.json", "{"),), keep=("sw",))  # fmt: skip
     add("report-sweep-json-an-array", ["report", "sw"], "sw/sweep.json has no rows and cells",

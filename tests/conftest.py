@@ -15,3 +15,17 @@ def pchmr_cache(tmp_path_factory):
     os.environ["PCHMR_CACHE_DIR"] = path
     yield path
     del os.environ["PCHMR_CACHE_DIR"]
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tmp_path_factory, pchmr_cache):
+    """One finished run with its model.pt, as small as a run gets: centralized, one optimizer step
+    on 8 samples, the CNN from scratch, 8 test samples. The report tests (prediction grids, the
+    HTML page) read it, or copies of it."""
+    from pchmr.core.engine.config import RunConfig
+    from pchmr.core.engine.run import execute
+
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    config = RunConfig(mode="centralized", epochs=1, num_train=8, num_test=8, batch_size=8, encoder_weights="none",
+                       cache_dir=str(pchmr_cache))  # fmt: skip
+    return execute(config, run_dir=run_dir).run_dir.path

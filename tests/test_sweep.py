@@ -457,6 +457,21 @@ def test_report_command_on_a_sweep_directory(sweep_dir, tmp_path):
     assert one.exit_code == 0 and json.loads((out / "report.json").read_text())["baseline"] == "fedprox"
 
 
+def test_report_command_writes_a_page_of_a_sweep(sweep_dir, tmp_path):
+    site = tmp_path / "site"
+    result = CliRunner().invoke(app, ["report", str(sweep_dir), "--html", str(site)])
+    assert result.exit_code == 0, output(result)
+    html = (site / "index.html").read_text().replace("\u00a0", " ")
+    assert "<h3>Protocol: synthetic · anny-14 · mid-hip (root) aligned · anny · real GT</h3>" in html
+    assert "<td>fedavg (baseline)</td><td>FedAvg 4/2 IID</td>" in html
+    assert "<h3>Paired difference vs fedavg (row − fedavg, matched by seed)</h3>" in html
+    assert '<td class="num">−1.7 ± 0.7*</td>' in html
+    assert html.count("<img ") == 1  # the convergence plot; the cells are IID and have no model.pt:
+    assert "Not drawn: the metric-vs-α plot needs runs at 2 or more LDA α values" in html
+    assert "Not drawn: no run to draw a prediction grid of: fedavg/seed-0 has no model.pt" in html
+    assert html.count("<details ") == 6  # 2 rows × 3 seeds
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -38,13 +38,18 @@ from pchmr.report.tables import (
 )
 
 __all__ = [
+    "DIFF_HEADER",
     "EXCLUDES_ZERO",
+    "MAIN_HEADER",
     "SWEEP_METRICS",
     "SweepReport",
     "SweepRow",
     "SweepTable",
+    "diff_rows",
     "is_sweep_dir",
     "load_sweep_report",
+    "main_rows",
+    "sweep_notes",
     "to_csv",
     "to_json",
     "to_latex",
@@ -246,7 +251,8 @@ def _percent(report: SweepReport) -> str:
     return f"{report.confidence * 100:g} %"
 
 
-def _notes(report: SweepReport) -> list[str]:
+def sweep_notes(report: SweepReport) -> list[str]:
+    """What the cells hold, the budget and the marks, one line each (every rendering ends with them)."""
     notes = [
         f"cells: final evaluated round (baselines: epoch) of each seed; mean ± half-width of the {_percent(report)} "
         "confidence interval by Student's t with n − 1 degrees of freedom over the n seeds (n = 1: the value alone, "
@@ -273,7 +279,8 @@ def _row_label(row: SweepRow, table: SweepTable) -> str:
     return label + (UNFINISHED_MARK if row.unfinished else "")
 
 
-def _main_rows(table: SweepTable) -> list[list[str]]:
+def main_rows(table: SweepTable) -> list[list[str]]:
+    """The cells of ``table``'s rows under :data:`MAIN_HEADER`."""
     return [[_row_label(row, table), row.setting, str(row.n), row.steps_text,
              *(_metric_text(row.stats[m], m) for m in SWEEP_METRICS)] for row in table.rows]  # fmt: skip
 
@@ -287,7 +294,8 @@ def _diff_text(stat: Interval, metric: str) -> str:
     return text + EXCLUDES_ZERO if stat.excludes_zero else text
 
 
-def _diff_rows(table: SweepTable) -> list[list[str]]:
+def diff_rows(table: SweepTable) -> list[list[str]]:
+    """The paired differences of ``table``'s rows under :data:`DIFF_HEADER` (none without a baseline)."""
     out = []
     for row in table.rows:
         if row.difference is None:
@@ -309,10 +317,10 @@ def to_rich(report: SweepReport) -> list[Any]:
                   caption=f"mean ± {_percent(report)} CI over seeds (Student's t, n − 1 dof)")  # fmt: skip
         for i, header in enumerate(MAIN_HEADER):
             t.add_column(header, justify="left" if i < 2 else "right", style="bold" if i == 0 else None)
-        for cells in _main_rows(table):
+        for cells in main_rows(table):
             t.add_row(*cells)
         out.append(t)
-        diffs = _diff_rows(table)
+        diffs = diff_rows(table)
         if diffs:
             d = Table(title=f"paired difference vs {table.baseline} (row − {table.baseline}, matched by seed)",
                       title_justify="left",
@@ -323,7 +331,7 @@ def to_rich(report: SweepReport) -> list[Any]:
                 d.add_row(*cells)
             out.append(d)
     out += [Text(f"warning: {w}", style="yellow") for w in report.warnings]
-    out += [Text(n, style="dim") for n in _notes(report)]
+    out += [Text(n, style="dim") for n in sweep_notes(report)]
     return out
 
 
@@ -344,9 +352,9 @@ def to_markdown(report: SweepReport) -> str:
     lines: list[str] = []
     for table in report.tables:
         lines += [f"**Protocol:** {_md(table.protocol_label)}", ""]
-        lines += _md_table(MAIN_HEADER, _main_rows(table), 2)
+        lines += _md_table(MAIN_HEADER, main_rows(table), 2)
         lines.append("")
-        diffs = _diff_rows(table)
+        diffs = diff_rows(table)
         if diffs:
             lines += [f"**Paired difference vs {_md(str(table.baseline))}** (row − {_md(str(table.baseline))}, "
                       f"matched by seed; {_md(EXCLUDES_ZERO)} the {_percent(report)} interval excludes 0)", ""]  # fmt: skip
@@ -355,7 +363,7 @@ def to_markdown(report: SweepReport) -> str:
     lines += [f"> **Warning:** {_md(w)}" for w in report.warnings]
     if report.warnings:
         lines.append("")
-    lines += [f"_{_md(n)}_" for n in _notes(report)]
+    lines += [f"_{_md(n)}_" for n in sweep_notes(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -447,9 +455,9 @@ def to_latex(report: SweepReport) -> str:
     """Per protocol a booktabs table of the rows and, with a baseline, one of the differences."""
     blocks = []
     for table in report.tables:
-        specs = [(MAIN_HEADER, _main_rows(table), 2, f"Mean $\\pm$ {_percent(report)} confidence interval over seeds "
+        specs = [(MAIN_HEADER, main_rows(table), 2, f"Mean $\\pm$ {_percent(report)} confidence interval over seeds "
                   "(Student's t, n$-$1 dof)")]  # fmt: skip
-        diffs = _diff_rows(table)
+        diffs = diff_rows(table)
         if diffs:
             specs.append((DIFF_HEADER, diffs, 1, f"Paired difference row $-$ {latex_escape(str(table.baseline))} "
                           f"matched by seed; {EXCLUDES_ZERO}: the interval excludes 0"))  # fmt: skip

@@ -28,6 +28,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,15 @@ __all__ = [
     "RunSummary",
     "Stat",
     "build_report",
+    "config_differences",
     "find_runs",
+    "footnotes",
     "load_run",
     "model_label",
     "protocol_label",
+    "repetition_groups",
+    "repetition_key",
+    "run_names",
     "setting_label",
     "to_csv",
     "to_json",
@@ -230,6 +236,16 @@ def load_run(path: str | Path, include_unfinished: bool = False) -> RunSummary:
     return RunSummary(path, config, final, rounds, dict(protocol), finished)
 
 
+def run_names(runs: Sequence[RunSummary]) -> dict[Path, str]:
+    """A short name per run directory for messages and figures: its path below the directory all of
+    ``runs`` share (``fedavg/seed-0`` in a sweep), or its own name when that is all they share."""
+    paths = [r.path for r in runs]
+    if len(paths) < 2:
+        return {p: p.name for p in paths}
+    common = Path(os.path.commonpath([str(p) for p in paths]))
+    return {p: (str(p.relative_to(common)) if p != common else p.name) for p in paths}
+
+
 def find_runs(path: str | Path) -> list[Path]:
     """``path`` itself if it holds ``config.json``, else its immediate subdirectories that do
     (so ``pchmr report runs/`` works); :class:`ReportError` if neither."""
@@ -325,11 +341,20 @@ def _row_key(group_by: str) -> Callable[[RunConfig], str]:
     return rows[group_by]
 
 
+def _options_order(options: Mapping[str, Any]) -> tuple:
+    """Plugin options in an order numbers sort by value (LDA α=1 before α=10), by key."""
+    out = []
+    for key, value in sorted(options.items()):
+        number = _finite(value) if not isinstance(value, bool) else None
+        out.append((key, 0, number, "") if number is not None else (key, 1, 0.0, _canonical(value)))
+    return tuple(out)
+
+
 def _sort_key(group_by: str) -> Callable[[RunSummary], tuple]:
     def key(run: RunSummary) -> tuple:
         c = run.config
-        strategy = (STRATEGY_RANK.get(c.strategy, len(STRATEGY_RANK)), c.strategy, _canonical(c.strategy_options))
-        partition = (c.partitioner, _canonical(c.partition_options))
+        strategy = (STRATEGY_RANK.get(c.strategy, len(STRATEGY_RANK)), c.strategy, _options_order(c.strategy_options))
+        partition = (c.partitioner, _options_order(c.partition_options))
         clients = (c.clients, c.per_round)
         if group_by == "strategy-partition":
             federated = (*partition, *strategy, *clients)
@@ -470,6 +495,34 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
+def repetition_key(cfg: RunConfig) -> str:
+    """Equal for two runs exactly when their configs differ in :data:`REPEAT_FIELDS` at most: runs
+    with the same key are repetitions of one setting (seeds)."""
+    return _canonical({k: v for k, v in cfg.to_dict().items() if k not in REPEAT_FIELDS})
+
+
+def repetition_groups(runs: Sequence[RunSummary]) -> list[list[RunSummary]]:
+    """``runs`` split into groups of repetitions: the same evaluation protocol and the same
+    :func:`repetition_key`; groups in the order of their first run, runs in their given order."""
+    groups: dict[tuple[str, str], list[RunSummary]] = {}
+    for run in runs:
+        groups.setdefault((_protocol_key(run.protocol), repetition_key(run.config)), []).append(run)
+    return list(groups.values())
+
+
+def config_differences(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """For config dicts that share a label: per config, the fields whose values are not all equal
+    over ``configs``, as ``"lr=0.002 epochs=3"`` (empty when all are equal)."""
+    if not configs:
+        return []
+    differing = sorted(k for k in configs[0] if len({_canonical(c.get(k)) for c in configs}) > 1)
+
+    def text(value: Any) -> str:
+        return _canonical(value) if isinstance(value, (dict, list)) else _fmt(value)
+
+    return [" ".join(f"{k}={text(c.get(k))}" for k in differing) for c in configs]
+
+
 def _differing_fields(runs: Sequence[RunSummary]) -> list[str]:
     """RunConfig fields (besides :data:`REPEAT_FIELDS`) whose values are not all equal over ``runs``."""
     dicts = [r.config.to_dict() for r in runs]
@@ -536,7 +589,8 @@ VIEWS_NOTE = (
 )
 
 
-def _footnotes(report: Report) -> list[str]:
+def footnotes(report: Report) -> list[str]:
+    """What the cells hold and what marks mean, one line each (every rendering ends with them)."""
     notes = [f"cells: {CELL_TITLE}; mean ± sample std over runs (seeds) when n > 1", VIEWS_NOTE]
     if report.has_unfinished:
         notes.append(f"{UNFINISHED_MARK} includes an unfinished run (no final.json): its last evaluated round")
@@ -559,7 +613,7 @@ def to_rich(report: Report) -> list[Any]:
             t.add_row(*table.row_texts(row))
         out.append(t)
     out += [Text(f"warning: {w}", style="yellow") for w in report.warnings]
-    out += [Text(n, style="dim") for n in _footnotes(report)[1:]]
+    out += [Text(n, style="dim") for n in footnotes(report)[1:]]
     return out
 
 
@@ -581,7 +635,7 @@ def to_markdown(report: Report) -> str:
     lines += [f"> **Warning:** {_md_escape(w)}" for w in report.warnings]
     if report.warnings:
         lines.append("")
-    lines += [f"_{n}_" for n in _footnotes(report)]
+    lines += [f"_{n}_" for n in footnotes(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -675,5 +729,5 @@ def to_json(report: Report) -> str:
                        "row_header": table.row_header, "rows": list(table.rows), "models": list(table.columns),
                        "views": {view: VIEW_TITLES[view] for view in VIEWS}, "cells": cells})  # fmt: skip
     document = {"group_by": report.group_by, "cell_metrics": list(TABLE_METRICS), "tables": tables,
-                "warnings": list(report.warnings), "notes": _footnotes(report)}  # fmt: skip
+                "warnings": list(report.warnings), "notes": footnotes(report)}  # fmt: skip
     return json.dumps(document, indent=2, ensure_ascii=False, default=str) + "\n"

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from pchmr.core.contracts.backbone import HMROutput
 from pchmr.core.contracts.bodymodel import BodyModel
+from pchmr.core.contracts.dataset import HMRData
 from pchmr.core.engine.components import Components, build_components, load_model_weights, make_loader
 from pchmr.core.engine.config import RunConfig
 from pchmr.core.engine.devices import Placement
@@ -103,13 +104,16 @@ def load_trained(
     num_test: int | None = None,
     cache_dir: str | Path | None = None,
     with_data: bool = False,
+    data: HMRData | None = None,
 ) -> TrainedModel:
     """The global model of a run directory (or its ``model.pt``).
 
     ``with_data`` also builds the run's dataset (or ``dataset``/``dataset_path``/``dataset_options``
     instead of the run's) so the module scores by that dataset's protocol, as the run did.
     ``cache_dir`` replaces the run's (another machine's path); by default the run's own when it
-    exists, else this machine's default cache.
+    exists, else this machine's default cache. ``data`` instead hands it data already loaded
+    (another run's, of the same body model: several models scored on the same images under the
+    same protocol, as ``pchmr report``'s prediction grid does).
     """
     from pchmr.core.kit.cache import default_cache_dir
 
@@ -128,7 +132,7 @@ def load_trained(
     if num_test is not None:
         run["num_test"] = num_test
     config = RunConfig.from_saved(run)
-    if with_data:
+    if with_data and data is None:
         data_only = build_components(config, with_model=False)
         components = Components(config=config, body_model=data_only.body_model, data=data_only.data)
     else:
@@ -136,11 +140,12 @@ def load_trained(
 
         cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         body = _body_model(config.body_model, str(cache), config.smpl_dir)
-        components = Components(config=config, body_model=body, data=None)  # type: ignore[arg-type]
+        components = Components(config=config, body_model=body, data=data)  # type: ignore[arg-type]
     module = components.make_module()
     load_model_weights(module, model_path)
     module.eval()
-    return TrainedModel(config, module, components.body_model, model_path, components if with_data else None)
+    loaded = with_data or data is not None
+    return TrainedModel(config, module, components.body_model, model_path, components if loaded else None)
 
 
 @dataclass
