@@ -66,6 +66,13 @@ def test_eval_reproduces_the_runs_final_metrics_exactly(finished_run, tmp_path):
         (["--dataset", ":x"], "--dataset expects NAME[:PATH]"),
         (["--dataset", "no-such-dataset"], "no-such-dataset"),
         (["--dataset-option", "novalue"], "--dataset-option expects key=value"),
+        (["--protocol", "h36m-p3"], "unknown --protocol 'h36m-p3'; choose one of: spin, metro, mid-hip"),
+        (
+            ["--protocol", "spin", "--dataset-option", "protocol=metro"],
+            "--protocol spin and --dataset-option protocol=metro disagree",
+        ),
+        # --protocol is the dataset's protocol option: the synthetic dataset has one protocol only
+        (["--protocol", "spin"], "synthetic dataset has no option 'protocol'"),
     ],
 )
 def test_eval_refuses_bad_input_naming_it(finished_run, tmp_path, args, words):

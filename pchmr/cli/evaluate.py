@@ -31,6 +31,11 @@ def evaluate_command(
         "dataset and test split, which reproduces the run's final metrics.",
     ),
     dataset_option: list[str] = typer.Option([], "--dataset-option", help="Dataset option key=value (repeatable)."),
+    protocol: Optional[str] = typer.Option(
+        None,
+        help="Evaluation protocol of a real dataset: spin, metro or mid-hip (pchmr.core.kit.joints.PROTOCOLS; "
+        "the dataset's option protocol=NAME); default: the dataset's.",
+    ),
     num_test: Optional[int] = typer.Option(None, help="Test samples (synthetic data; default: the run's)."),
     out: Optional[Path] = typer.Option(
         None, help="Write metrics.json, per_sample.csv and overlays of the best and worst samples here."
@@ -57,6 +62,14 @@ def evaluate_command(
         if problem:
             raise fail(problem)
     options = parse_options(dataset_option, "--dataset-option", fail)
+    if protocol is not None:
+        from pchmr.core.kit.joints import PROTOCOLS
+
+        if protocol not in PROTOCOLS:
+            raise fail(f"unknown --protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
+        if "protocol" in options and options["protocol"] != protocol:
+            raise fail(f"--protocol {protocol} and --dataset-option protocol={options['protocol']} disagree: give one")
+        options["protocol"] = protocol
     name, path = (None, None)
     if dataset is not None:
         name, _, given_path = dataset.partition(":")
