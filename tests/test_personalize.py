@@ -60,3 +60,23 @@ def test_fine_tune_splits_80_20_and_reports_both_ground_truths(tmp_path, pchmr_c
     assert result["before"]["pseudo"]["mpvpe_mm"] != pytest.approx(result["before"]["real"]["mpvpe_mm"], abs=1e-3)
     # training changed the weights (loaded from model.pt, then fine-tuned)
     assert result["after"]["pseudo"] != result["before"]["pseudo"]
+
+
+def test_the_global_model_loads_without_the_runs_init_from_weights(tmp_path, pchmr_cache):
+    """A run fine-tuned from a pretraining (``--init-from``) names that file in its config.json; the
+    device has only the run directory: model.pt holds every weight, the init file is not read."""
+    from pchmr.cli.annotate import load_global_module
+    from pchmr.core.engine.components import build_components
+    from pchmr.core.engine.config import RunConfig
+
+    cfg = RunConfig(num_train=4, num_test=2, cache_dir=pchmr_cache)
+    module = build_components(cfg).make_module()
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {**cfg.to_dict(), "init_from": str(tmp_path / "pretraining-on-another-machine" / "model.pt")}
+    (run / "config.json").write_text(json.dumps({"run": saved}))
+    torch.save(module.state_dict(), run / "model.pt")
+    loaded, body_model = load_global_module(run)
+    assert body_model.name == cfg.body_model
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -265,13 +265,15 @@ def load_global_module(checkpoint: Path) -> tuple[Any, Any]:
 
     Only the body model and the backbone are rebuilt (from ``config.json``'s RunConfig through
     the registry): the device does not need the training data, and the run's ``cache_dir`` is
-    the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid."""
+    the training machine's, so this device's cache (``$PCHMR_CACHE_DIR``) holds the pyramid. The
+    run's ``--init-from`` weights are not read: ``model.pt`` holds every weight, and the file the
+    config names is on the training machine."""
     from pchmr.core.engine.components import Components, load_model_weights
     from pchmr.core.engine.rundir import RunDir
     from pchmr.core.kit.cache import default_cache_dir
 
     config_path, model_path = resolve_checkpoint(checkpoint)
-    cfg = RunDir(config_path.parent).run_config()  # a refusal names config.json
+    cfg = RunDir(config_path.parent).run_config(init_from=None)  # a refusal names config.json
     body_model = _body_model(cfg.body_model, default_cache_dir(), Path(cfg.smpl_dir) if cfg.smpl_dir else None)
     module = Components(config=cfg, body_model=body_model, data=None).make_module()  # type: ignore[arg-type]
     load_model_weights(module, model_path)  # weights only; another model's state is refused by name

@@ -207,13 +207,17 @@ class RunDir:
             raise HistoryError(f"{self.config} has no 'run' table of options; it is not a config pchmr wrote")
         return data
 
-    def run_config(self) -> RunConfig:
-        """The :class:`RunConfig` ``config.json`` saved (:meth:`RunConfig.from_saved`); a
-        :class:`~pchmr.core.engine.config.ConfigError` naming the file when it holds a value pchmr
-        cannot run with (the file was edited or not written by pchmr)."""
+    def run_config(self, **overrides: Any) -> RunConfig:
+        """The :class:`RunConfig` ``config.json`` saved (:meth:`RunConfig.from_saved`), with
+        ``overrides`` of its options (e.g. ``init_from=None`` where ``model.pt`` holds every
+        weight); a :class:`~pchmr.core.engine.config.ConfigError` naming the file when it holds a
+        value pchmr cannot run with (the file was edited or not written by pchmr)."""
         data = self.read_config()
+        run = data["run"]
+        if overrides and isinstance(run, dict):
+            run = {**run, **overrides}
         try:
-            return RunConfig.from_saved(data["run"])
+            return RunConfig.from_saved(run)
         except ConfigError as exc:
             raise ConfigError(f"{self.config} holds a run config pchmr cannot read: {exc}") from None
 
