@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install pchmr with its test tools.
+# Create .venv and install pchmr with everything its tests use: pchmr[test] (the crypten, tensorboard,
+# mlflow and testing extras, ruff, import-linter, opacus) and CrypTen. pyproject.toml states the ranges
+# pchmr supports; constraints.txt pins the exact torch and flwr this installs.
 #
 # torch is installed first, as an explicit build, and pinned for everything after it (constraints.txt):
 #   PCHMR_TORCH=cpu    torch 2.13.0+cpu               (default when no NVIDIA GPU is visible)
@@ -8,6 +10,7 @@
 # (https://download.pytorch.org/whl/cpu or .../whl/<cuda>), so pip never picks a build by accident.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+START=$(date +%s)
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 TORCH_VERSION=2.13.0
@@ -40,14 +43,35 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__ == '${TORCH_V
     python -m pip install -q "$TORCH_SPEC" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
   fi
 fi
-python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | quiet
-# CrypTen (secure aggregation's crypten backend) declares torchvision, pandas, sklearn and tensorboard, none
-# used at run time: install the pinned release without them (its run-time imports, omegaconf and onnx, are
-# pchmr dependencies); pchmr/plugins/privacy/secagg/crypten_compat.py adapts 0.4.1 to torch 2.13.
+# pip shows what a local project's build backend warns. setuptools' editable install of this layout (the
+# package folder pchmr/ at the repository root: a meta-path finder maps `pchmr` to it) always warns
+# "Editable installation ... be careful with folders in your working directory with the same name as
+# your package": that folder is the package the install points at. That one notice is filtered, by its
+# message, for this command only; every other warning still shows.
+PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Editable installation.:UserWarning" \
+  python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | quiet
+# CrypTen, secure aggregation's optional crypten backend (--privacy-option backend=crypten), comes last and
+# without its declared requirements (--no-deps): they include torchvision, which pins a torch of its own,
+# pandas, future and the withdrawn PyPI package 'sklearn', which refuses to install; CrypTen imports none
+# of them when pchmr uses it. What it does import is pchmr's crypten extra (omegaconf, onnx), installed
+# above through .[test], and packages pchmr needs anyway (torch, numpy, pyyaml).
+# pchmr/plugins/privacy/secagg/crypten_compat.py adapts 0.4.1 to torch 2.13. Without CrypTen only that
+# backend is refused, naming these two steps: pip install 'pchmr[crypten]' && pip install --no-deps crypten==0.4.1
 python -m pip install -q -c constraints.txt --no-deps crypten==0.4.1 2>&1 | quiet
-python - <<'PY'
+python - "$START" "$(du -sh .venv | cut -f1)" <<'PY'
+import importlib.metadata as md
+import sys
+import time
+
 import flwr, pytorch_lightning, torch  # noqa: F401 - every one must import
 import anny, pchmr  # noqa: F401
+from pchmr.plugins.privacy.secagg.crypten_compat import ensure_crypten
+
+ensure_crypten()  # CrypTen imports, as the crypten backend imports it
+
 build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU"
-print(f"pchmr installed: torch {torch.__version__} ({build}), flwr {flwr.__version__}")
+seconds, size = round(time.time() - int(sys.argv[1])), sys.argv[2]
+print(f"pchmr {md.version('pchmr')} installed with extras test, crypten, tensorboard, mlflow, testing: "
+      f"torch {torch.__version__} ({build}), flwr {flwr.__version__}, crypten {md.version('crypten')}")
+print(f".venv: {size}B, {seconds} s")
 PY

@@ -85,3 +85,60 @@ def test_the_value_from_the_bug_report():
     assert int(encoded) == -196606
     assert float(encoder.decode(encoded)) == -196606 / 65536
     assert float(crypten_compat.original_decode()(encoder, encoded)) == pytest.approx(-196606 / 65536 - 1.0)
+
+
+# ----------------------------------------------------------------------------- CrypTen is optional
+@pytest.fixture
+def without_crypten(monkeypatch):
+    """CrypTen as on a machine that never installed it: no distribution, and ``import crypten`` fails
+    (a ``None`` in ``sys.modules``); the backend module is imported afresh."""
+    monkeypatch.setattr(crypten_compat, "_installed_version", lambda: None)
+    monkeypatch.setitem(sys.modules, "crypten", None)
+    monkeypatch.delitem(sys.modules, "pchmr.plugins.privacy.secagg.crypten", raising=False)
+
+
+def _fedavg_parts():
+    from flwr.serverapp.strategy import FedAvg
+
+    from pchmr.core.contracts.strategy import StrategyParts
+    from pchmr.core.kit.federation import flower_sampling_kwargs
+
+    return StrategyParts(name="fedavg", server=FedAvg(**flower_sampling_kwargs(), weighted_by_key="num-examples"))
+
+
+def test_without_crypten_the_flower_backend_builds_and_the_crypten_backend_is_refused(without_crypten):
+    from pchmr.core.contracts.errors import OptionError
+    from pchmr.core.contracts.strategy import StrategyConfig
+    from pchmr.plugins.privacy.secagg import secagg
+
+    assert secagg(_fedavg_parts(), StrategyConfig(5, 2, 1, 0, {"backend": "flower"})).name == "fedavg+secagg"
+    with pytest.raises(OptionError) as refused:
+        secagg(_fedavg_parts(), StrategyConfig(5, 2, 1, 0, {"backend": "crypten"}))
+    message = str(refused.value)
+    assert message.startswith("secagg privacy option 'backend' crypten cannot run here: ")
+    assert "pip install 'pchmr[crypten]' && pip install --no-deps crypten==0.4.1" in message
+    assert "scripts/install.sh" in message
+
+
+def test_another_crypten_release_is_refused_before_a_run(monkeypatch):
+    from pchmr.core.contracts.errors import OptionError
+    from pchmr.core.contracts.strategy import StrategyConfig
+    from pchmr.plugins.privacy.secagg import secagg
+
+    monkeypatch.setattr(crypten_compat, "_installed_version", lambda: "0.5.0")
+    monkeypatch.delitem(sys.modules, "pchmr.plugins.privacy.secagg.crypten", raising=False)
+    with pytest.raises(OptionError, match=r"crypten 0\.5\.0 is installed; install the pinned release: pip install"):
+        secagg(_fedavg_parts(), StrategyConfig(5, 2, 1, 0, {"backend": "crypten"}))
+
+
+def test_pchmr_run_refuses_the_crypten_backend_without_crypten_with_exit_2(without_crypten, tmp_path):
+    from typer.testing import CliRunner
+
+    from pchmr.cli.app import app
+
+    out = tmp_path / "run"
+    args = ["run", "--strategy", "secagg", "--strategy-option", "backend=crypten", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "pip install 'pchmr[crypten]' && pip install --no-deps crypten==0.4.1" in " ".join(result.output.split())
+    assert not out.exists()

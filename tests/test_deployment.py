@@ -64,7 +64,8 @@ def test_every_started_process_is_stopped(deployed_run):
 
 
 def test_generated_app_and_connection_pass_flowers_validation(tmp_path, monkeypatch):
-    import tomli
+    import tomllib
+
     from flwr.cli.config_utils import load_and_validate
     from flwr.cli.flower_config import read_superlink_connection
 
@@ -72,7 +73,7 @@ def test_generated_app_and_connection_pass_flowers_validation(tmp_path, monkeypa
     config, warnings = load_and_validate(app / "pyproject.toml", check_module=True)  # raises if invalid
     assert warnings == []
     assert config["tool"]["flwr"]["app"]["config"][RUN_DIR_KEY] == str((tmp_path / 'run "dir"').resolve())
-    assert tomli.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["publisher"] == "pchmr"
+    assert tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["publisher"] == "pchmr"
 
     write_flwr_home(tmp_path / "home", "127.0.0.1:9999")
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))

@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pchmr.core.contracts.errors import OptionError
 from pchmr.core.contracts.hookspecs import hookimpl
 from pchmr.core.contracts.mechanism import Mechanism
 from pchmr.core.contracts.strategy import (
@@ -113,11 +114,18 @@ def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:
         protocol: Any = SecAggPlusProtocol(parts.server, settings, codec)
         handlers = {STAGE: SecAggPlusClient()}
     else:
-        from pchmr.plugins.privacy.secagg.crypten import (
-            STAGE,
-            CrypTenClient,
-            CrypTenProtocol,
-        )
+        from pchmr.plugins.privacy.secagg.crypten_compat import CrypTenUnavailableError, CrypTenVersionError
+
+        try:
+            from pchmr.plugins.privacy.secagg.crypten import (
+                STAGE,
+                CrypTenClient,
+                CrypTenProtocol,
+            )
+        except (CrypTenUnavailableError, CrypTenVersionError) as exc:
+            # CrypTen is optional (the crypten extra plus a --no-deps install): without it this backend
+            # is refused like a bad option, before any data is read; backend=flower needs nothing more
+            raise OptionError(f"secagg privacy option 'backend' crypten cannot run here: {exc}") from None
 
         protocol = CrypTenProtocol(parts.server, settings, codec, num_rounds=config.num_rounds)
         handlers = {STAGE: CrypTenClient(codec)}

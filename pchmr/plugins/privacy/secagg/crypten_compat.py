@@ -1,7 +1,6 @@
 """CrypTen 0.4.1 on pchmr's torch: the two adjustments pchmr makes, applied explicitly.
 
-pchmr pins ``crypten==0.4.1`` (installed with ``--no-deps``; see ``scripts/install.sh``) and uses a
-small part of it: the distributed communicator, :class:`ArithmeticSharedTensor` built from
+pchmr pins ``crypten==0.4.1`` and uses a small part of it: the distributed communicator, :class:`ArithmeticSharedTensor` built from
 shares, addition, and ``get_plain_text``. On torch 2.13 two things in 0.4.1 stand in the way,
 and :func:`ensure_crypten` handles both, once per process, before CrypTen is used:
 
@@ -27,6 +26,13 @@ and :func:`ensure_crypten` handles both, once per process, before CrypTen is use
 
 Any other CrypTen version is refused with :class:`CrypTenVersionError`: the adjustments target
 0.4.1's exact code, and a release that fixes (or moves) them must be looked at again.
+
+Installing it (:data:`INSTALL_HINT`; ``scripts/install.sh`` does both steps): the ``crypten`` extra
+(``pip install 'pchmr[crypten]'``) brings what CrypTen imports (omegaconf, onnx); CrypTen itself is
+installed with ``pip install --no-deps crypten==0.4.1``, because its declared requirements would
+install torchvision (which pins its own torch), pandas, tensorboard and the withdrawn ``sklearn``
+package, which refuses to install. Without CrypTen only this backend is unavailable: the
+``secagg`` plugin refuses ``backend=crypten`` before a run starts, naming these two commands.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 
 __all__ = [
     "CRYPTEN_VERSION",
+    "INSTALL_HINT",
     "CrypTenUnavailableError",
     "CrypTenVersionError",
     "check_version",
@@ -50,7 +57,12 @@ __all__ = [
 #: The one CrypTen release this layer is written for.
 CRYPTEN_VERSION = "0.4.1"
 _REMOVED_MODULE = "torch.onnx._internal.registration"
-_INSTALL_HINT = f"pip install --no-deps crypten=={CRYPTEN_VERSION} omegaconf onnx  (scripts/install.sh does this)"
+#: The two commands that install the crypten backend (scripts/install.sh runs both).
+INSTALL_HINT = (
+    f"pip install 'pchmr[crypten]' && pip install --no-deps crypten=={CRYPTEN_VERSION} "
+    "(--no-deps: CrypTen's declared requirements include torchvision and the withdrawn 'sklearn' package; "
+    "scripts/install.sh does both)"
+)
 
 _LOCK = threading.Lock()
 _ORIGINAL_DECODE: Any = None
@@ -69,13 +81,13 @@ def check_version(version: str | None) -> None:
     """Raise unless ``version`` is :data:`CRYPTEN_VERSION` (None: CrypTen is not installed)."""
     if version is None:
         raise CrypTenUnavailableError(
-            f"the crypten backend needs CrypTen {CRYPTEN_VERSION}, which is not installed: {_INSTALL_HINT}"
+            f"the crypten backend needs CrypTen {CRYPTEN_VERSION}, which is not installed: {INSTALL_HINT}"
         )
     if version != CRYPTEN_VERSION:
         raise CrypTenVersionError(
             f"pchmr's CrypTen compatibility layer is written for crypten=={CRYPTEN_VERSION} "
             f"(import shim for torch 2.13, fixed-point decode fix), but crypten {version} is installed; "
-            f"install the pinned release: {_INSTALL_HINT}"
+            f"install the pinned release: {INSTALL_HINT}"
         )
 
 
@@ -128,7 +140,7 @@ def _import_crypten() -> types.ModuleType:
         import crypten
     except ModuleNotFoundError as exc:
         raise CrypTenUnavailableError(
-            f"CrypTen {CRYPTEN_VERSION} failed to import because '{exc.name}' is missing: {_INSTALL_HINT}"
+            f"CrypTen {CRYPTEN_VERSION} failed to import because '{exc.name}' is missing: {INSTALL_HINT}"
         ) from exc
     finally:
         if placeholder is not None and sys.modules.get(_REMOVED_MODULE) is placeholder:
