@@ -55,7 +55,9 @@ __all__ = [
     "app_config_defaults",
     "app_flags",
     "app_run_dir",
+    "check_federation_size",
     "client_app",
+    "client_share",
     "config_from_run_config",
     "server_app",
 ]
@@ -181,9 +183,9 @@ def app_run_dir(config: RunConfig, run_id: int) -> Path:
 # --------------------------------------------------------------------------------------
 # the ServerApp
 # --------------------------------------------------------------------------------------
-def check_federation_size(grid: Grid, clients: int, timeout: float = NODE_WAIT_SECONDS) -> int | None:
+def check_federation_size(grid: Grid, config: RunConfig, timeout: float = NODE_WAIT_SECONDS) -> int | None:
     """Ask one SuperNode how many partitions its federation has (``num-partitions`` of its node
-    config: the simulation's ``num-supernodes``); a :class:`ConfigError` when that is not
+    config: the simulation's ``num-supernodes``); a :class:`ConfigError` when that is not the run's
     ``clients``. None when the node does not say (a SuperNode started without it)."""
     from flwr.common import MessageType
 
@@ -198,12 +200,14 @@ def check_federation_size(grid: Grid, clients: int, timeout: float = NODE_WAIT_S
     size = replies[0].content[_PROBE].get(_NUM_PARTITIONS)
     if size is None:
         return None
+    clients = config.clients
     if int(size) != clients:
         raise ConfigError(
             f"the federation has {int(size)} SuperNodes (num-supernodes) but the run has clients={clients}: pchmr "
-            f"trains one client partition per SuperNode. Run `flwr run . --federation-config num-supernodes={clients}` "
-            f'(add client-resources-num-cpus=1 to train clients side by side), or `--run-config "clients={int(size)}"` '
-            "with per-round at most that"
+            "trains one client partition per SuperNode. Run `flwr run . --federation-config "
+            f'"num-supernodes={clients} client-resources-num-cpus={client_share(config)}"` (the CPUs: each client\'s '
+            f'share of this machine, as pchmr run gives it), or set `--run-config "clients={int(size)}"` (and '
+            "per-round at most that)"
         )
     return int(size)
 
@@ -233,7 +237,7 @@ def _make_server_app() -> ServerApp:
         try:
             config = config_from_run_config(context.run_config)
             run_dir = app_run_dir(config, context.run_id)
-            check_federation_size(grid, config.clients)
+            check_federation_size(grid, config)
         except ConfigError as exc:
             log(logging.ERROR, "pchmr refused the run: %s", exc)
             raise
@@ -265,11 +269,12 @@ class _AppClient(ClientApp):  # type: ignore[misc]
     """pchmr's ClientApp (:func:`make_client_app`) under ``flwr run``: it answers the federation-size
     probe from its node config, finds the run directory (a SuperNode's ``--node-config
     pchmr-run-dir`` first, else :func:`app_run_dir`) and gives local training the threads
-    ``pchmr run`` would."""
+    ``pchmr run`` would. (Flower's simulation refuses a changed ``context.run_config``, so the
+    run directory is baked into one inner app per directory.)"""
 
     def __init__(self) -> None:
         super().__init__()
-        self._inner = make_client_app()
+        self._apps: dict[str, ClientApp] = {}
         self._run_dirs: dict[int, str] = {}
 
     def __call__(self, message: Message, context: Context) -> Message:
@@ -279,10 +284,11 @@ class _AppClient(ClientApp):  # type: ignore[misc]
             return Message(RecordDict({_PROBE: info}), reply_to=message)
         local = context.node_config.get(RUN_DIR_KEY)
         run_dir = str(local) if local else self._run_dir(context)
-        context.run_config[RUN_DIR_KEY] = run_dir
-        if CLIENT_THREADS_ENV not in os.environ:
-            os.environ[CLIENT_THREADS_ENV] = str(_client_threads(run_dir))
-        return self._inner(message, context)
+        if run_dir not in self._apps:
+            if CLIENT_THREADS_ENV not in os.environ:
+                os.environ[CLIENT_THREADS_ENV] = str(_client_threads(run_dir))
+            self._apps[run_dir] = make_client_app(run_dir)
+        return self._apps[run_dir](message, context)
 
     def _run_dir(self, context: Context) -> str:
         """:func:`app_run_dir` of the run (read once per run)."""
@@ -292,13 +298,19 @@ class _AppClient(ClientApp):  # type: ignore[misc]
         return self._run_dirs[context.run_id]
 
 
-def _client_threads(run_dir: str) -> int:
-    """The torch threads of one client of this run on this machine, as ``pchmr run``'s Simulation
-    Engine gives them (:func:`~pchmr.core.engine.federation.simulation.ray_resources`)."""
+def client_share(config: RunConfig) -> int:
+    """The cores (and torch threads) of one client of ``config`` on this machine, as ``pchmr run``'s
+    Simulation Engine gives them (:func:`~pchmr.core.engine.federation.simulation.ray_resources`:
+    the cores shared among the round's clients). Local training's results depend on the thread
+    count, so the app's clients train with this many whatever Ray reserved for them."""
     from pchmr.core.engine.federation.simulation import ray_resources
 
-    config = RunConfig.from_saved(RunDir(run_dir).read_config()["run"])
     return int(ray_resources(config.placement(), config.per_round, config.client_gpus)[1]["num_cpus"])
+
+
+def _client_threads(run_dir: str) -> int:
+    """:func:`client_share` of the run prepared in ``run_dir``."""
+    return client_share(RunConfig.from_saved(RunDir(run_dir).read_config()["run"]))
 
 
 server_app = _make_server_app()
