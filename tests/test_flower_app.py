@@ -31,8 +31,12 @@ from pchmr.core.engine.federation.processes import deployment_env, free_port, li
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-# one round of two clients on 32 images; the CNN from scratch (no public pretraining in a fresh cache)
-OPTIONS = dict(num_train=32, num_test=8, clients=2, per_round=2, rounds=1, batch_size=8, seed=7, encoder_weights="none")
+# one round of two clients on 16 images each, one local epoch (two optimizer steps); the CNN from scratch (no public
+# pretraining in a fresh cache)
+OPTIONS = dict(
+    num_train=32, num_test=8, clients=2, per_round=2, rounds=1, local_epochs=1, batch_size=8, seed=7,
+    encoder_weights="none",
+)  # fmt: skip
 RUN_TIMEOUT_SECONDS = 600.0  # ~70 s measured for each run
 #: rounds.jsonl keys that measure time, not the training
 TIMING_KEYS = {"wall_seconds", "round_seconds", "fit_seconds", "train_img_s", "client_img_s"}
@@ -261,9 +265,8 @@ def both_runs(flower_app_env, tmp_path_factory):
     done = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_SECONDS)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     pchmr_seconds = time.perf_counter() - started
-    log, flwr_seconds = _flwr_run(
-        env, work, _run_config(OPTIONS), f"num-supernodes={OPTIONS['clients']} client-resources-num-cpus=1"
-    )
+    # Flower's default client resources (2 CPUs): the clients still train with pchmr run's threads
+    log, flwr_seconds = _flwr_run(env, work, _run_config(OPTIONS), f"num-supernodes={OPTIONS['clients']}")
     run_id = re.search(r"Successfully started run (\d+)", log).group(1)
     print(f"pchmr run {pchmr_seconds:.0f} s, flwr run . {flwr_seconds:.0f} s")
     return pchmr_dir, work / "runs" / f"flwr-{run_id}", log
@@ -279,7 +282,8 @@ def test_flwr_run_gives_the_metrics_of_pchmr_run_with_the_same_options_and_seed(
     pchmr_dir, flwr_dir, log = both_runs
     assert (flwr_dir / "final.json").is_file(), log[-4000:]
     ours, theirs = _records(pchmr_dir), _records(flwr_dir)
-    assert [r["round"] for r in ours] == [0, 1] and ours[1]["clients"] == [0, 1]
+    assert [r["round"] for r in ours] == [0, 1] and ours[1]["clients"] == [0, 1] and ours[1]["optimizer_steps"] == 2
+    print(json.dumps({"pchmr run": ours, "flwr run .": theirs}))
     assert ours == theirs  # every metric, loss, byte count and sampled client, exactly
     final = [json.loads((d / "final.json").read_text()) for d in (pchmr_dir, flwr_dir)]
     keys = ("mpjpe_mm", "pa_mpjpe_mm", "mpvpe_mm", "pck", "round0", "mean_pose_mpjpe_mm", "protocol")
