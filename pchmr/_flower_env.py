@@ -1,6 +1,6 @@
 """What Flower sends to Flower's servers, off unless the user turns it on.
 
-Flower 1.41 sends two kinds of reports over the internet:
+Flower 1.41/1.42 sends two kinds of reports over the internet:
 
 * usage telemetry (``flwr.supercore.telemetry``): an event, with a random id kept in
   ``$FLWR_HOME/source``, the OS, Python and Flower versions and the event's details (e.g. how many

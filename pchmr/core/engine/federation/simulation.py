@@ -158,7 +158,7 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     share and the client process resolves ``--accelerator auto`` there. Flower's and Ray's
     console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
     """
-    # Flower 1.41 marks flwr.simulation.run_simulation deprecated ("use `flwr run` in the CLI instead") and
+    # Flower 1.41/1.42 marks flwr.simulation.run_simulation deprecated ("use `flwr run` in the CLI instead") and
     # offers no Python replacement: the supported path is `flwr run` submitting an app to a SuperLink in
     # simulation mode, whose flwr-simulation process loads the ServerApp and ClientApp by module reference and
     # starts Ray with the federation's settings (num-supernodes, client resources, num_cpus/num_gpus,
