@@ -371,6 +371,10 @@ def run_rounds_in_flower_simulation(
             "logging_level": logging.ERROR,
         },
     }
+    # Flower 1.41/1.42 marks run_simulation deprecated ("use `flwr run`"), with no Python replacement: `flwr run`
+    # submits an app named by module reference to a SuperLink, whose simulation process loads it anew, so a
+    # ServerApp whose closure collects results in this process (as here) cannot run that way. See
+    # pchmr/core/engine/federation/simulation.py.
     run_simulation(
         server_app=server_app,
         client_app=_client_app(token, dict(makers), nodes),

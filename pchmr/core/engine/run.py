@@ -58,8 +58,15 @@ def execute(
     resume: bool = False,
     on_round: Callable[[RoundReport], None] | None = None,
     on_status: Callable[[str], None] | None = None,
+    federate: Callable[[FederatedServer], None] | None = None,
 ) -> RunResult:
-    """Run (or resume) one experiment; returns the run directory and ``final.json``'s content."""
+    """Run (or resume) one experiment; returns the run directory and ``final.json``'s content.
+
+    ``federate`` runs a federated experiment's prepared server on an engine that already exists: the
+    Flower app's ServerApp (:mod:`pchmr.cli.flower_app`, under ``flwr run``) passes one that drives
+    the server on the grid Flower gave it; by default the Simulation Engine is started here
+    (:func:`~pchmr.core.engine.federation.simulation.run_simulation`), or the Deployment Engine for
+    ``engine == "deployment"``."""
     status = on_status or (lambda message: None)
     config, strategy = resolve(config)  # refuses bad plugins and options before any heavy work
     if run_dir is None:
@@ -90,7 +97,7 @@ def execute(
             rd.check_resumable()
         with determinism(config.deterministic):  # --deterministic: this process's part of the run
             prepared = prepare(config, strategy, rd, resume=resume, status=status)
-            if config.mode == "federated" and config.engine == "deployment":
+            if config.mode == "federated" and config.engine == "deployment" and federate is None:
                 set_up = True
                 status(f"federating {config.clients} clients on Flower's Deployment Engine")
                 federate_on_deployment(
@@ -111,7 +118,7 @@ def execute(
                     check_checkpoint_state(rd, server.module.state_dict())
                 set_up = True  # the server accepted the model (mechanisms, checkpoint): the run starts
                 status(f"federating {config.clients} clients, {config.per_round} per round, {config.rounds} rounds")
-                run_simulation(server)
+                (run_simulation if federate is None else federate)(server)
             else:
                 set_up = True
                 size = prepared.partition.sizes()[0]

@@ -158,6 +158,17 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     share and the client process resolves ``--accelerator auto`` there. Flower's and Ray's
     console output is kept to errors unless ``verbose``; ``run.log`` gets Flower's log in full.
     """
+    # Flower 1.41/1.42 marks flwr.simulation.run_simulation deprecated ("use `flwr run` in the CLI instead") and
+    # offers no Python replacement: the supported path is `flwr run` submitting an app to a SuperLink in
+    # simulation mode, whose flwr-simulation process loads the ServerApp and ClientApp by module reference and
+    # starts Ray with the federation's settings (num-supernodes, client resources, num_cpus/num_gpus,
+    # logging). pchmr's Flower app runs that way (`flwr run .`, pchmr/cli/flower_app.py, the same metrics).
+    # This engine stays on run_simulation because going through a SuperLink would lose what it does here:
+    # the ServerApp in this process (the CLI's progress callbacks, SIGINT stopping the grid before an
+    # interrupted round is aggregated), a private Ray listening on loopback only (`_node_ip_address`,
+    # `_loopback_ray`: Flower's simulation config cannot pass them) or a joined Ray cluster with a runtime
+    # environment (--ray-address), and no SuperLink left running on fixed ports after the run. It logs
+    # Flower's deprecation warning to run.log.
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     tune_allocator()  # before Ray starts its workers, which inherit the environment
