@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -470,9 +469,9 @@ def test_cli_run_records_conflict_statistics(tmp_path, pchmr_cache, granularity:
 
 
 # --------------------------------------------------------------------------------------
-# configs/noniid-conflict.toml: the setting where clients conflict
+# settings:noniid-conflict (pchmr/configs/settings/): the setting where clients conflict
 # --------------------------------------------------------------------------------------
-NONIID = Path(__file__).resolve().parents[1] / "configs" / "noniid-conflict.toml"
+NONIID = "settings:noniid-conflict"
 
 
 @pytest.mark.parametrize(

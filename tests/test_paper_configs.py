@@ -1,4 +1,4 @@
-"""configs/paper/: one config per experiment of the PCHMR paper's Tables 1-4 and 8-12.
+"""pchmr/configs/paper/ (``--config paper:NAME``): one config per experiment of the PCHMR paper's Tables 1-4 and 8-12.
 
 Every file is loaded and validated at full scale and at ``--scale smoke`` without training:
 RunConfig, plugin names and options, the hyperparameters of the paper's Table 7 (checked against
@@ -28,7 +28,7 @@ from pchmr.plugins.datasets.synthetic import SCENES, SOURCES
 from pchmr.plugins.partitioners import cnn_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs" / "paper"
+CONFIGS = ROOT / "pchmr" / "configs" / "paper"
 PAPER_MD = ROOT / "docs" / "paper.md"
 FILES = sorted(CONFIGS.glob("*.toml"))
 MIXED = "h36m,up3d,coco,mpii,mpi-inf-3dhp"
@@ -229,7 +229,7 @@ def test_fine_tuning_before_its_pretraining_run_is_refused_saying_to_run_it_firs
         load(path)
     pretrain = CONFIGS / f"table12-{SLUG[model]}-pretrain.toml"
     assert f"--out {pretrain_dir(model)}" in pretrain.read_text(), "the pretraining file says where its run goes"
-    assert f"configs/paper/{pretrain.name}" in path.read_text(), "the fine-tuning file names its pretraining"
+    assert f"paper:{pretrain.stem}" in path.read_text(), "the fine-tuning file names its pretraining"
 
 
 # -- docs/paper.md -----------------------------------------------------------------------------

@@ -542,7 +542,7 @@ def test_report_says_when_cells_ran_other_steps_than_planned(sweep_dir):
 
 
 def test_the_example_sweep_plans_at_full_scale_and_smoke(tmp_path, monkeypatch):
-    example = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "strategies.toml"
+    example = "sweeps:strategies"  # the packaged file, by reference; its base is paper:NAME
     # the full scale names the user's ImageNet ResNet-50 under ./data (planning checks it exists)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "weights").mkdir(parents=True)

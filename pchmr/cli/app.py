@@ -1,6 +1,6 @@
 """The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
 beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
-``privacy.py``, ``annotate.py``, ``annotate_compare.py``, ``profile.py``, ``sweep.py``, ``evaluate.py``,
+``privacy.py``, ``configs.py``, ``annotate.py``, ``annotate_compare.py``, ``profile.py``, ``sweep.py``, ``evaluate.py``,
 ``predict.py``)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import typer
 from pchmr.cli._output import err_console
 from pchmr.cli.annotate import annotate, personalize
 from pchmr.cli.annotate_compare import annotate_compare
+from pchmr.cli.configs import configs_app
 from pchmr.cli.data import data_app
 from pchmr.cli.evaluate import evaluate_command
 from pchmr.cli.partition import partition
@@ -37,6 +38,7 @@ app.command(name="plugins")(plugins)
 app.command(name="partition")(partition)
 app.add_typer(data_app, name="data")
 app.add_typer(privacy_app, name="privacy")
+app.add_typer(configs_app, name="configs")
 app.command(name="annotate")(annotate)
 app.command(name="annotate-compare")(annotate_compare)
 app.command(name="personalize")(personalize)

@@ -150,7 +150,11 @@ def _print_summary(summary: Mapping[str, Any], written: list[Path]) -> None:
 
 @with_config_flags(RunConfig, fields=PARTITION_FIELDS)
 def partition(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON run config; flags override it."),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="TOML or JSON run config, or a packaged one (paper:NAME; pchmr configs list); flags override it.",
+    ),
     scale: Optional[str] = typer.Option(None, "--scale", help="Apply the config file's \\[scale.NAME] overrides."),
     label: Optional[str] = typer.Option(None, "--label", help="Label of the histogram (default: the partition's own)."),
     out: Path = typer.Option(

@@ -41,7 +41,11 @@ _METRIC_LABELS = {
 
 @with_config_flags(RunConfig)
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON file of options; flags override it."),
+    config: Optional[Path] = typer.Option(
+        None,
+        "--config",
+        help="TOML or JSON file of options, or a packaged config (paper:NAME; pchmr configs list); flags override it.",
+    ),
     scale: Optional[str] = typer.Option(
         None, "--scale", help="Apply the config file's \\[scale.NAME] overrides (e.g. smoke)."
     ),

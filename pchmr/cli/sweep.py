@@ -32,7 +32,9 @@ __all__ = ["sweep"]
 
 
 def sweep(
-    sweep_file: Path = typer.Argument(..., help="Sweep file (TOML): base, rows, seeds, budget (docs/sweep.md)."),
+    sweep_file: Path = typer.Argument(
+        ..., help="Sweep file (TOML): base, rows, seeds, budget (docs/sweep.md); or a packaged one, sweeps:NAME."
+    ),
     out: Optional[Path] = typer.Option(
         None, "--out", help="Sweep directory: one run directory per cell, DIR/ROW/seed-S, and sweep.json."
     ),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pchmr.core.engine.packaged_configs import PackagedConfigError, resolve_config_path
 from pchmr.core.engine.run_options import (
     KeyValues,
     NameAndPath,
@@ -704,7 +705,7 @@ def _check_init_from(init_from: str) -> None:
         raise ConfigError(f"{head}: the directory holds no model.pt")
     raise ConfigError(
         f"{head}, which does not exist yet: this run fine-tunes a trained model, so run the training that makes it "
-        f"first, with --out {init_from} (a configs/paper fine-tuning config names its pretraining config), "
+        f"first, with --out {init_from} (a paper: fine-tuning config names its pretraining config), "
         "then start this one"
     )
 
@@ -747,11 +748,16 @@ def check_ray_address(address: str, given_as: str = "--ray-address") -> str:
 def load_config_file(path: str | Path, scale: str | None = None) -> dict[str, Any]:
     """Read a TOML or JSON config file into a flat dict (keys as in :class:`RunConfig`).
 
+    ``path`` is a file's path or a packaged file's reference, ``COLLECTION:NAME`` (e.g.
+    ``paper:table01-fastmetro-s-fedavg-10-10-iid``; :mod:`pchmr.core.engine.packaged_configs`).
     A file may hold named scales, tables of overrides under ``scale`` (TOML ``[scale.smoke]``):
     they are dropped unless ``scale`` names one, whose values then replace the file's (a table
     such as ``partition_options`` is merged key by key). See :func:`apply_scale`.
     """
-    path = Path(path)
+    try:
+        path = resolve_config_path(path)
+    except PackagedConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if path.is_dir():
         raise ConfigError(f"config file {path} is a directory; give a TOML or JSON file of options")
     if not path.is_file():

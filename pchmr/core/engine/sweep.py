@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
+from pchmr.core.engine.packaged_configs import PackagedConfigError, resolve_config_path
 from pchmr.core.kit.atomic import write_text_atomic
 
 __all__ = [
@@ -258,7 +259,11 @@ def _config_values(path: Path, scale: str | None, source: Path, where: str) -> d
 def _resolve_path(source: Path, value: Any, where: str) -> Path:
     if not isinstance(value, str) or not value:
         raise _error(source, f"{where} must be a config file's path (TOML or JSON), got {value!r}")
-    path = Path(value).expanduser()
+    try:
+        path = resolve_config_path(value)  # a packaged file, paper:NAME
+    except PackagedConfigError as exc:
+        raise _error(source, f"{where}: {exc}") from None
+    path = path.expanduser()
     return path if path.is_absolute() else (source.parent / path)
 
 
@@ -279,8 +284,12 @@ def _seeds(source: Path, data: Mapping[str, Any]) -> tuple[int, ...]:
 
 def load_sweep(path: str | Path, scale: str | None = None) -> SweepPlan:
     """Read and check a sweep file and resolve its budget: the :class:`SweepPlan`, or a
-    :class:`SweepError` naming the file and what is wrong (the row, the key, the budget)."""
-    source = Path(path)
+    :class:`SweepError` naming the file and what is wrong (the row, the key, the budget).
+    ``path`` may be a packaged sweep's reference, ``sweeps:NAME``."""
+    try:
+        source = resolve_config_path(path)
+    except PackagedConfigError as exc:
+        raise SweepError(str(exc)) from None
     data = _read_toml(source, "sweep file")
     if not isinstance(data.get("scale", {}), Mapping) or not all(
         isinstance(v, Mapping) for v in data.get("scale", {}).values()
