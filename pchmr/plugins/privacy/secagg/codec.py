@@ -135,7 +135,7 @@ class SecAggSettings:
                     "clipping-range": self.clipping_range,
                     "quantization-range": self.quantization_range,
                     "timeout": self.timeout,
-                    "protocol": "Flower SecAgg+ (flwr 1.41) with pchmr's masking stages",
+                    "protocol": "Flower SecAgg+ (flwr 1.41/1.42) with pchmr's masking stages",
                 }
             )
         else:

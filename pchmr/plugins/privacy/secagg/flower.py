@@ -1,6 +1,6 @@
 """The ``flower`` secure-aggregation backend: Flower's SecAgg+ run as a pchmr round protocol.
 
-Flower 1.41 ships SecAgg+ as :class:`flwr.server.workflow.SecAggPlusWorkflow` (server) and
+Flower 1.41 and 1.42 ship SecAgg+ as :class:`flwr.server.workflow.SecAggPlusWorkflow` (server) and
 :func:`flwr.client.mod.secaggplus_mod` (client), both written for its legacy stack
 (LegacyContext + DefaultWorkflow, FitIns/FitRes records). pchmr runs the same four stages —
 setup, share keys, collect masked vectors, unmask — from its own runtime:
