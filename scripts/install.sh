@@ -6,6 +6,8 @@
 # torch is installed first, as an explicit build, and pinned for everything after it (constraints.txt):
 #   PCHMR_TORCH=cpu    torch 2.13.0+cpu               (default when no NVIDIA GPU is visible)
 #   PCHMR_TORCH=cuda   torch 2.13.0+$PCHMR_CUDA       (default when `nvidia-smi -L` lists a GPU; PCHMR_CUDA=cu128)
+#   PCHMR_TORCH=pypi   torch 2.13.0 as PyPI serves it (on Linux the CUDA 13 build with its NVIDIA libraries,
+#                      ~4 GB more; it runs on a CPU too): for a Python whose +cpu build no index here has
 # The build is looked up in pip's configured indexes first, then in PyTorch's own index for that build
 # (https://download.pytorch.org/whl/cpu or .../whl/<cuda>), so pip never picks a build by accident.
 set -euo pipefail
@@ -25,9 +27,10 @@ fi
 case "$PCHMR_TORCH" in
   cpu) BUILD=cpu ;;
   cuda) BUILD=$PCHMR_CUDA ;;
-  *) echo "PCHMR_TORCH must be cpu or cuda, got '$PCHMR_TORCH'" >&2; exit 2 ;;
+  pypi) BUILD= ;;
+  *) echo "PCHMR_TORCH must be cpu, cuda or pypi, got '$PCHMR_TORCH'" >&2; exit 2 ;;
 esac
-TORCH_SPEC="torch==${TORCH_VERSION}+${BUILD}"
+TORCH_SPEC="torch==${TORCH_VERSION}${BUILD:++$BUILD}"
 TORCH_INDEX="https://download.pytorch.org/whl/${BUILD}"
 
 quiet() { grep -v '^WARNING: Location' || true; }
@@ -37,9 +40,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip 2>&1 | quiet
-if ! python -c "import torch, sys; sys.exit(0 if torch.__version__ == '${TORCH_VERSION}+${BUILD}' else 1)" 2>/dev/null; then
+if ! python -c "import torch, sys; sys.exit(0 if torch.__version__ == '${TORCH_VERSION}${BUILD:++$BUILD}' else 1)" 2>/dev/null; then
   echo "installing ${TORCH_SPEC} (PCHMR_TORCH=${PCHMR_TORCH})"
-  if ! python -m pip install -q "$TORCH_SPEC" 2>/dev/null; then
+  if [ -z "$BUILD" ]; then
+    python -m pip install -q "$TORCH_SPEC" 2>&1 | quiet
+  elif ! python -m pip install -q "$TORCH_SPEC" 2>/dev/null; then
     python -m pip install -q "$TORCH_SPEC" --extra-index-url "$TORCH_INDEX" 2>&1 | quiet
   fi
 fi
