@@ -25,7 +25,7 @@ from pchmr.cli.flower_app import (
     app_run_dir,
     config_from_run_config,
 )
-from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.config import ConfigError, RunConfig, load_config_file
 from pchmr.core.engine.federation.processes import deployment_env, free_port, live_in_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +111,11 @@ def test_run_config_is_read_as_pchmr_runs_flags(tmp_path):
     file.write_text("rounds = 9\nclients = 4\nepochs = 3\n[scale.smoke]\nrounds = 2\nper_round = 1\n")
     config = config_from_run_config({"config": str(file), "scale": "smoke", "clients": 3})
     assert (config.rounds, config.clients, config.per_round) == (2, 3, 1)
+    # a packaged paper config by reference, as pchmr run --config paper:NAME reads it
+    ref = "paper:table02-fastmetro-s-fedprox-100-10-iid"
+    config = config_from_run_config({"config": ref, "scale": "smoke", "rounds": 1})
+    assert config == RunConfig.from_dict({**load_config_file(ref, scale="smoke"), "rounds": 1})
+    assert (config.strategy, config.clients, config.rounds) == ("fedprox", 20, 1)
 
 
 @pytest.mark.parametrize(
