@@ -8,7 +8,8 @@ one in simulation mode, which ``flwr`` starts); Flower's simulation runtime then
 * the run config (``[tool.flwr.app.config]`` fused with ``--run-config``) holds ``pchmr run``'s
   options under the names of its flags without the dashes (``num-train``, ``per-round``,
   ``strategy-option = "mu=0.01"``, ``freeze-encoder = true``), ``""`` for an option left unset,
-  plus ``config`` and ``scale`` (a pchmr config file and its scale, as ``--config``/``--scale``).
+  plus ``config`` and ``scale`` (a pchmr config file, or a packaged one such as ``paper:NAME``, and
+  its scale, as ``--config``/``--scale``).
   :func:`config_from_run_config` reads it exactly as ``pchmr run`` reads its flags
   (:class:`~pchmr.cli.config_flags.GivenFlags`, :class:`~pchmr.core.engine.config.RunConfig`), so a
   bad value gets ``pchmr run``'s refusal;
