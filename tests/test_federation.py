@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,12 +21,24 @@ from pchmr.core.engine.run import execute
 CONFIG = dict(num_train=48, num_test=16, clients=4, per_round=2, rounds=2, batch_size=16, local_epochs=1, seed=3)
 
 
+#: PYTHONPATH before and after the module's run (Flower's Ray backend sets it for Ray's workers)
+PATH_AROUND_RUN: dict[str, str | None] = {}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, pchmr_cache):
     out = tmp_path_factory.mktemp("run") / "r"
     reports = []
+    PATH_AROUND_RUN["before"] = os.environ.get("PYTHONPATH")
     result = execute(RunConfig(**CONFIG, out=str(out)), on_round=reports.append)
+    PATH_AROUND_RUN["after"] = os.environ.get("PYTHONPATH")
     return result, reports
+
+
+def test_a_run_leaves_this_processs_pythonpath_as_it_found_it(finished_run):
+    # Flower's Ray backend sets PYTHONPATH to the driver's sys.path and leaves it: every process started
+    # after the run (pip into another venv, another interpreter) would import this venv's packages
+    assert PATH_AROUND_RUN["after"] == PATH_AROUND_RUN["before"]
 
 
 def test_sampling_is_a_function_of_seed_and_round_only():

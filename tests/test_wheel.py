@@ -60,9 +60,8 @@ class Installed:
         return self.venv / "bin"
 
     def run(self, *args: str, timeout: float = RUN_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-        env.update(PATH=f"{self.bin}{os.pathsep}{env.get('PATH', '')}", COLUMNS="200", PYTHONDONTWRITEBYTECODE="1")
-        env = {k: v for k, v in env.items() if not k.startswith("PCHMR_") or k == "PCHMR_CACHE_DIR"}
+        env = clean_env(COLUMNS="200", PYTHONDONTWRITEBYTECODE="1")
+        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
         done = subprocess.run(args, cwd=self.work, env=env, capture_output=True, text=True, timeout=timeout)
         with self.log.open("a") as log:
             log.write(f"$ {' '.join(args)}\n{done.stdout}\n{done.stderr}\nexit {done.returncode}\n")
@@ -71,9 +70,19 @@ class Installed:
         return done
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without what would let a process import from elsewhere than its own venv
+    (PYTHONPATH: a simulation earlier in the session may have set it; a user may have), nor pchmr's
+    test switches (the cache directory aside)."""
+    drop = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONUSERBASE", "PIP_TARGET", "PIP_PREFIX", "PIP_USER")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in env.items() if not k.startswith("PCHMR_") or k == "PCHMR_CACHE_DIR"}
+    return {**env, **extra}
+
+
 def _pip(python: Path, *args: str, log: Path) -> None:
     command = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, env=clean_env())
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n{done.stdout}\n{done.stderr}\n")
     if done.returncode != 0:
@@ -87,7 +96,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     dist = root / "dist"
     build = subprocess.run(
         [sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, env=clean_env(),
     )  # fmt: skip
     log.write_text(f"$ python -m build\n{build.stdout}\n{build.stderr}\n")
     if build.returncode != 0:
@@ -97,7 +106,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
 
     venv = root / "venv"
     interpreter = os.environ.get("PCHMR_WHEEL_PYTHON") or getattr(sys, "_base_executable", sys.executable)
-    made = subprocess.run([interpreter, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
+    made = subprocess.run(
+        [interpreter, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300, env=clean_env()
+    )
     if made.returncode != 0:
         pytest.fail(f"{interpreter} -m venv failed (PCHMR_WHEEL_PYTHON names the interpreter):\n{made.stderr[-2000:]}")
     python = venv / "bin" / "python"

@@ -200,6 +200,10 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     client_app = make_client_app(server.rd.path.resolve())
     backend_config = {"client_resources": per_client, "init_args": init_args}
     previous = os.environ.get(CLIENT_THREADS_ENV)
+    # Flower's Ray backend sets this process's PYTHONPATH to its sys.path (for Ray's workers) and leaves it
+    # set: put it back after the run, or every process started later (pip, another interpreter) imports
+    # from this environment's site-packages
+    previous_path = os.environ.get("PYTHONPATH")
     # read by each client process of a private Ray (its workers inherit it); a cluster's clients
     # read the CPUs Ray assigned them
     if address is None:
@@ -231,10 +235,11 @@ def run_simulation(server: FederatedServer, num_cpus: int | None = None, verbose
     finally:
         if address is not None:
             _leave_cluster()
-        if previous is None:
-            os.environ.pop(CLIENT_THREADS_ENV, None)
-        else:
-            os.environ[CLIENT_THREADS_ENV] = previous
+        for name, value in ((CLIENT_THREADS_ENV, previous), ("PYTHONPATH", previous_path)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if server.error is not None:
         raise server.error
 
