@@ -417,7 +417,7 @@ def test_graphcmr_file_shaped_like_the_real_one_is_used_as_it_is(tmp_path, caplo
     from pchmr.testing.fake_smpl import write_fake_graphcmr_downsampling
 
     path = write_fake_graphcmr_downsampling(tmp_path / "mesh_downsampling.npz")
-    with np.load(path, allow_pickle=True, encoding="latin1") as data:
+    with np.load(path, allow_pickle=True, encoding="latin1") as data:  # safe: the file this test just wrote
         ups = [sp.csr_matrix(u) for u in data["U"]]
         with pytest.raises(AttributeError, match="MyMesh"):
             data["M"]  # as in the real file: never to be read

@@ -159,7 +159,7 @@ def test_a_mesh_downsampling_file_that_runs_code_is_refused_and_the_genuine_one_
     evil, marker, refused = payload
     genuine = write_fake_graphcmr_downsampling(tmp_path / "mesh_downsampling.npz", sizes=(40, 20, 10))
     assert load_graphcmr_downsampling(genuine).num_vertices == (10, 20, 40)  # its M (pickled meshes) is never read
-    with np.load(genuine, allow_pickle=True) as data:  # our own writer's file
+    with np.load(genuine, allow_pickle=True) as data:  # safe: the file this test just wrote
         arrays = {name: data[name] for name in ("A", "U", "D", "F")}
     arrays["U"] = _objects([*arrays["U"][:1], evil])
     bad = tmp_path / "evil" / "mesh_downsampling.npz"

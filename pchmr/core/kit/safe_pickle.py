@@ -224,7 +224,7 @@ def not_an_npz(path: str | os.PathLike[str]) -> str | None:
     """None when ``path`` is a zip archive (what ``numpy.savez`` writes), else why it cannot be an
     ``.npz`` (e.g. ``the file is empty; a .npz is a zip archive of .npy arrays ...``), for its
     reader's refusal: ``np.load`` would otherwise take the file for a pickle and suggest loading it
-    with ``allow_pickle=True``."""
+    with ``allow_pickle=True``."""  # safe: a docstring naming what np.load would suggest; nothing here loads so
     path = Path(path)
     if zipfile.is_zipfile(path):
         return None
@@ -259,7 +259,7 @@ def load_torch_file(path: str | os.PathLike[str], *, what: str, advice: str, dam
     """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, numbers, strings,
     None and lists, tuples, sets and dicts of them; nothing in the file is called. A file that
     asks for more raises :class:`UnsafeFileError` naming it, the refused global (when torch names
-    one) and ``advice`` (what to do instead); there is no fallback to ``weights_only=False``. A
+    one) and ``advice`` (what to do instead); there is no fallback to an unrestricted load. A
     file torch cannot read at all (empty, truncated, corrupt, not written by ``torch.save``)
     raises :class:`UnreadableFileError` naming it, what it is and ``damaged`` (default ``advice``)."""
     import torch  # not at module level: the pickle readers need no torch
