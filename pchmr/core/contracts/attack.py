@@ -124,6 +124,12 @@ class AuditTarget(Protocol):
         client); ``model`` itself is not changed."""
         ...
 
+    def client_round(self, partition: int, which: str = "initial") -> tuple[dict[str, Tensor], AuditSamples]:
+        """The update client ``partition`` sends in a round of the run from the ``which`` global
+        model (``initial``: round 1), by the run's own local training (its epochs, batches,
+        learning rate and mechanisms' losses), and the samples it trained on."""
+        ...
+
     def server_view(
         self,
         updates: Sequence[Mapping[str, Tensor]],
