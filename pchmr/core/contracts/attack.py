@@ -109,6 +109,16 @@ class AuditTarget(Protocol):
         to one client's samples."""
         ...
 
+    def member_samples(self, n: int) -> AuditSamples:
+        """``n`` samples the final model was trained on (``split`` ``train``): in a federated run,
+        samples of clients sampled in at least one round; in a baseline, of the samples it trained on."""
+        ...
+
+    def epochs_seen(self) -> int:
+        """How many epochs a member sample was trained in, on average over the members (at least 1):
+        a federated client's rounds × local epochs, a baseline's epochs."""
+        ...
+
     def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         """(N,) the training loss of each sample under ``model``, as the run's clients minimise it
         (the run's loss weights); differentiable in the batch and the model."""

@@ -153,6 +153,38 @@ class RunAudit:
         batch = _collate([dataset[int(i)] for i in chosen])
         return AuditSamples(batch, split, tuple(int(i) for i in chosen), partition)
 
+    def _participation(self) -> dict[int, int]:
+        """Client (partition) → rounds it trained in: ``rounds.jsonl`` for a federated run; the
+        one client of a baseline's partition trained in every epoch."""
+        if self.partition is None:
+            raise AuditError(f"{self.run_dir} has no partition.json: which samples were trained on is unknown")
+        if self.config.mode != "federated":
+            return {0: 1}
+        counts: dict[int, int] = {}
+        for record in self._rd.read_rounds():
+            for client in record.get("clients") or []:
+                counts[int(client)] = counts.get(int(client), 0) + 1
+        if not counts:
+            raise AuditError(f"{self.run_dir}'s rounds.jsonl names no client that trained")
+        return counts
+
+    def member_samples(self, n: int) -> AuditSamples:
+        counts = self._participation()
+        pool = np.sort(np.concatenate([np.asarray(self.partition.clients[c]) for c in sorted(counts)]))
+        chosen = np.random.default_rng(derive_seed(self.seed, _SAMPLES, 99)).permutation(pool)[:n]
+        if n < 1 or len(chosen) < n:
+            raise AuditError(f"asked for {n} member samples; the clients that trained hold {len(pool)}")
+        data = self.components.data
+        return AuditSamples(_collate([data.train[int(i)] for i in chosen]), "train", tuple(int(i) for i in chosen))
+
+    def epochs_seen(self) -> int:
+        counts = self._participation()
+        if self.config.mode != "federated":
+            return max(int(self.config.epochs), 1)
+        sizes = {c: len(self.partition.clients[c]) for c in counts}
+        mean = sum(sizes[c] * counts[c] for c in counts) / sum(sizes.values()) * self.config.local_epochs
+        return max(round(mean), 1)
+
     # -- losses and errors -------------------------------------------------------------------
     def per_sample_loss(self, model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
         losses = []
