@@ -50,7 +50,7 @@ PRIVACY_SETTINGS = ("plain", "secagg", "dp")
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
 #: Fresh samples drawn at least (one rendering, cached, serves every later audit of the run).
-FRESH_SAMPLES = 512
+FRESH_SAMPLES = 64
 #: Streams of the audit's seed.
 _SAMPLES, _FRESH, _VIEW, _SHADOW = 1, 2, 3, 4
 

@@ -116,6 +116,7 @@ class MembershipInference:
         if opts.shadows > 0:
             size = opts.shadow_samples or min(int(target.options.get("num_train") or 512), 512)
             epochs = opts.shadow_epochs or target.epochs_seen()
+            target.samples("fresh", size * opts.shadows)  # draws them all at once (one rendering)
             losses = []
             for k in range(opts.shadows):
                 say(f"reference model {k + 1}/{opts.shadows} ({size} fresh samples, {epochs} epochs)")

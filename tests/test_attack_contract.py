@@ -1,0 +1,31 @@
+"""The built-in attacks pass the attack contract suite (pchmr.testing.attacks), on a real finished run."""
+
+from __future__ import annotations
+
+import pytest
+
+from pchmr.testing import AttackContract, registered
+
+
+class TestMembership(AttackContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def attack_factory(cls):
+        return registered("attack", "membership")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def options(cls):
+        return {"candidates": 8, "shadows": 1, "shadow-samples": 8, "shadow-epochs": 1}
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def bad_options(cls):
+        return {
+            "too few candidates": ({"candidates": 2}, "'candidates' must be a whole number >= 8"),
+            "an unknown split": ({"nonmembers": "valid"}, "'nonmembers' must be one of"),
+        }
+
+    @pytest.fixture(scope="class")
+    def audit_run(self, tiny_federated_run):
+        return tiny_federated_run  # the session's, shared with tests/test_audit.py
