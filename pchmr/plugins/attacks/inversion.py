@@ -1,0 +1,335 @@
+"""``inversion``: reconstruct a client's images from what the server receives (the server's view).
+
+"Inverting Gradients" (Geiping et al., 2020) for an HMR client. The server holds the round's global
+model and one client's upload. It optimises dummy images, and dummy labels (the 3D joints, 2D
+keypoints and mesh a client's loss compares against, which it does not know), so that the update
+a client would send for them matches the upload in direction:
+
+    min  1 − cos(U(x', y'), upload) + tv · TV(x')
+
+where ``U`` is the client's update as the target computes it (the run's AdamW, learning rate and
+weight decay from a fresh state; one step, or the run's local epochs) kept differentiable in the
+dummies, and TV the total variation of the image (Adam on the dummies, the labels started from
+the model's own prediction on the starting image, the best of ``restarts`` kept by the objective).
+
+Settings (``settings``), for ``victims`` batches of ``batch`` training images of one client each:
+
+* ``plain``: the upload is the client's update;
+* ``secagg``: the upload is the client's masked vector (secure aggregation over ``k`` clients);
+  and ``secagg-sum``: the revealed sum of the k clients' updates, attacked as one batch of k·batch
+  images (the server's best hope under secure aggregation);
+* ``dp``: the client's clipped, noised update at each of ``noise-multipliers`` (``clip``).
+
+Measured per setting: PSNR (dB) and SSIM of each recovered image against the true one (pixels in
+[0, 1]; for ``secagg-sum``, each true image against its best-matching recovered one), and the MPJPE
+(mm) of the pose the final global model predicts on the recovered image against the client's true
+pose (and the same for a random image: the baseline; and on the true image: the ceiling). The
+recovered labels' joints are a second pose estimate (``label-mpjpe``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pchmr.core.contracts.attack import AttackReport, AuditTarget, Measurement
+from pchmr.core.contracts.hookspecs import hookimpl
+from pchmr.core.contracts.options import option, read_options
+
+__all__ = ["Inversion", "InversionOptions", "psnr", "ssim"]
+
+SETTINGS = ("plain", "secagg", "secagg-sum", "dp")
+
+
+@dataclass(frozen=True)
+class InversionOptions:
+    settings: str = option("plain,secagg,secagg-sum,dp", help="comma-separated: plain, secagg, secagg-sum, dp")
+    victims: int = option(4, low=1, help="attacked batches, each of one client")
+    batch: int = option(1, low=1, help="images per attacked batch")
+    local: str = option(
+        "step",
+        choices=("step", "round"),
+        help="step: one local step on the batch; round: the run's local epochs over it",
+    )
+    k: int = option(4, low=2, help="clients in a secure-aggregation round (secagg, secagg-sum)")
+    noise_multipliers: str = option("0.01,0.1,1", help="dp: comma-separated noise multipliers z")
+    clip: float = option(1.0, low=0.0, low_open=True, help="dp: the clip C of an update's L2 norm")
+    steps: int = option(200, low=1, help="optimisation steps per restart")
+    restarts: int = option(1, low=1, help="restarts from new random images (the best objective kept)")
+    lr: float = option(0.1, low=0.0, low_open=True, help="Adam's learning rate on the dummies")
+    tv: float = option(1e-2, low=0.0, help="weight of the total-variation prior")
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in _split(self.settings) if s not in SETTINGS]
+        if unknown or not _split(self.settings):
+            raise ValueError(f"'settings' must name some of {', '.join(SETTINGS)}, got {self.settings!r}")
+        try:
+            zs = [float(z) for z in _split(self.noise_multipliers)]
+        except ValueError:
+            zs = [-1.0]
+        if not zs or any(not math.isfinite(z) or z < 0 for z in zs):
+            raise ValueError(
+                f"'noise-multipliers' must be numbers >= 0 separated by commas, got {self.noise_multipliers!r}"
+            )
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+# -- image quality ---------------------------------------------------------------------------
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (peak 255)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def _gaussian_window(size: int = 7, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return np.outer(g, g) / np.outer(g, g).sum()
+
+
+def _filter(image: np.ndarray, window: np.ndarray) -> np.ndarray:
+    from scipy.signal import convolve2d
+
+    return convolve2d(image, window, mode="valid")
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM (Wang et al., 2004; 7×7 Gaussian window, σ 1.5) of two (H, W, 3) uint8 images, the mean
+    over the channels."""
+    window = _gaussian_window()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for c in range(a.shape[2]):
+        x, y = a[..., c].astype(np.float64), b[..., c].astype(np.float64)
+        mx, my = _filter(x, window), _filter(y, window)
+        sxx = _filter(x * x, window) - mx * mx
+        syy = _filter(y * y, window) - my * my
+        sxy = _filter(x * y, window) - mx * my
+        values.append(np.mean(((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))))
+    return float(np.mean(values))
+
+
+def _total_variation(images: Tensor) -> Tensor:
+    dx = (images[..., :, 1:] - images[..., :, :-1]).abs().mean()
+    dy = (images[..., 1:, :] - images[..., :-1, :]).abs().mean()
+    return dx + dy
+
+
+def _cosine_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    dot = sum((a[k] * b[k].to(a[k].dtype)).sum() for k in b)
+    na = torch.sqrt(sum(a[k].pow(2).sum() for k in b))
+    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
+    return 1 - dot / (na * nb + 1e-12)
+
+
+class Inversion:
+    """The attack, built with its options (see the module docstring)."""
+
+    def __init__(self, options: InversionOptions) -> None:
+        self.options = options
+
+    # -- one reconstruction ----------------------------------------------------------------
+    def _invert(
+        self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], like: Mapping[str, Tensor], seed: int
+    ) -> tuple[Tensor, Tensor, float]:
+        """(recovered images, recovered 3D joints, objective) for ``upload``; ``like`` gives the
+        batch's shapes and the label entries the loss reads (never their values)."""
+        opts = self.options
+        steps = None if opts.local == "round" else 1
+        images_shape = like["image"].shape
+        lowest, best = math.inf, None
+        for restart in range(opts.restarts):
+            generator = torch.Generator().manual_seed(seed * 1000 + restart)
+            images = torch.randn(images_shape, generator=generator).requires_grad_(True)
+            with torch.no_grad():
+                guess = model(images)
+                joints = guess.joints - guess.joints[:, :, :].mean(dim=1, keepdim=True)
+            labels = {
+                "joints_3d": joints.clone().requires_grad_(True),
+                "keypoints_2d": torch.zeros((*like["keypoints_2d"].shape[:-1], 2)).requires_grad_(True),
+                "vertices": (guess.vertices[-1] - guess.joints.mean(dim=1, keepdim=True)).clone().requires_grad_(True),
+            }
+            optimizer = torch.optim.Adam([images, *labels.values()], lr=opts.lr)
+            schedule = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, milestones=[int(opts.steps * f) for f in (0.375, 0.625, 0.875)], gamma=0.1
+            )
+            for _ in range(opts.steps):
+                batch = self._dummy_batch(like, images, labels)
+                update = target.client_update(model, batch, steps=steps, differentiable=True)
+                loss = _cosine_distance(update, upload) + opts.tv * _total_variation(images)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            with torch.no_grad():
+                batch = self._dummy_batch(like, images, labels)
+            final = float(_cosine_distance(target.client_update(model, batch, steps=steps), upload))
+            if final < lowest:
+                lowest, best = final, (images.detach().clone(), labels["joints_3d"].detach().clone())
+        assert best is not None
+        return best[0], best[1], lowest
+
+    @staticmethod
+    def _dummy_batch(like: Mapping[str, Tensor], images: Tensor, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What the loss reads, every label a dummy: nothing of ``like`` but its shapes."""
+        ones_j = torch.ones((*like["joints_3d"].shape[:-1], 1))
+        return {
+            "image": images,
+            "joints_3d": torch.cat([labels["joints_3d"], ones_j], dim=-1),
+            "keypoints_2d": torch.cat([labels["keypoints_2d"], ones_j], dim=-1),
+            "vertices": labels["vertices"],
+            "has_vertices": torch.ones(images.shape[0]),
+        }
+
+    # -- the attack ------------------------------------------------------------------------
+    def run(self, target: AuditTarget, progress: Callable[[str], None] | None = None) -> AttackReport:
+        say = progress or (lambda text: None)
+        opts = self.options
+        settings = _split(opts.settings)
+        server_model = target.global_model("initial")  # the round's global model: round 1's
+        judge = target.global_model("final")
+        clients = int(target.options.get("clients") or 1)
+        measurements: list[Measurement] = []
+        rows: list[dict[str, Any]] = []
+        pictures: dict[str, np.ndarray] = {}
+        results: dict[str, dict[str, list[float]]] = {}
+        for v in range(opts.victims):
+            partition = v % clients
+            victim = target.samples("train", opts.batch, partition=partition, offset=(v // clients) * opts.batch)
+            truth = victim.batch
+            steps = None if opts.local == "round" else 1
+            own = target.client_update(server_model, truth, steps=steps)
+            others = []  # the round's other clients (secure aggregation's k, client DP's noise scale)
+            if {"secagg", "secagg-sum", "dp"} & set(settings):
+                for j in range(1, opts.k):
+                    other = target.samples("train", opts.batch, partition=(partition + j) % clients,
+                                           offset=opts.batch * (1 + (v * opts.k + j) // clients))  # fmt: skip
+                    others.append(other.batch)
+            for setting, upload, like in self._views(target, settings, own, others, truth, server_model, steps):
+                say(f"victim {v + 1}/{opts.victims}: {setting}")
+                recovered, joints, objective = self._invert(
+                    target, server_model, upload, like, seed=target.seed * 97 + v
+                )
+                scores = self._score(target, judge, recovered, joints, like, truth)
+                results.setdefault(setting, {}).setdefault("objective", []).append(objective)
+                for key, value in scores.items():
+                    results[setting].setdefault(key, []).append(value)
+                rows.append({"victim": v, "partition": partition, "ids": list(victim.ids), "setting": setting,
+                             "objective": objective, **scores})  # fmt: skip
+                if v == 0:
+                    pictures[f"inversion-{setting.replace(' ', '').replace('=', '')}"] = self._picture(
+                        target, truth, recovered
+                    )
+        baseline = self._baseline(target, judge, opts.victims, clients)
+        for setting, values in results.items():
+            for metric in ("psnr_db", "ssim", "mpjpe_mm", "label_mpjpe_mm"):
+                if metric in values:
+                    measurements.append(_mean(metric, setting, values[metric], baseline.get(metric)))
+        for metric, value in baseline.items():
+            measurements.append(Measurement(metric, "random image (baseline)", value, n=opts.victims))
+        if "true_mpjpe_mm" in results.get(next(iter(results), ""), {}):
+            first = next(iter(results))
+            measurements.append(_mean("mpjpe_mm", "true image (ceiling)", results[first]["true_mpjpe_mm"], None))
+        assumptions = (
+            "the server holds the round's global model (round 1's) and one client's upload",
+            "it knows the client's training recipe (optimizer, learning rate, weight decay, local steps), not its labels",
+            f"{opts.batch} image(s) per client batch; {opts.steps} Adam steps x {opts.restarts} restart(s), TV weight {opts.tv}",
+            "pose error is the final global model's prediction on the recovered image against the true pose",
+        )
+        return AttackReport("inversion", "server", tuple(measurements), assumptions, tuple(rows), pictures)
+
+    def _views(self, target, settings, own, others, truth, model, steps):
+        opts = self.options
+        updates = [own] + [target.client_update(model, b, steps=steps) for b in others]
+        for setting in settings:
+            if setting == "plain":
+                yield "plain", target.server_view([own], "plain").uploads[0], truth
+            elif setting == "secagg":
+                yield f"secagg k={opts.k}", target.server_view(updates, "secagg").uploads[0], truth
+            elif setting == "secagg-sum":
+                view = target.server_view(updates, "secagg")
+                merged = {k: torch.cat([truth[k], *(b[k] for b in others)]) for k in truth}
+                yield f"secagg-sum k={opts.k}", view.total, merged
+            else:
+                for z in (float(x) for x in _split(opts.noise_multipliers)):
+                    view = target.server_view(updates, "dp", noise_multiplier=z, clip=opts.clip)
+                    yield f"dp z={z:g}", view.uploads[0], truth
+
+    def _score(self, target, judge, recovered, joints, like, truth) -> dict[str, float]:
+        """Image quality against the true images (for a sum: each true image against its best match)
+        and pose errors."""
+        true_px = target.to_pixels(truth["image"])
+        got_px = target.to_pixels(recovered)
+        n_true = len(true_px)
+        pairs = [(i, max(range(len(got_px)), key=lambda j, i=i: psnr(got_px[j], true_px[i]))) for i in range(n_true)]
+        out = {
+            "psnr_db": float(np.mean([psnr(got_px[j], true_px[i]) for i, j in pairs])),
+            "ssim": float(np.mean([ssim(got_px[j], true_px[i]) for i, j in pairs])),
+        }
+        if len(got_px) == n_true:  # pose errors where recovered image i is the victim's image i
+            pose = dict(like.items())
+            out["mpjpe_mm"] = float(target.pose_error_mm(judge, recovered, pose).mean())
+            gt = truth["joints_3d"][..., :3]
+            valid = truth["joints_3d"][..., 3] > 0
+            rel = joints - joints.mean(dim=1, keepdim=True)
+            gt_rel = gt - gt.mean(dim=1, keepdim=True)
+            out["label_mpjpe_mm"] = float(((rel - gt_rel).norm(dim=-1)[valid]).mean() * 1000)
+            out["true_mpjpe_mm"] = float(target.pose_error_mm(judge, truth["image"], truth).mean())
+        return out
+
+    def _baseline(self, target, judge, victims, clients) -> dict[str, float]:
+        """Random images scored like recovered ones: the level an attack must beat."""
+        opts = self.options
+        values: dict[str, list[float]] = {"psnr_db": [], "ssim": [], "mpjpe_mm": []}
+        for v in range(victims):
+            truth = target.samples("train", opts.batch, partition=v % clients, offset=(v // clients) * opts.batch).batch
+            noise = torch.randn(truth["image"].shape, generator=torch.Generator().manual_seed(target.seed * 31 + v))
+            true_px, noise_px = target.to_pixels(truth["image"]), target.to_pixels(noise)
+            values["psnr_db"].append(float(np.mean([psnr(a, b) for a, b in zip(noise_px, true_px, strict=True)])))
+            values["ssim"].append(float(np.mean([ssim(a, b) for a, b in zip(noise_px, true_px, strict=True)])))
+            values["mpjpe_mm"].append(float(target.pose_error_mm(judge, noise, truth).mean()))
+        return {k: float(np.mean(v)) for k, v in values.items()}
+
+    @staticmethod
+    def _picture(target, truth, recovered) -> np.ndarray:
+        """True images (top row) above the recovered ones (bottom row)."""
+        true_px, got_px = target.to_pixels(truth["image"]), target.to_pixels(recovered)
+        top = np.concatenate(list(true_px), axis=1)
+        bottom = np.concatenate(list(got_px), axis=1)
+        width = max(top.shape[1], bottom.shape[1])
+        pad = lambda row: np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)))  # noqa: E731
+        return np.ascontiguousarray(np.concatenate([pad(top), pad(bottom)], axis=0))
+
+
+def _mean(metric: str, setting: str, values: list[float], baseline: float | None) -> Measurement:
+    """The mean over victims with a 95 % t interval (none for one victim)."""
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    notes = {"baseline": baseline} if baseline is not None else {}
+    if len(array) < 2:
+        return Measurement(metric, setting, mean, n=len(array), notes=notes)
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
+    return Measurement(metric, setting, mean, mean - half, mean + half, len(array), notes)
+
+
+def inversion(options: Mapping[str, object]) -> Inversion:
+    return Inversion(read_options(InversionOptions, options, plugin="inversion", kind="attack"))
+
+
+inversion.options = InversionOptions  # type: ignore[attr-defined]
+
+
+@hookimpl
+def pchmr_attacks() -> dict[str, Any]:
+    return {"inversion": inversion}
