@@ -124,6 +124,13 @@ class AuditTarget(Protocol):
         (the run's loss weights); differentiable in the batch and the model."""
         ...
 
+    def loss_gradient(
+        self, model: nn.Module, batch: Mapping[str, Tensor], *, differentiable: bool = False
+    ) -> dict[str, Tensor]:
+        """The gradient of the batch's mean training loss with respect to ``model``'s trainable
+        weights (state-dict names); ``differentiable`` keeps the graph to the batch."""
+        ...
+
     def client_update(
         self, model: nn.Module, batch: Mapping[str, Tensor], *, steps: int | None = None, differentiable: bool = False
     ) -> dict[str, Tensor]:

@@ -237,6 +237,14 @@ class RunAudit:
             params = new if differentiable else {k: v.detach().requires_grad_(True) for k, v in new.items()}
         return {k: params[k] - start[k] if differentiable else (params[k] - start[k]).detach() for k in params}
 
+    def loss_gradient(
+        self, model: nn.Module, batch: Mapping[str, Tensor], *, differentiable: bool = False
+    ) -> dict[str, Tensor]:
+        params = self._trainable(model)
+        loss = model.compute_losses(batch, model(batch["image"]))["loss"]
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+        return {name: g if differentiable else g.detach() for name, g in zip(params, grads, strict=True)}
+
     def client_round(self, partition: int, which: str = "initial") -> tuple[dict[str, Tensor], AuditSamples]:
         from pchmr.core.engine.federation.client import _client_runtime, local_fit
 

@@ -1,16 +1,21 @@
 """``inversion``: reconstruct a client's images from what the server receives (the server's view).
 
 "Inverting Gradients" (Geiping et al., 2020) for an HMR client. The server holds the round's global
-model and one client's upload. It optimises dummy images, and dummy labels (the 3D joints, 2D
-keypoints and mesh a client's loss compares against, which it does not know), so that the update
-a client would send for them matches the upload in direction:
+model θ and one client's upload Δ. It optimises dummy images, and dummy labels (the 3D joints, 2D
+keypoints and mesh a client's loss compares against, which it does not know), so that their loss
+gradient points where the upload says the client's did:
 
-    min  1 − cos(U(x', y'), upload) + tv · TV(x')
+    min  1 − cos(∇θ L(x', y'), −(Δ + d)) + tv · TV(x')
 
-where ``U`` is the client's update as the target computes it (the run's AdamW, learning rate and
-weight decay from a fresh state; one step, or the run's local epochs) kept differentiable in the
-dummies, and TV the total variation of the image (Adam on the dummies, the labels started from
-the model's own prediction on the starting image, the best of ``restarts`` kept by the objective).
+pchmr's clients train with AdamW. After one step from a fresh state, Δ = −lr·g/(|g| + ε) − d, with
+d = lr·wd·θ the weight decay the server can compute: the upload gives away the sign of every
+gradient entry, but nothing differentiable in the images (Adam's normalisation is flat almost
+everywhere), so the attack matches the dummy gradient's direction to the sign pattern, the
+known-optimizer adaptation of Geiping et al.'s cosine attack. After the run's T local steps
+(``local=round``), d = (1 − (1 − lr·wd)^T)·θ and the upload's direction is that of the steps'
+normalised gradients, approximated by one gradient at θ (their multi-step case). TV is the image's
+total variation; Adam on the dummies, the labels started from the model's own prediction on the
+starting image, the best of ``restarts`` kept by the objective.
 
 Settings (``settings``), for ``victims`` batches of ``batch`` training images of one client each:
 
@@ -138,13 +143,30 @@ class Inversion:
         self.options = options
 
     # -- one reconstruction ----------------------------------------------------------------
+    def _direction(
+        self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], steps: int
+    ) -> dict[str, Tensor]:
+        """−(Δ + d): the upload without the weight decay of its ``steps`` AdamW steps (see the module
+        docstring), the direction the client's gradients pointed."""
+        lr = float(target.options.get("lr") or 0.0)
+        wd = float(target.options.get("weight_decay") or 0.0)
+        shrink = 1.0 - (1.0 - lr * wd) ** steps
+        weights = dict(model.named_parameters())
+        return {k: -(upload[k].double() + shrink * weights[k].detach().double()) for k in upload}
+
+    def _local_steps(self, target: AuditTarget, size: int) -> int:
+        if self.options.local == "step":
+            return 1
+        batch = int(target.options.get("batch_size") or size)
+        return math.ceil(size / batch) * int(target.options.get("local_epochs") or 1)
+
     def _invert(
         self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], like: Mapping[str, Tensor], seed: int
     ) -> tuple[Tensor, Tensor, float]:
         """(recovered images, recovered 3D joints, objective) for ``upload``; ``like`` gives the
         batch's shapes and the label entries the loss reads (never their values)."""
         opts = self.options
-        steps = None if opts.local == "round" else 1
+        direction = self._direction(target, model, upload, self._local_steps(target, len(like["image"])))
         images_shape = like["image"].shape
         lowest, best = math.inf, None
         for restart in range(opts.restarts):
@@ -164,15 +186,16 @@ class Inversion:
             )
             for _ in range(opts.steps):
                 batch = self._dummy_batch(like, images, labels)
-                update = target.client_update(model, batch, steps=steps, differentiable=True)
-                loss = _cosine_distance(update, upload) + opts.tv * _total_variation(images)
+                gradient = target.loss_gradient(model, batch, differentiable=True)
+                loss = _cosine_distance(gradient, direction) + opts.tv * _total_variation(images)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-            with torch.no_grad():
-                batch = self._dummy_batch(like, images, labels)
-            final = float(_cosine_distance(target.client_update(model, batch, steps=steps), upload))
+            batch = self._dummy_batch(
+                like, {**labels, "image": images}["image"].detach(), {k: v.detach() for k, v in labels.items()}
+            )
+            final = float(_cosine_distance(target.loss_gradient(model, batch), direction))
             if final < lowest:
                 lowest, best = final, (images.detach().clone(), labels["joints_3d"].detach().clone())
         assert best is not None
