@@ -192,9 +192,7 @@ class Inversion:
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-            batch = self._dummy_batch(
-                like, {**labels, "image": images}["image"].detach(), {k: v.detach() for k, v in labels.items()}
-            )
+            batch = self._dummy_batch(like, images.detach(), {k: v.detach() for k, v in labels.items()})
             final = float(_cosine_distance(target.loss_gradient(model, batch), direction))
             if final < lowest:
                 lowest, best = final, (images.detach().clone(), labels["joints_3d"].detach().clone())
