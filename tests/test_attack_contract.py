@@ -22,7 +22,7 @@ class TestMembership(AttackContract):
     @classmethod
     def bad_options(cls):
         return {
-            "too few candidates": ({"candidates": 2}, "'candidates' must be a whole number >= 8"),
+            "too few candidates": ({"candidates": 2}, "'candidates' must be an integer >= 8"),
             "an unknown split": ({"nonmembers": "valid"}, "'nonmembers' must be one of"),
         }
 

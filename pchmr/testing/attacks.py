@@ -92,25 +92,31 @@ class AttackContract(ContractSuite):
 
     # -- options -----------------------------------------------------------------------------
     def test_declares_its_options(self, attack_factory) -> None:
+        """The factory declares its options as ``factory.options``, each with its help text."""
         declared = declared_options(attack_factory)
         assert declared is not None, "an attack factory declares its options as factory.options"
         for info in describe_options(declared):
             assert info.help, f"option {info.key!r} has no help text"
 
     def test_rejects_an_unknown_option(self, attack_factory) -> None:
+        """An option key it does not declare is refused with an OptionError naming the key."""
         raises_matching(
             lambda: attack_factory({UNKNOWN_OPTION: 1}), OptionError, UNKNOWN_OPTION, "an unknown attack option"
         )
 
     def test_rejects_bad_options(self, attack_factory, bad_options) -> None:
+        """Each of ``bad_options`` is refused with an OptionError matching its pattern."""
         for description, (values, pattern) in bad_options.items():
             raises_matching(lambda v=values: attack_factory(v), OptionError, pattern, description)
 
     def test_builds_an_attack(self, attack_factory, options) -> None:
+        """With ``options`` the factory returns an Attack (an object with ``run(target)``)."""
         assert isinstance(attack_factory(options), Attack)
 
     # -- the report --------------------------------------------------------------------------
     def test_reports_labelled_finite_measurements(self, report: AttackReport) -> None:
+        """On the suite's run the report names its attack, a threat model and its assumptions, and
+        every measurement its metric and setting, with a finite value inside its interval."""
         assert isinstance(report, AttackReport)
         assert report.attack and report.threat_model in THREAT_MODELS
         assert report.measurements, "an attack reports at least one measurement"
@@ -123,6 +129,7 @@ class AttackContract(ContractSuite):
         assert report.assumptions, "an attack says what the attacker was given"
 
     def test_rows_are_json_and_pictures_are_images(self, report: AttackReport) -> None:
+        """Rows and measurements serialise to JSON (audit.json); pictures are (H, W, 3) uint8."""
         json.dumps([dict(r) for r in report.rows])
         json.dumps([dataclasses.asdict(m) for m in report.measurements])
         for name, picture in report.pictures.items():
@@ -130,6 +137,7 @@ class AttackContract(ContractSuite):
             assert picture.ndim == 3 and picture.shape[2] == 3, f"{name}: (H, W, 3), got {picture.shape}"
 
     def test_the_same_seed_gives_the_same_numbers(self, attack_factory, options, target, report) -> None:
+        """A second run on the same target (the same audit seed) reports the same numbers."""
         again = attack_factory(options).run(target)
         assert [(m.metric, m.setting) for m in again.measurements] == [
             (m.metric, m.setting) for m in report.measurements

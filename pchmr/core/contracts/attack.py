@@ -152,11 +152,14 @@ class AuditTarget(Protocol):
         updates: Sequence[Mapping[str, Tensor]],
         setting: str,
         *,
-        noise_multiplier: float | None = None,
-        clip: float | None = None,
+        options: Mapping[str, object] | None = None,
+        num_examples: Sequence[int] | None = None,
     ) -> ServerView:
-        """What the server receives from these clients' ``updates`` under ``setting`` (``plain``,
-        ``secagg``, ``dp``); ``dp`` takes the noise multiplier and clip (default: the run's)."""
+        """What the server receives in one round from clients whose updates are ``updates``:
+        ``setting`` ``plain`` (no privacy plugin), or a privacy plugin's name, built with
+        ``options`` (default: the run's, when the run used that plugin) over the run's strategy,
+        which says what its server receives (:meth:`~pchmr.core.contracts.mechanism.Mechanism.server_view`).
+        ``num_examples``: each client's sample count (default 1 each)."""
         ...
 
     def train_model(self, batch: Mapping[str, Tensor], *, epochs: int, seed: int) -> nn.Module:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,16 +37,16 @@ from pchmr.core.contracts.partition import load_partition
 from pchmr.core.contracts.sample import denormalize_image
 from pchmr.core.contracts.strategy import UpdateInfo
 from pchmr.core.engine.components import Components, build_components, load_model_weights
-from pchmr.core.engine.config import ConfigError, RunConfig
+from pchmr.core.engine.config import PUBLIC_DATASET, ConfigError, RunConfig
 from pchmr.core.engine.rundir import RunDir
 from pchmr.core.kit import metrics as kit_metrics
 from pchmr.core.kit.seeds import derive_seed
 
-__all__ = ["PRIVACY_SETTINGS", "SPLITS", "AuditError", "RunAudit", "report_json", "run_attack"]
+__all__ = ["PLAIN", "SPLITS", "AuditError", "RunAudit", "report_json", "run_attack"]
 
 SPLITS = ("train", "test", "fresh")
-#: Settings of :meth:`RunAudit.server_view`: no privacy, or a privacy plugin by name.
-PRIVACY_SETTINGS = ("plain", "secagg", "dp")
+#: The setting of :meth:`RunAudit.server_view` without a privacy plugin (the others are plugin names).
+PLAIN = "plain"
 #: AdamW's defaults, as the run's clients use them (``torch.optim.AdamW``).
 _BETAS = (0.9, 0.999)
 _EPS = 1e-8
@@ -57,6 +58,16 @@ _SAMPLES, _FRESH, _VIEW, _SHADOW = 1, 2, 3, 4
 
 class AuditError(ConfigError):
     """An audit that cannot run as asked (exit 2): the run, the split or the setting named."""
+
+
+def _attention_for(differentiable: bool) -> Any:
+    """The attention kernels a computation may use: a gradient kept differentiable (an attacker's
+    second derivative) needs the math kernel; torch's fused CPU attention has no double backward."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH]) if differentiable else nullcontext()
 
 
 def _collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
@@ -113,10 +124,10 @@ class RunAudit:
 
     # -- data --------------------------------------------------------------------------------
     def _fresh_components(self, size: int) -> Components:
-        if self.config.dataset != "synthetic":
+        if self.config.dataset != PUBLIC_DATASET:
             raise AuditError(
                 f"fresh samples (drawn anew from the data's distribution, for shadow and reference models) need a "
-                f"dataset that can draw them, synthetic; this run's is {self.config.dataset}"
+                f"dataset that draws its samples from a seed, {PUBLIC_DATASET}; this run's is {self.config.dataset}"
             )
         if self._fresh is None or len(self._fresh.data.train) < size:  # type: ignore[arg-type]
             # another seed: other bodies, poses, cameras and backgrounds of the same distribution (rendered
@@ -224,16 +235,18 @@ class RunAudit:
         v2 = {k: torch.zeros_like(v) for k, v in params.items()}
         for t, chunk in enumerate(chunks, start=1):
             part = {k: value[chunk] for k, value in batch.items()}
-            out = functional_call(model, {**params, **frozen, **buffers}, (part["image"],))
-            loss = model.compute_losses(part, out)["loss"]
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+            with _attention_for(differentiable):
+                out = functional_call(model, {**params, **frozen, **buffers}, (part["image"],))
+                loss = model.compute_losses(part, out)["loss"]
+                grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
             new = {}
             for (name, p), g in zip(params.items(), grads, strict=True):
                 m[name] = _BETAS[0] * m[name] + (1 - _BETAS[0]) * g
                 v2[name] = _BETAS[1] * v2[name] + (1 - _BETAS[1]) * g * g
                 m_hat = m[name] / (1 - _BETAS[0] ** t)
                 v_hat = v2[name] / (1 - _BETAS[1] ** t)
-                new[name] = p * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + _EPS)
+                # sqrt's derivative at 0 is infinite: a floor far below eps keeps the values and a finite gradient
+                new[name] = p * (1 - lr * decay) - lr * m_hat / (v_hat.clamp_min(1e-30).sqrt() + _EPS)
             params = new if differentiable else {k: v.detach().requires_grad_(True) for k, v in new.items()}
         return {k: params[k] - start[k] if differentiable else (params[k] - start[k]).detach() for k in params}
 
@@ -241,8 +254,9 @@ class RunAudit:
         self, model: nn.Module, batch: Mapping[str, Tensor], *, differentiable: bool = False
     ) -> dict[str, Tensor]:
         params = self._trainable(model)
-        loss = model.compute_losses(batch, model(batch["image"]))["loss"]
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
+        with _attention_for(differentiable):
+            loss = model.compute_losses(batch, model(batch["image"]))["loss"]
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=differentiable)
         return {name: g if differentiable else g.detach() for name, g in zip(params, grads, strict=True)}
 
     def client_round(self, partition: int, which: str = "initial") -> tuple[dict[str, Tensor], AuditSamples]:
@@ -265,39 +279,35 @@ class RunAudit:
         updates: Sequence[Mapping[str, Tensor]],
         setting: str,
         *,
-        noise_multiplier: float | None = None,
-        clip: float | None = None,
+        options: Mapping[str, object] | None = None,
         num_examples: Sequence[int] | None = None,
     ) -> ServerView:
-        if setting not in PRIVACY_SETTINGS:
-            raise AuditError(f"setting must be one of {', '.join(PRIVACY_SETTINGS)}, got {setting!r}")
+        from pchmr.core.engine.registry import PluginError, get_registry
+
+        if setting != PLAIN:
+            try:
+                get_registry().get("privacy", setting)
+            except PluginError as exc:
+                raise AuditError(f"setting must be {PLAIN!r} or a privacy plugin: {exc}") from None
         if not updates:
             raise AuditError("a server view needs at least one client update")
         counts = list(num_examples or [1] * len(updates))
-        if setting == "plain":
+        if setting == PLAIN:
             total = {k: sum(u[k] * n for u, n in zip(updates, counts, strict=True)) / sum(counts) for k in updates[0]}
-            return ServerView("plain", tuple(dict(u) for u in updates), total, {"clients": len(updates)})
+            return ServerView(PLAIN, tuple(dict(u) for u in updates), total, {"clients": len(updates)})
         from pchmr.core.engine.federation.common import build_strategy
 
-        options: dict[str, Any] = {}
-        if setting == "dp":
-            options = {"placement": "client", "level": "client"}
-            run_dp = dict(self.config.privacy_options) if self.config.privacy == "dp" else {}
-            options["noise-multiplier"] = (
-                noise_multiplier if noise_multiplier is not None else run_dp.get("noise-multiplier", 1.0)
-            )
-            options["clip"] = clip if clip is not None else run_dp.get("clip", 1.0)
-        elif self.config.privacy == "secagg":
-            options = dict(self.config.privacy_options)
+        if options is None:
+            options = dict(self.config.privacy_options) if self.config.privacy == setting else {}
         per_round = max(len(updates), 2)
         config = dataclasses.replace(
-            self.config, privacy=setting, privacy_options=options, per_round=per_round,
+            self.config, privacy=setting, privacy_options=dict(options), per_round=per_round,
             clients=max(self.config.clients, per_round), mode="federated",
         )  # fmt: skip
         try:
             parts = build_strategy(config)
-        except ValueError as exc:
-            raise AuditError(f"{setting} cannot wrap this run's strategy: {exc}") from None
+        except ValueError as exc:  # a bad option or a strategy the plugin cannot wrap
+            raise AuditError(f"privacy {setting!r} as the audit builds it: {exc}") from None
         mechanism = next((m for m in reversed(parts.mechanisms) if getattr(m, "name", "") == setting), None)
         module = self.global_model("final")
         if mechanism is None:
@@ -305,7 +315,7 @@ class RunAudit:
         mechanism.prepare_module(module)
         global_state = {k: v.detach() for k, v in module.state_dict().items()}
         infos = [UpdateInfo(1, i, int(n), config.clients, per_round, {"server-round": 1}) for i, n in enumerate(counts)]
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, _VIEW, PRIVACY_SETTINGS.index(setting)))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, _VIEW, zlib.crc32(setting.encode())))
         view = mechanism.server_view(list(updates), global_state, infos, generator)
         if view is None:
             raise AuditError(

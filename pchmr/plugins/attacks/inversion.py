@@ -275,14 +275,15 @@ class Inversion:
             if setting == "plain":
                 yield "plain", target.server_view([own], "plain").uploads[0], truth
             elif setting == "secagg":
-                yield f"secagg k={opts.k}", target.server_view(updates, "secagg").uploads[0], truth
+                yield f"secagg k={opts.k}", target.server_view(updates, "secagg", options={}).uploads[0], truth
             elif setting == "secagg-sum":
-                view = target.server_view(updates, "secagg")
+                view = target.server_view(updates, "secagg", options={})
                 merged = {k: torch.cat([truth[k], *(b[k] for b in others)]) for k in truth}
                 yield f"secagg-sum k={opts.k}", view.total, merged
             else:
                 for z in (float(x) for x in _split(opts.noise_multipliers)):
-                    view = target.server_view(updates, "dp", noise_multiplier=z, clip=opts.clip)
+                    dp = {"level": "client", "placement": "client", "noise-multiplier": z, "clip": opts.clip}
+                    view = target.server_view(updates, "dp", options=dp)
                     yield f"dp z={z:g}", view.uploads[0], truth
 
     def _score(self, target, judge, recovered, joints, like, truth) -> dict[str, float]:
