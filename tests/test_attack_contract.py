@@ -29,3 +29,28 @@ class TestMembership(AttackContract):
     @pytest.fixture(scope="class")
     def audit_run(self, tiny_federated_run):
         return tiny_federated_run  # the session's, shared with tests/test_audit.py
+
+
+class TestInversion(AttackContract):
+    @pytest.fixture(scope="class")
+    @classmethod
+    def attack_factory(cls):
+        return registered("attack", "inversion")
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def options(cls):  # every setting, two optimisation steps: the suite checks the report, not the recovery
+        return {"victims": 1, "steps": 2, "k": 2, "noise-multipliers": "1", "settings": "plain,secagg,secagg-sum,dp"}
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def bad_options(cls):
+        return {
+            "an unknown setting": ({"settings": "plain,he"}, "'settings' must name some of plain, secagg"),
+            "a negative noise multiplier": ({"noise-multipliers": "1,-2"}, "'noise-multipliers' must be numbers >= 0"),
+            "no steps": ({"steps": 0}, "'steps' must be an integer >= 1"),
+        }
+
+    @pytest.fixture(scope="class")
+    def audit_run(self, tiny_federated_run):
+        return tiny_federated_run
