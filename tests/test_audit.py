@@ -160,3 +160,29 @@ def test_pchmr_audit_writes_the_table_json_and_refuses_bad_input(tiny_federated_
         app, ["audit", str(tmp_path / "none"), "--attack", "membership", "--out", str(tmp_path / "y")]
     )
     assert missing.exit_code == 2 and "is not a directory" in missing.output
+
+
+def test_inversion_objective_is_zero_at_the_true_image_and_not_at_a_random_one(target):
+    """The inversion's objective, read from a FedSGD upload with the labels known: the victim's own
+    image is its minimum (distance 0), a random image is far from it, and an AdamW step's upload
+    (signs only) is not the gradient's direction."""
+    from pchmr.plugins.attacks.inversion import Inversion, InversionOptions, _cosine_distance
+
+    model = target.global_model("final")
+    truth = target.samples("train", 1, partition=0).batch
+    fedsgd = Inversion(InversionOptions(local="gradient"))
+    upload = fedsgd._upload(target, model, truth)
+    direction = fedsgd._direction(target, model, upload, 1)
+    keys = fedsgd._matched(direction)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    dropped = set(trainable) - set(keys)
+    assert any(name.endswith("k_proj.bias") for name in dropped)  # a softmax makes them gradient-free
+    at_truth = float(_cosine_distance(target.loss_gradient(model, truth), direction, keys))
+    noise = {**truth, "image": torch.randn(truth["image"].shape, generator=torch.Generator().manual_seed(1))}
+    at_noise = float(_cosine_distance(target.loss_gradient(model, noise), direction, keys))
+    assert at_truth < 1e-5 < 0.05 < at_noise
+
+    adamw = Inversion(InversionOptions(local="step"))
+    step_direction = adamw._direction(target, model, adamw._upload(target, model, truth), 1)
+    signs = float(_cosine_distance(target.loss_gradient(model, truth), step_direction, keys))
+    assert signs > 10 * at_truth + 0.05  # AdamW's normalisation: the direction is the gradient's signs

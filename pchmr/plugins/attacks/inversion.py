@@ -1,21 +1,34 @@
 """``inversion``: reconstruct a client's images from what the server receives (the server's view).
 
-"Inverting Gradients" (Geiping et al., 2020) for an HMR client. The server holds the round's global
-model θ and one client's upload Δ. It optimises dummy images, and dummy labels (the 3D joints, 2D
-keypoints and mesh a client's loss compares against, which it does not know), so that their loss
-gradient points where the upload says the client's did:
+"Inverting Gradients" (Geiping et al., 2020) for an HMR client. The server holds the attacked
+round's global model θ (``model``: the run's ``last`` weights, or its ``first``) and one client's
+upload Δ. It optimises dummy images so that their loss gradient points where the upload says the
+client's did, with a total-variation prior:
 
-    min  1 − cos(∇θ L(x', y'), −(Δ + d)) + tv · TV(x')
+    min  mean over tensors t of (1 − cos(∇θ_t L(x', y), u_t)) + tv · TV(x')
 
-pchmr's clients train with AdamW. After one step from a fresh state, Δ = −lr·g/(|g| + ε) − d, with
-d = lr·wd·θ the weight decay the server can compute: the upload gives away the sign of every
-gradient entry, but nothing differentiable in the images (Adam's normalisation is flat almost
-everywhere), so the attack matches the dummy gradient's direction to the sign pattern, the
-known-optimizer adaptation of Geiping et al.'s cosine attack. After the run's T local steps
-(``local=round``), d = (1 − (1 − lr·wd)^T)·θ and the upload's direction is that of the steps'
-normalised gradients, approximated by one gradient at θ (their multi-step case). TV is the image's
-total variation; Adam on the dummies, the labels started from the model's own prediction on the
-starting image, the best of ``restarts`` kept by the objective.
+u is the direction read from the upload (``local``):
+
+* ``gradient`` (default; FedSGD, the classic setting): one SGD step, Δ = −lr·g, so u = −Δ;
+* ``step``: one step of the run's AdamW from a fresh state, Δ = −lr·g/(|g| + ε) − d, with
+  d = lr·wd·θ the weight decay the server can compute; u = −(Δ + d) carries the sign of every
+  gradient entry and nothing more (Adam's normalisation);
+* ``round``: the run's local epochs over the batch: d = (1 − (1 − lr·wd)^T)·θ after T steps, and
+  u = −(Δ + d) is approximated by one gradient at θ (Geiping et al.'s multi-step case).
+
+The cosine is taken per tensor and averaged, so that the small tensors of the first convolutions,
+whose gradients depend most on the image, weigh as much as the large ones of the transformer and
+heads, whose gradients depend mostly on the labels (Geiping et al. take one cosine over the whole
+vector). With ``labels=known`` (default) the server
+knows the batch's labels y (3D joints, 2D keypoints, mesh): an upper bound, since regression
+labels cannot be read off an update the way class labels are; ``unknown`` optimises them as
+dummies started from the model's own prediction. Adam on the dummies from an image near the
+data's mean colour, the best of ``restarts`` kept by the objective.
+
+What makes HMR models hard to invert: pchmr's losses are L1 (FastMETRO's), so the loss gradient
+takes the sign of each prediction error, and the objective jumps where a sign (or a ReLU gate)
+flips; at a model's first weights a random image's gradient already points within a few degrees
+of the true one's in every tensor but the first convolution (docs/privacy.md, "What leaks").
 
 Settings (``settings``), for ``victims`` batches of ``batch`` training images of one client each:
 
@@ -23,7 +36,10 @@ Settings (``settings``), for ``victims`` batches of ``batch`` training images of
 * ``secagg``: the upload is the client's masked vector (secure aggregation over ``k`` clients);
   and ``secagg-sum``: the revealed sum of the k clients' updates, attacked as one batch of k·batch
   images (the server's best hope under secure aggregation);
-* ``dp``: the client's clipped, noised update at each of ``noise-multipliers`` (``clip``).
+* ``dp``: the client's clipped, noised update at each of ``noise-multipliers`` (client-level DP
+  with the noise added on the client; ``clip`` by default the victim's own update norm, so the
+  noise's scale relative to the update is z: a model of P parameters gets noise of norm ≈ z·C·√P
+  on an update of norm C).
 
 Measured per setting: PSNR (dB) and SSIM of each recovered image against the true one (pixels in
 [0, 1]; for ``secagg-sum``, each true image against its best-matching recovered one), and the MPJPE
@@ -35,7 +51,7 @@ recovered labels' joints are a second pose estimate (``label-mpjpe``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,17 +74,34 @@ class InversionOptions:
     victims: int = option(4, low=1, help="attacked batches, each of one client")
     batch: int = option(1, low=1, help="images per attacked batch")
     local: str = option(
-        "step",
-        choices=("step", "round"),
-        help="step: one local step on the batch; round: the run's local epochs over it",
+        "gradient",
+        choices=("gradient", "step", "round"),
+        help="gradient: one SGD step (FedSGD: the upload is the gradient); step: one step of the run's AdamW; "
+        "round: the run's local epochs over the batch",
+    )
+    model: str = option(
+        "last",
+        choices=("last", "first"),
+        help="the attacked round's global model: last (the run's final model) or first (its initial weights)",
+    )
+    labels: str = option(
+        "known",
+        choices=("known", "unknown"),
+        help="known: the server knows the batch's labels (the upper bound); unknown: optimised as dummies",
     )
     k: int = option(4, low=2, help="clients in a secure-aggregation round (secagg, secagg-sum)")
-    noise_multipliers: str = option("0.01,0.1,1", help="dp: comma-separated noise multipliers z")
-    clip: float = option(1.0, low=0.0, low_open=True, help="dp: the clip C of an update's L2 norm")
-    steps: int = option(200, low=1, help="optimisation steps per restart")
+    noise_multipliers: str = option("0.0001,0.001,0.01,1", help="dp: comma-separated noise multipliers z")
+    clip: float | None = option(
+        None,
+        low=0.0,
+        low_open=True,
+        default_text="the victim's update norm (no clipping)",
+        help="dp: the clip C of an update's L2 norm",
+    )
+    steps: int = option(400, low=1, help="optimisation steps per restart")
     restarts: int = option(1, low=1, help="restarts from new random images (the best objective kept)")
     lr: float = option(0.1, low=0.0, low_open=True, help="Adam's learning rate on the dummies")
-    tv: float = option(1e-2, low=0.0, help="weight of the total-variation prior")
+    tv: float = option(0.5, low=0.0, help="weight of the total-variation prior")
 
     def __post_init__(self) -> None:
         unknown = [s for s in _split(self.settings) if s not in SETTINGS]
@@ -129,11 +162,15 @@ def _total_variation(images: Tensor) -> Tensor:
     return dx + dy
 
 
-def _cosine_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    dot = sum((a[k] * b[k].to(a[k].dtype)).sum() for k in b)
-    na = torch.sqrt(sum(a[k].pow(2).sum() for k in b))
-    nb = math.sqrt(sum(float(b[k].double().pow(2).sum()) for k in b))
-    return 1 - dot / (na * nb + 1e-12)
+def _cosine_distance(a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Sequence[str]) -> Tensor:
+    """The mean over ``keys`` of each tensor's cosine distance (1 − cos) between ``a`` and ``b``:
+    per tensor, so that the few small tensors nearest the image weigh as much as the large ones
+    of the heads, whose gradients depend on the labels more than on the image."""
+    total = a[keys[0]].new_zeros(())
+    for k in keys:
+        x, y = a[k], b[k].to(a[k].dtype)
+        total = total + 1 - (x * y).sum() / (x.norm() * y.norm() + 1e-12)
+    return total / len(keys)
 
 
 class Inversion:
@@ -143,43 +180,51 @@ class Inversion:
         self.options = options
 
     # -- one reconstruction ----------------------------------------------------------------
-    def _direction(
-        self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], steps: int
-    ) -> dict[str, Tensor]:
-        """−(Δ + d): the upload without the weight decay of its ``steps`` AdamW steps (see the module
-        docstring), the direction the client's gradients pointed."""
+    def _upload(self, target: AuditTarget, model: Any, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """What the client sends for ``batch`` under ``local`` (before any privacy plugin)."""
+        if self.options.local == "gradient":
+            lr = float(target.options.get("lr") or 1.0)
+            return {k: -lr * g for k, g in target.loss_gradient(model, batch).items()}
+        return target.client_update(model, batch, steps=1 if self.options.local == "step" else None)
+
+    def _direction(self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], size: int) -> dict[str, Tensor]:
+        """The direction the client's gradient pointed, read from the upload: −Δ for an SGD step;
+        for AdamW, −(Δ + d) with d the weight decay of its T steps (see the module docstring)."""
+        if self.options.local == "gradient":
+            return {k: -upload[k].double() for k in upload}
+        if self.options.local == "step":
+            steps = 1
+        else:
+            batch = int(target.options.get("batch_size") or size)
+            steps = math.ceil(size / batch) * int(target.options.get("local_epochs") or 1)
         lr = float(target.options.get("lr") or 0.0)
         wd = float(target.options.get("weight_decay") or 0.0)
         shrink = 1.0 - (1.0 - lr * wd) ** steps
         weights = dict(model.named_parameters())
         return {k: -(upload[k].double() + shrink * weights[k].detach().double()) for k in upload}
 
-    def _local_steps(self, target: AuditTarget, size: int) -> int:
-        if self.options.local == "step":
-            return 1
-        batch = int(target.options.get("batch_size") or size)
-        return math.ceil(size / batch) * int(target.options.get("local_epochs") or 1)
+    def _matched(self, direction: Mapping[str, Tensor]) -> list[str]:
+        """The tensors the objective compares: the trainable ones whose direction is not numerically
+        zero (below 1e-7 of the largest tensor's norm, e.g. the attention's key biases, which a
+        softmax makes gradient-free: what they carry is rounding)."""
+        norms = {k: float(direction[k].norm()) for k in direction}
+        floor = 1e-7 * max(norms.values(), default=0.0)
+        return [k for k in direction if norms[k] > floor]
 
     def _invert(
         self, target: AuditTarget, model: Any, upload: Mapping[str, Tensor], like: Mapping[str, Tensor], seed: int
     ) -> tuple[Tensor, Tensor, float]:
-        """(recovered images, recovered 3D joints, objective) for ``upload``; ``like`` gives the
-        batch's shapes and the label entries the loss reads (never their values)."""
+        """(recovered images, recovered 3D joints, objective) for ``upload``; ``like`` is the
+        attacked batch: its shapes, and with ``labels=known`` its labels (never its images)."""
         opts = self.options
-        direction = self._direction(target, model, upload, self._local_steps(target, len(like["image"])))
-        images_shape = like["image"].shape
+        direction = self._direction(target, model, upload, len(like["image"]))
+        keys = self._matched(direction)
         lowest, best = math.inf, None
         for restart in range(opts.restarts):
             generator = torch.Generator().manual_seed(seed * 1000 + restart)
-            images = torch.randn(images_shape, generator=generator).requires_grad_(True)
-            with torch.no_grad():
-                guess = model(images)
-                joints = guess.joints - guess.joints[:, :, :].mean(dim=1, keepdim=True)
-            labels = {
-                "joints_3d": joints.clone().requires_grad_(True),
-                "keypoints_2d": torch.zeros((*like["keypoints_2d"].shape[:-1], 2)).requires_grad_(True),
-                "vertices": (guess.vertices[-1] - guess.joints.mean(dim=1, keepdim=True)).clone().requires_grad_(True),
-            }
+            # near the data's mean colour (0 after normalisation), with a little noise to break symmetry
+            images = (0.1 * torch.randn(like["image"].shape, generator=generator)).requires_grad_(True)
+            labels = self._start_labels(model, images, like)
             optimizer = torch.optim.Adam([images, *labels.values()], lr=opts.lr)
             schedule = torch.optim.lr_scheduler.MultiStepLR(
                 optimizer, milestones=[int(opts.steps * f) for f in (0.375, 0.625, 0.875)], gamma=0.1
@@ -187,21 +232,38 @@ class Inversion:
             for _ in range(opts.steps):
                 batch = self._dummy_batch(like, images, labels)
                 gradient = target.loss_gradient(model, batch, differentiable=True)
-                loss = _cosine_distance(gradient, direction) + opts.tv * _total_variation(images)
+                loss = _cosine_distance(gradient, direction, keys) + opts.tv * _total_variation(images)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 schedule.step()
             batch = self._dummy_batch(like, images.detach(), {k: v.detach() for k, v in labels.items()})
-            final = float(_cosine_distance(target.loss_gradient(model, batch), direction))
+            final = float(_cosine_distance(target.loss_gradient(model, batch), direction, keys))
             if final < lowest:
-                lowest, best = final, (images.detach().clone(), labels["joints_3d"].detach().clone())
+                joints = batch["joints_3d"][..., :3].detach().clone()
+                lowest, best = final, (images.detach().clone(), joints)
         assert best is not None
         return best[0], best[1], lowest
 
+    def _start_labels(self, model: Any, images: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The dummy labels to optimise (none when the labels are known): the model's own
+        prediction on the starting images."""
+        if self.options.labels == "known":
+            return {}
+        with torch.no_grad():
+            guess = model(images)
+        root = guess.joints.mean(dim=1, keepdim=True)
+        return {
+            "joints_3d": (guess.joints - root).clone().requires_grad_(True),
+            "keypoints_2d": torch.zeros((*like["keypoints_2d"].shape[:-1], 2)).requires_grad_(True),
+            "vertices": (guess.vertices[-1] - root).clone().requires_grad_(True),
+        }
+
     @staticmethod
     def _dummy_batch(like: Mapping[str, Tensor], images: Tensor, labels: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """What the loss reads, every label a dummy: nothing of ``like`` but its shapes."""
+        """What the loss reads: the dummy images, and the dummy labels (``like``'s when they are known)."""
+        if not labels:
+            return {**like, "image": images}
         ones_j = torch.ones((*like["joints_3d"].shape[:-1], 1))
         return {
             "image": images,
@@ -216,7 +278,8 @@ class Inversion:
         say = progress or (lambda text: None)
         opts = self.options
         settings = _split(opts.settings)
-        server_model = target.global_model("initial")  # the round's global model: round 1's
+        # the attacked round's global model: the run's last (final) or first (initial) weights
+        server_model = target.global_model("final" if opts.model == "last" else "initial")
         judge = target.global_model("final")
         clients = int(target.options.get("clients") or 1)
         measurements: list[Measurement] = []
@@ -227,15 +290,14 @@ class Inversion:
             partition = v % clients
             victim = target.samples("train", opts.batch, partition=partition, offset=(v // clients) * opts.batch)
             truth = victim.batch
-            steps = None if opts.local == "round" else 1
-            own = target.client_update(server_model, truth, steps=steps)
+            own = self._upload(target, server_model, truth)
             others = []  # the round's other clients (secure aggregation's k, client DP's noise scale)
             if {"secagg", "secagg-sum", "dp"} & set(settings):
                 for j in range(1, opts.k):
                     other = target.samples("train", opts.batch, partition=(partition + j) % clients,
                                            offset=opts.batch * (1 + (v * opts.k + j) // clients))  # fmt: skip
                     others.append(other.batch)
-            for setting, upload, like in self._views(target, settings, own, others, truth, server_model, steps):
+            for setting, upload, like in self._views(target, settings, own, others, truth, server_model):
                 say(f"victim {v + 1}/{opts.victims}: {setting}")
                 recovered, joints, objective = self._invert(
                     target, server_model, upload, like, seed=target.seed * 97 + v
@@ -266,16 +328,28 @@ class Inversion:
             first = next(iter(results))
             measurements.append(_mean("mpjpe_mm", "true image (ceiling)", results[first]["true_mpjpe_mm"], None))
         assumptions = (
-            "the server holds the round's global model (round 1's) and one client's upload",
-            "it knows the client's training recipe (optimizer, learning rate, weight decay, local steps), not its labels",
+            f"the server holds the round's global model (the run's {'final' if opts.model == 'last' else 'initial'} "
+            "weights) and what the client sends",
+            {
+                "gradient": "the client sends one SGD step's update (FedSGD): its gradient times the learning rate",
+                "step": "the client sends one step of the run's AdamW from a fresh state",
+                "round": "the client sends the update of the run's local epochs over the batch",
+            }[opts.local],
+            "it knows the client's training recipe (optimizer, learning rate, weight decay, local steps)"
+            + (
+                " and the batch's labels (poses, keypoints, meshes): an upper bound"
+                if opts.labels == "known"
+                else ", not its labels (optimised as dummies)"
+            ),
+            "objective: the mean over the trainable tensors of each one's cosine distance",
             f"{opts.batch} image(s) per client batch; {opts.steps} Adam steps x {opts.restarts} restart(s), TV weight {opts.tv}",
             "pose error is the final global model's prediction on the recovered image against the true pose",
         )
         return AttackReport("inversion", "server", tuple(measurements), assumptions, tuple(rows), pictures)
 
-    def _views(self, target, settings, own, others, truth, model, steps):
+    def _views(self, target, settings, own, others, truth, model):
         opts = self.options
-        updates = [own] + [target.client_update(model, b, steps=steps) for b in others]
+        updates = [own] + [self._upload(target, model, b) for b in others]
         for setting in settings:
             if setting == "plain":
                 yield "plain", target.server_view([own], "plain").uploads[0], truth
@@ -287,7 +361,8 @@ class Inversion:
                 yield f"secagg-sum k={opts.k}", view.total, merged
             else:
                 for z in (float(x) for x in _split(opts.noise_multipliers)):
-                    dp = {"level": "client", "placement": "client", "noise-multiplier": z, "clip": opts.clip}
+                    clip = opts.clip or math.sqrt(sum(float(t.double().pow(2).sum()) for t in own.values()))
+                    dp = {"level": "client", "placement": "client", "noise-multiplier": z, "clip": clip}
                     view = target.server_view(updates, "dp", options=dp)
                     yield f"dp z={z:g}", view.uploads[0], truth
 
@@ -309,7 +384,8 @@ class Inversion:
             valid = truth["joints_3d"][..., 3] > 0
             rel = joints - joints.mean(dim=1, keepdim=True)
             gt_rel = gt - gt.mean(dim=1, keepdim=True)
-            out["label_mpjpe_mm"] = float(((rel - gt_rel).norm(dim=-1)[valid]).mean() * 1000)
+            if self.options.labels == "unknown":
+                out["label_mpjpe_mm"] = float(((rel - gt_rel).norm(dim=-1)[valid]).mean() * 1000)
             out["true_mpjpe_mm"] = float(target.pose_error_mm(judge, truth["image"], truth).mean())
         return out
 
