@@ -42,7 +42,8 @@ def _interval(values: list[float]) -> str:
     from scipy.stats import t
 
     half = float(t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / math.sqrt(len(array)))
-    return f"{array.mean():.3f} [{array.mean() - half:.3f}, {array.mean() + half:.3f}]"
+    low, high = max(array.mean() - half, 0.0), min(array.mean() + half, 1.0)  # AUCs and rates lie in [0, 1]
+    return f"{array.mean():.3f} [{low:.3f}, {high:.3f}]"
 
 
 def main() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
     for z, rows in results.items():
         eps = [r["epsilon"] for r in rows]
         cells = [_interval([r[c] for r in rows]) for c in columns]
-        times = [f"{np.mean([r.get(k, math.nan) for r in rows]):.0f}" for k in ("train", "audit")]
+        times = [f"{np.nanmean([r.get(k, math.nan) for r in rows]):.0f}" for k in ("train", "audit")]
         print(f"| {z} | {np.mean(eps):.3g} | {np.mean([r['mpjpe_mm'] for r in rows]):.0f} | "
               + " | ".join(cells) + f" | {' | '.join(times)} |")  # fmt: skip
     print(f"\n{len(args.seeds)} seeds; intervals: mean ± t(0.975, n−1)·s/√n over seeds")
