@@ -19,10 +19,9 @@ u is the direction read from the upload (``local``):
 The cosine is taken per tensor and averaged, so that the small tensors of the first convolutions,
 whose gradients depend most on the image, weigh as much as the large ones of the transformer and
 heads, whose gradients depend mostly on the labels (Geiping et al. take one cosine over the whole
-vector). With ``labels=known`` (default) the server
-knows the batch's labels y (3D joints, 2D keypoints, mesh): an upper bound, since regression
-labels cannot be read off an update the way class labels are; ``unknown`` optimises them as
-dummies started from the model's own prediction. Adam on the dummies from an image near the
+vector). With ``labels=known`` (default) the server knows the batch's labels y (3D joints, 2D
+keypoints, mesh): an upper bound, since regression labels cannot be read off an update the way
+class labels are; ``unknown`` optimises them as dummies started from the model's own prediction. Adam on the dummies from an image near the
 data's mean colour, the best of ``restarts`` kept by the objective.
 
 What makes HMR models hard to invert: pchmr's losses are L1 (FastMETRO's), so the loss gradient
