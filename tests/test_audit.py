@@ -186,3 +186,26 @@ def test_inversion_objective_is_zero_at_the_true_image_and_not_at_a_random_one(t
     step_direction = adamw._direction(target, model, adamw._upload(target, model, truth), 1)
     signs = float(_cosine_distance(target.loss_gradient(model, truth), step_direction, keys))
     assert signs > 10 * at_truth + 0.05  # AdamW's normalisation: the direction is the gradient's signs
+
+
+def test_a_revealed_sum_is_scored_against_all_k_clients_images(target):
+    """secagg-sum attacks k clients' images at once: its PSNR, its baselines and its picture cover
+    all k true images (each paired with its best-matching recovered one), not the victim's alone."""
+    from pchmr.plugins.attacks.inversion import Inversion, InversionOptions, psnr
+
+    options = InversionOptions(settings="plain,secagg-sum", victims=1, k=2, steps=1)
+    report = Inversion(options).run(target)
+    found = {(m.metric, m.setting): m for m in report.measurements}
+    assert {"secagg-sum k=2", "mean colour (baseline, secagg-sum k=2's images)", "mean colour (baseline)"} <= {
+        setting for _, setting in found
+    }
+    assert found[("mpjpe_mm", "true image (ceiling, secagg-sum k=2's images)")].value > 0
+    # the sum's baseline is the flat image against both clients' images: the mean of its PSNR against each
+    victim = target.samples("train", 1, partition=0).batch["image"]
+    other = target.samples("train", 1, partition=1, offset=1).batch["image"]
+    test = target.samples("test", min(16, int(target.options.get("num_test") or 16))).batch["image"]
+    flat = target.to_pixels(test.mean(dim=(0, 2, 3), keepdim=True).expand_as(victim).clone())[0]
+    expected = np.mean([psnr(flat, target.to_pixels(image)[0]) for image in (victim, other)])
+    assert found[("psnr_db", "mean colour (baseline, secagg-sum k=2's images)")].value == pytest.approx(expected)
+    assert found[("psnr_db", "mean colour (baseline)")].value == pytest.approx(psnr(flat, target.to_pixels(victim)[0]))
+    assert report.pictures["inversion-secagg-sumk2"].shape[1] == 2 * report.pictures["inversion-plain"].shape[1]

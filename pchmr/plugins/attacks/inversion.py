@@ -41,7 +41,8 @@ Settings (``settings``), for ``victims`` batches of ``batch`` training images of
   on an update of norm C).
 
 Measured per setting: PSNR (dB) and SSIM of each recovered image against the true one (pixels in
-[0, 1]; for ``secagg-sum``, each true image against its best-matching recovered one), and the MPJPE
+[0, 1]; with more than one image, each true image against its best-matching recovered one; for
+``secagg-sum`` the true images are all k clients', and so are its baselines), and the MPJPE
 (mm) of the pose the final global model predicts on the recovered image against the client's true
 pose (and the same for a random image and for a flat image of the mean colour: the baselines; and on the true image: the ceiling). The
 recovered labels' joints are a second pose estimate (``label-mpjpe``).
@@ -285,6 +286,7 @@ class Inversion:
         rows: list[dict[str, Any]] = []
         pictures: dict[str, np.ndarray] = {}
         results: dict[str, dict[str, list[float]]] = {}
+        attacked: dict[str, list[Mapping[str, Tensor]]] = {}  # the true batches behind each group's uploads
         for v in range(opts.victims):
             partition = v % clients
             victim = target.samples("train", opts.batch, partition=partition, offset=(v // clients) * opts.batch)
@@ -301,7 +303,9 @@ class Inversion:
                 recovered, joints, objective = self._invert(
                     target, server_model, upload, like, seed=target.seed * 97 + v
                 )
-                scores = self._score(target, judge, recovered, joints, like, truth)
+                # scored against the images the upload came from: the victim's, or for a sum all k clients'
+                scores = self._score(target, judge, recovered, joints, like)
+                attacked.setdefault(_group(setting), []).append(like)
                 results.setdefault(setting, {}).setdefault("objective", []).append(objective)
                 for key, value in scores.items():
                     results[setting].setdefault(key, []).append(value)
@@ -309,23 +313,29 @@ class Inversion:
                              "objective": objective, **scores})  # fmt: skip
                 if v == 0:
                     pictures[f"inversion-{setting.replace(' ', '').replace('=', '')}"] = self._picture(
-                        target, truth, recovered
+                        target, like, recovered
                     )
-        baselines = self._baselines(target, judge, opts.victims, clients)
-        best = {  # the stronger baseline per metric: the higher PSNR and SSIM, the lower MPJPE
-            metric: (min if metric == "mpjpe_mm" else max)(b[metric] for b in baselines.values())
-            for metric in ("psnr_db", "ssim", "mpjpe_mm")
+        baselines = {group: self._baselines(target, judge, batches) for group, batches in attacked.items()}
+        best = {  # per group, the stronger baseline per metric: the higher PSNR and SSIM, the lower MPJPE
+            group: {
+                metric: (min if metric == "mpjpe_mm" else max)(b[metric] for b in scores.values())
+                for metric in ("psnr_db", "ssim", "mpjpe_mm")
+            }
+            for group, scores in baselines.items()
         }
         for setting, values in results.items():
             for metric in ("psnr_db", "ssim", "mpjpe_mm", "label_mpjpe_mm"):
                 if metric in values:
-                    measurements.append(_mean(metric, setting, values[metric], best.get(metric)))
-        for name, values in baselines.items():
-            for metric, value in values.items():
-                measurements.append(Measurement(metric, name, value, n=opts.victims))
-        if "true_mpjpe_mm" in results.get(next(iter(results), ""), {}):
-            first = next(iter(results))
-            measurements.append(_mean("mpjpe_mm", "true image (ceiling)", results[first]["true_mpjpe_mm"], None))
+                    measurements.append(_mean(metric, setting, values[metric], best[_group(setting)].get(metric)))
+        for group, scores in baselines.items():
+            for name, values in scores.items():
+                label = name if group == "client" else f"{name[: -len(' (baseline)')]} (baseline, {group}'s images)"
+                for metric, value in values.items():
+                    measurements.append(Measurement(metric, label, value, n=opts.victims))
+        for group in attacked:  # the final model on the true images: the best a recovered image can do
+            first = next(setting for setting in results if _group(setting) == group)
+            label = "true image (ceiling)" if group == "client" else f"true image (ceiling, {group}'s images)"
+            measurements.append(_mean("mpjpe_mm", label, results[first]["true_mpjpe_mm"], None))
         assumptions = (
             f"the server holds the round's global model (the run's {'final' if opts.model == 'last' else 'initial'} "
             "weights) and what the client sends",
@@ -365,39 +375,37 @@ class Inversion:
                     view = target.server_view(updates, "dp", options=dp)
                     yield f"dp z={z:g}", view.uploads[0], truth
 
-    def _score(self, target, judge, recovered, joints, like, truth) -> dict[str, float]:
-        """Image quality against the true images (for a sum: each true image against its best match)
-        and pose errors."""
+    def _score(self, target, judge, recovered, joints, truth) -> dict[str, float]:
+        """Image quality against the true images ``truth`` and pose errors, each true image paired with
+        its best-matching recovered one (by PSNR: with more than one image the attacker does not know
+        which recovered image is whose; with one, the pair is the obvious one)."""
         true_px = target.to_pixels(truth["image"])
         got_px = target.to_pixels(recovered)
-        n_true = len(true_px)
-        pairs = [(i, max(range(len(got_px)), key=lambda j, i=i: psnr(got_px[j], true_px[i]))) for i in range(n_true)]
+        pairs = [max(range(len(got_px)), key=lambda j, i=i: psnr(got_px[j], true_px[i])) for i in range(len(true_px))]
+        matched, matched_joints = recovered[pairs], joints[pairs]
+        gt = truth["joints_3d"][..., :3]
+        valid = truth["joints_3d"][..., 3] > 0
         out = {
-            "psnr_db": float(np.mean([psnr(got_px[j], true_px[i]) for i, j in pairs])),
-            "ssim": float(np.mean([ssim(got_px[j], true_px[i]) for i, j in pairs])),
+            "psnr_db": float(np.mean([psnr(got_px[j], true_px[i]) for i, j in enumerate(pairs)])),
+            "ssim": float(np.mean([ssim(got_px[j], true_px[i]) for i, j in enumerate(pairs)])),
+            "mpjpe_mm": float(target.pose_error_mm(judge, matched, truth).mean()),
         }
-        if len(got_px) == n_true:  # pose errors where recovered image i is the victim's image i
-            pose = dict(like.items())
-            out["mpjpe_mm"] = float(target.pose_error_mm(judge, recovered, pose).mean())
-            gt = truth["joints_3d"][..., :3]
-            valid = truth["joints_3d"][..., 3] > 0
-            rel = joints - joints.mean(dim=1, keepdim=True)
+        if self.options.labels == "unknown":
+            rel = matched_joints - matched_joints.mean(dim=1, keepdim=True)
             gt_rel = gt - gt.mean(dim=1, keepdim=True)
-            if self.options.labels == "unknown":
-                out["label_mpjpe_mm"] = float(((rel - gt_rel).norm(dim=-1)[valid]).mean() * 1000)
-            out["true_mpjpe_mm"] = float(target.pose_error_mm(judge, truth["image"], truth).mean())
+            out["label_mpjpe_mm"] = float(((rel - gt_rel).norm(dim=-1)[valid]).mean() * 1000)
+        out["true_mpjpe_mm"] = float(target.pose_error_mm(judge, truth["image"], truth).mean())
         return out
 
-    def _baselines(self, target, judge, victims, clients) -> dict[str, dict[str, float]]:
-        """Images that know nothing of the victim, scored like recovered ones: random noise, and a
-        flat image of the test split's mean colour (PSNR and SSIM reward a flat image on a flat
-        background; an attack must beat both to have recovered anything)."""
-        opts = self.options
+    def _baselines(self, target, judge, batches: Sequence[Mapping[str, Tensor]]) -> dict[str, dict[str, float]]:
+        """Images that know nothing of the victims, scored like recovered ones against each attacked
+        batch in ``batches``: random noise, and a flat image of the test split's mean colour (PSNR and
+        SSIM reward a flat image on a flat background; an attack must beat both to have recovered
+        anything)."""
         test = target.samples("test", min(16, int(target.options.get("num_test") or 16)))
         mean_colour = test.batch["image"].mean(dim=(0, 2, 3), keepdim=True)
         out: dict[str, dict[str, list[float]]] = {}
-        for v in range(victims):
-            truth = target.samples("train", opts.batch, partition=v % clients, offset=(v // clients) * opts.batch).batch
+        for v, truth in enumerate(batches):
             noise = torch.randn(truth["image"].shape, generator=torch.Generator().manual_seed(target.seed * 31 + v))
             flat = mean_colour.expand_as(truth["image"]).clone()
             true_px = target.to_pixels(truth["image"])
@@ -418,6 +426,12 @@ class Inversion:
         width = max(top.shape[1], bottom.shape[1])
         pad = lambda row: np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)))  # noqa: E731
         return np.ascontiguousarray(np.concatenate([pad(top), pad(bottom)], axis=0))
+
+
+def _group(setting: str) -> str:
+    """Settings that attack the same images share their baselines: one client's batch ("client"), or
+    the k clients' batches behind a revealed sum (the setting's name)."""
+    return setting if setting.startswith("secagg-sum") else "client"
 
 
 def _mean(metric: str, setting: str, values: list[float], baseline: float | None) -> Measurement:
