@@ -41,6 +41,16 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         ObservationBatch,
         pixels_to_crop,
     )
+    from pchmr.core.contracts.attack import (
+        THREAT_MODELS,
+        Attack,
+        AttackFactory,
+        AttackReport,
+        AuditSamples,
+        AuditTarget,
+        Measurement,
+        ServerView,
+    )
     from pchmr.core.contracts.backbone import (
         Backbone,
         BackboneFactory,
@@ -217,6 +227,15 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
 
 #: name → its home module under ``pchmr.core``
 _EXPORTS: dict[str, str] = {
+    # contracts.attack
+    "THREAT_MODELS": "contracts.attack",
+    "Attack": "contracts.attack",
+    "AttackFactory": "contracts.attack",
+    "AttackReport": "contracts.attack",
+    "AuditSamples": "contracts.attack",
+    "AuditTarget": "contracts.attack",
+    "Measurement": "contracts.attack",
+    "ServerView": "contracts.attack",
     # contracts.hookspecs
     "PROJECT": "contracts.hookspecs",
     "hookimpl": "contracts.hookspecs",

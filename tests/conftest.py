@@ -29,3 +29,13 @@ def tiny_finished_run(tmp_path_factory, pchmr_cache):
     config = RunConfig(mode="centralized", epochs=1, num_train=8, num_test=8, batch_size=8, encoder_weights="none",
                        cache_dir=str(pchmr_cache))  # fmt: skip
     return execute(config, run_dir=run_dir).run_dir.path
+
+
+@pytest.fixture(scope="session")
+def tiny_federated_run(tmp_path_factory, pchmr_cache):
+    """The attack contract suite's finished federated run (pchmr.testing.attacks.contract_run: 2
+    clients, 1 round, 24 samples, the CNN from scratch), made once: the audit tests and the attack
+    suites read it."""
+    from pchmr.testing.attacks import contract_run
+
+    return contract_run(tmp_path_factory.mktemp("tiny-federated") / "run")

@@ -1,7 +1,7 @@
 """The ``pchmr`` command line (typer + rich): this module only registers the commands, which live
 beside it (``run.py``, ``plugins.py``, ``partition.py``, ``report.py``, ``data.py``,
 ``privacy.py``, ``configs.py``, ``annotate.py``, ``annotate_compare.py``, ``profile.py``, ``sweep.py``, ``evaluate.py``,
-``predict.py``)."""
+``predict.py``, ``audit.py``)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import typer
 from pchmr.cli._output import err_console
 from pchmr.cli.annotate import annotate, personalize
 from pchmr.cli.annotate_compare import annotate_compare
+from pchmr.cli.audit import audit
 from pchmr.cli.configs import configs_app
 from pchmr.cli.data import data_app
 from pchmr.cli.evaluate import evaluate_command
@@ -45,6 +46,7 @@ app.command(name="personalize")(personalize)
 app.command(name="profile")(profile)
 app.command(name="eval")(evaluate_command)
 app.command(name="predict")(predict)
+app.command(name="audit")(audit)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ OPTION_FLAGS = {
     "annotator": "pchmr annotate --option key=value",
     "keypoint_source": "pchmr annotate --keypoint-option key=value",
     "depth_source": "pchmr annotate --depth-option key=value",
+    "attack": "pchmr audit --attack-option key=value",
 }
 
 

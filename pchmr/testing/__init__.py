@@ -10,7 +10,8 @@ client does not pay for torch):
   :func:`contract_data` (:mod:`.partitioners`), :class:`StrategyContract` (:mod:`.strategies`),
   :class:`PrivacyContract` (:mod:`.privacy`; its rounds in :mod:`.rounds`),
   :class:`AnnotatorContract` and :func:`contract_observations` (:mod:`.annotators`),
-  :class:`KeypointSourceContract` and :class:`DepthSourceContract` (:mod:`.sources`);
+  :class:`KeypointSourceContract` and :class:`DepthSourceContract` (:mod:`.sources`),
+  :class:`AttackContract` and its tiny finished run :func:`contract_run` (:mod:`.attacks`);
 * doubles: :class:`ToyBodyModel`, :func:`toy_batch` (:mod:`.toys`);
 * the machinery a plugin's own tests use: :func:`registered` (a plugin by kind and name, through
   the entry points), :func:`plugin_info`, :func:`hmr_module` (a backbone in the training loop)
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "AnnotatorContract",
+    "AttackContract",
     "BackboneContract",
     "BodyModelContract",
     "DatasetContract",
@@ -37,6 +39,7 @@ __all__ = [
     "ToyBodyModel",
     "contract_data",
     "contract_observations",
+    "contract_run",
     "hmr_module",
     "plugin_info",
     "registered",
@@ -49,6 +52,8 @@ __all__ = [
 #: Public name → the submodule defining it.
 _HOMES = {
     "AnnotatorContract": "annotators",
+    "AttackContract": "attacks",
+    "contract_run": "attacks",
     "contract_observations": "annotators",
     "BackboneContract": "backbones",
     "BodyModelContract": "bodymodels",
@@ -71,6 +76,7 @@ _HOMES = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from pchmr.testing.annotators import AnnotatorContract, contract_observations
+    from pchmr.testing.attacks import AttackContract, contract_run
     from pchmr.testing.backbones import BackboneContract
     from pchmr.testing.bodymodels import BodyModelContract
     from pchmr.testing.datasets import DatasetContract

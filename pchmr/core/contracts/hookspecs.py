@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the contracts, for readers and type checkers
         DepthSource,
         KeypointSource,
     )
+    from pchmr.core.contracts.attack import AttackFactory
     from pchmr.core.contracts.backbone import BackboneFactory
     from pchmr.core.contracts.dataset import DatasetFactory
     from pchmr.core.contracts.partition import Partitioner
@@ -158,6 +159,19 @@ def pchmr_depth_sources() -> Mapping[str, Callable[..., DepthSource]]:
     """
 
 
+@hookspec
+def pchmr_attacks() -> Mapping[str, AttackFactory]:
+    """Offer privacy attacks for ``pchmr audit`` (see :mod:`pchmr.core.contracts.attack`).
+
+    A factory ``(options: Mapping[str, object]) -> Attack`` refuses unknown or bad options
+    (``--attack-option``, declared by ``factory.options``). ``attack.run(target)`` audits one
+    finished run through the :class:`~pchmr.core.contracts.attack.AuditTarget` the engine builds
+    from its directory (the models, the data, a client's update and what the server receives of it
+    under each privacy setting) and returns an :class:`~pchmr.core.contracts.attack.AttackReport`:
+    labelled measurements, per-trial rows, pictures.
+    """
+
+
 #: plugin kind → hook name; the registry and ``pchmr plugins`` iterate over it.
 KINDS: dict[str, str] = {
     "backbone": "pchmr_backbones",
@@ -169,4 +183,5 @@ KINDS: dict[str, str] = {
     "annotator": "pchmr_annotators",
     "keypoint_source": "pchmr_keypoint_sources",
     "depth_source": "pchmr_depth_sources",
+    "attack": "pchmr_attacks",
 }

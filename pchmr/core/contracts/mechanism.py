@@ -20,6 +20,7 @@ hook                 where   how the runtime combines the mechanisms
 ``loss``             client  added to the local loss in list order (None adds nothing)
 ``training_step``    client  the first non-None result replaces HMRModule's step
 ``transform_update`` client  applied in list order after local training
+``server_view``      audit   ``pchmr audit``: what the server receives of k clients' updates
 ===================  ======  ==============================================================
 
 Per-round state reaches ``loss`` and ``training_step`` as an argument, a :class:`RoundContext`;
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning (and Flower)
     from torch import Tensor
 
+    from pchmr.core.contracts.attack import ServerView
     from pchmr.core.contracts.strategy import ClientHandler, ClientMod, RoundProtocol, UpdateInfo
 
 __all__ = ["Mechanism", "RoundContext"]
@@ -170,3 +172,21 @@ class Mechanism:
         place of ``new_state`` (e.g. the clipped, noised update), same keys, shapes and dtypes as
         ``global_state`` (the round's global model)."""
         return new_state
+
+    # -- audit -----------------------------------------------------------------------------
+    def server_view(
+        self,
+        updates: Sequence[Mapping[str, Tensor]],
+        global_state: Mapping[str, Tensor],
+        infos: Sequence[UpdateInfo],
+        generator: Any = None,
+    ) -> ServerView | None:
+        """``pchmr audit`` (no run calls it): what the server receives in one round from the clients
+        whose updates (new minus global trainable weights) are ``updates``, under this mechanism, as
+        a :class:`~pchmr.core.contracts.attack.ServerView` (its ``setting`` the mechanism's plugin
+        name). Random draws (noise, keys) come from ``generator`` (a ``torch.Generator``) when given,
+        so an audit repeats. None: the mechanism does not change what the server sees (the default). A privacy
+        mechanism implements it with the same code its clients and server run (its noise, its
+        masks), so an attack measures the mechanism as deployed; the audit refuses a privacy
+        setting whose mechanism returns None."""
+        return None

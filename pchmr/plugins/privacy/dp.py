@@ -592,6 +592,44 @@ class DifferentialPrivacy(Mechanism):
             )
         return new_state
 
+    def server_view(
+        self,
+        updates: Sequence[Mapping[str, Tensor]],
+        global_state: Mapping[str, Tensor],
+        infos: Sequence[UpdateInfo],
+        generator: torch.Generator | None = None,
+    ) -> Any:
+        """``pchmr audit``: client level, each client's upload as ``transform_update`` makes it
+        (``placement=client``: clipped to C plus N(0, (z·C)²/k); ``placement=server``: clipped only,
+        the server adds the noise to the sum, ``total``). Example level (DP-SGD noises the training,
+        not the upload): None."""
+        from pchmr.core.contracts.attack import ServerView
+
+        if self.step is not None:
+            return None
+        generator = generator or _secure_generator()
+        options = self.options
+        states = [
+            {k: g + update[k].to(g.dtype) if k in update else g for k, g in global_state.items()} for update in updates
+        ]
+        uploads = []
+        for update, state, info in zip(updates, states, infos, strict=True):
+            if options.placement == "client":
+                std = options.noise_multiplier * options.clip / math.sqrt(info.per_round)
+                sent = privatize_update(state, global_state, options.clip, std, generator, self.fixed.keys)
+                uploads.append({k: sent[k].double() - global_state[k].double() for k in update})
+            else:  # the server sees the clipped update and noises the sum
+                delta, _ = clip_update(state, global_state, options.clip, self.fixed.keys)
+                uploads.append({k: delta[k] for k in update if k in delta})
+        total = None
+        if options.placement == "server":
+            released = dp_fedavg_aggregate(
+                global_state, states, options.clip, options.noise_multiplier, generator, self.fixed.keys
+            )
+            total = {k: released[k].double() - global_state[k].double() for k in updates[0]}
+        details = {"placement": options.placement, "noise_multiplier": options.noise_multiplier, "clip": options.clip}
+        return ServerView("dp", tuple(uploads), total, details)
+
     def _step_metrics(self) -> dict[str, float]:
         """The client's DP-SGD steps since the last reply and its sample rate B/n_i (for the accountant)."""
         counter = self.counter

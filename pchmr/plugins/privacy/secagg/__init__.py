@@ -43,7 +43,7 @@ the AES-256-CTR keystream — not NumPy's MT19937 seeded with 32 bits as in Flow
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pchmr.core.contracts.errors import OptionError
@@ -55,6 +55,7 @@ from pchmr.core.contracts.strategy import (
     RoundProtocol,
     StrategyConfig,
     StrategyParts,
+    UpdateInfo,
 )
 from pchmr.plugins.privacy.secagg.codec import SecAggSettings, read_settings
 
@@ -85,6 +86,71 @@ class SecureAggregation(Mechanism):
 
     def client_handlers(self) -> Mapping[str, ClientHandler]:
         return self.handlers
+
+    def server_view(
+        self,
+        updates: Sequence[Mapping[str, Any]],
+        global_state: Mapping[str, Any],
+        infos: Sequence[UpdateInfo],
+        generator: Any = None,
+    ) -> Any:
+        """``pchmr audit``: what the server holds after the masking stage of one round.
+
+        Each client's vector (:func:`~pchmr.plugins.privacy.secagg.codec.encode_update`: the update,
+        clipped, quantised and weighted by n) plus its pairwise masks, ``+mask(s_ij)`` towards every
+        later client and ``-mask(s_ij)`` towards every earlier one (:func:`mask_stream`; ``s_ij`` a
+        secret only clients i and j hold, drawn here from ``generator``) — Flower's backend; the
+        crypten backend's shares are as uniform. ``uploads[i]`` is one masked vector read as an
+        update (n taken as 1): the most the server can make of it alone. ``total`` is the revealed
+        sum decoded as the protocol decodes it: the clients' weighted average update."""
+        import os
+
+        import numpy as np
+        import torch
+
+        from pchmr.core.contracts.attack import ServerView
+        from pchmr.plugins.privacy.secagg.codec import decode_sum, encode_update, mask_stream
+
+        k = len(updates)
+        if k < 2:
+            raise ValueError(f"secure aggregation runs over at least 2 clients; the audit gave {k}")
+        codec = self.settings.codec(max(k, infos[0].per_round))
+        names = list(updates[0])
+        base = {name: global_state[name].detach().double().cpu() for name in names}
+        vectors, layout = [], None
+        for update, info in zip(updates, infos, strict=True):
+            new = {name: base[name] + update[name].detach().double().cpu() for name in names}
+            layout, vector = encode_update(codec, base, new, info.num_examples, {})
+            vectors.append(vector)
+        generator = generator or torch.Generator().manual_seed(int.from_bytes(os.urandom(7), "big"))
+        pair_secrets = {
+            (i, j): torch.randint(0, 256, (32,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+            for i in range(k)
+            for j in range(i + 1, k)
+        }
+        size = vectors[0].size
+        masked = [v.copy() for v in vectors]
+        with np.errstate(over="ignore"):
+            for (i, j), secret in pair_secrets.items():
+                stream = mask_stream(secret, b"audit", size)
+                masked[i] += stream  # uint64 arithmetic wraps modulo 2^64, as the protocol's sums do
+                masked[j] -= stream
+            revealed = masked[0].copy()
+            for vector in masked[1:]:
+                revealed += vector
+        body = layout.body_size
+        uploads = []
+        for vector in masked:
+            values = vector[:body].view(np.int64).astype(np.float64) / codec.float_scale
+            out, offset = {}, 0
+            for name, shape, _ in layout.entries:
+                count = int(np.prod(shape))
+                out[name] = torch.from_numpy(values[offset : offset + count].reshape(shape).copy())
+                offset += count
+            uploads.append(out)
+        total = {name: torch.from_numpy(delta) for name, delta in decode_sum(layout, revealed, codec, k).deltas.items()}
+        details = {"backend": self.settings.backend, "clients": k, "masks": "pairwise, HKDF-SHA256 -> AES-256-CTR"}
+        return ServerView("secagg", tuple(uploads), total, details)
 
 
 def secagg(parts: StrategyParts, config: StrategyConfig) -> StrategyParts:

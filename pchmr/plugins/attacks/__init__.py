@@ -1,0 +1,1 @@
+"""Attack plugins for ``pchmr audit``: membership inference (and update inversion)."""
