@@ -193,7 +193,7 @@ def test_a_revealed_sum_is_scored_against_all_k_clients_images(target):
     all k true images (each paired with its best-matching recovered one), not the victim's alone."""
     from pchmr.plugins.attacks.inversion import Inversion, InversionOptions, psnr
 
-    options = InversionOptions(settings="plain,secagg-sum", victims=1, k=2, steps=1)
+    options = InversionOptions(settings="plain,secagg,secagg-sum", victims=1, k=2, steps=1)
     report = Inversion(options).run(target)
     found = {(m.metric, m.setting): m for m in report.measurements}
     assert {"secagg-sum k=2", "mean colour (baseline, secagg-sum k=2's images)", "mean colour (baseline)"} <= {
@@ -208,4 +208,8 @@ def test_a_revealed_sum_is_scored_against_all_k_clients_images(target):
     expected = np.mean([psnr(flat, target.to_pixels(image)[0]) for image in (victim, other)])
     assert found[("psnr_db", "mean colour (baseline, secagg-sum k=2's images)")].value == pytest.approx(expected)
     assert found[("psnr_db", "mean colour (baseline)")].value == pytest.approx(psnr(flat, target.to_pixels(victim)[0]))
+    # plain and secagg attack the same image: it is a baseline once (one noise draw), not once per setting
+    noise = torch.randn(victim.shape, generator=torch.Generator().manual_seed(target.seed * 31))
+    random_psnr = psnr(target.to_pixels(noise)[0], target.to_pixels(victim)[0])
+    assert found[("psnr_db", "random image (baseline)")].value == pytest.approx(random_psnr)
     assert report.pictures["inversion-secagg-sumk2"].shape[1] == 2 * report.pictures["inversion-plain"].shape[1]

@@ -305,7 +305,9 @@ class Inversion:
                 )
                 # scored against the images the upload came from: the victim's, or for a sum all k clients'
                 scores = self._score(target, judge, recovered, joints, like)
-                attacked.setdefault(_group(setting), []).append(like)
+                batches = attacked.setdefault(_group(setting), [])
+                if len(batches) == v:  # each victim's batch once per group (plain, secagg and dp share it)
+                    batches.append(like)
                 results.setdefault(setting, {}).setdefault("objective", []).append(objective)
                 for key, value in scores.items():
                     results[setting].setdefault(key, []).append(value)
