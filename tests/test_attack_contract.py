@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+from pchmr.core.engine.registry import get_registry
 from pchmr.testing import AttackContract, registered
+
+COVERED = ("membership", "inversion")  # the built-in attacks with a suite class below
+
+
+def test_every_registered_builtin_attack_has_a_suite_class() -> None:
+    builtins = {info.name for info in get_registry().infos("attack") if info.distribution == "pchmr"}
+    assert builtins == set(COVERED), f"add a suite class for the built-in attacks {builtins - set(COVERED)}"
 
 
 class TestMembership(AttackContract):
     @pytest.fixture(scope="class")
     @classmethod
     def attack_factory(cls):
-        return registered("attack", "membership")
+        return registered("attack", COVERED[0])
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -35,7 +43,7 @@ class TestInversion(AttackContract):
     @pytest.fixture(scope="class")
     @classmethod
     def attack_factory(cls):
-        return registered("attack", "inversion")
+        return registered("attack", COVERED[1])
 
     @pytest.fixture(scope="class")
     @classmethod
