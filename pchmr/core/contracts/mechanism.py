@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # keeps plugin discovery from importing Lightning (and Flower
     from torch import Tensor
 
     from pchmr.core.contracts.attack import ServerView
-    from pchmr.core.contracts.strategy import ClientHandler, ClientMod, RoundProtocol, UpdateInfo
+    from pchmr.core.contracts.rounds import ClientHandler, ClientMod, RoundProtocol, UpdateInfo
 
 __all__ = ["Mechanism", "RoundContext"]
 
