@@ -213,3 +213,37 @@ def test_a_revealed_sum_is_scored_against_all_k_clients_images(target):
     random_psnr = psnr(target.to_pixels(noise)[0], target.to_pixels(victim)[0])
     assert found[("psnr_db", "random image (baseline)")].value == pytest.approx(random_psnr)
     assert report.pictures["inversion-secagg-sumk2"].shape[1] == 2 * report.pictures["inversion-plain"].shape[1]
+
+
+def test_inversion_coarse_to_fine_and_signed_steps_shape_what_it_recovers(target):
+    """``scales`` optimises the dummies at coarser sides first: with one scale of 4 px the recovered
+    image is a 4×4 image upsampled (it lies in the span of the 16 upsampled basis images); ``signed``
+    changes the descent; a scale above the images' side, or scales out of order, are refused."""
+    import torch.nn.functional as F
+
+    from pchmr.core.contracts.options import OptionError
+    from pchmr.plugins.attacks.inversion import Inversion, InversionOptions
+
+    model = target.global_model("final")
+    truth = target.samples("train", 1, partition=0).batch
+    side = truth["image"].shape[-1]
+
+    def recovered(**options):
+        attack = Inversion(InversionOptions(settings="plain", victims=1, steps=3, lr=0.05, tv=0.01, **options))
+        return attack._invert(target, model, attack._upload(target, model, truth), truth, seed=0)[0]
+
+    plain, coarse, signed = recovered(), recovered(scales="4"), recovered(signed=True)
+    basis = F.interpolate(torch.eye(16).reshape(16, 1, 4, 4), size=(side, side), mode="bilinear").reshape(16, -1).T
+
+    def off_span(images):  # the largest residual of each channel's least-squares fit by the basis
+        pixels = images.reshape(-1, side * side).T
+        fit = basis @ torch.linalg.lstsq(basis, pixels).solution
+        return float((fit - pixels).abs().max())
+
+    assert off_span(coarse) < 1e-5 < 1e-3 < off_span(plain)
+    assert signed.shape == plain.shape and (signed - plain).abs().max() > 1e-4
+    for bad in ("16,8", "0,8", "a"):
+        with pytest.raises(ValueError, match="'scales' must be increasing whole numbers"):
+            InversionOptions(scales=bad)
+    with pytest.raises(OptionError, match=f"'scales' must be at most the images' side, {side} px"):
+        Inversion(InversionOptions(settings="plain", scales=f"8,{side * 2}")).run(target)

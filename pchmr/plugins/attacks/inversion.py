@@ -22,7 +22,9 @@ heads, whose gradients depend mostly on the labels (Geiping et al. take one cosi
 vector). With ``labels=known`` (default) the server knows the batch's labels y (3D joints, 2D
 keypoints, mesh): an upper bound, since regression labels cannot be read off an update the way
 class labels are; ``unknown`` optimises them as dummies started from the model's own prediction. Adam on the dummies from an image near the
-data's mean colour, the best of ``restarts`` kept by the objective.
+data's mean colour, the best of ``restarts`` kept by the objective; ``signed`` steps on the sign of
+the images' gradient (Geiping et al.'s choice), ``scales`` optimises them coarse to fine (at 4, then
+8, ... pixels a side, upsampled), a prior that the image's layout comes before its detail.
 
 What makes HMR models hard to invert: pchmr's losses are L1 (FastMETRO's), so the loss gradient
 takes the sign of each prediction error, and the objective jumps where a sign (or a ReLU gate)
@@ -61,7 +63,7 @@ from torch import Tensor
 
 from pchmr.core.contracts.attack import AttackReport, AuditTarget, Measurement
 from pchmr.core.contracts.hookspecs import hookimpl
-from pchmr.core.contracts.options import option, read_options
+from pchmr.core.contracts.options import option, option_error, read_options
 
 __all__ = ["Inversion", "InversionOptions", "psnr", "ssim"]
 
@@ -102,6 +104,13 @@ class InversionOptions:
     restarts: int = option(1, low=1, help="restarts from new random images (the best objective kept)")
     lr: float = option(0.1, low=0.0, low_open=True, help="Adam's learning rate on the dummies")
     tv: float = option(0.5, low=0.0, help="weight of the total-variation prior")
+    signed: bool = option(False, help="Adam on the sign of the dummies' gradient (Geiping et al.'s choice)")
+    scales: str = option(
+        "",
+        default_text="the full resolution throughout",
+        help="coarse to fine: comma-separated increasing image sides (pixels) the dummies are optimised at in "
+        "turn, the steps split evenly between them, e.g. 8,16,32",
+    )
 
     def __post_init__(self) -> None:
         unknown = [s for s in _split(self.settings) if s not in SETTINGS]
@@ -114,6 +123,14 @@ class InversionOptions:
         if not zs or any(not math.isfinite(z) or z < 0 for z in zs):
             raise ValueError(
                 f"'noise-multipliers' must be numbers >= 0 separated by commas, got {self.noise_multipliers!r}"
+            )
+        try:
+            sides = [int(side) for side in _split(self.scales)]
+        except ValueError:
+            sides = [0]
+        if any(side < 1 for side in sides) or sides != sorted(set(sides)):
+            raise ValueError(
+                f"'scales' must be increasing whole numbers of pixels >= 1 separated by commas, got {self.scales!r}"
             )
 
 
@@ -154,6 +171,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
         sxy = _filter(x * y, window) - mx * my
         values.append(np.mean(((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))))
     return float(np.mean(values))
+
+
+def _resize(images: Tensor, side: int, mode: str) -> Tensor:
+    """``images`` at ``side`` pixels a side (themselves when they are that size already)."""
+    if images.shape[-1] == side:
+        return images
+    return torch.nn.functional.interpolate(images, size=(side, side), mode=mode)
 
 
 def _total_variation(images: Tensor) -> Tensor:
@@ -219,31 +243,47 @@ class Inversion:
         opts = self.options
         direction = self._direction(target, model, upload, len(like["image"]))
         keys = self._matched(direction)
+        scales = [int(s) for s in _split(opts.scales)] or [int(like["image"].shape[-1])]
         lowest, best = math.inf, None
         for restart in range(opts.restarts):
             generator = torch.Generator().manual_seed(seed * 1000 + restart)
             # near the data's mean colour (0 after normalisation), with a little noise to break symmetry
-            images = (0.1 * torch.randn(like["image"].shape, generator=generator)).requires_grad_(True)
+            images = 0.1 * torch.randn(like["image"].shape, generator=generator)
             labels = self._start_labels(model, images, like)
-            optimizer = torch.optim.Adam([images, *labels.values()], lr=opts.lr)
-            schedule = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, milestones=[int(opts.steps * f) for f in (0.375, 0.625, 0.875)], gamma=0.1
-            )
-            for _ in range(opts.steps):
-                batch = self._dummy_batch(like, images, labels)
-                gradient = target.loss_gradient(model, batch, differentiable=True)
-                loss = _cosine_distance(gradient, direction, keys) + opts.tv * _total_variation(images)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            batch = self._dummy_batch(like, images.detach(), {k: v.detach() for k, v in labels.items()})
+            for i, scale in enumerate(scales):  # coarse to fine: the steps split evenly between the scales
+                steps = opts.steps // len(scales) + (1 if i < opts.steps % len(scales) else 0)
+                images = self._descend(target, model, direction, keys, like, images, labels, scale, steps)
+            batch = self._dummy_batch(like, images, {k: v.detach() for k, v in labels.items()})
             final = float(_cosine_distance(target.loss_gradient(model, batch), direction, keys))
             if final < lowest:
                 joints = batch["joints_3d"][..., :3].detach().clone()
-                lowest, best = final, (images.detach().clone(), joints)
+                lowest, best = final, (images.clone(), joints)
         assert best is not None
         return best[0], best[1], lowest
+
+    def _descend(self, target, model, direction, keys, like, images: Tensor, labels, scale: int, steps: int) -> Tensor:
+        """``steps`` Adam steps on ``images`` (and the dummy ``labels``, in place) parametrised at
+        ``scale`` pixels a side, upsampled to the images' own; the images it reached."""
+        opts = self.options
+        side = int(images.shape[-1])
+        low = _resize(images.detach(), scale, "area").clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([low, *labels.values()], lr=opts.lr)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=[int(steps * f) for f in (0.375, 0.625, 0.875)], gamma=0.1
+        )
+        for _ in range(steps):
+            dummies = _resize(low, side, "bilinear")
+            gradient = target.loss_gradient(model, self._dummy_batch(like, dummies, labels), differentiable=True)
+            loss = _cosine_distance(gradient, direction, keys) + opts.tv * _total_variation(dummies)
+            optimizer.zero_grad()
+            loss.backward()
+            if opts.signed:
+                for tensor in (low, *labels.values()):
+                    if tensor.grad is not None:
+                        tensor.grad.sign_()
+            optimizer.step()
+            schedule.step()
+        return _resize(low, side, "bilinear").detach()
 
     def _start_labels(self, model: Any, images: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The dummy labels to optimise (none when the labels are known): the model's own
@@ -278,6 +318,9 @@ class Inversion:
         say = progress or (lambda text: None)
         opts = self.options
         settings = _split(opts.settings)
+        side = int(target.samples("train", 1).batch["image"].shape[-1])
+        if any(int(scale) > side for scale in _split(opts.scales)):  # refused before any work is done
+            raise option_error("inversion", "attack", "scales", f"at most the images' side, {side} px", opts.scales)
         # the attacked round's global model: the run's last (final) or first (initial) weights
         server_model = target.global_model("final" if opts.model == "last" else "initial")
         judge = target.global_model("final")
@@ -353,7 +396,9 @@ class Inversion:
                 else ", not its labels (optimised as dummies)"
             ),
             "objective: the mean over the trainable tensors of each one's cosine distance",
-            f"{opts.batch} image(s) per client batch; {opts.steps} Adam steps x {opts.restarts} restart(s), TV weight {opts.tv}",
+            f"{opts.batch} image(s) per client batch; {opts.steps} {'signed ' if opts.signed else ''}Adam steps x "
+            f"{opts.restarts} restart(s), TV weight {opts.tv}"
+            + (f", coarse to fine at {opts.scales} px" if opts.scales else ""),
             "pose error is the final global model's prediction on the recovered image against the true pose",
         )
         return AttackReport("inversion", "server", tuple(measurements), assumptions, tuple(rows), pictures)
