@@ -49,7 +49,7 @@ Measured per setting: PSNR (dB) and SSIM of each recovered image against the tru
 pose (and the same for a random image and for a flat image of the mean colour: the baselines; and
 on the true image: the ceiling). The recovered labels' joints are a second pose estimate
 (``label-mpjpe``). The objective each setting reached is reported too, and, for ``plain``, the
-objective, PSNR and SSIM of the true image with Gaussian noise (the reference): when the recovered
+objective, PSNR and SSIM of the true image at half resolution (the reference): when the recovered
 image's objective is as low as the reference's and its PSNR is not, the objective ranks a wrong image
 above a recognisable one, so a longer descent would not help; a stronger prior or objective would.
 """
@@ -72,10 +72,10 @@ from pchmr.core.contracts.options import option, option_error, read_options
 __all__ = ["Inversion", "InversionOptions", "psnr", "ssim"]
 
 SETTINGS = ("plain", "secagg", "secagg-sum", "dp")
-#: The noise (σ, normalised pixel units: ≈ 0.11 of [0, 1]) of the reference image, the true image
-#: with noise, whose objective on the plain upload the report states beside the recovered one's.
-REFERENCE_NOISE = 0.5
-NOISY_TRUTH = f"true image + noise σ {REFERENCE_NOISE:g} (reference)"
+#: The reference whose objective on the plain upload the report states beside the recovered
+#: image's: the true image at half its resolution (area-downsampled, bilinear-upsampled), smooth as a
+#: TV-regularised reconstruction and still plainly recognisable.
+REFERENCE = "true image at half resolution (reference)"
 
 
 @dataclass(frozen=True)
@@ -293,15 +293,15 @@ class Inversion:
             schedule.step()
         return _resize(low, side, "bilinear").detach()
 
-    def _noisy_truth(self, target, model, upload, truth, seed: int) -> dict[str, float]:
-        """The objective at the true images plus Gaussian noise (σ :data:`REFERENCE_NOISE` in
-        normalised units), with their PSNR and SSIM: a recovered image whose objective is lower but
-        whose PSNR is too means that the objective ranks a wrong image above a recognisable one (the
-        upload does not single out the image), not that the descent stopped short."""
+    def _reference(self, target, model, upload, truth) -> dict[str, float]:
+        """The objective at the true images at half resolution, with their PSNR and SSIM: a recovered
+        image whose objective is as low but whose PSNR is far lower means that the objective ranks a
+        wrong image with a recognisable one (the upload does not single out the image), not that the
+        descent stopped short."""
         direction = self._direction(target, model, upload, len(truth["image"]))
         keys = self._matched(direction)
-        noise = torch.randn(truth["image"].shape, generator=torch.Generator().manual_seed(seed))
-        images = truth["image"] + REFERENCE_NOISE * noise
+        side = int(truth["image"].shape[-1])
+        images = _resize(_resize(truth["image"], side // 2, "area"), side, "bilinear")
         objective = float(_cosine_distance(target.loss_gradient(model, {**truth, "image": images}), direction, keys))
         true_px, got_px = target.to_pixels(truth["image"]), target.to_pixels(images)
         return {
@@ -354,7 +354,7 @@ class Inversion:
         rows: list[dict[str, Any]] = []
         pictures: dict[str, np.ndarray] = {}
         results: dict[str, dict[str, list[float]]] = {}
-        reference: dict[str, list[float]] = {}  # the true image with noise, on the plain upload's objective
+        reference: dict[str, list[float]] = {}  # the true image at half resolution, on the plain upload's objective
         attacked: dict[str, list[Mapping[str, Tensor]]] = {}  # the true batches behind each group's uploads
         for v in range(opts.victims):
             partition = v % clients
@@ -378,10 +378,8 @@ class Inversion:
                 if len(batches) == v:  # each victim's batch once per group (plain, secagg and dp share it)
                     batches.append(like)
                 results.setdefault(setting, {}).setdefault("objective", []).append(objective)
-                if setting == "plain":  # where the true image with noise sits on the same objective
-                    for key, value in self._noisy_truth(
-                        target, server_model, upload, truth, seed=target.seed * 97 + v
-                    ).items():
+                if setting == "plain":  # where a recognisable image sits on the same objective
+                    for key, value in self._reference(target, server_model, upload, truth).items():
                         reference.setdefault(key, []).append(value)
                 for key, value in scores.items():
                     results[setting].setdefault(key, []).append(value)
@@ -405,7 +403,7 @@ class Inversion:
                     measurements.append(_mean(metric, setting, values[metric], best[_group(setting)].get(metric)))
             measurements.append(_mean("objective", setting, values["objective"], None))
         for metric, values in reference.items():
-            measurements.append(_mean(metric, NOISY_TRUTH, values, None))
+            measurements.append(_mean(metric, REFERENCE, values, None))
         for group, scores in baselines.items():
             for name, values in scores.items():
                 label = name if group == "client" else f"{name[: -len(' (baseline)')]} (baseline, {group}'s images)"
