@@ -265,3 +265,4 @@ def test_inversion_reports_the_objective_beside_the_true_image_at_half_resolutio
     half = F.interpolate(F.interpolate(truth, size=(side // 2,) * 2, mode="area"), size=(side, side), mode="bilinear")
     expected = psnr(target.to_pixels(half)[0], target.to_pixels(truth)[0])
     assert found[("psnr_db", REFERENCE)].value == pytest.approx(expected)
+    assert report.rows[0]["reference_psnr_db"] == pytest.approx(expected) and "reference_psnr_db" not in report.rows[1]

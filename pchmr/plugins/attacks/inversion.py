@@ -378,13 +378,15 @@ class Inversion:
                 if len(batches) == v:  # each victim's batch once per group (plain, secagg and dp share it)
                     batches.append(like)
                 results.setdefault(setting, {}).setdefault("objective", []).append(objective)
+                extra = {}
                 if setting == "plain":  # where a recognisable image sits on the same objective
                     for key, value in self._reference(target, server_model, upload, truth).items():
                         reference.setdefault(key, []).append(value)
+                        extra[f"reference_{key}"] = value
                 for key, value in scores.items():
                     results[setting].setdefault(key, []).append(value)
                 rows.append({"victim": v, "partition": partition, "ids": list(victim.ids), "setting": setting,
-                             "objective": objective, **scores})  # fmt: skip
+                             "objective": objective, **scores, **extra})  # fmt: skip
                 if v == 0:
                     pictures[f"inversion-{setting.replace(' ', '').replace('=', '')}"] = self._picture(
                         target, like, recovered
