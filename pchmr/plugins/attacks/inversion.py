@@ -51,7 +51,7 @@ on the true image: the ceiling). The recovered labels' joints are a second pose 
 (``label-mpjpe``). The objective each setting reached is reported too, and, for ``plain``, the
 objective, PSNR and SSIM of the true image at half resolution (the reference): when the recovered
 image's objective is as low as the reference's and its PSNR is not, the objective ranks a wrong image
-above a recognisable one, so a longer descent would not help; a stronger prior or objective would.
+as high as a recognisable one, so a longer descent would not help; a stronger prior or objective would.
 """
 
 from __future__ import annotations
