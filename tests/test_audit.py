@@ -254,7 +254,7 @@ def test_inversion_reports_the_objective_beside_the_true_image_at_half_resolutio
     true image at half resolution (its PSNR and SSIM too) is the reference beside it."""
     import torch.nn.functional as F
 
-    from pchmr.plugins.attacks.inversion import REFERENCE, Inversion, InversionOptions, psnr
+    from pchmr.plugins.attacks.inversion import REFERENCE, Inversion, InversionOptions, _cosine_distance, psnr
 
     report = Inversion(InversionOptions(settings="plain,secagg", victims=1, k=2, steps=1)).run(target)
     found = {(m.metric, m.setting): m for m in report.measurements}
@@ -266,3 +266,11 @@ def test_inversion_reports_the_objective_beside_the_true_image_at_half_resolutio
     expected = psnr(target.to_pixels(half)[0], target.to_pixels(truth)[0])
     assert found[("psnr_db", REFERENCE)].value == pytest.approx(expected)
     assert report.rows[0]["reference_psnr_db"] == pytest.approx(expected) and "reference_psnr_db" not in report.rows[1]
+    # its objective: the half-resolution image's gradient against the direction read from the plain upload
+    model, batch = target.global_model("final"), target.samples("train", 1, partition=0).batch
+    attack = Inversion(InversionOptions())
+    direction = attack._direction(target, model, attack._upload(target, model, batch), 1)
+    at_half = _cosine_distance(
+        target.loss_gradient(model, {**batch, "image": half}), direction, attack._matched(direction)
+    )
+    assert found[("objective", REFERENCE)].value == pytest.approx(float(at_half), rel=1e-6)
